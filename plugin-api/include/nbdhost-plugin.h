@@ -1,0 +1,172 @@
+/* nbdhost plugin ABI.
+ *
+ * A plugin is a shared object that exports one function,
+ * nbdhost_plugin_entry, which returns a pointer to a struct nbdhost_plugin
+ * that lives as long as the shared object is loaded.  The struct begins with
+ * its own size and the ABI version so that the server can accept plugins
+ * built against any older header: fields are only ever appended, and a
+ * callback that lies past the end of a plugin's struct is treated as absent.
+ *
+ * The plugin needs no symbols from the server executable: every host
+ * service arrives through struct nbdhost_host, passed to the entry point.
+ *
+ * See nbdhost-plugin(3) for the full contract.
+ */
+#ifndef NBDHOST_PLUGIN_H
+#define NBDHOST_PLUGIN_H
+
+#include <stdint.h>
+#include <sys/socket.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The ABI version is (major << 16) | minor.  A server accepts any plugin
+ * whose major equals its own, whatever the minor. */
+#define NBDHOST_ABI_MAJOR 1
+#define NBDHOST_ABI_MINOR 0
+#define NBDHOST_ABI_VERSION ((NBDHOST_ABI_MAJOR << 16) | NBDHOST_ABI_MINOR)
+
+/* Name of the symbol every plugin exports. */
+#define NBDHOST_PLUGIN_ENTRY "nbdhost_plugin_entry"
+
+/* Thread models, from most to least restrictive. */
+#define NBDHOST_THREAD_MODEL_SERIALIZE_CONNECTIONS  0
+#define NBDHOST_THREAD_MODEL_SERIALIZE_ALL_REQUESTS 1
+#define NBDHOST_THREAD_MODEL_SERIALIZE_REQUESTS     2
+#define NBDHOST_THREAD_MODEL_PARALLEL               3
+
+/* Flags passed to data callbacks. */
+#define NBDHOST_FLAG_MAY_TRIM  (1 << 0) /* zero: the range may be punched */
+#define NBDHOST_FLAG_FUA       (1 << 1) /* write, trim, zero: persist first */
+#define NBDHOST_FLAG_REQ_ONE   (1 << 2) /* extents: one extent is enough */
+#define NBDHOST_FLAG_FAST_ZERO (1 << 3) /* zero: fail with ENOTSUP if slow */
+
+/* Return values of can_fua and can_cache. */
+#define NBDHOST_FUA_NONE      0
+#define NBDHOST_FUA_EMULATE   1
+#define NBDHOST_FUA_NATIVE    2
+#define NBDHOST_CACHE_NONE    0
+#define NBDHOST_CACHE_EMULATE 1
+#define NBDHOST_CACHE_NATIVE  2
+
+/* Extent types, as in the NBD base:allocation context. */
+#define NBDHOST_EXTENT_HOLE (1 << 0)
+#define NBDHOST_EXTENT_ZERO (1 << 1)
+
+/* Opaque lists the server owns; plugins fill them through host services. */
+struct nbdhost_extents;
+struct nbdhost_exports;
+
+/* Services the server offers to plugins.  Like struct nbdhost_plugin, it
+ * starts with its size and version and only grows at the end: check
+ * struct_size before calling a member added after your minimum version. */
+struct nbdhost_host {
+  uint64_t struct_size;
+  uint32_t abi_version;
+  uint32_t reserved;
+
+  /* Record the error of the current callback.  errnum is an errno value
+   * that becomes the NBD error sent to the client.  msg, if not NULL, is
+   * logged together with the plugin's name.  The callback then returns -1
+   * (or NULL). */
+  void (*error) (int errnum, const char *msg);
+  /* Log a debug message (shown with -v). */
+  void (*debug) (const char *msg);
+  /* Append one extent to a list passed to the extents callback.  Extents
+   * must be added in order and without gaps. Returns 0, or -1 with the
+   * error already recorded. */
+  int (*add_extent) (struct nbdhost_extents *extents,
+                     uint64_t offset, uint64_t length, uint32_t type);
+  /* Append one export to a list passed to list_exports.  description may
+   * be NULL.  Returns 0 or -1. */
+  int (*add_export) (struct nbdhost_exports *exports,
+                     const char *name, const char *description);
+  /* Parse a size such as "512", "64K", "1G" or "1.5T".  Returns the size in
+   * bytes, or -1 with the error recorded and logged. */
+  int64_t (*parse_size) (const char *str);
+  /* Read a secret given on the command line: "VALUE" as is, "+FILE" from a
+   * file, "-FD" from an open file descriptor, "-" by prompting on the
+   * terminal.  On success *secret is a NUL-terminated string that must be
+   * released with free_secret; returns 0, or -1 with the error recorded.
+   * The secret itself never appears in a log message. */
+  int (*read_secret) (const char *value, char **secret);
+  /* Wipe and free a string returned by read_secret. */
+  void (*free_secret) (char *secret);
+  /* Copy the peer address of the current connection into addr, as
+   * getpeername(2) does.  Only valid in callbacks made on behalf of a
+   * connection.  Returns 0 or -1. */
+  int (*peer_name) (struct sockaddr *addr, socklen_t *addrlen);
+  /* Export name the client asked for, valid in callbacks made on behalf of
+   * a connection; NULL otherwise.  The string lives as long as the
+   * connection. */
+  const char *(*export_name) (void);
+  /* The value of the debug flag NAME set with -D PLUGIN.NAME=N, or 0. */
+  int (*debug_flag) (const char *name);
+};
+
+/* A plugin.  Every callback may be NULL; the defaults are those described
+ * in nbdhost-plugin(3).  Callbacks return 0 (or a non-negative value) on
+ * success and -1 after recording the error with host->error. */
+struct nbdhost_plugin {
+  uint64_t struct_size;       /* sizeof (struct nbdhost_plugin) */
+  uint32_t abi_version;       /* NBDHOST_ABI_VERSION */
+  uint32_t thread_model;      /* NBDHOST_THREAD_MODEL_* */
+
+  const char *name;           /* short name, [a-z0-9_-]+ */
+  const char *version;
+  const char *description;    /* one line */
+  const char *config_help;    /* key=value lines, for --help */
+  const char *magic_config_key; /* key that a bare value on the command line sets */
+
+  int (*load) (void);
+  void (*unload) (void);
+  int (*config) (const char *key, const char *value);
+  int (*config_complete) (void);
+  int (*get_ready) (void);
+  int (*preconnect) (int readonly);
+  int (*list_exports) (int readonly, int is_tls,
+                       struct nbdhost_exports *exports);
+  const char *(*default_export) (int readonly, int is_tls);
+
+  void *(*open) (int readonly);
+  void (*close) (void *handle);
+
+  int64_t (*get_size) (void *handle);
+  int (*block_size) (void *handle,
+                     uint32_t *minimum, uint32_t *preferred, uint32_t *maximum);
+  int (*can_write) (void *handle);
+  int (*can_flush) (void *handle);
+  int (*can_trim) (void *handle);
+  int (*can_zero) (void *handle);
+  int (*can_fast_zero) (void *handle);
+  int (*can_fua) (void *handle);
+  int (*can_multi_conn) (void *handle);
+  int (*can_cache) (void *handle);
+  int (*can_extents) (void *handle);
+  int (*is_rotational) (void *handle);
+  const char *(*export_description) (void *handle);
+
+  int (*pread) (void *handle, void *buf, uint64_t count, uint64_t offset,
+                uint32_t flags);
+  int (*pwrite) (void *handle, const void *buf, uint64_t count,
+                 uint64_t offset, uint32_t flags);
+  int (*flush) (void *handle, uint32_t flags);
+  int (*trim) (void *handle, uint64_t count, uint64_t offset, uint32_t flags);
+  int (*zero) (void *handle, uint64_t count, uint64_t offset, uint32_t flags);
+  int (*extents) (void *handle, uint64_t count, uint64_t offset,
+                  uint32_t flags, struct nbdhost_extents *extents);
+  int (*cache) (void *handle, uint64_t count, uint64_t offset, uint32_t flags);
+};
+
+/* The one symbol a plugin exports.  host stays valid until the plugin is
+ * unloaded. */
+typedef const struct nbdhost_plugin *
+  (*nbdhost_plugin_entry_fn) (const struct nbdhost_host *host);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NBDHOST_PLUGIN_H */

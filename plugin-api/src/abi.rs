@@ -1,0 +1,178 @@
+//! The raw C ABI, mirroring `include/nbdhost-plugin.h` field for field.
+//!
+//! Both the server and the SDK use these definitions; `tests/layout.rs`
+//! holds them to the C header's layout.
+
+use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
+
+/// Major version of the ABI; a server refuses a plugin with another major.
+pub const ABI_MAJOR: u32 = 1;
+/// Minor version: grows when fields are appended.
+pub const ABI_MINOR: u32 = 0;
+/// `(major << 16) | minor`, as stored in `abi_version`.
+pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
+/// Name of the symbol every plugin exports.
+pub const PLUGIN_ENTRY: &str = "nbdhost_plugin_entry";
+
+/// `NBDHOST_THREAD_MODEL_SERIALIZE_CONNECTIONS`.
+pub const THREAD_MODEL_SERIALIZE_CONNECTIONS: u32 = 0;
+/// `NBDHOST_THREAD_MODEL_SERIALIZE_ALL_REQUESTS`.
+pub const THREAD_MODEL_SERIALIZE_ALL_REQUESTS: u32 = 1;
+/// `NBDHOST_THREAD_MODEL_SERIALIZE_REQUESTS`.
+pub const THREAD_MODEL_SERIALIZE_REQUESTS: u32 = 2;
+/// `NBDHOST_THREAD_MODEL_PARALLEL`.
+pub const THREAD_MODEL_PARALLEL: u32 = 3;
+
+/// `NBDHOST_FLAG_MAY_TRIM`.
+pub const FLAG_MAY_TRIM: u32 = 1 << 0;
+/// `NBDHOST_FLAG_FUA`.
+pub const FLAG_FUA: u32 = 1 << 1;
+/// `NBDHOST_FLAG_REQ_ONE`.
+pub const FLAG_REQ_ONE: u32 = 1 << 2;
+/// `NBDHOST_FLAG_FAST_ZERO`.
+pub const FLAG_FAST_ZERO: u32 = 1 << 3;
+
+/// `NBDHOST_FUA_NONE` / `NBDHOST_CACHE_NONE`.
+pub const SUPPORT_NONE: c_int = 0;
+/// `NBDHOST_FUA_EMULATE` / `NBDHOST_CACHE_EMULATE`.
+pub const SUPPORT_EMULATE: c_int = 1;
+/// `NBDHOST_FUA_NATIVE` / `NBDHOST_CACHE_NATIVE`.
+pub const SUPPORT_NATIVE: c_int = 2;
+
+/// `NBDHOST_EXTENT_HOLE`.
+pub const EXTENT_HOLE: u32 = 1 << 0;
+/// `NBDHOST_EXTENT_ZERO`.
+pub const EXTENT_ZERO: u32 = 1 << 1;
+
+/// Opaque extent list owned by the server (`struct nbdhost_extents`).
+#[repr(C)]
+pub struct Extents {
+    _private: [u8; 0],
+}
+
+/// Opaque export list owned by the server (`struct nbdhost_exports`).
+#[repr(C)]
+pub struct Exports {
+    _private: [u8; 0],
+}
+
+/// `struct nbdhost_host`: services the server offers to plugins.
+#[repr(C)]
+pub struct Host {
+    pub struct_size: u64,
+    pub abi_version: u32,
+    pub reserved: u32,
+    pub error: Option<unsafe extern "C" fn(errnum: c_int, msg: *const c_char)>,
+    pub debug: Option<unsafe extern "C" fn(msg: *const c_char)>,
+    pub add_extent: Option<
+        unsafe extern "C" fn(extents: *mut Extents, offset: u64, length: u64, typ: u32) -> c_int,
+    >,
+    pub add_export: Option<
+        unsafe extern "C" fn(
+            exports: *mut Exports,
+            name: *const c_char,
+            description: *const c_char,
+        ) -> c_int,
+    >,
+    pub parse_size: Option<unsafe extern "C" fn(s: *const c_char) -> i64>,
+    pub read_secret:
+        Option<unsafe extern "C" fn(value: *const c_char, secret: *mut *mut c_char) -> c_int>,
+    pub free_secret: Option<unsafe extern "C" fn(secret: *mut c_char)>,
+    pub peer_name:
+        Option<unsafe extern "C" fn(addr: *mut sockaddr, addrlen: *mut socklen_t) -> c_int>,
+    pub export_name: Option<unsafe extern "C" fn() -> *const c_char>,
+    pub debug_flag: Option<unsafe extern "C" fn(name: *const c_char) -> c_int>,
+}
+
+/// Callback taking only a handle, as the `can_*` family does.
+pub type HandleFn = unsafe extern "C" fn(handle: *mut c_void) -> c_int;
+/// Callback for trim, zero and cache.
+pub type RangeFn =
+    unsafe extern "C" fn(handle: *mut c_void, count: u64, offset: u64, flags: u32) -> c_int;
+
+/// `struct nbdhost_plugin`: what a plugin's entry point returns.
+#[repr(C)]
+pub struct Plugin {
+    pub struct_size: u64,
+    pub abi_version: u32,
+    pub thread_model: u32,
+    pub name: *const c_char,
+    pub version: *const c_char,
+    pub description: *const c_char,
+    pub config_help: *const c_char,
+    pub magic_config_key: *const c_char,
+    pub load: Option<unsafe extern "C" fn() -> c_int>,
+    pub unload: Option<unsafe extern "C" fn()>,
+    pub config: Option<unsafe extern "C" fn(key: *const c_char, value: *const c_char) -> c_int>,
+    pub config_complete: Option<unsafe extern "C" fn() -> c_int>,
+    pub get_ready: Option<unsafe extern "C" fn() -> c_int>,
+    pub preconnect: Option<unsafe extern "C" fn(readonly: c_int) -> c_int>,
+    pub list_exports:
+        Option<unsafe extern "C" fn(readonly: c_int, is_tls: c_int, exports: *mut Exports) -> c_int>,
+    pub default_export: Option<unsafe extern "C" fn(readonly: c_int, is_tls: c_int) -> *const c_char>,
+    pub open: Option<unsafe extern "C" fn(readonly: c_int) -> *mut c_void>,
+    pub close: Option<unsafe extern "C" fn(handle: *mut c_void)>,
+    pub get_size: Option<unsafe extern "C" fn(handle: *mut c_void) -> i64>,
+    pub block_size: Option<
+        unsafe extern "C" fn(
+            handle: *mut c_void,
+            minimum: *mut u32,
+            preferred: *mut u32,
+            maximum: *mut u32,
+        ) -> c_int,
+    >,
+    pub can_write: Option<HandleFn>,
+    pub can_flush: Option<HandleFn>,
+    pub can_trim: Option<HandleFn>,
+    pub can_zero: Option<HandleFn>,
+    pub can_fast_zero: Option<HandleFn>,
+    pub can_fua: Option<HandleFn>,
+    pub can_multi_conn: Option<HandleFn>,
+    pub can_cache: Option<HandleFn>,
+    pub can_extents: Option<HandleFn>,
+    pub is_rotational: Option<HandleFn>,
+    pub export_description: Option<unsafe extern "C" fn(handle: *mut c_void) -> *const c_char>,
+    pub pread: Option<
+        unsafe extern "C" fn(
+            handle: *mut c_void,
+            buf: *mut c_void,
+            count: u64,
+            offset: u64,
+            flags: u32,
+        ) -> c_int,
+    >,
+    pub pwrite: Option<
+        unsafe extern "C" fn(
+            handle: *mut c_void,
+            buf: *const c_void,
+            count: u64,
+            offset: u64,
+            flags: u32,
+        ) -> c_int,
+    >,
+    pub flush: Option<unsafe extern "C" fn(handle: *mut c_void, flags: u32) -> c_int>,
+    pub trim: Option<RangeFn>,
+    pub zero: Option<RangeFn>,
+    pub extents: Option<
+        unsafe extern "C" fn(
+            handle: *mut c_void,
+            count: u64,
+            offset: u64,
+            flags: u32,
+            extents: *mut Extents,
+        ) -> c_int,
+    >,
+    pub cache: Option<RangeFn>,
+}
+
+// SAFETY: a `Plugin` is an immutable table of C strings and function
+// pointers that its shared object keeps alive; nothing in it is written
+// after the entry point returns it, so sharing it between threads is sound.
+unsafe impl Sync for Plugin {}
+// SAFETY: see `Sync` above; the table refers only to 'static data.
+unsafe impl Send for Plugin {}
+// SAFETY: as for `Plugin`, the host table is never written once built.
+unsafe impl Sync for Host {}
+
+/// Signature of `nbdhost_plugin_entry`.
+pub type PluginEntry = unsafe extern "C" fn(host: *const Host) -> *const Plugin;

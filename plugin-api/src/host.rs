@@ -1,0 +1,190 @@
+//! Safe wrappers over the host-service table the server hands the plugin.
+
+use std::ffi::{c_char, CStr, CString};
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use crate::abi;
+use crate::{Error, Result};
+
+static HOST: AtomicPtr<abi::Host> = AtomicPtr::new(std::ptr::null_mut());
+
+pub(crate) fn install(host: *const abi::Host) {
+    HOST.store(host.cast_mut(), Ordering::Release);
+}
+
+fn table() -> Option<&'static abi::Host> {
+    let p = HOST.load(Ordering::Acquire);
+    // SAFETY: the pointer was handed to the entry point by the server, which
+    // keeps the table alive until the plugin is unloaded; null before that.
+    unsafe { p.as_ref() }
+}
+
+/// Whether the server's table is long enough to contain the field that
+/// ends at `end` bytes, so newer services are only called on newer hosts.
+fn has(host: &abi::Host, end: usize) -> bool {
+    host.struct_size as usize >= end
+}
+
+macro_rules! service {
+    ($field:ident) => {
+        table().and_then(|h| {
+            let end = std::mem::offset_of!(abi::Host, $field) + std::mem::size_of::<usize>();
+            if has(h, end) {
+                h.$field
+            } else {
+                None
+            }
+        })
+    };
+}
+
+fn cstring(s: &str) -> CString {
+    CString::new(s.replace('\0', "\\0")).expect("NUL bytes were replaced")
+}
+
+/// Record an error for the current callback, with a message for the log.
+pub(crate) fn report(err: &Error) {
+    if let Some(f) = service!(error) {
+        let msg = err.message().map(cstring);
+        let ptr = msg.as_ref().map_or(std::ptr::null(), |m| m.as_ptr());
+        // SAFETY: `ptr` is null or a valid C string that outlives the call.
+        unsafe { f(err.raw_errno(), ptr) }
+    }
+}
+
+/// Log a debug message through the server (shown with `-v`).
+pub fn debug(msg: &str) {
+    if let Some(f) = service!(debug) {
+        let m = cstring(msg);
+        // SAFETY: `m` is a valid C string for the duration of the call.
+        unsafe { f(m.as_ptr()) }
+    }
+}
+
+/// Parse a size with the server's rules (`512`, `64K`, `1G`, `1.5T`).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let f = service!(parse_size).ok_or_else(|| Error::new(libc::ENOSYS, "no host"))?;
+    let c = cstring(s);
+    // SAFETY: `c` is a valid C string for the duration of the call.
+    let n = unsafe { f(c.as_ptr()) };
+    u64::try_from(n).map_err(|_| Error::new(libc::EINVAL, format!("could not parse size '{s}'")))
+}
+
+/// A secret read by the server; wiped and freed when dropped.
+pub struct Secret {
+    ptr: *mut c_char,
+}
+
+// SAFETY: the secret is a heap buffer owned solely by this value.
+unsafe impl Send for Secret {}
+// SAFETY: only shared reads happen through `&Secret`.
+unsafe impl Sync for Secret {}
+
+impl Secret {
+    /// The secret's bytes, without the terminating NUL.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` is the NUL-terminated string read_secret returned
+        // and stays valid until `drop`.
+        unsafe { CStr::from_ptr(self.ptr) }.to_bytes()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        if let Some(free) = service!(free_secret) {
+            // SAFETY: `ptr` came from read_secret and is freed exactly once.
+            unsafe { free(self.ptr) }
+        }
+    }
+}
+
+/// Read a secret given on the command line: a literal, `+FILE`, `-FD`, or
+/// `-` to prompt. The value never reaches a log.
+pub fn read_secret(value: &str) -> Result<Secret> {
+    let f = service!(read_secret).ok_or_else(|| Error::new(libc::ENOSYS, "no host"))?;
+    let c = cstring(value);
+    let mut out: *mut c_char = std::ptr::null_mut();
+    // SAFETY: `c` is valid for the call and `out` is a valid place to store
+    // the result pointer.
+    let r = unsafe { f(c.as_ptr(), &mut out) };
+    if r != 0 || out.is_null() {
+        return Err(Error::errno(libc::EINVAL));
+    }
+    Ok(Secret { ptr: out })
+}
+
+/// The export name the current connection asked for.
+pub fn export_name() -> Option<String> {
+    let f = service!(export_name)?;
+    // SAFETY: the host returns null or a C string valid for the connection.
+    let p = unsafe { f() };
+    // SAFETY: checked non-null; the host keeps it alive for the connection.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// The peer address of the current connection, if it has one (a socket).
+pub fn peer_name() -> Option<std::net::SocketAddr> {
+    let f = service!(peer_name)?;
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `ss` and `len` describe a writable buffer of that size.
+    if unsafe { f((&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+        return None;
+    }
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin = unsafe { &*(&ss as *const _ as *const libc::sockaddr_in) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some((ip, u16::from_be(sin.sin_port)).into())
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*(&ss as *const _ as *const libc::sockaddr_in6) };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some((ip, u16::from_be(sin6.sin6_port)).into())
+        }
+        _ => None,
+    }
+}
+
+/// The value of debug flag `name` (`-D plugin.name=N`), or 0.
+pub fn debug_flag(name: &str) -> i32 {
+    let Some(f) = service!(debug_flag) else {
+        return 0;
+    };
+    let c = cstring(name);
+    // SAFETY: `c` is a valid C string for the duration of the call.
+    unsafe { f(c.as_ptr()) }
+}
+
+/// Append an extent through the host service.
+pub(crate) fn add_extent(list: *mut abi::Extents, offset: u64, length: u64, typ: u32) -> Result<()> {
+    let f = service!(add_extent).ok_or_else(|| Error::new(libc::ENOSYS, "no host"))?;
+    // SAFETY: `list` is the server's list passed to this extents callback.
+    match unsafe { f(list, offset, length, typ) } {
+        0 => Ok(()),
+        _ => Err(Error::errno(libc::EINVAL)),
+    }
+}
+
+/// Append an export through the host service.
+pub(crate) fn add_export(list: *mut abi::Exports, name: &str, description: Option<&str>) -> Result<()> {
+    let f = service!(add_export).ok_or_else(|| Error::new(libc::ENOSYS, "no host"))?;
+    let n = cstring(name);
+    let d = description.map(cstring);
+    let dp = d.as_ref().map_or(std::ptr::null(), |d| d.as_ptr());
+    // SAFETY: `list` is the server's list passed to list_exports; the strings
+    // outlive the call.
+    match unsafe { f(list, n.as_ptr(), dp) } {
+        0 => Ok(()),
+        _ => Err(Error::errno(libc::EINVAL)),
+    }
+}

@@ -1,0 +1,70 @@
+//! The nbdhost plugin ABI and the Rust SDK for writing plugins.
+//!
+//! A plugin is a `cdylib` that implements [`Plugin`] (global state and
+//! configuration) and [`Handle`] (one per client connection), then names
+//! its type with [`nbdhost_plugin!`]:
+//!
+//! ```ignore
+//! use nbdhost_plugin_api::{nbdhost_plugin, Handle, Plugin, Result};
+//!
+//! #[derive(Default)]
+//! struct Zero;
+//! struct ZeroHandle;
+//!
+//! impl Plugin for Zero {
+//!     const NAME: &'static std::ffi::CStr = c"zero";
+//!     const DESCRIPTION: &'static std::ffi::CStr = c"an empty 1 MiB disk";
+//!     type Handle = ZeroHandle;
+//!     fn open(&self, _readonly: bool) -> Result<ZeroHandle> { Ok(ZeroHandle) }
+//! }
+//! impl Handle for ZeroHandle {
+//!     fn get_size(&self) -> Result<u64> { Ok(1 << 20) }
+//!     fn pread(&self, buf: &mut [u8], _offset: u64, _flags: nbdhost_plugin_api::Flags) -> Result<()> {
+//!         buf.fill(0);
+//!         Ok(())
+//!     }
+//! }
+//! nbdhost_plugin!(Zero);
+//! ```
+//!
+//! The SDK fills every callback of the C struct, catches panics at the
+//! boundary (they become `EIO` and a logged message) and reaches the
+//! server only through the host-service table, so a plugin links against
+//! nothing but this crate. [`abi`] holds the raw definitions, which match
+//! `include/nbdhost-plugin.h`.
+
+pub mod abi;
+mod error;
+pub mod host;
+mod plugin;
+
+pub use error::{Error, Result};
+pub use plugin::{BlockSize, ExportList, ExtentList, Flags, Handle, Plugin, Support, ThreadModel};
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::plugin::entry;
+}
+
+/// Export a type implementing [`Plugin`] as this shared object's plugin.
+///
+/// Use it exactly once per `cdylib`. The version string reported to the
+/// server is the plugin crate's own `CARGO_PKG_VERSION`.
+#[macro_export]
+macro_rules! nbdhost_plugin {
+    ($plugin:ty) => {
+        /// Entry point the nbdhost server looks up when it loads this plugin.
+        ///
+        /// # Safety
+        /// `host` must point to a host-service table that outlives the plugin.
+        #[no_mangle]
+        pub unsafe extern "C" fn nbdhost_plugin_entry(
+            host: *const $crate::abi::Host,
+        ) -> *const $crate::abi::Plugin {
+            const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+            // SAFETY: the caller passes a table that lives as long as the
+            // plugin, which is what `entry` requires.
+            unsafe { $crate::__private::entry::<$plugin>(host, VERSION) }
+        }
+    };
+}

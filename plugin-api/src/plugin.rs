@@ -1,0 +1,532 @@
+//! The `Plugin` and `Handle` traits and the trampolines that expose them
+//! through the C ABI.
+
+use std::any::Any;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{OnceLock, RwLock};
+
+use crate::abi;
+use crate::host;
+use crate::{Error, Result};
+
+/// How much concurrency the plugin tolerates; the server never exceeds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum ThreadModel {
+    /// One connection at a time; its requests one after another.
+    SerializeConnections = abi::THREAD_MODEL_SERIALIZE_CONNECTIONS,
+    /// Many connections, but only one request in the plugin at a time.
+    SerializeAllRequests = abi::THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
+    /// One request at a time per connection.
+    SerializeRequests = abi::THREAD_MODEL_SERIALIZE_REQUESTS,
+    /// Any number of requests in parallel.
+    Parallel = abi::THREAD_MODEL_PARALLEL,
+}
+
+bitflags::bitflags! {
+    /// Flags passed with data requests.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Flags: u32 {
+        /// zero: the range may be deallocated rather than written.
+        const MAY_TRIM = abi::FLAG_MAY_TRIM;
+        /// write, trim, zero: persist before returning.
+        const FUA = abi::FLAG_FUA;
+        /// extents: one extent is enough.
+        const REQ_ONE = abi::FLAG_REQ_ONE;
+        /// zero: fail with `ENOTSUP` unless faster than writing zeroes.
+        const FAST_ZERO = abi::FLAG_FAST_ZERO;
+    }
+}
+
+/// Answer of `can_fua` and `can_cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Support {
+    /// Not supported: not advertised to clients.
+    None = abi::SUPPORT_NONE,
+    /// Advertised; the server emulates it (flush after write, read to cache).
+    Emulate = abi::SUPPORT_EMULATE,
+    /// Advertised and handled by the plugin itself.
+    Native = abi::SUPPORT_NATIVE,
+}
+
+/// Block-size constraints of an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    /// Smallest request alignment (a power of two, 1 to 64 KiB).
+    pub minimum: u32,
+    /// Preferred request size (a power of two, at least `minimum`).
+    pub preferred: u32,
+    /// Largest request the plugin accepts.
+    pub maximum: u32,
+}
+
+/// The extent list an `extents` call fills.
+pub struct ExtentList {
+    raw: *mut abi::Extents,
+}
+
+impl ExtentList {
+    /// Append an extent. Extents must be contiguous and in order; `typ` is a
+    /// combination of [`abi::EXTENT_HOLE`] and [`abi::EXTENT_ZERO`].
+    pub fn add(&mut self, offset: u64, length: u64, typ: u32) -> Result<()> {
+        host::add_extent(self.raw, offset, length, typ)
+    }
+}
+
+/// The export list a `list_exports` call fills.
+pub struct ExportList {
+    raw: *mut abi::Exports,
+}
+
+impl ExportList {
+    /// Append an export with an optional description.
+    pub fn add(&mut self, name: &str, description: Option<&str>) -> Result<()> {
+        host::add_export(self.raw, name, description)
+    }
+}
+
+/// A plugin: global state, configured from the command line before any
+/// client connects, then shared by every connection.
+///
+/// The plugin is created with `Default` when the server loads it.
+pub trait Plugin: Default + Send + Sync + 'static {
+    /// Short name, as used on the command line.
+    const NAME: &'static CStr;
+    /// One-line description.
+    const DESCRIPTION: &'static CStr;
+    /// `key=value` lines shown by `--help`.
+    const CONFIG_HELP: &'static CStr = c"";
+    /// The key a bare command-line value (without `=`) sets.
+    const MAGIC_CONFIG_KEY: Option<&'static CStr> = None;
+    /// Concurrency this plugin tolerates.
+    const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
+
+    /// Per-connection state.
+    type Handle: Handle;
+
+    /// One `key=value` parameter from the command line.
+    fn config(&mut self, key: &str, _value: &str) -> Result<()> {
+        Err(Error::new(libc::EINVAL, format!("unknown parameter '{key}'")))
+    }
+    /// All parameters were given; check that the required ones were.
+    fn config_complete(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Called once before the server starts listening.
+    fn get_ready(&self) -> Result<()> {
+        Ok(())
+    }
+    /// A client connected; refuse it by returning an error.
+    fn preconnect(&self, _readonly: bool) -> Result<()> {
+        Ok(())
+    }
+    /// The exports to list to clients. The default lists only the default
+    /// export.
+    fn list_exports(&self, readonly: bool, is_tls: bool, exports: &mut ExportList) -> Result<()> {
+        exports.add(&self.default_export(readonly, is_tls)?, None)
+    }
+    /// The name the empty export name stands for.
+    fn default_export(&self, _readonly: bool, _is_tls: bool) -> Result<String> {
+        Ok(String::new())
+    }
+    /// Open a connection's handle; [`crate::host::export_name`] tells which
+    /// export the client asked for.
+    fn open(&self, readonly: bool) -> Result<Self::Handle>;
+    /// Called once before the plugin is unloaded.
+    fn unload(&mut self) {}
+}
+
+/// One open connection. Every method may be called concurrently from
+/// several threads unless the plugin's thread model says otherwise.
+pub trait Handle: Send + Sync + 'static {
+    /// Size of the export in bytes.
+    fn get_size(&self) -> Result<u64>;
+    /// Block-size constraints, if any.
+    fn block_size(&self) -> Result<Option<BlockSize>> {
+        Ok(None)
+    }
+    /// Whether writes are possible.
+    fn can_write(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Whether `flush` does anything.
+    fn can_flush(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Whether `trim` is supported.
+    fn can_trim(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Whether to advertise write-zeroes. The server writes zeroes itself
+    /// when `zero` fails with `ENOTSUP`.
+    fn can_zero(&self) -> Result<bool> {
+        Ok(true)
+    }
+    /// Whether `zero` honours [`Flags::FAST_ZERO`].
+    fn can_fast_zero(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// How FUA is handled; by default emulated with a flush when the
+    /// plugin can flush.
+    fn can_fua(&self) -> Result<Support> {
+        Ok(if self.can_flush()? {
+            Support::Emulate
+        } else {
+            Support::None
+        })
+    }
+    /// Whether several connections see a consistent view of the data.
+    fn can_multi_conn(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// How cache requests are handled.
+    fn can_cache(&self) -> Result<Support> {
+        Ok(Support::None)
+    }
+    /// Whether `extents` reports real allocation.
+    fn can_extents(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Whether the storage is rotational.
+    fn is_rotational(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Human-readable description of the export.
+    fn export_description(&self) -> Option<String> {
+        None
+    }
+    /// Read `buf.len()` bytes at `offset`.
+    fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()>;
+    /// Write `buf` at `offset`.
+    fn pwrite(&self, _buf: &[u8], _offset: u64, _flags: Flags) -> Result<()> {
+        Err(Error::errno(libc::EROFS))
+    }
+    /// Persist everything written so far.
+    fn flush(&self, _flags: Flags) -> Result<()> {
+        Err(Error::errno(libc::EINVAL))
+    }
+    /// Discard a range.
+    fn trim(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
+        Err(Error::errno(libc::EOPNOTSUPP))
+    }
+    /// Write zeroes to a range; `ENOTSUP` makes the server write them.
+    fn zero(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
+        Err(Error::errno(libc::ENOTSUP))
+    }
+    /// Report allocation of `count` bytes at `offset`.
+    fn extents(&self, count: u64, offset: u64, _flags: Flags, list: &mut ExtentList) -> Result<()> {
+        list.add(offset, count, 0)
+    }
+    /// Prefetch a range.
+    fn cache(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
+        Ok(())
+    }
+}
+
+static INSTANCE: OnceLock<RwLock<Box<dyn Any + Send + Sync>>> = OnceLock::new();
+static TABLE: OnceLock<abi::Plugin> = OnceLock::new();
+
+/// Run `f`, turning an error or a panic into a recorded host error and
+/// `failed`. Panics must not unwind into the server's C frames.
+fn guard<T>(failed: T, f: impl FnOnce() -> Result<T>) -> T {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            host::report(&e);
+            failed
+        }
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            host::report(&Error::new(libc::EIO, format!("plugin panicked: {what}")));
+            failed
+        }
+    }
+}
+
+fn with_plugin<P: Plugin, T>(f: impl FnOnce(&P) -> Result<T>) -> Result<T> {
+    let lock = INSTANCE.get().ok_or_else(|| Error::new(libc::EINVAL, "plugin not loaded"))?;
+    let guard = lock.read().map_err(|_| Error::new(libc::EIO, "plugin state poisoned"))?;
+    f(guard.downcast_ref::<P>().expect("instance has the plugin's type"))
+}
+
+fn with_plugin_mut<P: Plugin, T>(f: impl FnOnce(&mut P) -> Result<T>) -> Result<T> {
+    let lock = INSTANCE.get().ok_or_else(|| Error::new(libc::EINVAL, "plugin not loaded"))?;
+    let mut guard = lock.write().map_err(|_| Error::new(libc::EIO, "plugin state poisoned"))?;
+    f(guard.downcast_mut::<P>().expect("instance has the plugin's type"))
+}
+
+/// Borrow the handle behind a pointer that `open` produced.
+///
+/// # Safety
+/// `h` must come from `open::<P>` and not have been closed.
+unsafe fn handle<'a, P: Plugin>(h: *mut c_void) -> &'a P::Handle {
+    // SAFETY: guaranteed by the caller.
+    unsafe { &*(h as *const P::Handle) }
+}
+
+fn str_arg<'a>(p: *const c_char) -> Result<&'a str> {
+    if p.is_null() {
+        return Err(Error::new(libc::EINVAL, "null string"));
+    }
+    // SAFETY: the server passes NUL-terminated strings valid for the call.
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|_| Error::new(libc::EINVAL, "parameter is not UTF-8"))
+}
+
+fn ok(r: Result<()>) -> Result<c_int> {
+    r.map(|()| 0)
+}
+
+unsafe extern "C" fn load<P: Plugin>() -> c_int {
+    guard(-1, || {
+        INSTANCE
+            .set(RwLock::new(Box::new(P::default())))
+            .map_err(|_| Error::new(libc::EINVAL, "plugin loaded twice"))?;
+        Ok(0)
+    })
+}
+
+unsafe extern "C" fn unload<P: Plugin>() {
+    guard((), || with_plugin_mut::<P, _>(|p| Ok(p.unload())))
+}
+
+unsafe extern "C" fn config<P: Plugin>(key: *const c_char, value: *const c_char) -> c_int {
+    guard(-1, || {
+        let (k, v) = (str_arg(key)?, str_arg(value)?);
+        ok(with_plugin_mut::<P, _>(|p| p.config(k, v)))
+    })
+}
+
+unsafe extern "C" fn config_complete<P: Plugin>() -> c_int {
+    guard(-1, || ok(with_plugin_mut::<P, _>(|p| p.config_complete())))
+}
+
+unsafe extern "C" fn get_ready<P: Plugin>() -> c_int {
+    guard(-1, || ok(with_plugin::<P, _>(|p| p.get_ready())))
+}
+
+unsafe extern "C" fn preconnect<P: Plugin>(readonly: c_int) -> c_int {
+    guard(-1, || ok(with_plugin::<P, _>(|p| p.preconnect(readonly != 0))))
+}
+
+unsafe extern "C" fn list_exports<P: Plugin>(readonly: c_int, is_tls: c_int, exports: *mut abi::Exports) -> c_int {
+    guard(-1, || {
+        let mut list = ExportList { raw: exports };
+        ok(with_plugin::<P, _>(|p| p.list_exports(readonly != 0, is_tls != 0, &mut list)))
+    })
+}
+
+thread_local! {
+    static DEFAULT_EXPORT: std::cell::RefCell<std::ffi::CString> = Default::default();
+}
+
+unsafe extern "C" fn default_export<P: Plugin>(readonly: c_int, is_tls: c_int) -> *const c_char {
+    guard(std::ptr::null(), || {
+        let name = with_plugin::<P, _>(|p| p.default_export(readonly != 0, is_tls != 0))?;
+        let c = std::ffi::CString::new(name).map_err(|_| Error::new(libc::EINVAL, "NUL in export name"))?;
+        // The server copies the string before its next call on this thread.
+        Ok(DEFAULT_EXPORT.with(|slot| {
+            *slot.borrow_mut() = c;
+            slot.borrow().as_ptr()
+        }))
+    })
+}
+
+unsafe extern "C" fn open<P: Plugin>(readonly: c_int) -> *mut c_void {
+    guard(std::ptr::null_mut(), || {
+        let h = with_plugin::<P, _>(|p| p.open(readonly != 0))?;
+        Ok(Box::into_raw(Box::new(h)).cast())
+    })
+}
+
+unsafe extern "C" fn close<P: Plugin>(h: *mut c_void) {
+    guard((), || {
+        // SAFETY: the server closes each handle from `open` exactly once.
+        drop(unsafe { Box::from_raw(h as *mut P::Handle) });
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn get_size<P: Plugin>(h: *mut c_void) -> i64 {
+    guard(-1, || {
+        // SAFETY: the server passes a live handle from `open`.
+        let size = unsafe { handle::<P>(h) }.get_size()?;
+        i64::try_from(size).map_err(|_| Error::new(libc::EOVERFLOW, "size too large"))
+    })
+}
+
+unsafe extern "C" fn block_size<P: Plugin>(h: *mut c_void, min: *mut u32, pref: *mut u32, max: *mut u32) -> c_int {
+    guard(-1, || {
+        // SAFETY: the server passes a live handle from `open`.
+        let bs = unsafe { handle::<P>(h) }.block_size()?;
+        let bs = bs.unwrap_or(BlockSize {
+            minimum: 0,
+            preferred: 0,
+            maximum: 0,
+        });
+        // SAFETY: the server passes three writable u32 places.
+        unsafe {
+            *min = bs.minimum;
+            *pref = bs.preferred;
+            *max = bs.maximum;
+        }
+        Ok(0)
+    })
+}
+
+macro_rules! can_fn {
+    ($name:ident, $method:ident, $conv:expr) => {
+        unsafe extern "C" fn $name<P: Plugin>(h: *mut c_void) -> c_int {
+            guard(-1, || {
+                // SAFETY: the server passes a live handle from `open`.
+                let v = unsafe { handle::<P>(h) }.$method()?;
+                Ok($conv(v))
+            })
+        }
+    };
+}
+
+can_fn!(can_write, can_write, c_int::from);
+can_fn!(can_flush, can_flush, c_int::from);
+can_fn!(can_trim, can_trim, c_int::from);
+can_fn!(can_zero, can_zero, c_int::from);
+can_fn!(can_fast_zero, can_fast_zero, c_int::from);
+can_fn!(can_fua, can_fua, |s: Support| s as c_int);
+can_fn!(can_multi_conn, can_multi_conn, c_int::from);
+can_fn!(can_cache, can_cache, |s: Support| s as c_int);
+can_fn!(can_extents, can_extents, c_int::from);
+can_fn!(is_rotational, is_rotational, c_int::from);
+
+thread_local! {
+    static DESCRIPTION: std::cell::RefCell<std::ffi::CString> = Default::default();
+}
+
+unsafe extern "C" fn export_description<P: Plugin>(h: *mut c_void) -> *const c_char {
+    guard(std::ptr::null(), || {
+        // SAFETY: the server passes a live handle from `open`.
+        let Some(d) = unsafe { handle::<P>(h) }.export_description() else {
+            return Ok(std::ptr::null());
+        };
+        let c = std::ffi::CString::new(d).map_err(|_| Error::new(libc::EINVAL, "NUL in description"))?;
+        // The server copies the string before its next call on this thread.
+        Ok(DESCRIPTION.with(|slot| {
+            *slot.borrow_mut() = c;
+            slot.borrow().as_ptr()
+        }))
+    })
+}
+
+fn flags(f: u32) -> Flags {
+    Flags::from_bits_truncate(f)
+}
+
+fn len(count: u64) -> Result<usize> {
+    usize::try_from(count).map_err(|_| Error::new(libc::EOVERFLOW, "request too large"))
+}
+
+unsafe extern "C" fn pread<P: Plugin>(h: *mut c_void, buf: *mut c_void, count: u64, offset: u64, f: u32) -> c_int {
+    guard(-1, || {
+        // SAFETY: the server passes a writable buffer of `count` bytes.
+        let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len(count)?) };
+        // SAFETY: the server passes a live handle from `open`.
+        ok(unsafe { handle::<P>(h) }.pread(buf, offset, flags(f)))
+    })
+}
+
+unsafe extern "C" fn pwrite<P: Plugin>(h: *mut c_void, buf: *const c_void, count: u64, offset: u64, f: u32) -> c_int {
+    guard(-1, || {
+        // SAFETY: the server passes a readable buffer of `count` bytes.
+        let buf = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len(count)?) };
+        // SAFETY: the server passes a live handle from `open`.
+        ok(unsafe { handle::<P>(h) }.pwrite(buf, offset, flags(f)))
+    })
+}
+
+unsafe extern "C" fn flush<P: Plugin>(h: *mut c_void, f: u32) -> c_int {
+    // SAFETY: the server passes a live handle from `open`.
+    guard(-1, || ok(unsafe { handle::<P>(h) }.flush(flags(f))))
+}
+
+macro_rules! range_fn {
+    ($name:ident) => {
+        unsafe extern "C" fn $name<P: Plugin>(h: *mut c_void, count: u64, offset: u64, f: u32) -> c_int {
+            // SAFETY: the server passes a live handle from `open`.
+            guard(-1, || ok(unsafe { handle::<P>(h) }.$name(count, offset, flags(f))))
+        }
+    };
+}
+
+range_fn!(trim);
+range_fn!(zero);
+range_fn!(cache);
+
+unsafe extern "C" fn extents<P: Plugin>(
+    h: *mut c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+    list: *mut abi::Extents,
+) -> c_int {
+    guard(-1, || {
+        let mut list = ExtentList { raw: list };
+        // SAFETY: the server passes a live handle from `open`.
+        ok(unsafe { handle::<P>(h) }.extents(count, offset, flags(f), &mut list))
+    })
+}
+
+/// Build the plugin's C table; called by [`crate::nbdhost_plugin!`].
+///
+/// # Safety
+/// `host` must point to a host table that outlives the plugin, and
+/// `version` must end with a NUL byte.
+pub unsafe fn entry<P: Plugin>(host: *const abi::Host, version: &'static str) -> *const abi::Plugin {
+    host::install(host);
+    let version = CStr::from_bytes_with_nul(version.as_bytes()).expect("version ends with NUL");
+    TABLE.get_or_init(|| abi::Plugin {
+        struct_size: std::mem::size_of::<abi::Plugin>() as u64,
+        abi_version: abi::ABI_VERSION,
+        thread_model: P::THREAD_MODEL as u32,
+        name: P::NAME.as_ptr(),
+        version: version.as_ptr(),
+        description: P::DESCRIPTION.as_ptr(),
+        config_help: P::CONFIG_HELP.as_ptr(),
+        magic_config_key: P::MAGIC_CONFIG_KEY.map_or(std::ptr::null(), |k| k.as_ptr()),
+        load: Some(load::<P>),
+        unload: Some(unload::<P>),
+        config: Some(config::<P>),
+        config_complete: Some(config_complete::<P>),
+        get_ready: Some(get_ready::<P>),
+        preconnect: Some(preconnect::<P>),
+        list_exports: Some(list_exports::<P>),
+        default_export: Some(default_export::<P>),
+        open: Some(open::<P>),
+        close: Some(close::<P>),
+        get_size: Some(get_size::<P>),
+        block_size: Some(block_size::<P>),
+        can_write: Some(can_write::<P>),
+        can_flush: Some(can_flush::<P>),
+        can_trim: Some(can_trim::<P>),
+        can_zero: Some(can_zero::<P>),
+        can_fast_zero: Some(can_fast_zero::<P>),
+        can_fua: Some(can_fua::<P>),
+        can_multi_conn: Some(can_multi_conn::<P>),
+        can_cache: Some(can_cache::<P>),
+        can_extents: Some(can_extents::<P>),
+        is_rotational: Some(is_rotational::<P>),
+        export_description: Some(export_description::<P>),
+        pread: Some(pread::<P>),
+        pwrite: Some(pwrite::<P>),
+        flush: Some(flush::<P>),
+        trim: Some(trim::<P>),
+        zero: Some(zero::<P>),
+        extents: Some(extents::<P>),
+        cache: Some(cache::<P>),
+    })
+}
