@@ -1,1 +1,308 @@
-fn main() {}
+//! nbdhost: a Network Block Device server whose disks come from plugins.
+
+mod backend;
+mod cli;
+mod connection;
+mod export;
+mod handshake;
+mod host;
+mod listen;
+mod plugin;
+mod process;
+mod server;
+mod transmission;
+mod wire;
+mod workers;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::backend::Backend;
+use crate::cli::Cli;
+use crate::export::ExportPolicy;
+use crate::handshake::HandshakeConfig;
+use crate::listen::{Listener, PrivateSocket};
+use crate::server::Exit;
+
+const DEFAULT_PORT: u16 = 10809;
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("nbdhost: error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn init_logging(verbose: bool) {
+    let level = if verbose { "debug" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format(|buf, rec| {
+            use std::io::Write;
+            writeln!(
+                buf,
+                "nbdhost: {}: {}",
+                rec.level().as_str().to_lowercase(),
+                rec.args()
+            )
+        })
+        .init();
+}
+
+/// Directories searched for plugins given by short name.
+fn plugin_dirs() -> Vec<PathBuf> {
+    if let Some(d) = std::env::var_os("NBDHOST_PLUGINDIR") {
+        return std::env::split_paths(&d).collect();
+    }
+    let mut dirs = Vec::new();
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        dirs.push(exe_dir.clone());
+        dirs.push(exe_dir.join("../lib/nbdhost/plugins"));
+    }
+    dirs.push(PathBuf::from("/usr/lib/nbdhost/plugins"));
+    dirs
+}
+
+/// A path is used as is; a short name is looked up as `lib<name>plugin.so`.
+fn resolve_plugin(arg: &str) -> Result<PathBuf, String> {
+    if arg.contains('/') || arg.ends_with(".so") {
+        return Ok(PathBuf::from(arg));
+    }
+    if !arg
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!("'{arg}' is neither a plugin name nor a path"));
+    }
+    let file = format!("lib{arg}plugin.so");
+    let dirs = plugin_dirs();
+    dirs.iter()
+        .map(|d| d.join(&file))
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            format!("plugin '{arg}' not found ({file} is not in {}); set NBDHOST_PLUGINDIR or give a path", searched.join(", "))
+        })
+}
+
+fn dump_config() {
+    println!(
+        "binary={}",
+        std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+    println!("version={}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "abi_version={}.{}",
+        nbdhost_plugin_api::abi::ABI_MAJOR,
+        nbdhost_plugin_api::abi::ABI_MINOR
+    );
+    let dirs: Vec<String> = plugin_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    println!("plugindir={}", dirs.join(":"));
+    println!("host_cpu={}", std::env::consts::ARCH);
+    println!("host_os={}", std::env::consts::OS);
+    println!("max_payload={}", export::MAX_PAYLOAD);
+}
+
+fn dump_plugin(p: &plugin::Plugin) {
+    let i = p.info();
+    println!("path={}", i.path.display());
+    println!("name={}", i.name);
+    println!("version={}", i.version);
+    println!("description={}", i.description);
+    println!(
+        "abi_version={}.{}",
+        i.abi_version >> 16,
+        i.abi_version & 0xffff
+    );
+    println!("struct_size={}", i.struct_size);
+    println!("thread_model={}", thread_model_name(i.thread_model));
+    if let Some(k) = &i.magic_config_key {
+        println!("magic_config_key={k}");
+    }
+    if !i.config_help.is_empty() {
+        println!("config_help=");
+        println!("{}", i.config_help);
+    }
+}
+
+fn thread_model_name(m: nbdhost_plugin_api::ThreadModel) -> &'static str {
+    use nbdhost_plugin_api::ThreadModel::*;
+    match m {
+        SerializeConnections => "serialize_connections",
+        SerializeAllRequests => "serialize_all_requests",
+        SerializeRequests => "serialize_requests",
+        Parallel => "parallel",
+    }
+}
+
+/// Where clients reach us, for `--run` and the log.
+enum Address {
+    Unix(PathBuf),
+    Tcp(u16),
+    None,
+}
+
+fn run(cli: Cli) -> Result<i32, String> {
+    if cli.dump_config {
+        dump_config();
+        return Ok(0);
+    }
+    host::set_debug_flags(cli.debug_flags()?);
+    let plugin_arg = cli.plugin.clone().ok_or("no plugin given")?;
+    let plugin = plugin::Plugin::load(&resolve_plugin(&plugin_arg)?)?;
+    if cli.dump_plugin {
+        dump_plugin(&plugin);
+        return Ok(0);
+    }
+    let name = plugin.info().name.clone();
+    for (k, v) in cli::plugin_params(&cli.params, plugin.info().magic_config_key.as_deref())? {
+        plugin.config(&k, &v).map_err(|e| format!("{name}: {e}"))?;
+    }
+    plugin
+        .config_complete()
+        .map_err(|e| format!("{name}: {e}"))?;
+    plugin.get_ready().map_err(|e| format!("{name}: {e}"))?;
+    let backend: Arc<dyn Backend> = Arc::new(plugin);
+
+    let mut private = None;
+    let (listeners, address) = listeners(&cli, &mut private)?;
+    for l in &listeners {
+        log::info!("listening on {}", l.describe());
+    }
+    let foreground = cli.foreground
+        || cli.single
+        || cli.run.is_some()
+        || std::env::var_os("LISTEN_PID").is_some();
+    if !foreground {
+        process::daemonize()?;
+    }
+    if cli.exit_with_parent {
+        process::exit_with_parent()?;
+    }
+    if let Some(p) = &cli.pidfile {
+        process::write_pidfile(p)?;
+    }
+    let child = match &cli.run {
+        Some(cmd) => Some(spawn_run(
+            cmd,
+            &address,
+            cli.exportname.as_deref().unwrap_or(""),
+        )?),
+        None => None,
+    };
+    let opts = server::Options {
+        threads: cli.threads,
+        handshake_timeout: (cli.handshake_timeout > 0)
+            .then(|| Duration::from_secs(cli.handshake_timeout)),
+        policy: ExportPolicy {
+            readonly: cli.readonly,
+            no_multi_conn: cli.no_mc,
+        },
+        handshake: HandshakeConfig {
+            oldstyle: cli.oldstyle,
+            handshake_mask: cli.mask_handshake,
+            no_structured: cli.no_sr,
+        },
+        stdio: cli.single,
+    };
+    let exit =
+        server::serve(backend, listeners, opts, child).map_err(|e| format!("event loop: {e}"))?;
+    if let (Address::Unix(p), None) = (&address, &private) {
+        let _ = std::fs::remove_file(p);
+    }
+    drop(private);
+    if let Some(p) = &cli.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(match exit {
+        Exit::Normal => 0,
+        Exit::Child(code) => code,
+    })
+}
+
+fn listeners(
+    cli: &Cli,
+    private: &mut Option<PrivateSocket>,
+) -> Result<(Vec<Listener>, Address), String> {
+    if cli.single {
+        return Ok((Vec::new(), Address::None));
+    }
+    if let Some(activated) = listen::socket_activation() {
+        return Ok((activated?, Address::None));
+    }
+    let want_private = cli.unix.as_deref() == Some(Path::new("-"))
+        || (cli.unix.is_none() && cli.run.is_some() && cli.port.is_none() && cli.ipaddr.is_none());
+    if want_private {
+        let p = PrivateSocket::new()?;
+        let l = listen::unix(&p.path)?;
+        let path = p.path.clone();
+        *private = Some(p);
+        return Ok((vec![l], Address::Unix(path)));
+    }
+    if let Some(path) = &cli.unix {
+        return Ok((vec![listen::unix(path)?], Address::Unix(path.clone())));
+    }
+    let port = cli.port.unwrap_or(DEFAULT_PORT);
+    Ok((
+        listen::tcp(cli.ipaddr.as_deref(), port)?,
+        Address::Tcp(port),
+    ))
+}
+
+/// Start the `--run` command with the connection details in its
+/// environment, as nbdkit does.
+fn spawn_run(cmd: &str, address: &Address, export: &str) -> Result<std::process::Child, String> {
+    let mut c = std::process::Command::new("/bin/sh");
+    c.arg("-c").arg(cmd);
+    let enc = percent_encode(export);
+    match address {
+        Address::Unix(p) => {
+            let p = p.display().to_string();
+            c.env(
+                "uri",
+                format!("nbd+unix:///{enc}?socket={}", percent_encode(&p)),
+            );
+            c.env("nbd", format!("nbd:unix:{p}"));
+            c.env("unixsocket", &p);
+            c.env("port", "");
+        }
+        Address::Tcp(port) => {
+            c.env("uri", format!("nbd://localhost:{port}/{enc}"));
+            c.env("nbd", format!("nbd:localhost:{port}"));
+            c.env("unixsocket", "");
+            c.env("port", port.to_string());
+        }
+        Address::None => {}
+    }
+    c.env("exportname", export);
+    c.spawn()
+        .map_err(|e| format!("--run: cannot start /bin/sh: {e}"))
+}
+
+/// Percent-encode everything but unreserved URI characters and '/'.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

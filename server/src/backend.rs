@@ -1,0 +1,64 @@
+//! The one interface every link of the chain presents: the protocol code
+//! talks to the top of the chain through [`Backend`] and [`Handle`] and never
+//! knows whether a filter or the plugin is below it.
+
+use nbdhost_plugin_api::{Flags, Result, Support, ThreadModel};
+
+/// One export as listed to clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportEntry {
+    pub name: String,
+    pub description: Option<String>,
+}
+
+/// One extent of the `base:allocation` context, with absolute offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    /// `HOLE` and `ZERO` bits as in the protocol.
+    pub flags: u32,
+}
+
+/// A link of the chain before any connection: global operations.
+pub trait Backend: Send + Sync {
+    /// Short name, for logs.
+    fn name(&self) -> &str;
+    /// Concurrency allowed by this link and everything below it.
+    fn thread_model(&self) -> ThreadModel;
+    /// A client connected; an error refuses it.
+    fn preconnect(&self, readonly: bool) -> Result<()>;
+    /// The exports to list.
+    fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<ExportEntry>>;
+    /// The name the empty export name stands for.
+    fn default_export(&self, readonly: bool, is_tls: bool) -> Result<String>;
+    /// Open a handle for one connection; the export name is in the
+    /// connection context (see `host`).
+    fn open(&self, readonly: bool) -> Result<Box<dyn Handle>>;
+}
+
+/// A link of the chain opened for one connection. Dropping it closes it.
+pub trait Handle: Send + Sync {
+    fn get_size(&self) -> Result<u64>;
+    /// `(minimum, preferred, maximum)`, or `None` for no constraints.
+    fn block_size(&self) -> Result<Option<(u32, u32, u32)>>;
+    fn can_write(&self) -> Result<bool>;
+    fn can_flush(&self) -> Result<bool>;
+    fn can_trim(&self) -> Result<bool>;
+    fn can_zero(&self) -> Result<bool>;
+    fn can_fast_zero(&self) -> Result<bool>;
+    fn can_fua(&self) -> Result<Support>;
+    fn can_multi_conn(&self) -> Result<bool>;
+    fn can_cache(&self) -> Result<Support>;
+    fn can_extents(&self) -> Result<bool>;
+    fn is_rotational(&self) -> Result<bool>;
+    fn export_description(&self) -> Result<Option<String>>;
+    fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()>;
+    fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()>;
+    fn flush(&self, flags: Flags) -> Result<()>;
+    fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()>;
+    fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()>;
+    /// Extents covering at least the first byte of the range, in order.
+    fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<Extent>>;
+    fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()>;
+}

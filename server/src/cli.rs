@@ -1,0 +1,194 @@
+//! The command line, nbdkit-compatible where nbdkit has the same flag.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Serve a disk over the Network Block Device protocol from a plugin.
+#[derive(Debug, Parser)]
+#[command(
+    name = "nbdhost",
+    version,
+    about,
+    after_help = "Examples:\n  nbdhost memory 1G\n  nbdhost -r file disk.img\n  nbdhost -U - memory 1G --run 'qemu-img info \"$uri\"'\n\nSee nbdhost(1)."
+)]
+pub struct Cli {
+    /// Stay in the foreground (by default nbdhost forks once it listens).
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+
+    /// Use the newstyle protocol (the default; accepted for nbdkit compatibility).
+    #[arg(short = 'n', long, conflicts_with = "oldstyle")]
+    pub newstyle: bool,
+
+    /// Use the oldstyle protocol.
+    #[arg(short = 'o', long)]
+    pub oldstyle: bool,
+
+    /// TCP port to listen on.
+    #[arg(short = 'p', long, value_name = "PORT")]
+    pub port: Option<u16>,
+
+    /// Listen only on this address.
+    #[arg(short = 'i', long = "ipaddr", value_name = "ADDR")]
+    pub ipaddr: Option<String>,
+
+    /// Listen on a Unix socket; "-" makes a private temporary one.
+    #[arg(short = 'U', long = "unix", value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+
+    /// Serve one connection on stdin and stdout, then exit.
+    #[arg(short = 's', long, conflicts_with_all = ["port", "ipaddr", "unix", "run"])]
+    pub single: bool,
+
+    /// Write the server's process id to this file once it listens.
+    #[arg(short = 'P', long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Serve read-only.
+    #[arg(short = 'r', long)]
+    pub readonly: bool,
+
+    /// Export name to put in the --run URI.
+    #[arg(
+        short = 'e',
+        long = "exportname",
+        visible_alias = "export-name",
+        value_name = "NAME"
+    )]
+    pub exportname: Option<String>,
+
+    /// Worker threads serving requests.
+    #[arg(short = 't', long, value_name = "N", default_value_t = 16)]
+    pub threads: usize,
+
+    /// Log debug messages.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+
+    /// Set a plugin debug flag: -D PLUGIN.FLAG=N.
+    #[arg(short = 'D', long = "debug", value_name = "PLUGIN.FLAG=N")]
+    pub debug: Vec<String>,
+
+    /// Exit when the parent process exits.
+    #[arg(long)]
+    pub exit_with_parent: bool,
+
+    /// Handshake flags to offer (a mask; 0 offers none).
+    #[arg(long, value_name = "MASK", default_value_t = 3)]
+    pub mask_handshake: u16,
+
+    /// Do not offer structured replies or extended headers.
+    #[arg(long = "no-sr")]
+    pub no_sr: bool,
+
+    /// Do not advertise multi-conn.
+    #[arg(long = "no-mc")]
+    pub no_mc: bool,
+
+    /// Seconds a client may take to finish the handshake (0: no limit).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub handshake_timeout: u64,
+
+    /// Run CMD with $uri, $nbd, $unixsocket, $port and $exportname set, then
+    /// exit with its status.
+    #[arg(long, value_name = "CMD")]
+    pub run: Option<String>,
+
+    /// Print build and path settings, then exit.
+    #[arg(long)]
+    pub dump_config: bool,
+
+    /// Print the plugin's details, then exit.
+    #[arg(long)]
+    pub dump_plugin: bool,
+
+    /// Plugin: a short name (file, memory) or a path to a shared object.
+    #[arg(value_name = "PLUGIN", required_unless_present = "dump_config")]
+    pub plugin: Option<String>,
+
+    /// Plugin parameters: key=value, or a bare value for the plugin's main key.
+    #[arg(value_name = "PARAMS")]
+    pub params: Vec<String>,
+}
+
+impl Cli {
+    /// `-D layer.flag=N` settings as a map.
+    pub fn debug_flags(&self) -> Result<std::collections::HashMap<String, i32>, String> {
+        self.debug
+            .iter()
+            .map(|d| {
+                let (k, v) = d
+                    .split_once('=')
+                    .ok_or_else(|| format!("-D {d}: expected PLUGIN.FLAG=N"))?;
+                if !k.contains('.') {
+                    return Err(format!("-D {d}: expected PLUGIN.FLAG=N"));
+                }
+                let n = v
+                    .parse()
+                    .map_err(|_| format!("-D {d}: {v} is not a number"))?;
+                Ok((k.to_string(), n))
+            })
+            .collect()
+    }
+}
+
+/// Split parameters into `(key, value)` pairs, giving a bare value to the
+/// plugin's magic key.
+pub fn plugin_params(
+    params: &[String],
+    magic: Option<&str>,
+) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::with_capacity(params.len());
+    let mut bare_seen = false;
+    for p in params {
+        match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !k.contains('/') => {
+                out.push((k.to_string(), v.to_string()))
+            }
+            _ => {
+                let Some(key) = magic else {
+                    return Err(format!(
+                        "parameter '{p}' is not key=value and the plugin has no default key"
+                    ));
+                };
+                if bare_seen {
+                    return Err(format!("more than one bare parameter ('{p}')"));
+                }
+                bare_seen = true;
+                out.push((key.to_string(), p.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_value_goes_to_magic_key() {
+        let p = plugin_params(&["disk.img".into(), "cache=none".into()], Some("file")).unwrap();
+        assert_eq!(
+            p,
+            vec![
+                ("file".into(), "disk.img".into()),
+                ("cache".into(), "none".into())
+            ]
+        );
+        assert!(plugin_params(&["x".into()], None).is_err());
+        assert!(plugin_params(&["a".into(), "b".into()], Some("k")).is_err());
+        let p = plugin_params(&["./dir/a=b.img".into()], Some("file")).unwrap();
+        assert_eq!(p[0], ("file".into(), "./dir/a=b.img".into()));
+    }
+
+    #[test]
+    fn cli_parses_nbdkit_style_lines() {
+        let c = Cli::try_parse_from(["nbdhost", "-f", "-r", "-U", "-", "memory", "1G"]).unwrap();
+        assert_eq!(c.plugin.as_deref(), Some("memory"));
+        assert_eq!(c.params, vec!["1G"]);
+        assert!(Cli::try_parse_from(["nbdhost", "-s", "-p", "1", "memory"]).is_err());
+        assert!(Cli::try_parse_from(["nbdhost", "--dump-config"]).is_ok());
+    }
+}

@@ -1,0 +1,666 @@
+//! The handshake: newstyle option haggling and the oldstyle greeting, as a
+//! state machine over byte buffers.
+//!
+//! The machine never calls the backend. When it needs the export list or an
+//! opened export it returns [`Event::Query`]; the connection runs the query
+//! on the worker pool and hands the result back with [`Handshake::answer`].
+
+use bytes::{Buf, BufMut, BytesMut};
+
+use crate::backend::ExportEntry;
+use crate::export::ExportInfo;
+use crate::wire::*;
+
+/// Longest option payload we accept; anything longer is refused with
+/// `NBD_REP_ERR_TOO_BIG` and skipped without being buffered.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// Longest export name or metadata query, as in the protocol.
+pub const MAX_NAME_LEN: usize = 4096;
+/// Options a client may send before we suspect a loop or an attack.
+const MAX_OPTIONS: u32 = 1024;
+
+/// The metadata context id of `base:allocation`.
+pub const CONTEXT_BASE_ALLOCATION: u32 = 1;
+const BASE_ALLOCATION: &str = "base:allocation";
+
+/// Server-side settings that shape negotiation.
+#[derive(Debug, Clone, Default)]
+pub struct HandshakeConfig {
+    /// `-o`: send the oldstyle greeting and no options.
+    pub oldstyle: bool,
+    /// `--mask-handshake`: global flags we are allowed to offer.
+    pub handshake_mask: u16,
+    /// `--no-sr`: refuse structured replies and extended headers.
+    pub no_structured: bool,
+}
+
+/// What the backend is asked on the handshake's behalf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// Call `preconnect`; an error refuses the client.
+    Preconnect,
+    /// List the exports.
+    List,
+    /// Open `name` ("" is the default export) and describe it; keep the
+    /// handle for transmission only if `keep`.
+    Open { name: String, keep: bool },
+}
+
+/// The result of a [`Query`].
+#[derive(Debug)]
+pub enum Answer {
+    Preconnect(Result<(), String>),
+    List(Result<Vec<ExportEntry>, String>),
+    /// The export, or the errno and message of the failure.
+    Open(Result<ExportInfo, (i32, String)>),
+}
+
+/// Settled at the end of negotiation.
+#[derive(Debug, Clone)]
+pub struct Negotiated {
+    pub style: ReplyStyle,
+    pub base_allocation: bool,
+    pub export: ExportInfo,
+}
+
+/// What the connection must do next.
+#[derive(Debug)]
+pub enum Event {
+    /// Wait for more input (after writing any output).
+    NeedInput,
+    /// Run this query and call [`Handshake::answer`].
+    Query(Query),
+    /// Negotiation is over; enter transmission (after writing output).
+    Done(Negotiated),
+    /// The client ended negotiation with `NBD_OPT_ABORT`; close after
+    /// writing output.
+    Aborted,
+    /// Close the connection after writing output; the reason is logged.
+    Close(String),
+}
+
+#[derive(Debug)]
+enum State {
+    Start,
+    Preconnecting,
+    ClientFlags,
+    Options,
+    /// Skipping the payload of an option we refused as too big.
+    Discarding(u64),
+    Waiting(Pending),
+    Finished,
+}
+
+#[derive(Debug)]
+enum Pending {
+    ExportName,
+    List,
+    Info {
+        option: u32,
+        name: String,
+        wants_name: bool,
+    },
+    Oldstyle,
+}
+
+/// The handshake state machine of one connection.
+#[derive(Debug)]
+pub struct Handshake {
+    cfg: HandshakeConfig,
+    state: State,
+    no_zeroes: bool,
+    style: ReplyStyle,
+    /// Export for which `base:allocation` was selected, if it was.
+    meta_export: Option<String>,
+    options_seen: u32,
+}
+
+fn put_name(out: &mut Vec<u8>, s: &str) {
+    out.put_u32(s.len() as u32);
+    out.put_slice(s.as_bytes());
+}
+
+/// Reads a length-prefixed string from an option payload.
+fn get_name(b: &mut &[u8]) -> Option<String> {
+    if b.remaining() < 4 {
+        return None;
+    }
+    let len = b.get_u32() as usize;
+    if len > MAX_NAME_LEN || len > b.remaining() {
+        return None;
+    }
+    let s = String::from_utf8(b[..len].to_vec()).ok()?;
+    b.advance(len);
+    Some(s)
+}
+
+impl Handshake {
+    /// A machine for a new connection.
+    pub fn new(cfg: HandshakeConfig) -> Self {
+        Handshake {
+            cfg,
+            state: State::Start,
+            no_zeroes: false,
+            style: ReplyStyle::Simple,
+            meta_export: None,
+            options_seen: 0,
+        }
+    }
+
+    /// Advance as far as the buffered input allows, consuming what is used
+    /// from `input` and appending to `out`.
+    pub fn receive(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Event {
+        loop {
+            match &mut self.state {
+                State::Start => {
+                    self.state = State::Preconnecting;
+                    return Event::Query(Query::Preconnect);
+                }
+                State::Preconnecting | State::Waiting(_) | State::Finished => {
+                    return Event::NeedInput
+                }
+                State::ClientFlags => {
+                    if input.len() < 4 {
+                        return Event::NeedInput;
+                    }
+                    let flags = input.get_u32();
+                    if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+                        return Event::Close(format!(
+                            "client sent unknown handshake flags 0x{flags:x}"
+                        ));
+                    }
+                    self.no_zeroes =
+                        flags & CLIENT_NO_ZEROES != 0 && self.offered() & FLAG_NO_ZEROES != 0;
+                    self.state = State::Options;
+                }
+                State::Discarding(left) => {
+                    let n = (*left).min(input.len() as u64);
+                    input.advance(n as usize);
+                    *left -= n;
+                    if *left > 0 {
+                        return Event::NeedInput;
+                    }
+                    self.state = State::Options;
+                }
+                State::Options => {
+                    let hdr = match peek_option_header(input) {
+                        Ok(Some(h)) => h,
+                        Ok(None) => return Event::NeedInput,
+                        Err(e) => return Event::Close(format!("client option: {e}")),
+                    };
+                    self.options_seen += 1;
+                    if self.options_seen > MAX_OPTIONS {
+                        return Event::Close(format!(
+                            "client sent more than {MAX_OPTIONS} options"
+                        ));
+                    }
+                    if hdr.length > MAX_OPTION_LEN {
+                        input.advance(OPTION_HEADER_LEN);
+                        if hdr.option == OPT_EXPORT_NAME {
+                            return Event::Close(format!(
+                                "export name of {} bytes is too long",
+                                hdr.length
+                            ));
+                        }
+                        put_option_reply(out, hdr.option, REP_ERR_TOO_BIG, b"option too long");
+                        self.state = State::Discarding(u64::from(hdr.length));
+                        continue;
+                    }
+                    let total = OPTION_HEADER_LEN + hdr.length as usize;
+                    if input.len() < total {
+                        input.reserve(total - input.len());
+                        return Event::NeedInput;
+                    }
+                    input.advance(OPTION_HEADER_LEN);
+                    let data = input.split_to(hdr.length as usize);
+                    if let Some(ev) = self.option(hdr.option, &data, out) {
+                        return ev;
+                    }
+                }
+            }
+        }
+    }
+
+    fn offered(&self) -> u16 {
+        (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES) & self.cfg.handshake_mask
+    }
+
+    fn structured(&self) -> bool {
+        self.style != ReplyStyle::Simple
+    }
+
+    /// Handle one whole option; `Some` when the connection must act.
+    fn option(&mut self, option: u32, data: &[u8], out: &mut BytesMut) -> Option<Event> {
+        let reply = |out: &mut BytesMut, typ: u32, msg: &str| {
+            put_option_reply(out, option, typ, msg.as_bytes())
+        };
+        match option {
+            OPT_EXPORT_NAME => {
+                if self.style == ReplyStyle::Extended {
+                    return Some(Event::Close(
+                        "client used NBD_OPT_EXPORT_NAME after extended headers".into(),
+                    ));
+                }
+                let Ok(name) = String::from_utf8(data.to_vec()) else {
+                    return Some(Event::Close("export name is not UTF-8".into()));
+                };
+                if name.len() > MAX_NAME_LEN {
+                    return Some(Event::Close("export name too long".into()));
+                }
+                self.state = State::Waiting(Pending::ExportName);
+                Some(Event::Query(Query::Open { name, keep: true }))
+            }
+            OPT_ABORT => {
+                reply(out, REP_ACK, "");
+                Some(Event::Aborted)
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    reply(out, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+                    return None;
+                }
+                self.state = State::Waiting(Pending::List);
+                Some(Event::Query(Query::List))
+            }
+            OPT_STARTTLS => {
+                reply(out, REP_ERR_POLICY, "TLS is not enabled on this server");
+                None
+            }
+            OPT_INFO | OPT_GO => {
+                let mut b = data;
+                let Some(name) = get_name(&mut b) else {
+                    reply(out, REP_ERR_INVALID, "malformed export name");
+                    return None;
+                };
+                if b.remaining() < 2 {
+                    reply(out, REP_ERR_INVALID, "missing information request count");
+                    return None;
+                }
+                let n = b.get_u16() as usize;
+                if b.remaining() != 2 * n {
+                    reply(
+                        out,
+                        REP_ERR_INVALID,
+                        "information request count does not match length",
+                    );
+                    return None;
+                }
+                let wants_name = (0..n).any(|_| b.get_u16() == INFO_NAME);
+                self.state = State::Waiting(Pending::Info {
+                    option,
+                    name: name.clone(),
+                    wants_name,
+                });
+                Some(Event::Query(Query::Open {
+                    name,
+                    keep: option == OPT_GO,
+                }))
+            }
+            OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS => {
+                let extended = option == OPT_EXTENDED_HEADERS;
+                if !data.is_empty() {
+                    reply(out, REP_ERR_INVALID, "option takes no data");
+                } else if self.cfg.no_structured {
+                    reply(out, REP_ERR_UNSUP, "structured replies are disabled");
+                } else if self.style == ReplyStyle::Extended && !extended {
+                    reply(
+                        out,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers already negotiated",
+                    );
+                } else {
+                    reply(out, REP_ACK, "");
+                    self.style = if extended {
+                        ReplyStyle::Extended
+                    } else {
+                        ReplyStyle::Structured
+                    };
+                }
+                None
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.meta_context(option, data, out);
+                None
+            }
+            _ => {
+                reply(out, REP_ERR_UNSUP, "unknown option");
+                None
+            }
+        }
+    }
+
+    fn meta_context(&mut self, option: u32, data: &[u8], out: &mut BytesMut) {
+        let set = option == OPT_SET_META_CONTEXT;
+        let invalid = |out: &mut BytesMut, msg: &str| {
+            put_option_reply(out, option, REP_ERR_INVALID, msg.as_bytes())
+        };
+        if set && !self.structured() {
+            invalid(out, "structured replies must be negotiated first");
+            return;
+        }
+        let mut b = data;
+        let Some(export) = get_name(&mut b) else {
+            invalid(out, "malformed export name");
+            return;
+        };
+        if b.remaining() < 4 {
+            invalid(out, "missing query count");
+            return;
+        }
+        let n = b.get_u32();
+        let mut queries = Vec::new();
+        for _ in 0..n {
+            let Some(q) = get_name(&mut b) else {
+                invalid(out, "malformed query");
+                return;
+            };
+            queries.push(q);
+        }
+        if b.has_remaining() {
+            invalid(out, "trailing data after queries");
+            return;
+        }
+        let matches = if queries.is_empty() {
+            !set
+        } else {
+            queries
+                .iter()
+                .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"))
+        };
+        if matches {
+            let mut d = Vec::with_capacity(4 + BASE_ALLOCATION.len());
+            d.put_u32(CONTEXT_BASE_ALLOCATION);
+            d.put_slice(BASE_ALLOCATION.as_bytes());
+            put_option_reply(out, option, REP_META_CONTEXT, &d);
+        }
+        if set {
+            self.meta_export = matches.then_some(export);
+        }
+        put_option_reply(out, option, REP_ACK, &[]);
+    }
+
+    /// Feed the result of the last [`Event::Query`].
+    pub fn answer(&mut self, answer: Answer, out: &mut BytesMut) -> Event {
+        let state = std::mem::replace(&mut self.state, State::Options);
+        match (state, answer) {
+            (State::Preconnecting, Answer::Preconnect(r)) => {
+                if let Err(e) = r {
+                    return Event::Close(format!("preconnect refused the client: {e}"));
+                }
+                if self.cfg.oldstyle {
+                    self.state = State::Waiting(Pending::Oldstyle);
+                    return Event::Query(Query::Open {
+                        name: String::new(),
+                        keep: true,
+                    });
+                }
+                put_newstyle_greeting(out, self.offered());
+                self.state = State::ClientFlags;
+                Event::NeedInput
+            }
+            (State::Waiting(Pending::List), Answer::List(r)) => {
+                match r {
+                    Ok(list) => {
+                        for e in list {
+                            let mut d = Vec::new();
+                            put_name(&mut d, &e.name);
+                            if let Some(desc) = &e.description {
+                                d.put_slice(desc.as_bytes());
+                            }
+                            put_option_reply(out, OPT_LIST, REP_SERVER, &d);
+                        }
+                        put_option_reply(out, OPT_LIST, REP_ACK, &[]);
+                    }
+                    Err(e) => put_option_reply(out, OPT_LIST, REP_ERR_PLATFORM, e.as_bytes()),
+                }
+                Event::NeedInput
+            }
+            (State::Waiting(Pending::Oldstyle), Answer::Open(r)) => match r {
+                Ok(export) => {
+                    put_oldstyle_greeting(out, export.size, export.transmission_flags(false));
+                    self.finish(export)
+                }
+                Err((_, e)) => Event::Close(format!("cannot open the export: {e}")),
+            },
+            (State::Waiting(Pending::ExportName), Answer::Open(r)) => match r {
+                Ok(export) => {
+                    out.put_u64(export.size);
+                    out.put_u16(export.transmission_flags(self.structured()));
+                    if !self.no_zeroes {
+                        out.put_bytes(0, 124);
+                    }
+                    self.finish(export)
+                }
+                Err((_, e)) => Event::Close(format!("cannot open export: {e}")),
+            },
+            (
+                State::Waiting(Pending::Info {
+                    option,
+                    name,
+                    wants_name,
+                }),
+                Answer::Open(r),
+            ) => match r {
+                Ok(export) => {
+                    self.put_info(option, &name, wants_name, &export, out);
+                    if option == OPT_GO {
+                        if self.meta_export.as_deref() != Some(name.as_str()) {
+                            self.meta_export = None;
+                        }
+                        self.finish(export)
+                    } else {
+                        Event::NeedInput
+                    }
+                }
+                Err((errno, msg)) => {
+                    let typ = match errno {
+                        libc::EPERM | libc::EACCES => REP_ERR_POLICY,
+                        libc::ESHUTDOWN => REP_ERR_SHUTDOWN,
+                        _ => REP_ERR_UNKNOWN,
+                    };
+                    put_option_reply(out, option, typ, msg.as_bytes());
+                    Event::NeedInput
+                }
+            },
+            (state, answer) => {
+                self.state = state;
+                Event::Close(format!("internal error: unexpected answer {answer:?}"))
+            }
+        }
+    }
+
+    fn put_info(
+        &self,
+        option: u32,
+        name: &str,
+        wants_name: bool,
+        e: &ExportInfo,
+        out: &mut BytesMut,
+    ) {
+        let mut d = Vec::with_capacity(12);
+        d.put_u16(INFO_EXPORT);
+        d.put_u64(e.size);
+        d.put_u16(e.transmission_flags(self.structured()));
+        put_option_reply(out, option, REP_INFO, &d);
+        if wants_name {
+            let mut d = Vec::new();
+            d.put_u16(INFO_NAME);
+            d.put_slice(if name.is_empty() {
+                e.name.as_bytes()
+            } else {
+                name.as_bytes()
+            });
+            put_option_reply(out, option, REP_INFO, &d);
+        }
+        if let Some(desc) = &e.description {
+            let mut d = Vec::new();
+            d.put_u16(INFO_DESCRIPTION);
+            d.put_slice(&desc.as_bytes()[..desc.len().min(MAX_NAME_LEN)]);
+            put_option_reply(out, option, REP_INFO, &d);
+        }
+        let mut d = Vec::with_capacity(14);
+        d.put_u16(INFO_BLOCK_SIZE);
+        d.put_u32(e.min_block);
+        d.put_u32(e.preferred_block);
+        d.put_u32(e.max_block);
+        put_option_reply(out, option, REP_INFO, &d);
+        put_option_reply(out, option, REP_ACK, &[]);
+    }
+
+    fn finish(&mut self, export: ExportInfo) -> Event {
+        self.state = State::Finished;
+        Event::Done(Negotiated {
+            style: self.style,
+            base_allocation: self.meta_export.is_some(),
+            export,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::test_export;
+
+    fn cfg() -> HandshakeConfig {
+        HandshakeConfig {
+            handshake_mask: 3,
+            ..Default::default()
+        }
+    }
+
+    fn option(out: &mut BytesMut, opt: u32, data: &[u8]) {
+        out.put_u64(IHAVEOPT);
+        out.put_u32(opt);
+        out.put_u32(data.len() as u32);
+        out.put_slice(data);
+    }
+
+    /// Read option replies: (option, type, data).
+    fn replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while b.len() >= 20 {
+            assert_eq!(b.get_u64(), REPLY_MAGIC_OPT);
+            let (o, t, l) = (b.get_u32(), b.get_u32(), b.get_u32() as usize);
+            v.push((o, t, b[..l].to_vec()));
+            b.advance(l);
+        }
+        v
+    }
+
+    fn started() -> (Handshake, BytesMut) {
+        let mut h = Handshake::new(cfg());
+        let mut out = BytesMut::new();
+        assert!(matches!(
+            h.receive(&mut BytesMut::new(), &mut out),
+            Event::Query(Query::Preconnect)
+        ));
+        assert!(matches!(
+            h.answer(Answer::Preconnect(Ok(())), &mut out),
+            Event::NeedInput
+        ));
+        assert_eq!(out.len(), 18);
+        out.clear();
+        (h, out)
+    }
+
+    #[test]
+    fn go_with_structured_and_meta_context() {
+        let (mut h, mut out) = started();
+        let mut input = BytesMut::new();
+        input.put_u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES);
+        option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+        let mut meta = Vec::new();
+        put_name(&mut meta, "");
+        meta.put_u32(1);
+        put_name(&mut meta, "base:allocation");
+        option(&mut input, OPT_SET_META_CONTEXT, &meta);
+        let mut go = Vec::new();
+        put_name(&mut go, "");
+        go.put_u16(1);
+        go.put_u16(INFO_NAME);
+        option(&mut input, OPT_GO, &go);
+        let ev = h.receive(&mut input, &mut out);
+        assert!(matches!(ev, Event::Query(Query::Open { keep: true, .. })));
+        let ev = h.answer(Answer::Open(Ok(test_export(1 << 20))), &mut out);
+        let Event::Done(n) = ev else { panic!("{ev:?}") };
+        assert_eq!(n.style, ReplyStyle::Structured);
+        assert!(n.base_allocation);
+        let r = replies(&out);
+        let types: Vec<u32> = r.iter().map(|x| x.1).collect();
+        assert_eq!(
+            types,
+            vec![
+                REP_ACK,
+                REP_META_CONTEXT,
+                REP_ACK,
+                REP_INFO,
+                REP_INFO,
+                REP_INFO,
+                REP_ACK
+            ]
+        );
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn unknown_and_oversized_options_are_refused_without_buffering() {
+        let (mut h, mut out) = started();
+        let mut input = BytesMut::new();
+        input.put_u32(CLIENT_FIXED_NEWSTYLE);
+        option(&mut input, 99, b"xyz");
+        input.put_u64(IHAVEOPT);
+        input.put_u32(OPT_GO);
+        input.put_u32(MAX_OPTION_LEN + 1);
+        input.put_bytes(0, 1000);
+        assert!(matches!(h.receive(&mut input, &mut out), Event::NeedInput));
+        assert!(
+            input.is_empty(),
+            "the oversized payload is consumed as it arrives"
+        );
+        let r = replies(&out);
+        assert_eq!(r[0].1, REP_ERR_UNSUP);
+        assert_eq!(r[1].1, REP_ERR_TOO_BIG);
+    }
+
+    #[test]
+    fn set_meta_context_needs_structured_replies() {
+        let (mut h, mut out) = started();
+        let mut input = BytesMut::new();
+        input.put_u32(CLIENT_FIXED_NEWSTYLE);
+        let mut meta = Vec::new();
+        put_name(&mut meta, "");
+        meta.put_u32(0);
+        option(&mut input, OPT_SET_META_CONTEXT, &meta);
+        h.receive(&mut input, &mut out);
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+    }
+
+    #[test]
+    fn bad_option_magic_closes() {
+        let (mut h, mut out) = started();
+        let mut input = BytesMut::new();
+        input.put_u32(CLIENT_FIXED_NEWSTYLE);
+        input.put_bytes(0xaa, 16);
+        assert!(matches!(h.receive(&mut input, &mut out), Event::Close(_)));
+    }
+
+    #[test]
+    fn export_name_answers_with_size_and_flags() {
+        let (mut h, mut out) = started();
+        let mut input = BytesMut::new();
+        input.put_u32(CLIENT_FIXED_NEWSTYLE);
+        option(&mut input, OPT_EXPORT_NAME, b"disk");
+        let ev = h.receive(&mut input, &mut out);
+        let Event::Query(Query::Open { name, keep: true }) = ev else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(name, "disk");
+        assert!(matches!(
+            h.answer(Answer::Open(Ok(test_export(512))), &mut out),
+            Event::Done(_)
+        ));
+        assert_eq!(out.len(), 8 + 2 + 124);
+        assert_eq!(&out[..8], &512u64.to_be_bytes());
+    }
+}

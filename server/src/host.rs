@@ -1,0 +1,356 @@
+//! Host services: the function-pointer table handed to every plugin, and
+//! the per-thread state those services read (the connection a call is made
+//! for, the error the plugin recorded, the layer being called).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::sync::OnceLock;
+
+use nbdhost_plugin_api::{abi, Error};
+use zeroize::Zeroize;
+
+/// What a plugin may ask about the connection a call is made for.
+#[derive(Debug, Default)]
+pub struct ConnContext {
+    pub export_name: CString,
+    pub peer: Option<crate::listen::Peer>,
+}
+
+thread_local! {
+    static CONTEXT: Cell<*const ConnContext> = const { Cell::new(std::ptr::null()) };
+    static LAST_ERROR: RefCell<Option<Error>> = const { RefCell::new(None) };
+    static LAYER: Cell<&'static str> = const { Cell::new("nbdhost") };
+}
+
+static DEBUG_FLAGS: OnceLock<HashMap<String, i32>> = OnceLock::new();
+
+/// Set the `-D layer.flag=N` values; called once at start-up.
+pub fn set_debug_flags(flags: HashMap<String, i32>) {
+    let _ = DEBUG_FLAGS.set(flags);
+}
+
+/// Run `f` on behalf of a connection, so that `export_name` and
+/// `peer_name` answer for it.
+pub fn with_context<T>(ctx: &ConnContext, f: impl FnOnce() -> T) -> T {
+    let prev = CONTEXT.with(|c| c.replace(ctx));
+    let r = f();
+    CONTEXT.with(|c| c.set(prev));
+    r
+}
+
+/// Run `f` as a call into `layer`, collecting the error it records.
+pub fn call_layer<T>(layer: &'static str, f: impl FnOnce() -> T) -> T {
+    let prev = LAYER.with(|l| l.replace(layer));
+    LAST_ERROR.with(|e| e.borrow_mut().take());
+    let r = f();
+    LAYER.with(|l| l.set(prev));
+    r
+}
+
+/// The error the current callback recorded, or a generic `EIO`.
+pub fn take_error(what: &str) -> Error {
+    LAST_ERROR
+        .with(|e| e.borrow_mut().take())
+        .unwrap_or_else(|| Error::new(libc::EIO, format!("{what} failed")))
+}
+
+/// Parse a size: a number with an optional binary suffix (`K`, `M`, `G`,
+/// `T`, `P`, `E`, optionally followed by `iB` or `B`), or `s` for 512-byte
+/// sectors. Fractions are allowed with a suffix (`1.5G`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let suffix = suffix.trim_end_matches("iB").trim_end_matches('B');
+    let shift = match suffix {
+        "" | "b" => 0,
+        "s" | "S" => 9,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        "p" | "P" => 50,
+        "e" | "E" => 60,
+        _ => return Err(format!("could not parse size '{s}': unknown suffix")),
+    };
+    let bad = || format!("could not parse size '{s}'");
+    let value = if num.contains('.') {
+        let f: f64 = num.parse().map_err(|_| bad())?;
+        let v = f * (1u64 << shift) as f64;
+        if !(0.0..9.223372036854776e18).contains(&v) {
+            return Err(format!("size '{s}' is too large"));
+        }
+        v as u64
+    } else {
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        n.checked_shl(shift)
+            .filter(|v| v >> shift == n)
+            .ok_or_else(|| format!("size '{s}' is too large"))?
+    };
+    if value > i64::MAX as u64 {
+        return Err(format!("size '{s}' is too large"));
+    }
+    Ok(value)
+}
+
+/// Read a secret: a literal, `+FILE`, `-FD`, or `-` to prompt. A single
+/// trailing newline of a file or descriptor is dropped, as nbdkit does.
+pub fn read_secret(value: &str) -> Result<Vec<u8>, String> {
+    let mut data = if value == "-" {
+        rpassword::prompt_password("Password: ")
+            .map_err(|e| format!("cannot read password from the terminal: {e}"))?
+            .into_bytes()
+    } else if let Some(path) = value.strip_prefix('+') {
+        std::fs::read(path).map_err(|e| format!("cannot read secret from {path}: {e}"))?
+    } else if let Some(fd) = value.strip_prefix('-') {
+        let fd: i32 = fd
+            .parse()
+            .map_err(|_| "secret '-FD' needs a file descriptor number".to_string())?;
+        if fd <= 2 {
+            return Err("secret '-FD' cannot use stdin, stdout or stderr".into());
+        }
+        // SAFETY: the user named this descriptor on the command line for us
+        // to read; we own it from here on and close it when done.
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let mut v = Vec::new();
+        f.read_to_end(&mut v)
+            .map_err(|e| format!("cannot read secret from fd {fd}: {e}"))?;
+        v
+    } else {
+        return Ok(value.as_bytes().to_vec());
+    };
+    if data.last() == Some(&b'\n') {
+        data.pop();
+    }
+    Ok(data)
+}
+
+fn cstr<'a>(p: *const c_char) -> Option<&'a str> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: plugins pass NUL-terminated strings valid for the call.
+    Some(
+        unsafe { CStr::from_ptr(p) }
+            .to_str()
+            .unwrap_or("<invalid UTF-8>"),
+    )
+}
+
+unsafe extern "C" fn host_error(errnum: c_int, msg: *const c_char) {
+    let errnum = if errnum == 0 { libc::EIO } else { errnum };
+    let err = match cstr(msg) {
+        Some(m) => Error::new(errnum, m),
+        None => Error::errno(errnum),
+    };
+    LAST_ERROR.with(|e| *e.borrow_mut() = Some(err));
+}
+
+unsafe extern "C" fn host_debug(msg: *const c_char) {
+    if let Some(m) = cstr(msg) {
+        let layer = LAYER.with(|l| l.get());
+        log::debug!("{layer}: {m}");
+    }
+}
+
+unsafe extern "C" fn host_add_extent(
+    list: *mut abi::Extents,
+    offset: u64,
+    length: u64,
+    typ: u32,
+) -> c_int {
+    // SAFETY: the only extent lists handed to plugins are `ExtentCollector`s
+    // that live for the duration of the extents call.
+    let list = unsafe { &mut *list.cast::<crate::plugin::ExtentCollector>() };
+    match list.add(offset, length, typ) {
+        Ok(()) => 0,
+        Err(e) => {
+            LAST_ERROR.with(|l| *l.borrow_mut() = Some(e));
+            -1
+        }
+    }
+}
+
+unsafe extern "C" fn host_add_export(
+    list: *mut abi::Exports,
+    name: *const c_char,
+    desc: *const c_char,
+) -> c_int {
+    let Some(name) = cstr(name) else {
+        LAST_ERROR
+            .with(|l| *l.borrow_mut() = Some(Error::new(libc::EINVAL, "export name is NULL")));
+        return -1;
+    };
+    if name.len() > 4096 {
+        LAST_ERROR
+            .with(|l| *l.borrow_mut() = Some(Error::new(libc::EINVAL, "export name too long")));
+        return -1;
+    }
+    // SAFETY: the only export lists handed to plugins are vectors of
+    // `ExportEntry` that live for the duration of the list_exports call.
+    let list = unsafe { &mut *list.cast::<Vec<crate::backend::ExportEntry>>() };
+    list.push(crate::backend::ExportEntry {
+        name: name.to_string(),
+        description: cstr(desc).map(str::to_string),
+    });
+    0
+}
+
+unsafe extern "C" fn host_parse_size(s: *const c_char) -> i64 {
+    let Some(s) = cstr(s) else { return -1 };
+    match parse_size(s) {
+        Ok(v) => v as i64,
+        Err(e) => {
+            LAST_ERROR.with(|l| *l.borrow_mut() = Some(Error::new(libc::EINVAL, e)));
+            -1
+        }
+    }
+}
+
+unsafe extern "C" fn host_read_secret(value: *const c_char, out: *mut *mut c_char) -> c_int {
+    let Some(v) = cstr(value) else { return -1 };
+    match read_secret(v) {
+        Ok(mut data) => {
+            if data.contains(&0) {
+                data.zeroize();
+                LAST_ERROR.with(|l| {
+                    *l.borrow_mut() = Some(Error::new(libc::EINVAL, "secret contains a NUL byte"))
+                });
+                return -1;
+            }
+            // SAFETY: plain allocation; checked for null below.
+            let p = unsafe { libc::malloc(data.len() + 1) }.cast::<u8>();
+            if p.is_null() {
+                data.zeroize();
+                return -1;
+            }
+            // SAFETY: `p` has room for the data and the terminating NUL, and
+            // `out` is the plugin's place for the result.
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len());
+                *p.add(data.len()) = 0;
+                *out = p.cast();
+            }
+            data.zeroize();
+            0
+        }
+        Err(e) => {
+            LAST_ERROR.with(|l| *l.borrow_mut() = Some(Error::new(libc::EINVAL, e)));
+            -1
+        }
+    }
+}
+
+unsafe extern "C" fn host_free_secret(secret: *mut c_char) {
+    if secret.is_null() {
+        return;
+    }
+    // SAFETY: `secret` came from host_read_secret: a malloc'd NUL-terminated
+    // buffer that we wipe and free exactly once.
+    unsafe {
+        let len = libc::strlen(secret);
+        std::slice::from_raw_parts_mut(secret.cast::<u8>(), len).zeroize();
+        libc::free(secret.cast());
+    }
+}
+
+unsafe extern "C" fn host_peer_name(addr: *mut libc::sockaddr, len: *mut libc::socklen_t) -> c_int {
+    let ctx = CONTEXT.with(|c| c.get());
+    // SAFETY: CONTEXT is only non-null inside `with_context`, whose borrow
+    // outlives every call made within it.
+    let Some(ctx) = (unsafe { ctx.as_ref() }) else {
+        return -1;
+    };
+    let sa = match ctx.peer {
+        Some(crate::listen::Peer::Inet(a)) => socket2::SockAddr::from(a),
+        Some(crate::listen::Peer::Unix) => match socket2::SockAddr::unix("") {
+            Ok(a) => a,
+            Err(_) => return -1,
+        },
+        _ => return -1,
+    };
+    if addr.is_null() || len.is_null() {
+        return -1;
+    }
+    // SAFETY: the plugin passes a buffer of *len bytes, as getpeername does;
+    // we copy at most that many bytes and report the full length.
+    unsafe {
+        let n = (*len as usize).min(sa.len() as usize);
+        std::ptr::copy_nonoverlapping(sa.as_ptr().cast::<u8>(), addr.cast::<u8>(), n);
+        *len = sa.len();
+    }
+    0
+}
+
+unsafe extern "C" fn host_export_name() -> *const c_char {
+    let ctx = CONTEXT.with(|c| c.get());
+    // SAFETY: as in host_peer_name.
+    match unsafe { ctx.as_ref() } {
+        Some(c) => c.export_name.as_ptr(),
+        None => std::ptr::null(),
+    }
+}
+
+unsafe extern "C" fn host_debug_flag(name: *const c_char) -> c_int {
+    let Some(name) = cstr(name) else { return 0 };
+    let layer = LAYER.with(|l| l.get());
+    DEBUG_FLAGS
+        .get()
+        .and_then(|m| m.get(&format!("{layer}.{name}")).copied())
+        .unwrap_or(0)
+}
+
+/// The table every plugin receives.
+pub static HOST: abi::Host = abi::Host {
+    struct_size: std::mem::size_of::<abi::Host>() as u64,
+    abi_version: abi::ABI_VERSION,
+    reserved: 0,
+    error: Some(host_error),
+    debug: Some(host_debug),
+    add_extent: Some(host_add_extent),
+    add_export: Some(host_add_export),
+    parse_size: Some(host_parse_size),
+    read_secret: Some(host_read_secret),
+    free_secret: Some(host_free_secret),
+    peer_name: Some(host_peer_name),
+    export_name: Some(host_export_name),
+    debug_flag: Some(host_debug_flag),
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_nbdkit() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5T"), Ok(3 << 39));
+        assert_eq!(parse_size("2s"), Ok(1024));
+        assert!(parse_size("8E").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn literal_and_file_secrets() {
+        assert_eq!(read_secret("abc").unwrap(), b"abc");
+        let p = std::env::temp_dir().join(format!("nbdhost-secret-{}", std::process::id()));
+        std::fs::write(&p, "s3cret\n").unwrap();
+        assert_eq!(
+            read_secret(&format!("+{}", p.display())).unwrap(),
+            b"s3cret"
+        );
+        std::fs::remove_file(&p).unwrap();
+        let e = read_secret("+/nonexistent/x").unwrap_err();
+        assert!(e.contains("/nonexistent/x"));
+    }
+}

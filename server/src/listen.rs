@@ -1,0 +1,361 @@
+//! Where connections come from: TCP and Unix listeners (bound by us or
+//! passed by systemd socket activation) and the stdin/stdout pair of `-s`.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+/// The peer of a connection, as plugins may ask for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Inet(SocketAddr),
+    Unix,
+    Pipe,
+}
+
+/// A listening socket.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Accept one connection, or `WouldBlock`.
+    pub fn accept(&self) -> io::Result<(Stream, Peer)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, addr) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok((Stream::Tcp(s), Peer::Inet(addr)))
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept()?;
+                Ok((Stream::Unix(s), Peer::Unix))
+            }
+        }
+    }
+
+    /// A human-readable address, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map_or("tcp".into(), |a| a.to_string()),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                .unwrap_or_else(|| "unix".into()),
+        }
+    }
+}
+
+impl Source for Listener {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.register(r, t, i),
+            Listener::Unix(l) => l.register(r, t, i),
+        }
+    }
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.reregister(r, t, i),
+            Listener::Unix(l) => l.reregister(r, t, i),
+        }
+    }
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.deregister(r),
+            Listener::Unix(l) => l.deregister(r),
+        }
+    }
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // Keep IPv6 apart so the IPv4 wildcard can be bound beside it.
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(TcpListener::from_std(s.into()))
+}
+
+/// Bind TCP listeners on `port`: on `ipaddr` if given, otherwise on the
+/// IPv4 and IPv6 wildcard addresses (IPv6 may be missing on the host).
+pub fn tcp(ipaddr: Option<&str>, port: u16) -> Result<Vec<Listener>, String> {
+    let addrs: Vec<SocketAddr> = match ipaddr {
+        Some(a) => {
+            let host = a.trim_start_matches('[').trim_end_matches(']');
+            match host.parse::<IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, port)],
+                Err(_) => (host, port)
+                    .to_socket_addrs()
+                    .map_err(|e| format!("cannot resolve {a}: {e}"))?
+                    .collect(),
+            }
+        }
+        None => vec![
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+        ],
+    };
+    let mut out = Vec::new();
+    let mut last_err = None;
+    for a in addrs {
+        match bind_tcp(a) {
+            Ok(l) => out.push(Listener::Tcp(l)),
+            Err(e) if ipaddr.is_none() && a.is_ipv6() && e.kind() != io::ErrorKind::AddrInUse => {
+                log::debug!("not listening on {a}: {e}");
+            }
+            Err(e) => last_err = Some(format!("cannot listen on {a}: {e}")),
+        }
+    }
+    match last_err {
+        Some(e) => Err(e),
+        None if out.is_empty() => Err(format!("no address to listen on for port {port}")),
+        None => Ok(out),
+    }
+}
+
+/// Bind a Unix socket at `path`, replacing a stale socket file.
+pub fn unix(path: &Path) -> Result<Listener, String> {
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if md.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    UnixListener::bind(path)
+        .map(Listener::Unix)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+}
+
+/// A private directory holding a socket, for `-U -` and `--run`.
+pub struct PrivateSocket {
+    pub dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl PrivateSocket {
+    /// Create a fresh directory only we can enter.
+    pub fn new() -> Result<PrivateSocket, String> {
+        let base = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+        for n in 0..100u32 {
+            let dir = base.join(format!("nbdhost{}-{n}", std::process::id()));
+            let mut b = std::fs::DirBuilder::new();
+            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+            match b.create(&dir) {
+                Ok(()) => {
+                    let path = dir.join("socket");
+                    return Ok(PrivateSocket { dir, path });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(format!(
+                        "cannot create a private socket directory in {}: {e}",
+                        base.display()
+                    ))
+                }
+            }
+        }
+        Err("cannot create a private socket directory".into())
+    }
+}
+
+impl Drop for PrivateSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Listeners passed by systemd socket activation (`LISTEN_PID` and
+/// `LISTEN_FDS`), or `None` if we were not socket-activated.
+pub fn socket_activation() -> Option<Result<Vec<Listener>, String>> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    if pid != std::process::id() {
+        return None;
+    }
+    let n: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    let mut out = Vec::new();
+    for fd in 3..3 + n {
+        // SAFETY: systemd passes these descriptors to us for our exclusive
+        // use, numbered from 3 (sd_listen_fds(3)).
+        let sock = unsafe { socket2::Socket::from_raw_fd(fd) };
+        let addr = match sock.local_addr() {
+            Ok(a) => a,
+            Err(e) => return Some(Err(format!("socket activation: fd {fd}: {e}"))),
+        };
+        if let Err(e) = sock.set_nonblocking(true) {
+            return Some(Err(format!("socket activation: fd {fd}: {e}")));
+        }
+        if addr.is_unix() {
+            out.push(Listener::Unix(UnixListener::from_std(sock.into())));
+        } else {
+            out.push(Listener::Tcp(TcpListener::from_std(sock.into())));
+        }
+    }
+    Some(Ok(out))
+}
+
+/// One connected client.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    /// `-s`: read from stdin, write to stdout (often one socket).
+    Stdio {
+        input: RawFd,
+        output: RawFd,
+    },
+}
+
+impl Stream {
+    /// The stdin/stdout pair, switched to non-blocking mode.
+    pub fn stdio() -> io::Result<Stream> {
+        for fd in [0, 1] {
+            set_nonblocking(fd)?;
+        }
+        Ok(Stream::Stdio {
+            input: 0,
+            output: 1,
+        })
+    }
+
+    fn fd_read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn fd_writev(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: IoSlice is ABI-compatible with struct iovec, and the
+        // slices are readable for their lengths.
+        let n = unsafe { libc::writev(fd, bufs.as_ptr().cast(), bufs.len().min(1024) as i32) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Shut down both directions; errors are irrelevant at this point.
+    pub fn shutdown(&self) {
+        match self {
+            Stream::Tcp(s) => drop(s.shutdown(std::net::Shutdown::Both)),
+            Stream::Unix(s) => drop(s.shutdown(std::net::Shutdown::Both)),
+            Stream::Stdio { .. } => {}
+        }
+    }
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own, with integer arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether two descriptors refer to the same open file (a socketpair on
+/// stdin and stdout), which must be registered with the poller only once.
+fn same_file(a: RawFd, b: RawFd) -> bool {
+    let stat = |fd: RawFd| {
+        // SAFETY: `st` is plain data and fstat fills it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and a writable stat buffer.
+        (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+    };
+    stat(a).is_some() && stat(a) == stat(b)
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+            Stream::Stdio { input, .. } => Stream::fd_read(*input, buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Stdio { output, .. } => Stream::fd_writev(*output, bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Source for Stream {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.register(r, t, i),
+            Stream::Unix(s) => s.register(r, t, i),
+            Stream::Stdio { input, output } => {
+                if same_file(*input, *output) {
+                    SourceFd(input).register(r, t, i)
+                } else {
+                    SourceFd(input).register(r, t, Interest::READABLE)?;
+                    SourceFd(output).register(r, t, Interest::WRITABLE)
+                }
+            }
+        }
+    }
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.reregister(r, t, i),
+            Stream::Unix(s) => s.reregister(r, t, i),
+            Stream::Stdio { input, .. } => SourceFd(input).reregister(r, t, i),
+        }
+    }
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.deregister(r),
+            Stream::Unix(s) => s.deregister(r),
+            Stream::Stdio { input, output } => {
+                let same = same_file(*input, *output);
+                SourceFd(input).deregister(r)?;
+                if !same {
+                    SourceFd(output).deregister(r)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Stdio { input, .. } => *input,
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! Process-level chores: going to the background, the pid file, and
+//! following the parent's death.
+
+use std::io::Write;
+use std::path::Path;
+
+/// Fork into the background once listening: the parent exits at once so
+/// the next shell command can connect; the child continues.
+pub fn daemonize() -> Result<(), String> {
+    // SAFETY: called before any thread is started (the worker pool and the
+    // poller are created afterwards), so the child is a complete copy.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        // SAFETY: _exit skips destructors that belong to the child now.
+        0 => {
+            // SAFETY: plain system calls on our own process and descriptors.
+            unsafe {
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null >= 0 {
+                    libc::dup2(null, 0);
+                    libc::dup2(null, 1);
+                    if null > 2 {
+                        libc::close(null);
+                    }
+                }
+            }
+            Ok(())
+        }
+        // SAFETY: the parent leaves without running destructors, which
+        // would remove the child's socket.
+        _ => unsafe { libc::_exit(0) },
+    }
+}
+
+/// Ask the kernel to send SIGTERM when the parent exits.
+pub fn exit_with_parent() -> Result<(), String> {
+    // SAFETY: prctl with integer arguments affects only this process.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(format!("prctl: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: getppid cannot fail.
+    if unsafe { libc::getppid() } == 1 {
+        return Err("the parent has already exited".into());
+    }
+    Ok(())
+}
+
+/// Write our pid, atomically, so a reader never sees a partial file.
+pub fn write_pidfile(path: &Path) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{}", std::process::id())?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| format!("cannot write pid file {}: {e}", path.display()))
+}
