@@ -1,0 +1,217 @@
+//! Harness for end-to-end tests: locate the built binaries, start
+//! `nbdhost` in the foreground on a private socket, run client programs,
+//! and stop the server cleanly.
+//!
+//! The binaries come from `cargo build --workspace` (run by `make test`
+//! before `cargo test`).
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Directory holding the built `nbdhost` and plugin shared objects.
+pub fn target_dir() -> PathBuf {
+    let base = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    base.join("debug")
+}
+
+/// Path of the `nbdhost` binary; panics with advice if it was not built.
+pub fn nbdhost_bin() -> PathBuf {
+    let p = target_dir().join("nbdhost");
+    assert!(p.exists(), "{} missing: run `cargo build --workspace` first", p.display());
+    p
+}
+
+/// Path of an in-tree plugin (`memory` → `libmemoryplugin.so`).
+pub fn plugin(name: &str) -> PathBuf {
+    let p = target_dir().join(format!("lib{name}plugin.so"));
+    assert!(p.exists(), "{} missing: run `cargo build --workspace` first", p.display());
+    p
+}
+
+/// A fresh directory for one test, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "nbdhost-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `nbdhost -f`, stopped with SIGTERM on drop.
+pub struct Server {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Server {
+    /// Start `nbdhost -f -U <private socket> ARGS...` and wait until it
+    /// accepts connections. Its stderr goes to `self.log`.
+    pub fn start(args: &[&str]) -> Server {
+        let dir = TempDir::new("srv");
+        let socket = dir.path("nbd.sock");
+        let log = dir.path("server.log");
+        let child = Command::new(nbdhost_bin())
+            .arg("-f")
+            .arg("-U")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start nbdhost");
+        let mut s = Server {
+            child: Some(child),
+            socket,
+            log,
+            _dir: dir,
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("nbdhost exited early ({st}): {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nbdhost did not listen within 10 s: {}", self.log_text());
+    }
+
+    /// The `nbd+unix://` URI of the default export.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// What the server has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        self.terminate().expect("server already stopped")
+    }
+
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// A client command with Debian's python first in PATH (nbdsh and
+/// python3-libnbd need `/usr/bin/python3`).
+pub fn client(program: &str) -> Command {
+    let mut c = Command::new(program);
+    let path = std::env::var("PATH").unwrap_or_default();
+    c.env("PATH", format!("/usr/bin:{path}"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Run a command to completion, panicking with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(out.status.success(), "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run a command to completion with a 120 s limit.
+pub fn run(cmd: &mut Command) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cmd:?} timed out");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: t1.join().unwrap(),
+        stderr: t2.join().unwrap(),
+    }
+}
+
+/// Run an nbdsh script (Python, with `h` connected to `uri`).
+pub fn nbdsh(uri: &str, script: &str) -> String {
+    run_ok(client("nbdsh").arg("-u").arg(uri).arg("-c").arg(script))
+}
+
+/// Deterministic pseudo-random bytes for reference data.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
