@@ -107,9 +107,11 @@ pub struct Plugin {
     pub config_complete: Option<unsafe extern "C" fn() -> c_int>,
     pub get_ready: Option<unsafe extern "C" fn() -> c_int>,
     pub preconnect: Option<unsafe extern "C" fn(readonly: c_int) -> c_int>,
-    pub list_exports:
-        Option<unsafe extern "C" fn(readonly: c_int, is_tls: c_int, exports: *mut Exports) -> c_int>,
-    pub default_export: Option<unsafe extern "C" fn(readonly: c_int, is_tls: c_int) -> *const c_char>,
+    pub list_exports: Option<
+        unsafe extern "C" fn(readonly: c_int, is_tls: c_int, exports: *mut Exports) -> c_int,
+    >,
+    pub default_export:
+        Option<unsafe extern "C" fn(readonly: c_int, is_tls: c_int) -> *const c_char>,
     pub open: Option<unsafe extern "C" fn(readonly: c_int) -> *mut c_void>,
     pub close: Option<unsafe extern "C" fn(handle: *mut c_void)>,
     pub get_size: Option<unsafe extern "C" fn(handle: *mut c_void) -> i64>,

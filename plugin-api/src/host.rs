@@ -166,7 +166,12 @@ pub fn debug_flag(name: &str) -> i32 {
 }
 
 /// Append an extent through the host service.
-pub(crate) fn add_extent(list: *mut abi::Extents, offset: u64, length: u64, typ: u32) -> Result<()> {
+pub(crate) fn add_extent(
+    list: *mut abi::Extents,
+    offset: u64,
+    length: u64,
+    typ: u32,
+) -> Result<()> {
     let f = service!(add_extent).ok_or_else(|| Error::new(libc::ENOSYS, "no host"))?;
     // SAFETY: `list` is the server's list passed to this extents callback.
     match unsafe { f(list, offset, length, typ) } {
@@ -176,7 +181,11 @@ pub(crate) fn add_extent(list: *mut abi::Extents, offset: u64, length: u64, typ:
 }
 
 /// Append an export through the host service.
-pub(crate) fn add_export(list: *mut abi::Exports, name: &str, description: Option<&str>) -> Result<()> {
+pub(crate) fn add_export(
+    list: *mut abi::Exports,
+    name: &str,
+    description: Option<&str>,
+) -> Result<()> {
     let f = service!(add_export).ok_or_else(|| Error::new(libc::ENOSYS, "no host"))?;
     let n = cstring(name);
     let d = description.map(cstring);

@@ -108,7 +108,10 @@ pub trait Plugin: Default + Send + Sync + 'static {
 
     /// One `key=value` parameter from the command line.
     fn config(&mut self, key: &str, _value: &str) -> Result<()> {
-        Err(Error::new(libc::EINVAL, format!("unknown parameter '{key}'")))
+        Err(Error::new(
+            libc::EINVAL,
+            format!("unknown parameter '{key}'"),
+        ))
     }
     /// All parameters were given; check that the required ones were.
     fn config_complete(&mut self) -> Result<()> {
@@ -250,15 +253,27 @@ fn guard<T>(failed: T, f: impl FnOnce() -> Result<T>) -> T {
 }
 
 fn with_plugin<P: Plugin, T>(f: impl FnOnce(&P) -> Result<T>) -> Result<T> {
-    let lock = INSTANCE.get().ok_or_else(|| Error::new(libc::EINVAL, "plugin not loaded"))?;
-    let guard = lock.read().map_err(|_| Error::new(libc::EIO, "plugin state poisoned"))?;
-    f(guard.downcast_ref::<P>().expect("instance has the plugin's type"))
+    let lock = INSTANCE
+        .get()
+        .ok_or_else(|| Error::new(libc::EINVAL, "plugin not loaded"))?;
+    let guard = lock
+        .read()
+        .map_err(|_| Error::new(libc::EIO, "plugin state poisoned"))?;
+    f(guard
+        .downcast_ref::<P>()
+        .expect("instance has the plugin's type"))
 }
 
 fn with_plugin_mut<P: Plugin, T>(f: impl FnOnce(&mut P) -> Result<T>) -> Result<T> {
-    let lock = INSTANCE.get().ok_or_else(|| Error::new(libc::EINVAL, "plugin not loaded"))?;
-    let mut guard = lock.write().map_err(|_| Error::new(libc::EIO, "plugin state poisoned"))?;
-    f(guard.downcast_mut::<P>().expect("instance has the plugin's type"))
+    let lock = INSTANCE
+        .get()
+        .ok_or_else(|| Error::new(libc::EINVAL, "plugin not loaded"))?;
+    let mut guard = lock
+        .write()
+        .map_err(|_| Error::new(libc::EIO, "plugin state poisoned"))?;
+    f(guard
+        .downcast_mut::<P>()
+        .expect("instance has the plugin's type"))
 }
 
 /// Borrow the handle behind a pointer that `open` produced.
@@ -294,7 +309,12 @@ unsafe extern "C" fn load<P: Plugin>() -> c_int {
 }
 
 unsafe extern "C" fn unload<P: Plugin>() {
-    guard((), || with_plugin_mut::<P, _>(|p| Ok(p.unload())))
+    guard((), || {
+        with_plugin_mut::<P, _>(|p| {
+            p.unload();
+            Ok(())
+        })
+    })
 }
 
 unsafe extern "C" fn config<P: Plugin>(key: *const c_char, value: *const c_char) -> c_int {
@@ -313,13 +333,21 @@ unsafe extern "C" fn get_ready<P: Plugin>() -> c_int {
 }
 
 unsafe extern "C" fn preconnect<P: Plugin>(readonly: c_int) -> c_int {
-    guard(-1, || ok(with_plugin::<P, _>(|p| p.preconnect(readonly != 0))))
+    guard(-1, || {
+        ok(with_plugin::<P, _>(|p| p.preconnect(readonly != 0)))
+    })
 }
 
-unsafe extern "C" fn list_exports<P: Plugin>(readonly: c_int, is_tls: c_int, exports: *mut abi::Exports) -> c_int {
+unsafe extern "C" fn list_exports<P: Plugin>(
+    readonly: c_int,
+    is_tls: c_int,
+    exports: *mut abi::Exports,
+) -> c_int {
     guard(-1, || {
         let mut list = ExportList { raw: exports };
-        ok(with_plugin::<P, _>(|p| p.list_exports(readonly != 0, is_tls != 0, &mut list)))
+        ok(with_plugin::<P, _>(|p| {
+            p.list_exports(readonly != 0, is_tls != 0, &mut list)
+        }))
     })
 }
 
@@ -330,7 +358,8 @@ thread_local! {
 unsafe extern "C" fn default_export<P: Plugin>(readonly: c_int, is_tls: c_int) -> *const c_char {
     guard(std::ptr::null(), || {
         let name = with_plugin::<P, _>(|p| p.default_export(readonly != 0, is_tls != 0))?;
-        let c = std::ffi::CString::new(name).map_err(|_| Error::new(libc::EINVAL, "NUL in export name"))?;
+        let c = std::ffi::CString::new(name)
+            .map_err(|_| Error::new(libc::EINVAL, "NUL in export name"))?;
         // The server copies the string before its next call on this thread.
         Ok(DEFAULT_EXPORT.with(|slot| {
             *slot.borrow_mut() = c;
@@ -362,7 +391,12 @@ unsafe extern "C" fn get_size<P: Plugin>(h: *mut c_void) -> i64 {
     })
 }
 
-unsafe extern "C" fn block_size<P: Plugin>(h: *mut c_void, min: *mut u32, pref: *mut u32, max: *mut u32) -> c_int {
+unsafe extern "C" fn block_size<P: Plugin>(
+    h: *mut c_void,
+    min: *mut u32,
+    pref: *mut u32,
+    max: *mut u32,
+) -> c_int {
     guard(-1, || {
         // SAFETY: the server passes a live handle from `open`.
         let bs = unsafe { handle::<P>(h) }.block_size()?;
@@ -414,7 +448,8 @@ unsafe extern "C" fn export_description<P: Plugin>(h: *mut c_void) -> *const c_c
         let Some(d) = unsafe { handle::<P>(h) }.export_description() else {
             return Ok(std::ptr::null());
         };
-        let c = std::ffi::CString::new(d).map_err(|_| Error::new(libc::EINVAL, "NUL in description"))?;
+        let c = std::ffi::CString::new(d)
+            .map_err(|_| Error::new(libc::EINVAL, "NUL in description"))?;
         // The server copies the string before its next call on this thread.
         Ok(DESCRIPTION.with(|slot| {
             *slot.borrow_mut() = c;
@@ -431,7 +466,13 @@ fn len(count: u64) -> Result<usize> {
     usize::try_from(count).map_err(|_| Error::new(libc::EOVERFLOW, "request too large"))
 }
 
-unsafe extern "C" fn pread<P: Plugin>(h: *mut c_void, buf: *mut c_void, count: u64, offset: u64, f: u32) -> c_int {
+unsafe extern "C" fn pread<P: Plugin>(
+    h: *mut c_void,
+    buf: *mut c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+) -> c_int {
     guard(-1, || {
         // SAFETY: the server passes a writable buffer of `count` bytes.
         let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len(count)?) };
@@ -440,7 +481,13 @@ unsafe extern "C" fn pread<P: Plugin>(h: *mut c_void, buf: *mut c_void, count: u
     })
 }
 
-unsafe extern "C" fn pwrite<P: Plugin>(h: *mut c_void, buf: *const c_void, count: u64, offset: u64, f: u32) -> c_int {
+unsafe extern "C" fn pwrite<P: Plugin>(
+    h: *mut c_void,
+    buf: *const c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+) -> c_int {
     guard(-1, || {
         // SAFETY: the server passes a readable buffer of `count` bytes.
         let buf = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len(count)?) };
@@ -456,9 +503,16 @@ unsafe extern "C" fn flush<P: Plugin>(h: *mut c_void, f: u32) -> c_int {
 
 macro_rules! range_fn {
     ($name:ident) => {
-        unsafe extern "C" fn $name<P: Plugin>(h: *mut c_void, count: u64, offset: u64, f: u32) -> c_int {
+        unsafe extern "C" fn $name<P: Plugin>(
+            h: *mut c_void,
+            count: u64,
+            offset: u64,
+            f: u32,
+        ) -> c_int {
             // SAFETY: the server passes a live handle from `open`.
-            guard(-1, || ok(unsafe { handle::<P>(h) }.$name(count, offset, flags(f))))
+            guard(-1, || {
+                ok(unsafe { handle::<P>(h) }.$name(count, offset, flags(f)))
+            })
         }
     };
 }
@@ -486,7 +540,10 @@ unsafe extern "C" fn extents<P: Plugin>(
 /// # Safety
 /// `host` must point to a host table that outlives the plugin, and
 /// `version` must end with a NUL byte.
-pub unsafe fn entry<P: Plugin>(host: *const abi::Host, version: &'static str) -> *const abi::Plugin {
+pub unsafe fn entry<P: Plugin>(
+    host: *const abi::Host,
+    version: &'static str,
+) -> *const abi::Plugin {
     host::install(host);
     let version = CStr::from_bytes_with_nul(version.as_bytes()).expect("version ends with NUL");
     TABLE.get_or_init(|| abi::Plugin {

@@ -9,6 +9,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
@@ -284,6 +285,7 @@ impl Backend for Plugin {
             handle: h,
             readonly,
             zero_native: AtomicBool::new(true),
+            fua: OnceLock::new(),
         }))
     }
 }
@@ -298,6 +300,8 @@ struct PluginHandle {
     readonly: bool,
     /// Cleared after the plugin's zero said ENOTSUP, to skip the attempt.
     zero_native: AtomicBool,
+    /// The plugin's FUA answer, asked once: every write consults it.
+    fua: OnceLock<Support>,
 }
 
 // SAFETY: the handle is an opaque token the plugin hands back on every call;
@@ -345,9 +349,17 @@ impl PluginHandle {
         self.p().check(what, r)
     }
 
+    fn fua_support(&self) -> Result<Support> {
+        if let Some(s) = self.fua.get() {
+            return Ok(*s);
+        }
+        let s = self.can_fua()?;
+        Ok(*self.fua.get_or_init(|| s))
+    }
+
     /// After a write-type call with FUA that the plugin only emulates.
     fn fua_flush(&self, flags: Flags) -> Result<()> {
-        if flags.contains(Flags::FUA) && self.can_fua()? == Support::Emulate {
+        if flags.contains(Flags::FUA) && self.fua_support()? == Support::Emulate {
             self.flush(Flags::empty())?;
         }
         Ok(())
@@ -355,7 +367,7 @@ impl PluginHandle {
 
     /// The plugin's flags for a write-type call: FUA only if it is native.
     fn native_flags(&self, flags: Flags) -> Result<Flags> {
-        if flags.contains(Flags::FUA) && self.can_fua()? != Support::Native {
+        if flags.contains(Flags::FUA) && self.fua_support()? != Support::Native {
             Ok(flags - Flags::FUA)
         } else {
             Ok(flags)
