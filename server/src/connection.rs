@@ -98,6 +98,10 @@ pub struct Connection {
     read_done: bool,
     /// Close now, without waiting for anything.
     dead: bool,
+    /// Reading stopped for back-pressure or a pending query, with input
+    /// possibly left in the socket: edge-triggered polling will not tell
+    /// us again, so whoever relieves the pressure must resume.
+    paused: bool,
     /// When an unfinished handshake is given up.
     pub deadline: Option<Instant>,
 }
@@ -134,6 +138,7 @@ impl Connection {
             waiting: false,
             read_done: false,
             dead: false,
+            paused: false,
             deadline,
         }
     }
@@ -236,8 +241,19 @@ impl Connection {
                 }
             }
         }
+        if !self.read_done && !self.dead && !self.can_read() {
+            self.paused = true;
+        }
         self.process(sh);
         self.flush();
+    }
+
+    /// Resume reading if it was paused; call after relieving pressure.
+    pub fn resume(&mut self, sh: &Shared) {
+        if self.paused {
+            self.paused = false;
+            self.on_readable(sh);
+        }
     }
 
     /// Act on buffered input as far as possible.
@@ -258,6 +274,7 @@ impl Connection {
                 }
                 Phase::Transmission(dec) => {
                     if self.inflight >= MAX_INFLIGHT || self.wq_bytes >= MAX_QUEUED {
+                        self.paused = true;
                         return;
                     }
                     match dec.next(&mut self.rbuf) {
@@ -366,7 +383,8 @@ impl Connection {
         });
     }
 
-    /// A worker finished something for this connection.
+    /// A worker finished something for this connection. Output is left
+    /// queued: the loop flushes once per batch of completions.
     pub fn complete(&mut self, c: Completion, sh: &Shared) {
         match c {
             Completion::Query {
@@ -395,8 +413,7 @@ impl Connection {
             }
             Completion::ChildExited(_) => {}
         }
-        // Input left unread because of back-pressure or a pending query.
-        self.on_readable(sh);
+        self.resume(sh);
     }
 
     fn queue(&mut self, b: Bytes) {

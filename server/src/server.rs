@@ -120,8 +120,17 @@ pub fn serve(
         for ev in events.iter() {
             match ev.token() {
                 WAKER => {
+                    let mut touched = Vec::new();
                     for c in inbox.drain() {
-                        lp.completion(c);
+                        touched.extend(lp.completion(c));
+                    }
+                    // One vectored write per connection for the whole batch.
+                    touched.sort_unstable();
+                    touched.dedup();
+                    for k in touched {
+                        if let Some(c) = lp.conns.get_mut(k) {
+                            c.flush();
+                        }
                     }
                 }
                 SIGNALS => {
@@ -142,6 +151,7 @@ pub fn serve(
                         }
                         if ev.is_writable() {
                             c.flush();
+                            c.resume(&lp.shared);
                         }
                     }
                 }
@@ -244,23 +254,22 @@ impl Loop {
         }
     }
 
-    fn completion(&mut self, c: Completion) {
+    /// Deliver a worker's result; returns the slab key of the connection
+    /// it went to, if that connection still exists.
+    fn completion(&mut self, c: Completion) -> Option<usize> {
         let id = match &c {
             Completion::Query { conn, .. } | Completion::Reply { conn, .. } => *conn,
             Completion::ChildExited(code) => {
                 log::debug!("--run command exited with status {code}");
                 self.exit = Exit::Child(*code);
-                return;
+                return None;
             }
         };
         // Results for a connection already gone are dropped.
-        if let Some(conn) = self
-            .conns
-            .get_mut((id & 0xffff_ffff) as usize)
-            .filter(|x| x.id == id)
-        {
-            conn.complete(c, &self.shared);
-        }
+        let key = (id & 0xffff_ffff) as usize;
+        let conn = self.conns.get_mut(key).filter(|x| x.id == id)?;
+        conn.complete(c, &self.shared);
+        Some(key)
     }
 
     fn begin_shutdown(&mut self, listeners: &mut Vec<Listener>) {

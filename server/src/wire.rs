@@ -386,7 +386,10 @@ mod tests {
         assert!(peek_request(&b[..27], false).unwrap().is_none());
         let mut padded = b.clone();
         padded.put_u32(0);
-        assert!(peek_request(&padded, true).is_err(), "compact magic in extended mode");
+        assert!(
+            peek_request(&padded, true).is_err(),
+            "compact magic in extended mode"
+        );
 
         let mut e = BytesMut::new();
         e.put_u32(EXTENDED_REQUEST_MAGIC);
