@@ -317,6 +317,10 @@ impl Connection {
                 self.deadline = None;
                 true
             }
+            Event::StartTls => {
+                self.fail("STARTTLS accepted without a TLS configuration");
+                false
+            }
             Event::Aborted => {
                 log::debug!("connection {}: client ended the handshake", self.id >> 32);
                 self.read_done = true;

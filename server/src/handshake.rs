@@ -32,6 +32,20 @@ pub struct HandshakeConfig {
     pub handshake_mask: u16,
     /// `--no-sr`: refuse structured replies and extended headers.
     pub no_structured: bool,
+    /// `--tls`: whether STARTTLS is offered, and whether it is required.
+    pub tls: TlsMode,
+}
+
+/// The server's TLS policy (`--tls`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is refused.
+    #[default]
+    Off,
+    /// TLS offered; plain clients are served too.
+    On,
+    /// Nothing but STARTTLS and ABORT is answered before TLS.
+    Require,
 }
 
 /// What the backend is asked on the handshake's behalf.
@@ -72,6 +86,10 @@ pub enum Event {
     Query(Query),
     /// Negotiation is over; enter transmission (after writing output).
     Done(Negotiated),
+    /// STARTTLS was accepted: write the output in clear, then run the TLS
+    /// handshake; every later byte is inside TLS. Call
+    /// [`Handshake::tls_established`] when it completes.
+    StartTls,
     /// The client ended negotiation with `NBD_OPT_ABORT`; close after
     /// writing output.
     Aborted,
@@ -113,6 +131,7 @@ pub struct Handshake {
     /// Export for which `base:allocation` was selected, if it was.
     meta_export: Option<String>,
     options_seen: u32,
+    tls_active: bool,
 }
 
 fn put_name(out: &mut Vec<u8>, s: &str) {
@@ -144,7 +163,13 @@ impl Handshake {
             style: ReplyStyle::Simple,
             meta_export: None,
             options_seen: 0,
+            tls_active: false,
         }
+    }
+
+    /// The TLS handshake that STARTTLS began has completed.
+    pub fn tls_established(&mut self) {
+        self.tls_active = true;
     }
 
     /// Advance as far as the buffered input allows, consuming what is used
@@ -234,6 +259,17 @@ impl Handshake {
         let reply = |out: &mut BytesMut, typ: u32, msg: &str| {
             put_option_reply(out, option, typ, msg.as_bytes())
         };
+        let tls_required = self.cfg.tls == TlsMode::Require && !self.tls_active;
+        if tls_required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            // Nothing about the exports may leak before TLS.
+            if option == OPT_EXPORT_NAME {
+                return Some(Event::Close(
+                    "client asked for an export before STARTTLS, which is required".into(),
+                ));
+            }
+            reply(out, REP_ERR_TLS_REQD, "TLS is required: use STARTTLS first");
+            return None;
+        }
         match option {
             OPT_EXPORT_NAME => {
                 if self.style == ReplyStyle::Extended {
@@ -263,7 +299,19 @@ impl Handshake {
                 Some(Event::Query(Query::List))
             }
             OPT_STARTTLS => {
-                reply(out, REP_ERR_POLICY, "TLS is not enabled on this server");
+                if self.cfg.tls == TlsMode::Off {
+                    reply(out, REP_ERR_POLICY, "TLS is not enabled on this server");
+                } else if !data.is_empty() {
+                    reply(out, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                } else if self.tls_active {
+                    reply(out, REP_ERR_INVALID, "TLS is already active");
+                } else {
+                    reply(out, REP_ACK, "");
+                    // Nothing negotiated in clear survives into TLS.
+                    self.style = ReplyStyle::Simple;
+                    self.meta_export = None;
+                    return Some(Event::StartTls);
+                }
                 None
             }
             OPT_INFO | OPT_GO => {
@@ -643,6 +691,93 @@ mod tests {
         input.put_u32(CLIENT_FIXED_NEWSTYLE);
         input.put_bytes(0xaa, 16);
         assert!(matches!(h.receive(&mut input, &mut out), Event::Close(_)));
+    }
+
+    fn started_with(tls: TlsMode) -> (Handshake, BytesMut) {
+        let mut h = Handshake::new(HandshakeConfig { tls, ..cfg() });
+        let mut out = BytesMut::new();
+        h.receive(&mut BytesMut::new(), &mut out);
+        h.answer(Answer::Preconnect(Ok(())), &mut out);
+        out.clear();
+        (h, out)
+    }
+
+    #[test]
+    fn tls_required_answers_only_starttls_and_abort() {
+        let (mut h, mut out) = started_with(TlsMode::Require);
+        let mut input = BytesMut::new();
+        input.put_u32(CLIENT_FIXED_NEWSTYLE);
+        option(&mut input, OPT_LIST, &[]);
+        let mut go = Vec::new();
+        put_name(&mut go, "");
+        go.put_u16(0);
+        option(&mut input, OPT_GO, &go);
+        option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+        option(&mut input, OPT_STARTTLS, &[]);
+        assert!(matches!(h.receive(&mut input, &mut out), Event::StartTls));
+        let r = replies(&out);
+        let types: Vec<u32> = r.iter().map(|x| x.1).collect();
+        assert_eq!(
+            types,
+            vec![
+                REP_ERR_TLS_REQD,
+                REP_ERR_TLS_REQD,
+                REP_ERR_TLS_REQD,
+                REP_ACK
+            ]
+        );
+        out.clear();
+        h.tls_established();
+        option(&mut input, OPT_STARTTLS, &[]);
+        option(&mut input, OPT_LIST, &[]);
+        assert!(matches!(
+            h.receive(&mut input, &mut out),
+            Event::Query(Query::List)
+        ));
+        assert_eq!(
+            replies(&out)[0].1,
+            REP_ERR_INVALID,
+            "STARTTLS inside TLS is refused"
+        );
+    }
+
+    #[test]
+    fn export_name_before_required_tls_closes() {
+        let (mut h, mut out) = started_with(TlsMode::Require);
+        let mut input = BytesMut::new();
+        input.put_u32(CLIENT_FIXED_NEWSTYLE);
+        option(&mut input, OPT_EXPORT_NAME, b"");
+        assert!(matches!(h.receive(&mut input, &mut out), Event::Close(_)));
+        assert!(out.is_empty(), "nothing leaks in clear");
+    }
+
+    #[test]
+    fn starttls_resets_structured_replies_and_tls_on_serves_plain() {
+        let (mut h, mut out) = started_with(TlsMode::On);
+        let mut input = BytesMut::new();
+        input.put_u32(CLIENT_FIXED_NEWSTYLE);
+        option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+        option(&mut input, OPT_STARTTLS, &[]);
+        assert!(matches!(h.receive(&mut input, &mut out), Event::StartTls));
+        h.tls_established();
+        let mut go = Vec::new();
+        put_name(&mut go, "");
+        go.put_u16(0);
+        option(&mut input, OPT_GO, &go);
+        h.receive(&mut input, &mut out);
+        let Event::Done(n) = h.answer(Answer::Open(Ok(test_export(512))), &mut out) else {
+            panic!()
+        };
+        assert_eq!(n.style, ReplyStyle::Simple);
+
+        let (mut plain, mut out) = started_with(TlsMode::On);
+        let mut input = BytesMut::new();
+        input.put_u32(CLIENT_FIXED_NEWSTYLE);
+        option(&mut input, OPT_LIST, &[]);
+        assert!(matches!(
+            plain.receive(&mut input, &mut out),
+            Event::Query(Query::List)
+        ));
     }
 
     #[test]

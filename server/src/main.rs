@@ -217,6 +217,7 @@ fn run(cli: Cli) -> Result<i32, String> {
             oldstyle: cli.oldstyle,
             handshake_mask: cli.mask_handshake,
             no_structured: cli.no_sr,
+            tls: handshake::TlsMode::Off,
         },
         stdio: cli.single,
     };
