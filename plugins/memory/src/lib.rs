@@ -11,7 +11,9 @@ use std::ffi::CStr;
 use std::sync::{Arc, RwLock};
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
-use nbdhost_plugin_api::{host, nbdhost_plugin, Error, ExtentList, Flags, Handle, Plugin, Result, Support};
+use nbdhost_plugin_api::{
+    host, nbdhost_plugin, Error, ExtentList, Flags, Handle, Plugin, Result, Support,
+};
 
 const PAGE: usize = 64 * 1024;
 const SHARDS: usize = 64;
@@ -76,7 +78,10 @@ impl Store {
         let mut done = 0;
         for p in pieces(offset, buf.len() as u64) {
             let src = &buf[done..done + p.len];
-            let mut shard = self.shard(p.page).write().unwrap_or_else(|e| e.into_inner());
+            let mut shard = self
+                .shard(p.page)
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
             let page = shard
                 .entry(p.page)
                 .or_insert_with(|| vec![0u8; PAGE].into_boxed_slice());
@@ -88,7 +93,10 @@ impl Store {
     /// Zero a range: whole pages are freed, partial ones cleared in place.
     fn zero(&self, count: u64, offset: u64) {
         for p in pieces(offset, count) {
-            let mut shard = self.shard(p.page).write().unwrap_or_else(|e| e.into_inner());
+            let mut shard = self
+                .shard(p.page)
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
             if p.len == PAGE {
                 shard.remove(&p.page);
             } else if let Some(page) = shard.get_mut(&p.page) {
@@ -134,7 +142,10 @@ impl Plugin for Memory {
                 self.size = Some(host::parse_size(value)?);
                 Ok(())
             }
-            _ => Err(Error::new(libc::EINVAL, format!("unknown parameter '{key}'"))),
+            _ => Err(Error::new(
+                libc::EINVAL,
+                format!("unknown parameter '{key}'"),
+            )),
         }
     }
 
@@ -148,7 +159,10 @@ impl Plugin for Memory {
     }
 
     fn open(&self, _readonly: bool) -> Result<MemoryHandle> {
-        let store = self.store.clone().ok_or_else(|| Error::new(libc::EINVAL, "not configured"))?;
+        let store = self
+            .store
+            .clone()
+            .ok_or_else(|| Error::new(libc::EINVAL, "not configured"))?;
         Ok(MemoryHandle { store })
     }
 }
@@ -217,7 +231,10 @@ impl Handle for MemoryHandle {
                 }
                 (p * PAGE as u64, 0)
             } else {
-                let next = self.store.next_allocated(page).map_or(u64::MAX, |p| p * PAGE as u64);
+                let next = self
+                    .store
+                    .next_allocated(page)
+                    .map_or(u64::MAX, |p| p * PAGE as u64);
                 (next, EXTENT_HOLE | EXTENT_ZERO)
             };
             let run_end = run_end.min(end);
@@ -260,7 +277,9 @@ mod tests {
         s.zero(PAGE as u64 * 2, PAGE as u64);
         assert!(!s.is_allocated(1) && !s.is_allocated(2));
         s.read(&mut back, 12345);
-        assert!(back[(PAGE - 12345)..(3 * PAGE - 12345)].iter().all(|&b| b == 0));
+        assert!(back[(PAGE - 12345)..(3 * PAGE - 12345)]
+            .iter()
+            .all(|&b| b == 0));
         assert_eq!(s.next_allocated(1), Some(3));
     }
 }
