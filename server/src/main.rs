@@ -154,7 +154,10 @@ fn thread_model_name(m: nbdhost_plugin_api::ThreadModel) -> &'static str {
 enum Address {
     Unix(PathBuf),
     Tcp(u16),
-    None,
+    /// Listeners passed in by systemd socket activation.
+    Activated,
+    /// `-s`: stdin and stdout.
+    Stdio,
 }
 
 fn run(cli: Cli) -> Result<i32, String> {
@@ -184,7 +187,10 @@ fn run(cli: Cli) -> Result<i32, String> {
     for l in &listeners {
         log::info!("listening on {}", l.describe());
     }
-    let foreground = cli.foreground
+    // Socket activation implies the foreground: the activating process
+    // (systemd, libnbd) tracks and signals the pid it started.
+    let activated = matches!(address, Address::Activated);
+    let foreground = cli.foreground || cli.single || cli.run.is_some() || activated;
         || cli.single
         || cli.run.is_some()
         || std::env::var_os("LISTEN_PID").is_some();
@@ -241,10 +247,10 @@ fn listeners(
     private: &mut Option<PrivateSocket>,
 ) -> Result<(Vec<Listener>, Address), String> {
     if cli.single {
-        return Ok((Vec::new(), Address::None));
+        return Ok((Vec::new(), Address::Stdio));
     }
     if let Some(activated) = listen::socket_activation() {
-        return Ok((activated?, Address::None));
+        return Ok((activated?, Address::Activated));
     }
     let want_private = cli.unix.as_deref() == Some(Path::new("-"))
         || (cli.unix.is_none() && cli.run.is_some() && cli.port.is_none() && cli.ipaddr.is_none());
@@ -288,7 +294,7 @@ fn spawn_run(cmd: &str, address: &Address, export: &str) -> Result<std::process:
             c.env("unixsocket", "");
             c.env("port", port.to_string());
         }
-        Address::None => {}
+        Address::Activated | Address::Stdio => {}
     }
     c.env("exportname", export);
     c.spawn()
