@@ -23,14 +23,22 @@ pub fn target_dir() -> PathBuf {
 /// Path of the `nbdhost` binary; panics with advice if it was not built.
 pub fn nbdhost_bin() -> PathBuf {
     let p = target_dir().join("nbdhost");
-    assert!(p.exists(), "{} missing: run `cargo build --workspace` first", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace` first",
+        p.display()
+    );
     p
 }
 
 /// Path of an in-tree plugin (`memory` → `libmemoryplugin.so`).
 pub fn plugin(name: &str) -> PathBuf {
     let p = target_dir().join(format!("lib{name}plugin.so"));
-    assert!(p.exists(), "{} missing: run `cargo build --workspace` first", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace` first",
+        p.display()
+    );
     p
 }
 
@@ -161,13 +169,23 @@ pub fn client(program: &str) -> Command {
 /// Run a command to completion, panicking with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Run a command to completion with a 120 s limit.
 pub fn run(cmd: &mut Command) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let t1 = std::thread::spawn(move || {

@@ -14,7 +14,11 @@ fn pages() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(man_dir())
         .expect("man/ exists")
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e.len() == 1 && e.to_str().unwrap().chars().all(|c| c.is_ascii_digit())))
+        .filter(|p| {
+            p.extension().is_some_and(|e| {
+                e.len() == 1 && e.to_str().unwrap().chars().all(|c| c.is_ascii_digit())
+            })
+        })
         .collect();
     v.sort();
     v
@@ -23,12 +27,27 @@ fn pages() -> Vec<PathBuf> {
 #[test]
 fn pages_render_without_warnings() {
     let pages = pages();
-    assert!(pages.len() >= 4, "expected the manual pages in man/, found {pages:?}");
+    assert!(
+        pages.len() >= 4,
+        "expected the manual pages in man/, found {pages:?}"
+    );
     for p in pages {
-        let out = run(std::process::Command::new("man").args(["--warnings", "-E", "UTF-8", "-l"]).arg(&p).env("MANWIDTH", "80").env("MAN_KEEP_FORMATTING", "0"));
+        let out = run(std::process::Command::new("man")
+            .args(["--warnings", "-E", "UTF-8", "-l"])
+            .arg(&p)
+            .env("MANWIDTH", "80")
+            .env("MAN_KEEP_FORMATTING", "0"));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && stderr.trim().is_empty(), "{}: {stderr}", p.display());
-        assert!(out.stdout.len() > 500, "{} renders almost nothing", p.display());
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "{}: {stderr}",
+            p.display()
+        );
+        assert!(
+            out.stdout.len() > 500,
+            "{} renders almost nothing",
+            p.display()
+        );
     }
 }
 
@@ -37,7 +56,13 @@ fn every_flag_is_documented() {
     let help = run_ok(std::process::Command::new(nbdhost_bin()).arg("--help"));
     let page = std::fs::read_to_string(man_dir().join("nbdhost.1")).unwrap();
     // In roff source a dash is often written \- ; compare without escapes.
-    let page = page.replace("\\-", "-").replace("\\f[BIR]", "").replace("\\fB", "").replace("\\fI", "").replace("\\fR", "").replace("\\fP", "");
+    let page = page
+        .replace("\\-", "-")
+        .replace("\\f[BIR]", "")
+        .replace("\\fB", "")
+        .replace("\\fI", "")
+        .replace("\\fR", "")
+        .replace("\\fP", "");
     let flags: Vec<&str> = help
         .split_whitespace()
         .map(|w| w.trim_end_matches(',').split('=').next().unwrap())
@@ -55,7 +80,11 @@ fn every_plugin_has_a_page() {
     for e in std::fs::read_dir(plugins).unwrap() {
         let name = e.unwrap().file_name().into_string().unwrap();
         let page = man_dir().join(format!("nbdhost-{name}-plugin.1"));
-        assert!(page.exists(), "plugin {name} has no manual page {}", page.display());
+        assert!(
+            page.exists(),
+            "plugin {name} has no manual page {}",
+            page.display()
+        );
     }
     assert!(man_dir().join("nbdhost-plugin.3").exists());
 }
