@@ -191,9 +191,6 @@ fn run(cli: Cli) -> Result<i32, String> {
     // (systemd, libnbd) tracks and signals the pid it started.
     let activated = matches!(address, Address::Activated);
     let foreground = cli.foreground || cli.single || cli.run.is_some() || activated;
-        || cli.single
-        || cli.run.is_some()
-        || std::env::var_os("LISTEN_PID").is_some();
     if !foreground {
         process::daemonize()?;
     }
