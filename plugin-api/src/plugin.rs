@@ -231,6 +231,25 @@ pub trait Handle: Send + Sync + 'static {
 static INSTANCE: OnceLock<RwLock<Box<dyn Any + Send + Sync>>> = OnceLock::new();
 static TABLE: OnceLock<abi::Plugin> = OnceLock::new();
 
+thread_local! {
+    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Replace this plugin's panic hook (a cdylib has its own copy of std, so
+/// the server's is untouched): instead of printing a backtrace, remember
+/// where the panic happened for the one log line the server writes.
+fn quiet_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()));
+            PANIC_AT.with(|p| *p.borrow_mut() = at);
+        }));
+    });
+}
+
 /// Run `f`, turning an error or a panic into a recorded host error and
 /// `failed`. Panics must not unwind into the server's C frames.
 fn guard<T>(failed: T, f: impl FnOnce() -> Result<T>) -> T {
@@ -246,7 +265,13 @@ fn guard<T>(failed: T, f: impl FnOnce() -> Result<T>) -> T {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            host::report(&Error::new(libc::EIO, format!("plugin panicked: {what}")));
+            let at = PANIC_AT
+                .with(|p| p.borrow_mut().take())
+                .map_or(String::new(), |l| format!(" at {l}"));
+            host::report(&Error::new(
+                libc::EIO,
+                format!("plugin panicked{at}: {what}"),
+            ));
             failed
         }
     }
@@ -545,6 +570,7 @@ pub unsafe fn entry<P: Plugin>(
     version: &'static str,
 ) -> *const abi::Plugin {
     host::install(host);
+    quiet_panics();
     let version = CStr::from_bytes_with_nul(version.as_bytes()).expect("version ends with NUL");
     TABLE.get_or_init(|| abi::Plugin {
         struct_size: std::mem::size_of::<abi::Plugin>() as u64,

@@ -1,0 +1,106 @@
+//! The `test` plugin: a small RAM disk whose reads can be made to panic or
+//! to wait, so the tests can prove that a panicking plugin costs one
+//! request an `EIO` and nothing more, and that replies may complete out of
+//! order. Not installed; built only for the test suite.
+
+use std::ffi::CStr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use nbdhost_plugin_api::{host, nbdhost_plugin, Error, Flags, Handle, Plugin, Result};
+
+/// Configuration and the shared disk.
+#[derive(Default)]
+pub struct Test {
+    size: u64,
+    panic_at: Option<u64>,
+    delay_at: Option<u64>,
+    delay: Duration,
+    disk: Option<Arc<RwLock<Vec<u8>>>>,
+}
+
+impl Plugin for Test {
+    const NAME: &'static CStr = c"test";
+    const DESCRIPTION: &'static CStr = c"RAM disk that misbehaves on request (for tests)";
+    const CONFIG_HELP: &'static CStr = c"size=<SIZE>         Disk size (default 1M).
+panic-at=<OFFSET>   A read covering this byte panics.
+delay-at=<OFFSET>   A read covering this byte waits delay-ms first.
+delay-ms=<MS>       How long (default 500).";
+    type Handle = TestHandle;
+
+    fn config(&mut self, key: &str, value: &str) -> Result<()> {
+        let num = || -> Result<u64> { host::parse_size(value) };
+        match key {
+            "size" => self.size = num()?,
+            "panic-at" => self.panic_at = Some(num()?),
+            "delay-at" => self.delay_at = Some(num()?),
+            "delay-ms" => self.delay = Duration::from_millis(num()?),
+            _ => {
+                return Err(Error::new(
+                    libc::EINVAL,
+                    format!("unknown parameter '{key}'"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn config_complete(&mut self) -> Result<()> {
+        if self.size == 0 {
+            self.size = 1 << 20;
+        }
+        if self.delay.is_zero() {
+            self.delay = Duration::from_millis(500);
+        }
+        self.disk = Some(Arc::new(RwLock::new(vec![0; self.size as usize])));
+        Ok(())
+    }
+
+    fn open(&self, _readonly: bool) -> Result<TestHandle> {
+        Ok(TestHandle {
+            disk: self.disk.clone().expect("configured"),
+            panic_at: self.panic_at,
+            delay_at: self.delay_at,
+            delay: self.delay,
+        })
+    }
+}
+
+/// One connection.
+pub struct TestHandle {
+    disk: Arc<RwLock<Vec<u8>>>,
+    panic_at: Option<u64>,
+    delay_at: Option<u64>,
+    delay: Duration,
+}
+
+fn covers(at: Option<u64>, offset: u64, len: usize) -> bool {
+    at.is_some_and(|a| a >= offset && a < offset + len as u64)
+}
+
+impl Handle for TestHandle {
+    fn get_size(&self) -> Result<u64> {
+        Ok(self.disk.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+    fn can_write(&self) -> Result<bool> {
+        Ok(true)
+    }
+    fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
+        if covers(self.panic_at, offset, buf.len()) {
+            panic!("asked to panic at offset {offset}");
+        }
+        if covers(self.delay_at, offset, buf.len()) {
+            std::thread::sleep(self.delay);
+        }
+        let d = self.disk.read().unwrap_or_else(|e| e.into_inner());
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
+        let mut d = self.disk.write().unwrap_or_else(|e| e.into_inner());
+        d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+}
+
+nbdhost_plugin!(Test);
