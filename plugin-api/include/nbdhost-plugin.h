@@ -15,6 +15,7 @@
 #ifndef NBDHOST_PLUGIN_H
 #define NBDHOST_PLUGIN_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
 
@@ -25,7 +26,7 @@ extern "C" {
 /* The ABI version is (major << 16) | minor.  A server accepts any plugin
  * whose major equals its own, whatever the minor. */
 #define NBDHOST_ABI_MAJOR 1
-#define NBDHOST_ABI_MINOR 0
+#define NBDHOST_ABI_MINOR 1
 #define NBDHOST_ABI_VERSION ((NBDHOST_ABI_MAJOR << 16) | NBDHOST_ABI_MINOR)
 
 /* Name of the symbol every plugin exports. */
@@ -104,6 +105,18 @@ struct nbdhost_host {
   const char *(*export_name) (void);
   /* The value of the debug flag NAME set with -D PLUGIN.NAME=N, or 0. */
   int (*debug_flag) (const char *name);
+
+  /* Since ABI 1.1: for filters that read a lower layer's extents. */
+  /* A new, empty extent list for the range starting at offset. */
+  struct nbdhost_extents *(*extents_new) (uint64_t offset);
+  void (*extents_free) (struct nbdhost_extents *extents);
+  size_t (*extents_count) (const struct nbdhost_extents *extents);
+  /* Extent i (0-based); returns 0, or -1 if i is out of range. */
+  int (*extents_get) (const struct nbdhost_extents *extents, size_t i,
+                      uint64_t *offset, uint64_t *length, uint32_t *type);
+  /* The errno recorded by the last failed call on this thread (for a
+   * filter that inspects why the next layer failed). */
+  int (*last_errno) (void);
 };
 
 /* A plugin.  Every callback may be NULL; the defaults are those described

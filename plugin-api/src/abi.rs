@@ -8,7 +8,7 @@ use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
 /// Major version of the ABI; a server refuses a plugin with another major.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: grows when fields are appended.
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 /// `(major << 16) | minor`, as stored in `abi_version`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 /// Name of the symbol every plugin exports.
@@ -82,6 +82,19 @@ pub struct Host {
         Option<unsafe extern "C" fn(addr: *mut sockaddr, addrlen: *mut socklen_t) -> c_int>,
     pub export_name: Option<unsafe extern "C" fn() -> *const c_char>,
     pub debug_flag: Option<unsafe extern "C" fn(name: *const c_char) -> c_int>,
+    pub extents_new: Option<unsafe extern "C" fn(offset: u64) -> *mut Extents>,
+    pub extents_free: Option<unsafe extern "C" fn(extents: *mut Extents)>,
+    pub extents_count: Option<unsafe extern "C" fn(extents: *const Extents) -> usize>,
+    pub extents_get: Option<
+        unsafe extern "C" fn(
+            extents: *const Extents,
+            i: usize,
+            offset: *mut u64,
+            length: *mut u64,
+            typ: *mut u32,
+        ) -> c_int,
+    >,
+    pub last_errno: Option<unsafe extern "C" fn() -> c_int>,
 }
 
 /// Callback taking only a handle, as the `can_*` family does.
@@ -178,3 +191,191 @@ unsafe impl Sync for Host {}
 
 /// Signature of `nbdhost_plugin_entry`.
 pub type PluginEntry = unsafe extern "C" fn(host: *const Host) -> *const Plugin;
+
+/// Name of the symbol every filter exports.
+pub const FILTER_ENTRY: &str = "nbdhost_filter_entry";
+/// `NBDHOST_CONFIG_TAKEN`: the filter used the key.
+pub const CONFIG_TAKEN: c_int = 0;
+/// `NBDHOST_CONFIG_PASS`: not the filter's key; offer it further down.
+pub const CONFIG_PASS: c_int = 1;
+
+/// A `next` callback taking only the layer, as the `can_*` family does.
+pub type NextFn = unsafe extern "C" fn(next: *const Next) -> c_int;
+/// A `next` callback for trim, zero and cache.
+pub type NextRangeFn =
+    unsafe extern "C" fn(next: *const Next, count: u64, offset: u64, flags: u32) -> c_int;
+
+/// `struct nbdhost_next`: the layer below a filter, for one connection.
+#[repr(C)]
+pub struct Next {
+    pub struct_size: u64,
+    pub opaque: *mut c_void,
+    pub get_size: Option<unsafe extern "C" fn(next: *const Next) -> i64>,
+    pub block_size: Option<
+        unsafe extern "C" fn(
+            next: *const Next,
+            minimum: *mut u32,
+            preferred: *mut u32,
+            maximum: *mut u32,
+        ) -> c_int,
+    >,
+    pub can_write: Option<NextFn>,
+    pub can_flush: Option<NextFn>,
+    pub can_trim: Option<NextFn>,
+    pub can_zero: Option<NextFn>,
+    pub can_fast_zero: Option<NextFn>,
+    pub can_fua: Option<NextFn>,
+    pub can_multi_conn: Option<NextFn>,
+    pub can_cache: Option<NextFn>,
+    pub can_extents: Option<NextFn>,
+    pub is_rotational: Option<NextFn>,
+    pub export_description: Option<unsafe extern "C" fn(next: *const Next) -> *const c_char>,
+    pub pread: Option<
+        unsafe extern "C" fn(
+            next: *const Next,
+            buf: *mut c_void,
+            count: u64,
+            offset: u64,
+            flags: u32,
+        ) -> c_int,
+    >,
+    pub pwrite: Option<
+        unsafe extern "C" fn(
+            next: *const Next,
+            buf: *const c_void,
+            count: u64,
+            offset: u64,
+            flags: u32,
+        ) -> c_int,
+    >,
+    pub flush: Option<unsafe extern "C" fn(next: *const Next, flags: u32) -> c_int>,
+    pub trim: Option<NextRangeFn>,
+    pub zero: Option<NextRangeFn>,
+    pub extents: Option<
+        unsafe extern "C" fn(
+            next: *const Next,
+            count: u64,
+            offset: u64,
+            flags: u32,
+            extents: *mut Extents,
+        ) -> c_int,
+    >,
+    pub cache: Option<NextRangeFn>,
+}
+
+/// `struct nbdhost_next_open`: opens the layer below during a filter's open.
+#[repr(C)]
+pub struct NextOpen {
+    pub struct_size: u64,
+    pub opaque: *mut c_void,
+    pub open: Option<
+        unsafe extern "C" fn(
+            this: *const NextOpen,
+            readonly: c_int,
+            export_name: *const c_char,
+        ) -> c_int,
+    >,
+}
+
+/// A filter callback taking the next layer and the filter's handle.
+pub type FilterHandleFn = unsafe extern "C" fn(next: *const Next, handle: *mut c_void) -> c_int;
+/// A filter callback for trim, zero and cache.
+pub type FilterRangeFn = unsafe extern "C" fn(
+    next: *const Next,
+    handle: *mut c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+) -> c_int;
+
+/// `struct nbdhost_filter`: what a filter's entry point returns.
+#[repr(C)]
+pub struct Filter {
+    pub struct_size: u64,
+    pub abi_version: u32,
+    pub thread_model: u32,
+    pub name: *const c_char,
+    pub version: *const c_char,
+    pub description: *const c_char,
+    pub config_help: *const c_char,
+    pub load: Option<unsafe extern "C" fn() -> c_int>,
+    pub unload: Option<unsafe extern "C" fn()>,
+    pub config: Option<unsafe extern "C" fn(key: *const c_char, value: *const c_char) -> c_int>,
+    pub config_complete: Option<unsafe extern "C" fn() -> c_int>,
+    pub get_ready: Option<unsafe extern "C" fn() -> c_int>,
+    pub preconnect: Option<unsafe extern "C" fn(readonly: c_int) -> c_int>,
+    pub open: Option<
+        unsafe extern "C" fn(
+            next: *const NextOpen,
+            readonly: c_int,
+            export_name: *const c_char,
+        ) -> *mut c_void,
+    >,
+    pub close: Option<unsafe extern "C" fn(handle: *mut c_void)>,
+    pub get_size: Option<unsafe extern "C" fn(next: *const Next, handle: *mut c_void) -> i64>,
+    pub block_size: Option<
+        unsafe extern "C" fn(
+            next: *const Next,
+            handle: *mut c_void,
+            minimum: *mut u32,
+            preferred: *mut u32,
+            maximum: *mut u32,
+        ) -> c_int,
+    >,
+    pub can_write: Option<FilterHandleFn>,
+    pub can_flush: Option<FilterHandleFn>,
+    pub can_trim: Option<FilterHandleFn>,
+    pub can_zero: Option<FilterHandleFn>,
+    pub can_fast_zero: Option<FilterHandleFn>,
+    pub can_fua: Option<FilterHandleFn>,
+    pub can_multi_conn: Option<FilterHandleFn>,
+    pub can_cache: Option<FilterHandleFn>,
+    pub can_extents: Option<FilterHandleFn>,
+    pub is_rotational: Option<FilterHandleFn>,
+    pub export_description:
+        Option<unsafe extern "C" fn(next: *const Next, handle: *mut c_void) -> *const c_char>,
+    pub pread: Option<
+        unsafe extern "C" fn(
+            next: *const Next,
+            handle: *mut c_void,
+            buf: *mut c_void,
+            count: u64,
+            offset: u64,
+            flags: u32,
+        ) -> c_int,
+    >,
+    pub pwrite: Option<
+        unsafe extern "C" fn(
+            next: *const Next,
+            handle: *mut c_void,
+            buf: *const c_void,
+            count: u64,
+            offset: u64,
+            flags: u32,
+        ) -> c_int,
+    >,
+    pub flush:
+        Option<unsafe extern "C" fn(next: *const Next, handle: *mut c_void, flags: u32) -> c_int>,
+    pub trim: Option<FilterRangeFn>,
+    pub zero: Option<FilterRangeFn>,
+    pub extents: Option<
+        unsafe extern "C" fn(
+            next: *const Next,
+            handle: *mut c_void,
+            count: u64,
+            offset: u64,
+            flags: u32,
+            extents: *mut Extents,
+        ) -> c_int,
+    >,
+    pub cache: Option<FilterRangeFn>,
+}
+
+// SAFETY: as for `Plugin`: an immutable table of 'static strings and
+// function pointers.
+unsafe impl Sync for Filter {}
+// SAFETY: as above.
+unsafe impl Send for Filter {}
+
+/// Signature of `nbdhost_filter_entry`.
+pub type FilterEntry = unsafe extern "C" fn(host: *const Host) -> *const Filter;

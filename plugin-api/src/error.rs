@@ -9,6 +9,9 @@ use std::fmt;
 pub struct Error {
     errno: i32,
     message: Option<String>,
+    /// Already recorded by the layer below; returning it unchanged must not
+    /// overwrite that record (and its message).
+    propagated: bool,
 }
 
 /// Result of a plugin callback.
@@ -20,6 +23,7 @@ impl Error {
         Error {
             errno,
             message: Some(message.into()),
+            propagated: false,
         }
     }
 
@@ -29,7 +33,22 @@ impl Error {
         Error {
             errno,
             message: None,
+            propagated: false,
         }
+    }
+
+    /// The error the next layer recorded (for filters).
+    pub(crate) fn from_next(errno: i32) -> Self {
+        Error {
+            errno: if errno == 0 { libc::EIO } else { errno },
+            message: None,
+            propagated: true,
+        }
+    }
+
+    /// Whether the layer below already recorded this error.
+    pub(crate) fn is_propagated(&self) -> bool {
+        self.propagated
     }
 
     /// The errno value.
@@ -59,6 +78,7 @@ impl From<std::io::Error> for Error {
         Error {
             errno: e.raw_os_error().unwrap_or(libc::EIO),
             message: Some(e.to_string()),
+            propagated: false,
         }
     }
 }

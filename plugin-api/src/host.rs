@@ -44,6 +44,9 @@ fn cstring(s: &str) -> CString {
 
 /// Record an error for the current callback, with a message for the log.
 pub(crate) fn report(err: &Error) {
+    if err.is_propagated() {
+        return;
+    }
     if let Some(f) = service!(error) {
         let msg = err.message().map(cstring);
         let ptr = msg.as_ref().map_or(std::ptr::null(), |m| m.as_ptr());
@@ -195,5 +198,54 @@ pub(crate) fn add_export(
     match unsafe { f(list, n.as_ptr(), dp) } {
         0 => Ok(()),
         _ => Err(Error::errno(libc::EINVAL)),
+    }
+}
+
+/// The errno the last failed call on this thread recorded.
+pub(crate) fn last_errno() -> i32 {
+    match service!(last_errno) {
+        // SAFETY: a plain query of the server's thread-local state.
+        Some(f) => unsafe { f() },
+        None => libc::EIO,
+    }
+}
+
+/// A fresh extent list from the server, freed on drop.
+pub(crate) struct OwnedExtents(pub(crate) *mut abi::Extents);
+
+impl OwnedExtents {
+    pub(crate) fn new(offset: u64) -> Result<OwnedExtents> {
+        let f = service!(extents_new)
+            .ok_or_else(|| Error::new(libc::ENOSYS, "host lacks extents_new"))?;
+        // SAFETY: a plain allocation by the server.
+        let p = unsafe { f(offset) };
+        if p.is_null() {
+            return Err(Error::new(libc::ENOMEM, "extents_new failed"));
+        }
+        Ok(OwnedExtents(p))
+    }
+
+    pub(crate) fn to_vec(&self) -> Vec<(u64, u64, u32)> {
+        let (Some(count), Some(get)) = (service!(extents_count), service!(extents_get)) else {
+            return Vec::new();
+        };
+        // SAFETY: `self.0` is a live list from extents_new.
+        let n = unsafe { count(self.0) };
+        (0..n)
+            .filter_map(|i| {
+                let (mut o, mut l, mut t) = (0u64, 0u64, 0u32);
+                // SAFETY: `i` is in range and the out-pointers are our locals.
+                (unsafe { get(self.0, i, &mut o, &mut l, &mut t) } == 0).then_some((o, l, t))
+            })
+            .collect()
+    }
+}
+
+impl Drop for OwnedExtents {
+    fn drop(&mut self) {
+        if let Some(f) = service!(extents_free) {
+            // SAFETY: freed once; it came from extents_new.
+            unsafe { f(self.0) }
+        }
     }
 }

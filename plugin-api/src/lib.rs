@@ -35,14 +35,17 @@
 
 pub mod abi;
 mod error;
+mod filter;
 pub mod host;
 mod plugin;
 
 pub use error::{Error, Result};
+pub use filter::{Filter, FilterHandle, Next, NextOpener};
 pub use plugin::{BlockSize, ExportList, ExtentList, Flags, Handle, Plugin, Support, ThreadModel};
 
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::filter::entry as filter_entry;
     pub use crate::plugin::entry;
 }
 
@@ -65,6 +68,28 @@ macro_rules! nbdhost_plugin {
             // SAFETY: the caller passes a table that lives as long as the
             // plugin, which is what `entry` requires.
             unsafe { $crate::__private::entry::<$plugin>(host, VERSION) }
+        }
+    };
+}
+
+/// Export a type implementing [`Filter`] as this shared object's filter.
+///
+/// Use it exactly once per `cdylib`.
+#[macro_export]
+macro_rules! nbdhost_filter {
+    ($filter:ty) => {
+        /// Entry point the nbdhost server looks up when it loads this filter.
+        ///
+        /// # Safety
+        /// `host` must point to a host-service table that outlives the filter.
+        #[no_mangle]
+        pub unsafe extern "C" fn nbdhost_filter_entry(
+            host: *const $crate::abi::Host,
+        ) -> *const $crate::abi::Filter {
+            const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+            // SAFETY: the caller passes a table that lives as long as the
+            // filter, which is what `filter_entry` requires.
+            unsafe { $crate::__private::filter_entry::<$filter>(host, VERSION) }
         }
     };
 }

@@ -68,6 +68,14 @@ pub struct ExtentList {
 }
 
 impl ExtentList {
+    pub(crate) fn from_raw(raw: *mut abi::Extents) -> Self {
+        ExtentList { raw }
+    }
+
+    pub(crate) fn raw(&mut self) -> *mut abi::Extents {
+        self.raw
+    }
+
     /// Append an extent. Extents must be contiguous and in order; `typ` is a
     /// combination of [`abi::EXTENT_HOLE`] and [`abi::EXTENT_ZERO`].
     pub fn add(&mut self, offset: u64, length: u64, typ: u32) -> Result<()> {
@@ -238,7 +246,7 @@ thread_local! {
 /// Replace this plugin's panic hook (a cdylib has its own copy of std, so
 /// the server's is untouched): instead of printing a backtrace, remember
 /// where the panic happened for the one log line the server writes.
-fn quiet_panics() {
+pub(crate) fn quiet_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         std::panic::set_hook(Box::new(|info| {
@@ -252,7 +260,7 @@ fn quiet_panics() {
 
 /// Run `f`, turning an error or a panic into a recorded host error and
 /// `failed`. Panics must not unwind into the server's C frames.
-fn guard<T>(failed: T, f: impl FnOnce() -> Result<T>) -> T {
+pub(crate) fn guard<T>(failed: T, f: impl FnOnce() -> Result<T>) -> T {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
@@ -310,7 +318,7 @@ unsafe fn handle<'a, P: Plugin>(h: *mut c_void) -> &'a P::Handle {
     unsafe { &*(h as *const P::Handle) }
 }
 
-fn str_arg<'a>(p: *const c_char) -> Result<&'a str> {
+pub(crate) fn str_arg<'a>(p: *const c_char) -> Result<&'a str> {
     if p.is_null() {
         return Err(Error::new(libc::EINVAL, "null string"));
     }
@@ -320,7 +328,7 @@ fn str_arg<'a>(p: *const c_char) -> Result<&'a str> {
         .map_err(|_| Error::new(libc::EINVAL, "parameter is not UTF-8"))
 }
 
-fn ok(r: Result<()>) -> Result<c_int> {
+pub(crate) fn ok(r: Result<()>) -> Result<c_int> {
     r.map(|()| 0)
 }
 
@@ -483,11 +491,11 @@ unsafe extern "C" fn export_description<P: Plugin>(h: *mut c_void) -> *const c_c
     })
 }
 
-fn flags(f: u32) -> Flags {
+pub(crate) fn flags(f: u32) -> Flags {
     Flags::from_bits_truncate(f)
 }
 
-fn len(count: u64) -> Result<usize> {
+pub(crate) fn len(count: u64) -> Result<usize> {
     usize::try_from(count).map_err(|_| Error::new(libc::EOVERFLOW, "request too large"))
 }
 

@@ -95,6 +95,11 @@ pub struct Cli {
     #[arg(long, value_name = "CMD")]
     pub run: Option<String>,
 
+    /// Stack a filter (a short name or a path); repeat for more, the first
+    /// given nearest to the client.
+    #[arg(long = "filter", value_name = "NAME|PATH")]
+    pub filters: Vec<String>,
+
     /// Print build and path settings, then exit.
     #[arg(long)]
     pub dump_config: bool,

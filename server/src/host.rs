@@ -41,6 +41,31 @@ pub fn with_context<T>(ctx: &ConnContext, f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// Run `f` for the current connection but under another export name, as
+/// a filter opening the next layer may ask.
+pub fn with_export_name<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    let cur = CONTEXT.with(|c| c.get());
+    // SAFETY: CONTEXT is only non-null inside `with_context`.
+    let peer = unsafe { cur.as_ref() }.and_then(|c| c.peer);
+    let ctx = ConnContext {
+        export_name: CString::new(name).unwrap_or_default(),
+        peer,
+    };
+    with_context(&ctx, f)
+}
+
+/// The export name of the current connection ("" outside one).
+pub fn export_name() -> CString {
+    let cur = CONTEXT.with(|c| c.get());
+    // SAFETY: CONTEXT is only non-null inside `with_context`.
+    unsafe { cur.as_ref() }.map_or_else(CString::default, |c| c.export_name.clone())
+}
+
+/// Record `e` as the current call's error, as `host->error` does.
+pub fn record(e: Error) {
+    LAST_ERROR.with(|l| *l.borrow_mut() = Some(e));
+}
+
 /// Run `f` as a call into `layer`, collecting the error it records.
 pub fn call_layer<T>(layer: &'static str, f: impl FnOnce() -> T) -> T {
     let prev = LAYER.with(|l| l.replace(layer));
@@ -305,6 +330,51 @@ unsafe extern "C" fn host_debug_flag(name: *const c_char) -> c_int {
         .unwrap_or(0)
 }
 
+unsafe extern "C" fn host_extents_new(offset: u64) -> *mut abi::Extents {
+    Box::into_raw(Box::new(crate::plugin::ExtentCollector::new(offset))).cast()
+}
+
+unsafe extern "C" fn host_extents_free(list: *mut abi::Extents) {
+    if !list.is_null() {
+        // SAFETY: lists given to filters by extents_new are boxed
+        // collectors, freed once here.
+        drop(unsafe { Box::from_raw(list.cast::<crate::plugin::ExtentCollector>()) });
+    }
+}
+
+unsafe extern "C" fn host_extents_count(list: *const abi::Extents) -> usize {
+    // SAFETY: every extent list handed out is an `ExtentCollector`.
+    unsafe { list.cast::<crate::plugin::ExtentCollector>().as_ref() }
+        .map_or(0, |l| l.extents().len())
+}
+
+unsafe extern "C" fn host_extents_get(
+    list: *const abi::Extents,
+    i: usize,
+    offset: *mut u64,
+    length: *mut u64,
+    typ: *mut u32,
+) -> c_int {
+    // SAFETY: every extent list handed out is an `ExtentCollector`.
+    let Some(l) = (unsafe { list.cast::<crate::plugin::ExtentCollector>().as_ref() }) else {
+        return -1;
+    };
+    let Some(e) = l.extents().get(i) else {
+        return -1;
+    };
+    // SAFETY: the filter passes three writable places.
+    unsafe {
+        *offset = e.offset;
+        *length = e.length;
+        *typ = e.flags;
+    }
+    0
+}
+
+unsafe extern "C" fn host_last_errno() -> c_int {
+    LAST_ERROR.with(|e| e.borrow().as_ref().map_or(0, |e| e.raw_errno()))
+}
+
 /// The table every plugin receives.
 pub static HOST: abi::Host = abi::Host {
     struct_size: std::mem::size_of::<abi::Host>() as u64,
@@ -320,6 +390,11 @@ pub static HOST: abi::Host = abi::Host {
     peer_name: Some(host_peer_name),
     export_name: Some(host_export_name),
     debug_flag: Some(host_debug_flag),
+    extents_new: Some(host_extents_new),
+    extents_free: Some(host_extents_free),
+    extents_count: Some(host_extents_count),
+    extents_get: Some(host_extents_get),
+    last_errno: Some(host_last_errno),
 };
 
 #[cfg(test)]

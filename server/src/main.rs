@@ -4,6 +4,7 @@ mod backend;
 mod cli;
 mod connection;
 mod export;
+mod filter;
 mod handshake;
 mod host;
 mod listen;
@@ -56,9 +57,11 @@ fn init_logging(verbose: bool) {
         .init();
 }
 
-/// Directories searched for plugins given by short name.
-fn plugin_dirs() -> Vec<PathBuf> {
-    if let Some(d) = std::env::var_os("NBDHOST_PLUGINDIR") {
+/// Directories searched for plugins (`kind` = "plugin") or filters given
+/// by short name: `$NBDHOST_PLUGINDIR` or `$NBDHOST_FILTERDIR` if set,
+/// otherwise beside the executable, then the installed locations.
+fn layer_dirs(kind: &str) -> Vec<PathBuf> {
+    if let Some(d) = std::env::var_os(format!("NBDHOST_{}DIR", kind.to_uppercase())) {
         return std::env::split_paths(&d).collect();
     }
     let mut dirs = Vec::new();
@@ -67,14 +70,14 @@ fn plugin_dirs() -> Vec<PathBuf> {
         .and_then(|p| p.parent().map(Path::to_path_buf))
     {
         dirs.push(exe_dir.clone());
-        dirs.push(exe_dir.join("../lib/nbdhost/plugins"));
+        dirs.push(exe_dir.join(format!("../lib/nbdhost/{kind}s")));
     }
-    dirs.push(PathBuf::from("/usr/lib/nbdhost/plugins"));
+    dirs.push(PathBuf::from(format!("/usr/lib/nbdhost/{kind}s")));
     dirs
 }
 
-/// A path is used as is; a short name is looked up as `lib<name>plugin.so`.
-fn resolve_plugin(arg: &str) -> Result<PathBuf, String> {
+/// A path is used as is; a short name is looked up as `lib<name><kind>.so`.
+fn resolve_layer(arg: &str, kind: &str) -> Result<PathBuf, String> {
     if arg.contains('/') || arg.ends_with(".so") {
         return Ok(PathBuf::from(arg));
     }
@@ -82,16 +85,20 @@ fn resolve_plugin(arg: &str) -> Result<PathBuf, String> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
-        return Err(format!("'{arg}' is neither a plugin name nor a path"));
+        return Err(format!("'{arg}' is neither a {kind} name nor a path"));
     }
-    let file = format!("lib{arg}plugin.so");
-    let dirs = plugin_dirs();
+    let file = format!("lib{arg}{kind}.so");
+    let dirs = layer_dirs(kind);
     dirs.iter()
         .map(|d| d.join(&file))
         .find(|p| p.exists())
         .ok_or_else(|| {
             let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-            format!("plugin '{arg}' not found ({file} is not in {}); set NBDHOST_PLUGINDIR or give a path", searched.join(", "))
+            format!(
+                "{kind} '{arg}' not found ({file} is not in {}); set NBDHOST_{}DIR or give a path",
+                searched.join(", "),
+                kind.to_uppercase()
+            )
         })
 }
 
@@ -108,18 +115,19 @@ fn dump_config() {
         nbdhost_plugin_api::abi::ABI_MAJOR,
         nbdhost_plugin_api::abi::ABI_MINOR
     );
-    let dirs: Vec<String> = plugin_dirs()
-        .iter()
-        .map(|d| d.display().to_string())
-        .collect();
-    println!("plugindir={}", dirs.join(":"));
+    for kind in ["plugin", "filter"] {
+        let dirs: Vec<String> = layer_dirs(kind)
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        println!("{kind}dir={}", dirs.join(":"));
+    }
     println!("host_cpu={}", std::env::consts::ARCH);
     println!("host_os={}", std::env::consts::OS);
     println!("max_payload={}", export::MAX_PAYLOAD);
 }
 
-fn dump_plugin(p: &plugin::Plugin) {
-    let i = p.info();
+fn dump_layer(i: &plugin::LayerInfo) {
     println!("path={}", i.path.display());
     println!("name={}", i.name);
     println!("version={}", i.version);
@@ -167,20 +175,22 @@ fn run(cli: Cli) -> Result<i32, String> {
     }
     host::set_debug_flags(cli.debug_flags()?);
     let plugin_arg = cli.plugin.clone().ok_or("no plugin given")?;
-    let plugin = plugin::Plugin::load(&resolve_plugin(&plugin_arg)?)?;
+    let plugin = plugin::Plugin::load(&resolve_layer(&plugin_arg, "plugin")?)?;
+    let filters = cli
+        .filters
+        .iter()
+        .map(|f| filter::LoadedFilter::load(&resolve_layer(f, "filter")?))
+        .collect::<Result<Vec<_>, String>>()?;
     if cli.dump_plugin {
-        dump_plugin(&plugin);
+        dump_layer(plugin.info());
+        for f in &filters {
+            println!();
+            println!("filter:");
+            dump_layer(f.info());
+        }
         return Ok(0);
     }
-    let name = plugin.info().name.clone();
-    for (k, v) in cli::plugin_params(&cli.params, plugin.info().magic_config_key.as_deref())? {
-        plugin.config(&k, &v).map_err(|e| format!("{name}: {e}"))?;
-    }
-    plugin
-        .config_complete()
-        .map_err(|e| format!("{name}: {e}"))?;
-    plugin.get_ready().map_err(|e| format!("{name}: {e}"))?;
-    let backend: Arc<dyn Backend> = Arc::new(plugin);
+    let backend = configure(plugin, filters, &cli.params)?;
 
     let mut private = None;
     let (listeners, address) = listeners(&cli, &mut private)?;
@@ -237,6 +247,48 @@ fn run(cli: Cli) -> Result<i32, String> {
         Exit::Normal => 0,
         Exit::Child(code) => code,
     })
+}
+
+/// Pass parameters down the stack (each filter, nearest the client first,
+/// takes the keys it knows; the plugin gets the rest), finish
+/// configuration, and stack the filters on the plugin.
+fn configure(
+    plugin: plugin::Plugin,
+    filters: Vec<filter::LoadedFilter>,
+    params: &[String],
+) -> Result<Arc<dyn Backend>, String> {
+    let name = plugin.info().name.clone();
+    for (k, v) in cli::plugin_params(params, plugin.info().magic_config_key.as_deref())? {
+        let mut taken = false;
+        for f in &filters {
+            if f.config(&k, &v)
+                .map_err(|e| format!("{}: {e}", f.info().name))?
+            {
+                taken = true;
+                break;
+            }
+        }
+        if !taken {
+            plugin.config(&k, &v).map_err(|e| format!("{name}: {e}"))?;
+        }
+    }
+    for f in &filters {
+        f.config_complete()
+            .map_err(|e| format!("{}: {e}", f.info().name))?;
+    }
+    plugin
+        .config_complete()
+        .map_err(|e| format!("{name}: {e}"))?;
+    plugin.get_ready().map_err(|e| format!("{name}: {e}"))?;
+    for f in &filters {
+        f.get_ready()
+            .map_err(|e| format!("{}: {e}", f.info().name))?;
+    }
+    let mut backend: Arc<dyn Backend> = Arc::new(plugin);
+    for f in filters.into_iter().rev() {
+        backend = f.stack(backend);
+    }
+    Ok(backend)
 }
 
 fn listeners(

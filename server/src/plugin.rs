@@ -20,9 +20,9 @@ use crate::host;
 /// reply (the protocol lets the server stop early).
 const MAX_EXTENTS: usize = 1 << 20;
 
-/// Static facts about a plugin, as `--dump-plugin` shows them.
+/// Static facts about a plugin or filter, as `--dump-plugin` shows them.
 #[derive(Debug, Clone)]
-pub struct PluginInfo {
+pub struct LayerInfo {
     pub path: PathBuf,
     pub name: String,
     pub version: String,
@@ -37,7 +37,7 @@ pub struct PluginInfo {
 /// A loaded plugin shared object.
 pub struct Plugin {
     table: &'static abi::Plugin,
-    info: PluginInfo,
+    info: LayerInfo,
     /// Leaked once per process so per-thread layer tracking can hold it.
     name: &'static str,
     loaded: AtomicBool,
@@ -65,7 +65,8 @@ fn opt_string(p: *const c_char) -> Option<String> {
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
-fn thread_model(v: u32) -> Result<ThreadModel> {
+/// Decode a `thread_model` field.
+pub fn thread_model(v: u32) -> Result<ThreadModel> {
     Ok(match v {
         abi::THREAD_MODEL_SERIALIZE_CONNECTIONS => ThreadModel::SerializeConnections,
         abi::THREAD_MODEL_SERIALIZE_ALL_REQUESTS => ThreadModel::SerializeAllRequests,
@@ -84,24 +85,30 @@ fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::new(libc::EINVAL, "string contains a NUL byte"))
 }
 
+/// Open a shared object and find its entry symbol of type `E`.
+pub fn library<E: Copy>(
+    path: &Path,
+    symbol: &str,
+    kind: &str,
+) -> std::result::Result<(libloading::Library, E), String> {
+    let shown = path.display();
+    // SAFETY: loading a plugin or filter runs its initialisers; that is the
+    // point of it, and the user named this file on the command line.
+    let lib = unsafe { libloading::Library::new(path) }
+        .map_err(|e| format!("cannot load {kind} {shown}: {e}"))?;
+    // SAFETY: the symbol's type is fixed by the ABI headers; callers name
+    // the matching entry-point type.
+    let entry = unsafe { lib.get::<E>(symbol.as_bytes()) }
+        .map(|s| *s)
+        .map_err(|_| format!("{shown} is not an nbdhost {kind}: no symbol {symbol}"))?;
+    Ok((lib, entry))
+}
+
 impl Plugin {
     /// Load the shared object at `path` and read its table.
     pub fn load(path: &Path) -> std::result::Result<Plugin, String> {
         let shown = path.display();
-        // SAFETY: loading a plugin runs its initialisers; that is the point
-        // of a plugin and the user named this file on the command line.
-        let lib = unsafe { libloading::Library::new(path) }
-            .map_err(|e| format!("cannot load plugin {shown}: {e}"))?;
-        // SAFETY: the symbol's type is fixed by the ABI (nbdhost-plugin.h).
-        let entry: abi::PluginEntry =
-            unsafe { lib.get::<abi::PluginEntry>(abi::PLUGIN_ENTRY.as_bytes()) }
-                .map(|s| *s)
-                .map_err(|_| {
-                    format!(
-                        "{shown} is not an nbdhost plugin: no symbol {}",
-                        abi::PLUGIN_ENTRY
-                    )
-                })?;
+        let (lib, entry) = library::<abi::PluginEntry>(path, abi::PLUGIN_ENTRY, "plugin")?;
         // SAFETY: the entry point takes the host table, which is 'static.
         let table = unsafe { entry(&host::HOST) };
         // SAFETY: the entry point returns null or a struct that lives as long
@@ -129,7 +136,7 @@ impl Plugin {
         let name = opt_string(table.name)
             .filter(|n| !n.is_empty())
             .ok_or_else(|| format!("{shown}: plugin has no name"))?;
-        let info = PluginInfo {
+        let info = LayerInfo {
             path: path.to_path_buf(),
             version: opt_string(table.version).unwrap_or_default(),
             description: opt_string(table.description).unwrap_or_default(),
@@ -163,7 +170,7 @@ impl Plugin {
     }
 
     /// Static facts about the plugin.
-    pub fn info(&self) -> &PluginInfo {
+    pub fn info(&self) -> &LayerInfo {
         &self.info
     }
 
@@ -677,11 +684,17 @@ pub struct ExtentCollector {
 }
 
 impl ExtentCollector {
-    fn new(start: u64) -> Self {
+    /// An empty list for a range starting at `start`.
+    pub fn new(start: u64) -> Self {
         ExtentCollector {
             next: start,
             items: Vec::new(),
         }
+    }
+
+    /// The extents gathered so far.
+    pub fn extents(&self) -> &[Extent] {
+        &self.items
     }
 
     /// Append one extent, as `host->add_extent` does.

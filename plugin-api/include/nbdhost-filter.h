@@ -1,0 +1,145 @@
+/* nbdhost filter ABI.
+ *
+ * A filter is a shared object that sits between the client and the plugin
+ * and sees every call on its way down.  It exports one function,
+ * nbdhost_filter_entry, which returns a struct nbdhost_filter under the same
+ * rules as plugins (nbdhost-plugin.h): the struct starts with its size and
+ * the ABI version, fields are only appended, and callbacks past the end of
+ * an older struct, or NULL, mean "pass the call to the next layer".
+ *
+ * Every per-connection callback receives the next layer as a struct
+ * nbdhost_next, so a filter can call down, split a request, retry it, or
+ * answer it itself.  See nbdhost-filter(3).
+ */
+#ifndef NBDHOST_FILTER_H
+#define NBDHOST_FILTER_H
+
+#include "nbdhost-plugin.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Name of the symbol every filter exports. */
+#define NBDHOST_FILTER_ENTRY "nbdhost_filter_entry"
+
+/* Return values of a filter's config callback. */
+#define NBDHOST_CONFIG_TAKEN   0  /* the key was this filter's */
+#define NBDHOST_CONFIG_PASS    1  /* not this filter's: offer it further down */
+
+/* The layer below a filter, opened for one connection.  Its callbacks
+ * behave exactly like the plugin callbacks of the same name (return values,
+ * flags, errors recorded with host->error), with `next` in place of the
+ * plugin handle. */
+struct nbdhost_next {
+  uint64_t struct_size;
+  void *opaque;               /* the server's; do not touch */
+
+  int64_t (*get_size) (const struct nbdhost_next *next);
+  int (*block_size) (const struct nbdhost_next *next,
+                     uint32_t *minimum, uint32_t *preferred, uint32_t *maximum);
+  int (*can_write) (const struct nbdhost_next *next);
+  int (*can_flush) (const struct nbdhost_next *next);
+  int (*can_trim) (const struct nbdhost_next *next);
+  int (*can_zero) (const struct nbdhost_next *next);
+  int (*can_fast_zero) (const struct nbdhost_next *next);
+  int (*can_fua) (const struct nbdhost_next *next);
+  int (*can_multi_conn) (const struct nbdhost_next *next);
+  int (*can_cache) (const struct nbdhost_next *next);
+  int (*can_extents) (const struct nbdhost_next *next);
+  int (*is_rotational) (const struct nbdhost_next *next);
+  /* The returned string stays valid until the next call on this thread. */
+  const char *(*export_description) (const struct nbdhost_next *next);
+  int (*pread) (const struct nbdhost_next *next, void *buf,
+                uint64_t count, uint64_t offset, uint32_t flags);
+  int (*pwrite) (const struct nbdhost_next *next, const void *buf,
+                 uint64_t count, uint64_t offset, uint32_t flags);
+  int (*flush) (const struct nbdhost_next *next, uint32_t flags);
+  int (*trim) (const struct nbdhost_next *next,
+               uint64_t count, uint64_t offset, uint32_t flags);
+  int (*zero) (const struct nbdhost_next *next,
+               uint64_t count, uint64_t offset, uint32_t flags);
+  int (*extents) (const struct nbdhost_next *next,
+                  uint64_t count, uint64_t offset, uint32_t flags,
+                  struct nbdhost_extents *extents);
+  int (*cache) (const struct nbdhost_next *next,
+                uint64_t count, uint64_t offset, uint32_t flags);
+};
+
+/* Opens the next layer during a filter's open callback: under a different
+ * export name or read-only if the filter wants.  Returns 0, or -1 with the
+ * error recorded. */
+struct nbdhost_next_open {
+  uint64_t struct_size;
+  void *opaque;               /* the server's; do not touch */
+  int (*open) (const struct nbdhost_next_open *self,
+               int readonly, const char *export_name);
+};
+
+/* A filter.  Every callback may be NULL: the call then goes to the next
+ * layer unchanged. */
+struct nbdhost_filter {
+  uint64_t struct_size;       /* sizeof (struct nbdhost_filter) */
+  uint32_t abi_version;       /* NBDHOST_ABI_VERSION */
+  uint32_t thread_model;      /* NBDHOST_THREAD_MODEL_* this filter tolerates */
+
+  const char *name;
+  const char *version;
+  const char *description;
+  const char *config_help;
+
+  int (*load) (void);
+  void (*unload) (void);
+  /* Return NBDHOST_CONFIG_TAKEN, NBDHOST_CONFIG_PASS, or -1 on error. */
+  int (*config) (const char *key, const char *value);
+  int (*config_complete) (void);
+  int (*get_ready) (void);
+  int (*preconnect) (int readonly);
+
+  /* Must call next->open exactly once on success.  Returns the filter's
+   * handle (any non-NULL pointer, for example a static one), or NULL. */
+  void *(*open) (const struct nbdhost_next_open *next, int readonly,
+                 const char *export_name);
+  void (*close) (void *handle);
+
+  int64_t (*get_size) (const struct nbdhost_next *next, void *handle);
+  int (*block_size) (const struct nbdhost_next *next, void *handle,
+                     uint32_t *minimum, uint32_t *preferred, uint32_t *maximum);
+  int (*can_write) (const struct nbdhost_next *next, void *handle);
+  int (*can_flush) (const struct nbdhost_next *next, void *handle);
+  int (*can_trim) (const struct nbdhost_next *next, void *handle);
+  int (*can_zero) (const struct nbdhost_next *next, void *handle);
+  int (*can_fast_zero) (const struct nbdhost_next *next, void *handle);
+  int (*can_fua) (const struct nbdhost_next *next, void *handle);
+  int (*can_multi_conn) (const struct nbdhost_next *next, void *handle);
+  int (*can_cache) (const struct nbdhost_next *next, void *handle);
+  int (*can_extents) (const struct nbdhost_next *next, void *handle);
+  int (*is_rotational) (const struct nbdhost_next *next, void *handle);
+  const char *(*export_description) (const struct nbdhost_next *next,
+                                     void *handle);
+  int (*pread) (const struct nbdhost_next *next, void *handle, void *buf,
+                uint64_t count, uint64_t offset, uint32_t flags);
+  int (*pwrite) (const struct nbdhost_next *next, void *handle,
+                 const void *buf, uint64_t count, uint64_t offset,
+                 uint32_t flags);
+  int (*flush) (const struct nbdhost_next *next, void *handle,
+                uint32_t flags);
+  int (*trim) (const struct nbdhost_next *next, void *handle,
+               uint64_t count, uint64_t offset, uint32_t flags);
+  int (*zero) (const struct nbdhost_next *next, void *handle,
+               uint64_t count, uint64_t offset, uint32_t flags);
+  int (*extents) (const struct nbdhost_next *next, void *handle,
+                  uint64_t count, uint64_t offset, uint32_t flags,
+                  struct nbdhost_extents *extents);
+  int (*cache) (const struct nbdhost_next *next, void *handle,
+                uint64_t count, uint64_t offset, uint32_t flags);
+};
+
+typedef const struct nbdhost_filter *
+  (*nbdhost_filter_entry_fn) (const struct nbdhost_host *host);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NBDHOST_FILTER_H */

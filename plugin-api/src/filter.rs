@@ -1,0 +1,635 @@
+//! The `Filter` and `FilterHandle` traits, the `Next` layer they call, and
+//! the trampolines that expose them through the C ABI
+//! (`include/nbdhost-filter.h`).
+
+use std::any::Any;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::{OnceLock, RwLock};
+
+use crate::abi;
+use crate::host::{self, OwnedExtents};
+use crate::plugin::{flags, guard, len, ok, quiet_panics, str_arg};
+use crate::{BlockSize, Error, ExtentList, Flags, Result, Support, ThreadModel};
+
+/// The layer below a filter, for one connection. Its methods behave like
+/// the plugin callbacks of the same names.
+pub struct Next {
+    raw: *const abi::Next,
+}
+
+/// Opens the layer below during [`Filter::open`].
+pub struct NextOpener {
+    raw: *const abi::NextOpen,
+}
+
+impl NextOpener {
+    /// Open the next layer, optionally read-only or under another export
+    /// name. Call it exactly once from a successful `open`.
+    pub fn open(&self, readonly: bool, export_name: &str) -> Result<()> {
+        let name = CString::new(export_name)
+            .map_err(|_| Error::new(libc::EINVAL, "NUL in export name"))?;
+        // SAFETY: `raw` is the server's opener, valid during the open call.
+        let t = unsafe { &*self.raw };
+        let f = t
+            .open
+            .ok_or_else(|| Error::new(libc::EINVAL, "no next open"))?;
+        // SAFETY: ABI call with the opener itself and a valid string.
+        match unsafe { f(self.raw, c_int::from(readonly), name.as_ptr()) } {
+            0 => Ok(()),
+            _ => Err(Error::from_next(host::last_errno())),
+        }
+    }
+}
+
+fn next_result(r: c_int) -> Result<c_int> {
+    if r < 0 {
+        Err(Error::from_next(host::last_errno()))
+    } else {
+        Ok(r)
+    }
+}
+
+fn support(v: c_int) -> Support {
+    match v {
+        0 => Support::None,
+        1 => Support::Emulate,
+        _ => Support::Native,
+    }
+}
+
+macro_rules! next_bool {
+    ($name:ident) => {
+        #[doc = concat!("Ask the next layer `", stringify!($name), "`.")]
+        pub fn $name(&self) -> Result<bool> {
+            let f = self.t().$name.ok_or_else(missing)?;
+            // SAFETY: ABI call with the server's next table.
+            next_result(unsafe { f(self.raw) }).map(|v| v != 0)
+        }
+    };
+}
+
+macro_rules! next_range {
+    ($name:ident) => {
+        #[doc = concat!("Pass `", stringify!($name), "` to the next layer.")]
+        pub fn $name(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
+            let f = self.t().$name.ok_or_else(missing)?;
+            // SAFETY: ABI call with the server's next table.
+            next_result(unsafe { f(self.raw, count, offset, flags.bits()) }).map(drop)
+        }
+    };
+}
+
+fn missing() -> Error {
+    Error::new(libc::ENOSYS, "next layer lacks this call")
+}
+
+impl Next {
+    fn t(&self) -> &abi::Next {
+        // SAFETY: `raw` is the server's table, valid during the callback.
+        unsafe { &*self.raw }
+    }
+
+    /// Size of the next layer.
+    pub fn get_size(&self) -> Result<u64> {
+        let f = self.t().get_size.ok_or_else(missing)?;
+        // SAFETY: ABI call with the server's next table.
+        let r = unsafe { f(self.raw) };
+        u64::try_from(r).map_err(|_| Error::from_next(host::last_errno()))
+    }
+
+    /// Block-size constraints of the next layer.
+    pub fn block_size(&self) -> Result<Option<BlockSize>> {
+        let f = self.t().block_size.ok_or_else(missing)?;
+        let (mut a, mut b, mut c) = (0u32, 0u32, 0u32);
+        // SAFETY: ABI call writing three u32s into our locals.
+        next_result(unsafe { f(self.raw, &mut a, &mut b, &mut c) })?;
+        Ok((a != 0 || b != 0 || c != 0).then_some(BlockSize {
+            minimum: a,
+            preferred: b,
+            maximum: c,
+        }))
+    }
+
+    next_bool!(can_write);
+    next_bool!(can_flush);
+    next_bool!(can_trim);
+    next_bool!(can_zero);
+    next_bool!(can_fast_zero);
+    next_bool!(can_multi_conn);
+    next_bool!(can_extents);
+    next_bool!(is_rotational);
+
+    /// How the next layer handles FUA.
+    pub fn can_fua(&self) -> Result<Support> {
+        let f = self.t().can_fua.ok_or_else(missing)?;
+        // SAFETY: ABI call with the server's next table.
+        next_result(unsafe { f(self.raw) }).map(support)
+    }
+
+    /// How the next layer handles cache requests.
+    pub fn can_cache(&self) -> Result<Support> {
+        let f = self.t().can_cache.ok_or_else(missing)?;
+        // SAFETY: ABI call with the server's next table.
+        next_result(unsafe { f(self.raw) }).map(support)
+    }
+
+    /// The next layer's export description.
+    pub fn export_description(&self) -> Result<Option<String>> {
+        let f = self.t().export_description.ok_or_else(missing)?;
+        // SAFETY: ABI call; the string is copied before any other call.
+        let p = unsafe { f(self.raw) };
+        // SAFETY: null or a NUL-terminated string valid until the next call.
+        Ok((!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()))
+    }
+
+    /// Read from the next layer.
+    pub fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+        let f = self.t().pread.ok_or_else(missing)?;
+        // SAFETY: `buf` is writable for its length during the call.
+        next_result(unsafe {
+            f(
+                self.raw,
+                buf.as_mut_ptr().cast(),
+                buf.len() as u64,
+                offset,
+                flags.bits(),
+            )
+        })
+        .map(drop)
+    }
+
+    /// Write to the next layer.
+    pub fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        let f = self.t().pwrite.ok_or_else(missing)?;
+        // SAFETY: `buf` is readable for its length during the call.
+        next_result(unsafe {
+            f(
+                self.raw,
+                buf.as_ptr().cast(),
+                buf.len() as u64,
+                offset,
+                flags.bits(),
+            )
+        })
+        .map(drop)
+    }
+
+    /// Flush the next layer.
+    pub fn flush(&self, flags: Flags) -> Result<()> {
+        let f = self.t().flush.ok_or_else(missing)?;
+        // SAFETY: ABI call with the server's next table.
+        next_result(unsafe { f(self.raw, flags.bits()) }).map(drop)
+    }
+
+    next_range!(trim);
+    next_range!(zero);
+    next_range!(cache);
+
+    /// The next layer's extents as `(offset, length, type)`, in order.
+    pub fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<(u64, u64, u32)>> {
+        let f = self.t().extents.ok_or_else(missing)?;
+        let list = OwnedExtents::new(offset)?;
+        // SAFETY: `list` is a live server list for the duration of the call.
+        next_result(unsafe { f(self.raw, count, offset, flags.bits(), list.0) })?;
+        Ok(list.to_vec())
+    }
+
+    /// Pass an extents request down unchanged, filling `list` directly.
+    pub fn extents_into(
+        &self,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        list: &mut ExtentList,
+    ) -> Result<()> {
+        let f = self.t().extents.ok_or_else(missing)?;
+        // SAFETY: `list` is the server's list for the current call.
+        next_result(unsafe { f(self.raw, count, offset, flags.bits(), list.raw()) }).map(drop)
+    }
+}
+
+/// A filter: global state configured from the command line, created with
+/// `Default` when the server loads it.
+pub trait Filter: Default + Send + Sync + 'static {
+    /// Short name, as used with `--filter`.
+    const NAME: &'static CStr;
+    /// One-line description.
+    const DESCRIPTION: &'static CStr;
+    /// `key=value` lines shown by `--help`.
+    const CONFIG_HELP: &'static CStr = c"";
+    /// Concurrency this filter tolerates.
+    const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
+
+    /// Per-connection state.
+    type Handle: FilterHandle;
+
+    /// Offered one parameter; return `Ok(true)` if it is this filter's,
+    /// `Ok(false)` to pass it further down.
+    fn config(&mut self, _key: &str, _value: &str) -> Result<bool> {
+        Ok(false)
+    }
+    /// All parameters were given.
+    fn config_complete(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Called once before the server starts listening.
+    fn get_ready(&self) -> Result<()> {
+        Ok(())
+    }
+    /// A client connected; refuse it by returning an error.
+    fn preconnect(&self, _readonly: bool) -> Result<()> {
+        Ok(())
+    }
+    /// Open a connection: call `next.open` exactly once, then build the
+    /// handle.
+    fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Self::Handle>;
+    /// Called once before the filter is unloaded.
+    fn unload(&mut self) {}
+}
+
+/// A filter's per-connection state. Every method defaults to passing the
+/// call to the next layer unchanged.
+#[allow(missing_docs)]
+pub trait FilterHandle: Send + Sync + 'static {
+    fn get_size(&self, next: &Next) -> Result<u64> {
+        next.get_size()
+    }
+    fn block_size(&self, next: &Next) -> Result<Option<BlockSize>> {
+        next.block_size()
+    }
+    fn can_write(&self, next: &Next) -> Result<bool> {
+        next.can_write()
+    }
+    fn can_flush(&self, next: &Next) -> Result<bool> {
+        next.can_flush()
+    }
+    fn can_trim(&self, next: &Next) -> Result<bool> {
+        next.can_trim()
+    }
+    fn can_zero(&self, next: &Next) -> Result<bool> {
+        next.can_zero()
+    }
+    fn can_fast_zero(&self, next: &Next) -> Result<bool> {
+        next.can_fast_zero()
+    }
+    fn can_fua(&self, next: &Next) -> Result<Support> {
+        next.can_fua()
+    }
+    fn can_multi_conn(&self, next: &Next) -> Result<bool> {
+        next.can_multi_conn()
+    }
+    fn can_cache(&self, next: &Next) -> Result<Support> {
+        next.can_cache()
+    }
+    fn can_extents(&self, next: &Next) -> Result<bool> {
+        next.can_extents()
+    }
+    fn is_rotational(&self, next: &Next) -> Result<bool> {
+        next.is_rotational()
+    }
+    fn export_description(&self, next: &Next) -> Result<Option<String>> {
+        next.export_description()
+    }
+    fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+        next.pread(buf, offset, flags)
+    }
+    fn pwrite(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        next.pwrite(buf, offset, flags)
+    }
+    fn flush(&self, next: &Next, flags: Flags) -> Result<()> {
+        next.flush(flags)
+    }
+    fn trim(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        next.trim(count, offset, flags)
+    }
+    fn zero(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        next.zero(count, offset, flags)
+    }
+    fn extents(
+        &self,
+        next: &Next,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        list: &mut ExtentList,
+    ) -> Result<()> {
+        next.extents_into(count, offset, flags, list)
+    }
+    fn cache(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        next.cache(count, offset, flags)
+    }
+}
+
+static INSTANCE: OnceLock<RwLock<Box<dyn Any + Send + Sync>>> = OnceLock::new();
+static TABLE: OnceLock<abi::Filter> = OnceLock::new();
+
+fn with_filter<F: Filter, T>(f: impl FnOnce(&F) -> Result<T>) -> Result<T> {
+    let lock = INSTANCE
+        .get()
+        .ok_or_else(|| Error::new(libc::EINVAL, "filter not loaded"))?;
+    let guard = lock
+        .read()
+        .map_err(|_| Error::new(libc::EIO, "filter state poisoned"))?;
+    f(guard
+        .downcast_ref::<F>()
+        .expect("instance has the filter's type"))
+}
+
+fn with_filter_mut<F: Filter, T>(f: impl FnOnce(&mut F) -> Result<T>) -> Result<T> {
+    let lock = INSTANCE
+        .get()
+        .ok_or_else(|| Error::new(libc::EINVAL, "filter not loaded"))?;
+    let mut guard = lock
+        .write()
+        .map_err(|_| Error::new(libc::EIO, "filter state poisoned"))?;
+    f(guard
+        .downcast_mut::<F>()
+        .expect("instance has the filter's type"))
+}
+
+/// Borrow the handle behind a pointer that `open` produced.
+///
+/// # Safety
+/// `h` must come from `open::<F>` and not have been closed.
+unsafe fn handle<'a, F: Filter>(h: *mut c_void) -> &'a F::Handle {
+    // SAFETY: guaranteed by the caller.
+    unsafe { &*(h as *const F::Handle) }
+}
+
+/// Run `f` with the handle and next layer of a per-connection callback.
+fn with_handle<F: Filter, T>(
+    next: *const abi::Next,
+    h: *mut c_void,
+    f: impl FnOnce(&F::Handle, &Next) -> T,
+) -> T {
+    let next = Next { raw: next };
+    // SAFETY: the server passes a live handle from `open` and its next table.
+    f(unsafe { handle::<F>(h) }, &next)
+}
+
+unsafe extern "C" fn load<F: Filter>() -> c_int {
+    guard(-1, || {
+        INSTANCE
+            .set(RwLock::new(Box::new(F::default())))
+            .map_err(|_| Error::new(libc::EINVAL, "filter loaded twice"))?;
+        Ok(0)
+    })
+}
+
+unsafe extern "C" fn unload<F: Filter>() {
+    guard((), || {
+        with_filter_mut::<F, _>(|f| {
+            f.unload();
+            Ok(())
+        })
+    })
+}
+
+unsafe extern "C" fn config<F: Filter>(key: *const c_char, value: *const c_char) -> c_int {
+    guard(-1, || {
+        let (k, v) = (str_arg(key)?, str_arg(value)?);
+        let taken = with_filter_mut::<F, _>(|f| f.config(k, v))?;
+        Ok(if taken {
+            abi::CONFIG_TAKEN
+        } else {
+            abi::CONFIG_PASS
+        })
+    })
+}
+
+unsafe extern "C" fn config_complete<F: Filter>() -> c_int {
+    guard(-1, || ok(with_filter_mut::<F, _>(|f| f.config_complete())))
+}
+
+unsafe extern "C" fn get_ready<F: Filter>() -> c_int {
+    guard(-1, || ok(with_filter::<F, _>(|f| f.get_ready())))
+}
+
+unsafe extern "C" fn preconnect<F: Filter>(readonly: c_int) -> c_int {
+    guard(-1, || {
+        ok(with_filter::<F, _>(|f| f.preconnect(readonly != 0)))
+    })
+}
+
+unsafe extern "C" fn open<F: Filter>(
+    next: *const abi::NextOpen,
+    readonly: c_int,
+    export: *const c_char,
+) -> *mut c_void {
+    guard(std::ptr::null_mut(), || {
+        let export = if export.is_null() {
+            ""
+        } else {
+            str_arg(export)?
+        };
+        let opener = NextOpener { raw: next };
+        let h = with_filter::<F, _>(|f| f.open(&opener, readonly != 0, export))?;
+        Ok(Box::into_raw(Box::new(h)).cast())
+    })
+}
+
+unsafe extern "C" fn close<F: Filter>(h: *mut c_void) {
+    guard((), || {
+        // SAFETY: the server closes each handle from `open` exactly once.
+        drop(unsafe { Box::from_raw(h as *mut F::Handle) });
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn get_size<F: Filter>(next: *const abi::Next, h: *mut c_void) -> i64 {
+    guard(-1, || {
+        let size = with_handle::<F, _>(next, h, |h, n| h.get_size(n))?;
+        i64::try_from(size).map_err(|_| Error::new(libc::EOVERFLOW, "size too large"))
+    })
+}
+
+unsafe extern "C" fn block_size<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+    min: *mut u32,
+    pref: *mut u32,
+    max: *mut u32,
+) -> c_int {
+    guard(-1, || {
+        let bs = with_handle::<F, _>(next, h, |h, n| h.block_size(n))?;
+        let (a, b, c) = bs.map_or((0, 0, 0), |b| (b.minimum, b.preferred, b.maximum));
+        // SAFETY: the server passes three writable places.
+        unsafe {
+            *min = a;
+            *pref = b;
+            *max = c;
+        }
+        Ok(0)
+    })
+}
+
+macro_rules! can_fn {
+    ($name:ident, $conv:expr) => {
+        unsafe extern "C" fn $name<F: Filter>(next: *const abi::Next, h: *mut c_void) -> c_int {
+            guard(-1, || {
+                Ok($conv(with_handle::<F, _>(next, h, |h, n| h.$name(n))?))
+            })
+        }
+    };
+}
+
+can_fn!(can_write, c_int::from);
+can_fn!(can_flush, c_int::from);
+can_fn!(can_trim, c_int::from);
+can_fn!(can_zero, c_int::from);
+can_fn!(can_fast_zero, c_int::from);
+can_fn!(can_fua, |s: Support| s as c_int);
+can_fn!(can_multi_conn, c_int::from);
+can_fn!(can_cache, |s: Support| s as c_int);
+can_fn!(can_extents, c_int::from);
+can_fn!(is_rotational, c_int::from);
+
+thread_local! {
+    static DESCRIPTION: std::cell::RefCell<CString> = Default::default();
+}
+
+unsafe extern "C" fn export_description<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+) -> *const c_char {
+    guard(std::ptr::null(), || {
+        let Some(d) = with_handle::<F, _>(next, h, |h, n| h.export_description(n))? else {
+            return Ok(std::ptr::null());
+        };
+        let c = CString::new(d).map_err(|_| Error::new(libc::EINVAL, "NUL in description"))?;
+        // The server copies the string before its next call on this thread.
+        Ok(DESCRIPTION.with(|slot| {
+            *slot.borrow_mut() = c;
+            slot.borrow().as_ptr()
+        }))
+    })
+}
+
+unsafe extern "C" fn pread<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+    buf: *mut c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: the server passes a writable buffer of `count` bytes.
+        let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len(count)?) };
+        ok(with_handle::<F, _>(next, h, |h, n| {
+            h.pread(n, buf, offset, flags(f))
+        }))
+    })
+}
+
+unsafe extern "C" fn pwrite<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+    buf: *const c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+) -> c_int {
+    guard(-1, || {
+        // SAFETY: the server passes a readable buffer of `count` bytes.
+        let buf = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len(count)?) };
+        ok(with_handle::<F, _>(next, h, |h, n| {
+            h.pwrite(n, buf, offset, flags(f))
+        }))
+    })
+}
+
+unsafe extern "C" fn flush<F: Filter>(next: *const abi::Next, h: *mut c_void, f: u32) -> c_int {
+    guard(-1, || {
+        ok(with_handle::<F, _>(next, h, |h, n| h.flush(n, flags(f))))
+    })
+}
+
+macro_rules! range_fn {
+    ($name:ident) => {
+        unsafe extern "C" fn $name<F: Filter>(
+            next: *const abi::Next,
+            h: *mut c_void,
+            count: u64,
+            offset: u64,
+            f: u32,
+        ) -> c_int {
+            guard(-1, || {
+                ok(with_handle::<F, _>(next, h, |h, n| {
+                    h.$name(n, count, offset, flags(f))
+                }))
+            })
+        }
+    };
+}
+
+range_fn!(trim);
+range_fn!(zero);
+range_fn!(cache);
+
+unsafe extern "C" fn extents<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+    list: *mut abi::Extents,
+) -> c_int {
+    guard(-1, || {
+        let mut list = ExtentList::from_raw(list);
+        ok(with_handle::<F, _>(next, h, |h, n| {
+            h.extents(n, count, offset, flags(f), &mut list)
+        }))
+    })
+}
+
+/// Build the filter's C table; called by [`crate::nbdhost_filter!`].
+///
+/// # Safety
+/// `host` must point to a host table that outlives the filter, and
+/// `version` must end with a NUL byte.
+pub unsafe fn entry<F: Filter>(
+    host: *const abi::Host,
+    version: &'static str,
+) -> *const abi::Filter {
+    host::install(host);
+    quiet_panics();
+    let version = CStr::from_bytes_with_nul(version.as_bytes()).expect("version ends with NUL");
+    TABLE.get_or_init(|| abi::Filter {
+        struct_size: std::mem::size_of::<abi::Filter>() as u64,
+        abi_version: abi::ABI_VERSION,
+        thread_model: F::THREAD_MODEL as u32,
+        name: F::NAME.as_ptr(),
+        version: version.as_ptr(),
+        description: F::DESCRIPTION.as_ptr(),
+        config_help: F::CONFIG_HELP.as_ptr(),
+        load: Some(load::<F>),
+        unload: Some(unload::<F>),
+        config: Some(config::<F>),
+        config_complete: Some(config_complete::<F>),
+        get_ready: Some(get_ready::<F>),
+        preconnect: Some(preconnect::<F>),
+        open: Some(open::<F>),
+        close: Some(close::<F>),
+        get_size: Some(get_size::<F>),
+        block_size: Some(block_size::<F>),
+        can_write: Some(can_write::<F>),
+        can_flush: Some(can_flush::<F>),
+        can_trim: Some(can_trim::<F>),
+        can_zero: Some(can_zero::<F>),
+        can_fast_zero: Some(can_fast_zero::<F>),
+        can_fua: Some(can_fua::<F>),
+        can_multi_conn: Some(can_multi_conn::<F>),
+        can_cache: Some(can_cache::<F>),
+        can_extents: Some(can_extents::<F>),
+        is_rotational: Some(is_rotational::<F>),
+        export_description: Some(export_description::<F>),
+        pread: Some(pread::<F>),
+        pwrite: Some(pwrite::<F>),
+        flush: Some(flush::<F>),
+        trim: Some(trim::<F>),
+        zero: Some(zero::<F>),
+        extents: Some(extents::<F>),
+        cache: Some(cache::<F>),
+    })
+}
