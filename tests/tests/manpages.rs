@@ -1,6 +1,6 @@
 //! Documentation ships with features: every manual page renders without
 //! warnings, every flag `nbdhost --help` lists is documented in
-//! nbdhost(1), and every in-tree plugin has its own page.
+//! nbdhost(1), and every in-tree plugin and filter has its own page.
 
 use std::path::{Path, PathBuf};
 
@@ -65,7 +65,7 @@ fn every_flag_is_documented() {
         .replace("\\fP", "");
     let flags: Vec<&str> = help
         .split_whitespace()
-        .map(|w| w.trim_end_matches(',').split('=').next().unwrap())
+        .map(|w| w.trim_end_matches([',', ']']).split('=').next().unwrap())
         .filter(|w| w.starts_with("--") && w.len() > 2)
         .collect();
     assert!(flags.len() > 15, "--help lists too few flags: {flags:?}");
@@ -75,16 +75,14 @@ fn every_flag_is_documented() {
 }
 
 #[test]
-fn every_plugin_has_a_page() {
-    let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
-    for e in std::fs::read_dir(plugins).unwrap() {
-        let name = e.unwrap().file_name().into_string().unwrap();
-        let page = man_dir().join(format!("nbdhost-{name}-plugin.1"));
-        assert!(
-            page.exists(),
-            "plugin {name} has no manual page {}",
-            page.display()
-        );
+fn every_plugin_and_filter_has_a_page() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for kind in ["plugin", "filter"] {
+        for e in std::fs::read_dir(root.join(format!("{kind}s"))).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let page = man_dir().join(format!("nbdhost-{name}-{kind}.1"));
+            assert!(page.exists(), "{kind} {name} has no manual page {}", page.display());
+        }
+        assert!(man_dir().join(format!("nbdhost-{kind}.3")).exists());
     }
-    assert!(man_dir().join("nbdhost-plugin.3").exists());
 }
