@@ -209,7 +209,12 @@ impl Decoder {
         }
         let end = r.offset.checked_add(len);
         if end.is_none_or(|end| end > e.size) {
-            let errno = if writes { ENOSPC } else { EINVAL };
+            // As nbdkit does: only data-writing commands run out of space.
+            let errno = if matches!(r.command, CMD_WRITE | CMD_WRITE_ZEROES) {
+                ENOSPC
+            } else {
+                EINVAL
+            };
             return Err((errno, "request is beyond the end of the export"));
         }
         let min = u64::from(e.min_block);
