@@ -66,6 +66,11 @@ pub struct Cli {
     #[arg(short = 'v', long)]
     pub verbose: bool,
 
+    /// Where to log: stderr, syslog or null (default: stderr in the
+    /// foreground, syslog once in the background).
+    #[arg(long, value_name = "stderr|syslog|null")]
+    pub log: Option<String>,
+
     /// Set a plugin debug flag: -D PLUGIN.FLAG=N.
     #[arg(short = 'D', long = "debug", value_name = "PLUGIN.FLAG=N")]
     pub debug: Vec<String>,

@@ -8,6 +8,7 @@ mod filter;
 mod handshake;
 mod host;
 mod listen;
+mod logging;
 mod plugin;
 mod process;
 mod server;
@@ -32,29 +33,29 @@ const DEFAULT_PORT: u16 = 10809;
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
-    match run(cli) {
-        Ok(code) => std::process::exit(code),
+    let explicit_log = match cli
+        .log
+        .as_deref()
+        .map(logging::Destination::parse)
+        .transpose()
+    {
+        Ok(d) => d,
         Err(e) => {
             eprintln!("nbdhost: error: {e}");
             std::process::exit(1);
         }
+    };
+    logging::init(
+        cli.verbose,
+        explicit_log.unwrap_or(logging::Destination::Stderr),
+    );
+    match run(cli, explicit_log) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            log::error!("{e}");
+            std::process::exit(1);
+        }
     }
-}
-
-fn init_logging(verbose: bool) {
-    let level = if verbose { "debug" } else { "warn" };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format(|buf, rec| {
-            use std::io::Write;
-            writeln!(
-                buf,
-                "nbdhost: {}: {}",
-                rec.level().as_str().to_lowercase(),
-                rec.args()
-            )
-        })
-        .init();
 }
 
 /// Directories searched for plugins (`kind` = "plugin") or filters given
@@ -168,7 +169,7 @@ enum Address {
     Stdio,
 }
 
-fn run(cli: Cli) -> Result<i32, String> {
+fn run(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, String> {
     if cli.dump_config {
         dump_config();
         return Ok(0);
@@ -203,6 +204,7 @@ fn run(cli: Cli) -> Result<i32, String> {
     let foreground = cli.foreground || cli.single || cli.run.is_some() || activated;
     if !foreground {
         process::daemonize()?;
+        logging::set_destination(explicit_log.unwrap_or(logging::Destination::Syslog));
     }
     if cli.exit_with_parent {
         process::exit_with_parent()?;

@@ -18,8 +18,11 @@ pub fn daemonize() -> Result<(), String> {
                 libc::setsid();
                 let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
                 if null >= 0 {
+                    // All three: a caller reading our output through a pipe
+                    // must see it close when the parent exits.
                     libc::dup2(null, 0);
                     libc::dup2(null, 1);
+                    libc::dup2(null, 2);
                     if null > 2 {
                         libc::close(null);
                     }

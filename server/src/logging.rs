@@ -1,0 +1,113 @@
+//! Where log messages go: standard error, syslog, or nowhere (`--log`).
+//! Levels follow `-v` and `RUST_LOG` as parsed by env_filter.
+//!
+//! A server that has gone to the background logs to syslog by default, as
+//! nbdkit does: its standard error belongs to whoever started it, who may
+//! be waiting for that pipe to close.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Once;
+
+/// A log destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Stderr = 0,
+    Syslog = 1,
+    Null = 2,
+}
+
+impl Destination {
+    /// Parse a `--log` value.
+    pub fn parse(s: &str) -> Result<Destination, String> {
+        match s {
+            "stderr" => Ok(Destination::Stderr),
+            "syslog" => Ok(Destination::Syslog),
+            "null" => Ok(Destination::Null),
+            _ => Err(format!("--log={s}: expected stderr, syslog or null")),
+        }
+    }
+}
+
+struct Logger {
+    filter: env_filter::Filter,
+    dest: AtomicU8,
+}
+
+static LOGGER: std::sync::OnceLock<Logger> = std::sync::OnceLock::new();
+static OPENLOG: Once = Once::new();
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.filter.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.filter.matches(record) {
+            return;
+        }
+        let level = record.level().as_str().to_lowercase();
+        match self.dest.load(Ordering::Relaxed) {
+            0 => {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "nbdhost: {level}: {}",
+                    record.args()
+                );
+            }
+            1 => syslog(record.level(), &format!("{level}: {}", record.args())),
+            _ => {}
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn syslog(level: log::Level, msg: &str) {
+    OPENLOG.call_once(|| {
+        // SAFETY: openlog keeps the ident pointer, so it must be 'static; a
+        // C string literal is.
+        unsafe { libc::openlog(c"nbdhost".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+    });
+    let priority = match level {
+        log::Level::Error => libc::LOG_ERR,
+        log::Level::Warn => libc::LOG_WARNING,
+        log::Level::Info => libc::LOG_INFO,
+        _ => libc::LOG_DEBUG,
+    };
+    let msg = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: a constant "%s" format with one C-string argument.
+    unsafe { libc::syslog(priority, c"%s".as_ptr(), msg.as_ptr()) };
+}
+
+/// Install the logger: debug level with `-v`, warnings otherwise, unless
+/// `RUST_LOG` says more precisely.
+pub fn init(verbose: bool, dest: Destination) {
+    let mut b = env_filter::Builder::new();
+    b.filter_level(if verbose {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Warn
+    });
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        b.parse(&spec);
+    }
+    let filter = b.build();
+    let max = filter.filter();
+    let logger = LOGGER.get_or_init(|| Logger {
+        filter,
+        dest: AtomicU8::new(dest as u8),
+    });
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// Change the destination, for example once the server is in the
+/// background.
+pub fn set_destination(dest: Destination) {
+    if let Some(l) = LOGGER.get() {
+        l.dest.store(dest as u8, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,261 @@
+//! Every way to reach the server and every way to run it: TCP over IPv4
+//! and IPv6, Unix sockets (named and private), systemd socket activation,
+//! stdin/stdout, captive `--run`, oldstyle, and the background daemon with
+//! a pid file; and the command line's own answers.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nbdhost_tests::{client, nbdhost_bin, nbdsh, plugin, run, run_ok, Server, TempDir};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start a foreground server without -U and wait for `uri` to answer.
+fn start_tcp(args: &[&str], uri: &str) -> std::process::Child {
+    let child = Command::new(nbdhost_bin())
+        .arg("-f")
+        .args(args)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if run(client("nbdinfo").arg("--size").arg(uri))
+            .status
+            .success()
+        {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("server on {uri} did not come up");
+}
+
+fn stop(mut child: std::process::Child) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn tcp_ipv4_and_ipv6() {
+    let port = free_port().to_string();
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    let child = start_tcp(&["-p", &port, "-i", "127.0.0.1", "memory", "3M"], &uri);
+    assert_eq!(nbdsh(&uri, "print(h.get_size())").trim(), "3145728");
+    stop(child);
+
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipping the IPv6 half");
+        return;
+    }
+    let port = free_port().to_string();
+    let uri = format!("nbd://[::1]:{port}/");
+    let child = start_tcp(&["-p", &port, "-i", "::1", "memory", "5M"], &uri);
+    assert_eq!(nbdsh(&uri, "print(h.get_size())").trim(), "5242880");
+    stop(child);
+}
+
+#[test]
+fn run_with_private_socket_sets_variables_and_exit_status() {
+    let out = run_ok(Command::new(nbdhost_bin()).args([
+        "-U",
+        "-",
+        "-e",
+        "disk",
+        "memory",
+        "1M",
+        "--run",
+        "echo \"uri=$uri\"; echo \"nbd=$nbd\"; echo \"sock=$unixsocket\"; echo \"name=$exportname\"; nbdinfo --size \"nbd+unix:///?socket=$unixsocket\"",
+    ]).env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap())));
+    let get = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or("")
+            .to_string()
+    };
+    let sock = get("sock");
+    assert!(sock.ends_with("/socket"), "{out}");
+    assert_eq!(
+        get("uri"),
+        format!("nbd+unix:///disk?socket={}", sock.replace('/', "/"))
+    );
+    assert_eq!(get("nbd"), format!("nbd:unix:{sock}"));
+    assert_eq!(get("name"), "disk");
+    assert!(out.lines().any(|l| l == "1048576"), "{out}");
+    assert!(
+        !std::path::Path::new(&sock).parent().unwrap().exists(),
+        "private directory removed"
+    );
+
+    let st = run(Command::new(nbdhost_bin()).args(["memory", "1M", "--run", "exit 3"]));
+    assert_eq!(st.status.code(), Some(3));
+}
+
+#[test]
+fn single_connection_on_stdin_stdout() {
+    let bin = nbdhost_bin();
+    let script = format!(
+        "h.connect_command(['{}', '-s', 'memory', '1M'])\nh.pwrite(b'z' * 4096, 4096)\nprint(h.pread(4096, 4096) == b'z' * 4096, h.get_size())",
+        bin.display()
+    );
+    let out = run_ok(client("nbdsh").arg("-c").arg(script));
+    assert_eq!(out.trim(), "True 1048576");
+}
+
+#[test]
+fn systemd_socket_activation() {
+    let out = run_ok(
+        client("nbdinfo")
+            .args(["--size", "--", "["])
+            .arg(nbdhost_bin())
+            .args(["memory", "7M", "]"]),
+    );
+    assert_eq!(out.trim(), "7340032");
+}
+
+#[test]
+fn oldstyle_handshake() {
+    let s = Server::start(&["-o", "memory", "2M"]);
+    let info = run_ok(client("nbdinfo").arg(s.uri()));
+    assert!(info.contains("protocol: oldstyle"), "{info}");
+    let out = nbdsh(
+        &s.uri(),
+        "h.pwrite(b'o' * 512, 0); print(h.pread(512, 0) == b'o' * 512)",
+    );
+    assert_eq!(out.trim(), "True");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn background_daemon_with_pidfile() {
+    let dir = TempDir::new("daemon");
+    let sock = dir.path("d.sock");
+    let pidfile = dir.path("nbdhost.pid");
+    let started = Instant::now();
+    let st = run(Command::new(nbdhost_bin())
+        .arg("-P")
+        .arg(&pidfile)
+        .arg("-U")
+        .arg(&sock)
+        .args(["memory", "1M"]));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the parent returns at once"
+    );
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    assert_eq!(
+        run_ok(client("nbdinfo").arg("--size").arg(&uri)).trim(),
+        "1048576"
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: signalling the daemon we started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sock.exists() || pidfile.exists() {
+        assert!(Instant::now() < deadline, "daemon did not clean up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn command_line_answers() {
+    let bin = nbdhost_bin();
+    let cfg = run_ok(Command::new(&bin).arg("--dump-config"));
+    assert!(
+        cfg.contains(&format!("version={}", env!("CARGO_PKG_VERSION"))),
+        "{cfg}"
+    );
+    assert!(cfg.lines().any(|l| l.starts_with("plugindir=")), "{cfg}");
+    let dump = run_ok(Command::new(&bin).args(["--dump-plugin", "memory"]));
+    assert!(
+        dump.contains("name=memory") && dump.contains("thread_model=parallel"),
+        "{dump}"
+    );
+    assert!(run_ok(Command::new(&bin).arg("--version")).contains(env!("CARGO_PKG_VERSION")));
+    assert!(run_ok(Command::new(&bin).arg("--help")).contains("--filter"));
+
+    let bad = run(Command::new(&bin).args(["-f", "nosuchplugin"]));
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("plugin 'nosuchplugin' not found"));
+    let bad = run(Command::new(&bin).args(["-f", "memory", "size=abc"]));
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("could not parse size 'abc'"),
+        "{bad:?}"
+    );
+    let bad = run(Command::new(&bin).args(["-f", "memory", "1M", "colour=blue"]));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unknown parameter 'colour'"),
+        "{bad:?}"
+    );
+
+    // A plugin by path works like one by name.
+    let s = Server::start(&[plugin("memory").to_str().unwrap(), "size=2M"]);
+    assert_eq!(nbdsh(&s.uri(), "print(h.get_size())").trim(), "2097152");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn clients_in_parallel_see_one_disk() {
+    let s = Server::start(&["memory", "8M"]);
+    let uri = s.uri();
+    let writers: Vec<_> = (0..4)
+        .map(|i| {
+            let uri = uri.clone();
+            std::thread::spawn(move || {
+                let cmd = format!("write -P {} {}M 1M", i + 1, i * 2);
+                run_ok(client("qemu-io").args(["-f", "raw", "-c", &cmd]).arg(&uri))
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut cmds = vec!["-f".to_string(), "raw".to_string()];
+    for i in 0..4 {
+        cmds.push("-c".into());
+        cmds.push(format!("read -P {} {}M 1M", i + 1, i * 2));
+    }
+    let out = run_ok(client("qemu-io").args(&cmds).arg(&uri));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn sigterm_during_a_large_copy_exits_cleanly() {
+    let dir = TempDir::new("sigterm");
+    let src = dir.path("big.img");
+    std::fs::write(&src, nbdhost_tests::pattern(256 << 20, 9)).unwrap();
+    let s = Server::start(&["memory", "256M"]);
+    let mut copy = client("nbdcopy")
+        .arg(&src)
+        .arg(s.uri())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    assert!(s.stop().success());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    let _ = copy.wait();
+}
