@@ -117,6 +117,12 @@ struct nbdhost_host {
   /* The errno recorded by the last failed call on this thread (for a
    * filter that inspects why the next layer failed). */
   int (*last_errno) (void);
+  /* Since ABI 1.1: 1 if the current connection is protected by TLS. */
+  int (*is_tls) (void);
+  /* The current connection's TLS identity: the PSK user name or the
+   * client certificate's subject DN; NULL without TLS or identity.  Valid
+   * for the connection's lifetime. */
+  const char *(*peer_identity) (void);
 };
 
 /* A plugin.  Every callback may be NULL; the defaults are those described

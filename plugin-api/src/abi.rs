@@ -95,6 +95,8 @@ pub struct Host {
         ) -> c_int,
     >,
     pub last_errno: Option<unsafe extern "C" fn() -> c_int>,
+    pub is_tls: Option<unsafe extern "C" fn() -> c_int>,
+    pub peer_identity: Option<unsafe extern "C" fn() -> *const c_char>,
 }
 
 /// Callback taking only a handle, as the `can_*` family does.

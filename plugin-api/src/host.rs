@@ -158,6 +158,22 @@ pub fn peer_name() -> Option<std::net::SocketAddr> {
     }
 }
 
+/// Whether the current connection is protected by TLS.
+pub fn is_tls() -> bool {
+    // SAFETY: a plain query of the current connection.
+    service!(is_tls).is_some_and(|f| unsafe { f() } != 0)
+}
+
+/// The current connection's TLS identity: the PSK user name, or the
+/// client certificate's subject DN.
+pub fn peer_identity() -> Option<String> {
+    let f = service!(peer_identity)?;
+    // SAFETY: null or a C string valid for the connection.
+    let p = unsafe { f() };
+    // SAFETY: checked non-null.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
 /// The value of debug flag `name` (`-D plugin.name=N`), or 0.
 pub fn debug_flag(name: &str) -> i32 {
     let Some(f) = service!(debug_flag) else {

@@ -95,6 +95,27 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub handshake_timeout: u64,
 
+    /// TLS policy: off, on (also serve plain clients) or require. Giving
+    /// --tls-psk or --tls-certificates without --tls means require.
+    #[arg(long, value_name = "off|on|require", value_parser = ["off", "on", "require"])]
+    pub tls: Option<String>,
+
+    /// PSK file in psktool's username:hexkey format; re-read for every connection.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
+
+    /// Directory with ca-cert.pem, server-cert.pem, server-key.pem and optionally ca-crl.pem.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+
+    /// Require client certificates that chain to ca-cert.pem and are not revoked.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+
+    /// GnuTLS priority string.
+    #[arg(long, value_name = "STRING")]
+    pub tls_priority: Option<String>,
+
     /// Run CMD with $uri, $nbd, $unixsocket, $port and $exportname set, then
     /// exit with its status.
     #[arg(long, value_name = "CMD")]
@@ -123,6 +144,20 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The TLS policy: secure when asked once. Credentials without an
+    /// explicit `--tls` mean TLS is required; `--tls=on` is the opt-in to
+    /// serve plain clients as well.
+    pub fn tls_mode(&self) -> crate::handshake::TlsMode {
+        use crate::handshake::TlsMode;
+        match self.tls.as_deref() {
+            Some("on") => TlsMode::On,
+            Some("require") => TlsMode::Require,
+            Some(_) => TlsMode::Off,
+            None if self.tls_psk.is_some() || self.tls_certificates.is_some() => TlsMode::Require,
+            None => TlsMode::Off,
+        }
+    }
+
     /// `-D layer.flag=N` settings as a map.
     pub fn debug_flags(&self) -> Result<std::collections::HashMap<String, i32>, String> {
         self.debug
@@ -200,5 +235,22 @@ mod tests {
         assert_eq!(c.params, vec!["1G"]);
         assert!(Cli::try_parse_from(["nbdhost", "-s", "-p", "1", "memory"]).is_err());
         assert!(Cli::try_parse_from(["nbdhost", "--dump-config"]).is_ok());
+    }
+
+    #[test]
+    fn credentials_alone_require_tls() {
+        use crate::handshake::TlsMode;
+        let mode = |args: &[&str]| {
+            let mut v = vec!["nbdhost"];
+            v.extend_from_slice(args);
+            v.push("memory");
+            Cli::try_parse_from(v).unwrap().tls_mode()
+        };
+        assert_eq!(mode(&[]), TlsMode::Off);
+        assert_eq!(mode(&["--tls-psk=k.psk"]), TlsMode::Require);
+        assert_eq!(mode(&["--tls-certificates=/d"]), TlsMode::Require);
+        assert_eq!(mode(&["--tls=on", "--tls-psk=k.psk"]), TlsMode::On);
+        assert_eq!(mode(&["--tls=off", "--tls-psk=k.psk"]), TlsMode::Off);
+        assert!(Cli::try_parse_from(["nbdhost", "--tls=maybe", "memory"]).is_err());
     }
 }

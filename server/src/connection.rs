@@ -17,6 +17,7 @@ use crate::export::{ExportInfo, ExportPolicy};
 use crate::handshake::{Answer, Event, Handshake, HandshakeConfig, Query};
 use crate::host::{self, ConnContext};
 use crate::listen::{Peer, Stream};
+use crate::tls::{self, TlsConfig, TlsSession};
 use crate::transmission::{self, Command, Decoded, Decoder, Op};
 use crate::wire::{errno_to_nbd, ReplyHeader, EIO};
 use crate::workers::{Job, Notifier, Pool};
@@ -59,6 +60,8 @@ pub struct Shared {
     pub per_connection_lock: bool,
     /// Jobs queued or running, so shutdown can wait for them.
     pub outstanding: Arc<AtomicUsize>,
+    /// Credentials for STARTTLS, when TLS is enabled.
+    pub tls: Option<Arc<TlsConfig>>,
 }
 
 impl Shared {
@@ -104,6 +107,12 @@ pub struct Connection {
     paused: bool,
     /// When an unfinished handshake is given up.
     pub deadline: Option<Instant>,
+    /// The TLS session after STARTTLS; every byte then passes through it.
+    tls: Option<TlsSession>,
+    /// The TLS handshake has completed.
+    tls_ready: bool,
+    /// Who the client proved to be over TLS (PSK user or certificate DN).
+    tls_identity: Option<String>,
 }
 
 impl Connection {
@@ -140,6 +149,9 @@ impl Connection {
             dead: false,
             paused: false,
             deadline,
+            tls: None,
+            tls_ready: false,
+            tls_identity: None,
         }
     }
 
@@ -181,6 +193,15 @@ impl Connection {
 
     /// Release the plugin handle on a worker (closing may block).
     pub fn close(&mut self, sh: &Shared) {
+        if let Some(t) = self.tls.as_mut().filter(|_| self.tls_ready && !self.dead) {
+            // Best effort: the socket may not take the alert, and we close
+            // anyway.
+            t.close_notify();
+            if let Some(b) = t.take_output() {
+                self.push_wire(b);
+            }
+            self.flush();
+        }
         self.stream.shutdown();
         if let Some(h) = self.handle.take() {
             let lock = self.lock.clone();
@@ -212,6 +233,16 @@ impl Connection {
                 Phase::Transmission(d) => d.wanted(&self.rbuf).clamp(READ_CHUNK, 4 * READ_CHUNK),
                 Phase::Handshake(_) => READ_CHUNK,
             };
+            if self.tls.is_some() {
+                match self.read_tls(sh) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        self.fail(&e);
+                        break;
+                    }
+                }
+            }
             let len = self.rbuf.len();
             self.rbuf.resize(len + want, 0);
             let r = self.stream.read(&mut self.rbuf[len..]);
@@ -248,6 +279,118 @@ impl Connection {
         self.flush();
     }
 
+    /// One read through TLS: ciphertext from the socket into the session,
+    /// plaintext out of it into `rbuf`. `Ok(false)` when the socket has
+    /// nothing more for now.
+    fn read_tls(&mut self, sh: &Shared) -> Result<bool, String> {
+        let mut buf = [0u8; 64 * 1024];
+        let n = match self.stream.read(&mut buf) {
+            Ok(0) => {
+                self.read_done = true;
+                if self.in_handshake() {
+                    self.dead = true;
+                }
+                return Ok(false);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+            Err(e) => return Err(format!("read error: {e}")),
+        };
+        let t = self.tls.as_mut().expect("TLS connection");
+        t.feed(&buf[..n]);
+        if self.tls_ready {
+            self.decrypt()?;
+        } else {
+            self.advance_tls(sh);
+        }
+        self.process(sh);
+        Ok(true)
+    }
+
+    /// Move decrypted input into `rbuf`.
+    fn decrypt(&mut self) -> Result<(), String> {
+        let t = self.tls.as_mut().expect("TLS connection");
+        if t.read_plaintext(&mut self.rbuf)
+            .map_err(|e| format!("TLS: {e}"))?
+            == tls::Read::Closed
+        {
+            self.read_done = true;
+        }
+        Ok(())
+    }
+
+    /// STARTTLS was accepted: everything after its reply is TLS.
+    fn start_tls(&mut self, sh: &Shared) {
+        let Some(cfg) = &sh.tls else {
+            self.fail("STARTTLS accepted without a TLS configuration");
+            return;
+        };
+        // The plaintext ACK must precede the first TLS record.
+        if !self.out.is_empty() {
+            let b = self.out.split().freeze();
+            self.queue(b);
+        }
+        match TlsSession::new(cfg) {
+            Ok(mut t) => {
+                // A client may already have sent its ClientHello.
+                t.feed(&self.rbuf.split());
+                self.tls = Some(t);
+                self.advance_tls(sh);
+            }
+            Err(e) => self.fail(&format!("cannot start TLS: {e}")),
+        }
+    }
+
+    /// Drive the TLS handshake with what has arrived.
+    fn advance_tls(&mut self, sh: &Shared) {
+        let t = self.tls.as_mut().expect("TLS connection");
+        let r = t.handshake();
+        // GnuTLS only knows the peer's identity once the handshake is done.
+        let (proto, who) = match r {
+            Ok(true) => (t.protocol(), t.peer_identity()),
+            _ => (
+                String::new(),
+                t.attempted_user().map(|u| format!("PSK user {u}")),
+            ),
+        };
+        if let Some(b) = t.take_output() {
+            self.push_wire(b);
+        }
+        match r {
+            Ok(false) => {}
+            Ok(true) => {
+                log::debug!(
+                    "connection {}: {proto} established{}",
+                    self.id >> 32,
+                    who.as_deref()
+                        .map(|w| format!(" with {w}"))
+                        .unwrap_or_default()
+                );
+                self.tls_ready = true;
+                self.tls_identity = who;
+                if let Phase::Handshake(hs) = &mut self.phase {
+                    hs.tls_established();
+                }
+                if let Err(e) = self.decrypt() {
+                    self.fail(&e);
+                    return;
+                }
+                self.process(sh);
+            }
+            Err(e) => {
+                let user = who.map(|w| format!(" (as {w})")).unwrap_or_default();
+                log::warn!(
+                    "connection {}: TLS handshake with {}{user} failed: {e}",
+                    self.id >> 32,
+                    peer_text(&self.peer)
+                );
+                // Let the alert go out, then close.
+                self.read_done = true;
+            }
+        }
+    }
+
     /// Resume reading if it was paused; call after relieving pressure.
     pub fn resume(&mut self, sh: &Shared) {
         if self.paused {
@@ -264,7 +407,7 @@ impl Connection {
             }
             match &mut self.phase {
                 Phase::Handshake(hs) => {
-                    if self.waiting {
+                    if self.waiting || (self.tls.is_some() && !self.tls_ready) {
                         return;
                     }
                     let ev = hs.receive(&mut self.rbuf, &mut self.out);
@@ -318,7 +461,7 @@ impl Connection {
                 true
             }
             Event::StartTls => {
-                self.fail("STARTTLS accepted without a TLS configuration");
+                self.start_tls(sh);
                 false
             }
             Event::Aborted => {
@@ -340,11 +483,12 @@ impl Connection {
         let notify = sh.notify.clone();
         let lock = sh.global_lock.clone();
         let (id, peer, policy) = (self.id, self.peer, sh.policy);
+        let tls = self.tls_ready.then(|| self.tls_identity.clone());
         sh.submit(move || {
             let _g = lock
                 .as_ref()
                 .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
-            let run = || run_query(&*backend, q, peer, policy);
+            let run = || run_query(&*backend, q, peer, tls, policy);
             let (answer, handle, ctx) = catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|_| {
                 let answer = Answer::Open(Err((libc::EIO, "internal error".into())));
                 (answer, None, Arc::new(ConnContext::default()))
@@ -421,10 +565,29 @@ impl Connection {
     }
 
     fn queue(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.wq_bytes += b.len();
-            self.wq.push_back(b);
+        if b.is_empty() {
+            return;
         }
+        let b = match self.tls.as_mut().filter(|_| self.tls_ready) {
+            Some(t) => {
+                if let Err(e) = t.write_plaintext(&b) {
+                    self.fail(&format!("TLS: {e}"));
+                    return;
+                }
+                match t.take_output() {
+                    Some(c) => c,
+                    None => return,
+                }
+            }
+            None => b,
+        };
+        self.push_wire(b);
+    }
+
+    /// Queue bytes exactly as they go on the wire (already encrypted).
+    fn push_wire(&mut self, b: Bytes) {
+        self.wq_bytes += b.len();
+        self.wq.push_back(b);
     }
 
     /// Write as much queued output as the socket takes.
@@ -459,6 +622,16 @@ impl Connection {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    // The client hung up; nothing to warn anyone about.
+                    log::debug!("connection {}: client went away: {e}", self.id >> 32);
+                    self.dead = true;
+                }
                 Err(e) => self.fail(&format!("write error: {e}")),
             }
         }
@@ -466,15 +639,20 @@ impl Connection {
 }
 
 /// Run a handshake query against the backend (on a worker).
+/// `tls` is `Some(identity)` on a TLS connection.
 fn run_query(
     backend: &dyn Backend,
     q: Query,
     peer: Peer,
+    tls: Option<Option<String>>,
     policy: ExportPolicy,
 ) -> (Answer, Option<Arc<dyn Handle>>, Arc<ConnContext>) {
     let readonly = policy.readonly;
+    let is_tls = tls.is_some();
     let mut ctx = ConnContext {
         peer: Some(peer),
+        is_tls,
+        identity: tls.flatten().and_then(|i| CString::new(i).ok()),
         ..Default::default()
     };
     let msg = |e: Error| e.to_string();
@@ -484,12 +662,13 @@ fn run_query(
             (Answer::Preconnect(r), None, Arc::new(ctx))
         }
         Query::List => {
-            let r = host::with_context(&ctx, || backend.list_exports(readonly, false)).map_err(msg);
+            let r =
+                host::with_context(&ctx, || backend.list_exports(readonly, is_tls)).map_err(msg);
             (Answer::List(r), None, Arc::new(ctx))
         }
         Query::Open { name, keep } => {
             let resolved = if name.is_empty() {
-                host::with_context(&ctx, || backend.default_export(readonly, false))
+                host::with_context(&ctx, || backend.default_export(readonly, is_tls))
             } else {
                 Ok(name)
             };
@@ -596,4 +775,12 @@ fn execute(h: &dyn Handle, op: Op, name: &str, can_extents: bool) -> Vec<Bytes> 
 
 fn ok(hdr: &ReplyHeader) -> Vec<Bytes> {
     status(hdr, 0, "")
+}
+
+fn peer_text(p: &Peer) -> String {
+    match p {
+        Peer::Inet(a) => a.to_string(),
+        Peer::Unix => "a Unix-socket client".into(),
+        Peer::Pipe => "the stdin client".into(),
+    }
 }

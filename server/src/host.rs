@@ -17,6 +17,9 @@ use zeroize::Zeroize;
 pub struct ConnContext {
     pub export_name: CString,
     pub peer: Option<crate::listen::Peer>,
+    pub is_tls: bool,
+    /// PSK user name or certificate subject DN, on a TLS connection.
+    pub identity: Option<CString>,
 }
 
 thread_local! {
@@ -47,9 +50,14 @@ pub fn with_export_name<T>(name: &str, f: impl FnOnce() -> T) -> T {
     let cur = CONTEXT.with(|c| c.get());
     // SAFETY: CONTEXT is only non-null inside `with_context`.
     let peer = unsafe { cur.as_ref() }.and_then(|c| c.peer);
+    // SAFETY: as above.
+    let (is_tls, identity) =
+        unsafe { cur.as_ref() }.map_or((false, None), |c| (c.is_tls, c.identity.clone()));
     let ctx = ConnContext {
         export_name: CString::new(name).unwrap_or_default(),
         peer,
+        is_tls,
+        identity,
     };
     with_context(&ctx, f)
 }
@@ -375,6 +383,21 @@ unsafe extern "C" fn host_last_errno() -> c_int {
     LAST_ERROR.with(|e| e.borrow().as_ref().map_or(0, |e| e.raw_errno()))
 }
 
+unsafe extern "C" fn host_is_tls() -> c_int {
+    let ctx = CONTEXT.with(|c| c.get());
+    // SAFETY: CONTEXT is only non-null inside `with_context`.
+    unsafe { ctx.as_ref() }.map_or(0, |c| c_int::from(c.is_tls))
+}
+
+unsafe extern "C" fn host_peer_identity() -> *const c_char {
+    let ctx = CONTEXT.with(|c| c.get());
+    // SAFETY: CONTEXT is only non-null inside `with_context`, and the
+    // string lives as long as the connection's context.
+    unsafe { ctx.as_ref() }
+        .and_then(|c| c.identity.as_ref())
+        .map_or(std::ptr::null(), |i| i.as_ptr())
+}
+
 /// The table every plugin receives.
 pub static HOST: abi::Host = abi::Host {
     struct_size: std::mem::size_of::<abi::Host>() as u64,
@@ -395,6 +418,8 @@ pub static HOST: abi::Host = abi::Host {
     extents_count: Some(host_extents_count),
     extents_get: Some(host_extents_get),
     last_errno: Some(host_last_errno),
+    is_tls: Some(host_is_tls),
+    peer_identity: Some(host_peer_identity),
 };
 
 #[cfg(test)]

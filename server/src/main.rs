@@ -12,6 +12,7 @@ mod logging;
 mod plugin;
 mod process;
 mod server;
+mod tls;
 mod transmission;
 mod wire;
 mod workers;
@@ -220,6 +221,18 @@ fn run(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, Stri
         )?),
         None => None,
     };
+    let tls_mode = cli.tls_mode();
+    let tls = if tls_mode == handshake::TlsMode::Off {
+        None
+    } else {
+        let opts = tls::TlsOptions {
+            psk_file: cli.tls_psk.clone(),
+            cert_dir: cli.tls_certificates.clone(),
+            verify_peer: cli.tls_verify_peer,
+            priority: cli.tls_priority.clone(),
+        };
+        Some(Arc::new(tls::TlsConfig::load(&opts)?))
+    };
     let opts = server::Options {
         threads: cli.threads,
         handshake_timeout: (cli.handshake_timeout > 0)
@@ -232,9 +245,10 @@ fn run(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, Stri
             oldstyle: cli.oldstyle,
             handshake_mask: cli.mask_handshake,
             no_structured: cli.no_sr,
-            tls: handshake::TlsMode::Off,
+            tls: tls_mode,
         },
         stdio: cli.single,
+        tls,
     };
     let exit =
         server::serve(backend, listeners, opts, child).map_err(|e| format!("event loop: {e}"))?;

@@ -33,6 +33,8 @@ pub struct Options {
     pub handshake: HandshakeConfig,
     /// `-s`: serve one connection on stdin/stdout, then exit.
     pub stdio: bool,
+    /// Credentials, when TLS is enabled.
+    pub tls: Option<std::sync::Arc<crate::tls::TlsConfig>>,
 }
 
 /// Why the loop ended.
@@ -74,6 +76,7 @@ pub fn serve(
         global_lock: (model <= ThreadModel::SerializeAllRequests).then(|| Arc::new(Mutex::new(()))),
         per_connection_lock: model == ThreadModel::SerializeRequests,
         outstanding: Arc::new(AtomicUsize::new(0)),
+        tls: opts.tls,
     };
     let one_at_a_time = model == ThreadModel::SerializeConnections;
 

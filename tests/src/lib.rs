@@ -72,6 +72,8 @@ impl Drop for TempDir {
 pub struct Server {
     pub child: Option<Child>,
     pub socket: PathBuf,
+    /// The TCP port, for servers started with [`Server::start_tcp`].
+    pub port: Option<u16>,
     pub log: PathBuf,
     _dir: TempDir,
 }
@@ -96,10 +98,49 @@ impl Server {
         let mut s = Server {
             child: Some(child),
             socket,
+            port: None,
             log,
             _dir: dir,
         };
         s.wait_ready();
+        s
+    }
+
+    /// Start `nbdhost -f ARGS...` where ARGS listen on TCP `port` (and
+    /// wait until it accepts there, on IPv4 or IPv6 loopback).
+    pub fn start_tcp(args: &[&str], port: u16) -> Server {
+        let dir = TempDir::new("srv");
+        let log = dir.path("server.log");
+        let child = Command::new(nbdhost_bin())
+            .arg("-f")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start nbdhost");
+        let mut s = Server {
+            child: Some(child),
+            socket: PathBuf::new(),
+            port: Some(port),
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let up = || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                || std::net::TcpStream::connect(("::1", port)).is_ok()
+        };
+        while !up() {
+            if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("nbdhost exited early ({st}): {}", s.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nbdhost did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         s
     }
 

@@ -81,7 +81,11 @@ fn every_plugin_and_filter_has_a_page() {
         for e in std::fs::read_dir(root.join(format!("{kind}s"))).unwrap() {
             let name = e.unwrap().file_name().into_string().unwrap();
             let page = man_dir().join(format!("nbdhost-{name}-{kind}.1"));
-            assert!(page.exists(), "{kind} {name} has no manual page {}", page.display());
+            assert!(
+                page.exists(),
+                "{kind} {name} has no manual page {}",
+                page.display()
+            );
         }
         assert!(man_dir().join(format!("nbdhost-{kind}.3")).exists());
     }

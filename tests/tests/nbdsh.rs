@@ -96,7 +96,8 @@ print("ok")
 #[test]
 fn every_command_and_flag_matches_a_reference() {
     let s = Server::start(&["memory", "4M"]);
-    let out = run_ok(client("nbdsh").args(["--base-allocation", "-u", &s.uri(), "-c", EVERY_COMMAND]));
+    let out =
+        run_ok(client("nbdsh").args(["--base-allocation", "-u", &s.uri(), "-c", EVERY_COMMAND]));
     assert_eq!(out.trim(), "ok");
     assert!(s.stop().success());
 }
@@ -147,7 +148,11 @@ print("ok")
         "-c",
         "h.pwrite(b'q' * 4096, 0); assert h.pread(4096, 0) == b'q' * 4096; assert not h.can_df(); print('ok')",
     ]));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     assert!(s.stop().success());
 }
