@@ -2,7 +2,7 @@
 //! talks to the top of the chain through [`Backend`] and [`Handle`] and never
 //! knows whether a filter or the plugin is below it.
 
-use nbdhost_plugin_api::{Flags, Result, Support, ThreadModel};
+use nbdhost_plugin_api::{Error, Flags, Result, Support, ThreadModel};
 
 /// One export as listed to clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,4 +61,27 @@ pub trait Handle: Send + Sync {
     /// Extents covering at least the first byte of the range, in order.
     fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<Extent>>;
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()>;
+}
+
+/// Zero a range by writing zeroes, for a layer that cannot zero natively.
+/// A fast-zero request fails at once instead, as the flag asks.
+pub fn write_zeroes(h: &dyn Handle, mut count: u64, mut offset: u64, flags: Flags) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    if flags.contains(Flags::FAST_ZERO) {
+        return Err(Error::errno(libc::ENOTSUP));
+    }
+    let buf = vec![0u8; CHUNK.min(count) as usize];
+    while count > 0 {
+        let n = CHUNK.min(count);
+        // FUA on the last chunk covers the whole request.
+        let last = if n == count {
+            flags & Flags::FUA
+        } else {
+            Flags::empty()
+        };
+        h.pwrite(&buf[..n as usize], offset, last)?;
+        count -= n;
+        offset += n;
+    }
+    Ok(())
 }

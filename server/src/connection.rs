@@ -735,7 +735,15 @@ fn execute(h: &dyn Handle, op: Op, name: &str, can_extents: bool) -> Vec<Bytes> 
             let mut flags = fua(f);
             flags.set(Flags::MAY_TRIM, may_trim);
             flags.set(Flags::FAST_ZERO, fast);
-            ("zero", h.zero(len, off, flags).map(|()| ok(&op.reply)))
+            // A filter may refuse to zero as well; the protocol only lets a
+            // fast-zero request fail that way, so write zeroes through it.
+            let r = match h.zero(len, off, flags) {
+                Err(e) if e.raw_errno() == libc::ENOTSUP => {
+                    crate::backend::write_zeroes(h, len, off, flags)
+                }
+                r => r,
+            };
+            ("zero", r.map(|()| ok(&op.reply)))
         }
         Command::Cache { len } => (
             "cache",

@@ -380,18 +380,6 @@ impl PluginHandle {
             Ok(flags)
         }
     }
-
-    fn write_zeroes(&self, mut count: u64, mut offset: u64, flags: Flags) -> Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let buf = vec![0u8; CHUNK.min(count) as usize];
-        while count > 0 {
-            let n = CHUNK.min(count);
-            self.pwrite(&buf[..n as usize], offset, flags - Flags::FUA)?;
-            count -= n;
-            offset += n;
-        }
-        Ok(())
-    }
 }
 
 impl Drop for PluginHandle {
@@ -621,11 +609,7 @@ impl Handle for PluginHandle {
                 Err(e) => return Err(e),
             }
         }
-        if flags.contains(Flags::FAST_ZERO) {
-            return Err(Error::errno(libc::ENOTSUP));
-        }
-        self.write_zeroes(count, offset, flags)?;
-        self.fua_flush(flags)
+        crate::backend::write_zeroes(self, count, offset, flags)
     }
 
     fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<Extent>> {
