@@ -293,7 +293,7 @@ fn extended_headers_and_structured_replies_on_the_wire() {
         b.extend(len.to_be_bytes());
         b
     };
-    let mut read_chunk = |c: &mut Raw| {
+    let read_chunk = |c: &mut Raw| {
         let mut h = [0u8; 32];
         c.s.read_exact(&mut h).unwrap();
         assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6e8a_278c);
