@@ -12,6 +12,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod raw;
+
 /// Directory holding the built `nbdhost` and plugin shared objects.
 pub fn target_dir() -> PathBuf {
     let base = std::env::var_os("CARGO_TARGET_DIR")
@@ -273,4 +275,30 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+impl Server {
+    /// Whether the server process is still running (has not exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// Wait up to `timeout` for the log to contain `needle`; returns the
+    /// log either way.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> (bool, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log_text();
+            if log.contains(needle) {
+                return (true, log);
+            }
+            if Instant::now() > deadline {
+                return (false, log);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

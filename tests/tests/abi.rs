@@ -15,9 +15,15 @@ fn root() -> PathBuf {
 
 /// Compile C `source` into `dir/lib<name>.so`, with warnings as errors.
 fn build(dir: &TempDir, name: &str, source: &Path) -> PathBuf {
+    build_with(dir, name, source, &[])
+}
+
+/// As [`build`], with extra compiler arguments such as `-D` definitions.
+fn build_with(dir: &TempDir, name: &str, source: &Path, extra: &[&str]) -> PathBuf {
     let out = dir.path(&format!("lib{name}.so"));
     run_ok(
         Command::new("cc")
+            .args(extra)
             .args([
                 "-shared",
                 "-fPIC",
@@ -159,6 +165,87 @@ fn a_c_filter_stacks_on_a_rust_plugin() {
     assert!(
         dump.contains("filter:") && dump.contains("name=invert"),
         "{dump}"
+    );
+    assert!(s.stop().success());
+}
+
+/// Eight reads in flight on each of two connections at once.
+const CONCURRENT_READS: &str = r#"
+bufs = [nbd.Buffer(512) for _ in range(8)]
+cookies = [h.aio_pread(b, i * 512) for i, b in enumerate(bufs)]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c in cookies:
+    h.aio_command_completed(c)  # raises if that read failed
+print("ok")
+"#;
+
+#[test]
+fn thread_models_are_honoured() {
+    let dir = TempDir::new("cserial");
+    let so = build_with(
+        &dir,
+        "serialplugin",
+        &root().join("tests/c/serial.c"),
+        &["-DMODEL=NBDHOST_THREAD_MODEL_SERIALIZE_ALL_REQUESTS"],
+    );
+    let s = Server::start(&[so.to_str().unwrap()]);
+    let uri = s.uri();
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let uri = uri.clone();
+            std::thread::spawn(move || {
+                run(client("nbdsh").args(["-u", &uri, "-c", CONCURRENT_READS]))
+            })
+        })
+        .collect();
+    for c in clients {
+        let out = c.join().unwrap();
+        assert!(
+            out.status.success(),
+            "a read overlapped another: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        !s.log_text().contains("two calls at once"),
+        "{}",
+        s.log_text()
+    );
+    drop(s);
+
+    // serialize_connections: a second client waits for the first to leave.
+    let so = build_with(
+        &dir,
+        "serialconnplugin",
+        &root().join("tests/c/serial.c"),
+        &["-DMODEL=NBDHOST_THREAD_MODEL_SERIALIZE_CONNECTIONS"],
+    );
+    let s = Server::start(&[so.to_str().unwrap()]);
+    let uri = s.uri();
+    let first = {
+        let uri = uri.clone();
+        std::thread::spawn(move || {
+            run_ok(client("nbdsh").args([
+                "-u",
+                &uri,
+                "-c",
+                "import time; h.pread(512, 0); time.sleep(1); print(time.time())",
+            ]))
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let second = run_ok(client("nbdsh").args([
+        "-u",
+        &uri,
+        "-c",
+        "import time; h.pread(512, 0); print(time.time())",
+    ]));
+    let t1: f64 = first.join().unwrap().trim().parse().unwrap();
+    let t2: f64 = second.trim().parse().unwrap();
+    assert!(
+        t2 >= t1,
+        "the second connection was served while the first was open"
     );
     assert!(s.stop().success());
 }

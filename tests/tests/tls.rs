@@ -482,3 +482,36 @@ fn tls_1_2_and_1_3_and_captive_modes() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3145728");
     }
 }
+
+#[test]
+fn plugins_see_tls_identity_and_can_refuse_by_it() {
+    let dir = TempDir::new("ident");
+    let keys = psk_file(&dir, &["rich", "eve"]);
+    let p = nbdhost_tests::plugin("test");
+    let s = Server::start(&[
+        "--tls=on",
+        "--tls-psk",
+        keys.to_str().unwrap(),
+        p.to_str().unwrap(),
+        "require-user=rich",
+    ]);
+    assert_eq!(
+        run_ok(
+            client("nbdinfo")
+                .arg("--size")
+                .arg(psk_uri(&s, "rich", &keys))
+        )
+        .trim(),
+        "1048576"
+    );
+    let eve = run(client("nbdinfo").arg(psk_uri(&s, "eve", &keys)));
+    assert!(!eve.status.success());
+    let plain = run(client("nbdinfo").arg(s.uri()));
+    assert!(!plain.status.success());
+    let log = s.log_text();
+    assert!(
+        log.contains("refusing eve (tls: true)") && log.contains("refusing anonymous (tls: false)"),
+        "{log}"
+    );
+    assert!(s.stop().success());
+}

@@ -1,7 +1,8 @@
 //! The `test` plugin: a small RAM disk whose reads can be made to panic or
 //! to wait, so the tests can prove that a panicking plugin costs one
 //! request an `EIO` and nothing more, and that replies may complete out of
-//! order. Not installed; built only for the test suite.
+//! order, and it can refuse clients by their TLS identity. Not installed;
+//! built only for the test suite.
 
 use std::ffi::CStr;
 use std::sync::{Arc, RwLock};
@@ -16,6 +17,7 @@ pub struct Test {
     panic_at: Option<u64>,
     delay_at: Option<u64>,
     delay: Duration,
+    require_user: Option<String>,
     disk: Option<Arc<RwLock<Vec<u8>>>>,
 }
 
@@ -25,7 +27,8 @@ impl Plugin for Test {
     const CONFIG_HELP: &'static CStr = c"size=<SIZE>         Disk size (default 1M).
 panic-at=<OFFSET>   A read covering this byte panics.
 delay-at=<OFFSET>   A read covering this byte waits delay-ms first.
-delay-ms=<MS>       How long (default 500).";
+delay-ms=<MS>       How long (default 500).
+require-user=<NAME> Refuse connections whose TLS identity is not NAME.";
     type Handle = TestHandle;
 
     fn config(&mut self, key: &str, value: &str) -> Result<()> {
@@ -35,6 +38,7 @@ delay-ms=<MS>       How long (default 500).";
             "panic-at" => self.panic_at = Some(num()?),
             "delay-at" => self.delay_at = Some(num()?),
             "delay-ms" => self.delay = Duration::from_millis(num()?),
+            "require-user" => self.require_user = Some(value.to_string()),
             _ => {
                 return Err(Error::new(
                     libc::EINVAL,
@@ -57,6 +61,19 @@ delay-ms=<MS>       How long (default 500).";
     }
 
     fn open(&self, _readonly: bool) -> Result<TestHandle> {
+        if let Some(want) = &self.require_user {
+            let who = host::peer_identity();
+            if !host::is_tls() || who.as_deref() != Some(want) {
+                return Err(Error::new(
+                    libc::EACCES,
+                    format!(
+                        "refusing {} (tls: {})",
+                        who.as_deref().unwrap_or("anonymous"),
+                        host::is_tls()
+                    ),
+                ));
+            }
+        }
         Ok(TestHandle {
             disk: self.disk.clone().expect("configured"),
             panic_at: self.panic_at,
