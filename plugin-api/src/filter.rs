@@ -2,12 +2,12 @@
 //! the trampolines that expose them through the C ABI
 //! (`include/nbdhost-filter.h`).
 
-use std::any::Any;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::sync::{OnceLock, RwLock};
+use std::sync::OnceLock;
 
 use crate::abi;
 use crate::host::{self, OwnedExtents};
+use crate::instance::Instance;
 use crate::plugin::{flags, guard, len, ok, quiet_panics, str_arg};
 use crate::{BlockSize, Error, ExtentList, Flags, Result, Support, ThreadModel};
 
@@ -320,32 +320,8 @@ pub trait FilterHandle: Send + Sync + 'static {
     }
 }
 
-static INSTANCE: OnceLock<RwLock<Box<dyn Any + Send + Sync>>> = OnceLock::new();
+static INSTANCE: Instance = Instance::new();
 static TABLE: OnceLock<abi::Filter> = OnceLock::new();
-
-fn with_filter<F: Filter, T>(f: impl FnOnce(&F) -> Result<T>) -> Result<T> {
-    let lock = INSTANCE
-        .get()
-        .ok_or_else(|| Error::new(libc::EINVAL, "filter not loaded"))?;
-    let guard = lock
-        .read()
-        .map_err(|_| Error::new(libc::EIO, "filter state poisoned"))?;
-    f(guard
-        .downcast_ref::<F>()
-        .expect("instance has the filter's type"))
-}
-
-fn with_filter_mut<F: Filter, T>(f: impl FnOnce(&mut F) -> Result<T>) -> Result<T> {
-    let lock = INSTANCE
-        .get()
-        .ok_or_else(|| Error::new(libc::EINVAL, "filter not loaded"))?;
-    let mut guard = lock
-        .write()
-        .map_err(|_| Error::new(libc::EIO, "filter state poisoned"))?;
-    f(guard
-        .downcast_mut::<F>()
-        .expect("instance has the filter's type"))
-}
 
 /// Borrow the handle behind a pointer that `open` produced.
 ///
@@ -369,16 +345,14 @@ fn with_handle<F: Filter, T>(
 
 unsafe extern "C" fn load<F: Filter>() -> c_int {
     guard(-1, || {
-        INSTANCE
-            .set(RwLock::new(Box::new(F::default())))
-            .map_err(|_| Error::new(libc::EINVAL, "filter loaded twice"))?;
+        INSTANCE.install(F::default())?;
         Ok(0)
     })
 }
 
 unsafe extern "C" fn unload<F: Filter>() {
     guard((), || {
-        with_filter_mut::<F, _>(|f| {
+        INSTANCE.with_mut::<F, _>(|f| {
             f.unload();
             Ok(())
         })
@@ -388,7 +362,7 @@ unsafe extern "C" fn unload<F: Filter>() {
 unsafe extern "C" fn config<F: Filter>(key: *const c_char, value: *const c_char) -> c_int {
     guard(-1, || {
         let (k, v) = (str_arg(key)?, str_arg(value)?);
-        let taken = with_filter_mut::<F, _>(|f| f.config(k, v))?;
+        let taken = INSTANCE.with_mut::<F, _>(|f| f.config(k, v))?;
         Ok(if taken {
             abi::CONFIG_TAKEN
         } else {
@@ -398,16 +372,19 @@ unsafe extern "C" fn config<F: Filter>(key: *const c_char, value: *const c_char)
 }
 
 unsafe extern "C" fn config_complete<F: Filter>() -> c_int {
-    guard(-1, || ok(with_filter_mut::<F, _>(|f| f.config_complete())))
+    guard(
+        -1,
+        || ok(INSTANCE.with_mut::<F, _>(|f| f.config_complete())),
+    )
 }
 
 unsafe extern "C" fn get_ready<F: Filter>() -> c_int {
-    guard(-1, || ok(with_filter::<F, _>(|f| f.get_ready())))
+    guard(-1, || ok(INSTANCE.with::<F, _>(|f| f.get_ready())))
 }
 
 unsafe extern "C" fn preconnect<F: Filter>(readonly: c_int) -> c_int {
     guard(-1, || {
-        ok(with_filter::<F, _>(|f| f.preconnect(readonly != 0)))
+        ok(INSTANCE.with::<F, _>(|f| f.preconnect(readonly != 0)))
     })
 }
 
@@ -423,7 +400,7 @@ unsafe extern "C" fn open<F: Filter>(
             str_arg(export)?
         };
         let opener = NextOpener { raw: next };
-        let h = with_filter::<F, _>(|f| f.open(&opener, readonly != 0, export))?;
+        let h = INSTANCE.with::<F, _>(|f| f.open(&opener, readonly != 0, export))?;
         Ok(Box::into_raw(Box::new(h)).cast())
     })
 }

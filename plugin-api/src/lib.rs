@@ -37,6 +37,7 @@ pub mod abi;
 mod error;
 mod filter;
 pub mod host;
+mod instance;
 mod plugin;
 
 pub use error::{Error, Result};

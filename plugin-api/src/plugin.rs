@@ -1,13 +1,13 @@
 //! The `Plugin` and `Handle` traits and the trampolines that expose them
 //! through the C ABI.
 
-use std::any::Any;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{OnceLock, RwLock};
+use std::sync::OnceLock;
 
 use crate::abi;
 use crate::host;
+use crate::instance::Instance;
 use crate::{Error, Result};
 
 /// How much concurrency the plugin tolerates; the server never exceeds it.
@@ -236,7 +236,7 @@ pub trait Handle: Send + Sync + 'static {
     }
 }
 
-static INSTANCE: OnceLock<RwLock<Box<dyn Any + Send + Sync>>> = OnceLock::new();
+static INSTANCE: Instance = Instance::new();
 static TABLE: OnceLock<abi::Plugin> = OnceLock::new();
 
 thread_local! {
@@ -285,30 +285,6 @@ pub(crate) fn guard<T>(failed: T, f: impl FnOnce() -> Result<T>) -> T {
     }
 }
 
-fn with_plugin<P: Plugin, T>(f: impl FnOnce(&P) -> Result<T>) -> Result<T> {
-    let lock = INSTANCE
-        .get()
-        .ok_or_else(|| Error::new(libc::EINVAL, "plugin not loaded"))?;
-    let guard = lock
-        .read()
-        .map_err(|_| Error::new(libc::EIO, "plugin state poisoned"))?;
-    f(guard
-        .downcast_ref::<P>()
-        .expect("instance has the plugin's type"))
-}
-
-fn with_plugin_mut<P: Plugin, T>(f: impl FnOnce(&mut P) -> Result<T>) -> Result<T> {
-    let lock = INSTANCE
-        .get()
-        .ok_or_else(|| Error::new(libc::EINVAL, "plugin not loaded"))?;
-    let mut guard = lock
-        .write()
-        .map_err(|_| Error::new(libc::EIO, "plugin state poisoned"))?;
-    f(guard
-        .downcast_mut::<P>()
-        .expect("instance has the plugin's type"))
-}
-
 /// Borrow the handle behind a pointer that `open` produced.
 ///
 /// # Safety
@@ -334,16 +310,14 @@ pub(crate) fn ok(r: Result<()>) -> Result<c_int> {
 
 unsafe extern "C" fn load<P: Plugin>() -> c_int {
     guard(-1, || {
-        INSTANCE
-            .set(RwLock::new(Box::new(P::default())))
-            .map_err(|_| Error::new(libc::EINVAL, "plugin loaded twice"))?;
+        INSTANCE.install(P::default())?;
         Ok(0)
     })
 }
 
 unsafe extern "C" fn unload<P: Plugin>() {
     guard((), || {
-        with_plugin_mut::<P, _>(|p| {
+        INSTANCE.with_mut::<P, _>(|p| {
             p.unload();
             Ok(())
         })
@@ -353,21 +327,24 @@ unsafe extern "C" fn unload<P: Plugin>() {
 unsafe extern "C" fn config<P: Plugin>(key: *const c_char, value: *const c_char) -> c_int {
     guard(-1, || {
         let (k, v) = (str_arg(key)?, str_arg(value)?);
-        ok(with_plugin_mut::<P, _>(|p| p.config(k, v)))
+        ok(INSTANCE.with_mut::<P, _>(|p| p.config(k, v)))
     })
 }
 
 unsafe extern "C" fn config_complete<P: Plugin>() -> c_int {
-    guard(-1, || ok(with_plugin_mut::<P, _>(|p| p.config_complete())))
+    guard(
+        -1,
+        || ok(INSTANCE.with_mut::<P, _>(|p| p.config_complete())),
+    )
 }
 
 unsafe extern "C" fn get_ready<P: Plugin>() -> c_int {
-    guard(-1, || ok(with_plugin::<P, _>(|p| p.get_ready())))
+    guard(-1, || ok(INSTANCE.with::<P, _>(|p| p.get_ready())))
 }
 
 unsafe extern "C" fn preconnect<P: Plugin>(readonly: c_int) -> c_int {
     guard(-1, || {
-        ok(with_plugin::<P, _>(|p| p.preconnect(readonly != 0)))
+        ok(INSTANCE.with::<P, _>(|p| p.preconnect(readonly != 0)))
     })
 }
 
@@ -378,9 +355,7 @@ unsafe extern "C" fn list_exports<P: Plugin>(
 ) -> c_int {
     guard(-1, || {
         let mut list = ExportList { raw: exports };
-        ok(with_plugin::<P, _>(|p| {
-            p.list_exports(readonly != 0, is_tls != 0, &mut list)
-        }))
+        ok(INSTANCE.with::<P, _>(|p| p.list_exports(readonly != 0, is_tls != 0, &mut list)))
     })
 }
 
@@ -390,7 +365,7 @@ thread_local! {
 
 unsafe extern "C" fn default_export<P: Plugin>(readonly: c_int, is_tls: c_int) -> *const c_char {
     guard(std::ptr::null(), || {
-        let name = with_plugin::<P, _>(|p| p.default_export(readonly != 0, is_tls != 0))?;
+        let name = INSTANCE.with::<P, _>(|p| p.default_export(readonly != 0, is_tls != 0))?;
         let c = std::ffi::CString::new(name)
             .map_err(|_| Error::new(libc::EINVAL, "NUL in export name"))?;
         // The server copies the string before its next call on this thread.
@@ -403,7 +378,7 @@ unsafe extern "C" fn default_export<P: Plugin>(readonly: c_int, is_tls: c_int) -
 
 unsafe extern "C" fn open<P: Plugin>(readonly: c_int) -> *mut c_void {
     guard(std::ptr::null_mut(), || {
-        let h = with_plugin::<P, _>(|p| p.open(readonly != 0))?;
+        let h = INSTANCE.with::<P, _>(|p| p.open(readonly != 0))?;
         Ok(Box::into_raw(Box::new(h)).cast())
     })
 }
