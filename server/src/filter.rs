@@ -13,7 +13,7 @@ use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
 use crate::backend::{Backend, ExportEntry, Extent, Handle};
 use crate::host;
-use crate::plugin::{library, thread_model, ExtentCollector, LayerInfo};
+use crate::plugin::{check_header, library, ExtentCollector, LayerInfo};
 
 /// A loaded filter shared object, not yet stacked.
 pub struct LoadedFilter {
@@ -50,36 +50,30 @@ impl LoadedFilter {
         // SAFETY: null or a struct that lives as long as the library.
         let table: &'static abi::Filter = unsafe { table.as_ref() }
             .ok_or_else(|| format!("{shown}: filter entry point returned NULL"))?;
-        let major = table.abi_version >> 16;
-        if major != abi::ABI_MAJOR {
-            return Err(format!(
-                "{shown} was built for filter ABI {major}.{} but this nbdhost supports ABI {}.x; rebuild the filter",
-                table.abi_version & 0xffff,
-                abi::ABI_MAJOR
-            ));
-        }
         let min_size =
             std::mem::offset_of!(abi::Filter, config_help) + std::mem::size_of::<usize>();
-        if (table.struct_size as usize) < min_size {
-            return Err(format!(
-                "{shown}: filter struct is too small ({} bytes)",
-                table.struct_size
-            ));
-        }
-        let name = opt_string(table.name)
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| format!("{shown}: filter has no name"))?;
-        let info = LayerInfo {
-            path: path.to_path_buf(),
-            version: opt_string(table.version).unwrap_or_default(),
-            description: opt_string(table.description).unwrap_or_default(),
-            config_help: opt_string(table.config_help).unwrap_or_default(),
-            magic_config_key: None,
-            thread_model: thread_model(table.thread_model).map_err(|e| format!("{shown}: {e}"))?,
-            abi_version: table.abi_version,
-            struct_size: table.struct_size,
-            name: name.clone(),
-        };
+        check_header(
+            path,
+            "filter",
+            table.abi_version,
+            table.struct_size,
+            min_size,
+        )?;
+        let info = LayerInfo::new(
+            path,
+            "filter",
+            table.abi_version,
+            table.struct_size,
+            table.thread_model,
+            [
+                table.name,
+                table.version,
+                table.description,
+                table.config_help,
+                std::ptr::null(),
+            ],
+        )?;
+        let name = info.name.clone();
         let f = LoadedFilter {
             table,
             name: Box::leak(name.into_boxed_str()),

@@ -85,6 +85,62 @@ fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::new(libc::EINVAL, "string contains a NUL byte"))
 }
 
+/// Check the two fields every plugin and filter struct starts with, before
+/// anything else in it is read: the same ABI major, and a struct at least
+/// `min_size` bytes long.
+pub fn check_header(
+    path: &Path,
+    kind: &str,
+    abi_version: u32,
+    struct_size: u64,
+    min_size: usize,
+) -> std::result::Result<(), String> {
+    let shown = path.display();
+    let major = abi_version >> 16;
+    if major != abi::ABI_MAJOR {
+        return Err(format!(
+            "{shown} was built for {kind} ABI {major}.{} but this nbdhost supports ABI {}.x; rebuild the {kind}",
+            abi_version & 0xffff,
+            abi::ABI_MAJOR
+        ));
+    }
+    if (struct_size as usize) < min_size {
+        return Err(format!(
+            "{shown}: {kind} struct is too small ({struct_size} bytes)"
+        ));
+    }
+    Ok(())
+}
+
+impl LayerInfo {
+    /// Read the metadata of a checked struct: `strings` are its name,
+    /// version, description, config help and magic config key.
+    pub fn new(
+        path: &Path,
+        kind: &str,
+        abi_version: u32,
+        struct_size: u64,
+        model: u32,
+        strings: [*const c_char; 5],
+    ) -> std::result::Result<LayerInfo, String> {
+        let shown = path.display();
+        let [name, version, description, config_help, magic] = strings.map(opt_string);
+        Ok(LayerInfo {
+            path: path.to_path_buf(),
+            name: name
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| format!("{shown}: {kind} has no name"))?,
+            version: version.unwrap_or_default(),
+            description: description.unwrap_or_default(),
+            config_help: config_help.unwrap_or_default(),
+            magic_config_key: magic,
+            thread_model: thread_model(model).map_err(|e| format!("{shown}: {e}"))?,
+            abi_version,
+            struct_size,
+        })
+    }
+}
+
 /// Open a shared object and find its entry symbol of type `E`.
 pub fn library<E: Copy>(
     path: &Path,
@@ -115,38 +171,30 @@ impl Plugin {
         // as the library, which this `Plugin` keeps loaded.
         let table: &'static abi::Plugin = unsafe { table.as_ref() }
             .ok_or_else(|| format!("{shown}: plugin entry point returned NULL"))?;
-        // Only the version and size fields are safe to read before checking.
-        let major = table.abi_version >> 16;
-        if major != abi::ABI_MAJOR {
-            return Err(format!(
-                "{shown} was built for plugin ABI {}.{} but this nbdhost supports ABI {}.x; rebuild the plugin",
-                major,
-                table.abi_version & 0xffff,
-                abi::ABI_MAJOR
-            ));
-        }
         let min_size =
             std::mem::offset_of!(abi::Plugin, magic_config_key) + std::mem::size_of::<usize>();
-        if (table.struct_size as usize) < min_size {
-            return Err(format!(
-                "{shown}: plugin struct is too small ({} bytes)",
-                table.struct_size
-            ));
-        }
-        let name = opt_string(table.name)
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| format!("{shown}: plugin has no name"))?;
-        let info = LayerInfo {
-            path: path.to_path_buf(),
-            version: opt_string(table.version).unwrap_or_default(),
-            description: opt_string(table.description).unwrap_or_default(),
-            config_help: opt_string(table.config_help).unwrap_or_default(),
-            magic_config_key: opt_string(table.magic_config_key),
-            thread_model: thread_model(table.thread_model).map_err(|e| format!("{shown}: {e}"))?,
-            abi_version: table.abi_version,
-            struct_size: table.struct_size,
-            name: name.clone(),
-        };
+        check_header(
+            path,
+            "plugin",
+            table.abi_version,
+            table.struct_size,
+            min_size,
+        )?;
+        let info = LayerInfo::new(
+            path,
+            "plugin",
+            table.abi_version,
+            table.struct_size,
+            table.thread_model,
+            [
+                table.name,
+                table.version,
+                table.description,
+                table.config_help,
+                table.magic_config_key,
+            ],
+        )?;
+        let name = info.name.clone();
         let plugin = Plugin {
             table,
             name: Box::leak(name.into_boxed_str()),
