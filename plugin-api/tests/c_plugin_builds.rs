@@ -1,0 +1,417 @@
+//! The example C plugins in `examples/` build against `include/` alone,
+//! with every warning an error, and behave as their comments say when
+//! driven through the raw ABI, with a host table built here, the way the
+//! server drives them.
+
+mod common;
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::mem::{offset_of, size_of};
+use std::path::{Path, PathBuf};
+
+use common::TempDir;
+use libloading::Library;
+use nbdhost_plugin_api::abi;
+
+thread_local! {
+    /// Errors the plugin recorded with `host->error` on this thread.
+    static ERRORS: RefCell<Vec<(c_int, String)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_errors() -> Vec<(c_int, String)> {
+    ERRORS.with(|e| std::mem::take(&mut *e.borrow_mut()))
+}
+
+fn record_error(errnum: c_int, msg: String) {
+    ERRORS.with(|e| e.borrow_mut().push((errnum, msg)));
+}
+
+/// `host->error`.
+unsafe extern "C" fn host_error(errnum: c_int, msg: *const c_char) {
+    let msg = if msg.is_null() {
+        String::new()
+    } else {
+        // SAFETY: the ABI passes NULL or a NUL-terminated string valid for
+        // the call.
+        unsafe { CStr::from_ptr(msg) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    record_error(errnum, msg);
+}
+
+/// `host->debug`.
+unsafe extern "C" fn host_debug(msg: *const c_char) {
+    if !msg.is_null() {
+        // SAFETY: as for `host_error`.
+        let msg = unsafe { CStr::from_ptr(msg) };
+        eprintln!("plugin debug: {}", msg.to_string_lossy());
+    }
+}
+
+/// A minimal size parser: digits and an optional K, M, G or T suffix.
+fn parse_size(s: &str) -> Option<i64> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
+    let shift = match suffix {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return None,
+    };
+    let n: i64 = digits.parse().ok()?;
+    n.checked_mul(1 << shift)
+}
+
+/// `host->parse_size`: the size, or -1 with the error recorded.
+unsafe extern "C" fn host_parse_size(s: *const c_char) -> i64 {
+    // SAFETY: the plugin passes a NUL-terminated string.
+    let s = unsafe { CStr::from_ptr(s) }.to_string_lossy();
+    parse_size(&s).unwrap_or_else(|| {
+        record_error(libc::EINVAL, format!("could not parse size '{s}'"));
+        -1
+    })
+}
+
+/// The host table handed to the entry points; plugins keep the pointer,
+/// so it is a static.
+static HOST: abi::Host = abi::Host {
+    struct_size: size_of::<abi::Host>() as u64,
+    abi_version: abi::ABI_VERSION,
+    reserved: 0,
+    error: Some(host_error),
+    debug: Some(host_debug),
+    add_extent: None,
+    add_export: None,
+    parse_size: Some(host_parse_size),
+    read_secret: None,
+    free_secret: None,
+    peer_name: None,
+    export_name: None,
+    debug_flag: None,
+    extents_new: None,
+    extents_free: None,
+    extents_count: None,
+    extents_get: None,
+    last_errno: None,
+    is_tls: None,
+    peer_identity: None,
+};
+
+/// Compile `examples/<file>` into `lib<name>plugin.so` in `dir`, with the
+/// flags its comment documents plus `-Wextra`.
+fn build(dir: &TempDir, name: &str, file: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(file);
+    let out = dir.path(&format!("lib{name}plugin.so"));
+    let include = common::include_dir();
+    common::cc(&[
+        "-shared".as_ref(),
+        "-fPIC".as_ref(),
+        "-Wall".as_ref(),
+        "-Wextra".as_ref(),
+        "-Werror".as_ref(),
+        "-I".as_ref(),
+        include.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+        src.as_os_str(),
+    ]);
+    out
+}
+
+/// dlopen `so` and call its entry point with [`HOST`].
+fn load(so: &Path) -> (Library, *const abi::Plugin) {
+    // SAFETY: loading runs the shared object's initialisers; it is one of
+    // our examples, just compiled.
+    let lib =
+        unsafe { Library::new(so) }.unwrap_or_else(|e| panic!("cannot load {}: {e}", so.display()));
+    // SAFETY: the header fixes the entry point's type, which
+    // `abi::PluginEntry` mirrors (tests/layout.rs holds them together).
+    let entry: abi::PluginEntry = *unsafe { lib.get(abi::PLUGIN_ENTRY.as_bytes()) }
+        .unwrap_or_else(|e| panic!("{} has no {}: {e}", so.display(), abi::PLUGIN_ENTRY));
+    // SAFETY: HOST is a complete, 'static host table.
+    let table = unsafe { entry(&HOST) };
+    assert!(
+        !table.is_null(),
+        "{}: the entry point returned NULL",
+        so.display()
+    );
+    (lib, table)
+}
+
+/// Field `$f` of the plugin struct at `$p`, or `None` when the plugin's
+/// `struct_size` ends before it (an older plugin), as the server reads it.
+/// Only for pointer-sized fields.
+macro_rules! field {
+    ($p:expr, $f:ident) => {{
+        let p: *const abi::Plugin = $p;
+        // SAFETY: every version of the struct starts with struct_size.
+        let struct_size = unsafe { (*p).struct_size } as usize;
+        if struct_size >= offset_of!(abi::Plugin, $f) + size_of::<usize>() {
+            // SAFETY: the field lies inside the plugin's struct_size bytes;
+            // no reference to the whole (possibly longer) struct is made.
+            Some(unsafe { std::ptr::addr_of!((*p).$f).read() })
+        } else {
+            None
+        }
+    }};
+}
+
+/// A NUL-terminated string from a plugin struct, copied out.
+fn string(p: *const c_char) -> String {
+    assert!(!p.is_null());
+    // SAFETY: the plugin's strings are NUL-terminated and static in a
+    // library the caller keeps loaded.
+    unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn cmem_ram_disk_works_through_the_abi() {
+    let dir = TempDir::new("cmem");
+    let so = build(&dir, "cmem", "cplugin.c");
+    let (lib, table) = load(&so);
+
+    // SAFETY: every version of the struct starts with struct_size.
+    let struct_size = unsafe { (*table).struct_size };
+    assert_eq!(
+        struct_size,
+        size_of::<abi::Plugin>() as u64,
+        "cmem sets struct_size to the full sizeof"
+    );
+    // SAFETY: the struct is as long as abi::Plugin (checked just above)
+    // and lives as long as `lib`, which outlives `t`.
+    let t: &abi::Plugin = unsafe { &*table };
+    assert_eq!(t.abi_version, abi::ABI_VERSION);
+    assert!(t.thread_model <= abi::THREAD_MODEL_PARALLEL);
+    assert_eq!(string(t.name), "cmem");
+    assert_eq!(string(t.magic_config_key), "size");
+    assert!(string(t.config_help).contains("size="));
+
+    let load = t.load.expect("load");
+    let unload = t.unload.expect("unload");
+    let config = t.config.expect("config");
+    let config_complete = t.config_complete.expect("config_complete");
+    let open = t.open.expect("open");
+    let close = t.close.expect("close");
+    let get_size = t.get_size.expect("get_size");
+    let can_write = t.can_write.expect("can_write");
+    let can_flush = t.can_flush.expect("can_flush");
+    let can_trim = t.can_trim.expect("can_trim");
+    let pread = t.pread.expect("pread");
+    let pwrite = t.pwrite.expect("pwrite");
+    let flush = t.flush.expect("flush");
+    let trim = t.trim.expect("trim");
+
+    let config_str = |key: &str, value: &str| {
+        let (k, v) = (CString::new(key).unwrap(), CString::new(value).unwrap());
+        // SAFETY: ABI callback; both strings are valid for the call.
+        unsafe { config(k.as_ptr(), v.as_ptr()) }
+    };
+
+    // SAFETY: ABI callback with no arguments, called once, first.
+    assert_eq!(unsafe { load() }, 0);
+    assert_eq!(take_errors(), []);
+
+    assert_eq!(config_str("colour", "blue"), -1, "unknown keys are refused");
+    let errors = take_errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, libc::EINVAL);
+    assert!(errors[0].1.contains("colour"), "{errors:?}");
+
+    assert_eq!(
+        config_str("size", "lots"),
+        -1,
+        "parse_size failures pass up"
+    );
+    assert_eq!(take_errors().len(), 1, "parse_size recorded the error");
+
+    assert_eq!(config_str("size", "65536"), 0);
+    // SAFETY: ABI callback, after configuration.
+    assert_eq!(unsafe { config_complete() }, 0);
+    assert_eq!(take_errors(), []);
+
+    // SAFETY: ABI callback; readonly = 0.
+    let h = unsafe { open(0) };
+    assert!(!h.is_null());
+    // SAFETY (this and the calls below): ABI callbacks on the live handle
+    // `h`, with buffers at least `count` bytes long.
+    unsafe {
+        assert_eq!(get_size(h), 65536);
+        assert_eq!(can_write(h), 1);
+        assert_eq!(can_flush(h), 1);
+        assert_eq!(can_trim(h), 1);
+    }
+
+    let mut buf = vec![0xffu8; 65536];
+    // SAFETY: see above.
+    let r = unsafe { pread(h, buf.as_mut_ptr().cast(), 65536, 0, 0) };
+    assert_eq!(r, 0);
+    assert!(buf.iter().all(|&b| b == 0), "a new disk reads as zeroes");
+
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    // SAFETY: see above.
+    let r = unsafe { pwrite(h, data.as_ptr().cast(), 8192, 4096, abi::FLAG_FUA) };
+    assert_eq!(r, 0);
+    let mut back = vec![0u8; 8192];
+    // SAFETY: see above.
+    let r = unsafe { pread(h, back.as_mut_ptr().cast(), 8192, 4096, 0) };
+    assert_eq!(r, 0);
+    assert_eq!(back, data, "pwrite then pread round-trips");
+
+    // The last byte is inside the disk.
+    // SAFETY: see above.
+    let r = unsafe { pwrite(h, [0x5au8].as_ptr().cast(), 1, 65535, 0) };
+    assert_eq!(r, 0);
+    let mut last = [0u8; 1];
+    // SAFETY: see above.
+    let r = unsafe { pread(h, last.as_mut_ptr().cast(), 1, 65535, 0) };
+    assert_eq!((r, last), (0, [0x5a]));
+
+    // SAFETY: see above.
+    unsafe {
+        assert_eq!(flush(h, 0), 0);
+        assert_eq!(trim(h, 4096, 4096, 0), 0);
+    }
+    // SAFETY: see above.
+    let r = unsafe { pread(h, back.as_mut_ptr().cast(), 8192, 4096, 0) };
+    assert_eq!(r, 0);
+    assert!(back[..4096].iter().all(|&b| b == 0), "trim zeroes");
+    assert_eq!(back[4096..], data[4096..], "trim leaves the rest alone");
+    assert_eq!(take_errors(), []);
+
+    // Out of range: -1 and an errno recorded through host->error. The
+    // buffer is large enough for `count`, so a plugin that failed to check
+    // would still not write out of bounds here.
+    let mut small = [0u8; 16];
+    for (count, offset) in [(8, 65532), (1, 65536), (16, u64::MAX - 7)] {
+        // SAFETY: see above; `small` holds `count` bytes.
+        let r = unsafe { pread(h, small.as_mut_ptr().cast(), count, offset, 0) };
+        assert_eq!(r, -1, "pread of {count} bytes at {offset}");
+        let errors = take_errors();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            [libc::EINVAL, libc::EIO].contains(&errors[0].0),
+            "{errors:?}"
+        );
+        assert!(!errors[0].1.is_empty(), "the error has a message");
+    }
+    // SAFETY: see above.
+    let r = unsafe { pwrite(h, small.as_ptr().cast(), 16, 65536 - 8, 0) };
+    assert_eq!(r, -1);
+    assert_eq!(take_errors().len(), 1);
+    // SAFETY: see above.
+    let r = unsafe { trim(h, 2, 65535, 0) };
+    assert_eq!(r, -1);
+    assert_eq!(take_errors().len(), 1);
+
+    // A read-only connection sees the same disk but may not write.
+    // SAFETY: ABI callback; readonly = 1.
+    let ro = unsafe { open(1) };
+    assert!(!ro.is_null());
+    // SAFETY: see above, for the live handle `ro`.
+    unsafe {
+        assert_eq!(can_write(ro), 0);
+        assert_eq!(pread(ro, last.as_mut_ptr().cast(), 1, 65535, 0), 0);
+        close(ro);
+    }
+    assert_eq!(last, [0x5a]);
+
+    // SAFETY: the handle is closed once and not used afterwards; unload
+    // comes last.
+    unsafe {
+        close(h);
+        unload();
+    }
+    assert_eq!(take_errors(), []);
+    drop(lib);
+}
+
+#[test]
+fn old_abi_plugin_has_a_short_struct_and_reads() {
+    let dir = TempDir::new("oldabi");
+    let so = build(&dir, "oldabi", "cplugin-old.c");
+    let (lib, table) = load(&so);
+
+    // SAFETY: every version of the struct starts with struct_size and
+    // abi_version.
+    let (struct_size, abi_version) = unsafe { ((*table).struct_size, (*table).abi_version) };
+    assert!(
+        (struct_size as usize) < size_of::<abi::Plugin>(),
+        "the old struct ({struct_size} bytes) is shorter than the current one"
+    );
+    assert_eq!(
+        struct_size as usize,
+        offset_of!(abi::Plugin, pwrite),
+        "the old struct ends just before pwrite"
+    );
+    assert_eq!(abi_version, abi::ABI_VERSION);
+    assert_eq!(string(field!(table, name).unwrap()), "oldabi");
+
+    // Everything after pread lies past the end: absent.
+    assert!(field!(table, pwrite).is_none());
+    assert!(field!(table, flush).is_none());
+    assert!(field!(table, cache).is_none());
+    // Inside the struct but not provided.
+    assert!(field!(table, can_write).unwrap().is_none());
+    assert!(field!(table, close).unwrap().is_none());
+
+    let open = field!(table, open).unwrap().expect("open");
+    let get_size = field!(table, get_size).unwrap().expect("get_size");
+    let pread = field!(table, pread).unwrap().expect("pread");
+
+    // SAFETY: ABI callback; readonly = 1.
+    let h = unsafe { open(1) };
+    assert!(!h.is_null());
+    // SAFETY: ABI callback on the live handle.
+    assert_eq!(unsafe { get_size(h) }, 1 << 20);
+
+    let read = |count: usize, offset: u64| -> (c_int, Vec<u8>) {
+        let mut buf = vec![0u8; count];
+        // SAFETY: ABI callback on the live handle; `buf` holds `count`
+        // bytes.
+        let r = unsafe {
+            pread(
+                h,
+                buf.as_mut_ptr().cast::<c_void>(),
+                count as u64,
+                offset,
+                0,
+            )
+        };
+        (r, buf)
+    };
+    assert_eq!(read(4, 254), (0, vec![254, 255, 0, 1]));
+    assert_eq!(read(3, 4095), (0, vec![255, 0, 1]));
+    assert_eq!(read(256, 65536 + 256), (0, (0..=255).collect()));
+    assert_eq!(read(1, (1 << 20) - 1), (0, vec![255]));
+    assert_eq!(take_errors(), []);
+
+    assert_eq!(read(2, (1 << 20) - 1).0, -1, "out of range");
+    let errors = take_errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, libc::EINVAL);
+    drop(lib);
+}
+
+#[test]
+fn future_abi_plugin_declares_the_next_major() {
+    let dir = TempDir::new("future");
+    let so = build(&dir, "future", "cplugin-future.c");
+    let (lib, table) = load(&so);
+
+    // SAFETY: every version of the struct starts with struct_size and
+    // abi_version; a server reads nothing else before refusing.
+    let (struct_size, abi_version) = unsafe { ((*table).struct_size, (*table).abi_version) };
+    assert_eq!(abi_version >> 16, abi::ABI_MAJOR + 1);
+    assert_ne!(abi_version >> 16, abi::ABI_MAJOR, "a server must refuse it");
+    // This particular file is laid out like today's struct, so its name can
+    // be read to make sure the right file was built.
+    assert_eq!(struct_size as usize, size_of::<abi::Plugin>());
+    assert_eq!(string(field!(table, name).unwrap()), "future");
+    drop(lib);
+}
