@@ -44,6 +44,17 @@ pub fn plugin(name: &str) -> PathBuf {
     p
 }
 
+/// Path of an in-tree filter (`offset` → `liboffsetfilter.so`).
+pub fn filter(name: &str) -> PathBuf {
+    let p = target_dir().join(format!("lib{name}filter.so"));
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace` first",
+        p.display()
+    );
+    p
+}
+
 /// A fresh directory for one test, removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -1,8 +1,12 @@
 //! Third-party plugins and filters written in C, built with `cc` against
 //! the installed headers only, and loaded by the real server: the example
-//! in nbdhost-plugin(3) as printed, a plugin from an older (shorter) ABI,
-//! one from a future major ABI (refused), a shared object that is not a
-//! plugin (refused), and a C filter stacked on a Rust plugin.
+//! in nbdhost-plugin(3) as printed, the examples in plugin-api/examples/
+//! built by their documented command line (the `cmem` RAM disk, the
+//! shorter old-ABI `oldabi`, and `future`, refused), a plugin from an
+//! older (shorter) ABI, one from a future major ABI (refused), a newer
+//! minor ABI (accepted), broken plugin structs and shared objects that are
+//! not plugins (refused with a reason), a C filter stacked on a Rust
+//! plugin, and the thread models.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -247,5 +251,379 @@ fn thread_models_are_honoured() {
         t2 >= t1,
         "the second connection was served while the first was open"
     );
+    assert!(s.stop().success());
+}
+
+// ---------------------------------------------------------------------------
+// The example plugins shipped in plugin-api/examples/, built exactly as
+// their headers say a third party builds them.
+
+/// `cc -shared -fPIC -Wall -Werror -I plugin-api/include -o lib<name>plugin.so
+/// plugin-api/examples/<file>`.
+fn build_example(dir: &TempDir, name: &str, file: &str) -> PathBuf {
+    let src = root().join("plugin-api/examples").join(file);
+    assert!(
+        src.exists(),
+        "{} is missing: the example plugins are part of the plugin API",
+        src.display()
+    );
+    let out = dir.path(&format!("lib{name}plugin.so"));
+    run_ok(
+        Command::new("cc")
+            .args(["-shared", "-fPIC", "-Wall", "-Werror", "-I"])
+            .arg(root().join("plugin-api/include"))
+            .arg("-o")
+            .arg(&out)
+            .arg(&src),
+    );
+    out
+}
+
+/// Start `nbdhost` on `plugin` as a one-shot with `--run true`, so that a
+/// plugin wrongly accepted makes it exit instead of serving forever.
+fn try_start(dir: &TempDir, plugin: &Path) -> (Option<i32>, String) {
+    let out = run(Command::new(nbdhost_bin())
+        .arg("-U")
+        .arg(dir.path("refused.sock"))
+        .arg(plugin)
+        .args(["--run", "true"]));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cmem_example_is_a_ram_disk() {
+    let dir = TempDir::new("cmem");
+    let so = build_example(&dir, "cmem", "cplugin.c");
+    let dump = run_ok(Command::new(nbdhost_bin()).arg("--dump-plugin").arg(&so));
+    assert!(dump.lines().any(|l| l == "name=cmem"), "{dump}");
+
+    let s = Server::start(&[so.to_str().unwrap(), "size=1M"]);
+    let out = run_ok(
+        client("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 4k 64k",
+                "-c",
+                "read -P 0x5a 4k 64k",
+                "-c",
+                "read -P 0 0 4k",
+                "-c",
+                "write -P 0xa5 1020k 4k",
+                "-c",
+                "read -P 0xa5 1020k 4k",
+            ])
+            .arg(s.uri()),
+    );
+    assert!(out.contains("read 65536/65536"), "{out}");
+    assert!(out.contains("read 4096/4096"), "{out}");
+    // One disk for every connection; trim and flush are served.
+    let out = nbdsh(
+        &s.uri(),
+        "print(list(h.pread(2, 4095)), list(h.pread(1, 69631)), h.can_trim(), h.can_flush())\n\
+         h.trim(4096, 8192); h.flush(); print(h.pread(4096, 8192) == bytes(4096))",
+    );
+    assert_eq!(out.trim(), "[0, 90] [90] True True\nTrue");
+    let size = run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    assert_eq!(size.trim(), "1048576");
+    let info = run_ok(client("nbdinfo").arg(s.uri()));
+    assert!(info.contains("export-size: 1048576"), "{info}");
+    assert!(info.contains("is_read_only: false"), "{info}");
+    // Past the end is refused by the server, not the plugin.
+    let out = nbdsh(
+        &s.uri(),
+        "try:\n    h.pread(8, 1048572)\n    print('read')\nexcept nbd.Error as e:\n    print(e.errno)",
+    );
+    assert_eq!(out.trim(), "EINVAL");
+    assert!(s.stop().success());
+
+    // A bare size sets the magic config key.
+    let out = run_ok(
+        Command::new(nbdhost_bin())
+            .args(["-U", "-"])
+            .arg(&so)
+            .args(["2M", "--run", "nbdinfo --size \"$uri\""]),
+    );
+    assert_eq!(out.trim(), "2097152");
+}
+
+#[test]
+fn old_abi_example_serves_offsets_read_only() {
+    let dir = TempDir::new("coldex");
+    let so = build_example(&dir, "oldabi", "cplugin-old.c");
+    let dump = run_ok(Command::new(nbdhost_bin()).arg("--dump-plugin").arg(&so));
+    assert!(dump.lines().any(|l| l == "name=oldabi"), "{dump}");
+    let size: usize = dump
+        .lines()
+        .find_map(|l| l.strip_prefix("struct_size="))
+        .unwrap_or_else(|| panic!("no struct_size in {dump}"))
+        .parse()
+        .unwrap();
+    assert!(
+        size < std::mem::size_of::<nbdhost_plugin_api::abi::Plugin>(),
+        "the old struct is shorter: {dump}"
+    );
+
+    let s = Server::start(&[so.to_str().unwrap()]);
+    let out = nbdsh(
+        &s.uri(),
+        "print(list(h.pread(4, 254)), list(h.pread(3, 4095)), \
+         h.pread(256, 65536 + 256) == bytes(range(256)), h.is_read_only())",
+    );
+    assert_eq!(out.trim(), "[254, 255, 0, 1] [255, 0, 1] True True");
+    // Every callback after pread is absent: writing is refused.
+    let out = nbdsh(
+        &s.uri(),
+        "try:\n    h.pwrite(b'x', 0)\n    print('written')\nexcept nbd.Error as e:\n    print('refused')\nprint(list(h.pread(1, 120)))",
+    );
+    assert_eq!(out.trim(), "refused\n[120]", "and nothing was written");
+    let out = run(client("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 512"])
+        .arg(s.uri()));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("wrote 512/512"), "{text}");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn future_abi_example_is_refused_at_start() {
+    let dir = TempDir::new("cfutex");
+    let so = build_example(&dir, "future", "cplugin-future.c");
+    let (code, err) = try_start(&dir, &so);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("ABI") && err.contains("this nbdhost supports ABI 1.x"),
+        "the message names the ABI mismatch: {err}"
+    );
+    assert!(
+        err.contains(so.to_str().unwrap()) || err.contains("future"),
+        "{err}"
+    );
+    assert!(!dir.path("refused.sock").exists(), "nothing was served");
+}
+
+#[test]
+fn a_shared_object_without_the_entry_point_is_refused() {
+    let dir = TempDir::new("cempty");
+    let src = dir.path("empty.c");
+    std::fs::write(&src, "").unwrap();
+    let so = dir.path("libemptyplugin.so");
+    run_ok(
+        Command::new("cc")
+            .args(["-shared", "-fPIC", "-Wall", "-Werror", "-o"])
+            .arg(&so)
+            .arg(&src),
+    );
+    let (code, err) = try_start(&dir, &so);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("nbdhost_plugin_entry"),
+        "names the missing symbol: {err}"
+    );
+    let out = run(Command::new(nbdhost_bin()).arg("--dump-plugin").arg(&so));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nbdhost_plugin_entry"));
+}
+
+// ---------------------------------------------------------------------------
+// The edges of the contract: what the header promises about size, version
+// and required fields, probed with variants of one small C plugin.
+
+const VARIANT_C: &str = r#"
+#include <stddef.h>
+#include <string.h>
+#include <nbdhost-plugin.h>
+#ifndef ABI
+#define ABI NBDHOST_ABI_VERSION
+#endif
+#ifndef SIZE
+#define SIZE sizeof (struct nbdhost_plugin)
+#endif
+#ifndef NAME
+#define NAME "variant"
+#endif
+#ifndef MODEL
+#define MODEL NBDHOST_THREAD_MODEL_PARALLEL
+#endif
+/* Room for callbacks a newer minor ABI might append. */
+struct padded { struct nbdhost_plugin p; void *future[8]; };
+static void *v_open (int ro) { return (void *) 1; }
+static int64_t v_get_size (void *h) { return 65536; }
+static int
+v_pread (void *h, void *buf, uint64_t n, uint64_t o, uint32_t f)
+{
+  memset (buf, 0x42, n);
+  return 0;
+}
+static const struct padded plugin = {
+  {
+    .struct_size = SIZE,
+    .abi_version = ABI,
+    .thread_model = MODEL,
+    .name = NAME,
+    .open = v_open,
+    .get_size = v_get_size,
+    .pread = v_pread,
+  },
+  { 0 },
+};
+const struct nbdhost_plugin *
+nbdhost_plugin_entry (const struct nbdhost_host *host)
+{
+#ifdef RETURN_NULL
+  (void) plugin;
+  return NULL;
+#else
+  return &plugin.p;
+#endif
+}
+"#;
+
+fn variant(dir: &TempDir, name: &str, defines: &[&str]) -> PathBuf {
+    let src = dir.path("variant.c");
+    if !src.exists() {
+        std::fs::write(&src, VARIANT_C).unwrap();
+    }
+    build_with(dir, name, &src, defines)
+}
+
+#[test]
+fn a_newer_minor_abi_with_a_longer_struct_is_accepted() {
+    let dir = TempDir::new("cminor");
+    let so = variant(
+        &dir,
+        "minorplugin",
+        &[
+            "-DABI=((NBDHOST_ABI_MAJOR << 16) | 0xffff)",
+            "-DSIZE=(sizeof (struct nbdhost_plugin) + 8 * sizeof (void *))",
+        ],
+    );
+    let dump = run_ok(Command::new(nbdhost_bin()).arg("--dump-plugin").arg(&so));
+    assert!(dump.contains("name=variant"), "{dump}");
+    let s = Server::start(&[so.to_str().unwrap()]);
+    let out = nbdsh(&s.uri(), "print(list(h.pread(2, 100)), h.get_size())");
+    assert_eq!(out.trim(), "[66, 66] 65536");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn broken_plugin_structs_are_refused_with_a_reason() {
+    let dir = TempDir::new("cbroken");
+    let cases: [(&str, &[&str], &str); 6] = [
+        ("nullplugin", &["-DRETURN_NULL"], "returned NULL"),
+        ("tinyplugin", &["-DSIZE=16"], "too small"),
+        ("nonameplugin", &["-DNAME=NULL"], "no name"),
+        ("emptynameplugin", &["-DNAME=\"\""], "no name"),
+        ("modelplugin", &["-DMODEL=7"], "thread model"),
+        ("abi0plugin", &["-DABI=0"], "supports ABI 1.x"),
+    ];
+    for (name, defines, reason) in cases {
+        let so = variant(&dir, name, defines);
+        let (code, err) = try_start(&dir, &so);
+        assert_eq!(code, Some(1), "{name}: {err}");
+        assert!(err.contains(reason), "{name}: wanted {reason:?} in {err}");
+    }
+}
+
+/// A plugin whose struct ends exactly where readable memory ends: any read
+/// past `struct_size` faults. `-DCUT=<field>` cuts the struct after that
+/// field.
+const GUARDED_C: &str = r#"
+#include <stddef.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <nbdhost-plugin.h>
+
+static void *g_open (int ro) { return (void *) 1; }
+static int64_t g_get_size (void *h) { return 1 << 20; }
+static int
+g_pread (void *h, void *buf, uint64_t n, uint64_t o, uint32_t f)
+{
+  for (uint64_t i = 0; i < n; i++)
+    ((unsigned char *) buf)[i] = (o + i) & 0xff;
+  return 0;
+}
+
+static const struct nbdhost_plugin tmpl = {
+  .abi_version = NBDHOST_ABI_VERSION,
+  .thread_model = NBDHOST_THREAD_MODEL_PARALLEL,
+  .name = "guarded",
+  .open = g_open,
+  .get_size = g_get_size,
+  .pread = g_pread,
+};
+
+const struct nbdhost_plugin *
+nbdhost_plugin_entry (const struct nbdhost_host *host)
+{
+  size_t len = offsetof (struct nbdhost_plugin, CUT) + sizeof (void *);
+  long pg = sysconf (_SC_PAGESIZE);
+  unsigned char *m = mmap (NULL, 2 * pg, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED || mprotect (m + pg, pg, PROT_NONE) == -1)
+    return NULL;
+  unsigned char *p = m + pg - len;
+  memcpy (p, &tmpl, len);
+  ((struct nbdhost_plugin *) p)->struct_size = len;
+  mprotect (m, pg, PROT_READ);
+  return (const struct nbdhost_plugin *) p;
+}
+"#;
+
+#[test]
+fn nothing_past_struct_size_is_read() {
+    let dir = TempDir::new("cguard");
+    let src = dir.path("guarded.c");
+    std::fs::write(&src, GUARDED_C).unwrap();
+
+    // Cut after pread: a read-only disk, whatever the client asks.
+    let so = build_with(&dir, "guardedplugin", &src, &["-DCUT=pread"]);
+    let dump = run_ok(Command::new(nbdhost_bin()).arg("--dump-plugin").arg(&so));
+    assert!(dump.contains("name=guarded"), "{dump}");
+    let s = Server::start(&[so.to_str().unwrap()]);
+    let out = nbdsh(
+        &s.uri(),
+        "print(list(h.pread(3, 4095)), h.is_read_only(), h.can_flush(), h.can_trim(),\n\
+         \x20     h.can_zero(), h.can_cache(), h.can_fua(), h.can_multi_conn())\n\
+         for name, call in [('pwrite', lambda: h.pwrite(b'x', 0)), ('flush', h.flush),\n\
+         \x20                  ('trim', lambda: h.trim(512, 0)), ('zero', lambda: h.zero(512, 0))]:\n\
+         \x20   try:\n\
+         \x20       call()\n\
+         \x20       print(name, 'served')\n\
+         \x20   except nbd.Error:\n\
+         \x20       pass\n\
+         print(h.pread(8, 1000) == bytes(x & 255 for x in range(1000, 1008)))",
+    );
+    assert_eq!(
+        out.trim(),
+        "[255, 0, 1] True False False False False False False\nTrue",
+        "{}",
+        s.log_text()
+    );
+    // qemu-img probes block status and more.
+    let info = run_ok(
+        client("qemu-img")
+            .args(["map", "--output=json"])
+            .arg(s.uri()),
+    );
+    assert!(info.contains("\"length\": 1048576"), "{info}");
+    let log = s.log.clone();
+    assert!(s.stop().success(), "{:?}", std::fs::read_to_string(log));
+
+    // Cut at the shortest struct the server accepts (no callbacks at all):
+    // it loads, and a client is refused cleanly.
+    let so = build_with(&dir, "minimalplugin", &src, &["-DCUT=magic_config_key"]);
+    let dump = run_ok(Command::new(nbdhost_bin()).arg("--dump-plugin").arg(&so));
+    assert!(dump.contains("name=guarded"), "{dump}");
+    let mut s = Server::start(&[so.to_str().unwrap()]);
+    let out = run(client("nbdinfo").arg(s.uri()));
+    assert!(!out.status.success());
+    assert!(s.is_running(), "{}", s.log_text());
     assert!(s.stop().success());
 }
