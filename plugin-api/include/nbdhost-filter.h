@@ -133,6 +133,15 @@ struct nbdhost_filter {
                   struct nbdhost_extents *extents);
   int (*cache) (const struct nbdhost_next *next, void *handle,
                 uint64_t count, uint64_t offset, uint32_t flags);
+
+  /* Since ABI 1.2.  Called once at start-up, after every layer's get_ready
+   * and before the server accepts a connection, with the layer below opened
+   * read-only on its default export; that handle is closed when the call
+   * returns.  A filter that must look at the disk before serving (the luks
+   * filter unlocks its key here) does it now, so that a mistake stops the
+   * server with a message instead of failing every connection.  Returns 0,
+   * or -1 with the error recorded: the server then exits. */
+  int (*startup) (const struct nbdhost_next *next);
 };
 
 typedef const struct nbdhost_filter *

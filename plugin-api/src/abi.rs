@@ -8,7 +8,7 @@ use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
 /// Major version of the ABI; a server refuses a plugin with another major.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: grows when fields are appended.
-pub const ABI_MINOR: u32 = 1;
+pub const ABI_MINOR: u32 = 2;
 /// `(major << 16) | minor`, as stored in `abi_version`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 /// Name of the symbol every plugin exports.
@@ -371,6 +371,8 @@ pub struct Filter {
         ) -> c_int,
     >,
     pub cache: Option<FilterRangeFn>,
+    /// Since ABI 1.2: look at the layer below once, before serving.
+    pub startup: Option<unsafe extern "C" fn(next: *const Next) -> c_int>,
 }
 
 // SAFETY: as for `Plugin`: an immutable table of 'static strings and

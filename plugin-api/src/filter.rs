@@ -243,6 +243,12 @@ pub trait Filter: Default + Send + Sync + 'static {
     /// Open a connection: call `next.open` exactly once, then build the
     /// handle.
     fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Self::Handle>;
+    /// Look at the layer below once, before the server accepts connections
+    /// (it is open read-only on the default export for this call only).
+    /// An error stops the server with its message.
+    fn startup(&self, _next: &Next) -> Result<()> {
+        Ok(())
+    }
     /// Called once before the filter is unloaded.
     fn unload(&mut self) {}
 }
@@ -402,6 +408,13 @@ unsafe extern "C" fn open<F: Filter>(
         let opener = NextOpener { raw: next };
         let h = INSTANCE.with::<F, _>(|f| f.open(&opener, readonly != 0, export))?;
         Ok(Box::into_raw(Box::new(h)).cast())
+    })
+}
+
+unsafe extern "C" fn startup<F: Filter>(next: *const abi::Next) -> c_int {
+    guard(-1, || {
+        let next = Next { raw: next };
+        ok(INSTANCE.with::<F, _>(|f| f.startup(&next)))
     })
 }
 
@@ -608,5 +621,6 @@ pub unsafe fn entry<F: Filter>(
         zero: Some(zero::<F>),
         extents: Some(extents::<F>),
         cache: Some(cache::<F>),
+        startup: Some(startup::<F>),
     })
 }

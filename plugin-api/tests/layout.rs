@@ -246,6 +246,7 @@ fn layouts() -> Vec<Layout> {
             zero,
             extents,
             cache,
+            startup,
         }
     }
 }

@@ -139,9 +139,18 @@ impl LoadedFilter {
         self.check("get_ready", r)
     }
 
-    /// Stack this filter on `next`.
-    pub fn stack(self, next: Arc<dyn Backend>) -> Arc<dyn Backend> {
-        Arc::new(Layer { filter: self, next })
+    /// Stack this filter on `next`, running its start-up look at the layer
+    /// below first when it has one.
+    pub fn stack(self, next: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
+        if let Some(f) = fcb!(self, startup) {
+            let export = next.default_export(true, false)?;
+            let below = OpenedNext::new(host::with_export_name(&export, || next.open(true))?);
+            // SAFETY: ABI callback with a next table whose handle lives until
+            // `below` is dropped after the call.
+            let r = host::call_layer(self.name, || unsafe { f(&*below.abi) });
+            self.check("startup", r)?;
+        }
+        Ok(Arc::new(Layer { filter: self, next }))
     }
 }
 
@@ -266,17 +275,21 @@ impl Backend for Layer {
     }
 }
 
+/// An open handle of the layer below, exposed as a `struct nbdhost_next`.
+struct OpenedNext {
+    /// Boxed so its address is stable, with `opaque` pointing at `handle`.
+    abi: Box<abi::Next>,
+    handle: Box<Box<dyn Handle>>,
+}
+
 /// A filter handle over the next layer's handle.
 struct FilterHandle {
     // The stacked layer outlives its handles: connections are drained
     // before the chain is dropped (see `server`).
     layer: *const Layer,
     handle: *mut c_void,
-    /// The `struct nbdhost_next` handed to the filter; boxed so its address
-    /// is stable, with `opaque` pointing at `next`.
-    abi_next: Box<abi::Next>,
     // Declared last: dropped after the filter's close callback has run.
-    next: Box<Box<dyn Handle>>,
+    next: OpenedNext,
 }
 
 // SAFETY: the filter handle is an opaque token; the thread model, enforced
@@ -288,7 +301,7 @@ unsafe impl Sync for FilterHandle {}
 /// Recover the next layer's handle from a `struct nbdhost_next`.
 ///
 /// # Safety
-/// `next` must be the `abi_next` of a live `FilterHandle`.
+/// `next` must be the `abi` table of a live `OpenedNext`.
 unsafe fn next_of<'a>(next: *const abi::Next) -> &'a dyn Handle {
     // SAFETY: guaranteed by the caller: `opaque` points at the boxed handle.
     unsafe { &**(*next).opaque.cast::<Box<dyn Handle>>() }
@@ -456,12 +469,12 @@ unsafe extern "C" fn next_extents(
     })
 }
 
-impl FilterHandle {
-    fn new(layer: &Layer, handle: *mut c_void, next: Box<dyn Handle>) -> FilterHandle {
-        let next = Box::new(next);
-        let abi_next = Box::new(abi::Next {
+impl OpenedNext {
+    fn new(handle: Box<dyn Handle>) -> OpenedNext {
+        let handle = Box::new(handle);
+        let abi = Box::new(abi::Next {
             struct_size: std::mem::size_of::<abi::Next>() as u64,
-            opaque: (&*next as *const Box<dyn Handle>).cast_mut().cast(),
+            opaque: (&*handle as *const Box<dyn Handle>).cast_mut().cast(),
             get_size: Some(next_get_size),
             block_size: Some(next_block_size),
             can_write: Some(next_can_write),
@@ -483,11 +496,16 @@ impl FilterHandle {
             extents: Some(next_extents),
             cache: Some(next_cache),
         });
+        OpenedNext { abi, handle }
+    }
+}
+
+impl FilterHandle {
+    fn new(layer: &Layer, handle: *mut c_void, next: Box<dyn Handle>) -> FilterHandle {
         FilterHandle {
             layer,
             handle,
-            abi_next,
-            next,
+            next: OpenedNext::new(next),
         }
     }
 
@@ -503,7 +521,7 @@ impl FilterHandle {
     fn can(&self, cb: Option<abi::FilterHandleFn>, what: &str) -> Option<Result<c_int>> {
         let f = cb?;
         // SAFETY: ABI callback with our next table and the filter's handle.
-        let r = self.call(|| unsafe { f(&*self.abi_next, self.handle) });
+        let r = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
         Some(if r < 0 {
             Err(host::take_error(what))
         } else {
@@ -521,7 +539,7 @@ impl FilterHandle {
     ) -> Result<()> {
         // SAFETY: ABI callback with our next table and the filter's handle.
         let r =
-            self.call(|| unsafe { cb(&*self.abi_next, self.handle, count, offset, flags.bits()) });
+            self.call(|| unsafe { cb(&*self.next.abi, self.handle, count, offset, flags.bits()) });
         self.f().check(what, r)
     }
 }
@@ -549,7 +567,7 @@ macro_rules! can_bool {
         fn $method(&self) -> Result<bool> {
             match self.can(fcb!(self.f(), $method), stringify!($method)) {
                 Some(r) => r.map(|v| v != 0),
-                None => self.next.$method(),
+                None => self.next.handle.$method(),
             }
         }
     };
@@ -558,20 +576,20 @@ macro_rules! can_bool {
 impl Handle for FilterHandle {
     fn get_size(&self) -> Result<u64> {
         let Some(f) = fcb!(self.f(), get_size) else {
-            return self.next.get_size();
+            return self.next.handle.get_size();
         };
         // SAFETY: ABI callback with our next table and the filter's handle.
-        let r = self.call(|| unsafe { f(&*self.abi_next, self.handle) });
+        let r = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
         u64::try_from(r).map_err(|_| host::take_error("get_size"))
     }
 
     fn block_size(&self) -> Result<Option<(u32, u32, u32)>> {
         let Some(f) = fcb!(self.f(), block_size) else {
-            return self.next.block_size();
+            return self.next.handle.block_size();
         };
         let (mut a, mut b, mut c) = (0u32, 0u32, 0u32);
         // SAFETY: ABI callback writing three u32s into our locals.
-        let r = self.call(|| unsafe { f(&*self.abi_next, self.handle, &mut a, &mut b, &mut c) });
+        let r = self.call(|| unsafe { f(&*self.next.abi, self.handle, &mut a, &mut b, &mut c) });
         self.f().check("block_size", r)?;
         Ok((a != 0 || b != 0 || c != 0).then_some((a, b, c)))
     }
@@ -588,35 +606,35 @@ impl Handle for FilterHandle {
     fn can_fua(&self) -> Result<Support> {
         match self.can(fcb!(self.f(), can_fua), "can_fua") {
             Some(r) => r.map(support),
-            None => self.next.can_fua(),
+            None => self.next.handle.can_fua(),
         }
     }
 
     fn can_cache(&self) -> Result<Support> {
         match self.can(fcb!(self.f(), can_cache), "can_cache") {
             Some(r) => r.map(support),
-            None => self.next.can_cache(),
+            None => self.next.handle.can_cache(),
         }
     }
 
     fn export_description(&self) -> Result<Option<String>> {
         let Some(f) = fcb!(self.f(), export_description) else {
-            return self.next.export_description();
+            return self.next.handle.export_description();
         };
         // SAFETY: ABI callback; the string is copied at once.
-        let p = self.call(|| unsafe { f(&*self.abi_next, self.handle) });
+        let p = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
         Ok(opt_string(p))
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         let Some(f) = fcb!(self.f(), pread) else {
-            return self.next.pread(buf, offset, flags);
+            return self.next.handle.pread(buf, offset, flags);
         };
         let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u64);
         // SAFETY: `buf` is writable for its length during the call.
         let r = self.call(|| unsafe {
             f(
-                &*self.abi_next,
+                &*self.next.abi,
                 self.handle,
                 ptr.cast(),
                 len,
@@ -629,12 +647,12 @@ impl Handle for FilterHandle {
 
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         let Some(f) = fcb!(self.f(), pwrite) else {
-            return self.next.pwrite(buf, offset, flags);
+            return self.next.handle.pwrite(buf, offset, flags);
         };
         // SAFETY: `buf` is readable for its length during the call.
         let r = self.call(|| unsafe {
             f(
-                &*self.abi_next,
+                &*self.next.abi,
                 self.handle,
                 buf.as_ptr().cast(),
                 buf.len() as u64,
@@ -647,44 +665,44 @@ impl Handle for FilterHandle {
 
     fn flush(&self, flags: Flags) -> Result<()> {
         let Some(f) = fcb!(self.f(), flush) else {
-            return self.next.flush(flags);
+            return self.next.handle.flush(flags);
         };
         // SAFETY: ABI callback with our next table and the filter's handle.
-        let r = self.call(|| unsafe { f(&*self.abi_next, self.handle, flags.bits()) });
+        let r = self.call(|| unsafe { f(&*self.next.abi, self.handle, flags.bits()) });
         self.f().check("flush", r)
     }
 
     fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         match fcb!(self.f(), trim) {
             Some(f) => self.range(f, "trim", count, offset, flags),
-            None => self.next.trim(count, offset, flags),
+            None => self.next.handle.trim(count, offset, flags),
         }
     }
 
     fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         match fcb!(self.f(), zero) {
             Some(f) => self.range(f, "zero", count, offset, flags),
-            None => self.next.zero(count, offset, flags),
+            None => self.next.handle.zero(count, offset, flags),
         }
     }
 
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         match fcb!(self.f(), cache) {
             Some(f) => self.range(f, "cache", count, offset, flags),
-            None => self.next.cache(count, offset, flags),
+            None => self.next.handle.cache(count, offset, flags),
         }
     }
 
     fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<Extent>> {
         let Some(f) = fcb!(self.f(), extents) else {
-            return self.next.extents(count, offset, flags);
+            return self.next.handle.extents(count, offset, flags);
         };
         let mut c = ExtentCollector::new(offset);
         let list = (&mut c as *mut ExtentCollector).cast::<abi::Extents>();
         // SAFETY: `list` is a collector that outlives the call.
         let r = self.call(|| unsafe {
             f(
-                &*self.abi_next,
+                &*self.next.abi,
                 self.handle,
                 count,
                 offset,

@@ -302,7 +302,8 @@ fn configure(
     }
     let mut backend: Arc<dyn Backend> = Arc::new(plugin);
     for f in filters.into_iter().rev() {
-        backend = f.stack(backend);
+        let name = f.info().name.clone();
+        backend = f.stack(backend).map_err(|e| format!("{name}: {e}"))?;
     }
     Ok(backend)
 }
