@@ -158,7 +158,8 @@ impl Server {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: a filter may derive a key before the server listens.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if UnixStream::connect(&self.socket).is_ok() {
                 return;
@@ -168,7 +169,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("nbdhost did not listen within 10 s: {}", self.log_text());
+        panic!("nbdhost did not listen within 60 s: {}", self.log_text());
     }
 
     /// The `nbd+unix://` URI of the default export.

@@ -1,0 +1,362 @@
+//! The luks filter: serve the decrypted contents of a LUKS1 or LUKS2 disk,
+//! encrypting writes on their way down.
+//!
+//! The key is unlocked once, at start-up (from `header=FILE` in
+//! `get_ready`, otherwise from the disk itself in `startup`), so a wrong
+//! passphrase stops the server instead of failing each client, and the
+//! costly key derivation is paid once. The passphrase is wiped as soon as
+//! it has been used; only the expanded AES keys stay, and they are wiped
+//! when the filter unloads.
+
+mod header;
+mod kdf;
+mod sector;
+mod unlock;
+
+use std::ffi::CStr;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use nbdhost_plugin_api::{
+    host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle, Flags, Next,
+    NextOpener, Result,
+};
+use zeroize::Zeroizing;
+
+use crate::header::{Header, ReadAt};
+use crate::sector::SectorCipher;
+
+/// Largest piece a zero request is written in.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Configuration, and the volume once unlocked.
+#[derive(Default)]
+pub struct Luks {
+    /// Passphrase or key-file contents until the unlock consumes them.
+    secret: Mutex<Option<Zeroizing<Vec<u8>>>>,
+    keyslot: Option<u32>,
+    header_file: Option<PathBuf>,
+    volume: OnceLock<Arc<Volume>>,
+}
+
+/// An unlocked volume: the data cipher and where the data lives.
+struct Volume {
+    cipher: Box<dyn SectorCipher>,
+    sector_size: u64,
+    payload_offset: u64,
+    payload_size: Option<u64>,
+    /// dm-crypt's IV offset, in 512-byte sectors.
+    iv_tweak: u64,
+    /// The header that was unlocked, when it lives on the disk itself:
+    /// each connection checks that its export carries the same one.
+    header: Option<Vec<u8>>,
+    /// Held shared by aligned writes and exclusively by read-modify-write,
+    /// so an unaligned write cannot resurrect the old contents of a sector
+    /// that another write changed meanwhile.
+    rmw: RwLock<()>,
+}
+
+fn einval(msg: impl Into<String>) -> Error {
+    Error::new(libc::EINVAL, msg)
+}
+
+impl Filter for Luks {
+    const NAME: &'static CStr = c"luks";
+    const DESCRIPTION: &'static CStr = c"read and write LUKS1 and LUKS2 encrypted disks";
+    const CONFIG_HELP: &'static CStr =
+        c"passphrase=<SECRET>  Passphrase: literal, +FILE, -FD or - to prompt.
+key-file=<FILE>      Binary key file (as cryptsetup --key-file), instead.
+keyslot=<N>          Try only this keyslot.
+header=<FILE>        Detached LUKS header.";
+    type Handle = Connection;
+
+    fn config(&mut self, key: &str, value: &str) -> Result<bool> {
+        match key {
+            "passphrase" | "key-file" => {
+                let secret = if key == "passphrase" {
+                    Zeroizing::new(host::read_secret(value)?.as_bytes().to_vec())
+                } else {
+                    Zeroizing::new(
+                        std::fs::read(value)
+                            .map_err(|e| einval(format!("key-file {value}: {e}")))?,
+                    )
+                };
+                let mut slot = self.secret.lock().unwrap();
+                if slot.is_some() {
+                    return Err(einval("give passphrase= or key-file= once"));
+                }
+                *slot = Some(secret);
+            }
+            "keyslot" => {
+                self.keyslot = Some(
+                    value
+                        .parse()
+                        .map_err(|_| einval(format!("keyslot={value}: not a keyslot number")))?,
+                )
+            }
+            "header" => self.header_file = Some(PathBuf::from(value)),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn config_complete(&mut self) -> Result<()> {
+        if self.secret.lock().unwrap().is_none() {
+            return Err(einval("passphrase= or key-file= is required"));
+        }
+        Ok(())
+    }
+
+    fn get_ready(&self) -> Result<()> {
+        let Some(path) = &self.header_file else {
+            return Ok(());
+        };
+        let file = std::fs::File::open(path)
+            .map_err(|e| einval(format!("header {}: {e}", path.display())))?;
+        let mut read = |buf: &mut [u8], off: u64| {
+            file.read_exact_at(buf, off)
+                .map_err(|e| format!("header {}: {e}", path.display()))
+        };
+        self.unlock(&mut read, false)
+    }
+
+    fn startup(&self, next: &Next) -> Result<()> {
+        if self.volume.get().is_some() {
+            return Ok(());
+        }
+        self.unlock(&mut reader(next), true)
+    }
+
+    fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Connection> {
+        let volume = self
+            .volume
+            .get()
+            .ok_or_else(|| Error::new(libc::EIO, "the volume was not unlocked"))?
+            .clone();
+        next.open(readonly, export_name)?;
+        Ok(Connection { volume })
+    }
+}
+
+/// Read the layer below, for the header parser.
+fn reader(next: &Next) -> impl FnMut(&mut [u8], u64) -> std::result::Result<(), String> + '_ {
+    |buf: &mut [u8], off: u64| {
+        next.pread(buf, off, Flags::empty()).map_err(|e| {
+            e.message()
+                .map(str::to_owned)
+                .unwrap_or_else(|| std::io::Error::from_raw_os_error(e.raw_errno()).to_string())
+        })
+    }
+}
+
+impl Luks {
+    /// Parse the header behind `read`, open a keyslot with the secret (which
+    /// is wiped afterwards), and keep the volume.
+    fn unlock(&self, read: &mut ReadAt, on_disk: bool) -> Result<()> {
+        let header = header::read(read).map_err(einval)?;
+        let secret = self
+            .secret
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| einval("no passphrase"))?;
+        let unlocked = unlock::unlock(&header, &secret, self.keyslot, read, &mut |m| {
+            host::debug(m)
+        })
+        .map_err(einval)?;
+        drop(secret);
+        let Header {
+            version,
+            cipher,
+            sector_size,
+            payload_offset,
+            payload_size,
+            iv_tweak,
+            raw,
+            ..
+        } = header;
+        host::debug(&format!(
+            "LUKS{version} {cipher} with a {}-bit key from keyslot {}, {sector_size}-byte sectors, data at {payload_offset}",
+            unlocked.key.len() * 8,
+            unlocked.slot
+        ));
+        let volume = Volume {
+            cipher: sector::new(&cipher, &unlocked.key).map_err(einval)?,
+            sector_size: u64::from(sector_size),
+            payload_offset,
+            payload_size,
+            iv_tweak,
+            header: on_disk.then_some(raw),
+            rmw: RwLock::new(()),
+        };
+        self.volume
+            .set(Arc::new(volume))
+            .map_err(|_| einval("unlocked twice"))
+    }
+}
+
+impl Volume {
+    /// The whole sectors covering `len` bytes at `offset`.
+    fn cover(&self, offset: u64, len: usize) -> (u64, u64) {
+        let ss = self.sector_size;
+        (offset / ss * ss, (offset + len as u64).div_ceil(ss) * ss)
+    }
+
+    /// IV number of the sector at data offset `offset`. dm-crypt counts in
+    /// 512-byte units whatever the sector size (LUKS2 never activates with
+    /// `iv_large_sectors`), so a 4096-byte sector advances the IV by 8.
+    fn iv(&self, offset: u64) -> u64 {
+        offset / 512 + self.iv_tweak
+    }
+
+    fn decrypt(&self, data: &mut [u8], offset: u64) {
+        self.cipher
+            .decrypt(data, self.sector_size as usize, self.iv(offset));
+    }
+
+    fn encrypt(&self, data: &mut [u8], offset: u64) {
+        self.cipher
+            .encrypt(data, self.sector_size as usize, self.iv(offset));
+    }
+
+    /// Read and decrypt whole sectors.
+    fn read_sectors(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+        next.pread(buf, self.payload_offset + offset, flags)?;
+        self.decrypt(buf, offset);
+        Ok(())
+    }
+
+    fn write(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        let (start, end) = self.cover(offset, buf.len());
+        let mut sectors = vec![0u8; (end - start) as usize];
+        if start == offset && end - start == buf.len() as u64 {
+            let _shared = self.rmw.read().unwrap();
+            sectors.copy_from_slice(buf);
+            self.encrypt(&mut sectors, start);
+            return next.pwrite(&sectors, self.payload_offset + start, flags);
+        }
+        let _exclusive = self.rmw.write().unwrap();
+        self.read_sectors(next, &mut sectors, start, Flags::empty())?;
+        sectors[(offset - start) as usize..][..buf.len()].copy_from_slice(buf);
+        self.encrypt(&mut sectors, start);
+        next.pwrite(&sectors, self.payload_offset + start, flags)
+    }
+}
+
+/// One connection: the shared volume over this connection's next layer.
+pub struct Connection {
+    volume: Arc<Volume>,
+}
+
+impl FilterHandle for Connection {
+    fn get_size(&self, next: &Next) -> Result<u64> {
+        let v = &self.volume;
+        if let Some(unlocked) = &v.header {
+            let mut here = vec![0u8; unlocked.len()];
+            next.pread(&mut here, 0, Flags::empty())?;
+            if &here != unlocked {
+                return Err(Error::new(
+                    libc::EIO,
+                    "this export's LUKS header is not the one unlocked at start-up",
+                ));
+            }
+        }
+        let size = next.get_size()?;
+        let avail = size.checked_sub(v.payload_offset).ok_or_else(|| {
+            Error::new(
+                libc::EIO,
+                format!("disk of {size} bytes ends before the encrypted data starts"),
+            )
+        })?;
+        let data = match v.payload_size {
+            Some(s) if s > avail => {
+                return Err(Error::new(
+                    libc::EIO,
+                    format!("LUKS segment of {s} bytes does not fit in the disk"),
+                ))
+            }
+            Some(s) => s,
+            None => avail,
+        };
+        Ok(data / v.sector_size * v.sector_size)
+    }
+
+    fn block_size(&self, next: &Next) -> Result<Option<BlockSize>> {
+        // Whole sectors avoid read-modify-write; say so to clients that care.
+        let ss = self.volume.sector_size as u32;
+        Ok(Some(match next.block_size()? {
+            Some(b) => BlockSize {
+                preferred: b.preferred.max(ss),
+                ..b
+            },
+            None => BlockSize {
+                minimum: 1,
+                preferred: ss.max(4096),
+                maximum: u32::MAX,
+            },
+        }))
+    }
+
+    fn can_trim(&self, _next: &Next) -> Result<bool> {
+        // A hole below would read back as noise once decrypted.
+        Ok(false)
+    }
+    fn can_zero(&self, next: &Next) -> Result<bool> {
+        next.can_write()
+    }
+    fn can_fast_zero(&self, _next: &Next) -> Result<bool> {
+        Ok(false)
+    }
+    fn can_extents(&self, _next: &Next) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+        let v = &self.volume;
+        let (start, end) = v.cover(offset, buf.len());
+        if start == offset && end - start == buf.len() as u64 {
+            return v.read_sectors(next, buf, offset, flags);
+        }
+        let mut sectors = vec![0u8; (end - start) as usize];
+        v.read_sectors(next, &mut sectors, start, flags)?;
+        buf.copy_from_slice(&sectors[(offset - start) as usize..][..buf.len()]);
+        Ok(())
+    }
+
+    fn pwrite(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
+        self.volume.write(next, buf, offset, flags)
+    }
+
+    fn zero(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        let zeroes = vec![0u8; ZERO_CHUNK.min(count as usize)];
+        let mut done = 0u64;
+        while done < count {
+            let n = zeroes.len().min((count - done) as usize);
+            self.volume
+                .write(next, &zeroes[..n], offset + done, flags & Flags::FUA)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn cache(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        let v = &self.volume;
+        let (start, end) = v.cover(offset, count as usize);
+        next.cache(end - start, v.payload_offset + start, flags)
+    }
+
+    fn extents(
+        &self,
+        _next: &Next,
+        count: u64,
+        offset: u64,
+        _flags: Flags,
+        list: &mut ExtentList,
+    ) -> Result<()> {
+        // Holes below are not zeroes above: everything is data.
+        list.add(offset, count, 0)
+    }
+}
+
+nbdhost_filter!(Luks);

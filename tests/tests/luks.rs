@@ -1,0 +1,550 @@
+//! The luks filter against the tools that make and read LUKS disks: images
+//! from `qemu-img create -f luks` and `cryptsetup luksFormat` /
+//! `cryptsetup reencrypt`, data checked through qemu's own luks driver
+//! (LUKS1) or decrypted independently with the volume key cryptsetup
+//! reports (LUKS2), never only through nbdhost itself.
+//!
+//! Key derivation is set cheap with each tool's iteration-time knob, except
+//! in the one test that keeps cryptsetup's defaults.
+
+use std::path::{Path, PathBuf};
+
+use nbdhost_tests::{client, filter, nbdhost_bin, pattern, plugin, run, run_ok, Server, TempDir};
+
+const PASS: &str = "correct horse battery";
+
+/// A directory with the passphrase in a private file.
+fn setup(tag: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(tag);
+    let pw = dir.path("pw");
+    std::fs::write(&pw, PASS).unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    (dir, pw)
+}
+
+fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
+fn luks_args(img: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        plugin("file").display().to_string(),
+        format!("file={}", img.display()),
+        format!("--filter={}", filter("luks").display()),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Serve `img` decrypted with the passphrase file `pw`.
+fn serve(img: &Path, pw: &Path, extra: &[&str]) -> Server {
+    let mut args = luks_args(img, extra);
+    args.push(format!("passphrase=+{}", pw.display()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start(&args)
+}
+
+/// Run nbdhost on `img` expecting it to refuse to start; returns its log.
+fn refuses(img: &Path, extra: &[&str]) -> String {
+    let dir = TempDir::new("refuse");
+    let out = run(client(nbdhost_bin().to_str().unwrap())
+        .args(["-f", "-v", "-U"])
+        .arg(dir.path("s"))
+        .args(luks_args(img, extra)));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "nbdhost started:\n{log}");
+    assert!(
+        !log.contains(PASS),
+        "the passphrase reached the log:\n{log}"
+    );
+    log
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = client("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run_ok(c.arg(uri));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    out
+}
+
+/// qemu-io through qemu's own luks driver on the image file.
+fn qemu_luks_io(img: &Path, pw: &Path, cmds: &[&str]) -> String {
+    let mut c = client("qemu-io");
+    c.args([
+        "--object",
+        &format!("secret,id=s0,file={}", pw.display()),
+        "--image-opts",
+    ]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run_ok(c.arg(format!(
+        "driver=luks,key-secret=s0,file.filename={}",
+        img.display()
+    )));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    out
+}
+
+fn cryptsetup(args: &[&str]) -> String {
+    run_ok(client("cryptsetup").arg("-q").args(args))
+}
+
+/// Writes at unaligned places through nbdhost, read back by qemu's luks
+/// driver; then qemu writes and nbdhost reads.
+fn interoperate_with_qemu(img: &Path, pw: &Path) {
+    let s = serve(img, pw, &[]);
+    qemu_io(
+        &s.uri(),
+        &[
+            "write -P 0x22 1000 5000",
+            "write -P 0x33 1M 1M",
+            "write -P 0x44 3000001 3",
+        ],
+    );
+    assert!(s.stop().success());
+    qemu_luks_io(
+        img,
+        pw,
+        &[
+            "read -P 0x22 1000 5000",
+            "read -P 0x33 1M 1M",
+            "read -P 0x44 3000001 3",
+            "write -P 0x55 2M 65536",
+            "write -P 0x66 777 223",
+        ],
+    );
+    let s = serve(img, pw, &[]);
+    qemu_io(
+        &s.uri(),
+        &[
+            "read -P 0x55 2M 65536",
+            "read -P 0x66 777 223",
+            "read -P 0x22 1000 5000",
+        ],
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn luks1_from_qemu_img_round_trips_with_qemus_own_driver() {
+    let (dir, pw) = setup("luks-qemu");
+    let img = dir.path("q.img");
+    run_ok(client("qemu-img").args([
+        "create",
+        "-f",
+        "luks",
+        "--object",
+        &format!("secret,id=s0,file={}", pw.display()),
+        "-o",
+        "key-secret=s0,iter-time=10",
+        img.to_str().unwrap(),
+        "8M",
+    ]));
+    interoperate_with_qemu(&img, &pw);
+    // The whole disk, as qemu decrypts it and as nbdhost does.
+    let s = serve(&img, &pw, &[]);
+    let out = run_ok(client("qemu-img").args([
+        "compare",
+        "--object",
+        &format!("secret,id=s0,file={}", pw.display()),
+        "--image-opts",
+        &format!("driver=luks,key-secret=s0,file.filename={}", img.display()),
+        &format!(
+            "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={}",
+            s.socket.display()
+        ),
+    ]));
+    assert!(out.contains("Images are identical"), "{out}");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn cryptsetup_luks1_ciphers_and_hashes_interoperate_with_qemu() {
+    for (cipher, bits, hash) in [
+        ("aes-xts-plain64", "256", "sha256"),
+        ("aes-xts-plain64", "512", "sha1"),
+        ("aes-xts-plain", "512", "sha256"),
+        ("aes-cbc-essiv:sha256", "256", "sha512"),
+        ("aes-cbc-plain64", "128", "sha256"),
+    ] {
+        let (dir, pw) = setup("luks1-cs");
+        let img = dir.path("c.img");
+        sparse_file(&img, 8 << 20);
+        cryptsetup(&[
+            "luksFormat",
+            "--type",
+            "luks1",
+            "--cipher",
+            cipher,
+            "--key-size",
+            bits,
+            "--hash",
+            hash,
+            "--iter-time",
+            "10",
+            "--key-file",
+            pw.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
+        interoperate_with_qemu(&img, &pw);
+    }
+}
+
+/// A file of known content, encrypted in place by cryptsetup.
+fn reencrypted(dir: &TempDir, pw: &Path, sector: &str) -> (PathBuf, Vec<u8>) {
+    let data = pattern(8 << 20, 42);
+    let img = dir.path("r.img");
+    std::fs::write(&img, &data).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(24 << 20)
+        .unwrap();
+    cryptsetup(&[
+        "reencrypt",
+        "--encrypt",
+        "--type",
+        "luks2",
+        "--sector-size",
+        sector,
+        "--reduce-device-size",
+        "16M",
+        "--pbkdf-memory",
+        "32768",
+        "--iter-time",
+        "100",
+        "--key-file",
+        pw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    (img, data)
+}
+
+#[test]
+fn luks2_reencrypted_file_serves_exactly_its_old_content() {
+    for sector in ["512", "4096"] {
+        let (dir, pw) = setup("luks2-re");
+        let (img, data) = reencrypted(&dir, &pw, sector);
+        let s = serve(&img, &pw, &[]);
+        let out = dir.path("out.img");
+        run_ok(client("nbdcopy").arg(s.uri()).arg(&out));
+        let got = std::fs::read(&out).unwrap();
+        assert_eq!(got.len(), 16 << 20);
+        assert!(
+            got[..data.len()] == data[..],
+            "{sector}-byte sectors: content differs"
+        );
+        assert!(s.stop().success());
+    }
+}
+
+/// Decrypt `len` bytes at data offset `off` of a LUKS2 aes-xts-plain64
+/// image with the volume key file, using Python's `cryptography`, and
+/// return them.
+fn decrypt_independently(
+    img: &Path,
+    key: &Path,
+    data_offset: u64,
+    sector: u64,
+    off: u64,
+    len: u64,
+) -> Vec<u8> {
+    let script = format!(
+        r#"
+import sys
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+key = open({key:?}, 'rb').read()
+out = b''
+with open({img:?}, 'rb') as f:
+    for s in range({off} // {sector}, ({off} + {len} + {sector} - 1) // {sector}):
+        f.seek({data_offset} + s * {sector})
+        ct = f.read({sector})
+        iv = (s * {sector} // 512).to_bytes(16, 'little')
+        d = Cipher(algorithms.AES(key), modes.XTS(iv)).decryptor()
+        out += d.update(ct) + d.finalize()
+start = {off} % {sector}
+sys.stdout.buffer.write(out[start:start + {len}])
+"#,
+        key = key.display().to_string(),
+        img = img.display().to_string(),
+    );
+    let out = run(client("/usr/bin/python3").args(["-c", &script]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn luks2_writes_decrypt_with_the_volume_key_cryptsetup_reports() {
+    for kdf in [
+        &["--pbkdf", "argon2id", "--pbkdf-memory", "32768"][..],
+        &["--pbkdf", "argon2i", "--pbkdf-memory", "16384"][..],
+        &["--pbkdf", "pbkdf2", "--hash", "sha512"][..],
+    ] {
+        let (dir, pw) = setup("luks2-vk");
+        let img = dir.path("c.img");
+        sparse_file(&img, 24 << 20);
+        let mut args = vec!["luksFormat", "--type", "luks2", "--sector-size", "4096"];
+        args.extend(kdf);
+        args.extend(["--iter-time", "100", "--key-file"]);
+        args.extend([pw.to_str().unwrap(), img.to_str().unwrap()]);
+        cryptsetup(&args);
+
+        let key = dir.path("vk");
+        cryptsetup(&[
+            "luksDump",
+            "--dump-volume-key",
+            "--volume-key-file",
+            key.to_str().unwrap(),
+            "--key-file",
+            pw.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
+        // The write covers sectors 30..=103 partially at both ends: what
+        // those sectors held before must survive the read-modify-write.
+        let (off, len) = (123_457u64, 300_000u64);
+        let (first, end) = (off / 4096 * 4096, (off + len).div_ceil(4096) * 4096);
+        let plain = |o, l| decrypt_independently(&img, &key, 16 << 20, 4096, o, l);
+        let mut want = plain(first, end - first);
+        let data = pattern(len as usize, 7);
+        want[(off - first) as usize..][..data.len()].copy_from_slice(&data);
+
+        let s = serve(&img, &pw, &[]);
+        let blob = dir.path("blob");
+        std::fs::write(&blob, &data).unwrap();
+        nbdhost_tests::nbdsh(
+            &s.uri(),
+            &format!(
+                "h.pwrite(open({:?}, 'rb').read(), {off})\nh.flush()",
+                blob.display().to_string()
+            ),
+        );
+        assert!(s.stop().success());
+        assert!(
+            plain(first, end - first) == want,
+            "{kdf:?}: cryptsetup's volume key does not decrypt what we wrote"
+        );
+    }
+}
+
+#[test]
+fn luks2_with_cryptsetup_defaults_is_served() {
+    let (dir, pw) = setup("luks2-def");
+    let img = dir.path("d.img");
+    sparse_file(&img, 32 << 20);
+    cryptsetup(&[
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--key-file",
+        pw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let dump = cryptsetup(&["luksDump", img.to_str().unwrap()]);
+    assert!(
+        dump.contains("argon2id") && dump.contains("sector: 4096"),
+        "{dump}"
+    );
+    let s = serve(&img, &pw, &[]);
+    let info = run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    assert_eq!(info.trim(), (16u64 << 20).to_string());
+    qemu_io(
+        &s.uri(),
+        &["write -P 0x77 4095 8194", "read -P 0x77 4095 8194"],
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn detached_headers_keyslots_and_key_files() {
+    let (dir, pw) = setup("luks2-hdr");
+    let img = dir.path("data.img");
+    let hdr = dir.path("hdr.img");
+    sparse_file(&img, 8 << 20);
+    cryptsetup(&[
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "pbkdf2",
+        "--iter-time",
+        "10",
+        "--header",
+        hdr.to_str().unwrap(),
+        "--key-file",
+        pw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    // A binary key file, with the bytes a text reader would mangle.
+    let key = dir.path("key.bin");
+    let mut k = pattern(512, 3);
+    k[10] = 0;
+    k[11] = b'\n';
+    std::fs::write(&key, &k).unwrap();
+    cryptsetup(&[
+        "luksAddKey",
+        "--pbkdf",
+        "pbkdf2",
+        "--iter-time",
+        "10",
+        "--key-slot",
+        "3",
+        "--key-file",
+        pw.to_str().unwrap(),
+        hdr.to_str().unwrap(),
+        key.to_str().unwrap(),
+    ]);
+    let header = format!("header={}", hdr.display());
+    let key_file = format!("key-file={}", key.display());
+    let s = serve(&img, &pw, &[&header]);
+    qemu_io(&s.uri(), &["write -P 0x12 0 1M"]);
+    assert!(s.stop().success());
+    let args = luks_args(&img, &[&header, &key_file, "keyslot=3"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = Server::start(&args);
+    qemu_io(&s.uri(), &["read -P 0x12 0 1M"]);
+    assert!(s.stop().success());
+    // The header is not on the data disk, so the data starts at 0.
+    assert_ne!(std::fs::read(&img).unwrap()[..6], *b"LUKS\xba\xbe");
+
+    let log = refuses(&img, &[&header, &key_file, "keyslot=0"]);
+    assert!(
+        log.contains("wrong passphrase") && log.contains("tried 0"),
+        "{log}"
+    );
+    let log = refuses(&img, &[&header, &key_file, "keyslot=5"]);
+    assert!(log.contains("keyslot 5 is not an active keyslot"), "{log}");
+}
+
+#[test]
+fn start_up_refusals_name_the_problem_and_never_the_secret() {
+    let (dir, pw) = setup("luks-refuse");
+    let img = dir.path("c.img");
+    run_ok(client("qemu-img").args([
+        "create",
+        "-f",
+        "luks",
+        "--object",
+        &format!("secret,id=s0,file={}", pw.display()),
+        "-o",
+        "key-secret=s0,iter-time=10",
+        img.to_str().unwrap(),
+        "4M",
+    ]));
+    let wrong = format!("passphrase={PASS} but wrong");
+    let log = refuses(&img, &[&wrong]);
+    assert!(log.contains("wrong passphrase"), "{log}");
+    assert!(
+        !log.contains("but wrong"),
+        "the passphrase reached the log:\n{log}"
+    );
+
+    let log = refuses(&img, &[]);
+    assert!(
+        log.contains("passphrase= or key-file= is required"),
+        "{log}"
+    );
+
+    let plain = dir.path("plain.img");
+    sparse_file(&plain, 4 << 20);
+    let log = refuses(&plain, &[&format!("passphrase={PASS}")]);
+    assert!(log.contains("not a LUKS disk"), "{log}");
+
+    // The same header naming a cipher nbdhost does not implement.
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[8..40].fill(0);
+    bytes[8..15].copy_from_slice(b"serpent");
+    let other = dir.path("serpent.img");
+    std::fs::write(&other, &bytes).unwrap();
+    let log = refuses(&other, &[&format!("passphrase={PASS}")]);
+    assert!(
+        log.contains("cipher serpent-xts-plain64 is not supported"),
+        "{log}"
+    );
+
+    // A LUKS2 reencryption that was started and not finished.
+    let r = dir.path("r.img");
+    sparse_file(&r, 24 << 20);
+    cryptsetup(&[
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "pbkdf2",
+        "--iter-time",
+        "10",
+        "--key-file",
+        pw.to_str().unwrap(),
+        r.to_str().unwrap(),
+    ]);
+    cryptsetup(&[
+        "reencrypt",
+        "--init-only",
+        "--pbkdf",
+        "pbkdf2",
+        "--iter-time",
+        "10",
+        "--key-file",
+        pw.to_str().unwrap(),
+        r.to_str().unwrap(),
+    ]);
+    let log = refuses(&r, &[&format!("passphrase={PASS}")]);
+    assert!(log.contains("reencrypt"), "{log}");
+}
+
+/// Unaligned writes racing on shared sectors from one client with many
+/// requests in flight: each must survive the others' read-modify-write.
+#[test]
+fn concurrent_unaligned_writes_all_land() {
+    let (dir, pw) = setup("luks-race");
+    let img = dir.path("c.img");
+    sparse_file(&img, 24 << 20);
+    cryptsetup(&[
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--sector-size",
+        "4096",
+        "--pbkdf",
+        "pbkdf2",
+        "--iter-time",
+        "10",
+        "--key-file",
+        pw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let s = serve(&img, &pw, &[]);
+    let out = nbdhost_tests::nbdsh(
+        &s.uri(),
+        r#"
+import random
+random.seed(5)
+spans = []
+off = 100
+while off < 2_000_000:
+    n = random.randrange(1, 3000)
+    spans.append((off, bytes([len(spans) % 251 + 1]) * n))
+    off += n
+random.shuffle(spans)
+cookies = [h.aio_pwrite(data, o) for o, data in spans]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c in cookies:
+    assert h.aio_command_completed(c)
+for o, data in spans:
+    assert h.pread(len(data), o) == data, o
+print("ok", len(spans))
+"#,
+    );
+    assert!(out.starts_with("ok "), "{out}");
+    assert!(s.stop().success());
+}
