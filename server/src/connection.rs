@@ -171,6 +171,12 @@ impl Connection {
                 && self.out.is_empty())
     }
 
+    /// Whether no request of this connection is running on a worker, so
+    /// dropping it loses nothing that was acknowledged.
+    pub fn nothing_running(&self) -> bool {
+        self.inflight == 0
+    }
+
     /// Whether the handshake is still under way.
     pub fn in_handshake(&self) -> bool {
         matches!(self.phase, Phase::Handshake(_))

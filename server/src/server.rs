@@ -24,6 +24,9 @@ const SIGNALS: Token = Token(usize::MAX - 2);
 const FIRST_CONN: usize = 1 << 20;
 /// How long shutdown waits for in-flight requests before giving up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long shutdown waits for clients to read their last replies: one that
+/// does not must not keep the plugin from being closed.
+const REPLY_GRACE: Duration = Duration::from_secs(3);
 
 /// How the loop serves.
 pub struct Options {
@@ -175,6 +178,9 @@ pub fn serve(
             lp.begin_shutdown(&mut listeners);
         }
         if let Some(since) = lp.shutting_down {
+            if since.elapsed() > REPLY_GRACE {
+                lp.drop_unread();
+            }
             let idle = lp.conns.is_empty() && lp.shared.outstanding.load(Ordering::Acquire) == 0;
             if idle {
                 break;
@@ -293,6 +299,16 @@ impl Loop {
         for (_, c) in self.conns.iter_mut() {
             if c.in_handshake() && c.deadline.is_some_and(|d| d <= now) {
                 c.fail("handshake timed out");
+            }
+        }
+    }
+
+    /// During shutdown, give up on clients that leave their replies unread
+    /// once nothing of theirs is running.
+    fn drop_unread(&mut self) {
+        for (_, c) in self.conns.iter_mut() {
+            if c.nothing_running() && !c.finished() {
+                c.fail("replies unread at shutdown");
             }
         }
     }
