@@ -1,6 +1,7 @@
 //! One client connection: moves bytes between its stream and the protocol
 //! state machines, and sends backend work to the worker pool.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::CString;
 use std::io::{self, IoSlice, Read, Write};
@@ -28,6 +29,8 @@ const MAX_INFLIGHT: usize = 256;
 const MAX_QUEUED: usize = 64 << 20;
 /// Bytes asked of the socket per read, unless a payload needs more.
 const READ_CHUNK: usize = 256 * 1024;
+/// Size of [`Shared::read_scratch`]: the largest single read.
+pub const READ_MAX: usize = 4 * READ_CHUNK;
 
 /// A result coming back from a worker.
 pub enum Completion {
@@ -62,6 +65,11 @@ pub struct Shared {
     pub outstanding: Arc<AtomicUsize>,
     /// Credentials for STARTTLS, when TLS is enabled.
     pub tls: Option<Arc<TlsConfig>>,
+    /// The event loop's landing area for socket reads, zeroed once: only
+    /// the bytes received are copied on into a connection's `rbuf`, where
+    /// growing `rbuf` by a read window each time would zero-fill up to a
+    /// megabyte per small request.
+    pub read_scratch: RefCell<Vec<u8>>,
 }
 
 impl Shared {
@@ -236,7 +244,7 @@ impl Connection {
     pub fn on_readable(&mut self, sh: &Shared) {
         while self.can_read() {
             let want = match &self.phase {
-                Phase::Transmission(d) => d.wanted(&self.rbuf).clamp(READ_CHUNK, 4 * READ_CHUNK),
+                Phase::Transmission(d) => d.wanted(&self.rbuf).clamp(READ_CHUNK, READ_MAX),
                 Phase::Handshake(_) => READ_CHUNK,
             };
             if self.tls.is_some() {
@@ -249,12 +257,17 @@ impl Connection {
                     }
                 }
             }
-            let len = self.rbuf.len();
-            self.rbuf.resize(len + want, 0);
-            let r = self.stream.read(&mut self.rbuf[len..]);
+            let r = {
+                let mut scratch = sh.read_scratch.borrow_mut();
+                let want = want.min(scratch.len());
+                let r = self.stream.read(&mut scratch[..want]);
+                if let Ok(n) = r {
+                    self.rbuf.extend_from_slice(&scratch[..n]);
+                }
+                r
+            };
             match r {
                 Ok(0) => {
-                    self.rbuf.truncate(len);
                     self.read_done = true;
                     if self.in_handshake() {
                         log::debug!(
@@ -264,18 +277,12 @@ impl Connection {
                         self.dead = true;
                     }
                 }
-                Ok(n) => {
-                    self.rbuf.truncate(len + n);
-                    self.process(sh);
-                }
-                Err(e) => {
-                    self.rbuf.truncate(len);
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => break,
-                        io::ErrorKind::Interrupted => {}
-                        _ => self.fail(&format!("read error: {e}")),
-                    }
-                }
+                Ok(_) => self.process(sh),
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => {}
+                    _ => self.fail(&format!("read error: {e}")),
+                },
             }
         }
         if !self.read_done && !self.dead && !self.can_read() {

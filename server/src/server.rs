@@ -1,6 +1,7 @@
 //! The event loop: mio owns the listeners and every connection; workers
 //! report back through a waker; signals and the `--run` child end it.
 
+use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,7 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::backend::Backend;
-use crate::connection::{Completion, Connection, Shared};
+use crate::connection::{Completion, Connection, Shared, READ_MAX};
 use crate::export::ExportPolicy;
 use crate::handshake::HandshakeConfig;
 use crate::listen::{Listener, Peer, Stream};
@@ -80,6 +81,7 @@ pub fn serve(
         per_connection_lock: model == ThreadModel::SerializeRequests,
         outstanding: Arc::new(AtomicUsize::new(0)),
         tls: opts.tls,
+        read_scratch: RefCell::new(vec![0; READ_MAX]),
     };
     let one_at_a_time = model == ThreadModel::SerializeConnections;
 

@@ -1,8 +1,9 @@
 //! The worker pool that runs backend calls, which may block, off the event
 //! loop, and the channel that brings their results back to it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -11,45 +12,85 @@ use crossbeam_channel::{Receiver, Sender};
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A fixed set of threads taking jobs from one queue.
+///
+/// Idle workers sleep on a condition variable rather than spinning: the
+/// pool is usually larger than the machine (blocking plugins want many
+/// threads), and spinning or yielding workers steal the CPU from the event
+/// loop that feeds them. A queue behind one mutex is enough, as each job is
+/// at least a plugin call.
 pub struct Pool {
-    tx: Option<Sender<Job>>,
+    queue: Arc<Queue>,
     threads: Vec<JoinHandle<()>>,
+}
+
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+impl Queue {
+    /// The next job, or `None` once the pool is closed and drained.
+    fn take(&self) -> Option<Job> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(job) = st.jobs.pop_front() {
+                return Some(job);
+            }
+            if st.closed {
+                return None;
+            }
+            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 impl Pool {
     /// Start `n` workers.
     pub fn new(n: usize) -> std::io::Result<Pool> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        });
         let threads = (0..n.max(1))
             .map(|i| {
-                let rx = rx.clone();
+                let queue = queue.clone();
                 std::thread::Builder::new()
                     .name(format!("worker{i}"))
                     .spawn(move || {
-                        for job in rx {
+                        while let Some(job) = queue.take() {
                             job();
                         }
                     })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Pool {
-            tx: Some(tx),
-            threads,
-        })
+        Ok(Pool { queue, threads })
     }
 
     /// Queue a job.
     pub fn submit(&self, job: Job) {
-        if let Some(tx) = &self.tx {
-            // Workers only stop when the pool is dropped, so this cannot fail.
-            let _ = tx.send(job);
-        }
+        let mut st = self.queue.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.jobs.push_back(job);
+        drop(st);
+        self.queue.ready.notify_one();
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.tx = None;
+        self.queue
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closed = true;
+        self.queue.ready.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
