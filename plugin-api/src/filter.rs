@@ -219,6 +219,11 @@ pub trait Filter: Default + Send + Sync + 'static {
     const CONFIG_HELP: &'static CStr = c"";
     /// Concurrency this filter tolerates.
     const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
+    /// Look at the layer below once, before the server accepts connections
+    /// (it is open read-only on the default export for this call only); an
+    /// error stops the server with its message. `None`, the default, spares
+    /// the layers below that extra open.
+    const STARTUP: Option<fn(&Self, &Next) -> Result<()>> = None;
 
     /// Per-connection state.
     type Handle: FilterHandle;
@@ -243,12 +248,7 @@ pub trait Filter: Default + Send + Sync + 'static {
     /// Open a connection: call `next.open` exactly once, then build the
     /// handle.
     fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Self::Handle>;
-    /// Look at the layer below once, before the server accepts connections
-    /// (it is open read-only on the default export for this call only).
-    /// An error stops the server with its message.
-    fn startup(&self, _next: &Next) -> Result<()> {
-        Ok(())
-    }
+
     /// Called once before the filter is unloaded.
     fn unload(&mut self) {}
 }
@@ -414,7 +414,8 @@ unsafe extern "C" fn open<F: Filter>(
 unsafe extern "C" fn startup<F: Filter>(next: *const abi::Next) -> c_int {
     guard(-1, || {
         let next = Next { raw: next };
-        ok(INSTANCE.with::<F, _>(|f| f.startup(&next)))
+        let startup = F::STARTUP.ok_or_else(|| Error::new(libc::ENOSYS, "no startup"))?;
+        ok(INSTANCE.with::<F, _>(|f| startup(f, &next)))
     })
 }
 
@@ -621,6 +622,10 @@ pub unsafe fn entry<F: Filter>(
         zero: Some(zero::<F>),
         extents: Some(extents::<F>),
         cache: Some(cache::<F>),
-        startup: Some(startup::<F>),
+        startup: if F::STARTUP.is_some() {
+            Some(startup::<F>)
+        } else {
+            None
+        },
     })
 }

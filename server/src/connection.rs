@@ -50,10 +50,13 @@ pub enum Completion {
 
 /// What every connection shares.
 pub struct Shared {
+    /// Declared first so it is dropped first: the workers are joined while
+    /// the plugin and filters are still loaded, as their threads' exit
+    /// handlers (thread-locals) may run code from those libraries.
+    pub pool: Pool,
     pub backend: Arc<dyn Backend>,
     /// The top layer's name, for log lines.
     pub name: Arc<str>,
-    pub pool: Pool,
     pub notify: Notifier<Completion>,
     pub policy: ExportPolicy,
     pub handshake: HandshakeConfig,

@@ -70,6 +70,7 @@ key-file=<FILE>      Binary key file (as cryptsetup --key-file), instead.
 keyslot=<N>          Try only this keyslot.
 header=<FILE>        Detached LUKS header.";
     type Handle = Connection;
+    const STARTUP: Option<fn(&Self, &Next) -> Result<()>> = Some(Luks::startup);
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         match key {
@@ -121,13 +122,6 @@ header=<FILE>        Detached LUKS header.";
         self.unlock(&mut read, false)
     }
 
-    fn startup(&self, next: &Next) -> Result<()> {
-        if self.volume.get().is_some() {
-            return Ok(());
-        }
-        self.unlock(&mut reader(next), true)
-    }
-
     fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Connection> {
         let volume = self
             .volume
@@ -151,6 +145,14 @@ fn reader(next: &Next) -> impl FnMut(&mut [u8], u64) -> std::result::Result<(), 
 }
 
 impl Luks {
+    /// Unlock from the disk's own header, unless `header=FILE` did already.
+    fn startup(&self, next: &Next) -> Result<()> {
+        if self.volume.get().is_some() {
+            return Ok(());
+        }
+        self.unlock(&mut reader(next), true)
+    }
+
     /// Parse the header behind `read`, open a keyslot with the secret (which
     /// is wiped afterwards), and keep the volume.
     fn unlock(&self, read: &mut ReadAt, on_disk: bool) -> Result<()> {
