@@ -503,6 +503,8 @@ fn start_up_refusals_name_the_problem_and_never_the_secret() {
 
 /// Unaligned writes racing on shared sectors from one client with many
 /// requests in flight: each must survive the others' read-modify-write.
+/// The delay filter below luks holds every read, so without the lock the
+/// read-modify-write cycles would overlap and undo each other.
 #[test]
 fn concurrent_unaligned_writes_all_land() {
     let (dir, pw) = setup("luks-race");
@@ -522,7 +524,8 @@ fn concurrent_unaligned_writes_all_land() {
         pw.to_str().unwrap(),
         img.to_str().unwrap(),
     ]);
-    let s = serve(&img, &pw, &[]);
+    let delay = format!("--filter={}", filter("delay").display());
+    let s = serve(&img, &pw, &[&delay, "rdelay=1ms"]);
     let out = nbdhost_tests::nbdsh(
         &s.uri(),
         r#"
