@@ -551,3 +551,162 @@ print("ok", len(spans))
     assert!(out.starts_with("ok "), "{out}");
     assert!(s.stop().success());
 }
+
+/// Build an MBR disk: partition 1 (8 MiB of `p1`) at 1 MiB, partition 2
+/// (`p2`) right after it.
+fn mbr_disk(path: &Path, p1: &[u8], p2: &[u8]) -> (u64, u64) {
+    let (start1, start2) = (1u64 << 20, (1u64 << 20) + p1.len() as u64);
+    let mut disk = vec![0u8; start2 as usize + p2.len()];
+    for (i, (start, len)) in [(start1, p1.len()), (start2, p2.len())].iter().enumerate() {
+        let e = 446 + 16 * i;
+        disk[e + 4] = 0x83;
+        disk[e + 8..e + 12].copy_from_slice(&((start / 512) as u32).to_le_bytes());
+        disk[e + 12..e + 16].copy_from_slice(&((*len / 512) as u32).to_le_bytes());
+    }
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk[start1 as usize..start2 as usize].copy_from_slice(p1);
+    disk[start2 as usize..].copy_from_slice(p2);
+    std::fs::write(path, disk).unwrap();
+    (start1, start2)
+}
+
+#[test]
+fn luks_over_partition_over_file() {
+    let (dir, pw) = setup("luks-part");
+    let inner = dir.path("p2.img");
+    sparse_file(&inner, 16 << 20);
+    cryptsetup(&[
+        "luksFormat",
+        "--type",
+        "luks1",
+        "--iter-time",
+        "10",
+        "--key-file",
+        pw.to_str().unwrap(),
+        inner.to_str().unwrap(),
+    ]);
+    let p1 = pattern(8 << 20, 9);
+    let disk = dir.path("disk.img");
+    let (_, start2) = mbr_disk(&disk, &p1, &std::fs::read(&inner).unwrap());
+    let part = format!("--filter={}", filter("partition").display());
+    let s = serve(&disk, &pw, &[&part, "partition=2"]);
+    let size = run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    assert_eq!(size.trim(), ((16u64 << 20) - (2 << 20)).to_string());
+    qemu_io(
+        &s.uri(),
+        &["write -P 0x2c 3333 70000", "write -P 0x2d 10M 1M"],
+    );
+    assert!(s.stop().success());
+
+    // Partition 2, cut out of the disk, is a LUKS volume qemu decrypts.
+    let bytes = std::fs::read(&disk).unwrap();
+    let out = dir.path("p2-out.img");
+    std::fs::write(&out, &bytes[start2 as usize..]).unwrap();
+    qemu_luks_io(
+        &out,
+        &pw,
+        &["read -P 0x2c 3333 70000", "read -P 0x2d 10M 1M"],
+    );
+    assert!(
+        bytes[1 << 20..start2 as usize] == p1[..],
+        "partition 1 changed"
+    );
+}
+
+#[test]
+fn cow_over_luks_keeps_the_encrypted_base_unchanged() {
+    let (dir, pw) = setup("luks-cow");
+    let img = dir.path("base.img");
+    run_ok(client("qemu-img").args([
+        "create",
+        "-f",
+        "luks",
+        "--object",
+        &format!("secret,id=s0,file={}", pw.display()),
+        "-o",
+        "key-secret=s0,iter-time=10",
+        img.to_str().unwrap(),
+        "8M",
+    ]));
+    qemu_luks_io(&img, &pw, &["write -P 0x31 0 8M"]);
+    let before = std::fs::read(&img).unwrap();
+    let cow = format!("--filter={}", filter("cow").display());
+    let mut args = vec![cow];
+    args.extend(luks_args(&img, &[&format!("passphrase=+{}", pw.display())]));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = Server::start(&args);
+    qemu_io(&s.uri(), &["write -P 0x32 1000 5000"]);
+    // A second connection sees the change (the overlay is shared) and the
+    // base's own data around it.
+    qemu_io(
+        &s.uri(),
+        &[
+            "read -P 0x32 1000 5000",
+            "read -P 0x31 0 1000",
+            "read -P 0x31 6000 1M",
+        ],
+    );
+    assert!(s.stop().success());
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "the base was written"
+    );
+}
+
+#[test]
+fn log_above_and_stats_below_luks_see_their_own_requests() {
+    let (dir, pw) = setup("luks-obs");
+    let img = dir.path("c.img");
+    sparse_file(&img, 24 << 20);
+    cryptsetup(&[
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--sector-size",
+        "4096",
+        "--pbkdf",
+        "pbkdf2",
+        "--iter-time",
+        "10",
+        "--key-file",
+        pw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let (log, stats) = (dir.path("log"), dir.path("stats"));
+    // Options may come before the plugin, parameters only after it.
+    let mut args = vec![format!("--filter={}", filter("log").display())];
+    args.extend(luks_args(
+        &img,
+        &[
+            &format!("logfile={}", log.display()),
+            &format!("--filter={}", filter("stats").display()),
+            &format!("statsfile={}", stats.display()),
+            &format!("passphrase=+{}", pw.display()),
+        ],
+    ));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = Server::start(&args);
+    qemu_io(
+        &s.uri(),
+        &["write -P 0x41 100 1000", "read -P 0x41 100 1000"],
+    );
+    assert!(s.stop().success());
+    // The client's unaligned write, as the client sent it...
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" Write ") && l.contains("offset=0x64 count=0x3e8")),
+        "{log}"
+    );
+    // ...became one whole encrypted sector below luks.
+    let stats = std::fs::read_to_string(&stats).unwrap();
+    let write = stats
+        .lines()
+        .find(|l| l.starts_with("write: "))
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(
+        write.starts_with("write: 1 ops, ") && write.contains(" 4.00 KiB, "),
+        "{stats}"
+    );
+}
