@@ -64,6 +64,20 @@ pub fn debug(msg: &str) {
     }
 }
 
+/// Parse a boolean parameter as nbdkit does (`1`/`true`/`yes`/`on`,
+/// `0`/`false`/`no`/`off`, any case); the error names `key`. Done in the
+/// SDK, not by the server: C plugins have their own `strcmp`.
+pub fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
+        "0" | "false" | "f" | "no" | "n" | "off" | "" => Ok(false),
+        _ => Err(Error::new(
+            libc::EINVAL,
+            format!("{key}: could not parse '{value}' as a boolean"),
+        )),
+    }
+}
+
 /// Parse a size with the server's rules (`512`, `64K`, `1G`, `1.5T`).
 pub fn parse_size(s: &str) -> Result<u64> {
     let f = service!(parse_size).ok_or_else(|| Error::new(libc::ENOSYS, "no host"))?;

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nbdhost_plugin_api::{
-    nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
+    host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
 };
 
 /// Delays as given: `wdelay` covers write, zero and trim unless those have
@@ -75,17 +75,6 @@ fn parse_delay(key: &str, v: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(n * scale).map_err(|_| bad())
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool> {
-    match v.to_ascii_lowercase().as_str() {
-        "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
-        "0" | "false" | "f" | "no" | "n" | "off" | "" => Ok(false),
-        _ => Err(Error::new(
-            libc::EINVAL,
-            format!("{key}: could not parse '{v}' as a boolean"),
-        )),
-    }
-}
-
 impl Delay {
     fn resolve(&self) -> Delays {
         let g = &self.given;
@@ -127,7 +116,7 @@ delay-fast-zero=<BOOL>      Delay fast zero requests (default true) or fail them
             "delay-open" => &mut g.open,
             "delay-close" => &mut g.close,
             "delay-fast-zero" => {
-                self.fast_zero = parse_bool(key, value)?;
+                self.fast_zero = host::parse_bool(key, value)?;
                 return Ok(true);
             }
             _ => return Ok(false),

@@ -88,18 +88,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// Parse a boolean the way nbdkit does.
-fn parse_bool(key: &str, v: &str) -> Result<bool> {
-    match v.to_ascii_lowercase().as_str() {
-        "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
-        "0" | "false" | "f" | "no" | "n" | "off" | "" => Ok(false),
-        _ => Err(Error::new(
-            libc::EINVAL,
-            format!("{key}: could not parse '{v}' as a boolean"),
-        )),
-    }
-}
-
 /// Quote a string for the log as nbdkit does (shell style), and escape
 /// control characters so that a client-chosen export name cannot forge
 /// log lines.
@@ -163,7 +151,7 @@ logappend=<BOOL>  True to append to the log (default false).";
                     .map_err(|e| Error::new(libc::EINVAL, format!("logfile: {value}: {e}")))?;
                 self.path = Some(p);
             }
-            "logappend" => self.append = parse_bool(key, value)?,
+            "logappend" => self.append = host::parse_bool(key, value)?,
             _ => return Ok(false),
         }
         Ok(true)

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use nbdhost_plugin_api::{
-    nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
+    host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
 };
 
 /// Commands in the order they are printed (nbdkit's order).
@@ -324,17 +324,6 @@ impl Default for StatsFilter {
     }
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool> {
-    match v.to_ascii_lowercase().as_str() {
-        "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
-        "0" | "false" | "f" | "no" | "n" | "off" | "" => Ok(false),
-        _ => Err(Error::new(
-            libc::EINVAL,
-            format!("{key}: could not parse '{v}' as a boolean"),
-        )),
-    }
-}
-
 impl Filter for StatsFilter {
     const NAME: &'static CStr = c"stats";
     const DESCRIPTION: &'static CStr = c"print request statistics when the server exits";
@@ -351,7 +340,7 @@ statsthreshold=<PCT>   Share of requests the size breakdown covers (default 95, 
                     .map_err(|e| Error::new(libc::EINVAL, format!("statsfile: {value}: {e}")))?;
                 self.path = Some(p);
             }
-            "statsappend" => self.append = parse_bool(key, value)?,
+            "statsappend" => self.append = host::parse_bool(key, value)?,
             "statsthreshold" => {
                 self.threshold = value
                     .trim_end_matches('%')
