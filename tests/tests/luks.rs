@@ -94,6 +94,26 @@ fn cryptsetup(args: &[&str]) -> String {
     run_ok(client("cryptsetup").arg("-q").args(args))
 }
 
+/// LUKS2 with 4096-byte sectors and key derivation made cheap.
+const CHEAP_LUKS2: &[&str] = &[
+    "--type",
+    "luks2",
+    "--sector-size",
+    "4096",
+    "--pbkdf",
+    "pbkdf2",
+    "--iter-time",
+    "10",
+];
+
+/// `cryptsetup luksFormat OPTS` of `img` with the passphrase file `pw`.
+fn luks_format(img: &Path, pw: &Path, opts: &[&str]) {
+    let mut args = vec!["luksFormat"];
+    args.extend(opts);
+    args.extend(["--key-file", pw.to_str().unwrap(), img.to_str().unwrap()]);
+    cryptsetup(&args);
+}
+
 /// Writes at unaligned places through nbdhost, read back by qemu's luks
 /// driver; then qemu writes and nbdhost reads.
 fn interoperate_with_qemu(img: &Path, pw: &Path) {
@@ -175,22 +195,22 @@ fn cryptsetup_luks1_ciphers_and_hashes_interoperate_with_qemu() {
         let (dir, pw) = setup("luks1-cs");
         let img = dir.path("c.img");
         sparse_file(&img, 8 << 20);
-        cryptsetup(&[
-            "luksFormat",
-            "--type",
-            "luks1",
-            "--cipher",
-            cipher,
-            "--key-size",
-            bits,
-            "--hash",
-            hash,
-            "--iter-time",
-            "10",
-            "--key-file",
-            pw.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ]);
+        luks_format(
+            &img,
+            &pw,
+            &[
+                "--type",
+                "luks1",
+                "--cipher",
+                cipher,
+                "--key-size",
+                bits,
+                "--hash",
+                hash,
+                "--iter-time",
+                "10",
+            ],
+        );
         interoperate_with_qemu(&img, &pw);
     }
 }
@@ -293,11 +313,16 @@ fn luks2_writes_decrypt_with_the_volume_key_cryptsetup_reports() {
         let (dir, pw) = setup("luks2-vk");
         let img = dir.path("c.img");
         sparse_file(&img, 24 << 20);
-        let mut args = vec!["luksFormat", "--type", "luks2", "--sector-size", "4096"];
-        args.extend(kdf);
-        args.extend(["--iter-time", "100", "--key-file"]);
-        args.extend([pw.to_str().unwrap(), img.to_str().unwrap()]);
-        cryptsetup(&args);
+        let mut opts = vec![
+            "--type",
+            "luks2",
+            "--sector-size",
+            "4096",
+            "--iter-time",
+            "100",
+        ];
+        opts.extend(kdf);
+        luks_format(&img, &pw, &opts);
 
         let key = dir.path("vk");
         cryptsetup(&[
@@ -341,14 +366,7 @@ fn luks2_with_cryptsetup_defaults_is_served() {
     let (dir, pw) = setup("luks2-def");
     let img = dir.path("d.img");
     sparse_file(&img, 32 << 20);
-    cryptsetup(&[
-        "luksFormat",
-        "--type",
-        "luks2",
-        "--key-file",
-        pw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    luks_format(&img, &pw, &["--type", "luks2"]);
     let dump = cryptsetup(&["luksDump", img.to_str().unwrap()]);
     assert!(
         dump.contains("argon2id") && dump.contains("sector: 4096"),
@@ -370,20 +388,20 @@ fn detached_headers_keyslots_and_key_files() {
     let img = dir.path("data.img");
     let hdr = dir.path("hdr.img");
     sparse_file(&img, 8 << 20);
-    cryptsetup(&[
-        "luksFormat",
-        "--type",
-        "luks2",
-        "--pbkdf",
-        "pbkdf2",
-        "--iter-time",
-        "10",
-        "--header",
-        hdr.to_str().unwrap(),
-        "--key-file",
-        pw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    luks_format(
+        &img,
+        &pw,
+        &[
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--iter-time",
+            "10",
+            "--header",
+            hdr.to_str().unwrap(),
+        ],
+    );
     // A binary key file, with the bytes a text reader would mangle.
     let key = dir.path("key.bin");
     let mut k = pattern(512, 3);
@@ -474,18 +492,11 @@ fn start_up_refusals_name_the_problem_and_never_the_secret() {
     // A LUKS2 reencryption that was started and not finished.
     let r = dir.path("r.img");
     sparse_file(&r, 24 << 20);
-    cryptsetup(&[
-        "luksFormat",
-        "--type",
-        "luks2",
-        "--pbkdf",
-        "pbkdf2",
-        "--iter-time",
-        "10",
-        "--key-file",
-        pw.to_str().unwrap(),
-        r.to_str().unwrap(),
-    ]);
+    luks_format(
+        &r,
+        &pw,
+        &["--type", "luks2", "--pbkdf", "pbkdf2", "--iter-time", "10"],
+    );
     cryptsetup(&[
         "reencrypt",
         "--init-only",
@@ -510,20 +521,7 @@ fn concurrent_unaligned_writes_all_land() {
     let (dir, pw) = setup("luks-race");
     let img = dir.path("c.img");
     sparse_file(&img, 24 << 20);
-    cryptsetup(&[
-        "luksFormat",
-        "--type",
-        "luks2",
-        "--sector-size",
-        "4096",
-        "--pbkdf",
-        "pbkdf2",
-        "--iter-time",
-        "10",
-        "--key-file",
-        pw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    luks_format(&img, &pw, CHEAP_LUKS2);
     let delay = format!("--filter={}", filter("delay").display());
     let s = serve(&img, &pw, &[&delay, "rdelay=1ms"]);
     let out = nbdhost_tests::nbdsh(
@@ -576,16 +574,7 @@ fn luks_over_partition_over_file() {
     let (dir, pw) = setup("luks-part");
     let inner = dir.path("p2.img");
     sparse_file(&inner, 16 << 20);
-    cryptsetup(&[
-        "luksFormat",
-        "--type",
-        "luks1",
-        "--iter-time",
-        "10",
-        "--key-file",
-        pw.to_str().unwrap(),
-        inner.to_str().unwrap(),
-    ]);
+    luks_format(&inner, &pw, &["--type", "luks1", "--iter-time", "10"]);
     let p1 = pattern(8 << 20, 9);
     let disk = dir.path("disk.img");
     let (_, start2) = mbr_disk(&disk, &p1, &std::fs::read(&inner).unwrap());
@@ -659,20 +648,7 @@ fn log_above_and_stats_below_luks_see_their_own_requests() {
     let (dir, pw) = setup("luks-obs");
     let img = dir.path("c.img");
     sparse_file(&img, 24 << 20);
-    cryptsetup(&[
-        "luksFormat",
-        "--type",
-        "luks2",
-        "--sector-size",
-        "4096",
-        "--pbkdf",
-        "pbkdf2",
-        "--iter-time",
-        "10",
-        "--key-file",
-        pw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    luks_format(&img, &pw, CHEAP_LUKS2);
     let (log, stats) = (dir.path("log"), dir.path("stats"));
     // Options may come before the plugin, parameters only after it.
     let mut args = vec![format!("--filter={}", filter("log").display())];
