@@ -187,6 +187,13 @@ impl Server {
         self.terminate().expect("server already stopped")
     }
 
+    /// Like [`Server::stop`], also returning what the server logged (the
+    /// log goes with the server's directory when the `Server` is dropped).
+    pub fn stop_with_log(mut self) -> (ExitStatus, String) {
+        let st = self.terminate().expect("server already stopped");
+        (st, self.log_text())
+    }
+
     fn terminate(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         // SAFETY: signalling our own child process.

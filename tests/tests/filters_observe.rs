@@ -6,7 +6,7 @@
 //! anything slower, never faster.
 
 use std::path::Path;
-use std::process::{Command, ExitStatus};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nbdhost_tests::{client, filter, nbdsh, pattern, run, run_ok, Server, TempDir};
@@ -33,29 +33,6 @@ fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
     );
     assert!(out.status.success(), "qemu-io {cmds:?} failed:\n{text}");
     text
-}
-
-/// Stop the server with SIGTERM and return its exit status and what it
-/// wrote to stderr (which `Server::stop` would delete with its directory).
-fn stop_keeping_log(mut s: Server) -> (ExitStatus, String) {
-    let mut child = s.child.take().expect("server running");
-    run_ok(
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string()),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, s.log_text())
 }
 
 /// Whether `line` starts with an nbdkit-style `YYYY-MM-DD HH:MM:SS.uuuuuu `
@@ -289,7 +266,7 @@ fn stats_go_to_stderr_and_count_failures() {
     ]);
     let out = qemu_io(&s.uri(), &["write 0 4k", "read 0 4k", "read 4k 4k"]);
     assert!(!out.status.success(), "reads should have failed");
-    let (st, log) = stop_keeping_log(s);
+    let (st, log) = s.stop_with_log();
     assert!(st.success(), "{st}: {log}");
     assert!(
         log.contains("\nwrite: 1 ops, ") || log.starts_with("write: 1 ops, "),
