@@ -167,7 +167,24 @@ fn luks1_from_qemu_img_round_trips_with_qemus_own_driver() {
     ]));
     interoperate_with_qemu(&img, &pw);
     // The whole disk, as qemu decrypts it and as nbdhost does.
+    let by_qemu = dir.path("by-qemu.raw");
+    run_ok(client("qemu-img").args([
+        "convert",
+        "--object",
+        &format!("secret,id=s0,file={}", pw.display()),
+        "--image-opts",
+        &format!("driver=luks,key-secret=s0,file.filename={}", img.display()),
+        "-O",
+        "raw",
+        by_qemu.to_str().unwrap(),
+    ]));
     let s = serve(&img, &pw, &[]);
+    let by_us = dir.path("by-nbdhost.raw");
+    run_ok(client("nbdcopy").arg(s.uri()).arg(&by_us));
+    assert!(
+        std::fs::read(&by_qemu).unwrap() == std::fs::read(&by_us).unwrap(),
+        "qemu-img convert and nbdhost decrypt the disk differently"
+    );
     let out = run_ok(client("qemu-img").args([
         "compare",
         "--object",
@@ -248,7 +265,7 @@ fn reencrypted(dir: &TempDir, pw: &Path, sector: &str) -> (PathBuf, Vec<u8>) {
 
 #[test]
 fn luks2_reencrypted_file_serves_exactly_its_old_content() {
-    for sector in ["512", "4096"] {
+    for sector in ["512", "2048", "4096"] {
         let (dir, pw) = setup("luks2-re");
         let (img, data) = reencrypted(&dir, &pw, sector);
         let s = serve(&img, &pw, &[]);
@@ -441,6 +458,24 @@ fn detached_headers_keyslots_and_key_files() {
     );
     let log = refuses(&img, &[&header, &key_file, "keyslot=5"]);
     assert!(log.contains("keyslot 5 is not an active keyslot"), "{log}");
+}
+
+/// `passphrase=-FD` as a script would use it: the key arrives on an
+/// inherited descriptor, and `--run` drives a client against the result.
+#[test]
+fn passphrase_from_a_file_descriptor() {
+    let (dir, pw) = setup("luks-fd");
+    let img = dir.path("c.img");
+    sparse_file(&img, 24 << 20);
+    luks_format(&img, &pw, CHEAP_LUKS2);
+    let script = format!(
+        "exec \"$0\" -U - {} passphrase=-3 --run 'qemu-io -f raw -c \"write -P 0x3d 1 4096\" -c \"read -P 0x3d 1 4096\" \"$uri\"' 3<{}",
+        luks_args(&img, &[]).join(" "),
+        pw.display()
+    );
+    let out = run_ok(client("/bin/sh").args(["-c", &script]).arg(nbdhost_bin()));
+    assert!(out.contains("read 4096/4096 bytes at offset 1"), "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
 }
 
 #[test]
