@@ -63,6 +63,33 @@ pub trait Handle: Send + Sync {
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()>;
 }
 
+/// Check the block-size constraints a plugin or filter reported, as the
+/// NBD spec bounds them; all three zero means "no constraints".
+pub fn checked_block_size(
+    layer: &str,
+    min: u32,
+    pref: u32,
+    max: u32,
+) -> Result<Option<(u32, u32, u32)>> {
+    if min == 0 && pref == 0 && max == 0 {
+        return Ok(None);
+    }
+    let pow2 = |v: u32| v.is_power_of_two();
+    if !pow2(min)
+        || min > 65536
+        || !pow2(pref)
+        || pref < min
+        || pref > 32 << 20
+        || max < pref && max != u32::MAX
+    {
+        return Err(Error::new(
+            libc::EINVAL,
+            format!("{layer}: invalid block size constraints {min}/{pref}/{max}"),
+        ));
+    }
+    Ok(Some((min, pref, max)))
+}
+
 /// Zero a range by writing zeroes, for a layer that cannot zero natively.
 /// A fast-zero request fails at once instead, as the flag asks.
 pub fn write_zeroes(h: &dyn Handle, mut count: u64, mut offset: u64, flags: Flags) -> Result<()> {
@@ -84,4 +111,28 @@ pub fn write_zeroes(h: &dyn Handle, mut count: u64, mut offset: u64, flags: Flag
         offset += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::checked_block_size;
+
+    #[test]
+    fn block_sizes_are_held_to_the_spec() {
+        assert_eq!(checked_block_size("p", 0, 0, 0), Ok(None));
+        assert_eq!(
+            checked_block_size("p", 512, 4096, u32::MAX),
+            Ok(Some((512, 4096, u32::MAX)))
+        );
+        for (min, pref, max) in [
+            (3, 4096, 8192),
+            (1 << 17, 1 << 17, 1 << 20),
+            (4096, 512, 8192),
+            (512, 64 << 20, u32::MAX),
+            (512, 4096, 1024),
+        ] {
+            let e = checked_block_size("f", min, pref, max).unwrap_err();
+            assert!(e.message().unwrap().starts_with("f: invalid block size"));
+        }
+    }
 }

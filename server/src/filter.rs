@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
-use crate::backend::{Backend, ExportEntry, Extent, Handle};
+use crate::backend::{checked_block_size, Backend, ExportEntry, Extent, Handle};
 use crate::host;
 use crate::plugin::{check_header, library, ExtentCollector, LayerInfo};
 
@@ -591,7 +591,7 @@ impl Handle for FilterHandle {
         // SAFETY: ABI callback writing three u32s into our locals.
         let r = self.call(|| unsafe { f(&*self.next.abi, self.handle, &mut a, &mut b, &mut c) });
         self.f().check("block_size", r)?;
-        Ok((a != 0 || b != 0 || c != 0).then_some((a, b, c)))
+        checked_block_size(self.f().name, a, b, c)
     }
 
     can_bool!(can_write);

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
-use crate::backend::{Backend, ExportEntry, Extent, Handle};
+use crate::backend::{checked_block_size, Backend, ExportEntry, Extent, Handle};
 use crate::host;
 
 /// Most extents one extents call may return; more would only bloat the
@@ -470,26 +470,7 @@ impl Handle for PluginHandle {
             .p()
             .call(|| unsafe { f(self.handle, &mut min, &mut pref, &mut max) });
         self.p().check("block_size", r)?;
-        if min == 0 && pref == 0 && max == 0 {
-            return Ok(None);
-        }
-        let pow2 = |v: u32| v.is_power_of_two();
-        if !pow2(min)
-            || min > 65536
-            || !pow2(pref)
-            || pref < min
-            || pref > 32 << 20
-            || max < pref && max != u32::MAX
-        {
-            return Err(Error::new(
-                libc::EINVAL,
-                format!(
-                    "{}: invalid block size constraints {min}/{pref}/{max}",
-                    self.p().name
-                ),
-            ));
-        }
-        Ok(Some((min, pref, max)))
+        checked_block_size(self.p().name, min, pref, max)
     }
 
     fn can_write(&self) -> Result<bool> {
