@@ -124,6 +124,8 @@ fn interoperate_with_qemu(img: &Path, pw: &Path) {
             "write -P 0x22 1000 5000",
             "write -P 0x33 1M 1M",
             "write -P 0x44 3000001 3",
+            // Zeroing writes encrypted zeroes, unaligned ends included.
+            "write -z 1100000 70000",
         ],
     );
     assert!(s.stop().success());
@@ -132,7 +134,9 @@ fn interoperate_with_qemu(img: &Path, pw: &Path) {
         pw,
         &[
             "read -P 0x22 1000 5000",
-            "read -P 0x33 1M 1M",
+            "read -P 0x33 1M 51424",
+            "read -P 0 1100000 70000",
+            "read -P 0x33 1170000 927152",
             "read -P 0x44 3000001 3",
             "write -P 0x55 2M 65536",
             "write -P 0x66 777 223",
@@ -392,6 +396,10 @@ fn luks2_with_cryptsetup_defaults_is_served() {
     let s = serve(&img, &pw, &[]);
     let info = run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
     assert_eq!(info.trim(), (16u64 << 20).to_string());
+    // Holes in the encrypted file are noise once decrypted, not zeroes.
+    let map = run_ok(client("nbdinfo").arg("--map").arg(s.uri()));
+    assert_eq!(map.trim().lines().count(), 1, "{map}");
+    assert!(map.contains("0  data"), "{map}");
     qemu_io(
         &s.uri(),
         &["write -P 0x77 4095 8194", "read -P 0x77 4095 8194"],
@@ -476,6 +484,36 @@ fn passphrase_from_a_file_descriptor() {
     let out = run_ok(client("/bin/sh").args(["-c", &script]).arg(nbdhost_bin()));
     assert!(out.contains("read 4096/4096 bytes at offset 1"), "{out}");
     assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+/// `passphrase=-` prompts on the terminal; script(1) gives nbdhost one
+/// and types the passphrase into it.
+#[test]
+fn passphrase_prompted_on_the_terminal() {
+    let (dir, pw) = setup("luks-tty");
+    let img = dir.path("c.img");
+    sparse_file(&img, 24 << 20);
+    luks_format(&img, &pw, CHEAP_LUKS2);
+    let cmd = format!(
+        "{} -U - {} passphrase=- --run 'nbdinfo --size \"$uri\"'",
+        nbdhost_bin().display(),
+        luks_args(&img, &[]).join(" ")
+    );
+    let mut script = client("script");
+    script.args(["-qec", &cmd, "/dev/null"]);
+    let mut child = script
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{PASS}\n").as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("Password:"), "{out}");
+    assert!(out.contains(&(8u64 << 20).to_string()), "{out}");
 }
 
 #[test]
