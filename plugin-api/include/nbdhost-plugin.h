@@ -26,7 +26,7 @@ extern "C" {
 /* The ABI version is (major << 16) | minor.  A server accepts any plugin
  * whose major equals its own, whatever the minor. */
 #define NBDHOST_ABI_MAJOR 1
-#define NBDHOST_ABI_MINOR 2
+#define NBDHOST_ABI_MINOR 3
 #define NBDHOST_ABI_VERSION ((NBDHOST_ABI_MAJOR << 16) | NBDHOST_ABI_MINOR)
 
 /* Name of the symbol every plugin exports. */
@@ -123,6 +123,12 @@ struct nbdhost_host {
    * client certificate's subject DN; NULL without TLS or identity.  Valid
    * for the connection's lifetime. */
   const char *(*peer_identity) (void);
+
+  /* Since ABI 1.3: sleep for sec seconds and nsec nanoseconds, but wake
+   * early when the server starts shutting down.  Returns 0 after the full
+   * time, or -1 with errno ESHUTDOWN (and the error recorded) when cut
+   * short.  Use it for deliberate waits so they never hold up a shutdown. */
+  int (*nanosleep) (uint64_t sec, uint64_t nsec);
 };
 
 /* A plugin.  Every callback may be NULL; the defaults are those described

@@ -8,7 +8,7 @@ use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
 /// Major version of the ABI; a server refuses a plugin with another major.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: grows when fields are appended.
-pub const ABI_MINOR: u32 = 2;
+pub const ABI_MINOR: u32 = 3;
 /// `(major << 16) | minor`, as stored in `abi_version`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 /// Name of the symbol every plugin exports.
@@ -97,6 +97,8 @@ pub struct Host {
     pub last_errno: Option<unsafe extern "C" fn() -> c_int>,
     pub is_tls: Option<unsafe extern "C" fn() -> c_int>,
     pub peer_identity: Option<unsafe extern "C" fn() -> *const c_char>,
+    /// Since ABI 1.3: a sleep that ends early at shutdown.
+    pub nanosleep: Option<unsafe extern "C" fn(sec: u64, nsec: u64) -> c_int>,
 }
 
 /// Callback taking only a handle, as the `can_*` family does.

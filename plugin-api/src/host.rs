@@ -188,6 +188,21 @@ pub fn peer_identity() -> Option<String> {
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
+/// Sleep for `d`, waking early with `ESHUTDOWN` when the server starts
+/// shutting down, so a deliberate wait never holds up an exit. Against a
+/// host older than ABI 1.3 this is a plain sleep.
+pub fn sleep(d: std::time::Duration) -> Result<()> {
+    let Some(f) = service!(nanosleep) else {
+        std::thread::sleep(d);
+        return Ok(());
+    };
+    // SAFETY: a plain call with two integers.
+    match unsafe { f(d.as_secs(), u64::from(d.subsec_nanos())) } {
+        0 => Ok(()),
+        _ => Err(Error::errno(libc::ESHUTDOWN)),
+    }
+}
+
 /// The value of debug flag `name` (`-D plugin.name=N`), or 0.
 pub fn debug_flag(name: &str) -> i32 {
     let Some(f) = service!(debug_flag) else {

@@ -99,6 +99,7 @@ static HOST: abi::Host = abi::Host {
     last_errno: None,
     is_tls: None,
     peer_identity: None,
+    nanosleep: None,
 };
 
 /// Compile `examples/<file>` into `lib<name>plugin.so` in `dir`, with the

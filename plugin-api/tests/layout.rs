@@ -156,6 +156,7 @@ fn layouts() -> Vec<Layout> {
             last_errno,
             is_tls,
             peer_identity,
+            nanosleep,
         }
         nbdhost_plugin => abi::Plugin {
             struct_size, abi_version, thread_model,

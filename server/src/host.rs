@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::io::Read;
 use std::os::fd::FromRawFd;
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use nbdhost_plugin_api::{abi, Error};
 use zeroize::Zeroize;
@@ -67,6 +68,16 @@ pub fn export_name() -> CString {
     let cur = CONTEXT.with(|c| c.get());
     // SAFETY: CONTEXT is only non-null inside `with_context`.
     unsafe { cur.as_ref() }.map_or_else(CString::default, |c| c.export_name.clone())
+}
+
+/// Set once the server starts shutting down; wakes `host->nanosleep`.
+static SHUTDOWN: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+/// The server is shutting down: cut short every sleep in a plugin or
+/// filter, and any started later.
+pub fn begin_shutdown() {
+    *SHUTDOWN.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    SHUTDOWN.1.notify_all();
 }
 
 /// Record `e` as the current call's error, as `host->error` does.
@@ -389,6 +400,29 @@ unsafe extern "C" fn host_is_tls() -> c_int {
     unsafe { ctx.as_ref() }.map_or(0, |c| c_int::from(c.is_tls))
 }
 
+unsafe extern "C" fn host_nanosleep(sec: u64, nsec: u64) -> c_int {
+    let until = Instant::now()
+        .checked_add(Duration::from_secs(sec) + Duration::from_nanos(nsec))
+        // Far enough: a sleep this long ends at shutdown anyway.
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(u32::MAX.into()));
+    let mut down = SHUTDOWN.0.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if *down {
+            record(Error::new(libc::ESHUTDOWN, "interrupted by shutdown"));
+            return -1;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return 0;
+        }
+        down = SHUTDOWN
+            .1
+            .wait_timeout(down, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
 unsafe extern "C" fn host_peer_identity() -> *const c_char {
     let ctx = CONTEXT.with(|c| c.get());
     // SAFETY: CONTEXT is only non-null inside `with_context`, and the
@@ -420,6 +454,7 @@ pub static HOST: abi::Host = abi::Host {
     last_errno: Some(host_last_errno),
     is_tls: Some(host_is_tls),
     peer_identity: Some(host_peer_identity),
+    nanosleep: Some(host_nanosleep),
 };
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use crate::backend::Backend;
 use crate::connection::{Completion, Connection, Shared, READ_MAX};
 use crate::export::ExportPolicy;
 use crate::handshake::HandshakeConfig;
+use crate::host;
 use crate::listen::{Listener, Peer, Stream};
 use crate::workers::{self, Pool};
 
@@ -288,6 +289,7 @@ impl Loop {
             return;
         }
         self.shutting_down = Some(Instant::now());
+        host::begin_shutdown();
         for mut l in listeners.drain(..) {
             let _ = self.poll.registry().deregister(&mut l);
         }

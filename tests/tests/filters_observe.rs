@@ -414,6 +414,44 @@ fn delay_open_slows_the_handshake() {
     assert!(s.stop().success());
 }
 
+/// A request asleep in the delay or rate filter must not hold up a
+/// shutdown: the host's sleep ends at once and the request fails.
+#[test]
+fn shutdown_cuts_long_delays_and_rate_waits_short() {
+    for args in [
+        &[&filter_arg("delay") as &str, "memory", "1M", "rdelay=60"][..],
+        &[
+            &filter_arg("rate"),
+            "memory",
+            "1M",
+            "rate=8K",
+            "burstiness=0.001",
+        ][..],
+    ] {
+        let s = Server::start(args);
+        let mut reader = client("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 64k"])
+            .arg(s.uri())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        let (st, log) = s.stop_with_log();
+        let took = t.elapsed();
+        assert!(
+            st.success() && took < Duration::from_secs(5),
+            "{args:?}: exit {st} after {took:?}\n{log}"
+        );
+        let out = reader.wait_with_output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("read 65536/65536"),
+            "{args:?}: the read should have been cut short"
+        );
+    }
+}
+
 #[test]
 fn rate_limits_the_whole_server() {
     let dir = TempDir::new("rate");

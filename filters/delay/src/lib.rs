@@ -136,16 +136,19 @@ delay-fast-zero=<BOOL>      Delay fast zero requests (default true) or fail them
             .get()
             .cloned()
             .unwrap_or_else(|| Arc::new(self.resolve()));
-        sleep(delays.open);
+        sleep(delays.open)?;
         next.open(readonly, export_name)?;
         Ok(DelayHandle { delays })
     }
 }
 
-fn sleep(d: Duration) {
-    if !d.is_zero() {
-        std::thread::sleep(d);
+/// Wait `d`; at shutdown the wait ends and the request fails with
+/// `ESHUTDOWN`, as nbdkit's delay filter does.
+fn sleep(d: Duration) -> Result<()> {
+    if d.is_zero() {
+        return Ok(());
     }
+    host::sleep(d)
 }
 
 /// One connection: a reference to the delays.
@@ -157,21 +160,22 @@ impl Drop for DelayHandle {
     fn drop(&mut self) {
         // The SDK has no hook for a graceful disconnect alone (nbdkit's
         // finalize), so every close is delayed, abrupt ones included.
-        sleep(self.delays.close);
+        // At shutdown the wait just ends; the handle closes either way.
+        let _ = sleep(self.delays.close);
     }
 }
 
 impl FilterHandle for DelayHandle {
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
-        sleep(self.delays.read);
+        sleep(self.delays.read)?;
         next.pread(buf, offset, flags)
     }
     fn pwrite(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
-        sleep(self.delays.write);
+        sleep(self.delays.write)?;
         next.pwrite(buf, offset, flags)
     }
     fn trim(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        sleep(self.delays.trim);
+        sleep(self.delays.trim)?;
         next.trim(count, offset, flags)
     }
     fn zero(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
@@ -179,11 +183,11 @@ impl FilterHandle for DelayHandle {
             // A fast zero asks for a quick answer; "not supported" is one.
             return Err(Error::errno(libc::ENOTSUP));
         }
-        sleep(self.delays.zero);
+        sleep(self.delays.zero)?;
         next.zero(count, offset, flags)
     }
     fn cache(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        sleep(self.delays.cache);
+        sleep(self.delays.cache)?;
         next.cache(count, offset, flags)
     }
     fn extents(
@@ -194,7 +198,7 @@ impl FilterHandle for DelayHandle {
         flags: Flags,
         list: &mut ExtentList,
     ) -> Result<()> {
-        sleep(self.delays.extents);
+        sleep(self.delays.extents)?;
         next.extents_into(count, offset, flags, list)
     }
 }

@@ -184,7 +184,7 @@ fn lock(m: &Mutex<Bucket>) -> MutexGuard<'_, Bucket> {
 
 /// Bring `bucket` to the rate `file` says, then take `bytes` from it and
 /// wait as long as it asks. The lock is held only for the arithmetic.
-fn throttle(bucket: &Mutex<Bucket>, file: Option<&RateFile>, bytes: usize) {
+fn throttle(bucket: &Mutex<Bucket>, file: Option<&RateFile>, bytes: usize) -> Result<()> {
     let wait = {
         let r = file.and_then(RateFile::current);
         let mut b = lock(bucket);
@@ -194,9 +194,11 @@ fn throttle(bucket: &Mutex<Bucket>, file: Option<&RateFile>, bytes: usize) {
         // Counted in bits on the wire, without protocol overhead, as nbdkit.
         b.take(bytes as u64 * 8, Instant::now())
     };
-    if !wait.is_zero() {
-        std::thread::sleep(wait);
+    if wait.is_zero() {
+        return Ok(());
     }
+    // Cut short (ESHUTDOWN) when the server shuts down.
+    host::sleep(wait)
 }
 
 impl Filter for Rate {
@@ -274,15 +276,15 @@ pub struct RateHandle {
 impl FilterHandle for RateHandle {
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         let s = &*self.shared;
-        throttle(&s.read, s.rate_file.as_ref(), buf.len());
-        throttle(&self.read, s.connection_rate_file.as_ref(), buf.len());
+        throttle(&s.read, s.rate_file.as_ref(), buf.len())?;
+        throttle(&self.read, s.connection_rate_file.as_ref(), buf.len())?;
         next.pread(buf, offset, flags)
     }
 
     fn pwrite(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         let s = &*self.shared;
-        throttle(&s.write, s.rate_file.as_ref(), buf.len());
-        throttle(&self.write, s.connection_rate_file.as_ref(), buf.len());
+        throttle(&s.write, s.rate_file.as_ref(), buf.len())?;
+        throttle(&self.write, s.connection_rate_file.as_ref(), buf.len())?;
         next.pwrite(buf, offset, flags)
     }
 }
