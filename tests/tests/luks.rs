@@ -71,6 +71,21 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     out
 }
 
+/// A LUKS1 image made by qemu-img, with cheap key derivation.
+fn qemu_luks_create(img: &Path, pw: &Path, size: &str) {
+    run_ok(client("qemu-img").args([
+        "create",
+        "-f",
+        "luks",
+        "--object",
+        &format!("secret,id=s0,file={}", pw.display()),
+        "-o",
+        "key-secret=s0,iter-time=10",
+        img.to_str().unwrap(),
+        size,
+    ]));
+}
+
 /// qemu-io through qemu's own luks driver on the image file.
 fn qemu_luks_io(img: &Path, pw: &Path, cmds: &[&str]) -> String {
     let mut c = client("qemu-io");
@@ -158,17 +173,7 @@ fn interoperate_with_qemu(img: &Path, pw: &Path) {
 fn luks1_from_qemu_img_round_trips_with_qemus_own_driver() {
     let (dir, pw) = setup("luks-qemu");
     let img = dir.path("q.img");
-    run_ok(client("qemu-img").args([
-        "create",
-        "-f",
-        "luks",
-        "--object",
-        &format!("secret,id=s0,file={}", pw.display()),
-        "-o",
-        "key-secret=s0,iter-time=10",
-        img.to_str().unwrap(),
-        "8M",
-    ]));
+    qemu_luks_create(&img, &pw, "8M");
     interoperate_with_qemu(&img, &pw);
     // The whole disk, as qemu decrypts it and as nbdhost does.
     let by_qemu = dir.path("by-qemu.raw");
@@ -520,17 +525,7 @@ fn passphrase_prompted_on_the_terminal() {
 fn start_up_refusals_name_the_problem_and_never_the_secret() {
     let (dir, pw) = setup("luks-refuse");
     let img = dir.path("c.img");
-    run_ok(client("qemu-img").args([
-        "create",
-        "-f",
-        "luks",
-        "--object",
-        &format!("secret,id=s0,file={}", pw.display()),
-        "-o",
-        "key-secret=s0,iter-time=10",
-        img.to_str().unwrap(),
-        "4M",
-    ]));
+    qemu_luks_create(&img, &pw, "4M");
     let wrong = format!("passphrase={PASS} but wrong");
     let log = refuses(&img, &[&wrong]);
     assert!(log.contains("wrong passphrase"), "{log}");
@@ -680,17 +675,7 @@ fn luks_over_partition_over_file() {
 fn cow_over_luks_keeps_the_encrypted_base_unchanged() {
     let (dir, pw) = setup("luks-cow");
     let img = dir.path("base.img");
-    run_ok(client("qemu-img").args([
-        "create",
-        "-f",
-        "luks",
-        "--object",
-        &format!("secret,id=s0,file={}", pw.display()),
-        "-o",
-        "key-secret=s0,iter-time=10",
-        img.to_str().unwrap(),
-        "8M",
-    ]));
+    qemu_luks_create(&img, &pw, "8M");
     qemu_luks_io(&img, &pw, &["write -P 0x31 0 8M"]);
     let before = std::fs::read(&img).unwrap();
     let cow = format!("--filter={}", filter("cow").display());
