@@ -744,3 +744,23 @@ fn log_above_and_stats_below_luks_see_their_own_requests() {
         "{stats}"
     );
 }
+
+/// LUKS2 keeps two header copies; with the primary damaged the secondary
+/// serves, for start-up and for every connection's header check.
+#[test]
+fn a_damaged_primary_luks2_header_falls_back_to_the_secondary() {
+    let (dir, pw) = setup("luks-2nd");
+    let img = dir.path("c.img");
+    sparse_file(&img, 24 << 20);
+    luks_format(&img, &pw, CHEAP_LUKS2);
+    let s = serve(&img, &pw, &[]);
+    qemu_io(&s.uri(), &["write -P 0x5e 0 64k"]);
+    assert!(s.stop().success());
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[5000] ^= 0xff; // inside the primary's JSON area
+    std::fs::write(&img, &bytes).unwrap();
+    let s = serve(&img, &pw, &[]);
+    qemu_io(&s.uri(), &["read -P 0x5e 0 64k"]);
+    qemu_io(&s.uri(), &["read -P 0x5e 0 64k"]);
+    assert!(s.stop().success());
+}

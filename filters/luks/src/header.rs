@@ -105,9 +105,11 @@ pub struct Header {
     /// Added to the sector number (in 512-byte units) before the IV is made.
     pub iv_tweak: u64,
     pub keyslots: Vec<Keyslot>,
-    /// The header bytes read, so a connection can check that its disk
+    /// The header bytes read, and where they were read (the LUKS2 copy
+    /// used may be the secondary), so a connection can check that its disk
     /// carries the header that was unlocked.
     pub raw: Vec<u8>,
+    pub raw_at: u64,
 }
 
 /// Read and parse the header at the start of the device behind `read`.
@@ -185,12 +187,16 @@ fn luks1(b: &[u8]) -> Result<Header, String> {
         iv_tweak: 0,
         keyslots,
         raw: b.to_vec(),
+        raw_at: 0,
     })
 }
 
+/// A LUKS2 header copy: its sequence number, offset and bytes.
+type Copy = (u64, u64, Vec<u8>);
+
 /// Read the LUKS2 header copy at `at`; `None` when it is absent or its
 /// checksum does not match.
-fn luks2_copy(read: &mut ReadAt, at: u64) -> Option<(u64, Vec<u8>)> {
+fn luks2_copy(read: &mut ReadAt, at: u64) -> Option<Copy> {
     let mut bin = vec![0u8; LUKS2_BINARY];
     read(&mut bin, at).ok()?;
     if &bin[..6] != MAGIC && &bin[..6] != b"SKUL\xba\xbe" || be16(&bin, 6) != 2 {
@@ -210,17 +216,17 @@ fn luks2_copy(read: &mut ReadAt, at: u64) -> Option<(u64, Vec<u8>)> {
         return None;
     }
     all[448..448 + hash.len()].copy_from_slice(&stored);
-    Some((be64(&bin, 16), all))
+    Some((be64(&bin, 16), at, all))
 }
 
 fn luks2(read: &mut ReadAt) -> Result<Header, String> {
     let primary = luks2_copy(read, 0);
     let secondary_at = primary
         .as_ref()
-        .map(|(_, b)| vec![b.len() as u64])
+        .map(|(_, _, b)| vec![b.len() as u64])
         .unwrap_or_else(|| LUKS2_SECONDARY.to_vec());
     let secondary = secondary_at.into_iter().find_map(|at| luks2_copy(read, at));
-    let (_, raw) = match (primary, secondary) {
+    let (_, raw_at, raw) = match (primary, secondary) {
         (Some(p), Some(s)) if s.0 > p.0 => s,
         (Some(p), _) => p,
         (None, Some(s)) => s,
@@ -232,7 +238,7 @@ fn luks2(read: &mut ReadAt) -> Result<Header, String> {
     let end = area.iter().position(|&c| c == 0).unwrap_or(area.len());
     let meta: Metadata =
         serde_json::from_slice(&area[..end]).map_err(|e| format!("LUKS2 JSON metadata: {e}"))?;
-    from_metadata(meta, raw)
+    from_metadata(meta, raw, raw_at)
 }
 
 #[derive(Deserialize)]
@@ -348,7 +354,7 @@ fn b64(s: &str, what: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("LUKS2 {what}: {e}"))
 }
 
-fn from_metadata(meta: Metadata, raw: Vec<u8>) -> Result<Header, String> {
+fn from_metadata(meta: Metadata, raw: Vec<u8>, raw_at: u64) -> Result<Header, String> {
     if let Some(r) = meta.config.requirements {
         if !r.mandatory.is_empty() {
             return Err(format!(
@@ -474,6 +480,7 @@ fn from_metadata(meta: Metadata, raw: Vec<u8>) -> Result<Header, String> {
         iv_tweak: seg.iv_tweak.unwrap_or(0),
         keyslots,
         raw,
+        raw_at,
     })
 }
 
@@ -592,7 +599,7 @@ mod tests {
     fn a_damaged_primary_falls_back_to_the_secondary() {
         let mut d = luks2_disk(JSON, 1);
         d[5000] ^= 1;
-        assert!(read(&mut reader(&d)).is_ok());
+        assert_eq!(read(&mut reader(&d)).unwrap().raw_at, 16384);
         d[16384 + 5000] ^= 1;
         assert!(read(&mut reader(&d)).unwrap_err().contains("checksum"));
     }

@@ -48,9 +48,9 @@ struct Volume {
     payload_size: Option<u64>,
     /// dm-crypt's IV offset, in 512-byte sectors.
     iv_tweak: u64,
-    /// The header that was unlocked, when it lives on the disk itself:
-    /// each connection checks that its export carries the same one.
-    header: Option<Vec<u8>>,
+    /// The header that was unlocked and its offset, when it lives on the
+    /// disk itself: each connection checks that its export carries it.
+    header: Option<(u64, Vec<u8>)>,
     /// Held shared by aligned writes and exclusively by read-modify-write,
     /// so an unaligned write cannot resurrect the old contents of a sector
     /// that another write changed meanwhile.
@@ -176,6 +176,7 @@ impl Luks {
             payload_size,
             iv_tweak,
             raw,
+            raw_at,
             ..
         } = header;
         host::debug(&format!(
@@ -189,7 +190,7 @@ impl Luks {
             payload_offset,
             payload_size,
             iv_tweak,
-            header: on_disk.then_some(raw),
+            header: on_disk.then_some((raw_at, raw)),
             rmw: RwLock::new(()),
         };
         self.volume
@@ -231,14 +232,14 @@ impl Volume {
 
     fn write(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         let (start, end) = self.cover(offset, buf.len());
-        let mut sectors = vec![0u8; (end - start) as usize];
         if start == offset && end - start == buf.len() as u64 {
             let _shared = self.rmw.read().unwrap();
-            sectors.copy_from_slice(buf);
+            let mut sectors = buf.to_vec();
             self.encrypt(&mut sectors, start);
             return next.pwrite(&sectors, self.payload_offset + start, flags);
         }
         let _exclusive = self.rmw.write().unwrap();
+        let mut sectors = vec![0u8; (end - start) as usize];
         self.read_sectors(next, &mut sectors, start, Flags::empty())?;
         sectors[(offset - start) as usize..][..buf.len()].copy_from_slice(buf);
         self.encrypt(&mut sectors, start);
@@ -254,9 +255,9 @@ pub struct Connection {
 impl FilterHandle for Connection {
     fn get_size(&self, next: &Next) -> Result<u64> {
         let v = &self.volume;
-        if let Some(unlocked) = &v.header {
+        if let Some((at, unlocked)) = &v.header {
             let mut here = vec![0u8; unlocked.len()];
-            next.pread(&mut here, 0, Flags::empty())?;
+            next.pread(&mut here, *at, Flags::empty())?;
             if &here != unlocked {
                 return Err(Error::new(
                     libc::EIO,
