@@ -236,3 +236,65 @@ fn sigterm_during_a_large_copy_exits_cleanly() {
     );
     let _ = copy.wait();
 }
+
+/// `--exit-with-parent`: when the program that started nbdhost goes away,
+/// so does nbdhost, cleanly (its socket is removed).
+#[test]
+fn exit_with_parent_follows_the_parent() {
+    let dir = TempDir::new("ewp");
+    let sock = dir.path("s.sock");
+    let script = format!(
+        "\"$0\" -f --exit-with-parent -U {} memory 1M & echo $!; sleep 1",
+        sock.display()
+    );
+    let out = run_ok(
+        Command::new("/bin/sh")
+            .args(["-c", &script])
+            .arg(nbdhost_bin()),
+    );
+    let pid: i32 = out.trim().parse().unwrap();
+    // The shell, nbdhost's parent, has exited; nbdhost must follow.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let gone = state.is_empty() || state.split(' ').nth(2) == Some("Z");
+        if gone && !sock.exists() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nbdhost outlived its parent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `-D PLUGIN.FLAG=N` reaches the plugin through `host->debug_flag`.
+#[test]
+fn debug_flags_reach_the_plugin() {
+    let p = plugin("test");
+    let s = Server::start(&["-v", "-D", "test.open=3", p.to_str().unwrap(), "size=1M"]);
+    run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    let (st, log) = s.stop_with_log();
+    assert!(st.success());
+    assert!(log.contains("debug flag open=3"), "{log}");
+    // Without the flag the plugin stays quiet.
+    let s = Server::start(&["-v", p.to_str().unwrap(), "size=1M"]);
+    run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    let (_, log) = s.stop_with_log();
+    assert!(!log.contains("debug flag"), "{log}");
+}
+
+/// `--mask-handshake` limits the global flags of the greeting, as
+/// nbdkit's does; clients fall back (libnbd without NO_ZEROES).
+#[test]
+fn mask_handshake_limits_the_greeting_flags() {
+    use nbdhost_tests::raw::RawClient;
+    let s = Server::start(&["memory", "1M"]);
+    assert_eq!(RawClient::greeted(&s.socket).server_flags, 3);
+    assert!(s.stop().success());
+    let s = Server::start(&["--mask-handshake=1", "memory", "1M"]);
+    assert_eq!(RawClient::greeted(&s.socket).server_flags, 1);
+    assert_eq!(
+        run_ok(client("nbdinfo").arg("--size").arg(s.uri())).trim(),
+        "1048576"
+    );
+    assert!(s.stop().success());
+}

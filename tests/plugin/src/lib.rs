@@ -61,6 +61,11 @@ require-user=<NAME> Refuse connections whose TLS identity is not NAME.";
     }
 
     fn open(&self, _readonly: bool) -> Result<TestHandle> {
+        // `-D test.open=N` makes each open say so, for the -D test.
+        let flag = host::debug_flag("open");
+        if flag != 0 {
+            host::debug(&format!("debug flag open={flag}"));
+        }
         if let Some(want) = &self.require_user {
             let who = host::peer_identity();
             if !host::is_tls() || who.as_deref() != Some(want) {
