@@ -429,7 +429,7 @@ fn shutdown_cuts_long_delays_and_rate_waits_short() {
         ][..],
     ] {
         let s = Server::start(args);
-        let mut reader = client("qemu-io")
+        let reader = client("qemu-io")
             .args(["-f", "raw", "-c", "read 0 64k"])
             .arg(s.uri())
             .stdout(std::process::Stdio::piped())
