@@ -401,8 +401,10 @@ unsafe extern "C" fn host_is_tls() -> c_int {
 }
 
 unsafe extern "C" fn host_nanosleep(sec: u64, nsec: u64) -> c_int {
-    let until = Instant::now()
-        .checked_add(Duration::from_secs(sec) + Duration::from_nanos(nsec))
+    // Saturating: no input may panic here, across the C boundary.
+    let until = Duration::from_secs(sec)
+        .checked_add(Duration::from_nanos(nsec))
+        .and_then(|d| Instant::now().checked_add(d))
         // Far enough: a sleep this long ends at shutdown anyway.
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(u32::MAX.into()));
     let mut down = SHUTDOWN.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -460,6 +462,26 @@ pub static HOST: abi::Host = abi::Host {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One test for both cases: shutdown is process-wide and for good.
+    #[test]
+    fn nanosleep_sleeps_until_shutdown_cuts_it_short() {
+        let t = Instant::now();
+        // SAFETY: a plain call with two integers.
+        assert_eq!(unsafe { host_nanosleep(0, 20_000_000) }, 0);
+        assert!(t.elapsed() >= Duration::from_millis(20));
+        // SAFETY: as above; the largest request must not overflow.
+        let forever = std::thread::spawn(|| unsafe { host_nanosleep(u64::MAX, u64::MAX) });
+        std::thread::sleep(Duration::from_millis(50));
+        begin_shutdown();
+        assert_eq!(forever.join().unwrap(), -1);
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { host_nanosleep(1, 0) },
+            -1,
+            "sleeps after shutdown end at once"
+        );
+    }
 
     #[test]
     fn sizes_parse_like_nbdkit() {
