@@ -6,6 +6,7 @@
 //! callback passes the call to the next layer unchanged.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -307,6 +308,18 @@ unsafe fn next_of<'a>(next: *const abi::Next) -> &'a dyn Handle {
     unsafe { &**(*next).opaque.cast::<Box<dyn Handle>>() }
 }
 
+/// Run a call on the layer below for a filter. A panic in the server's own
+/// code there must not unwind into the filter's frames (across the C ABI it
+/// would abort the server): it becomes an EIO for this request.
+fn below<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(Error::new(
+            libc::EIO,
+            "internal error in the layer below (panic)",
+        ))
+    })
+}
+
 fn report<T>(r: Result<T>, ok: impl FnOnce(T) -> c_int) -> c_int {
     match r {
         Ok(v) => ok(v),
@@ -321,7 +334,7 @@ macro_rules! next_can {
     ($name:ident, $method:ident, $conv:expr) => {
         unsafe extern "C" fn $name(next: *const abi::Next) -> c_int {
             // SAFETY: filters only receive `next` from a live FilterHandle.
-            report(unsafe { next_of(next) }.$method(), $conv)
+            report(below(|| unsafe { next_of(next) }.$method()), $conv)
         }
     };
 }
@@ -339,7 +352,7 @@ next_can!(next_is_rotational, is_rotational, c_int::from);
 
 unsafe extern "C" fn next_get_size(next: *const abi::Next) -> i64 {
     // SAFETY: filters only receive `next` from a live FilterHandle.
-    match unsafe { next_of(next) }.get_size() {
+    match below(|| unsafe { next_of(next) }.get_size()) {
         Ok(s) => s as i64,
         Err(e) => {
             host::record(e);
@@ -355,7 +368,7 @@ unsafe extern "C" fn next_block_size(
     max: *mut u32,
 ) -> c_int {
     // SAFETY: filters only receive `next` from a live FilterHandle.
-    report(unsafe { next_of(next) }.block_size(), |bs| {
+    report(below(|| unsafe { next_of(next) }.block_size()), |bs| {
         let (a, b, c) = bs.unwrap_or((0, 0, 0));
         // SAFETY: the filter passes three writable places.
         unsafe {
@@ -373,7 +386,7 @@ thread_local! {
 
 unsafe extern "C" fn next_export_description(next: *const abi::Next) -> *const c_char {
     // SAFETY: filters only receive `next` from a live FilterHandle.
-    match unsafe { next_of(next) }.export_description() {
+    match below(|| unsafe { next_of(next) }.export_description()) {
         Ok(Some(d)) => DESCRIPTION.with(|slot| {
             *slot.borrow_mut() = CString::new(d).unwrap_or_default();
             slot.borrow().as_ptr()
@@ -397,7 +410,7 @@ unsafe extern "C" fn next_pread(
     let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), count as usize) };
     // SAFETY: filters only receive `next` from a live FilterHandle.
     report(
-        unsafe { next_of(next) }.pread(buf, offset, Flags::from_bits_truncate(flags)),
+        below(|| unsafe { next_of(next) }.pread(buf, offset, Flags::from_bits_truncate(flags))),
         |()| 0,
     )
 }
@@ -413,7 +426,7 @@ unsafe extern "C" fn next_pwrite(
     let buf = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), count as usize) };
     // SAFETY: filters only receive `next` from a live FilterHandle.
     report(
-        unsafe { next_of(next) }.pwrite(buf, offset, Flags::from_bits_truncate(flags)),
+        below(|| unsafe { next_of(next) }.pwrite(buf, offset, Flags::from_bits_truncate(flags))),
         |()| 0,
     )
 }
@@ -421,7 +434,7 @@ unsafe extern "C" fn next_pwrite(
 unsafe extern "C" fn next_flush(next: *const abi::Next, flags: u32) -> c_int {
     // SAFETY: filters only receive `next` from a live FilterHandle.
     report(
-        unsafe { next_of(next) }.flush(Flags::from_bits_truncate(flags)),
+        below(|| unsafe { next_of(next) }.flush(Flags::from_bits_truncate(flags))),
         |()| 0,
     )
 }
@@ -436,7 +449,13 @@ macro_rules! next_range {
         ) -> c_int {
             // SAFETY: filters only receive `next` from a live FilterHandle.
             report(
-                unsafe { next_of(next) }.$method(count, offset, Flags::from_bits_truncate(flags)),
+                below(|| {
+                    unsafe { next_of(next) }.$method(
+                        count,
+                        offset,
+                        Flags::from_bits_truncate(flags),
+                    )
+                }),
                 |()| 0,
             )
         }
@@ -457,7 +476,8 @@ unsafe extern "C" fn next_extents(
     // SAFETY: every extent list handed to a filter is an ExtentCollector.
     let list = unsafe { &mut *list.cast::<ExtentCollector>() };
     // SAFETY: filters only receive `next` from a live FilterHandle.
-    let r = unsafe { next_of(next) }.extents(count, offset, Flags::from_bits_truncate(flags));
+    let r =
+        below(|| unsafe { next_of(next) }.extents(count, offset, Flags::from_bits_truncate(flags)));
     report(r, |extents| {
         for e in extents {
             if let Err(err) = list.add(e.offset, e.length, e.flags) {
