@@ -196,7 +196,7 @@ unsafe extern "C" fn next_open(
         host::record(Error::new(libc::EINVAL, "next->open called twice"));
         return -1;
     }
-    match host::with_export_name(&name, || slot.next.open(readonly != 0)) {
+    match below(|| host::with_export_name(&name, || slot.next.open(readonly != 0))) {
         Ok(h) => {
             slot.opened = Some(h);
             0
