@@ -395,13 +395,21 @@ fn from_metadata(meta: Metadata, raw: Vec<u8>, raw_at: u64) -> Result<Header, St
         .into_values()
         .filter(|d| d.kind == "pbkdf2" && d.segments.contains(&seg_id))
         .map(|d| {
+            let value = b64(&d.digest, "digest")?;
+            // An empty or short digest would let any passphrase "match".
+            if value.len() < 16 {
+                return Err(format!(
+                    "LUKS2 digest of {} bytes is too short",
+                    value.len()
+                ));
+            }
             Ok((
                 d.keyslots,
                 Digest {
                     hash: Hash::parse(&d.hash)?,
                     iterations: d.iterations,
                     salt: b64(&d.salt, "digest salt")?,
-                    value: b64(&d.digest, "digest")?,
+                    value,
                 },
             ))
         })
@@ -575,7 +583,7 @@ mod tests {
         "segments":{"0":{"type":"crypt","offset":"16777216","size":"dynamic","iv_tweak":"0",
         "encryption":"aes-xts-plain64","sector_size":4096}},
         "digests":{"0":{"type":"pbkdf2","keyslots":["0"],"segments":["0"],"hash":"sha256",
-        "iterations":1000,"salt":"AAAA","digest":"AAAA"}},
+        "iterations":1000,"salt":"AAAA","digest":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}},
         "config":{"json_size":"12288","keyslots_size":"16744448"}}"#;
 
     #[test]
@@ -624,5 +632,40 @@ mod tests {
         );
         let e = read(&mut reader(&luks2_disk(&j, 1))).unwrap_err();
         assert!(e.contains("serpent"), "{e}");
+    }
+
+    /// A tiny deterministic generator, so the mutation tests need no crate.
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    /// Hostile headers get an error, never a panic or a huge allocation:
+    /// random bytes of a LUKS1 header, and random bytes of LUKS2 JSON
+    /// re-checksummed so the parser behind the checksum sees them.
+    #[test]
+    fn mutated_headers_are_errors_not_panics() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let base = luks1_disk("aes", "xts-plain64");
+        for _ in 0..3000 {
+            let mut d = base.clone();
+            for _ in 0..(xorshift(&mut rng) % 8 + 1) {
+                let at = (xorshift(&mut rng) % LUKS1_HEADER as u64) as usize;
+                d[at] = xorshift(&mut rng) as u8;
+            }
+            let _ = read(&mut reader(&d));
+        }
+        for _ in 0..3000 {
+            let mut json = JSON.as_bytes().to_vec();
+            for _ in 0..(xorshift(&mut rng) % 4 + 1) {
+                let at = (xorshift(&mut rng) % json.len() as u64) as usize;
+                let alphabet = b"0123456789\"{}[],:-x ";
+                json[at] = alphabet[(xorshift(&mut rng) % alphabet.len() as u64) as usize];
+            }
+            let d = luks2_disk(&String::from_utf8_lossy(&json), 1);
+            let _ = read(&mut reader(&d));
+        }
     }
 }
