@@ -1,8 +1,10 @@
 //! The luks filter against the tools that make and read LUKS disks: images
 //! from `qemu-img create -f luks` and `cryptsetup luksFormat` /
-//! `cryptsetup reencrypt`, data checked through qemu's own luks driver
-//! (LUKS1) or decrypted independently with the volume key cryptsetup
-//! reports (LUKS2), never only through nbdhost itself.
+//! `cryptsetup reencrypt`. The format is proven against references
+//! nbdhost did not make: qemu's own luks driver (LUKS1), content that
+//! cryptsetup encrypted, and the volume key cryptsetup reports (LUKS2).
+//! The remaining tests (defaults, detached headers, passphrase sources,
+//! stacks) build on that and round-trip through nbdhost.
 //!
 //! Key derivation is set cheap with each tool's iteration-time knob, except
 //! in the one test that keeps cryptsetup's defaults.
