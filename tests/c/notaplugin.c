@@ -1,2 +1,0 @@
-/* A shared object without the entry point. */
-int not_a_plugin (void) { return 0; }
