@@ -55,6 +55,11 @@ pub fn filter(name: &str) -> PathBuf {
     p
 }
 
+/// The `--filter=PATH` option for an in-tree filter.
+pub fn filter_arg(name: &str) -> String {
+    format!("--filter={}", filter(name).display())
+}
+
 /// A fresh directory for one test, removed on drop.
 pub struct TempDir(pub PathBuf);
 

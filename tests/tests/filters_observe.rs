@@ -9,11 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nbdhost_tests::{client, filter, nbdsh, pattern, run, run_ok, Server, TempDir};
-
-fn filter_arg(name: &str) -> String {
-    format!("--filter={}", filter(name).display())
-}
+use nbdhost_tests::{client, filter_arg, nbdsh, pattern, run, run_ok, Server, TempDir};
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
     let mut c = client("qemu-io");

@@ -8,15 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbdhost_tests::{
-    client, filter, nbdhost_bin, nbdsh, pattern, plugin, run, run_ok, Server, TempDir,
+    client, filter_arg, nbdhost_bin, nbdsh, pattern, plugin, run, run_ok, Server, TempDir,
 };
 
 const K: usize = 1024;
 const M: usize = 1024 * 1024;
-
-fn filter_arg(name: &str) -> String {
-    format!("--filter={}", filter(name).display())
-}
 
 /// `--filter=NAME ... file file=IMG` for the given filters, then `extra`.
 fn file_args(filters: &[&str], img: &Path, extra: &[&str]) -> Vec<String> {

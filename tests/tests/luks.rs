@@ -11,7 +11,9 @@
 
 use std::path::{Path, PathBuf};
 
-use nbdhost_tests::{client, filter, nbdhost_bin, pattern, plugin, run, run_ok, Server, TempDir};
+use nbdhost_tests::{
+    client, filter_arg, nbdhost_bin, pattern, plugin, run, run_ok, Server, TempDir,
+};
 
 const PASS: &str = "correct horse battery";
 
@@ -32,7 +34,7 @@ fn luks_args(img: &Path, extra: &[&str]) -> Vec<String> {
     let mut v = vec![
         plugin("file").display().to_string(),
         format!("file={}", img.display()),
-        format!("--filter={}", filter("luks").display()),
+        filter_arg("luks"),
     ];
     v.extend(extra.iter().map(|s| s.to_string()));
     v
@@ -592,7 +594,7 @@ fn concurrent_unaligned_writes_all_land() {
     let img = dir.path("c.img");
     sparse_file(&img, 24 << 20);
     luks_format(&img, &pw, CHEAP_LUKS2);
-    let delay = format!("--filter={}", filter("delay").display());
+    let delay = filter_arg("delay");
     let s = serve(&img, &pw, &[&delay, "rdelay=1ms"]);
     let out = nbdhost_tests::nbdsh(
         &s.uri(),
@@ -648,7 +650,7 @@ fn luks_over_partition_over_file() {
     let p1 = pattern(8 << 20, 9);
     let disk = dir.path("disk.img");
     let (_, start2) = mbr_disk(&disk, &p1, &std::fs::read(&inner).unwrap());
-    let part = format!("--filter={}", filter("partition").display());
+    let part = filter_arg("partition");
     let s = serve(&disk, &pw, &[&part, "partition=2"]);
     let size = run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
     assert_eq!(size.trim(), ((16u64 << 20) - (2 << 20)).to_string());
@@ -680,7 +682,7 @@ fn cow_over_luks_keeps_the_encrypted_base_unchanged() {
     qemu_luks_create(&img, &pw, "8M");
     qemu_luks_io(&img, &pw, &["write -P 0x31 0 8M"]);
     let before = std::fs::read(&img).unwrap();
-    let cow = format!("--filter={}", filter("cow").display());
+    let cow = filter_arg("cow");
     let mut args = vec![cow];
     args.extend(luks_args(&img, &[&format!("passphrase=+{}", pw.display())]));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -711,12 +713,12 @@ fn log_above_and_stats_below_luks_see_their_own_requests() {
     luks_format(&img, &pw, CHEAP_LUKS2);
     let (log, stats) = (dir.path("log"), dir.path("stats"));
     // Options may come before the plugin, parameters only after it.
-    let mut args = vec![format!("--filter={}", filter("log").display())];
+    let mut args = vec![filter_arg("log")];
     args.extend(luks_args(
         &img,
         &[
             &format!("logfile={}", log.display()),
-            &format!("--filter={}", filter("stats").display()),
+            &filter_arg("stats"),
             &format!("statsfile={}", stats.display()),
             &format!("passphrase=+{}", pw.display()),
         ],

@@ -7,6 +7,8 @@ use sha1::Sha1;
 use sha2::{Sha256, Sha512};
 use zeroize::Zeroizing;
 
+use crate::xor;
+
 /// A hash named by a LUKS header (`hash-spec`, `af.hash`, `kdf.hash`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hash {
@@ -126,12 +128,6 @@ pub fn af_merge(material: &[u8], key_len: usize, stripes: usize, hash: Hash) -> 
     }
     xor(&mut d, blocks.next().expect("stripes >= 1"));
     d
-}
-
-fn xor(a: &mut [u8], b: &[u8]) {
-    for (x, y) in a.iter_mut().zip(b) {
-        *x ^= y;
-    }
 }
 
 /// Each hash-sized piece `i` becomes `H(be32(i) || piece)`, truncated.

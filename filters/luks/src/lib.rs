@@ -57,6 +57,13 @@ struct Volume {
     rmw: RwLock<()>,
 }
 
+/// `a ^= b`, byte by byte, over the shorter of the two.
+fn xor(a: &mut [u8], b: &[u8]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x ^= y;
+    }
+}
+
 fn einval(msg: impl Into<String>) -> Error {
     Error::new(libc::EINVAL, msg)
 }

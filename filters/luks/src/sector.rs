@@ -17,6 +17,8 @@ use aes::cipher::{
 use aes::{Aes128, Aes192, Aes256};
 use sha2::{Digest, Sha256};
 
+use crate::xor;
+
 /// Largest LUKS sector; bounds the per-sector tweak table.
 pub const MAX_SECTOR: usize = 4096;
 
@@ -161,12 +163,6 @@ where
     }
     fn decrypt(&self, data: &mut [u8], sector_size: usize, iv: u64) {
         self.run(data, sector_size, iv, false);
-    }
-}
-
-fn xor(a: &mut [u8], b: &[u8]) {
-    for (x, y) in a.iter_mut().zip(b) {
-        *x ^= y;
     }
 }
 
