@@ -30,6 +30,10 @@ struct Queue {
 
 struct QueueState {
     jobs: VecDeque<Job>,
+    /// Workers waiting on `ready`: when none is, a new job needs no wake-up
+    /// (a futex syscall on the loop's thread) because a busy worker will
+    /// find it.
+    idle: usize,
     closed: bool,
 }
 
@@ -44,7 +48,9 @@ impl Queue {
             if st.closed {
                 return None;
             }
+            st.idle += 1;
             st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.idle -= 1;
         }
     }
 }
@@ -55,6 +61,7 @@ impl Pool {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::new(),
+                idle: 0,
                 closed: false,
             }),
             ready: Condvar::new(),
@@ -78,8 +85,11 @@ impl Pool {
     pub fn submit(&self, job: Job) {
         let mut st = self.queue.state.lock().unwrap_or_else(|e| e.into_inner());
         st.jobs.push_back(job);
+        let wake = st.idle > 0;
         drop(st);
-        self.queue.ready.notify_one();
+        if wake {
+            self.queue.ready.notify_one();
+        }
     }
 }
 
