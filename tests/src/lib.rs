@@ -233,6 +233,13 @@ pub fn client(program: &str) -> Command {
     c
 }
 
+/// The export size at `uri`, as `nbdinfo --size` prints it (trimmed).
+pub fn export_size(uri: &str) -> String {
+    run_ok(client("nbdinfo").arg("--size").arg(uri))
+        .trim()
+        .to_owned()
+}
+
 /// Run a command to completion, panicking with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = run(cmd);

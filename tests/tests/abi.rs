@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nbdhost_tests::{client, nbdhost_bin, nbdsh, run, run_ok, Server, TempDir};
+use nbdhost_tests::{client, export_size, nbdhost_bin, nbdsh, run, run_ok, Server, TempDir};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -281,7 +281,7 @@ fn cmem_example_is_a_ram_disk() {
          h.trim(4096, 8192); h.flush(); print(h.pread(4096, 8192) == bytes(4096))",
     );
     assert_eq!(out.trim(), "[0, 90] [90] True True\nTrue");
-    let size = run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    let size = export_size(&s.uri());
     assert_eq!(size.trim(), "1048576");
     let info = run_ok(client("nbdinfo").arg(s.uri()));
     assert!(info.contains("export-size: 1048576"), "{info}");

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nbdhost_tests::{client, filter_arg, nbdsh, pattern, run, run_ok, Server, TempDir};
+use nbdhost_tests::{
+    client, export_size, filter_arg, nbdsh, pattern, run, run_ok, Server, TempDir,
+};
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
     let mut c = client("qemu-io");
@@ -200,7 +202,7 @@ fn log_needs_a_file_and_can_append() {
         &format!("logfile={}", logfile.display()),
         "logappend=true",
     ]);
-    run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    export_size(&s.uri());
     assert!(s.stop().success());
     let text = std::fs::read_to_string(&logfile).unwrap();
     assert!(text.starts_with("earlier line\n"), "{text}");
@@ -401,7 +403,7 @@ print(r, w, z, fast)
 fn delay_open_slows_the_handshake() {
     let s = Server::start(&[&filter_arg("delay"), "memory", "1M", "delay-open=400ms"]);
     let t = Instant::now();
-    run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    export_size(&s.uri());
     assert!(
         t.elapsed() >= Duration::from_millis(400),
         "{:?}",

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use nbdhost_tests::{
-    client, filter_arg, nbdhost_bin, pattern, plugin, run, run_ok, Server, TempDir,
+    client, export_size, filter_arg, nbdhost_bin, pattern, plugin, run, run_ok, Server, TempDir,
 };
 
 const PASS: &str = "correct horse battery";
@@ -403,7 +403,7 @@ fn luks2_with_cryptsetup_defaults_is_served() {
         "{dump}"
     );
     let s = serve(&img, &pw, &[]);
-    let info = run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    let info = export_size(&s.uri());
     assert_eq!(info.trim(), (16u64 << 20).to_string());
     // Holes in the encrypted file are noise once decrypted, not zeroes.
     let map = run_ok(client("nbdinfo").arg("--map").arg(s.uri()));
@@ -652,7 +652,7 @@ fn luks_over_partition_over_file() {
     let (_, start2) = mbr_disk(&disk, &p1, &std::fs::read(&inner).unwrap());
     let part = filter_arg("partition");
     let s = serve(&disk, &pw, &[&part, "partition=2"]);
-    let size = run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    let size = export_size(&s.uri());
     assert_eq!(size.trim(), ((16u64 << 20) - (2 << 20)).to_string());
     qemu_io(
         &s.uri(),

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use nbdhost_tests::raw::*;
-use nbdhost_tests::{client, pattern, run_ok, Server};
+use nbdhost_tests::{client, export_size, pattern, run_ok, Server};
 
 const SIZE: u64 = 1 << 20;
 const LOG_WAIT: Duration = Duration::from_secs(5);
@@ -795,7 +795,7 @@ fn stuck_and_malformed_clients_do_not_disturb_others() {
     good_client_works(&s, 0x21);
     let mut raw = transmitting(&s);
     assert_eq!(raw.read_ok(1, 512 << 10, 4), vec![0x21; 4]);
-    let out = run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    let out = export_size(&s.uri());
     assert_eq!(out.trim(), SIZE.to_string());
     assert!(garbage.wait_closed().is_empty());
 

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nbdhost_tests::{client, nbdhost_bin, pattern, run, run_ok, Server, TempDir};
+use nbdhost_tests::{client, export_size, nbdhost_bin, pattern, run, run_ok, Server, TempDir};
 
 fn psk_file(dir: &TempDir, users: &[&str]) -> PathBuf {
     let keys = dir.path("keys");
@@ -211,19 +211,8 @@ fn plain_clients_see_nothing_when_tls_is_required() {
         "memory",
         "8M",
     ]);
-    assert_eq!(
-        run_ok(client("nbdinfo").arg("--size").arg(s.uri())).trim(),
-        "8388608"
-    );
-    assert_eq!(
-        run_ok(
-            client("nbdinfo")
-                .arg("--size")
-                .arg(psk_uri(&s, "rich", &keys))
-        )
-        .trim(),
-        "8388608"
-    );
+    assert_eq!(export_size(&s.uri()), "8388608");
+    assert_eq!(export_size(&psk_uri(&s, "rich", &keys)), "8388608");
     assert!(s.stop().success());
 }
 
@@ -241,15 +230,7 @@ fn wrong_key_and_unknown_user_fail_cleanly_and_keys_stay_secret() {
         .status
         .success());
     // The server goes on.
-    assert_eq!(
-        run_ok(
-            client("nbdinfo")
-                .arg("--size")
-                .arg(psk_uri(&s, "rich", &keys))
-        )
-        .trim(),
-        "1048576"
-    );
+    assert_eq!(export_size(&psk_uri(&s, "rich", &keys)), "1048576");
     let log = s.log_text();
     assert!(
         log.contains("TLS handshake") && log.contains("failed"),
@@ -263,15 +244,7 @@ fn wrong_key_and_unknown_user_fail_cleanly_and_keys_stay_secret() {
     }
     // A user added to the file works at once, without a restart.
     run_ok(client("psktool").args(["-u", "newbie", "-p"]).arg(&keys));
-    assert_eq!(
-        run_ok(
-            client("nbdinfo")
-                .arg("--size")
-                .arg(psk_uri(&s, "newbie", &keys))
-        )
-        .trim(),
-        "1048576"
-    );
+    assert_eq!(export_size(&psk_uri(&s, "newbie", &keys)), "1048576");
     assert!(s.stop().success());
 }
 
@@ -442,15 +415,7 @@ fn tls_1_2_and_1_3_and_captive_modes() {
         ("NORMAL:+PSK:+ECDHE-PSK:+DHE-PSK", "TLS1.3"),
     ] {
         let s = Server::start(&["-v", "--tls-psk", k, "--tls-priority", prio, "memory", "1M"]);
-        assert_eq!(
-            run_ok(
-                client("nbdinfo")
-                    .arg("--size")
-                    .arg(psk_uri(&s, "rich", &keys))
-            )
-            .trim(),
-            "1048576"
-        );
+        assert_eq!(export_size(&psk_uri(&s, "rich", &keys)), "1048576");
         assert!(
             s.log_text()
                 .contains(&format!("{want} established with rich")),
@@ -495,15 +460,7 @@ fn plugins_see_tls_identity_and_can_refuse_by_it() {
         p.to_str().unwrap(),
         "require-user=rich",
     ]);
-    assert_eq!(
-        run_ok(
-            client("nbdinfo")
-                .arg("--size")
-                .arg(psk_uri(&s, "rich", &keys))
-        )
-        .trim(),
-        "1048576"
-    );
+    assert_eq!(export_size(&psk_uri(&s, "rich", &keys)), "1048576");
     let eve = run(client("nbdinfo").arg(psk_uri(&s, "eve", &keys)));
     assert!(!eve.status.success());
     let plain = run(client("nbdinfo").arg(s.uri()));

@@ -6,7 +6,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nbdhost_tests::{client, nbdhost_bin, nbdsh, plugin, run, run_ok, Server, TempDir};
+use nbdhost_tests::{
+    client, export_size, nbdhost_bin, nbdsh, plugin, run, run_ok, Server, TempDir,
+};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -131,10 +133,7 @@ fn background_daemon_with_pidfile() {
         "the parent returns at once"
     );
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    assert_eq!(
-        run_ok(client("nbdinfo").arg("--size").arg(&uri)).trim(),
-        "1048576"
-    );
+    assert_eq!(export_size(&uri), "1048576");
     let pid: i32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .trim()
@@ -271,13 +270,13 @@ fn exit_with_parent_follows_the_parent() {
 fn debug_flags_reach_the_plugin() {
     let p = plugin("test");
     let s = Server::start(&["-v", "-D", "test.open=3", p.to_str().unwrap(), "size=1M"]);
-    run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    export_size(&s.uri());
     let (st, log) = s.stop_with_log();
     assert!(st.success());
     assert!(log.contains("debug flag open=3"), "{log}");
     // Without the flag the plugin stays quiet.
     let s = Server::start(&["-v", p.to_str().unwrap(), "size=1M"]);
-    run_ok(client("nbdinfo").arg("--size").arg(s.uri()));
+    export_size(&s.uri());
     let (_, log) = s.stop_with_log();
     assert!(!log.contains("debug flag"), "{log}");
 }
@@ -292,9 +291,6 @@ fn mask_handshake_limits_the_greeting_flags() {
     assert!(s.stop().success());
     let s = Server::start(&["--mask-handshake=1", "memory", "1M"]);
     assert_eq!(RawClient::greeted(&s.socket).server_flags, 1);
-    assert_eq!(
-        run_ok(client("nbdinfo").arg("--size").arg(s.uri())).trim(),
-        "1048576"
-    );
+    assert_eq!(export_size(&s.uri()), "1048576");
     assert!(s.stop().success());
 }
