@@ -26,7 +26,7 @@ extern "C" {
 /* The ABI version is (major << 16) | minor.  A server accepts any plugin
  * whose major equals its own, whatever the minor. */
 #define NBDHOST_ABI_MAJOR 1
-#define NBDHOST_ABI_MINOR 3
+#define NBDHOST_ABI_MINOR 4
 #define NBDHOST_ABI_VERSION ((NBDHOST_ABI_MAJOR << 16) | NBDHOST_ABI_MINOR)
 
 /* Name of the symbol every plugin exports. */
@@ -51,6 +51,10 @@ extern "C" {
 #define NBDHOST_CACHE_NONE    0
 #define NBDHOST_CACHE_EMULATE 1
 #define NBDHOST_CACHE_NATIVE  2
+
+/* Bits of the flags field of struct nbdhost_plugin and struct
+ * nbdhost_filter (since ABI 1.4). */
+#define NBDHOST_NONBLOCKING (1 << 0) /* no callback ever waits */
 
 /* Extent types, as in the NBD base:allocation context. */
 #define NBDHOST_EXTENT_HOLE (1 << 0)
@@ -183,6 +187,14 @@ struct nbdhost_plugin {
   int (*extents) (void *handle, uint64_t count, uint64_t offset,
                   uint32_t flags, struct nbdhost_extents *extents);
   int (*cache) (void *handle, uint64_t count, uint64_t offset, uint32_t flags);
+
+  /* Since ABI 1.4.  NBDHOST_NONBLOCKING if no callback ever waits: not for
+   * I/O, not in a sleep, not on a lock that is held across either.  The
+   * server may then run every callback on its event loops, answering a
+   * request on the thread that read it, instead of handing it to a worker
+   * thread.  Leave it clear if in doubt: a plugin that blocks on an event
+   * loop stalls every connection that loop serves. */
+  uint64_t flags;
 };
 
 /* The one symbol a plugin exports.  host stays valid until the plugin is

@@ -8,7 +8,7 @@ use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
 /// Major version of the ABI; a server refuses a plugin with another major.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: grows when fields are appended.
-pub const ABI_MINOR: u32 = 3;
+pub const ABI_MINOR: u32 = 4;
 /// `(major << 16) | minor`, as stored in `abi_version`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 /// Name of the symbol every plugin exports.
@@ -38,6 +38,11 @@ pub const SUPPORT_NONE: c_int = 0;
 pub const SUPPORT_EMULATE: c_int = 1;
 /// `NBDHOST_FUA_NATIVE` / `NBDHOST_CACHE_NATIVE`.
 pub const SUPPORT_NATIVE: c_int = 2;
+
+/// `NBDHOST_NONBLOCKING`, a bit of [`Plugin::flags`] and [`Filter::flags`]
+/// (since ABI 1.4): no callback ever waits, so the server may call them on
+/// its event loops.
+pub const NONBLOCKING: u64 = 1 << 0;
 
 /// `NBDHOST_EXTENT_HOLE`.
 pub const EXTENT_HOLE: u32 = 1 << 0;
@@ -182,6 +187,8 @@ pub struct Plugin {
         ) -> c_int,
     >,
     pub cache: Option<RangeFn>,
+    /// Since ABI 1.4: [`NONBLOCKING`] and future capability bits.
+    pub flags: u64,
 }
 
 // SAFETY: a `Plugin` is an immutable table of C strings and function
@@ -375,6 +382,9 @@ pub struct Filter {
     pub cache: Option<FilterRangeFn>,
     /// Since ABI 1.2: look at the layer below once, before serving.
     pub startup: Option<unsafe extern "C" fn(next: *const Next) -> c_int>,
+    /// Since ABI 1.4: [`NONBLOCKING`] if the filter adds no waiting of its
+    /// own.
+    pub flags: u64,
 }
 
 // SAFETY: as for `Plugin`: an immutable table of 'static strings and

@@ -219,6 +219,10 @@ pub trait Filter: Default + Send + Sync + 'static {
     const CONFIG_HELP: &'static CStr = c"";
     /// Concurrency this filter tolerates.
     const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
+    /// The filter adds no waiting of its own (no I/O, sleeps, blocking
+    /// locks or long computation), so the chain is as non-blocking as the
+    /// layers below it. Leave it `false` if in doubt.
+    const NONBLOCKING: bool = false;
     /// Look at the layer below once, before the server accepts connections
     /// (it is open read-only on the default export for this call only); an
     /// error stops the server with its message. `None`, the default, spares
@@ -627,5 +631,6 @@ pub unsafe fn entry<F: Filter>(
         } else {
             None
         },
+        flags: if F::NONBLOCKING { abi::NONBLOCKING } else { 0 },
     })
 }

@@ -110,6 +110,11 @@ pub trait Plugin: Default + Send + Sync + 'static {
     const MAGIC_CONFIG_KEY: Option<&'static CStr> = None;
     /// Concurrency this plugin tolerates.
     const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
+    /// No callback ever waits (for I/O, a sleep, or a lock held across
+    /// either), so the server may run them on its event loops and answer
+    /// each request on the thread that read it. Leave it `false` if in
+    /// doubt: a plugin that blocks there stalls other connections.
+    const NONBLOCKING: bool = false;
 
     /// Per-connection state.
     type Handle: Handle;
@@ -594,5 +599,6 @@ pub unsafe fn entry<P: Plugin>(
         zero: Some(zero::<P>),
         extents: Some(extents::<P>),
         cache: Some(cache::<P>),
+        flags: if P::NONBLOCKING { abi::NONBLOCKING } else { 0 },
     })
 }

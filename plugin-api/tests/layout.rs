@@ -131,7 +131,7 @@ macro_rules! layouts {
 /// `C_NAME => rust_value`: integer constants, printed by C as `long long`.
 macro_rules! constants {
     ($( $cname:ident => $value:expr ),* $(,)?) => {
-        vec![$( (stringify!($cname), i64::from($value)) ),*]
+        vec![$( (stringify!($cname), i64::try_from($value).expect("fits in i64")) ),*]
     };
 }
 
@@ -191,6 +191,7 @@ fn layouts() -> Vec<Layout> {
             zero,
             extents,
             cache,
+            flags,
         }
         nbdhost_next => abi::Next {
             struct_size, opaque,
@@ -248,6 +249,7 @@ fn layouts() -> Vec<Layout> {
             extents,
             cache,
             startup,
+            flags,
         }
     }
 }
@@ -271,6 +273,7 @@ fn constants() -> Vec<(&'static str, i64)> {
         NBDHOST_CACHE_NONE => abi::SUPPORT_NONE,
         NBDHOST_CACHE_EMULATE => abi::SUPPORT_EMULATE,
         NBDHOST_CACHE_NATIVE => abi::SUPPORT_NATIVE,
+        NBDHOST_NONBLOCKING => abi::NONBLOCKING,
         NBDHOST_EXTENT_HOLE => abi::EXTENT_HOLE,
         NBDHOST_EXTENT_ZERO => abi::EXTENT_ZERO,
         NBDHOST_CONFIG_TAKEN => abi::CONFIG_TAKEN,
