@@ -4,21 +4,7 @@
 
 use nbdhost_plugin_api::{Error, Flags, Result, Support, ThreadModel};
 
-/// One export as listed to clients.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportEntry {
-    pub name: String,
-    pub description: Option<String>,
-}
-
-/// One extent of the `base:allocation` context, with absolute offset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    pub offset: u64,
-    pub length: u64,
-    /// `HOLE` and `ZERO` bits as in the protocol.
-    pub flags: u32,
-}
+use crate::protocol::export::{ExportEntry, Extent};
 
 /// A link of the chain before any connection: global operations.
 pub trait Backend: Send + Sync {
@@ -26,6 +12,9 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &str;
     /// Concurrency allowed by this link and everything below it.
     fn thread_model(&self) -> ThreadModel;
+    /// Whether no call into this link or below it ever waits, so calls may
+    /// run on an event loop.
+    fn nonblocking(&self) -> bool;
     /// A client connected; an error refuses it.
     fn preconnect(&self, readonly: bool) -> Result<()>;
     /// The exports to list.

@@ -1,10 +1,8 @@
-//! The facts of one opened export that negotiation announces and request
-//! validation checks against: plain data, gathered once per connection.
+//! The facts of an export that the protocol carries: what negotiation
+//! announces and request validation checks against, the export list, and
+//! allocation extents. Plain data; the layer chain fills it in.
 
-use nbdhost_plugin_api::{Result, Support};
-
-use crate::backend::Handle;
-use crate::wire::*;
+use super::wire::*;
 
 /// Largest payload in one request or reply: the maximum block size we
 /// advertise and the largest read we answer in one piece.
@@ -17,6 +15,22 @@ pub struct ExportPolicy {
     pub readonly: bool,
     /// `--no-mc`: never advertise multi-conn.
     pub no_multi_conn: bool,
+}
+
+/// One export as listed to clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportEntry {
+    pub name: String,
+    pub description: Option<String>,
+}
+
+/// One extent of the `base:allocation` context, with absolute offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    /// `HOLE` and `ZERO` bits as in the protocol.
+    pub flags: u32,
 }
 
 /// Capabilities and geometry of an opened export.
@@ -41,30 +55,6 @@ pub struct ExportInfo {
 }
 
 impl ExportInfo {
-    /// Ask an opened handle everything negotiation needs.
-    pub fn query(name: &str, h: &dyn Handle, policy: ExportPolicy) -> Result<ExportInfo> {
-        let (min, pref, max) = h.block_size()?.unwrap_or((1, 4096, MAX_PAYLOAD));
-        let writable = !policy.readonly && h.can_write()?;
-        Ok(ExportInfo {
-            name: name.to_string(),
-            description: h.export_description()?,
-            size: h.get_size()?,
-            min_block: min,
-            preferred_block: pref.max(min),
-            max_block: max.min(MAX_PAYLOAD).max(pref.max(min)),
-            readonly: !writable,
-            can_flush: h.can_flush()?,
-            can_fua: writable && h.can_fua()? != Support::None,
-            can_trim: writable && h.can_trim()?,
-            can_zero: writable && h.can_zero()?,
-            can_fast_zero: writable && h.can_zero()? && h.can_fast_zero()?,
-            can_multi_conn: !policy.no_multi_conn && h.can_multi_conn()?,
-            can_cache: h.can_cache()? != Support::None,
-            can_extents: h.can_extents()?,
-            rotational: h.is_rotational()?,
-        })
-    }
-
     /// Transmission flags for this export; `DF` only with structured or
     /// extended replies.
     pub fn transmission_flags(&self, structured: bool) -> u16 {

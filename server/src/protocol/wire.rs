@@ -4,7 +4,7 @@
 //! Values follow `doc/proto.md` of the NBD project, including the
 //! extended-headers extension.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut};
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -168,8 +168,7 @@ pub fn peek_option_header(buf: &[u8]) -> Result<Option<OptionHeader>, WireError>
 }
 
 /// Append an option reply.
-pub fn put_option_reply(out: &mut BytesMut, option: u32, reply: u32, data: &[u8]) {
-    out.reserve(20 + data.len());
+pub fn put_option_reply(out: &mut impl BufMut, option: u32, reply: u32, data: &[u8]) {
     out.put_u64(REPLY_MAGIC_OPT);
     out.put_u32(option);
     out.put_u32(reply);
@@ -178,14 +177,14 @@ pub fn put_option_reply(out: &mut BytesMut, option: u32, reply: u32, data: &[u8]
 }
 
 /// The server's first message in the newstyle handshake.
-pub fn put_newstyle_greeting(out: &mut BytesMut, flags: u16) {
+pub fn put_newstyle_greeting(out: &mut impl BufMut, flags: u16) {
     out.put_u64(NBDMAGIC);
     out.put_u64(IHAVEOPT);
     out.put_u16(flags);
 }
 
 /// The whole oldstyle handshake.
-pub fn put_oldstyle_greeting(out: &mut BytesMut, size: u64, flags: u16) {
+pub fn put_oldstyle_greeting(out: &mut impl BufMut, size: u64, flags: u16) {
     out.put_u64(NBDMAGIC);
     out.put_u64(OLDSTYLE_MAGIC);
     out.put_u64(size);
@@ -270,7 +269,7 @@ pub enum ReplyStyle {
 }
 
 /// Encodes reply headers for one request in the negotiated style.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplyHeader {
     pub style: ReplyStyle,
     pub cookie: u64,
@@ -279,14 +278,14 @@ pub struct ReplyHeader {
 
 impl ReplyHeader {
     /// A simple reply header (compact style only).
-    pub fn put_simple(&self, out: &mut BytesMut, error: u32) {
+    pub fn put_simple(&self, out: &mut impl BufMut, error: u32) {
         out.put_u32(SIMPLE_REPLY_MAGIC);
         out.put_u32(error);
         out.put_u64(self.cookie);
     }
 
     /// A structured or extended chunk header announcing `len` payload bytes.
-    pub fn put_chunk(&self, out: &mut BytesMut, flags: u16, typ: u16, len: u64) {
+    pub fn put_chunk(&self, out: &mut impl BufMut, flags: u16, typ: u16, len: u64) {
         if self.style == ReplyStyle::Extended {
             out.put_u32(EXTENDED_REPLY_MAGIC);
             out.put_u16(flags);
@@ -304,7 +303,7 @@ impl ReplyHeader {
     }
 
     /// A reply with no payload: success or a bare error.
-    pub fn put_status(&self, out: &mut BytesMut, error: u32, message: &str) {
+    pub fn put_status(&self, out: &mut impl BufMut, error: u32, message: &str) {
         match (self.style, error) {
             (ReplyStyle::Simple, _) => self.put_simple(out, error),
             (ReplyStyle::Structured, 0) => self.put_simple(out, 0),
@@ -314,7 +313,7 @@ impl ReplyHeader {
     }
 
     /// A final error chunk carrying a message for the user.
-    pub fn put_error_chunk(&self, out: &mut BytesMut, error: u32, message: &str) {
+    pub fn put_error_chunk(&self, out: &mut impl BufMut, error: u32, message: &str) {
         let msg = &message.as_bytes()[..message.len().min(4096)];
         self.put_chunk(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u64);
         out.put_u32(error);
@@ -332,7 +331,7 @@ pub struct Extent {
 
 /// Append a block-status reply for one metadata context.
 pub fn put_block_status(
-    out: &mut BytesMut,
+    out: &mut impl BufMut,
     hdr: &ReplyHeader,
     context_id: u32,
     extents: &[Extent],
@@ -368,6 +367,7 @@ pub fn put_block_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
 
     #[test]
     fn compact_and_extended_requests_decode() {

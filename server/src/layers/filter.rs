@@ -1,9 +1,9 @@
-//! Loading a filter shared object and stacking it on the next layer, so
-//! that a filter and the layers below it are one more [`Backend`].
+//! A filter shared object stacked on the next layer, so that a filter and
+//! the layers below it are one more [`Backend`].
 //!
-//! Like `plugin`, this is an ABI edge: struct size and version are checked,
-//! callbacks past the end of an older struct count as absent, and an absent
-//! callback passes the call to the next layer unchanged.
+//! Like `plugin`, this is an ABI edge: callbacks past the end of an older
+//! struct count as absent, and an absent callback passes the call to the
+//! next layer unchanged.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -12,161 +12,101 @@ use std::sync::Arc;
 
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
-use crate::backend::{checked_block_size, Backend, ExportEntry, Extent, Handle};
-use crate::host;
-use crate::plugin::{check_header, library, ExtentCollector, LayerInfo};
+use super::backend::{checked_block_size, Backend, Handle};
+use super::extents::ExtentCollector;
+use super::host;
+use super::loader::{field, layer_string, shared_fields, LayerInfo, Library, Table};
+use crate::protocol::export::{ExportEntry, Extent};
 
-/// A loaded filter shared object, not yet stacked.
-pub struct LoadedFilter {
-    table: &'static abi::Filter,
-    info: LayerInfo,
-    name: &'static str,
-    _lib: libloading::Library,
+impl Table for abi::Filter {
+    const KIND: &'static str = "filter";
+    const ENTRY: &'static str = abi::FILTER_ENTRY;
+    type Entry = abi::FilterEntry;
+
+    unsafe fn call_entry(entry: abi::FilterEntry) -> *const abi::Filter {
+        // SAFETY: the caller passes the filter's entry point, which takes
+        // the host table; the table is 'static.
+        unsafe { entry(&host::HOST) }
+    }
+
+    fn min_size() -> usize {
+        std::mem::offset_of!(abi::Filter, config_help) + std::mem::size_of::<usize>()
+    }
+
+    fn strings(&self) -> [*const c_char; 5] {
+        [
+            self.name,
+            self.version,
+            self.description,
+            self.config_help,
+            std::ptr::null(),
+        ]
+    }
+
+    shared_fields!(abi::Filter);
 }
 
+/// A filter callback, or `None` if absent or past the end of its struct.
 macro_rules! fcb {
-    ($f:expr, $field:ident) => {{
-        let end = std::mem::offset_of!(abi::Filter, $field) + std::mem::size_of::<usize>();
-        if ($f.info.struct_size as usize) >= end {
-            $f.table.$field
-        } else {
-            None
-        }
-    }};
+    ($lib:expr, $field:ident) => {
+        field!($lib.table(), abi::Filter, $field).flatten()
+    };
 }
 
-fn opt_string(p: *const c_char) -> Option<String> {
-    // SAFETY: the filter's strings are NUL-terminated and live as long as
-    // the library, which outlives this call.
-    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+/// A loaded filter, not yet stacked.
+pub struct Filter {
+    lib: Arc<Library<abi::Filter>>,
 }
 
-impl LoadedFilter {
-    /// Load the filter at `path` and read its table.
-    pub fn load(path: &Path) -> std::result::Result<LoadedFilter, String> {
-        let shown = path.display();
-        let (lib, entry) = library::<abi::FilterEntry>(path, abi::FILTER_ENTRY, "filter")?;
-        // SAFETY: the entry point takes the host table, which is 'static.
-        let table = unsafe { entry(&host::HOST) };
-        // SAFETY: null or a struct that lives as long as the library.
-        let table: &'static abi::Filter = unsafe { table.as_ref() }
-            .ok_or_else(|| format!("{shown}: filter entry point returned NULL"))?;
-        let min_size =
-            std::mem::offset_of!(abi::Filter, config_help) + std::mem::size_of::<usize>();
-        check_header(
-            path,
-            "filter",
-            table.abi_version,
-            table.struct_size,
-            min_size,
-        )?;
-        let info = LayerInfo::new(
-            path,
-            "filter",
-            table.abi_version,
-            table.struct_size,
-            table.thread_model,
-            [
-                table.name,
-                table.version,
-                table.description,
-                table.config_help,
-                std::ptr::null(),
-            ],
-        )?;
-        let name = info.name.clone();
-        let f = LoadedFilter {
-            table,
-            name: Box::leak(name.into_boxed_str()),
-            info,
-            _lib: lib,
-        };
-        if let Some(load) = fcb!(f, load) {
-            // SAFETY: ABI callback with no arguments.
-            if host::call_layer(f.name, || unsafe { load() }) != 0 {
-                return Err(format!(
-                    "{}: load failed: {}",
-                    f.name,
-                    host::take_error("load")
-                ));
-            }
-        }
-        Ok(f)
+impl Filter {
+    /// Load the filter at `path`.
+    pub fn load(path: &Path) -> std::result::Result<Filter, String> {
+        Ok(Filter {
+            lib: Arc::new(Library::open(path)?),
+        })
     }
 
     /// Static facts about the filter.
     pub fn info(&self) -> &LayerInfo {
-        &self.info
-    }
-
-    fn check(&self, what: &str, r: c_int) -> Result<()> {
-        if r == -1 {
-            Err(host::take_error(what))
-        } else {
-            Ok(())
-        }
+        self.lib.info()
     }
 
     /// Offer one parameter; `Ok(true)` if the filter took it.
     pub fn config(&self, key: &str, value: &str) -> Result<bool> {
-        let Some(f) = fcb!(self, config) else {
-            return Ok(false);
-        };
-        let k = CString::new(key).map_err(|_| Error::new(libc::EINVAL, "NUL in key"))?;
-        let v = CString::new(value).map_err(|_| Error::new(libc::EINVAL, "NUL in value"))?;
-        // SAFETY: both strings are valid for the call.
-        let r = host::call_layer(self.name, || unsafe { f(k.as_ptr(), v.as_ptr()) });
-        self.check("config", r)?;
-        Ok(r == abi::CONFIG_TAKEN)
+        Ok(self.lib.config(key, value)? == Some(abi::CONFIG_TAKEN))
     }
 
     /// All parameters have been given.
     pub fn config_complete(&self) -> Result<()> {
-        let Some(f) = fcb!(self, config_complete) else {
-            return Ok(());
-        };
-        // SAFETY: ABI callback with no arguments.
-        let r = host::call_layer(self.name, || unsafe { f() });
-        self.check("config_complete", r)
+        self.lib.config_complete()
     }
 
     /// The server is about to listen.
     pub fn get_ready(&self) -> Result<()> {
-        let Some(f) = fcb!(self, get_ready) else {
-            return Ok(());
-        };
-        // SAFETY: ABI callback with no arguments.
-        let r = host::call_layer(self.name, || unsafe { f() });
-        self.check("get_ready", r)
+        self.lib.get_ready()
     }
 
     /// Stack this filter on `next`, running its start-up look at the layer
     /// below first when it has one.
     pub fn stack(self, next: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
-        if let Some(f) = fcb!(self, startup) {
+        if let Some(f) = fcb!(self.lib, startup) {
             let export = next.default_export(true, false)?;
             let below = OpenedNext::new(host::with_export_name(&export, || next.open(true))?);
             // SAFETY: ABI callback with a next table whose handle lives until
             // `below` is dropped after the call.
-            let r = host::call_layer(self.name, || unsafe { f(&*below.abi) });
-            self.check("startup", r)?;
+            let r = self.lib.call(|| unsafe { f(&*below.abi) });
+            self.lib.check("startup", r)?;
         }
-        Ok(Arc::new(Layer { filter: self, next }))
-    }
-}
-
-impl Drop for LoadedFilter {
-    fn drop(&mut self) {
-        if let Some(f) = fcb!(self, unload) {
-            // SAFETY: called once, after every handle has been closed.
-            host::call_layer(self.name, || unsafe { f() });
-        }
+        Ok(Arc::new(Layer {
+            lib: self.lib,
+            next,
+        }))
     }
 }
 
 /// A filter stacked on the layers below it.
 struct Layer {
-    filter: LoadedFilter,
+    lib: Arc<Library<abi::Filter>>,
     next: Arc<dyn Backend>,
 }
 
@@ -210,18 +150,22 @@ unsafe extern "C" fn next_open(
 
 impl Backend for Layer {
     fn name(&self) -> &str {
-        self.filter.name
+        self.lib.name()
     }
 
     fn thread_model(&self) -> ThreadModel {
-        self.filter.info.thread_model.min(self.next.thread_model())
+        self.lib.info().thread_model.min(self.next.thread_model())
+    }
+
+    fn nonblocking(&self) -> bool {
+        self.lib.info().nonblocking && self.next.nonblocking()
     }
 
     fn preconnect(&self, readonly: bool) -> Result<()> {
-        if let Some(f) = fcb!(self.filter, preconnect) {
+        if let Some(f) = fcb!(self.lib, preconnect) {
             // SAFETY: ABI callback taking an int.
-            let r = host::call_layer(self.filter.name, || unsafe { f(c_int::from(readonly)) });
-            self.filter.check("preconnect", r)?;
+            let r = self.lib.call(|| unsafe { f(c_int::from(readonly)) });
+            self.lib.check("preconnect", r)?;
         }
         self.next.preconnect(readonly)
     }
@@ -239,10 +183,10 @@ impl Backend for Layer {
             next: self.next.clone(),
             opened: None,
         };
-        let Some(f) = fcb!(self.filter, open) else {
+        let Some(f) = fcb!(self.lib, open) else {
             let next = self.next.open(readonly)?;
             return Ok(Box::new(FilterHandle::new(
-                self,
+                self.lib.clone(),
                 std::ptr::null_mut(),
                 next,
             )));
@@ -255,21 +199,21 @@ impl Backend for Layer {
         let export = host::export_name();
         // SAFETY: `opener` and `export` outlive the call; the filter may call
         // `opener.open` during it and not after.
-        let h = host::call_layer(self.filter.name, || unsafe {
-            f(&opener, c_int::from(readonly), export.as_ptr())
-        });
+        let h = self
+            .lib
+            .call(|| unsafe { f(&opener, c_int::from(readonly), export.as_ptr()) });
         let next = slot.opened.take();
         match (h.is_null(), next) {
-            (false, Some(next)) => Ok(Box::new(FilterHandle::new(self, h, next))),
+            (false, Some(next)) => Ok(Box::new(FilterHandle::new(self.lib.clone(), h, next))),
             (true, _) => Err(host::take_error("open")),
             (false, None) => {
-                if let Some(close) = fcb!(self.filter, close) {
+                if let Some(close) = fcb!(self.lib, close) {
                     // SAFETY: closing the handle the filter just returned.
-                    host::call_layer(self.filter.name, || unsafe { close(h) });
+                    self.lib.call(|| unsafe { close(h) });
                 }
                 Err(Error::new(
                     libc::EINVAL,
-                    format!("{}: open did not open the next layer", self.filter.name),
+                    format!("{}: open did not open the next layer", self.lib.name()),
                 ))
             }
         }
@@ -283,11 +227,10 @@ struct OpenedNext {
     handle: Box<Box<dyn Handle>>,
 }
 
-/// A filter handle over the next layer's handle.
+/// A filter handle over the next layer's handle. It holds its library, so
+/// the filter cannot be unloaded while the handle is open.
 struct FilterHandle {
-    // The stacked layer outlives its handles: connections are drained
-    // before the chain is dropped (see `server`).
-    layer: *const Layer,
+    lib: Arc<Library<abi::Filter>>,
     handle: *mut c_void,
     // Declared last: dropped after the filter's close callback has run.
     next: OpenedNext,
@@ -521,21 +464,20 @@ impl OpenedNext {
 }
 
 impl FilterHandle {
-    fn new(layer: &Layer, handle: *mut c_void, next: Box<dyn Handle>) -> FilterHandle {
+    fn new(
+        lib: Arc<Library<abi::Filter>>,
+        handle: *mut c_void,
+        next: Box<dyn Handle>,
+    ) -> FilterHandle {
         FilterHandle {
-            layer,
+            lib,
             handle,
             next: OpenedNext::new(next),
         }
     }
 
-    fn f(&self) -> &LoadedFilter {
-        // SAFETY: see the `layer` field: the layer outlives its handles.
-        unsafe { &(*self.layer).filter }
-    }
-
     fn call<T>(&self, f: impl FnOnce() -> T) -> T {
-        host::call_layer(self.f().name, f)
+        self.lib.call(f)
     }
 
     fn can(&self, cb: Option<abi::FilterHandleFn>, what: &str) -> Option<Result<c_int>> {
@@ -560,13 +502,13 @@ impl FilterHandle {
         // SAFETY: ABI callback with our next table and the filter's handle.
         let r =
             self.call(|| unsafe { cb(&*self.next.abi, self.handle, count, offset, flags.bits()) });
-        self.f().check(what, r)
+        self.lib.check(what, r)
     }
 }
 
 impl Drop for FilterHandle {
     fn drop(&mut self) {
-        if let Some(close) = fcb!(self.f(), close) {
+        if let Some(close) = fcb!(self.lib, close) {
             // SAFETY: each filter handle is closed exactly once, here, before
             // the next layer's handle it may refer to.
             self.call(|| unsafe { close(self.handle) });
@@ -585,7 +527,7 @@ fn support(v: c_int) -> Support {
 macro_rules! can_bool {
     ($method:ident) => {
         fn $method(&self) -> Result<bool> {
-            match self.can(fcb!(self.f(), $method), stringify!($method)) {
+            match self.can(fcb!(self.lib, $method), stringify!($method)) {
                 Some(r) => r.map(|v| v != 0),
                 None => self.next.handle.$method(),
             }
@@ -595,7 +537,7 @@ macro_rules! can_bool {
 
 impl Handle for FilterHandle {
     fn get_size(&self) -> Result<u64> {
-        let Some(f) = fcb!(self.f(), get_size) else {
+        let Some(f) = fcb!(self.lib, get_size) else {
             return self.next.handle.get_size();
         };
         // SAFETY: ABI callback with our next table and the filter's handle.
@@ -604,14 +546,14 @@ impl Handle for FilterHandle {
     }
 
     fn block_size(&self) -> Result<Option<(u32, u32, u32)>> {
-        let Some(f) = fcb!(self.f(), block_size) else {
+        let Some(f) = fcb!(self.lib, block_size) else {
             return self.next.handle.block_size();
         };
         let (mut a, mut b, mut c) = (0u32, 0u32, 0u32);
         // SAFETY: ABI callback writing three u32s into our locals.
         let r = self.call(|| unsafe { f(&*self.next.abi, self.handle, &mut a, &mut b, &mut c) });
-        self.f().check("block_size", r)?;
-        checked_block_size(self.f().name, a, b, c)
+        self.lib.check("block_size", r)?;
+        checked_block_size(self.lib.name(), a, b, c)
     }
 
     can_bool!(can_write);
@@ -624,30 +566,30 @@ impl Handle for FilterHandle {
     can_bool!(is_rotational);
 
     fn can_fua(&self) -> Result<Support> {
-        match self.can(fcb!(self.f(), can_fua), "can_fua") {
+        match self.can(fcb!(self.lib, can_fua), "can_fua") {
             Some(r) => r.map(support),
             None => self.next.handle.can_fua(),
         }
     }
 
     fn can_cache(&self) -> Result<Support> {
-        match self.can(fcb!(self.f(), can_cache), "can_cache") {
+        match self.can(fcb!(self.lib, can_cache), "can_cache") {
             Some(r) => r.map(support),
             None => self.next.handle.can_cache(),
         }
     }
 
     fn export_description(&self) -> Result<Option<String>> {
-        let Some(f) = fcb!(self.f(), export_description) else {
+        let Some(f) = fcb!(self.lib, export_description) else {
             return self.next.handle.export_description();
         };
         // SAFETY: ABI callback; the string is copied at once.
         let p = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
-        Ok(opt_string(p))
+        Ok(layer_string(p))
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
-        let Some(f) = fcb!(self.f(), pread) else {
+        let Some(f) = fcb!(self.lib, pread) else {
             return self.next.handle.pread(buf, offset, flags);
         };
         let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u64);
@@ -662,11 +604,11 @@ impl Handle for FilterHandle {
                 flags.bits(),
             )
         });
-        self.f().check("pread", r)
+        self.lib.check("pread", r)
     }
 
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
-        let Some(f) = fcb!(self.f(), pwrite) else {
+        let Some(f) = fcb!(self.lib, pwrite) else {
             return self.next.handle.pwrite(buf, offset, flags);
         };
         // SAFETY: `buf` is readable for its length during the call.
@@ -680,45 +622,45 @@ impl Handle for FilterHandle {
                 flags.bits(),
             )
         });
-        self.f().check("pwrite", r)
+        self.lib.check("pwrite", r)
     }
 
     fn flush(&self, flags: Flags) -> Result<()> {
-        let Some(f) = fcb!(self.f(), flush) else {
+        let Some(f) = fcb!(self.lib, flush) else {
             return self.next.handle.flush(flags);
         };
         // SAFETY: ABI callback with our next table and the filter's handle.
         let r = self.call(|| unsafe { f(&*self.next.abi, self.handle, flags.bits()) });
-        self.f().check("flush", r)
+        self.lib.check("flush", r)
     }
 
     fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        match fcb!(self.f(), trim) {
+        match fcb!(self.lib, trim) {
             Some(f) => self.range(f, "trim", count, offset, flags),
             None => self.next.handle.trim(count, offset, flags),
         }
     }
 
     fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        match fcb!(self.f(), zero) {
+        match fcb!(self.lib, zero) {
             Some(f) => self.range(f, "zero", count, offset, flags),
             None => self.next.handle.zero(count, offset, flags),
         }
     }
 
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        match fcb!(self.f(), cache) {
+        match fcb!(self.lib, cache) {
             Some(f) => self.range(f, "cache", count, offset, flags),
             None => self.next.handle.cache(count, offset, flags),
         }
     }
 
     fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<Extent>> {
-        let Some(f) = fcb!(self.f(), extents) else {
+        let Some(f) = fcb!(self.lib, extents) else {
             return self.next.handle.extents(count, offset, flags);
         };
         let mut c = ExtentCollector::new(offset);
-        let list = (&mut c as *mut ExtentCollector).cast::<abi::Extents>();
+        let list = c.as_abi();
         // SAFETY: `list` is a collector that outlives the call.
         let r = self.call(|| unsafe {
             f(
@@ -730,13 +672,13 @@ impl Handle for FilterHandle {
                 list,
             )
         });
-        self.f().check("extents", r)?;
+        self.lib.check("extents", r)?;
         if c.extents().is_empty() {
             return Err(Error::new(
                 libc::EIO,
-                format!("{}: extents returned no extent", self.f().name),
+                format!("{}: extents returned no extent", self.lib.name()),
             ));
         }
-        Ok(c.extents().to_vec())
+        Ok(c.into_extents())
     }
 }

@@ -13,11 +13,32 @@ use std::time::{Duration, Instant};
 use nbdhost_plugin_api::{abi, Error};
 use zeroize::Zeroize;
 
+use super::extents::ExtentCollector;
+use crate::protocol::export::ExportEntry;
+
+/// The peer of a connection, as plugins may ask for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Inet(std::net::SocketAddr),
+    Unix,
+    Pipe,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Inet(a) => write!(f, "{a}"),
+            Peer::Unix => f.write_str("a Unix-socket client"),
+            Peer::Pipe => f.write_str("the stdin client"),
+        }
+    }
+}
+
 /// What a plugin may ask about the connection a call is made for.
 #[derive(Debug, Default)]
 pub struct ConnContext {
     pub export_name: CString,
-    pub peer: Option<crate::listen::Peer>,
+    pub peer: Option<Peer>,
     pub is_tls: bool,
     /// PSK user name or certificate subject DN, on a TLS connection.
     pub identity: Option<CString>,
@@ -210,7 +231,7 @@ unsafe extern "C" fn host_add_extent(
 ) -> c_int {
     // SAFETY: the only extent lists handed to plugins are `ExtentCollector`s
     // that live for the duration of the extents call.
-    let list = unsafe { &mut *list.cast::<crate::plugin::ExtentCollector>() };
+    let list = unsafe { &mut *list.cast::<ExtentCollector>() };
     match list.add(offset, length, typ) {
         Ok(()) => 0,
         Err(e) => {
@@ -237,8 +258,8 @@ unsafe extern "C" fn host_add_export(
     }
     // SAFETY: the only export lists handed to plugins are vectors of
     // `ExportEntry` that live for the duration of the list_exports call.
-    let list = unsafe { &mut *list.cast::<Vec<crate::backend::ExportEntry>>() };
-    list.push(crate::backend::ExportEntry {
+    let list = unsafe { &mut *list.cast::<Vec<ExportEntry>>() };
+    list.push(ExportEntry {
         name: name.to_string(),
         description: cstr(desc).map(str::to_string),
     });
@@ -311,8 +332,8 @@ unsafe extern "C" fn host_peer_name(addr: *mut libc::sockaddr, len: *mut libc::s
         return -1;
     };
     let sa = match ctx.peer {
-        Some(crate::listen::Peer::Inet(a)) => socket2::SockAddr::from(a),
-        Some(crate::listen::Peer::Unix) => match socket2::SockAddr::unix("") {
+        Some(Peer::Inet(a)) => socket2::SockAddr::from(a),
+        Some(Peer::Unix) => match socket2::SockAddr::unix("") {
             Ok(a) => a,
             Err(_) => return -1,
         },
@@ -350,21 +371,20 @@ unsafe extern "C" fn host_debug_flag(name: *const c_char) -> c_int {
 }
 
 unsafe extern "C" fn host_extents_new(offset: u64) -> *mut abi::Extents {
-    Box::into_raw(Box::new(crate::plugin::ExtentCollector::new(offset))).cast()
+    Box::into_raw(Box::new(ExtentCollector::new(offset))).cast()
 }
 
 unsafe extern "C" fn host_extents_free(list: *mut abi::Extents) {
     if !list.is_null() {
         // SAFETY: lists given to filters by extents_new are boxed
         // collectors, freed once here.
-        drop(unsafe { Box::from_raw(list.cast::<crate::plugin::ExtentCollector>()) });
+        drop(unsafe { Box::from_raw(list.cast::<ExtentCollector>()) });
     }
 }
 
 unsafe extern "C" fn host_extents_count(list: *const abi::Extents) -> usize {
     // SAFETY: every extent list handed out is an `ExtentCollector`.
-    unsafe { list.cast::<crate::plugin::ExtentCollector>().as_ref() }
-        .map_or(0, |l| l.extents().len())
+    unsafe { list.cast::<ExtentCollector>().as_ref() }.map_or(0, |l| l.extents().len())
 }
 
 unsafe extern "C" fn host_extents_get(
@@ -375,7 +395,7 @@ unsafe extern "C" fn host_extents_get(
     typ: *mut u32,
 ) -> c_int {
     // SAFETY: every extent list handed out is an `ExtentCollector`.
-    let Some(l) = (unsafe { list.cast::<crate::plugin::ExtentCollector>().as_ref() }) else {
+    let Some(l) = (unsafe { list.cast::<ExtentCollector>().as_ref() }) else {
         return -1;
     };
     let Some(e) = l.extents().get(i) else {

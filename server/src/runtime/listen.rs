@@ -11,13 +11,9 @@ use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
-/// The peer of a connection, as plugins may ask for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Peer {
-    Inet(SocketAddr),
-    Unix,
-    Pipe,
-}
+use bytes::BytesMut;
+
+use crate::layers::host::Peer;
 
 /// A listening socket.
 pub enum Listener {
@@ -252,6 +248,22 @@ impl Stream {
         } else {
             Ok(n as usize)
         }
+    }
+
+    /// Read into the spare capacity of `buf`, appending what arrives, so
+    /// nothing is zero-filled or copied on the way.
+    pub fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        let fd = self.as_raw_fd();
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: read(2) writes at most `spare.len()` bytes into memory that
+        // is valid for writes, and only the count it returns is kept.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel initialised the first `n` spare bytes.
+        unsafe { buf.set_len(buf.len() + n as usize) };
+        Ok(n as usize)
     }
 
     /// Shut down both directions; errors are irrelevant at this point.

@@ -1,15 +1,15 @@
 //! The handshake: newstyle option haggling and the oldstyle greeting, as a
 //! state machine over byte buffers.
 //!
-//! The machine never calls the backend. When it needs the export list or an
-//! opened export it returns [`Event::Query`]; the connection runs the query
-//! on the worker pool and hands the result back with [`Handshake::answer`].
+//! The machine never calls the layer chain. When it needs the export list
+//! or an opened export it returns [`Event::Query`]; the session hands the
+//! query to whoever drives it and feeds the result back with
+//! [`Handshake::answer`].
 
 use bytes::{Buf, BufMut, BytesMut};
 
-use crate::backend::ExportEntry;
-use crate::export::ExportInfo;
-use crate::wire::*;
+use super::export::{ExportEntry, ExportInfo};
+use super::wire::*;
 
 /// Longest option payload we accept; anything longer is refused with
 /// `NBD_REP_ERR_TOO_BIG` and skipped without being buffered.
@@ -174,7 +174,7 @@ impl Handshake {
 
     /// Advance as far as the buffered input allows, consuming what is used
     /// from `input` and appending to `out`.
-    pub fn receive(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Event {
+    pub fn receive(&mut self, input: &mut BytesMut, out: &mut Vec<u8>) -> Event {
         loop {
             match &mut self.state {
                 State::Start => {
@@ -255,8 +255,8 @@ impl Handshake {
     }
 
     /// Handle one whole option; `Some` when the connection must act.
-    fn option(&mut self, option: u32, data: &[u8], out: &mut BytesMut) -> Option<Event> {
-        let reply = |out: &mut BytesMut, typ: u32, msg: &str| {
+    fn option(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Option<Event> {
+        let reply = |out: &mut Vec<u8>, typ: u32, msg: &str| {
             put_option_reply(out, option, typ, msg.as_bytes())
         };
         let tls_required = self.cfg.tls == TlsMode::Require && !self.tls_active;
@@ -377,9 +377,9 @@ impl Handshake {
         }
     }
 
-    fn meta_context(&mut self, option: u32, data: &[u8], out: &mut BytesMut) {
+    fn meta_context(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) {
         let set = option == OPT_SET_META_CONTEXT;
-        let invalid = |out: &mut BytesMut, msg: &str| {
+        let invalid = |out: &mut Vec<u8>, msg: &str| {
             put_option_reply(out, option, REP_ERR_INVALID, msg.as_bytes())
         };
         if set && !self.structured() {
@@ -428,7 +428,7 @@ impl Handshake {
     }
 
     /// Feed the result of the last [`Event::Query`].
-    pub fn answer(&mut self, answer: Answer, out: &mut BytesMut) -> Event {
+    pub fn answer(&mut self, answer: Answer, out: &mut Vec<u8>) -> Event {
         let state = std::mem::replace(&mut self.state, State::Options);
         match (state, answer) {
             (State::Preconnecting, Answer::Preconnect(r)) => {
@@ -523,7 +523,7 @@ impl Handshake {
         name: &str,
         wants_name: bool,
         e: &ExportInfo,
-        out: &mut BytesMut,
+        out: &mut Vec<u8>,
     ) {
         let mut d = Vec::with_capacity(12);
         d.put_u16(INFO_EXPORT);
@@ -568,7 +568,7 @@ impl Handshake {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::test_export;
+    use crate::protocol::export::test_export;
 
     fn cfg() -> HandshakeConfig {
         HandshakeConfig {
@@ -596,9 +596,9 @@ mod tests {
         v
     }
 
-    fn started() -> (Handshake, BytesMut) {
+    fn started() -> (Handshake, Vec<u8>) {
         let mut h = Handshake::new(cfg());
-        let mut out = BytesMut::new();
+        let mut out = Vec::new();
         assert!(matches!(
             h.receive(&mut BytesMut::new(), &mut out),
             Event::Query(Query::Preconnect)
@@ -693,9 +693,9 @@ mod tests {
         assert!(matches!(h.receive(&mut input, &mut out), Event::Close(_)));
     }
 
-    fn started_with(tls: TlsMode) -> (Handshake, BytesMut) {
+    fn started_with(tls: TlsMode) -> (Handshake, Vec<u8>) {
         let mut h = Handshake::new(HandshakeConfig { tls, ..cfg() });
-        let mut out = BytesMut::new();
+        let mut out = Vec::new();
         h.receive(&mut BytesMut::new(), &mut out);
         h.answer(Answer::Preconnect(Ok(())), &mut out);
         out.clear();

@@ -1,15 +1,14 @@
-//! The transmission phase over byte buffers: decoding and validating
-//! requests, and encoding replies. Nothing here touches a socket or the
-//! backend.
+//! Transmission requests over byte buffers: finding, decoding and
+//! validating the request at the front of a connection's input. Nothing
+//! here touches a socket or the layer chain.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
-use crate::backend::Extent;
-use crate::export::MAX_PAYLOAD;
-use crate::handshake::{Negotiated, CONTEXT_BASE_ALLOCATION};
-use crate::wire::{self, *};
+use super::export::MAX_PAYLOAD;
+use super::handshake::Negotiated;
+use super::wire::{self, *};
 
-/// A validated command, ready for the backend.
+/// A validated command, ready for the layer chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Read {
@@ -40,27 +39,54 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The command's name, as error replies and log lines give it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Read { .. } => "read",
+            Command::Write { .. } => "write",
+            Command::Flush => "flush",
+            Command::Trim { .. } => "trim",
+            Command::Zero { .. } => "zero",
+            Command::Cache { .. } => "cache",
+            Command::BlockStatus { .. } => "block status",
+        }
+    }
+}
+
 /// A validated request and how to address its reply.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Op {
     pub reply: ReplyHeader,
     pub offset: u64,
     pub command: Command,
 }
 
-/// The outcome of looking at the front of the input buffer.
+/// The outcome of decoding the front of the input buffer.
 #[derive(Debug)]
 pub enum Decoded {
     /// Not a whole request yet.
     NeedMore,
     /// A valid request.
     Op(Op),
-    /// An invalid request, already answered with this error reply.
-    Rejected(BytesMut),
+    /// An invalid request, to be answered with this NBD error and message.
+    Rejected(ReplyHeader, u32, &'static str),
     /// `NBD_CMD_DISC`: finish in-flight requests, then close.
     Disconnect,
     /// The stream cannot be trusted any more: close at once.
     Fatal(String),
+}
+
+/// What the front of the input holds, without consuming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// A request is still arriving; `wanted` more bytes complete it (0 if
+    /// not even its header is known yet).
+    Incomplete { wanted: usize },
+    /// Whatever is at the front can be decoded now. `cost` is the request
+    /// data it makes the connection hold: a write's payload or a read's
+    /// reply buffer.
+    Complete { cost: usize },
 }
 
 /// Decodes one connection's requests.
@@ -91,16 +117,44 @@ impl Decoder {
         self.session.style == ReplyStyle::Extended
     }
 
-    /// How many more bytes the request at the front needs, as a hint for
-    /// how much to read (0 if unknown or complete).
-    pub fn wanted(&self, buf: &[u8]) -> usize {
-        match peek_request(buf, self.extended()) {
-            Ok(Some(r)) => {
-                let total =
-                    request_header_len(self.extended()) as u64 + r.payload_len(self.extended());
-                (total.min(u64::from(MAX_PAYLOAD) + 64) as usize).saturating_sub(buf.len())
-            }
-            _ => 0,
+    /// Look at the front of `buf`: is a request complete, and what would it
+    /// cost to take it on?
+    pub fn front(&self, buf: &[u8]) -> Front {
+        if self.discard > buf.len() as u64 {
+            // Skipping a refused payload takes all of it first.
+            let left = self.discard - buf.len() as u64;
+            return Front::Incomplete {
+                wanted: left.min(u64::from(MAX_PAYLOAD)) as usize,
+            };
+        }
+        if self.discard > 0 {
+            return Front::Complete { cost: 0 };
+        }
+        let ext = self.extended();
+        let req = match peek_request(buf, ext) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Front::Incomplete { wanted: 0 },
+            // Malformed: decoding it now is what closes the connection.
+            Err(_) => return Front::Complete { cost: 0 },
+        };
+        let payload = req.payload_len(ext);
+        if payload > u64::from(MAX_PAYLOAD) {
+            // Refused and skipped as it arrives, never buffered.
+            return Front::Complete { cost: 0 };
+        }
+        let total = request_header_len(ext) + payload as usize;
+        if buf.len() < total {
+            return Front::Incomplete {
+                wanted: total - buf.len(),
+            };
+        }
+        let reply = if req.command == CMD_READ && req.length <= u64::from(MAX_PAYLOAD) {
+            req.length as usize
+        } else {
+            0
+        };
+        Front::Complete {
+            cost: payload as usize + reply,
         }
     }
 
@@ -135,9 +189,7 @@ impl Decoder {
             // the client can go on after the error.
             buf.advance(hlen);
             self.discard = payload;
-            let mut out = BytesMut::new();
-            reply.put_status(&mut out, EOVERFLOW, "request payload too large");
-            return Decoded::Rejected(out);
+            return Decoded::Rejected(reply, EOVERFLOW, "request payload too large");
         }
         if buf.len() < hlen + payload as usize {
             return Decoded::NeedMore;
@@ -153,11 +205,7 @@ impl Decoder {
                 offset: req.offset,
                 command,
             }),
-            Err((errno, msg)) => {
-                let mut out = BytesMut::new();
-                reply.put_status(&mut out, errno, msg);
-                Decoded::Rejected(out)
-            }
+            Err((errno, msg)) => Decoded::Rejected(reply, errno, msg),
         }
     }
 
@@ -255,130 +303,11 @@ impl Decoder {
     }
 }
 
-/// Smallest run of zeroes worth a hole chunk inside a read reply.
-const HOLE_MIN: usize = 64 * 1024;
-/// Granularity at which read data is checked for zeroes.
-const ZERO_BLOCK: usize = 4096;
-
-fn is_zero(b: &[u8]) -> bool {
-    // Comparing the slice with itself shifted by one lets memcmp do the
-    // scan at full speed: all bytes equal the first, and the first is 0.
-    b.first()
-        .is_none_or(|&f| f == 0 && b[..b.len() - 1] == b[1..])
-}
-
-/// Encode the reply to a successful read of `data` at `offset`.
-///
-/// With structured or extended replies, runs of zeroes become hole chunks
-/// (unless the client asked for `DF`), so sparse regions cost a few bytes
-/// on the wire instead of their length.
-pub fn read_reply(hdr: &ReplyHeader, offset: u64, df: bool, data: Vec<u8>) -> Vec<Bytes> {
-    let data = Bytes::from(data);
-    let mut head = BytesMut::with_capacity(64);
-    if hdr.style == ReplyStyle::Simple {
-        hdr.put_simple(&mut head, 0);
-        return vec![head.freeze(), data];
-    }
-    let segments = if df {
-        vec![(0, data.len(), false)]
-    } else {
-        segments(&data)
-    };
-    let mut parts = Vec::with_capacity(segments.len() * 2);
-    let last = segments.len() - 1;
-    for (i, (start, end, hole)) in segments.into_iter().enumerate() {
-        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-        let mut h = BytesMut::with_capacity(48);
-        if hole {
-            hdr.put_chunk(&mut h, flags, REPLY_TYPE_OFFSET_HOLE, 12);
-            h.put_u64(offset + start as u64);
-            h.put_u32((end - start) as u32);
-            parts.push(h.freeze());
-        } else {
-            hdr.put_chunk(
-                &mut h,
-                flags,
-                REPLY_TYPE_OFFSET_DATA,
-                8 + (end - start) as u64,
-            );
-            h.put_u64(offset + start as u64);
-            parts.push(h.freeze());
-            parts.push(data.slice(start..end));
-        }
-    }
-    parts
-}
-
-/// Split read data into `(start, end, is_hole)` segments.
-fn segments(data: &[u8]) -> Vec<(usize, usize, bool)> {
-    if is_zero(data) {
-        return vec![(0, data.len(), true)];
-    }
-    if data.len() < 2 * HOLE_MIN {
-        return vec![(0, data.len(), false)];
-    }
-    let mut segs: Vec<(usize, usize, bool)> = Vec::new();
-    let mut pos = 0;
-    while pos < data.len() {
-        let end = (pos + ZERO_BLOCK).min(data.len());
-        let hole = is_zero(&data[pos..end]);
-        match segs.last_mut() {
-            Some(s) if s.2 == hole => s.1 = end,
-            _ => segs.push((pos, end, hole)),
-        }
-        pos = end;
-    }
-    // Short zero runs are cheaper sent as data than as extra chunks.
-    let mut merged: Vec<(usize, usize, bool)> = Vec::with_capacity(segs.len());
-    for (s, e, hole) in segs {
-        let hole = hole && e - s >= HOLE_MIN;
-        match merged.last_mut() {
-            Some(m) if !m.2 && !hole => m.1 = e,
-            _ => merged.push((s, e, hole)),
-        }
-    }
-    merged
-}
-
-/// Encode the reply to a successful block-status request.
-pub fn block_status_reply(
-    hdr: &ReplyHeader,
-    offset: u64,
-    len: u64,
-    req_one: bool,
-    extents: &[Extent],
-) -> BytesMut {
-    let end = offset + len;
-    let mut out_extents = Vec::with_capacity(extents.len().min(1024));
-    for e in extents {
-        let s = e.offset.max(offset);
-        let t = (e.offset + e.length).min(end);
-        if t <= s {
-            continue;
-        }
-        out_extents.push(wire::Extent {
-            length: t - s,
-            flags: e.flags & (STATE_HOLE | STATE_ZERO),
-        });
-        if req_one {
-            break;
-        }
-    }
-    if out_extents.is_empty() {
-        out_extents.push(wire::Extent {
-            length: len,
-            flags: 0,
-        });
-    }
-    let mut out = BytesMut::with_capacity(40 + 16 * out_extents.len());
-    put_block_status(&mut out, hdr, CONTEXT_BASE_ALLOCATION, &out_extents);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::test_export;
+    use crate::protocol::export::test_export;
+    use bytes::BufMut;
 
     fn decoder(style: ReplyStyle) -> Decoder {
         Decoder::new(Negotiated {
@@ -398,10 +327,10 @@ mod tests {
     }
 
     fn rejected_errno(d: Decoded) -> u32 {
-        let Decoded::Rejected(b) = d else {
+        let Decoded::Rejected(_, errno, _) = d else {
             panic!("{d:?}")
         };
-        u32::from_be_bytes(b[4..8].try_into().unwrap())
+        errno
     }
 
     #[test]
@@ -457,6 +386,13 @@ mod tests {
         request(&mut b, 0, CMD_WRITE, 0, MAX_PAYLOAD + 1);
         assert_eq!(rejected_errno(d.next(&mut b)), EOVERFLOW);
         b.put_bytes(7, 1000);
+        assert_eq!(
+            d.front(&b),
+            Front::Incomplete {
+                wanted: MAX_PAYLOAD as usize + 1 - 1000
+            },
+            "the rest of the payload is wanted, to be skipped"
+        );
         assert!(matches!(d.next(&mut b), Decoded::NeedMore));
         assert!(b.is_empty());
     }
@@ -470,47 +406,19 @@ mod tests {
     }
 
     #[test]
-    fn sparse_reads_become_holes() {
-        let hdr = ReplyHeader {
-            style: ReplyStyle::Structured,
-            cookie: 1,
-            offset: 0,
-        };
-        let parts = read_reply(&hdr, 0, false, vec![0u8; 1 << 20]);
-        assert_eq!(parts.len(), 1);
-        assert_eq!(parts[0].len(), 20 + 12);
-        let mut data = vec![0u8; 256 * 1024];
-        data[0] = 1;
-        let segs = segments(&data);
-        assert_eq!(segs, vec![(0, 4096, false), (4096, 256 * 1024, true)]);
-        let parts = read_reply(&hdr, 0, true, data);
-        assert_eq!(parts.len(), 2, "DF forces one data chunk");
-    }
-
-    #[test]
-    fn block_status_clips_to_request() {
-        let hdr = ReplyHeader {
-            style: ReplyStyle::Structured,
-            cookie: 1,
-            offset: 100,
-        };
-        let ex = [
-            Extent {
-                offset: 0,
-                length: 150,
-                flags: 0,
-            },
-            Extent {
-                offset: 150,
-                length: 1000,
-                flags: 3,
-            },
-        ];
-        let b = block_status_reply(&hdr, 100, 200, false, &ex);
-        assert_eq!(b.len(), 20 + 4 + 16);
-        assert_eq!(&b[24..32], &[0, 0, 0, 50, 0, 0, 0, 0]);
-        assert_eq!(&b[32..40], &[0, 0, 0, 150, 0, 0, 0, 3]);
-        let b = block_status_reply(&hdr, 100, 200, true, &ex);
-        assert_eq!(b.len(), 20 + 4 + 8);
+    fn the_front_tells_what_is_missing_and_what_a_request_costs() {
+        let d = decoder(ReplyStyle::Simple);
+        let mut b = BytesMut::new();
+        assert_eq!(d.front(&b), Front::Incomplete { wanted: 0 });
+        request(&mut b, 0, CMD_WRITE, 0, 4096);
+        assert_eq!(d.front(&b), Front::Incomplete { wanted: 4096 });
+        b.put_bytes(1, 4096);
+        assert_eq!(d.front(&b), Front::Complete { cost: 4096 });
+        let mut r = BytesMut::new();
+        request(&mut r, 0, CMD_READ, 0, 65536);
+        assert_eq!(d.front(&r), Front::Complete { cost: 65536 });
+        let mut f = BytesMut::new();
+        request(&mut f, 0, CMD_FLUSH, 0, 0);
+        assert_eq!(d.front(&f), Front::Complete { cost: 0 });
     }
 }

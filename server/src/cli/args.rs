@@ -58,9 +58,13 @@ pub struct Cli {
     )]
     pub exportname: Option<String>,
 
-    /// Worker threads serving requests.
-    #[arg(short = 't', long, value_name = "N", default_value_t = 16)]
+    /// Worker threads for plugins and filters whose calls may block.
+    #[arg(short = 't', long, value_name = "N", default_value_t = 16, value_parser = count)]
     pub threads: usize,
+
+    /// Event loops serving sockets (default: one per CPU).
+    #[arg(long, value_name = "N", value_parser = count)]
+    pub loops: Option<usize>,
 
     /// Log debug messages.
     #[arg(short = 'v', long)]
@@ -143,12 +147,20 @@ pub struct Cli {
     pub params: Vec<String>,
 }
 
+/// A count of threads: 1 to 1024.
+fn count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a number from 1 to 1024")),
+    }
+}
+
 impl Cli {
     /// The TLS policy: secure when asked once. Credentials without an
     /// explicit `--tls` mean TLS is required; `--tls=on` is the opt-in to
     /// serve plain clients as well.
-    pub fn tls_mode(&self) -> crate::handshake::TlsMode {
-        use crate::handshake::TlsMode;
+    pub fn tls_mode(&self) -> crate::protocol::handshake::TlsMode {
+        use crate::protocol::handshake::TlsMode;
         match self.tls.as_deref() {
             Some("on") => TlsMode::On,
             Some("require") => TlsMode::Require,
@@ -156,6 +168,13 @@ impl Cli {
             None if self.tls_psk.is_some() || self.tls_certificates.is_some() => TlsMode::Require,
             None => TlsMode::Off,
         }
+    }
+
+    /// How many event loops to run.
+    pub fn loops(&self) -> usize {
+        self.loops.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 
     /// `-D layer.flag=N` settings as a map.
@@ -239,7 +258,7 @@ mod tests {
 
     #[test]
     fn credentials_alone_require_tls() {
-        use crate::handshake::TlsMode;
+        use crate::protocol::handshake::TlsMode;
         let mode = |args: &[&str]| {
             let mut v = vec!["nbdhost"];
             v.extend_from_slice(args);

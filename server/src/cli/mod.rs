@@ -1,0 +1,179 @@
+//! The command line: parse it, set up logging, build the chain, bind the
+//! listeners, go to the background if asked, and serve.
+
+mod args;
+mod dump;
+mod logging;
+mod process;
+mod run;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::layers::chain::Layers;
+use crate::layers::host;
+use crate::protocol::export::ExportPolicy;
+use crate::protocol::handshake::{HandshakeConfig, TlsMode};
+use crate::runtime::listen::{self, Listener, PrivateSocket};
+use crate::runtime::{self, Exit};
+use crate::session::{self, Limits, TlsFactory};
+use crate::tls;
+use args::Cli;
+use run::Address;
+
+const DEFAULT_PORT: u16 = 10809;
+
+/// Run nbdhost with the process's arguments; returns the exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let explicit_log = match cli
+        .log
+        .as_deref()
+        .map(logging::Destination::parse)
+        .transpose()
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("nbdhost: error: {e}");
+            return 1;
+        }
+    };
+    logging::init(
+        cli.verbose,
+        explicit_log.unwrap_or(logging::Destination::Stderr),
+    );
+    match serve(cli, explicit_log) {
+        Ok(code) => code,
+        Err(e) => {
+            log::error!("{e}");
+            1
+        }
+    }
+}
+
+fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, String> {
+    if cli.dump_config {
+        dump::config();
+        return Ok(0);
+    }
+    host::set_debug_flags(cli.debug_flags()?);
+    let plugin = cli.plugin.clone().ok_or("no plugin given")?;
+    let layers = Layers::load(&plugin, &cli.filters)?;
+    if cli.dump_plugin {
+        dump::layer(layers.plugin_info());
+        for f in layers.filter_infos() {
+            println!();
+            println!("filter:");
+            dump::layer(f);
+        }
+        return Ok(0);
+    }
+    let magic = layers.plugin_info().magic_config_key.clone();
+    let backend = layers.configure(args::plugin_params(&cli.params, magic.as_deref())?)?;
+
+    let mut private = None;
+    let (listeners, address) = listeners(&cli, &mut private)?;
+    for l in &listeners {
+        log::info!("listening on {}", l.describe());
+    }
+    // Socket activation implies the foreground: the activating process
+    // (systemd, libnbd) tracks and signals the pid it started.
+    let activated = matches!(address, Address::Activated);
+    let foreground = cli.foreground || cli.single || cli.run.is_some() || activated;
+    if !foreground {
+        process::daemonize()?;
+        logging::set_destination(explicit_log.unwrap_or(logging::Destination::Syslog));
+    }
+    if cli.exit_with_parent {
+        process::exit_with_parent()?;
+    }
+    if let Some(p) = &cli.pidfile {
+        process::write_pidfile(p)?;
+    }
+    let child = match &cli.run {
+        Some(cmd) => Some(run::spawn(
+            cmd,
+            &address,
+            cli.exportname.as_deref().unwrap_or(""),
+        )?),
+        None => None,
+    };
+    let tls_mode = cli.tls_mode();
+    let tls: Option<Arc<dyn TlsFactory>> = if tls_mode == TlsMode::Off {
+        None
+    } else {
+        let opts = tls::TlsOptions {
+            psk_file: cli.tls_psk.clone(),
+            cert_dir: cli.tls_certificates.clone(),
+            verify_peer: cli.tls_verify_peer,
+            priority: cli.tls_priority.clone(),
+        };
+        Some(Arc::new(tls::TlsConfig::load(&opts)?))
+    };
+    let opts = runtime::Options {
+        loops: cli.loops(),
+        threads: cli.threads,
+        policy: ExportPolicy {
+            readonly: cli.readonly,
+            no_multi_conn: cli.no_mc,
+        },
+        session: session::Config {
+            handshake: HandshakeConfig {
+                oldstyle: cli.oldstyle,
+                handshake_mask: cli.mask_handshake,
+                no_structured: cli.no_sr,
+                tls: tls_mode,
+            },
+            tls,
+            limits: Limits::default(),
+            handshake_timeout: (cli.handshake_timeout > 0)
+                .then(|| Duration::from_secs(cli.handshake_timeout)),
+        },
+        stdio: cli.single,
+    };
+    let exit =
+        runtime::serve(backend, listeners, opts, child).map_err(|e| format!("event loop: {e}"))?;
+    if let (Address::Unix(p), None) = (&address, &private) {
+        let _ = std::fs::remove_file(p);
+    }
+    drop(private);
+    if let Some(p) = &cli.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(match exit {
+        Exit::Normal => 0,
+        Exit::Child(code) => code,
+    })
+}
+
+fn listeners(
+    cli: &Cli,
+    private: &mut Option<PrivateSocket>,
+) -> Result<(Vec<Listener>, Address), String> {
+    if cli.single {
+        return Ok((Vec::new(), Address::Stdio));
+    }
+    if let Some(activated) = listen::socket_activation() {
+        return Ok((activated?, Address::Activated));
+    }
+    let want_private = cli.unix.as_deref() == Some(Path::new("-"))
+        || (cli.unix.is_none() && cli.run.is_some() && cli.port.is_none() && cli.ipaddr.is_none());
+    if want_private {
+        let p = PrivateSocket::new()?;
+        let l = listen::unix(&p.path)?;
+        let path = p.path.clone();
+        *private = Some(p);
+        return Ok((vec![l], Address::Unix(path)));
+    }
+    if let Some(path) = &cli.unix {
+        return Ok((vec![listen::unix(path)?], Address::Unix(path.clone())));
+    }
+    let port = cli.port.unwrap_or(DEFAULT_PORT);
+    Ok((
+        listen::tcp(cli.ipaddr.as_deref(), port)?,
+        Address::Tcp(port),
+    ))
+}

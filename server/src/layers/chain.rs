@@ -1,0 +1,126 @@
+//! Building the chain: finding plugins and filters by short name, loading
+//! them, passing parameters down the stack, and stacking the filters on
+//! the plugin.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nbdhost_plugin_api::Error;
+
+use super::backend::Backend;
+use super::filter::Filter;
+use super::loader::LayerInfo;
+use super::plugin::Plugin;
+
+/// Directories searched for plugins (`kind` = "plugin") or filters given
+/// by short name: `$NBDHOST_PLUGINDIR` or `$NBDHOST_FILTERDIR` if set,
+/// otherwise beside the executable, then the installed locations.
+pub fn layer_dirs(kind: &str) -> Vec<PathBuf> {
+    if let Some(d) = std::env::var_os(format!("NBDHOST_{}DIR", kind.to_uppercase())) {
+        return std::env::split_paths(&d).collect();
+    }
+    let mut dirs = Vec::new();
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        dirs.push(exe_dir.clone());
+        dirs.push(exe_dir.join(format!("../lib/nbdhost/{kind}s")));
+    }
+    dirs.push(PathBuf::from(format!("/usr/lib/nbdhost/{kind}s")));
+    dirs
+}
+
+/// A path is used as is; a short name is looked up as `lib<name><kind>.so`.
+pub fn resolve(arg: &str, kind: &str) -> Result<PathBuf, String> {
+    if arg.contains('/') || arg.ends_with(".so") {
+        return Ok(PathBuf::from(arg));
+    }
+    if !arg
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!("'{arg}' is neither a {kind} name nor a path"));
+    }
+    let file = format!("lib{arg}{kind}.so");
+    let dirs = layer_dirs(kind);
+    dirs.iter()
+        .map(|d| d.join(&file))
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            format!(
+                "{kind} '{arg}' not found ({file} is not in {}); set NBDHOST_{}DIR or give a path",
+                searched.join(", "),
+                kind.to_uppercase()
+            )
+        })
+}
+
+/// Prefix an error with the name of the layer that raised it.
+fn named(layer: &str) -> impl Fn(Error) -> String + '_ {
+    move |e| format!("{layer}: {e}")
+}
+
+/// A plugin and its filters, loaded but not yet configured.
+pub struct Layers {
+    plugin: Plugin,
+    /// Nearest the client first.
+    filters: Vec<Filter>,
+}
+
+impl Layers {
+    /// Load the plugin and filters named on the command line.
+    pub fn load(plugin: &str, filters: &[String]) -> Result<Layers, String> {
+        let plugin = Plugin::load(&resolve(plugin, "plugin")?)?;
+        let filters = filters
+            .iter()
+            .map(|f| Filter::load(&resolve(f, "filter")?))
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Layers { plugin, filters })
+    }
+
+    /// The plugin's facts.
+    pub fn plugin_info(&self) -> &LayerInfo {
+        self.plugin.info()
+    }
+
+    /// Each filter's facts, nearest the client first.
+    pub fn filter_infos(&self) -> impl Iterator<Item = &LayerInfo> {
+        self.filters.iter().map(Filter::info)
+    }
+
+    /// Pass parameters down the stack (each filter, nearest the client
+    /// first, takes the keys it knows; the plugin gets the rest), finish
+    /// configuration, and stack the filters on the plugin.
+    pub fn configure(self, params: Vec<(String, String)>) -> Result<Arc<dyn Backend>, String> {
+        let Layers { plugin, filters } = self;
+        let name = plugin.info().name.clone();
+        for (k, v) in params {
+            let mut taken = false;
+            for f in &filters {
+                if f.config(&k, &v).map_err(named(&f.info().name))? {
+                    taken = true;
+                    break;
+                }
+            }
+            if !taken {
+                plugin.config(&k, &v).map_err(named(&name))?;
+            }
+        }
+        for f in &filters {
+            f.config_complete().map_err(named(&f.info().name))?;
+        }
+        plugin.config_complete().map_err(named(&name))?;
+        plugin.get_ready().map_err(named(&name))?;
+        for f in &filters {
+            f.get_ready().map_err(named(&f.info().name))?;
+        }
+        let mut top: Arc<dyn Backend> = Arc::new(plugin);
+        for f in filters.into_iter().rev() {
+            let name = f.info().name.clone();
+            top = f.stack(top).map_err(named(&name))?;
+        }
+        Ok(top)
+    }
+}

@@ -1,0 +1,224 @@
+//! Running a session's work on the layer chain: handshake queries
+//! (preconnect, list, open), transmission requests, and closing the handle.
+//! Every call runs in its connection's context, so host services answer for
+//! that connection, and a panic below costs only the call that raised it.
+
+use std::ffi::CString;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use nbdhost_plugin_api::{Error, Flags, Result, Support};
+
+use super::backend::{write_zeroes, Backend, Handle};
+use super::host::{self, ConnContext, Peer};
+use crate::protocol::export::{ExportInfo, ExportPolicy, Extent, MAX_PAYLOAD};
+use crate::protocol::handshake::{Answer, Query};
+use crate::protocol::request::Command;
+use crate::protocol::wire::{errno_to_nbd, EIO};
+use crate::session::buffers::PooledBuf;
+use crate::session::{Outcome, Request, TlsState};
+
+/// A connection's open export: the top handle of its chain and the
+/// context its calls run in.
+pub struct Opened {
+    handle: Box<dyn Handle>,
+    ctx: ConnContext,
+    /// Whether block status asks the chain or reports all data.
+    can_extents: bool,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened").field("ctx", &self.ctx).finish()
+    }
+}
+
+/// Ask an opened handle everything negotiation needs.
+fn describe(name: &str, h: &dyn Handle, policy: ExportPolicy) -> Result<ExportInfo> {
+    let (min, pref, max) = h.block_size()?.unwrap_or((1, 4096, MAX_PAYLOAD));
+    let writable = !policy.readonly && h.can_write()?;
+    Ok(ExportInfo {
+        name: name.to_string(),
+        description: h.export_description()?,
+        size: h.get_size()?,
+        min_block: min,
+        preferred_block: pref.max(min),
+        max_block: max.min(MAX_PAYLOAD).max(pref.max(min)),
+        readonly: !writable,
+        can_flush: h.can_flush()?,
+        can_fua: writable && h.can_fua()? != Support::None,
+        can_trim: writable && h.can_trim()?,
+        can_zero: writable && h.can_zero()?,
+        can_fast_zero: writable && h.can_zero()? && h.can_fast_zero()?,
+        can_multi_conn: !policy.no_multi_conn && h.can_multi_conn()?,
+        can_cache: h.can_cache()? != Support::None,
+        can_extents: h.can_extents()?,
+        rotational: h.is_rotational()?,
+    })
+}
+
+/// Answer a handshake query for a client at `peer`. For an open that is
+/// kept for transmission, the opened export comes back too.
+pub fn query(
+    backend: &dyn Backend,
+    q: Query,
+    peer: Peer,
+    tls: &TlsState,
+    policy: ExportPolicy,
+) -> (Answer, Option<Opened>) {
+    let failed = |q: &Query| match q {
+        Query::Preconnect => Answer::Preconnect(Err("internal error".into())),
+        Query::List => Answer::List(Err("internal error".into())),
+        Query::Open { .. } => Answer::Open(Err((libc::EIO, "internal error".into()))),
+    };
+    let fallback = failed(&q);
+    catch_unwind(AssertUnwindSafe(|| {
+        run_query(backend, q, peer, tls, policy)
+    }))
+    .unwrap_or_else(|_| {
+        log::error!("{}: a handshake query panicked", backend.name());
+        (fallback, None)
+    })
+}
+
+fn run_query(
+    backend: &dyn Backend,
+    q: Query,
+    peer: Peer,
+    tls: &TlsState,
+    policy: ExportPolicy,
+) -> (Answer, Option<Opened>) {
+    let readonly = policy.readonly;
+    let mut ctx = ConnContext {
+        peer: Some(peer),
+        is_tls: tls.active,
+        identity: tls.identity.as_deref().and_then(|i| CString::new(i).ok()),
+        ..Default::default()
+    };
+    let msg = |e: Error| e.to_string();
+    match q {
+        Query::Preconnect => {
+            let r = host::with_context(&ctx, || backend.preconnect(readonly)).map_err(msg);
+            (Answer::Preconnect(r), None)
+        }
+        Query::List => {
+            let r = host::with_context(&ctx, || backend.list_exports(readonly, tls.active))
+                .map_err(msg);
+            (Answer::List(r), None)
+        }
+        Query::Open { name, keep } => {
+            let resolved = if name.is_empty() {
+                host::with_context(&ctx, || backend.default_export(readonly, tls.active))
+            } else {
+                Ok(name)
+            };
+            let opened = resolved.and_then(|name| {
+                ctx.export_name = CString::new(name.clone())
+                    .map_err(|_| Error::new(libc::EINVAL, "NUL in export name"))?;
+                host::with_context(&ctx, || {
+                    let h = backend.open(readonly)?;
+                    let info = describe(&name, &*h, policy)?;
+                    Ok((h, info))
+                })
+            });
+            match opened {
+                Ok((handle, info)) => {
+                    let opened = Opened {
+                        handle,
+                        ctx,
+                        can_extents: info.can_extents,
+                    };
+                    if keep {
+                        (Answer::Open(Ok(info)), Some(opened))
+                    } else {
+                        close(opened);
+                        (Answer::Open(Ok(info)), None)
+                    }
+                }
+                Err(e) => {
+                    log::warn!("{}: cannot open export: {e}", backend.name());
+                    (Answer::Open(Err((e.raw_errno(), e.to_string()))), None)
+                }
+            }
+        }
+    }
+}
+
+/// Close an opened export in its connection's context.
+pub fn close(opened: Opened) {
+    let Opened { handle, ctx, .. } = opened;
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        host::with_context(&ctx, || drop(handle))
+    }));
+    if r.is_err() {
+        log::error!("closing a handle panicked");
+    }
+}
+
+/// Run one request on `opened`. A read fills `buf`, which the caller
+/// supplies with the read's length. `layer` names the top of the chain in
+/// log lines.
+pub fn request(opened: &Opened, req: &Request, buf: Option<PooledBuf>, layer: &str) -> Outcome {
+    let run = || host::with_context(&opened.ctx, || perform(opened, req, buf, layer));
+    catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|_| {
+        log::error!("{layer}: {} request panicked", req.op().command.name());
+        Outcome::Failed(EIO)
+    })
+}
+
+fn perform(opened: &Opened, req: &Request, buf: Option<PooledBuf>, layer: &str) -> Outcome {
+    let h = &*opened.handle;
+    let op = req.op();
+    let off = op.offset;
+    let fua = |on: bool| if on { Flags::FUA } else { Flags::empty() };
+    let r: Result<Outcome> = match &op.command {
+        Command::Read { len, .. } => match buf {
+            Some(mut buf) if buf.len() == *len as usize => h
+                .pread(buf.as_mut_slice(), off, Flags::empty())
+                .map(|()| Outcome::Data(buf)),
+            _ => Err(Error::new(libc::EIO, "internal error: no read buffer")),
+        },
+        Command::Write { data, fua: f } => h.pwrite(data, off, fua(*f)).map(|()| Outcome::Done),
+        Command::Flush => h.flush(Flags::empty()).map(|()| Outcome::Done),
+        Command::Trim { len, fua: f } => h.trim(*len, off, fua(*f)).map(|()| Outcome::Done),
+        Command::Zero {
+            len,
+            fua: f,
+            may_trim,
+            fast,
+        } => {
+            let mut flags = fua(*f);
+            flags.set(Flags::MAY_TRIM, *may_trim);
+            flags.set(Flags::FAST_ZERO, *fast);
+            // A filter may refuse to zero as well; the protocol only lets a
+            // fast-zero request fail that way, so write zeroes through it.
+            match h.zero(*len, off, flags) {
+                Err(e) if e.raw_errno() == libc::ENOTSUP => write_zeroes(h, *len, off, flags),
+                r => r,
+            }
+            .map(|()| Outcome::Done)
+        }
+        Command::Cache { len } => h.cache(*len, off, Flags::empty()).map(|()| Outcome::Done),
+        Command::BlockStatus { len, req_one } => {
+            let flags = if *req_one {
+                Flags::REQ_ONE
+            } else {
+                Flags::empty()
+            };
+            if opened.can_extents {
+                h.extents(*len, off, flags).map(Outcome::Extents)
+            } else {
+                Ok(Outcome::Extents(vec![Extent {
+                    offset: off,
+                    length: *len,
+                    flags: 0,
+                }]))
+            }
+        }
+    };
+    r.unwrap_or_else(|e| {
+        if let Some(m) = e.message() {
+            log::error!("{layer}: {} at offset {off}: {m}", op.command.name());
+        }
+        Outcome::Failed(errno_to_nbd(e.raw_errno()))
+    })
+}

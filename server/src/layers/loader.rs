@@ -1,0 +1,329 @@
+//! Loading a plugin or filter shared object: the one loader both go
+//! through. It finds the entry symbol, checks the struct's ABI major and
+//! size before reading anything else, reads the metadata, treats fields
+//! past the end of an older struct as absent, and runs the calls every
+//! layer shares (`load`, `config`, `config_complete`, `get_ready`,
+//! `unload`) the same way for both kinds.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::path::{Path, PathBuf};
+
+use nbdhost_plugin_api::{abi, Error, Result, ThreadModel};
+
+use super::host;
+
+/// Static facts about a plugin or filter, as `--dump-plugin` shows them.
+#[derive(Debug, Clone)]
+pub struct LayerInfo {
+    pub path: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub config_help: String,
+    pub magic_config_key: Option<String>,
+    pub thread_model: ThreadModel,
+    /// The layer declared that its callbacks never wait.
+    pub nonblocking: bool,
+    pub abi_version: u32,
+    pub struct_size: u64,
+}
+
+/// Whether a struct of `struct_size` bytes reaches the end of a field
+/// that starts at `offset`: an older struct simply ends before newer
+/// fields.
+pub fn reaches(struct_size: u64, offset: usize, size: usize) -> bool {
+    struct_size as usize >= offset + size
+}
+
+/// Field `$field` of a layer's `$table` (of struct type `$ty`), or `None`
+/// if the layer's struct is too old to have it.
+macro_rules! field {
+    ($table:expr, $ty:ty, $field:ident) => {{
+        let t: &$ty = $table;
+        let offset = std::mem::offset_of!($ty, $field);
+        // Only the size of the field's type is taken here, nothing is read.
+        let size = std::mem::size_of_val(&t.$field);
+        if $crate::layers::loader::reaches(t.struct_size, offset, size) {
+            Some(t.$field)
+        } else {
+            None
+        }
+    }};
+}
+pub(crate) use field;
+
+/// The accessors of [`Table`] that read fields both structs have under
+/// the same names, for struct type `$ty`.
+macro_rules! shared_fields {
+    ($ty:ty) => {
+        fn abi_version(&self) -> u32 {
+            self.abi_version
+        }
+
+        fn struct_size(&self) -> u64 {
+            self.struct_size
+        }
+
+        fn thread_model(&self) -> u32 {
+            self.thread_model
+        }
+
+        fn flags(&self) -> u64 {
+            field!(self, $ty, flags).unwrap_or(0)
+        }
+
+        fn common(&self) -> $crate::layers::loader::Common {
+            $crate::layers::loader::Common {
+                load: field!(self, $ty, load).flatten(),
+                unload: field!(self, $ty, unload).flatten(),
+                config: field!(self, $ty, config).flatten(),
+                config_complete: field!(self, $ty, config_complete).flatten(),
+                get_ready: field!(self, $ty, get_ready).flatten(),
+            }
+        }
+    };
+}
+pub(crate) use shared_fields;
+
+/// The calls both kinds of layer have, as a table provides them.
+pub struct Common {
+    pub load: Option<unsafe extern "C" fn() -> c_int>,
+    pub unload: Option<unsafe extern "C" fn()>,
+    pub config: Option<unsafe extern "C" fn(key: *const c_char, value: *const c_char) -> c_int>,
+    pub config_complete: Option<unsafe extern "C" fn() -> c_int>,
+    pub get_ready: Option<unsafe extern "C" fn() -> c_int>,
+}
+
+/// A plugin or filter struct, as its entry point returns it.
+pub trait Table: Sync + 'static {
+    /// "plugin" or "filter", for messages.
+    const KIND: &'static str;
+    /// The entry symbol.
+    const ENTRY: &'static str;
+    /// The entry point's type.
+    type Entry: Copy;
+    /// Call the entry point.
+    ///
+    /// # Safety
+    /// `entry` must be the layer's entry symbol.
+    unsafe fn call_entry(entry: Self::Entry) -> *const Self;
+    /// Size of the smallest struct accepted: up to the metadata strings.
+    fn min_size() -> usize;
+    fn abi_version(&self) -> u32;
+    fn struct_size(&self) -> u64;
+    fn thread_model(&self) -> u32;
+    /// Name, version, description, config help and magic config key.
+    fn strings(&self) -> [*const c_char; 5];
+    /// The `flags` word, or 0 for a struct that predates it.
+    fn flags(&self) -> u64;
+    /// The shared calls present in this struct.
+    fn common(&self) -> Common;
+}
+
+/// A loaded shared object and its table.
+pub struct Library<T: Table> {
+    table: &'static T,
+    info: LayerInfo,
+    /// Leaked once per process so per-thread layer tracking can hold it.
+    name: &'static str,
+    loaded: bool,
+    // Declared last so that it is dropped (dlclosed) after everything that
+    // points into it.
+    _lib: libloading::Library,
+}
+
+fn opt_string(p: *const c_char) -> Option<String> {
+    // SAFETY: a layer's strings are NUL-terminated and live as long as its
+    // shared object, which outlives this call.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// A string from a layer that may be absent or empty.
+pub fn layer_string(p: *const c_char) -> Option<String> {
+    opt_string(p)
+}
+
+/// Decode a `thread_model` field.
+pub fn thread_model(v: u32) -> Result<ThreadModel> {
+    Ok(match v {
+        abi::THREAD_MODEL_SERIALIZE_CONNECTIONS => ThreadModel::SerializeConnections,
+        abi::THREAD_MODEL_SERIALIZE_ALL_REQUESTS => ThreadModel::SerializeAllRequests,
+        abi::THREAD_MODEL_SERIALIZE_REQUESTS => ThreadModel::SerializeRequests,
+        abi::THREAD_MODEL_PARALLEL => ThreadModel::Parallel,
+        other => {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!("unknown thread model {other}"),
+            ))
+        }
+    })
+}
+
+/// A C string for a layer; a NUL inside is an error.
+pub fn cstring(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::new(libc::EINVAL, "string contains a NUL byte"))
+}
+
+fn check_header(
+    path: &Path,
+    kind: &str,
+    abi_version: u32,
+    struct_size: u64,
+    min: usize,
+) -> std::result::Result<(), String> {
+    let shown = path.display();
+    let major = abi_version >> 16;
+    if major != abi::ABI_MAJOR {
+        return Err(format!(
+            "{shown} was built for {kind} ABI {major}.{} but this nbdhost supports ABI {}.x; rebuild the {kind}",
+            abi_version & 0xffff,
+            abi::ABI_MAJOR
+        ));
+    }
+    if (struct_size as usize) < min {
+        return Err(format!(
+            "{shown}: {kind} struct is too small ({struct_size} bytes)"
+        ));
+    }
+    Ok(())
+}
+
+impl<T: Table> Library<T> {
+    /// Load the shared object at `path`, check and read its table, and run
+    /// its `load` callback.
+    pub fn open(path: &Path) -> std::result::Result<Library<T>, String> {
+        let (kind, shown) = (T::KIND, path.display());
+        // SAFETY: loading a layer runs its initialisers; that is the point
+        // of it, and the user named this file.
+        let lib = unsafe { libloading::Library::new(path) }
+            .map_err(|e| format!("cannot load {kind} {shown}: {e}"))?;
+        // SAFETY: the symbol's type is fixed by the ABI headers.
+        let entry = unsafe { lib.get::<T::Entry>(T::ENTRY.as_bytes()) }
+            .map(|s| *s)
+            .map_err(|_| format!("{shown} is not an nbdhost {kind}: no symbol {}", T::ENTRY))?;
+        // SAFETY: `entry` is the layer's entry symbol.
+        let table = unsafe { T::call_entry(entry) };
+        // SAFETY: the entry point returns null or a struct that lives as
+        // long as the library, which this `Library` keeps loaded.
+        let table: &'static T = unsafe { table.as_ref() }
+            .ok_or_else(|| format!("{shown}: {kind} entry point returned NULL"))?;
+        // Nothing beyond these two fields may be read before they pass.
+        check_header(
+            path,
+            kind,
+            table.abi_version(),
+            table.struct_size(),
+            T::min_size(),
+        )?;
+        let [name, version, description, config_help, magic] = table.strings().map(opt_string);
+        let info = LayerInfo {
+            path: path.to_path_buf(),
+            name: name
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| format!("{shown}: {kind} has no name"))?,
+            version: version.unwrap_or_default(),
+            description: description.unwrap_or_default(),
+            config_help: config_help.unwrap_or_default(),
+            magic_config_key: magic,
+            thread_model: thread_model(table.thread_model())
+                .map_err(|e| format!("{shown}: {e}"))?,
+            nonblocking: table.flags() & abi::NONBLOCKING != 0,
+            abi_version: table.abi_version(),
+            struct_size: table.struct_size(),
+        };
+        let mut l = Library {
+            table,
+            name: Box::leak(info.name.clone().into_boxed_str()),
+            info,
+            loaded: false,
+            _lib: lib,
+        };
+        if let Some(load) = l.table.common().load {
+            // SAFETY: ABI callback with no arguments.
+            if l.call(|| unsafe { load() }) != 0 {
+                return Err(format!(
+                    "{}: load failed: {}",
+                    l.name,
+                    host::take_error("load")
+                ));
+            }
+        }
+        l.loaded = true;
+        Ok(l)
+    }
+
+    /// The layer's table.
+    pub fn table(&self) -> &'static T {
+        self.table
+    }
+
+    /// Static facts about the layer.
+    pub fn info(&self) -> &LayerInfo {
+        &self.info
+    }
+
+    /// The layer's name, for logs and host-service attribution.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Run `f` as a call into this layer, collecting the error it records.
+    pub fn call<R>(&self, f: impl FnOnce() -> R) -> R {
+        host::call_layer(self.name, f)
+    }
+
+    /// Check `r` (-1 = failure), collecting the recorded error.
+    pub fn check(&self, what: &str, r: c_int) -> Result<()> {
+        if r == -1 {
+            Err(host::take_error(what))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Offer one `key=value` parameter: the callback's non-negative result,
+    /// or `None` if the layer takes no parameters at all.
+    pub fn config(&self, key: &str, value: &str) -> Result<Option<c_int>> {
+        let Some(f) = self.table.common().config else {
+            return Ok(None);
+        };
+        let (k, v) = (cstring(key)?, cstring(value)?);
+        // SAFETY: both strings are valid for the call.
+        let r = self.call(|| unsafe { f(k.as_ptr(), v.as_ptr()) });
+        self.check("config", r)?;
+        Ok(Some(r))
+    }
+
+    /// All parameters have been given.
+    pub fn config_complete(&self) -> Result<()> {
+        let Some(f) = self.table.common().config_complete else {
+            return Ok(());
+        };
+        // SAFETY: ABI callback with no arguments.
+        let r = self.call(|| unsafe { f() });
+        self.check("config_complete", r)
+    }
+
+    /// The server is about to listen.
+    pub fn get_ready(&self) -> Result<()> {
+        let Some(f) = self.table.common().get_ready else {
+            return Ok(());
+        };
+        // SAFETY: ABI callback with no arguments.
+        let r = self.call(|| unsafe { f() });
+        self.check("get_ready", r)
+    }
+}
+
+impl<T: Table> Drop for Library<T> {
+    fn drop(&mut self) {
+        if !self.loaded {
+            return;
+        }
+        if let Some(f) = self.table.common().unload {
+            // SAFETY: called once, when nothing refers to the layer any more:
+            // every handle holds the library, so all are closed.
+            self.call(|| unsafe { f() });
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The layer chain: plugins and filters loaded from shared objects through
+//! one loader, stacked into a chain that presents one [`Backend`] to the
+//! protocol, the host services every layer calls back into, and the
+//! running of a session's work on the chain.
+
+pub mod backend;
+pub mod chain;
+pub mod execute;
+mod extents;
+mod filter;
+pub mod host;
+mod loader;
+mod plugin;
+
+pub use backend::{Backend, Handle};
+pub use loader::LayerInfo;

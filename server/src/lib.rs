@@ -1,0 +1,20 @@
+//! nbdhost: a Network Block Device server whose disks come from plugins.
+//!
+//! The crate is the whole server; the `nbdhost` binary only calls
+//! [`cli::main`]. Its parts, by concern:
+//!
+//! - [`protocol`]: the NBD wire format, handshake, request decoding and
+//!   reply encoding, as pure code over buffers;
+//! - [`session`]: one connection as a pure state machine driven by calls;
+//! - [`layers`]: plugins and filters, their loader, the host services, and
+//!   running work on the chain;
+//! - [`tls`]: GnuTLS credentials and engines over in-memory buffers;
+//! - [`runtime`]: listeners, event loops and the worker pool;
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod layers;
+pub mod protocol;
+pub mod runtime;
+pub mod session;
+pub mod tls;

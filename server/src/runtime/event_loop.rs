@@ -1,0 +1,526 @@
+//! One event loop: a thread that owns a share of the connections, moves
+//! bytes between their sockets and their sessions, and runs their work,
+//! on the spot when the chain never blocks or on the worker pool when it
+//! may. The first loop also accepts connections and hands each to the
+//! least busy loop.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use super::listen::{Listener, Stream};
+use super::mailbox::{ConnRef, Message};
+use super::workers::{self, Job, JobWork, Lane};
+use super::{Lanes, Loops, WAKER};
+use crate::layers::execute::{self, Opened};
+use crate::layers::host::Peer;
+use crate::protocol::wire::EIO;
+use crate::session::buffers::BufPool;
+use crate::session::{Done, Outcome, Session, Work};
+
+const FIRST_CONN: usize = 1 << 20;
+/// How long shutdown waits for in-flight requests before giving up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long shutdown waits for clients to read their last replies: one that
+/// does not must not keep the plugin from being closed.
+const REPLY_GRACE: Duration = Duration::from_secs(3);
+/// Bytes one connection may read in one turn before the others get theirs.
+const TURN_BYTES: usize = 4 << 20;
+/// How often idle connections give back buffers they no longer need.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Idle read buffers a loop keeps for reuse.
+const POOL_BYTES: usize = 32 << 20;
+/// Slots of one vectored write.
+const IOV_MAX: usize = 128;
+
+/// One client of this loop.
+struct Conn {
+    serial: u64,
+    stream: Stream,
+    peer: Peer,
+    session: Session<Arc<Opened>>,
+    /// Where this connection's pool jobs queue, if the thread model says
+    /// they must not overlap.
+    lane: Option<Arc<Lane>>,
+    /// The last read found the socket empty: wait for the next readiness
+    /// event before reading again.
+    drained: bool,
+}
+
+/// The state of one event loop thread.
+pub struct EventLoop {
+    index: usize,
+    poll: Poll,
+    loops: Arc<Loops>,
+    conns: Slab<Conn>,
+    serial: u64,
+    listeners: Vec<Listener>,
+    bufs: BufPool,
+    inbox: VecDeque<Message>,
+    /// Handshake deadlines in the order they fall (each is the accept time
+    /// plus one fixed timeout).
+    timers: VecDeque<(Instant, ConnRef)>,
+    /// Connections that used up their turn with input still waiting.
+    again: Vec<usize>,
+    shutting_down: Option<Instant>,
+    last_sweep: Instant,
+}
+
+impl EventLoop {
+    /// A loop polling `poll`, whose waker belongs to `loops.mailboxes[index]`.
+    pub fn new(
+        index: usize,
+        poll: Poll,
+        loops: Arc<Loops>,
+        mut listeners: Vec<Listener>,
+    ) -> io::Result<EventLoop> {
+        for (i, l) in listeners.iter_mut().enumerate() {
+            poll.registry().register(l, Token(i), Interest::READABLE)?;
+        }
+        Ok(EventLoop {
+            index,
+            poll,
+            loops,
+            conns: Slab::new(),
+            serial: 0,
+            listeners,
+            bufs: BufPool::new(POOL_BYTES),
+            inbox: VecDeque::new(),
+            timers: VecDeque::new(),
+            again: Vec::new(),
+            shutting_down: None,
+            last_sweep: Instant::now(),
+        })
+    }
+
+    /// Serve until shut down and every connection has finished.
+    pub fn run(mut self, stdio: Option<Stream>) -> io::Result<()> {
+        if let Some(s) = stdio {
+            self.adopt(s, Peer::Pipe);
+        }
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => self.read_mailbox(),
+                    Token(i) if i < FIRST_CONN => self.accept(i),
+                    Token(t) => {
+                        let key = t - FIRST_CONN;
+                        if let Some(c) = self.conns.get_mut(key) {
+                            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                                c.drained = false;
+                            }
+                            self.drive(key);
+                        }
+                    }
+                }
+            }
+            for key in std::mem::take(&mut self.again) {
+                self.drive(key);
+            }
+            self.expire_handshakes();
+            self.sweep();
+            if self.shutting_down.is_some() && self.wind_down() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let mut t = self.last_sweep + SWEEP_EVERY;
+        if let Some((d, _)) = self.timers.front() {
+            t = t.min(*d);
+        }
+        if self.shutting_down.is_some() {
+            // Grace periods are checked on every turn.
+            t = t.min(now + Duration::from_millis(20));
+        }
+        Some(t.saturating_duration_since(now) + Duration::from_millis(1))
+    }
+
+    fn read_mailbox(&mut self) {
+        self.loops.mailboxes[self.index].take(&mut self.inbox);
+        while let Some(m) = self.inbox.pop_front() {
+            match m {
+                Message::Done(r, done) => {
+                    let Some(c) = self.conns.get_mut(r.key).filter(|c| c.serial == r.serial) else {
+                        // The connection is gone; only a close can be left.
+                        continue;
+                    };
+                    c.session.complete(done);
+                    self.drive(r.key);
+                }
+                Message::Adopt(stream, peer) => {
+                    if self.shutting_down.is_some() {
+                        self.loops.load[self.index].fetch_sub(1, Ordering::Relaxed);
+                        stream.shutdown();
+                    } else {
+                        self.adopt(stream, peer);
+                    }
+                }
+                Message::Shutdown => self.begin_shutdown(),
+            }
+        }
+    }
+
+    fn accept(&mut self, i: usize) {
+        if self.shutting_down.is_some() {
+            return;
+        }
+        loop {
+            if self.loops.one_at_a_time && !self.conns.is_empty() {
+                return;
+            }
+            match self.listeners[i].accept() {
+                Ok((stream, peer)) => self.place(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: log and let the next event retry.
+                    log::error!("accept on {}: {e}", self.listeners[i].describe());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Give a new connection to the loop serving the fewest.
+    fn place(&mut self, stream: Stream, peer: Peer) {
+        let target = (0..self.loops.mailboxes.len())
+            .min_by_key(|&i| self.loops.load[i].load(Ordering::Relaxed))
+            .unwrap_or(self.index);
+        self.loops.load[target].fetch_add(1, Ordering::Relaxed);
+        if target == self.index {
+            self.adopt(stream, peer);
+        } else {
+            self.loops.mailboxes[target].post(Message::Adopt(stream, peer));
+        }
+    }
+
+    fn adopt(&mut self, mut stream: Stream, peer: Peer) {
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(FIRST_CONN + key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::error!("cannot register a new connection: {e}");
+            if !matches!(peer, Peer::Pipe) {
+                self.loops.load[self.index].fetch_sub(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        self.serial += 1;
+        let id = self.loops.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        log::debug!("connection {id}: accepted from {peer:?}");
+        let now = Instant::now();
+        let session = Session::new(id, peer.to_string(), self.loops.session.clone(), now);
+        if let Some(d) = session.deadline() {
+            let r = ConnRef {
+                key,
+                serial: self.serial,
+            };
+            self.timers.push_back((d, r));
+        }
+        let lane = match &self.loops.lanes {
+            Lanes::None => None,
+            Lanes::PerConnection => Some(Arc::new(Lane::default())),
+            Lanes::Global(l) => Some(l.clone()),
+        };
+        entry.insert(Conn {
+            serial: self.serial,
+            stream,
+            peer,
+            session,
+            lane,
+            drained: false,
+        });
+        self.drive(key);
+    }
+
+    /// Move the connection at `key` along as far as it goes now: read, run
+    /// work, write, until none of them makes progress.
+    fn drive(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let r = ConnRef {
+            key,
+            serial: conn.serial,
+        };
+        let turn = Turn {
+            loops: &self.loops,
+            bufs: &self.bufs,
+            index: self.index,
+            conn: r,
+        };
+        match catch_unwind(AssertUnwindSafe(|| turn.drive(conn))) {
+            Ok(true) => self.again.push(key),
+            Ok(false) => {}
+            Err(_) => {
+                log::error!(
+                    "connection {}: internal error (panic); dropping the connection",
+                    conn.session.id()
+                );
+                self.remove(key);
+                return;
+            }
+        }
+        if self.conns[key].session.is_finished() {
+            self.remove(key);
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        let mut c = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        c.stream.shutdown();
+        log::debug!("connection {}: closed", c.session.id());
+        if matches!(c.peer, Peer::Pipe) {
+            self.loops.stdio_finished();
+        } else {
+            self.loops.load[self.index].fetch_sub(1, Ordering::Relaxed);
+        }
+        if self.loops.one_at_a_time && self.conns.is_empty() {
+            // Connections waiting in the backlog raised no new event.
+            for i in 0..self.listeners.len() {
+                self.accept(i);
+            }
+        }
+    }
+
+    fn expire_handshakes(&mut self) {
+        let now = Instant::now();
+        while let Some(&(d, r)) = self.timers.front() {
+            if d > now {
+                break;
+            }
+            self.timers.pop_front();
+            if let Some(c) = self.conns.get_mut(r.key).filter(|c| c.serial == r.serial) {
+                c.session.handle_timeout(now);
+                self.drive(r.key);
+            }
+        }
+    }
+
+    /// Once a second, let connections that did nothing since the last
+    /// sweep give back their buffers.
+    fn sweep(&mut self) {
+        if self.last_sweep.elapsed() < SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = Instant::now();
+        for (_, c) in self.conns.iter_mut() {
+            c.session.shrink();
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutting_down.is_some() {
+            return;
+        }
+        self.shutting_down = Some(Instant::now());
+        for mut l in self.listeners.drain(..) {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            self.conns[k].session.begin_shutdown();
+            self.drive(k);
+        }
+    }
+
+    /// During shutdown: give up on what takes too long; `true` once every
+    /// connection is finished and the loop can end.
+    fn wind_down(&mut self) -> bool {
+        let since = self.shutting_down.map_or(Duration::ZERO, |t| t.elapsed());
+        if since > REPLY_GRACE {
+            let unread: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.session.running() == 0 && !c.session.is_finished())
+                .map(|(k, _)| k)
+                .collect();
+            for k in unread {
+                self.conns[k].session.abandon("replies unread at shutdown");
+                self.drive(k);
+            }
+        }
+        if self.conns.is_empty() {
+            // Results for connections already gone are all that can be
+            // left; read them so nothing is dropped with the mailbox.
+            self.read_mailbox();
+            return self.conns.is_empty();
+        }
+        if since > SHUTDOWN_GRACE {
+            log::error!(
+                "requests still running after {SHUTDOWN_GRACE:?}; exiting without closing the plugin"
+            );
+            std::process::exit(1);
+        }
+        false
+    }
+}
+
+/// What one turn of a connection needs from its loop.
+struct Turn<'a> {
+    loops: &'a Loops,
+    bufs: &'a BufPool,
+    index: usize,
+    conn: ConnRef,
+}
+
+impl Turn<'_> {
+    /// Returns whether input is left that this turn had no room for.
+    fn drive(&self, c: &mut Conn) -> bool {
+        let mut budget = TURN_BYTES;
+        loop {
+            let mut progress = false;
+            while c.session.wants_read() && !c.drained {
+                if budget == 0 {
+                    self.run_work(c);
+                    self.transmit(c);
+                    return true;
+                }
+                progress = true;
+                let buf = c.session.input_buffer();
+                let room = buf.capacity() - buf.len();
+                match c.stream.read_buf(buf) {
+                    Ok(0) => c.session.eof(),
+                    Ok(n) => {
+                        // A short read emptied the socket: the next arrival
+                        // raises a new edge.
+                        c.drained = n < room;
+                        budget = budget.saturating_sub(n);
+                        c.session.received();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.drained = true,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => c.session.connection_lost(&format!("read error: {e}")),
+                }
+                self.run_work(c);
+            }
+            progress |= self.run_work(c);
+            progress |= self.transmit(c);
+            if !progress {
+                return false;
+            }
+        }
+    }
+
+    /// Run or hand out every piece of ready work; returns whether there was
+    /// any.
+    fn run_work(&self, c: &mut Conn) -> bool {
+        let mut any = false;
+        while let Some(w) = c.session.poll_work() {
+            any = true;
+            if self.loops.inline {
+                self.run_here(c, w);
+            } else {
+                self.submit(c, w);
+            }
+        }
+        any
+    }
+
+    /// Run work on this thread: the chain never blocks.
+    fn run_here(&self, c: &mut Conn, w: Work<Arc<Opened>>) {
+        let chain = &self.loops.chain;
+        let done = match w {
+            Work::Query { query, tls } => {
+                let (answer, opened) =
+                    execute::query(&*chain.backend, query, c.peer, &tls, chain.policy);
+                Done::Query {
+                    answer,
+                    opened: opened.map(Arc::new),
+                }
+            }
+            Work::Request(req) => {
+                let buf = req.read_len().map(|n| self.bufs.get(n));
+                let outcome = match c.session.handle() {
+                    Some(h) => execute::request(h, &req, buf, &chain.name),
+                    None => Outcome::Failed(EIO),
+                };
+                Done::Request(req, outcome)
+            }
+            Work::Close(h) => {
+                workers::close(h);
+                Done::Closed
+            }
+        };
+        c.session.complete(done);
+    }
+
+    /// Hand work to the worker pool; the result comes back by mail.
+    fn submit(&self, c: &mut Conn, w: Work<Arc<Opened>>) {
+        let work = match w {
+            Work::Query { query, tls } => JobWork::Query {
+                query,
+                tls,
+                peer: c.peer,
+            },
+            Work::Request(req) => {
+                let Some(opened) = c.session.handle().cloned() else {
+                    c.session.complete(Done::Request(req, Outcome::Failed(EIO)));
+                    return;
+                };
+                let buf = req.read_len().map(|n| self.bufs.get(n));
+                JobWork::Request { req, opened, buf }
+            }
+            Work::Close(h) => JobWork::Close(h),
+        };
+        let job = Job {
+            conn: self.conn,
+            work,
+            reply: self.loops.mailboxes[self.index].clone(),
+        };
+        self.loops.pool.submit(job, c.lane.as_ref());
+    }
+
+    /// Write what the session has to send; returns whether anything went.
+    fn transmit(&self, c: &mut Conn) -> bool {
+        let mut any = false;
+        loop {
+            let Some(out) = c.session.poll_transmit() else {
+                return any;
+            };
+            let mut iov = [IoSlice::new(&[]); IOV_MAX];
+            let n = out.slices(&mut iov);
+            match c.stream.write_vectored(&iov[..n]) {
+                Ok(0) => c.session.abandon("peer stopped reading"),
+                Ok(w) => {
+                    any = true;
+                    c.session.sent(w);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return any,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    c.session.connection_lost(&format!("client went away: {e}"));
+                }
+                Err(e) => c.session.abandon(&format!("write error: {e}")),
+            }
+        }
+    }
+}
