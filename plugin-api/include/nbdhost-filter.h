@@ -143,11 +143,12 @@ struct nbdhost_filter {
    * or -1 with the error recorded: the server then exits. */
   int (*startup) (const struct nbdhost_next *next);
 
-  /* Since ABI 1.4.  NBDHOST_NONBLOCKING if the filter adds no waiting of
+  /* Since ABI 1.4.  Called once after get_ready.  Returns
+   * NBDHOST_NONBLOCKING if, as configured, the filter adds no waiting of
    * its own (no I/O, sleeps or blocking locks, and no long computation):
    * the chain is then as non-blocking as the layers below it.  Without the
-   * flag, requests through this filter run on worker threads. */
-  uint64_t flags;
+   * bit, requests through this filter run on worker threads. */
+  uint64_t (*capabilities) (void);
 };
 
 typedef const struct nbdhost_filter *

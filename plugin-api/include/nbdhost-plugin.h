@@ -52,8 +52,8 @@ extern "C" {
 #define NBDHOST_CACHE_EMULATE 1
 #define NBDHOST_CACHE_NATIVE  2
 
-/* Bits of the flags field of struct nbdhost_plugin and struct
- * nbdhost_filter (since ABI 1.4). */
+/* Capability bits returned by the capabilities callback of struct
+ * nbdhost_plugin and struct nbdhost_filter (since ABI 1.4). */
 #define NBDHOST_NONBLOCKING (1 << 0) /* no callback ever waits */
 
 /* Extent types, as in the NBD base:allocation context. */
@@ -188,13 +188,15 @@ struct nbdhost_plugin {
                   uint32_t flags, struct nbdhost_extents *extents);
   int (*cache) (void *handle, uint64_t count, uint64_t offset, uint32_t flags);
 
-  /* Since ABI 1.4.  NBDHOST_NONBLOCKING if no callback ever waits: not for
+  /* Since ABI 1.4.  Called once after get_ready.  Returns
+   * NBDHOST_NONBLOCKING if, as configured, no callback ever waits: not for
    * I/O, not in a sleep, not on a lock that is held across either.  The
    * server may then run every callback on its event loops, answering a
    * request on the thread that read it, instead of handing it to a worker
-   * thread.  Leave it clear if in doubt: a plugin that blocks on an event
-   * loop stalls every connection that loop serves. */
-  uint64_t flags;
+   * thread.  Other bits are reserved: return them as 0.  Leave the bit
+   * clear if in doubt: a plugin that blocks on an event loop stalls every
+   * connection that loop serves. */
+  uint64_t (*capabilities) (void);
 };
 
 /* The one symbol a plugin exports.  host stays valid until the plugin is

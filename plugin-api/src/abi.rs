@@ -39,9 +39,9 @@ pub const SUPPORT_EMULATE: c_int = 1;
 /// `NBDHOST_FUA_NATIVE` / `NBDHOST_CACHE_NATIVE`.
 pub const SUPPORT_NATIVE: c_int = 2;
 
-/// `NBDHOST_NONBLOCKING`, a bit of [`Plugin::flags`] and [`Filter::flags`]
-/// (since ABI 1.4): no callback ever waits, so the server may call them on
-/// its event loops.
+/// `NBDHOST_NONBLOCKING`, a bit of what [`Plugin::capabilities`] and
+/// [`Filter::capabilities`] return (since ABI 1.4): no callback ever waits,
+/// so the server may call them on its event loops.
 pub const NONBLOCKING: u64 = 1 << 0;
 
 /// `NBDHOST_EXTENT_HOLE`.
@@ -187,8 +187,9 @@ pub struct Plugin {
         ) -> c_int,
     >,
     pub cache: Option<RangeFn>,
-    /// Since ABI 1.4: [`NONBLOCKING`] and future capability bits.
-    pub flags: u64,
+    /// Since ABI 1.4: called after `get_ready`; [`NONBLOCKING`] and
+    /// future capability bits.
+    pub capabilities: Option<unsafe extern "C" fn() -> u64>,
 }
 
 // SAFETY: a `Plugin` is an immutable table of C strings and function
@@ -382,9 +383,9 @@ pub struct Filter {
     pub cache: Option<FilterRangeFn>,
     /// Since ABI 1.2: look at the layer below once, before serving.
     pub startup: Option<unsafe extern "C" fn(next: *const Next) -> c_int>,
-    /// Since ABI 1.4: [`NONBLOCKING`] if the filter adds no waiting of its
-    /// own.
-    pub flags: u64,
+    /// Since ABI 1.4: called after `get_ready`; [`NONBLOCKING`] if the
+    /// filter adds no waiting of its own.
+    pub capabilities: Option<unsafe extern "C" fn() -> u64>,
 }
 
 // SAFETY: as for `Plugin`: an immutable table of 'static strings and

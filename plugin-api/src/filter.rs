@@ -219,10 +219,6 @@ pub trait Filter: Default + Send + Sync + 'static {
     const CONFIG_HELP: &'static CStr = c"";
     /// Concurrency this filter tolerates.
     const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
-    /// The filter adds no waiting of its own (no I/O, sleeps, blocking
-    /// locks or long computation), so the chain is as non-blocking as the
-    /// layers below it. Leave it `false` if in doubt.
-    const NONBLOCKING: bool = false;
     /// Look at the layer below once, before the server accepts connections
     /// (it is open read-only on the default export for this call only); an
     /// error stops the server with its message. `None`, the default, spares
@@ -244,6 +240,13 @@ pub trait Filter: Default + Send + Sync + 'static {
     /// Called once before the server starts listening.
     fn get_ready(&self) -> Result<()> {
         Ok(())
+    }
+    /// Asked once after [`Filter::get_ready`]: whether, as configured, the
+    /// filter adds no waiting of its own (no I/O, sleeps, blocking locks or
+    /// long computation), so the chain is as non-blocking as the layers
+    /// below it. Leave it `false` if in doubt.
+    fn nonblocking(&self) -> bool {
+        false
     }
     /// A client connected; refuse it by returning an error.
     fn preconnect(&self, _readonly: bool) -> Result<()> {
@@ -390,6 +393,13 @@ unsafe extern "C" fn config_complete<F: Filter>() -> c_int {
 
 unsafe extern "C" fn get_ready<F: Filter>() -> c_int {
     guard(-1, || ok(INSTANCE.with::<F, _>(|f| f.get_ready())))
+}
+
+unsafe extern "C" fn capabilities<F: Filter>() -> u64 {
+    guard(0, || {
+        let nonblocking = INSTANCE.with::<F, _>(|f| Ok(f.nonblocking()))?;
+        Ok(if nonblocking { abi::NONBLOCKING } else { 0 })
+    })
 }
 
 unsafe extern "C" fn preconnect<F: Filter>(readonly: c_int) -> c_int {
@@ -631,6 +641,6 @@ pub unsafe fn entry<F: Filter>(
         } else {
             None
         },
-        flags: if F::NONBLOCKING { abi::NONBLOCKING } else { 0 },
+        capabilities: Some(capabilities::<F>),
     })
 }

@@ -110,11 +110,6 @@ pub trait Plugin: Default + Send + Sync + 'static {
     const MAGIC_CONFIG_KEY: Option<&'static CStr> = None;
     /// Concurrency this plugin tolerates.
     const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
-    /// No callback ever waits (for I/O, a sleep, or a lock held across
-    /// either), so the server may run them on its event loops and answer
-    /// each request on the thread that read it. Leave it `false` if in
-    /// doubt: a plugin that blocks there stalls other connections.
-    const NONBLOCKING: bool = false;
 
     /// Per-connection state.
     type Handle: Handle;
@@ -133,6 +128,14 @@ pub trait Plugin: Default + Send + Sync + 'static {
     /// Called once before the server starts listening.
     fn get_ready(&self) -> Result<()> {
         Ok(())
+    }
+    /// Asked once after [`Plugin::get_ready`]: whether, as configured, no
+    /// callback ever waits (for I/O, a sleep, or a lock held across
+    /// either), so the server may run them on its event loops and answer
+    /// each request on the thread that read it. Leave it `false` if in
+    /// doubt: a plugin that blocks there stalls other connections.
+    fn nonblocking(&self) -> bool {
+        false
     }
     /// A client connected; refuse it by returning an error.
     fn preconnect(&self, _readonly: bool) -> Result<()> {
@@ -345,6 +348,13 @@ unsafe extern "C" fn config_complete<P: Plugin>() -> c_int {
 
 unsafe extern "C" fn get_ready<P: Plugin>() -> c_int {
     guard(-1, || ok(INSTANCE.with::<P, _>(|p| p.get_ready())))
+}
+
+unsafe extern "C" fn capabilities<P: Plugin>() -> u64 {
+    guard(0, || {
+        let nonblocking = INSTANCE.with::<P, _>(|p| Ok(p.nonblocking()))?;
+        Ok(if nonblocking { abi::NONBLOCKING } else { 0 })
+    })
 }
 
 unsafe extern "C" fn preconnect<P: Plugin>(readonly: c_int) -> c_int {
@@ -599,6 +609,6 @@ pub unsafe fn entry<P: Plugin>(
         zero: Some(zero::<P>),
         extents: Some(extents::<P>),
         cache: Some(cache::<P>),
-        flags: if P::NONBLOCKING { abi::NONBLOCKING } else { 0 },
+        capabilities: Some(capabilities::<P>),
     })
 }

@@ -191,7 +191,7 @@ fn layouts() -> Vec<Layout> {
             zero,
             extents,
             cache,
-            flags,
+            capabilities,
         }
         nbdhost_next => abi::Next {
             struct_size, opaque,
@@ -249,7 +249,7 @@ fn layouts() -> Vec<Layout> {
             extents,
             cache,
             startup,
-            flags,
+            capabilities,
         }
     }
 }

@@ -47,8 +47,11 @@ impl Filter for Blocksize {
         c"minblock=<SIZE>  Alignment of requests passed down, a power of 2 <= 64K.
 maxdata=<SIZE>   Largest read or write passed down (default 64M).
 maxlen=<SIZE>    Largest trim, zero or block status passed down (default 4G-minblock).";
-    const NONBLOCKING: bool = true;
     type Handle = Adapter;
+
+    fn nonblocking(&self) -> bool {
+        true
+    }
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         match key {

@@ -19,8 +19,11 @@ impl Filter for Offset {
     const DESCRIPTION: &'static CStr = c"serve a window of the underlying disk";
     const CONFIG_HELP: &'static CStr = c"offset=<SIZE>  Start of the window (default 0).
 range=<SIZE>   Length of the window (default: to the end).";
-    const NONBLOCKING: bool = true;
     type Handle = Window;
+
+    fn nonblocking(&self) -> bool {
+        true
+    }
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         match key {

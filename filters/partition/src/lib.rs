@@ -24,8 +24,11 @@ impl Filter for PartitionFilter {
     const CONFIG_HELP: &'static CStr =
         c"partition=<N>  (required) The partition to serve, counting from 1
                (MBR: 1-4 primary, 5 and up logical; GPT: 1-128).";
-    const NONBLOCKING: bool = true;
     type Handle = Part;
+
+    fn nonblocking(&self) -> bool {
+        true
+    }
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         if key != "partition" {

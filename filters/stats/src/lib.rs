@@ -331,8 +331,11 @@ impl Filter for StatsFilter {
         c"statsfile=<FILE>       The file to write the statistics to (default: stderr).
 statsappend=<BOOL>     True to append to the file (default false).
 statsthreshold=<PCT>   Share of requests the size breakdown covers (default 95, 0 = off).";
-    const NONBLOCKING: bool = true;
     type Handle = StatsHandle;
+
+    fn nonblocking(&self) -> bool {
+        true
+    }
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         match key {

@@ -58,8 +58,11 @@ impl Filter for Truncate {
     const CONFIG_HELP: &'static CStr = c"truncate=<SIZE>  The new size.
 round-up=<N>     Round the size up to a multiple of N (a power of 2).
 round-down=<N>   Round the size down to a multiple of N (a power of 2).";
-    const NONBLOCKING: bool = true;
     type Handle = Resized;
+
+    fn nonblocking(&self) -> bool {
+        true
+    }
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         match key {

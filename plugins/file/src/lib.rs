@@ -27,12 +27,33 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
+/// `f_type` of the file systems whose files live in memory (linux/magic.h).
+const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+
 /// Configuration from the command line.
 #[derive(Default)]
 pub struct FilePlugin {
     path: Option<PathBuf>,
     direct: bool,
     advice: Option<libc::c_int>,
+    /// The file is a regular file on tmpfs or ramfs: every call is a memory
+    /// copy that never waits for a device.
+    in_memory: bool,
+}
+
+/// Whether `path` is a regular file whose data lives in memory.
+fn in_memory(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain data; all-zero is a valid value to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C path and a writable statfs buffer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    matches!(st.f_type as libc::c_long, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 impl Plugin for FilePlugin {
@@ -102,7 +123,13 @@ fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
                 format!("{}: not a regular file or block device", path.display()),
             ));
         }
+        // A device node on devtmpfs is not memory: its I/O goes to the device.
+        self.in_memory = md.is_file() && !self.direct && in_memory(path);
         Ok(())
+    }
+
+    fn nonblocking(&self) -> bool {
+        self.in_memory
     }
 
     fn open(&self, readonly: bool) -> Result<FileHandle> {

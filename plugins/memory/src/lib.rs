@@ -134,9 +134,12 @@ impl Plugin for Memory {
     const DESCRIPTION: &'static CStr = c"sparse RAM disk shared by all connections";
     const CONFIG_HELP: &'static CStr = c"size=<SIZE>  (required) Size of the disk, e.g. 1G.";
     const MAGIC_CONFIG_KEY: Option<&'static CStr> = Some(c"size");
-    // Every call is a memory copy under a shard lock held only for it.
-    const NONBLOCKING: bool = true;
     type Handle = MemoryHandle;
+
+    /// Every call is a memory copy under a shard lock held only for it.
+    fn nonblocking(&self) -> bool {
+        true
+    }
 
     fn config(&mut self, key: &str, value: &str) -> Result<()> {
         match key {

@@ -43,7 +43,6 @@ pub fn layer(i: &LayerInfo) {
     );
     println!("struct_size={}", i.struct_size);
     println!("thread_model={}", thread_model_name(i.thread_model));
-    println!("nonblocking={}", u8::from(i.nonblocking));
     if let Some(k) = &i.magic_config_key {
         println!("magic_config_key={k}");
     }

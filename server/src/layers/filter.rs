@@ -158,7 +158,7 @@ impl Backend for Layer {
     }
 
     fn nonblocking(&self) -> bool {
-        self.lib.info().nonblocking && self.next.nonblocking()
+        self.lib.nonblocking() && self.next.nonblocking()
     }
 
     fn preconnect(&self, readonly: bool) -> Result<()> {

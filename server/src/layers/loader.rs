@@ -7,6 +7,7 @@
 
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nbdhost_plugin_api::{abi, Error, Result, ThreadModel};
 
@@ -22,8 +23,6 @@ pub struct LayerInfo {
     pub config_help: String,
     pub magic_config_key: Option<String>,
     pub thread_model: ThreadModel,
-    /// The layer declared that its callbacks never wait.
-    pub nonblocking: bool,
     pub abi_version: u32,
     pub struct_size: u64,
 }
@@ -68,10 +67,6 @@ macro_rules! shared_fields {
             self.thread_model
         }
 
-        fn flags(&self) -> u64 {
-            field!(self, $ty, flags).unwrap_or(0)
-        }
-
         fn common(&self) -> $crate::layers::loader::Common {
             $crate::layers::loader::Common {
                 load: field!(self, $ty, load).flatten(),
@@ -79,6 +74,7 @@ macro_rules! shared_fields {
                 config: field!(self, $ty, config).flatten(),
                 config_complete: field!(self, $ty, config_complete).flatten(),
                 get_ready: field!(self, $ty, get_ready).flatten(),
+                capabilities: field!(self, $ty, capabilities).flatten(),
             }
         }
     };
@@ -92,6 +88,7 @@ pub struct Common {
     pub config: Option<unsafe extern "C" fn(key: *const c_char, value: *const c_char) -> c_int>,
     pub config_complete: Option<unsafe extern "C" fn() -> c_int>,
     pub get_ready: Option<unsafe extern "C" fn() -> c_int>,
+    pub capabilities: Option<unsafe extern "C" fn() -> u64>,
 }
 
 /// A plugin or filter struct, as its entry point returns it.
@@ -114,8 +111,6 @@ pub trait Table: Sync + 'static {
     fn thread_model(&self) -> u32;
     /// Name, version, description, config help and magic config key.
     fn strings(&self) -> [*const c_char; 5];
-    /// The `flags` word, or 0 for a struct that predates it.
-    fn flags(&self) -> u64;
     /// The shared calls present in this struct.
     fn common(&self) -> Common;
 }
@@ -127,6 +122,8 @@ pub struct Library<T: Table> {
     /// Leaked once per process so per-thread layer tracking can hold it.
     name: &'static str,
     loaded: bool,
+    /// What the layer said of its calls once ready: they never wait.
+    nonblocking: AtomicBool,
     // Declared last so that it is dropped (dlclosed) after everything that
     // points into it.
     _lib: libloading::Library,
@@ -227,7 +224,6 @@ impl<T: Table> Library<T> {
             magic_config_key: magic,
             thread_model: thread_model(table.thread_model())
                 .map_err(|e| format!("{shown}: {e}"))?,
-            nonblocking: table.flags() & abi::NONBLOCKING != 0,
             abi_version: table.abi_version(),
             struct_size: table.struct_size(),
         };
@@ -236,6 +232,7 @@ impl<T: Table> Library<T> {
             name: Box::leak(info.name.clone().into_boxed_str()),
             info,
             loaded: false,
+            nonblocking: AtomicBool::new(false),
             _lib: lib,
         };
         if let Some(load) = l.table.common().load {
@@ -304,14 +301,26 @@ impl<T: Table> Library<T> {
         self.check("config_complete", r)
     }
 
-    /// The server is about to listen.
+    /// The server is about to listen; then the layer says what it can.
     pub fn get_ready(&self) -> Result<()> {
-        let Some(f) = self.table.common().get_ready else {
-            return Ok(());
-        };
-        // SAFETY: ABI callback with no arguments.
-        let r = self.call(|| unsafe { f() });
-        self.check("get_ready", r)
+        let common = self.table.common();
+        if let Some(f) = common.get_ready {
+            // SAFETY: ABI callback with no arguments.
+            let r = self.call(|| unsafe { f() });
+            self.check("get_ready", r)?;
+        }
+        if let Some(f) = common.capabilities {
+            // SAFETY: ABI callback with no arguments.
+            let caps = self.call(|| unsafe { f() });
+            self.nonblocking
+                .store(caps & abi::NONBLOCKING != 0, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Whether the layer, as configured, never waits in a call.
+    pub fn nonblocking(&self) -> bool {
+        self.nonblocking.load(Ordering::Relaxed)
     }
 }
 

@@ -104,7 +104,7 @@ impl Backend for Plugin {
     }
 
     fn nonblocking(&self) -> bool {
-        self.lib.info().nonblocking
+        self.lib.nonblocking()
     }
 
     fn preconnect(&self, readonly: bool) -> Result<()> {

@@ -4,6 +4,7 @@
 //! may. The first loop also accepts connections and hands each to the
 //! least busy loop.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -16,7 +17,7 @@ use slab::Slab;
 
 use super::listen::{Listener, Stream};
 use super::mailbox::{ConnRef, Message};
-use super::workers::{self, Job, JobWork, Lane};
+use super::workers::{self, Job, JobWork, Lane, STALL};
 use super::{Lanes, Loops, WAKER};
 use crate::layers::execute::{self, Opened};
 use crate::layers::host::Peer;
@@ -51,6 +52,8 @@ struct Conn {
     /// The last read found the socket empty: wait for the next readiness
     /// event before reading again.
     drained: bool,
+    /// Results arrived for it in the batch being read.
+    touched: bool,
 }
 
 /// The state of one event loop thread.
@@ -68,6 +71,10 @@ pub struct EventLoop {
     timers: VecDeque<(Instant, ConnRef)>,
     /// Connections that used up their turn with input still waiting.
     again: Vec<usize>,
+    /// Connections with results in the mailbox batch being read.
+    touched: Vec<usize>,
+    /// Jobs of this loop on the worker pool.
+    in_pool: Cell<usize>,
     shutting_down: Option<Instant>,
     last_sweep: Instant,
 }
@@ -94,6 +101,8 @@ impl EventLoop {
             inbox: VecDeque::new(),
             timers: VecDeque::new(),
             again: Vec::new(),
+            touched: Vec::new(),
+            in_pool: Cell::new(0),
             shutting_down: None,
             last_sweep: Instant::now(),
         })
@@ -130,6 +139,9 @@ impl EventLoop {
             for key in std::mem::take(&mut self.again) {
                 self.drive(key);
             }
+            if self.in_pool.get() > 0 {
+                self.loops.pool.nudge();
+            }
             self.expire_handshakes();
             self.sweep();
             if self.shutting_down.is_some() && self.wind_down() {
@@ -147,6 +159,10 @@ impl EventLoop {
         if let Some((d, _)) = self.timers.front() {
             t = t.min(*d);
         }
+        if self.in_pool.get() > 0 {
+            // Workers blocked in slow calls cannot notice work piling up.
+            t = t.min(now + STALL);
+        }
         if self.shutting_down.is_some() {
             // Grace periods are checked on every turn.
             t = t.min(now + Duration::from_millis(20));
@@ -159,12 +175,17 @@ impl EventLoop {
         while let Some(m) = self.inbox.pop_front() {
             match m {
                 Message::Done(r, done) => {
+                    self.in_pool.set(self.in_pool.get() - 1);
                     let Some(c) = self.conns.get_mut(r.key).filter(|c| c.serial == r.serial) else {
                         // The connection is gone; only a close can be left.
                         continue;
                     };
                     c.session.complete(done);
-                    self.drive(r.key);
+                    // Driven once for the whole batch: one write for all
+                    // of its replies.
+                    if !std::mem::replace(&mut c.touched, true) {
+                        self.touched.push(r.key);
+                    }
                 }
                 Message::Adopt(stream, peer) => {
                     if self.shutting_down.is_some() {
@@ -175,6 +196,12 @@ impl EventLoop {
                     }
                 }
                 Message::Shutdown => self.begin_shutdown(),
+            }
+        }
+        for key in std::mem::take(&mut self.touched) {
+            if let Some(c) = self.conns.get_mut(key) {
+                c.touched = false;
+                self.drive(key);
             }
         }
     }
@@ -251,6 +278,7 @@ impl EventLoop {
             session,
             lane,
             drained: false,
+            touched: false,
         });
         self.drive(key);
     }
@@ -268,6 +296,7 @@ impl EventLoop {
         let turn = Turn {
             loops: &self.loops,
             bufs: &self.bufs,
+            in_pool: &self.in_pool,
             index: self.index,
             conn: r,
         };
@@ -383,6 +412,7 @@ impl EventLoop {
 struct Turn<'a> {
     loops: &'a Loops,
     bufs: &'a BufPool,
+    in_pool: &'a Cell<usize>,
     index: usize,
     conn: ConnRef,
 }
@@ -491,6 +521,7 @@ impl Turn<'_> {
             work,
             reply: self.loops.mailboxes[self.index].clone(),
         };
+        self.in_pool.set(self.in_pool.get() + 1);
         self.loops.pool.submit(job, c.lane.as_ref());
     }
 

@@ -51,10 +51,18 @@ impl Mailbox {
 
     /// Deliver `m` and wake the loop if it may be asleep.
     pub fn post(&self, m: Message) {
+        self.post_all(&mut vec![m]);
+    }
+
+    /// Deliver every message in `ms` (leaving it empty) with one wake-up.
+    pub fn post_all(&self, ms: &mut Vec<Message>) {
+        if ms.is_empty() {
+            return;
+        }
         self.queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back(m);
+            .extend(ms.drain(..));
         if !self.pending.swap(true, Ordering::AcqRel) {
             if let Err(e) = self.waker.wake() {
                 log::error!("cannot wake an event loop: {e}");

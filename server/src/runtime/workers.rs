@@ -8,10 +8,17 @@
 //! is queued in the pool, and the worker that takes it runs the lane's next
 //! job, then queues the lane again if more are waiting. No worker ever
 //! waits for another to finish.
+//!
+//! Waking a thread costs more than a fast plugin call (a read from the page
+//! cache), so workers are woken lazily: a job queued while some worker is
+//! awake waits for that worker, and only a job that has waited longer than
+//! [`STALL`] (behind calls that block on a disk, say) wakes another. Each
+//! worker also hands its results to a loop in batches.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::mailbox::{ConnRef, Mailbox, Message};
 use super::Chain;
@@ -43,8 +50,49 @@ pub enum JobWork {
     Close(Arc<Opened>),
 }
 
+/// How long a queued job may wait for a busy worker before another worker
+/// is woken for it.
+pub const STALL: Duration = Duration::from_millis(1);
+/// Results a worker keeps back at most before handing them over.
+const BATCH: usize = 32;
+/// How long a worker keeps a result back at most.
+const BATCH_DELAY: Duration = Duration::from_micros(50);
+
+/// Results of one worker not yet handed to their loop.
+struct Outbox {
+    to: Option<Arc<Mailbox>>,
+    messages: Vec<Message>,
+    since: Instant,
+}
+
+impl Outbox {
+    fn add(&mut self, to: Arc<Mailbox>, m: Message) {
+        if !self.to.as_ref().is_some_and(|t| Arc::ptr_eq(t, &to)) {
+            self.flush();
+            self.to = Some(to);
+        }
+        if self.messages.is_empty() {
+            self.since = Instant::now();
+        }
+        self.messages.push(m);
+    }
+
+    /// Hand over what is kept if it is enough or old enough.
+    fn flush_if_due(&mut self) {
+        if self.messages.len() >= BATCH || self.since.elapsed() >= BATCH_DELAY {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(to) = &self.to {
+            to.post_all(&mut self.messages);
+        }
+    }
+}
+
 impl Job {
-    fn run(self, chain: &Chain) {
+    fn run(self, chain: &Chain, out: &mut Outbox) {
         let Job { conn, work, reply } = self;
         let done = match work {
             JobWork::Query { query, tls, peer } => {
@@ -67,7 +115,7 @@ impl Job {
                 Done::Closed
             }
         };
-        reply.post(Message::Done(conn, done));
+        out.add(reply, Message::Done(conn, done));
     }
 }
 
@@ -103,6 +151,12 @@ enum Task {
     Lane(Arc<Lane>),
 }
 
+/// A task and when it was queued.
+struct Queued {
+    at: Instant,
+    task: Task,
+}
+
 /// A fixed set of threads taking tasks from one queue.
 ///
 /// Idle workers sleep on a condition variable rather than spinning: the
@@ -120,12 +174,37 @@ struct Shared {
 }
 
 struct State {
-    tasks: VecDeque<Task>,
-    /// Workers waiting on `ready`: when none is, a new task needs no
-    /// wake-up (a futex call on the loop's thread), as a busy worker will
-    /// find it.
+    tasks: VecDeque<Queued>,
+    /// Workers waiting on `ready`, including those already woken that have
+    /// not run yet.
     idle: usize,
+    /// Wake-ups sent and not yet taken by a waiting worker.
+    wakes: usize,
+    /// Workers running or woken: each looks at the queue before it sleeps.
+    awake: usize,
     closed: bool,
+}
+
+impl State {
+    /// Whether the front task has waited too long for the awake workers.
+    fn stalled(&self, now: Instant) -> bool {
+        self.tasks
+            .front()
+            .is_some_and(|q| now.duration_since(q.at) >= STALL)
+    }
+
+    /// Claim a waiting worker for one wake-up, if one is left. The waker
+    /// counts it awake at once, so tasks queued before it runs do not wake
+    /// more workers.
+    fn summon(&mut self) -> bool {
+        if self.idle > self.wakes {
+            self.wakes += 1;
+            self.awake += 1;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Shared {
@@ -134,28 +213,23 @@ impl Shared {
     }
 
     fn push(&self, task: Task) {
+        let now = Instant::now();
         let mut st = self.lock();
-        st.tasks.push_back(task);
-        let wake = st.idle > 0;
+        st.tasks.push_back(Queued { at: now, task });
+        let wake = (st.awake == 0 || st.stalled(now)) && st.summon();
         drop(st);
         if wake {
             self.ready.notify_one();
         }
     }
 
-    /// The next task, or `None` once the pool is closed and drained.
-    fn take(&self) -> Option<Task> {
+    /// Wake a worker if the front task has waited too long.
+    fn nudge(&self) {
         let mut st = self.lock();
-        loop {
-            if let Some(t) = st.tasks.pop_front() {
-                return Some(t);
-            }
-            if st.closed {
-                return None;
-            }
-            st.idle += 1;
-            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
-            st.idle -= 1;
+        let wake = st.stalled(Instant::now()) && st.summon();
+        drop(st);
+        if wake {
+            self.ready.notify_one();
         }
     }
 }
@@ -168,6 +242,8 @@ impl Pool {
             state: Mutex::new(State {
                 tasks: VecDeque::new(),
                 idle: 0,
+                wakes: 0,
+                awake: n,
                 closed: false,
             }),
             ready: Condvar::new(),
@@ -182,6 +258,13 @@ impl Pool {
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Pool { shared, threads })
+    }
+
+    /// Wake another worker if queued work has waited too long: called by
+    /// the loops while they wait for results, since workers blocked in a
+    /// slow call cannot notice.
+    pub fn nudge(&self) {
+        self.shared.nudge();
     }
 
     /// Queue a job, on `lane` if it must wait for the lane's earlier jobs.
@@ -200,13 +283,51 @@ impl Pool {
 }
 
 fn work(shared: &Shared, chain: &Chain) {
-    while let Some(task) = shared.take() {
-        match task {
-            Task::Job(job) => job.run(chain),
+    let mut out = Outbox {
+        to: None,
+        messages: Vec::new(),
+        since: Instant::now(),
+    };
+    let mut st = shared.lock();
+    loop {
+        let Some(q) = st.tasks.pop_front() else {
+            if st.closed {
+                break;
+            }
+            // Nothing queued: hand over the results before sleeping.
+            drop(st);
+            out.flush();
+            st = shared.lock();
+            if !st.tasks.is_empty() || st.closed {
+                continue;
+            }
+            st.awake -= 1;
+            st.idle += 1;
+            // Woken for a task (the waker counted this worker awake), or
+            // at close; other wake-ups are spurious.
+            while st.wakes == 0 && !st.closed {
+                st = shared.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            st.idle -= 1;
+            if st.wakes > 0 {
+                st.wakes -= 1;
+            } else {
+                st.awake += 1;
+            }
+            continue;
+        };
+        // Work is piling up behind slow calls: get help.
+        let help = st.stalled(Instant::now()) && st.summon();
+        drop(st);
+        if help {
+            shared.ready.notify_one();
+        }
+        match q.task {
+            Task::Job(job) => job.run(chain, &mut out),
             Task::Lane(lane) => {
                 let job = lane.lock().jobs.pop_front();
                 if let Some(job) = job {
-                    job.run(chain);
+                    job.run(chain, &mut out);
                 }
                 let mut l = lane.lock();
                 if l.jobs.is_empty() {
@@ -219,7 +340,11 @@ fn work(shared: &Shared, chain: &Chain) {
                 }
             }
         }
+        out.flush_if_due();
+        st = shared.lock();
     }
+    drop(st);
+    out.flush();
 }
 
 impl Drop for Pool {
