@@ -1,14 +1,37 @@
-/* A plugin that fails any read made while another call is inside it, so a
- * server that breaks its thread-model promise is caught.  Build with
- * -DMODEL=NBDHOST_THREAD_MODEL_...  Reads take 20 ms to widen the window. */
+/* A plugin that fails any read made while another call is inside it, and
+ * complains on stderr of an open or close made while another call is
+ * inside it, so a server that breaks its thread-model promise is caught.
+ * Build with -DMODEL=NBDHOST_THREAD_MODEL_...  Reads, opens and closes
+ * take 20 ms to widen the window. */
 #include <errno.h>
+#include <stdio.h>
 #include <time.h>
 #include <nbdhost-plugin.h>
 
 static const struct nbdhost_host *host;
 static int inside;
 
-static void *s_open (int readonly) { (void) readonly; return (void *) 1; }
+/* Stay inside for 20 ms, saying so if another call was inside too. */
+static void
+occupy (const char *what)
+{
+  struct timespec ts = { 0, 20 * 1000 * 1000 };
+  if (__atomic_add_fetch (&inside, 1, __ATOMIC_SEQ_CST) != 1)
+    fprintf (stderr, "serial: %s while another call was inside\n", what);
+  nanosleep (&ts, NULL);
+  __atomic_sub_fetch (&inside, 1, __ATOMIC_SEQ_CST);
+}
+
+static void *
+s_open (int readonly)
+{
+  (void) readonly;
+  occupy ("open");
+  return (void *) 1;
+}
+
+static void s_close (void *h) { (void) h; occupy ("close"); }
+
 static int64_t s_get_size (void *h) { (void) h; return 1 << 20; }
 
 static int
@@ -32,6 +55,7 @@ static const struct nbdhost_plugin plugin = {
   .thread_model = MODEL,
   .name = "serial",
   .open = s_open,
+  .close = s_close,
   .get_size = s_get_size,
   .pread = s_pread,
 };

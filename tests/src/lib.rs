@@ -22,6 +22,36 @@ pub fn target_dir() -> PathBuf {
     base.join("debug")
 }
 
+/// The root of the source tree.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Compile C `source` into `dir/lib<name>.so` against the plugin headers,
+/// with warnings as errors and `extra` compiler arguments (such as `-D`
+/// definitions).
+pub fn build_c(dir: &TempDir, name: &str, source: &Path, extra: &[&str]) -> PathBuf {
+    let out = dir.path(&format!("lib{name}.so"));
+    run_ok(
+        Command::new("cc")
+            .args(extra)
+            .args([
+                "-shared",
+                "-fPIC",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-Wno-unused-parameter",
+                "-o",
+            ])
+            .arg(&out)
+            .arg("-I")
+            .arg(root().join("plugin-api/include"))
+            .arg(source),
+    );
+    out
+}
+
 /// Path of the `nbdhost` binary; panics with advice if it was not built.
 pub fn nbdhost_bin() -> PathBuf {
     let p = target_dir().join("nbdhost");
@@ -185,6 +215,14 @@ impl Server {
     /// What the server has logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send SIGTERM without waiting for the server to exit.
+    pub fn sigterm(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
     }
 
     /// Send SIGTERM and wait for a clean exit; returns the exit status.

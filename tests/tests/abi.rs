@@ -10,39 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nbdhost_tests::{client, export_size, nbdhost_bin, nbdsh, run, run_ok, Server, TempDir};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Compile C `source` into `dir/lib<name>.so`, with warnings as errors.
-fn build(dir: &TempDir, name: &str, source: &Path) -> PathBuf {
-    build_with(dir, name, source, &[])
-}
-
-/// As [`build`], with extra compiler arguments such as `-D` definitions.
-fn build_with(dir: &TempDir, name: &str, source: &Path, extra: &[&str]) -> PathBuf {
-    let out = dir.path(&format!("lib{name}.so"));
-    run_ok(
-        Command::new("cc")
-            .args(extra)
-            .args([
-                "-shared",
-                "-fPIC",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-Wno-unused-parameter",
-                "-o",
-            ])
-            .arg(&out)
-            .arg("-I")
-            .arg(root().join("plugin-api/include"))
-            .arg(source),
-    );
-    out
-}
+use nbdhost_tests::{
+    build_c, client, export_size, nbdhost_bin, nbdsh, root, run, run_ok, Server, TempDir,
+};
 
 /// The C example exactly as nbdhost-plugin(3) prints it.
 fn man_page_example(dir: &TempDir) -> PathBuf {
@@ -60,7 +30,7 @@ fn man_page_example(dir: &TempDir) -> PathBuf {
 #[test]
 fn the_manual_example_builds_and_serves() {
     let dir = TempDir::new("cex");
-    let so = build(&dir, "exampleplugin", &man_page_example(&dir));
+    let so = build_c(&dir, "exampleplugin", &man_page_example(&dir), &[]);
     let s = Server::start(&[so.to_str().unwrap()]);
     let out = nbdsh(
         &s.uri(),
@@ -78,7 +48,7 @@ fn the_manual_example_builds_and_serves() {
 #[test]
 fn a_c_filter_stacks_on_a_rust_plugin() {
     let dir = TempDir::new("cfilter");
-    let so = build(&dir, "invertfilter", &root().join("tests/c/invert.c"));
+    let so = build_c(&dir, "invertfilter", &root().join("tests/c/invert.c"), &[]);
     let img = dir.path("disk.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let filter = format!("--filter={}", so.display());
@@ -140,7 +110,7 @@ print("ok")
 #[test]
 fn thread_models_are_honoured() {
     let dir = TempDir::new("cserial");
-    let so = build_with(
+    let so = build_c(
         &dir,
         "serialplugin",
         &root().join("tests/c/serial.c"),
@@ -172,7 +142,7 @@ fn thread_models_are_honoured() {
     drop(s);
 
     // serialize_connections: a second client waits for the first to leave.
-    let so = build_with(
+    let so = build_c(
         &dir,
         "serialconnplugin",
         &root().join("tests/c/serial.c"),
@@ -442,7 +412,7 @@ fn variant(dir: &TempDir, name: &str, defines: &[&str]) -> PathBuf {
     if !src.exists() {
         std::fs::write(&src, VARIANT_C).unwrap();
     }
-    build_with(dir, name, &src, defines)
+    build_c(dir, name, &src, defines)
 }
 
 #[test]
@@ -536,7 +506,7 @@ fn nothing_past_struct_size_is_read() {
     std::fs::write(&src, GUARDED_C).unwrap();
 
     // Cut after pread: a read-only disk, whatever the client asks.
-    let so = build_with(&dir, "guardedplugin", &src, &["-DCUT=pread"]);
+    let so = build_c(&dir, "guardedplugin", &src, &["-DCUT=pread"]);
     let dump = run_ok(Command::new(nbdhost_bin()).arg("--dump-plugin").arg(&so));
     assert!(dump.contains("name=guarded"), "{dump}");
     let s = Server::start(&[so.to_str().unwrap()]);
@@ -571,7 +541,7 @@ fn nothing_past_struct_size_is_read() {
 
     // Cut at the shortest struct the server accepts (no callbacks at all):
     // it loads, and a client is refused cleanly.
-    let so = build_with(&dir, "minimalplugin", &src, &["-DCUT=magic_config_key"]);
+    let so = build_c(&dir, "minimalplugin", &src, &["-DCUT=magic_config_key"]);
     let dump = run_ok(Command::new(nbdhost_bin()).arg("--dump-plugin").arg(&so));
     assert!(dump.contains("name=guarded"), "{dump}");
     let mut s = Server::start(&[so.to_str().unwrap()]);

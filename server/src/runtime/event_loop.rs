@@ -52,6 +52,9 @@ struct Conn {
     /// The last read found the socket empty: wait for the next readiness
     /// event before reading again.
     drained: bool,
+    /// The peer has hung up: read until end of file even after a short
+    /// read, as no new readiness event will come.
+    hung_up: bool,
     /// Results arrived for it in the batch being read.
     touched: bool,
 }
@@ -130,6 +133,9 @@ impl EventLoop {
                         if let Some(c) = self.conns.get_mut(key) {
                             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                                 c.drained = false;
+                            }
+                            if ev.is_read_closed() || ev.is_error() {
+                                c.hung_up = true;
                             }
                             self.drive(key);
                         }
@@ -278,6 +284,7 @@ impl EventLoop {
             session,
             lane,
             drained: false,
+            hung_up: false,
             touched: false,
         });
         self.drive(key);
@@ -437,7 +444,7 @@ impl Turn<'_> {
                     Ok(n) => {
                         // A short read emptied the socket: the next arrival
                         // raises a new edge.
-                        c.drained = n < room;
+                        c.drained = n < room && !c.hung_up;
                         budget = budget.saturating_sub(n);
                         c.session.received();
                     }

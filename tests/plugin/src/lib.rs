@@ -1,11 +1,15 @@
 //! The `test` plugin: a small RAM disk whose reads can be made to panic or
 //! to wait, so the tests can prove that a panicking plugin costs one
 //! request an `EIO` and nothing more, and that replies may complete out of
-//! order, and it can refuse clients by their TLS identity. Not installed;
-//! built only for the test suite.
+//! order, and it can refuse clients by their TLS identity. With
+//! `record=FILE` it writes a line for each open, close and the unload,
+//! naming the thread and the export the call was made for, so tests can
+//! check when and where handles are closed. Not installed; built only for
+//! the test suite.
 
 use std::ffi::CStr;
-use std::sync::{Arc, RwLock};
+use std::io::Write;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use nbdhost_plugin_api::{host, nbdhost_plugin, Error, Flags, Handle, Plugin, Result};
@@ -17,8 +21,29 @@ pub struct Test {
     panic_at: Option<u64>,
     delay_at: Option<u64>,
     delay: Duration,
+    open_delay: Duration,
     require_user: Option<String>,
     disk: Option<Arc<RwLock<Vec<u8>>>>,
+    record: Option<Arc<Recorder>>,
+}
+
+/// Where lifecycle events are written, one line each.
+struct Recorder(Mutex<std::fs::File>);
+
+impl Recorder {
+    /// Note `event` with the calling thread and the connection's export.
+    fn note(&self, event: &str) {
+        // The kernel's name for the thread: this plugin's own copy of std
+        // does not know the names the server gave its threads.
+        let thread = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
+        let line = format!(
+            "{event} thread={} export={}\n",
+            thread.trim(),
+            host::export_name().as_deref().unwrap_or("-")
+        );
+        let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 impl Plugin for Test {
@@ -28,7 +53,9 @@ impl Plugin for Test {
 panic-at=<OFFSET>   A read covering this byte panics.
 delay-at=<OFFSET>   A read covering this byte waits delay-ms first.
 delay-ms=<MS>       How long (default 500).
-require-user=<NAME> Refuse connections whose TLS identity is not NAME.";
+open-delay-ms=<MS>  Each open waits this long (default 0).
+require-user=<NAME> Refuse connections whose TLS identity is not NAME.
+record=<FILE>       Append a line to FILE at each open, close and unload.";
     type Handle = TestHandle;
 
     fn config(&mut self, key: &str, value: &str) -> Result<()> {
@@ -38,7 +65,15 @@ require-user=<NAME> Refuse connections whose TLS identity is not NAME.";
             "panic-at" => self.panic_at = Some(num()?),
             "delay-at" => self.delay_at = Some(num()?),
             "delay-ms" => self.delay = Duration::from_millis(num()?),
+            "open-delay-ms" => self.open_delay = Duration::from_millis(num()?),
             "require-user" => self.require_user = Some(value.to_string()),
+            "record" => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(value)?;
+                self.record = Some(Arc::new(Recorder(Mutex::new(f))));
+            }
             _ => {
                 return Err(Error::new(
                     libc::EINVAL,
@@ -60,6 +95,12 @@ require-user=<NAME> Refuse connections whose TLS identity is not NAME.";
         Ok(())
     }
 
+    fn unload(&mut self) {
+        if let Some(r) = &self.record {
+            r.note("unload");
+        }
+    }
+
     fn open(&self, _readonly: bool) -> Result<TestHandle> {
         // `-D test.open=N` makes each open say so, for the -D test.
         let flag = host::debug_flag("open");
@@ -79,7 +120,12 @@ require-user=<NAME> Refuse connections whose TLS identity is not NAME.";
                 ));
             }
         }
+        std::thread::sleep(self.open_delay);
+        if let Some(r) = &self.record {
+            r.note("open");
+        }
         Ok(TestHandle {
+            record: self.record.clone(),
             disk: self.disk.clone().expect("configured"),
             panic_at: self.panic_at,
             delay_at: self.delay_at,
@@ -90,10 +136,19 @@ require-user=<NAME> Refuse connections whose TLS identity is not NAME.";
 
 /// One connection.
 pub struct TestHandle {
+    record: Option<Arc<Recorder>>,
     disk: Arc<RwLock<Vec<u8>>>,
     panic_at: Option<u64>,
     delay_at: Option<u64>,
     delay: Duration,
+}
+
+impl Drop for TestHandle {
+    fn drop(&mut self) {
+        if let Some(r) = &self.record {
+            r.note("close");
+        }
+    }
 }
 
 fn covers(at: Option<u64>, offset: u64, len: usize) -> bool {
