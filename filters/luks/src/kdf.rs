@@ -2,6 +2,8 @@
 //! passphrase into a keyslot key), and the anti-forensic merge that turns a
 //! decrypted keyslot back into the volume key.
 
+use std::sync::{Arc, Condvar, Mutex};
+
 use argon2::{Algorithm, Argon2, Params, Version};
 use sha1::Sha1;
 use sha2::{Sha256, Sha512};
@@ -107,13 +109,42 @@ impl Kdf {
                 } else {
                     Algorithm::Argon2i
                 };
-                Argon2::new(alg, Version::V0x13, params)
-                    .hash_password_into(passphrase, salt, &mut out)
+                let argon2 = Argon2::new(alg, Version::V0x13, params);
+                on_lanes(*lanes, || argon2.hash_password_into(passphrase, salt, &mut out))?
                     .map_err(|e| format!("argon2: {e}"))?;
             }
         }
         Ok(out)
     }
+}
+
+/// Run `f` with the lanes of an Argon2 derivation computed in parallel, as
+/// cryptsetup does, on a pool of this call's own: its threads have all
+/// exited when this returns, because the server may fork into the
+/// background afterwards and a fork keeps only the calling thread.
+fn on_lanes<R: Send>(lanes: u32, f: impl FnOnce() -> R + Send) -> Result<R, String> {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let threads = (lanes as usize).clamp(1, cpus);
+    let live = Arc::new((Mutex::new(threads), Condvar::new()));
+    let on_exit = live.clone();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("luks-kdf{i}"))
+        .exit_handler(move |_| {
+            let (n, cv) = &*on_exit;
+            *n.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            cv.notify_all();
+        })
+        .build()
+        .map_err(|e| format!("argon2: cannot start threads: {e}"))?;
+    let r = pool.install(f);
+    drop(pool);
+    let (n, cv) = &*live;
+    let mut left = n.lock().unwrap_or_else(|e| e.into_inner());
+    while *left > 0 {
+        left = cv.wait(left).unwrap_or_else(|e| e.into_inner());
+    }
+    Ok(r)
 }
 
 /// Undo LUKS's anti-forensic split: `material` holds `stripes` blocks of

@@ -7,8 +7,11 @@ use std::path::Path;
 /// Fork into the background once listening: the parent exits at once so
 /// the next shell command can connect; the child continues.
 pub fn daemonize() -> Result<(), String> {
-    // SAFETY: called before any thread is started (the worker pool and the
-    // poller are created afterwards), so the child is a complete copy.
+    // SAFETY: called before the server starts any thread (its loops,
+    // workers and signal thread start later, in `runtime::serve`), so the
+    // child is a complete copy. Layers run threads of their own only
+    // inside a call (the luks filter's key derivation joins its threads
+    // before returning).
     match unsafe { libc::fork() } {
         -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
         // SAFETY: _exit skips destructors that belong to the child now.
