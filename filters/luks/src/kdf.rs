@@ -110,8 +110,10 @@ impl Kdf {
                     Algorithm::Argon2i
                 };
                 let argon2 = Argon2::new(alg, Version::V0x13, params);
-                on_lanes(*lanes, || argon2.hash_password_into(passphrase, salt, &mut out))?
-                    .map_err(|e| format!("argon2: {e}"))?;
+                on_lanes(*lanes, || {
+                    argon2.hash_password_into(passphrase, salt, &mut out)
+                })?
+                .map_err(|e| format!("argon2: {e}"))?;
             }
         }
         Ok(out)

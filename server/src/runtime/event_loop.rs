@@ -39,6 +39,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const POOL_BYTES: usize = 32 << 20;
 /// Slots of one vectored write.
 const IOV_MAX: usize = 128;
+/// Replies a turn lets pile up before writing them, so that the client
+/// can start on them while later requests of a batch are served.
+const WRITE_AT: usize = 256 << 10;
 
 /// One client of this loop.
 struct Conn {
@@ -470,6 +473,9 @@ impl Turn<'_> {
             any = true;
             if self.loops.inline {
                 self.run_here(c, w);
+                if c.session.unsent() >= WRITE_AT {
+                    self.transmit(c);
+                }
             } else {
                 self.submit(c, w);
             }

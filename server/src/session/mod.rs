@@ -332,6 +332,11 @@ impl<H> Session<H> {
         self.process();
     }
 
+    /// Bytes of replies not yet written, encrypted or not.
+    pub fn unsent(&self) -> usize {
+        self.out.len() + self.plain.len()
+    }
+
     /// Work of this connection that is running or waiting to be polled.
     pub fn running(&self) -> usize {
         self.in_flight + usize::from(self.query_pending)

@@ -110,7 +110,7 @@ pub trait TlsEngine {
     fn take_output(&mut self) -> Option<Bytes>;
     /// Queue a close_notify alert.
     fn close_notify(&mut self);
-    /// The negotiated protocol version, for the log.
+    /// The negotiated protocol version and cipher, for the log.
     fn protocol(&self) -> String;
     /// Once the handshake is complete: the PSK user or certificate DN.
     fn peer_identity(&self) -> Option<String>;

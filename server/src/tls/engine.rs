@@ -14,11 +14,13 @@ use crate::session::TlsEngine;
 /// The largest plaintext a TLS record carries.
 const RECORD_MAX: usize = 16 * 1024;
 
-/// The in-memory transport GnuTLS reads from and writes to.
+/// The in-memory transport GnuTLS reads from and writes to. Ciphertext
+/// is handed out as shares of `outgoing`, whose memory is reused once
+/// they are written and dropped.
 struct Io {
     session: ffi::Session,
     incoming: BytesMut,
-    outgoing: Vec<u8>,
+    outgoing: BytesMut,
 }
 
 unsafe extern "C" fn push(ptr: *mut c_void, data: *const c_void, len: usize) -> isize {
@@ -76,7 +78,7 @@ impl GnutlsEngine {
             io: Box::new(Io {
                 session: s,
                 incoming: BytesMut::new(),
-                outgoing: Vec::new(),
+                outgoing: BytesMut::new(),
             }),
         };
         // SAFETY: the session is live; the credentials and priority outlive
@@ -207,11 +209,22 @@ impl TlsEngine for GnutlsEngine {
     }
 
     fn write(&mut self, mut data: &[u8]) -> Result<(), String> {
-        if !self.corked {
+        // Small pieces (headers, short replies) are gathered into shared
+        // records; a large piece fills records of its own, encrypted
+        // straight from the caller's buffer rather than copied first.
+        let large = data.len() >= RECORD_MAX;
+        if large {
+            self.flush()?;
+        } else if !self.corked {
             // SAFETY: live session; corking only buffers inside GnuTLS.
             unsafe { ffi::gnutls_record_cork(self.session) };
             self.corked = true;
         }
+        // Room for the records and their headers and tags, so the
+        // ciphertext buffer does not grow by copying.
+        self.io
+            .outgoing
+            .reserve(data.len() + data.len() / RECORD_MAX * 64 + 64);
         while !data.is_empty() {
             // SAFETY: `data` is readable for its length.
             let r =
@@ -235,7 +248,7 @@ impl TlsEngine for GnutlsEngine {
     }
 
     fn take_output(&mut self) -> Option<Bytes> {
-        (!self.io.outgoing.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.io.outgoing)))
+        (!self.io.outgoing.is_empty()).then(|| self.io.outgoing.split().freeze())
     }
 
     fn close_notify(&mut self) {
@@ -244,15 +257,22 @@ impl TlsEngine for GnutlsEngine {
     }
 
     fn protocol(&self) -> String {
-        // SAFETY: pure queries returning static strings or null.
-        let p = unsafe {
-            ffi::gnutls_protocol_get_name(ffi::gnutls_protocol_get_version(self.session))
+        let name = |p: *const std::ffi::c_char| {
+            // SAFETY: null or a static string from GnuTLS.
+            (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
         };
-        if p.is_null() {
-            return "unknown".into();
-        }
-        // SAFETY: non-null static string.
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        // SAFETY: pure queries of a live session, returning static strings.
+        let (version, cipher) = unsafe {
+            (
+                ffi::gnutls_protocol_get_name(ffi::gnutls_protocol_get_version(self.session)),
+                ffi::gnutls_cipher_get_name(ffi::gnutls_cipher_get(self.session)),
+            )
+        };
+        format!(
+            "{} {}",
+            name(version).unwrap_or_else(|| "unknown".into()),
+            name(cipher).unwrap_or_else(|| "unknown cipher".into())
+        )
     }
 
     fn peer_identity(&self) -> Option<String> {

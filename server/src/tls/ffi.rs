@@ -94,4 +94,6 @@ extern "C" {
     pub fn gnutls_bye(session: Session, how: c_int) -> c_int;
     pub fn gnutls_protocol_get_version(session: Session) -> c_int;
     pub fn gnutls_protocol_get_name(version: c_int) -> *const c_char;
+    pub fn gnutls_cipher_get(session: Session) -> c_int;
+    pub fn gnutls_cipher_get_name(cipher: c_int) -> *const c_char;
 }
