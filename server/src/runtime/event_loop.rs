@@ -60,6 +60,10 @@ struct Conn {
     hung_up: bool,
     /// Results arrived for it in the batch being read.
     touched: bool,
+    /// Registered for writability: only while output waits for room in the
+    /// socket, or every reply the client reads would wake the loop again.
+    /// Always for stdio, whose output is a descriptor of its own.
+    writable: bool,
 }
 
 /// The state of one event loop thread.
@@ -252,11 +256,17 @@ impl EventLoop {
     fn adopt(&mut self, mut stream: Stream, peer: Peer) {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            Token(FIRST_CONN + key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        let writable = matches!(peer, Peer::Pipe);
+        let interest = if writable {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut stream, Token(FIRST_CONN + key), interest)
+        {
             log::error!("cannot register a new connection: {e}");
             if !matches!(peer, Peer::Pipe) {
                 self.loops.load[self.index].fetch_sub(1, Ordering::Relaxed);
@@ -289,6 +299,7 @@ impl EventLoop {
             drained: false,
             hung_up: false,
             touched: false,
+            writable,
         });
         self.drive(key);
     }
@@ -322,8 +333,27 @@ impl EventLoop {
                 return;
             }
         }
-        if self.conns[key].session.is_finished() {
+        let c = &mut self.conns[key];
+        if c.session.is_finished() {
             self.remove(key);
+            return;
+        }
+        // Ask to hear of room in the socket only while output waits for it.
+        let waiting = c.session.poll_transmit().is_some();
+        if waiting != c.writable && !matches!(c.peer, Peer::Pipe) {
+            let interest = if waiting {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            match self
+                .poll
+                .registry()
+                .reregister(&mut c.stream, Token(FIRST_CONN + key), interest)
+            {
+                Ok(()) => c.writable = waiting,
+                Err(e) => c.session.abandon(&format!("cannot poll the socket: {e}")),
+            }
         }
     }
 

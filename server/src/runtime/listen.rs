@@ -15,6 +15,9 @@ use bytes::BytesMut;
 
 use crate::layers::host::Peer;
 
+/// Send buffer asked for on accepted Unix sockets.
+const UNIX_SEND_BUFFER: usize = 1 << 20;
+
 /// A listening socket.
 pub enum Listener {
     Tcp(TcpListener),
@@ -32,6 +35,11 @@ impl Listener {
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept()?;
+                // Room for a whole 1 MiB reply, so it goes out in one write
+                // instead of several with a readiness round trip between
+                // them. The kernel caps it at net.core.wmem_max. TCP keeps
+                // its autotuning, which a fixed size would turn off.
+                let _ = socket2::SockRef::from(&s).set_send_buffer_size(UNIX_SEND_BUFFER);
                 Ok((Stream::Unix(s), Peer::Unix))
             }
         }
