@@ -52,6 +52,17 @@ pub fn build_c(dir: &TempDir, name: &str, source: &Path, extra: &[&str]) -> Path
     out
 }
 
+/// The serial C test plugin (`tests/c/serial.c`), which catches calls that
+/// overlap, built with thread model `NBDHOST_THREAD_MODEL_<model>`.
+pub fn serial_plugin(dir: &TempDir, model: &str) -> PathBuf {
+    build_c(
+        dir,
+        &format!("serial{}plugin", model.to_lowercase().replace('_', "")),
+        &root().join("tests/c/serial.c"),
+        &[&format!("-DMODEL=NBDHOST_THREAD_MODEL_{model}")],
+    )
+}
+
 /// Path of the `nbdhost` binary; panics with advice if it was not built.
 pub fn nbdhost_bin() -> PathBuf {
     let p = target_dir().join("nbdhost");

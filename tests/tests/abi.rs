@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nbdhost_tests::{
-    build_c, client, export_size, nbdhost_bin, nbdsh, root, run, run_ok, Server, TempDir,
+    build_c, client, export_size, nbdhost_bin, nbdsh, root, run, run_ok, serial_plugin, Server,
+    TempDir,
 };
 
 /// The C example exactly as nbdhost-plugin(3) prints it.
@@ -110,12 +111,7 @@ print("ok")
 #[test]
 fn thread_models_are_honoured() {
     let dir = TempDir::new("cserial");
-    let so = build_c(
-        &dir,
-        "serialplugin",
-        &root().join("tests/c/serial.c"),
-        &["-DMODEL=NBDHOST_THREAD_MODEL_SERIALIZE_ALL_REQUESTS"],
-    );
+    let so = serial_plugin(&dir, "SERIALIZE_ALL_REQUESTS");
     let s = Server::start(&[so.to_str().unwrap()]);
     let uri = s.uri();
     let clients: Vec<_> = (0..2)
@@ -142,12 +138,7 @@ fn thread_models_are_honoured() {
     drop(s);
 
     // serialize_connections: a second client waits for the first to leave.
-    let so = build_c(
-        &dir,
-        "serialconnplugin",
-        &root().join("tests/c/serial.c"),
-        &["-DMODEL=NBDHOST_THREAD_MODEL_SERIALIZE_CONNECTIONS"],
-    );
+    let so = serial_plugin(&dir, "SERIALIZE_CONNECTIONS");
     let s = Server::start(&[so.to_str().unwrap()]);
     let uri = s.uri();
     let first = {

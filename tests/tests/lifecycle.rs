@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use nbdhost_tests::raw::*;
-use nbdhost_tests::{build_c, client, plugin, root, run, run_ok, Server, TempDir};
+use nbdhost_tests::{client, plugin, run, run_ok, serial_plugin, Server, TempDir};
 
 /// A server on the test plugin, recording its life in `record`, with
 /// extra plugin parameters.
@@ -52,6 +52,15 @@ fn assert_closed_on_a_worker(record: &std::path::Path, name: &str) {
         .expect("a close");
     assert!(close.contains("thread=worker"), "{close}");
     assert!(close.contains(&format!("export={name}")), "{close}");
+}
+
+/// Wait until the handle has been closed.
+fn wait_for_close(record: &std::path::Path, s: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !kinds(record).contains(&"close".to_owned()) {
+        assert!(Instant::now() < deadline, "never closed: {}", s.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A raw client in transmission on export `name`.
@@ -133,11 +142,7 @@ fn an_open_that_outlasts_the_handshake_timeout_is_closed_on_a_worker_in_its_cont
     ]);
     let mut c = go_without_waiting(&s, "disk1");
     assert!(c.wait_closed().is_empty(), "given up without an answer");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !kinds(&record).contains(&"close".to_owned()) {
-        assert!(Instant::now() < deadline, "never closed: {}", s.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_close(&record, &s);
     assert_closed_on_a_worker(&record, "disk1");
     s.stop();
 }
@@ -148,11 +153,7 @@ fn the_handle_of_a_client_that_left_during_its_open_is_closed_on_a_worker_in_its
     let record = dir.path("record");
     let s = recorded_server(&record, &["open-delay-ms=300"]);
     drop(go_without_waiting(&s, "disk1"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !kinds(&record).contains(&"close".to_owned()) {
-        assert!(Instant::now() < deadline, "never closed: {}", s.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_close(&record, &s);
     assert_closed_on_a_worker(&record, "disk1");
     s.stop();
 }
@@ -160,12 +161,7 @@ fn the_handle_of_a_client_that_left_during_its_open_is_closed_on_a_worker_in_its
 #[test]
 fn closes_of_vanished_clients_keep_the_thread_model() {
     let dir = TempDir::new("lc-serial");
-    let so = build_c(
-        &dir,
-        "serialplugin",
-        &root().join("tests/c/serial.c"),
-        &["-DMODEL=NBDHOST_THREAD_MODEL_SERIALIZE_ALL_REQUESTS"],
-    );
+    let so = serial_plugin(&dir, "SERIALIZE_ALL_REQUESTS");
     let s = Server::start(&[so.to_str().unwrap()]);
     // One client keeps the plugin busy with reads of 20 ms each...
     let uri = s.uri();
