@@ -249,6 +249,23 @@ fn wrong_key_and_unknown_user_fail_cleanly_and_keys_stay_secret() {
 }
 
 #[test]
+fn the_oldstyle_protocol_is_refused_when_tls_is_required() {
+    let dir = TempDir::new("oldtls");
+    let keys = psk_file(&dir, &["rich"]);
+    let out = run(Command::new(nbdhost_bin()).args([
+        "-f",
+        "-o",
+        "--tls-psk",
+        keys.to_str().unwrap(),
+        "memory",
+        "1M",
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("oldstyle") && err.contains("TLS"), "{err}");
+}
+
+#[test]
 fn readable_key_files_are_refused() {
     let dir = TempDir::new("perm");
     let keys = psk_file(&dir, &["rich"]);

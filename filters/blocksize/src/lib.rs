@@ -2,6 +2,8 @@
 //! size, and hand the layer below only requests aligned to `minblock`,
 //! no larger than `maxdata` (with data) or `maxlen` (without).
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CStr;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -10,10 +12,12 @@ use nbdhost_plugin_api::{
     NextOpener, Result, Support,
 };
 
+pub mod split;
+
+use split::{align, pieces, Limits, Piece};
+
 /// Largest `minblock`: the NBD protocol's largest minimum block size.
 const MIN_LIMIT: u32 = 64 * 1024;
-/// Default `maxdata`.
-const DEFAULT_MAXDATA: u32 = 64 * 1024 * 1024;
 
 /// Configured limits (`None`: derived per connection from the layer
 /// below) and the lock that keeps read-modify-write cycles whole.
@@ -92,60 +96,6 @@ maxlen=<SIZE>    Largest trim, zero or block status passed down (default 4G-minb
             limits: OnceLock::new(),
             rmw: self.rmw.clone(),
         })
-    }
-}
-
-/// The limits one connection applies, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Limits {
-    minblock: u64,
-    maxdata: u64,
-    maxlen: u64,
-}
-
-impl Limits {
-    /// Combine the configuration with the constraints of the layer below,
-    /// as nbdkit does: unset values follow the layer below, and the
-    /// stricter of the two wins.
-    fn new(
-        minblock: Option<u32>,
-        maxdata: Option<u32>,
-        maxlen: Option<u32>,
-        below: Option<BlockSize>,
-    ) -> Limits {
-        let (bmin, bmax) = below.map_or((1, 0), |b| (b.minimum.max(1), b.maximum));
-        let minblock = minblock.unwrap_or(1).max(bmin);
-        let mut maxdata =
-            maxdata.unwrap_or_else(|| maxlen.map_or(DEFAULT_MAXDATA, |l| l.min(DEFAULT_MAXDATA)));
-        if bmax != 0 {
-            maxdata = maxdata.min(bmax);
-        }
-        let maxdata = (maxdata - maxdata % minblock).max(minblock);
-        let maxlen = match maxlen {
-            Some(l) => (l - l % minblock).max(minblock),
-            None => u32::MAX - minblock + 1,
-        };
-        Limits {
-            minblock: u64::from(minblock),
-            maxdata: u64::from(maxdata),
-            maxlen: u64::from(maxlen),
-        }
-    }
-
-    fn down(&self, v: u64) -> u64 {
-        v - v % self.minblock
-    }
-
-    fn up(&self, v: u64) -> u64 {
-        v.next_multiple_of(self.minblock)
-    }
-
-    /// Bytes of a request at `offset` before the first aligned offset.
-    fn head(&self, offset: u64, count: u64) -> u64 {
-        match offset % self.minblock {
-            0 => 0,
-            r => (self.minblock - r).min(count),
-        }
     }
 }
 
@@ -236,30 +186,20 @@ impl FilterHandle for Adapter {
 
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         let l = self.limits(next)?;
-        let mut off = offset;
-        let mut rest: &mut [u8] = buf;
-        let head = l.head(off, rest.len() as u64) as usize;
-        if head > 0 {
-            let start = l.down(off);
-            let mut block = vec![0u8; l.minblock as usize];
-            next.pread(&mut block, start, flags)?;
-            let at = (off - start) as usize;
-            rest[..head].copy_from_slice(&block[at..at + head]);
-            rest = &mut rest[head..];
-            off += head as u64;
-        }
-        while rest.len() as u64 >= l.minblock {
-            let n = l.maxdata.min(l.down(rest.len() as u64)) as usize;
-            let (piece, after) = rest.split_at_mut(n);
-            next.pread(piece, off, flags)?;
-            rest = after;
-            off += n as u64;
-        }
-        if !rest.is_empty() {
-            let mut block = vec![0u8; l.minblock as usize];
-            next.pread(&mut block, off, flags)?;
-            let n = rest.len();
-            rest.copy_from_slice(&block[..n]);
+        for p in pieces(&l, offset, buf.len() as u64, l.maxdata) {
+            match p {
+                Piece::Whole { offset: o, len } => {
+                    let at = (o - offset) as usize;
+                    next.pread(&mut buf[at..at + len as usize], o, flags)?;
+                }
+                Piece::Partial { offset: o, len } => {
+                    let start = l.down(o);
+                    let mut block = vec![0u8; l.minblock as usize];
+                    next.pread(&mut block, start, flags)?;
+                    let (at, from) = ((o - offset) as usize, (o - start) as usize);
+                    buf[at..at + len as usize].copy_from_slice(&block[from..from + len as usize]);
+                }
+            }
         }
         Ok(())
     }
@@ -267,26 +207,25 @@ impl FilterHandle for Adapter {
     fn pwrite(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         let l = self.limits(next)?;
         let (flags, flush) = self.fua_once(next, flags)?;
-        let mut off = offset;
-        let mut rest = buf;
-        let head = l.head(off, rest.len() as u64) as usize;
-        if head > 0 {
-            self.modify(next, &l, off, head, Some(&rest[..head]), flags)?;
-            rest = &rest[head..];
-            off += head as u64;
-        }
-        if rest.len() as u64 >= l.minblock {
-            let _g = self.shared();
-            while rest.len() as u64 >= l.minblock {
-                let n = l.maxdata.min(l.down(rest.len() as u64)) as usize;
-                next.pwrite(&rest[..n], off, flags)?;
-                rest = &rest[n..];
-                off += n as u64;
+        // Held across the runs of whole blocks, and let go before a
+        // read-modify-write, which takes the lock exclusively.
+        let mut shared = None;
+        for p in pieces(&l, offset, buf.len() as u64, l.maxdata) {
+            match p {
+                Piece::Whole { offset: o, len } => {
+                    shared.get_or_insert_with(|| self.shared());
+                    let at = (o - offset) as usize;
+                    next.pwrite(&buf[at..at + len as usize], o, flags)?;
+                }
+                Piece::Partial { offset: o, len } => {
+                    shared = None;
+                    let at = (o - offset) as usize;
+                    let data = &buf[at..at + len as usize];
+                    self.modify(next, &l, o, len as usize, Some(data), flags)?;
+                }
             }
         }
-        if !rest.is_empty() {
-            self.modify(next, &l, off, rest.len(), Some(rest), flags)?;
-        }
+        drop(shared);
         if flush {
             next.flush(Flags::empty())?;
         }
@@ -297,18 +236,14 @@ impl FilterHandle for Adapter {
         let l = self.limits(next)?;
         let (flags, flush) = self.fua_once(next, flags)?;
         // Trim is advisory: the unaligned head and tail are simply left.
-        let head = l.head(offset, count);
-        let mut off = offset + head;
-        let mut rest = l.down(count - head);
-        if rest > 0 {
-            let _g = self.shared();
-            while rest > 0 {
-                let n = l.maxlen.min(rest);
-                next.trim(n, off, flags)?;
-                rest -= n;
-                off += n;
+        let mut shared = None;
+        for p in pieces(&l, offset, count, l.maxlen) {
+            if let Piece::Whole { offset: o, len } = p {
+                shared.get_or_insert_with(|| self.shared());
+                next.trim(len, o, flags)?;
             }
         }
+        drop(shared);
         if flush {
             next.flush(Flags::empty())?;
         }
@@ -326,26 +261,20 @@ impl FilterHandle for Adapter {
         }
         let (flags, flush) = self.fua_once(next, flags)?;
         let write_flags = flags - Flags::MAY_TRIM - Flags::FAST_ZERO;
-        let mut off = offset;
-        let mut rest = count;
-        let head = l.head(off, rest);
-        if head > 0 {
-            self.modify(next, &l, off, head as usize, None, write_flags)?;
-            rest -= head;
-            off += head;
-        }
-        if rest >= l.minblock {
-            let _g = self.shared();
-            while rest >= l.minblock {
-                let n = l.maxlen.min(l.down(rest));
-                next.zero(n, off, flags)?;
-                rest -= n;
-                off += n;
+        let mut shared = None;
+        for p in pieces(&l, offset, count, l.maxlen) {
+            match p {
+                Piece::Whole { offset: o, len } => {
+                    shared.get_or_insert_with(|| self.shared());
+                    next.zero(len, o, flags)?;
+                }
+                Piece::Partial { offset: o, len } => {
+                    shared = None;
+                    self.modify(next, &l, o, len as usize, None, write_flags)?;
+                }
             }
         }
-        if rest > 0 {
-            self.modify(next, &l, off, rest as usize, None, write_flags)?;
-        }
+        drop(shared);
         if flush {
             next.flush(Flags::empty())?;
         }
@@ -384,107 +313,4 @@ impl FilterHandle for Adapter {
     }
 }
 
-/// Make extent boundaries multiples of `block` (the protocol asks that
-/// they respect the minimum block size): a block that straddles extents
-/// of different kinds gets only the properties all of them share. A
-/// partial block left at the end is dropped unless it is all there is,
-/// when it is reported as data, which claims nothing.
-fn align(extents: &[(u64, u64, u32)], block: u64) -> Vec<(u64, u64, u32)> {
-    fn push(out: &mut Vec<(u64, u64, u32)>, o: u64, n: u64, t: u32) {
-        match out.last_mut() {
-            Some(last) if last.2 == t && last.0 + last.1 == o => last.1 += n,
-            _ => out.push((o, n, t)),
-        }
-    }
-    let mut out = Vec::new();
-    // A block only partly covered so far: its start and shared type.
-    let mut pending: Option<(u64, u32)> = None;
-    for &(o, n, t) in extents {
-        let end = o + n;
-        let mut from = o;
-        if let Some((b, acc)) = pending {
-            let acc = acc & t;
-            if end < b + block {
-                pending = Some((b, acc));
-                continue;
-            }
-            push(&mut out, b, block, acc);
-            pending = None;
-            from = b + block;
-        }
-        let whole_end = end - end % block;
-        if whole_end > from {
-            push(&mut out, from, whole_end - from, t);
-        }
-        if end > whole_end.max(from) {
-            pending = Some((whole_end.max(from), t));
-        }
-    }
-    if let (Some((b, _)), true) = (pending, out.is_empty()) {
-        out.push((b, block, 0));
-    }
-    out
-}
-
 nbdhost_filter!(Blocksize);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn limits_follow_nbdkit_defaults() {
-        let l = Limits::new(None, None, None, None);
-        assert_eq!(
-            (l.minblock, l.maxdata, l.maxlen),
-            (1, 64 << 20, u32::MAX as u64)
-        );
-        let l = Limits::new(Some(512), None, None, None);
-        assert_eq!(
-            (l.minblock, l.maxdata, l.maxlen),
-            (512, 64 << 20, (1 << 32) - 512)
-        );
-        let l = Limits::new(None, None, Some(1 << 20), None);
-        assert_eq!((l.maxdata, l.maxlen), (1 << 20, 1 << 20));
-        // The layer below tightens what was not configured.
-        let below = BlockSize {
-            minimum: 4096,
-            preferred: 4096,
-            maximum: 1 << 20,
-        };
-        let l = Limits::new(Some(512), None, None, Some(below));
-        assert_eq!((l.minblock, l.maxdata), (4096, 1 << 20));
-        let l = Limits::new(None, Some(1000), Some(5000), Some(below));
-        assert_eq!((l.maxdata, l.maxlen), (4096, 4096));
-    }
-
-    #[test]
-    fn head_is_the_unaligned_start() {
-        let l = Limits::new(Some(512), None, None, None);
-        assert_eq!(l.head(0, 100), 0);
-        assert_eq!(l.head(500, 100), 12);
-        assert_eq!(l.head(1, 5), 5);
-        assert_eq!(l.head(1024, 5), 0);
-    }
-
-    #[test]
-    fn align_merges_straddling_blocks() {
-        // Data 0..700, zero hole 700..2048 in 512-byte blocks.
-        let e = [(0, 700, 0), (700, 1348, 3)];
-        assert_eq!(align(&e, 512), vec![(0, 1024, 0), (1024, 1024, 3)]);
-        // Already aligned: unchanged.
-        let e = [(0, 512, 3), (512, 512, 0)];
-        assert_eq!(align(&e, 512), e.to_vec());
-        // Three extents inside one block share only their common bits.
-        let e = [(0, 100, 3), (100, 100, 2), (200, 312, 3), (512, 512, 3)];
-        assert_eq!(align(&e, 512), vec![(0, 512, 2), (512, 512, 3)]);
-        // A partial tail is dropped, unless it is all there is.
-        let e = [(0, 1024, 3), (1024, 10, 3)];
-        assert_eq!(align(&e, 512), vec![(0, 1024, 3)]);
-        let e = [(0, 10, 3)];
-        assert_eq!(align(&e, 512), vec![(0, 512, 0)]);
-        // Block size 1 changes nothing.
-        let e = [(0, 7, 0), (7, 9, 3)];
-        assert_eq!(align(&e, 1), e.to_vec());
-    }
-}

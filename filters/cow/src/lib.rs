@@ -2,6 +2,8 @@
 //! temporary overlay and never writing to the layer below, which is
 //! opened read-only. Changes vanish when the server exits.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CStr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};

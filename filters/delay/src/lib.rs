@@ -2,6 +2,8 @@
 //! closes) for a fixed time before passing them on, to simulate a slow or
 //! distant disk (nbdkit's delay filter).
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CStr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! errno, per command, optionally only while a trigger file exists, so
 //! that clients' error handling can be tested (nbdkit's error filter).
 
+#![forbid(unsafe_code)]
+
 use std::cell::Cell;
 use std::ffi::CStr;
 use std::hash::BuildHasher;

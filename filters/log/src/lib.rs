@@ -9,6 +9,8 @@
 //! Each line is formatted first and then written with one call under a
 //! lock, so lines never mix. Data and secrets are never logged.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CStr;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};

@@ -8,8 +8,10 @@
 //! it has been used; only the expanded AES keys stay, and they are wiped
 //! when the filter unloads.
 
-mod header;
-mod kdf;
+#![forbid(unsafe_code)]
+
+pub mod header;
+pub mod kdf;
 mod sector;
 mod unlock;
 

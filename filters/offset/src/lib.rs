@@ -1,6 +1,8 @@
 //! The offset filter: serve `range` bytes of the next layer starting at
 //! `offset`, as if they were the whole disk.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CStr;
 
 use nbdhost_plugin_api::{

@@ -1,6 +1,8 @@
 //! The partition filter: serve one partition of an MBR or GPT
 //! partitioned disk, as if it were the whole disk (like `qemu-nbd -P`).
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CStr;
 use std::sync::OnceLock;
 
@@ -8,7 +10,7 @@ use nbdhost_plugin_api::{
     host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
 };
 
-mod table;
+pub mod table;
 
 use table::{Disk, Partition};
 

@@ -3,6 +3,8 @@
 //! filter). Rates can be changed while the server runs through files that
 //! are re-read every [`RECHECK`].
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CStr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

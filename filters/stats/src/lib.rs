@@ -5,6 +5,8 @@
 //! The request path only increments atomic counters (no lock is shared
 //! between connections); the summary is computed once, at unload.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CStr;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};

@@ -2,6 +2,8 @@
 //! its real end read as zeroes and may only be "written" with zeroes;
 //! bytes cut off the end cannot be reached at all.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CStr;
 use std::sync::OnceLock;
 

@@ -6,6 +6,8 @@
 //! elsewhere on the disk. Unwritten pages cost nothing, which makes a 1 TiB
 //! disk free until it is used, and trim or zero gives whole pages back.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::ffi::CStr;
 use std::sync::{Arc, RwLock};

@@ -102,6 +102,12 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         None => None,
     };
     let tls_mode = cli.tls_mode();
+    if cli.oldstyle && tls_mode == TlsMode::Require {
+        // Oldstyle has no STARTTLS: every byte would go in clear.
+        return Err(
+            "the oldstyle protocol (-o) cannot do TLS, which these settings require".into(),
+        );
+    }
     let tls: Option<Arc<dyn TlsFactory>> = if tls_mode == TlsMode::Off {
         None
     } else {

@@ -435,6 +435,13 @@ impl Handshake {
                 if let Err(e) = r {
                     return Event::Close(format!("preconnect refused the client: {e}"));
                 }
+                if self.cfg.oldstyle && self.cfg.tls == TlsMode::Require {
+                    // The oldstyle greeting carries the size and has no
+                    // STARTTLS: nothing may be sent.
+                    return Event::Close(
+                        "TLS is required but the oldstyle handshake cannot start it".into(),
+                    );
+                }
                 if self.cfg.oldstyle {
                     self.state = State::Waiting(Pending::Oldstyle);
                     return Event::Query(Query::Open {
@@ -578,9 +585,11 @@ mod tests {
     }
 
     fn option(out: &mut BytesMut, opt: u32, data: &[u8]) {
-        out.put_u64(IHAVEOPT);
-        out.put_u32(opt);
-        out.put_u32(data.len() as u32);
+        OptionHeader {
+            option: opt,
+            length: data.len() as u32,
+        }
+        .put(out);
         out.put_slice(data);
     }
 
@@ -778,6 +787,20 @@ mod tests {
             plain.receive(&mut input, &mut out),
             Event::Query(Query::List)
         ));
+    }
+
+    #[test]
+    fn oldstyle_with_tls_required_sends_nothing() {
+        let mut h = Handshake::new(HandshakeConfig {
+            oldstyle: true,
+            tls: TlsMode::Require,
+            ..cfg()
+        });
+        let mut out = Vec::new();
+        h.receive(&mut BytesMut::new(), &mut out);
+        let ev = h.answer(Answer::Preconnect(Ok(())), &mut out);
+        assert!(matches!(ev, Event::Close(_)), "{ev:?}");
+        assert!(out.is_empty(), "no size or greeting in clear");
     }
 
     #[test]

@@ -317,13 +317,15 @@ mod tests {
         })
     }
 
-    fn request(b: &mut BytesMut, flags: u16, cmd: u16, offset: u64, len: u32) {
-        b.put_u32(REQUEST_MAGIC);
-        b.put_u16(flags);
-        b.put_u16(cmd);
-        b.put_u64(0x1234);
-        b.put_u64(offset);
-        b.put_u32(len);
+    fn request(b: &mut BytesMut, flags: u16, command: u16, offset: u64, len: u32) {
+        wire::Request {
+            flags,
+            command,
+            cookie: 0x1234,
+            offset,
+            length: u64::from(len),
+        }
+        .put(b, false);
     }
 
     fn rejected_errno(d: Decoded) -> u32 {

@@ -150,6 +150,16 @@ impl std::fmt::Display for WireError {
     }
 }
 
+impl OptionHeader {
+    /// Append this header, as a client sends it before `length` bytes of
+    /// option data.
+    pub fn put(&self, out: &mut impl BufMut) {
+        out.put_u64(IHAVEOPT);
+        out.put_u32(self.option);
+        out.put_u32(self.length);
+    }
+}
+
 /// Decode an option header from the front of `buf` without consuming it;
 /// `None` if more bytes are needed.
 pub fn peek_option_header(buf: &[u8]) -> Result<Option<OptionHeader>, WireError> {
@@ -214,6 +224,25 @@ impl Request {
             self.length
         } else {
             0
+        }
+    }
+
+    /// Append this request's header in the negotiated style, as a client
+    /// sends it; a compact header carries the low 32 bits of the length.
+    pub fn put(&self, out: &mut impl BufMut, extended: bool) {
+        out.put_u32(if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        });
+        out.put_u16(self.flags);
+        out.put_u16(self.command);
+        out.put_u64(self.cookie);
+        out.put_u64(self.offset);
+        if extended {
+            out.put_u64(self.length);
+        } else {
+            out.put_u32(self.length as u32);
         }
     }
 }
@@ -372,13 +401,16 @@ mod tests {
     #[test]
     fn compact_and_extended_requests_decode() {
         let mut b = BytesMut::new();
-        b.put_u32(REQUEST_MAGIC);
-        b.put_u16(CMD_FLAG_FUA);
-        b.put_u16(CMD_WRITE);
-        b.put_u64(7);
-        b.put_u64(4096);
-        b.put_u32(512);
+        let write = Request {
+            flags: CMD_FLAG_FUA,
+            command: CMD_WRITE,
+            cookie: 7,
+            offset: 4096,
+            length: 512,
+        };
+        write.put(&mut b, false);
         let r = peek_request(&b, false).unwrap().unwrap();
+        assert_eq!(r, write);
         assert_eq!(
             (r.command, r.cookie, r.offset, r.length),
             (CMD_WRITE, 7, 4096, 512)
@@ -393,12 +425,14 @@ mod tests {
         );
 
         let mut e = BytesMut::new();
-        e.put_u32(EXTENDED_REQUEST_MAGIC);
-        e.put_u16(0);
-        e.put_u16(CMD_TRIM);
-        e.put_u64(9);
-        e.put_u64(0);
-        e.put_u64(1 << 40);
+        Request {
+            flags: 0,
+            command: CMD_TRIM,
+            cookie: 9,
+            offset: 0,
+            length: 1 << 40,
+        }
+        .put(&mut e, true);
         let r = peek_request(&e, true).unwrap().unwrap();
         assert_eq!(r.length, 1 << 40);
         assert_eq!(r.payload_len(true), 0);
@@ -430,5 +464,17 @@ mod tests {
         b.put_u32(1);
         b.put_u32(0);
         assert_eq!(peek_option_header(&b), Err(WireError::BadMagic(0x1234)));
+    }
+
+    #[test]
+    fn option_headers_round_trip() {
+        let h = OptionHeader {
+            option: OPT_GO,
+            length: 6,
+        };
+        let mut b = Vec::new();
+        h.put(&mut b);
+        assert_eq!(peek_option_header(&b), Ok(Some(h)));
+        assert_eq!(peek_option_header(&b[..15]), Ok(None));
     }
 }

@@ -7,6 +7,8 @@
 //! check when and where handles are closed. Not installed; built only for
 //! the test suite.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CStr;
 use std::io::Write;
 use std::sync::{Arc, Mutex, RwLock};
