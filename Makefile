@@ -5,7 +5,7 @@
 CARGO ?= cargo
 ARGS ?= memory 1G
 
-.PHONY: all build run check lint test bench
+.PHONY: all build run check lint test bench fuzz
 
 all: build
 
@@ -30,3 +30,8 @@ check:
 
 bench: build
 	./bench/run
+
+# Nightly only: every fuzz target for 10 million runs or 30 minutes
+# (FUZZ_RUNS, FUZZ_SECONDS); see RELIABILITY.md.
+fuzz:
+	./fuzz/run

@@ -29,6 +29,9 @@ fn le64(b: &[u8], at: usize) -> u64 {
 
 /// Find partition `n` (counting from 1) of a disk of `size` bytes.
 pub fn find(disk: &dyn Disk, size: u64, n: u32) -> Result<Partition, String> {
+    if n == 0 {
+        return Err("partitions are numbered from 1".into());
+    }
     if size < 2 * SECTOR {
         return Err(format!(
             "not a partitioned disk: {size} bytes is too small to hold a partition table"
@@ -275,6 +278,18 @@ mod tests {
             length,
             scheme,
         }
+    }
+
+    #[test]
+    fn partition_zero_is_an_error() {
+        struct Zeroes;
+        impl Disk for Zeroes {
+            fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<(), String> {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+        assert!(find(&Zeroes, 1 << 20, 0).unwrap_err().contains("from 1"));
     }
 
     #[test]
