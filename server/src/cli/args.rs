@@ -62,6 +62,10 @@ pub struct Cli {
     #[arg(short = 't', long, value_name = "N", default_value_t = 16, value_parser = count)]
     pub threads: usize,
 
+    /// Most clients served at once; more are refused and logged.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = connections)]
+    pub max_connections: usize,
+
     /// Event loops serving sockets (default: one per CPU).
     #[arg(long, value_name = "N", value_parser = count)]
     pub loops: Option<usize>,
@@ -145,6 +149,14 @@ pub struct Cli {
     /// Plugin parameters: key=value, or a bare value for the plugin's main key.
     #[arg(value_name = "PARAMS")]
     pub params: Vec<String>,
+}
+
+/// A connection limit: 1 to a million.
+fn connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a number from 1 to 1000000")),
+    }
 }
 
 /// A count of threads: 1 to 1024.

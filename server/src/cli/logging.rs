@@ -48,20 +48,40 @@ impl log::Log for Logger {
             return;
         }
         let level = record.level().as_str().to_lowercase();
-        match self.dest.load(Ordering::Relaxed) {
+        let dest = self.dest.load(Ordering::Relaxed);
+        if dest > 1 {
+            return;
+        }
+        let text = record.args().to_string();
+        let msg = escape_controls(&text);
+        match dest {
             0 => {
-                let _ = writeln!(
-                    std::io::stderr().lock(),
-                    "nbdhost: {level}: {}",
-                    record.args()
-                );
+                let _ = writeln!(std::io::stderr().lock(), "nbdhost: {level}: {msg}");
             }
-            1 => syslog(record.level(), &format!("{level}: {}", record.args())),
-            _ => {}
+            _ => syslog(record.level(), &format!("{level}: {msg}")),
         }
     }
 
     fn flush(&self) {}
+}
+
+/// Messages carry names clients chose (exports, TLS users): a control
+/// character in one must not start a forged log line or drive a terminal,
+/// so control characters are shown escaped, as `\n` or `\u{1b}`.
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 fn syslog(level: log::Level, msg: &str) {
@@ -109,5 +129,19 @@ pub fn init(verbose: bool, dest: Destination) {
 pub fn set_destination(dest: Destination) {
     if let Some(l) = LOGGER.get() {
         l.dest.store(dest as u8, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_controls("disk 1 \u{e9}"), "disk 1 \u{e9}");
+        assert_eq!(
+            escape_controls("a\nnbdhost: error: forged\u{1b}[31m"),
+            "a\\nnbdhost: error: forged\\u{1b}[31m"
+        );
     }
 }

@@ -119,7 +119,9 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         };
         Some(Arc::new(tls::TlsConfig::load(&opts)?))
     };
+    process::raise_fd_limit(cli.max_connections);
     let opts = runtime::Options {
+        max_connections: cli.max_connections,
         loops: cli.loops(),
         threads: cli.threads,
         policy: ExportPolicy {

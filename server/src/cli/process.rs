@@ -61,6 +61,39 @@ pub fn exit_with_parent() -> Result<(), String> {
     Ok(())
 }
 
+/// Raise the soft open-file limit so that `connections` clients fit (each
+/// may take a socket and a file the plugin opens), as far as the hard
+/// limit allows; say so if it does not.
+pub fn raise_fd_limit(connections: usize) {
+    let want = (connections as u64).saturating_mul(2) + 64;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write a plain struct of ours.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < want {
+            let raised = libc::rlimit {
+                rlim_cur: want.min(lim.rlim_max),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    if lim.rlim_cur < want {
+        log::warn!(
+            "the open-file limit ({}) allows about {} connections, fewer than --max-connections={connections}",
+            lim.rlim_cur,
+            lim.rlim_cur.saturating_sub(64) / 2
+        );
+    }
+}
+
 /// Write our pid, atomically, so a reader never sees a partial file.
 pub fn write_pidfile(path: &Path) -> Result<(), String> {
     let tmp = path.with_extension("tmp");

@@ -37,6 +37,8 @@ const TURN_BYTES: usize = 4 << 20;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Idle read buffers a loop keeps for reuse.
 const POOL_BYTES: usize = 32 << 20;
+/// How often refused connections are reported at most.
+const REFUSAL_REPORT: Duration = Duration::from_secs(1);
 /// Slots of one vectored write.
 const IOV_MAX: usize = 128;
 /// Replies a turn lets pile up before writing them, so that the client
@@ -87,6 +89,9 @@ pub struct EventLoop {
     in_pool: Cell<usize>,
     shutting_down: Option<Instant>,
     last_sweep: Instant,
+    /// Connections refused over `--max-connections` since the last report,
+    /// and when that was.
+    refused: (usize, Option<Instant>),
 }
 
 impl EventLoop {
@@ -115,6 +120,7 @@ impl EventLoop {
             in_pool: Cell::new(0),
             shutting_down: None,
             last_sweep: Instant::now(),
+            refused: (0, None),
         })
     }
 
@@ -240,8 +246,24 @@ impl EventLoop {
         }
     }
 
-    /// Give a new connection to the loop serving the fewest.
+    /// Give a new connection to the loop serving the fewest, or refuse it
+    /// over `--max-connections`.
     fn place(&mut self, stream: Stream, peer: Peer) {
+        let live: usize = self.loops.load.iter().map(|l| l.load(Ordering::Relaxed)).sum();
+        if live >= self.loops.max_connections {
+            stream.shutdown();
+            self.refused.0 += 1;
+            // A flood of refusals must not flood the log.
+            if self.refused.1.is_none_or(|t| t.elapsed() >= REFUSAL_REPORT) {
+                log::warn!(
+                    "refused {} connection(s), the last from {peer}: {} clients are served already (--max-connections)",
+                    self.refused.0,
+                    self.loops.max_connections
+                );
+                self.refused = (0, Some(Instant::now()));
+            }
+            return;
+        }
         let target = (0..self.loops.mailboxes.len())
             .min_by_key(|&i| self.loops.load[i].load(Ordering::Relaxed))
             .unwrap_or(self.index);

@@ -42,6 +42,8 @@ const WAKER: Token = Token(usize::MAX - 1);
 pub struct Options {
     /// Event loops; more than one only for chains that allow it.
     pub loops: usize,
+    /// Most clients served at once.
+    pub max_connections: usize,
     /// Worker threads for chains that may block.
     pub threads: usize,
     pub policy: ExportPolicy,
@@ -85,6 +87,7 @@ pub(crate) struct Loops {
     mailboxes: Vec<Arc<Mailbox>>,
     /// Connections each loop serves, to place new ones.
     load: Vec<AtomicUsize>,
+    max_connections: usize,
     next_id: AtomicU64,
     events: Mutex<mpsc::Sender<Event>>,
 }
@@ -157,6 +160,7 @@ pub fn serve(
         lanes,
         one_at_a_time,
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+        max_connections: opts.max_connections,
         mailboxes,
         next_id: AtomicU64::new(0),
         events: Mutex::new(tx.clone()),
