@@ -65,7 +65,9 @@ fn calls(trace: &str) -> Vec<Call> {
             }
             continue;
         }
-        let Some(paren) = rest.find('(') else { continue };
+        let Some(paren) = rest.find('(') else {
+            continue;
+        };
         let name = rest[..paren].to_string();
         if rest.ends_with("<unfinished ...>") {
             open.push((name, i));
@@ -98,7 +100,14 @@ fn check_fua_and_flush_order(dir: &TempDir, args: &[&str]) {
     let pidfile = dir.path("pid");
     let trace = dir.path("trace");
     let mut strace = Command::new("strace")
-        .args(["-f", "-xx", "-s", "32", "-e", "trace=pwrite64,fdatasync,fsync,writev,sendmsg"])
+        .args([
+            "-f",
+            "-xx",
+            "-s",
+            "32",
+            "-e",
+            "trace=pwrite64,fdatasync,fsync,writev,sendmsg",
+        ])
         .arg("-o")
         .arg(&trace)
         .arg(nbdhost_bin())
@@ -114,7 +123,10 @@ fn check_fua_and_flush_order(dir: &TempDir, args: &[&str]) {
         .expect("strace is installed (scripts/install-deps)");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(sock.exists() && pidfile.exists()) {
-        assert!(Instant::now() < deadline, "nbdhost did not start under strace");
+        assert!(
+            Instant::now() < deadline,
+            "nbdhost did not start under strace"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let uri = format!("nbd+unix:///?socket={}", sock.display());
@@ -126,7 +138,11 @@ fn check_fua_and_flush_order(dir: &TempDir, args: &[&str]) {
          h.pwrite(b'B' * 4096, 4096)\n\
          h.flush()",
     ]));
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     // SAFETY: signalling the server we started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     assert!(strace.wait().unwrap().success());
@@ -163,7 +179,9 @@ fn synced_before_reply(trace: &str, cookie: u64) -> Result<(), String> {
     if synced {
         Ok(())
     } else {
-        Err(format!("reply {cookie} was sent before the data was synced"))
+        Err(format!(
+            "reply {cookie} was sent before the data was synced"
+        ))
     }
 }
 
@@ -171,7 +189,10 @@ fn synced_before_reply(trace: &str, cookie: u64) -> Result<(), String> {
 fn fua_writes_and_flushes_are_answered_after_fdatasync() {
     let dir = TempDir::new("dur-file");
     let img = dir.path("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let p = plugin("file");
     check_fua_and_flush_order(&dir, &[p.to_str().unwrap(), img.to_str().unwrap()]);
 }
@@ -232,7 +253,9 @@ for th in threads: th.join()
 
 /// What block `i` of writer `t` holds, as WRITERS writes it.
 fn block(t: u64, i: u64) -> Vec<u8> {
-    (0..4096).map(|k| ((t * 31 + i * 7 + k % 16) % 251) as u8).collect()
+    (0..4096)
+        .map(|k| ((t * 31 + i * 7 + k % 16) % 251) as u8)
+        .collect()
 }
 
 /// Run the writers against `s` and kill the server with SIGKILL while they
@@ -264,7 +287,11 @@ fn write_then_kill(s: &mut Server) -> Vec<(u64, u64)> {
         }
     }
     let acked: Vec<(u64, u64)> = last.into_values().collect();
-    assert!(acked.len() > 100, "too few writes before the kill: {}", acked.len());
+    assert!(
+        acked.len() > 100,
+        "too few writes before the kill: {}",
+        acked.len()
+    );
     acked
 }
 
@@ -282,7 +309,10 @@ fn assert_all_present(disk: &[u8], acked: &[(u64, u64)]) {
 fn acknowledged_writes_survive_sigkill() {
     let dir = TempDir::new("dur-kill");
     let img = dir.path("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let p = plugin("file");
     let mut s = Server::start(&[p.to_str().unwrap(), img.to_str().unwrap()]);
     let acked = write_then_kill(&mut s);
@@ -309,7 +339,10 @@ fn acknowledged_writes_through_luks_survive_sigkill() {
         "--object",
         &format!("secret,id=sec0,file={}", pw.display()),
         "--image-opts",
-        &format!("driver=luks,file.filename={},key-secret=sec0", img.display()),
+        &format!(
+            "driver=luks,file.filename={},key-secret=sec0",
+            img.display()
+        ),
         "-O",
         "raw",
         plain.to_str().unwrap(),

@@ -490,3 +490,143 @@ fn plugins_see_tls_identity_and_can_refuse_by_it() {
     );
     assert!(s.stop().success());
 }
+
+/// A TLS client that misbehaves on purpose: GnuTLS through Python's ctypes
+/// negotiates STARTTLS in clear, completes a TLS 1.2 PSK handshake, then
+/// does what `argv[4]` says: `renegotiate` (a second handshake), `garbage`
+/// (a forged application-data record), or `clear` (plain NBD bytes inside
+/// TLS); or, for `handshake`, only tries the handshake. It prints the
+/// GnuTLS result of the last step and what the server did next.
+const ROGUE_TLS: &str = r#"
+import ctypes, os, socket, struct, sys
+path, user, key, deed = sys.argv[1:5]
+g = ctypes.CDLL("libgnutls.so.30")
+class Datum(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_char_p), ("size", ctypes.c_uint)]
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+s.settimeout(10)
+assert len(s.recv(18)) == 18
+s.sendall(struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 5, 0))
+assert len(s.recv(20)) == 20
+g.gnutls_global_init()
+sess = ctypes.c_void_p()
+assert g.gnutls_init(ctypes.byref(sess), 2) == 0
+cred = ctypes.c_void_p()
+g.gnutls_psk_allocate_client_credentials(ctypes.byref(cred))
+d = Datum(key.encode(), len(key))
+assert g.gnutls_psk_set_client_credentials(cred, user.encode(), ctypes.byref(d), 1) == 0
+g.gnutls_credentials_set(sess, 4, cred)
+err = ctypes.c_char_p()
+assert g.gnutls_priority_set_direct(sess, b"NORMAL:-VERS-ALL:+VERS-TLS1.2:+PSK:+ECDHE-PSK:+DHE-PSK", ctypes.byref(err)) == 0
+# GnuTLS uses the descriptor itself: blocking, not Python's timeouts.
+s.settimeout(None)
+g.gnutls_transport_set_int2(sess, s.fileno(), s.fileno())
+r = g.gnutls_handshake(sess)
+if deed == "handshake":
+    pass
+elif r != 0:
+    sys.exit("handshake: %d" % r)
+elif deed == "renegotiate":
+    r = g.gnutls_handshake(sess)
+elif deed == "garbage":
+    r = s.send(bytes([23, 3, 3, 0, 64]) + os.urandom(64))
+else:
+    r = s.send(struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 3, 0))
+s.settimeout(10)
+try:
+    rest = s.recv(4096)
+    while rest:
+        rest = s.recv(4096)
+    after = "closed"
+except socket.timeout:
+    after = "still open"
+except OSError as e:
+    after = "reset"
+print(r, after)
+"#;
+
+/// Run the rogue client, as PSK user "rich" unless `user` says otherwise,
+/// against a TLS-only server; returns its output and the server's log,
+/// after checking that a good client is served after it.
+fn rogue(deed: &str, user: Option<&str>) -> (String, String) {
+    let dir = TempDir::new("rogue");
+    let keys = psk_file(&dir, &["rich"]);
+    let key = std::fs::read_to_string(&keys).unwrap();
+    let hex = key.trim().split_once(':').unwrap().1.to_string();
+    let s = Server::start(&["--tls-psk", keys.to_str().unwrap(), "memory", "1M"]);
+    let out = run(client("python3").args([
+        "-c",
+        ROGUE_TLS,
+        s.socket.to_str().unwrap(),
+        user.unwrap_or("rich"),
+        &hex,
+        deed,
+    ]));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(export_size(&psk_uri(&s, "rich", &keys)), "1048576");
+    let (st, log) = s.stop_with_log();
+    assert!(st.success(), "{log}");
+    assert!(!log.contains(&hex), "the key reached the log");
+    (said, log)
+}
+
+#[test]
+fn renegotiation_inside_tls_closes_only_that_connection() {
+    let (said, log) = rogue("renegotiate", None);
+    assert!(said.trim_end().ends_with("closed"), "{said}");
+    assert!(log.contains("TLS"), "{log}");
+}
+
+#[test]
+fn a_forged_record_inside_tls_closes_only_that_connection() {
+    let (said, log) = rogue("garbage", None);
+    assert!(said.trim_end().ends_with("closed"), "{said}");
+    assert!(log.contains("TLS"), "{log}");
+}
+
+#[test]
+fn clear_text_inside_tls_closes_only_that_connection() {
+    let (said, _) = rogue("clear", None);
+    assert!(said.trim_end().ends_with("closed"), "{said}");
+}
+
+#[test]
+fn garbage_instead_of_a_tls_handshake_closes_only_that_connection() {
+    let dir = TempDir::new("tlsgarbage");
+    let keys = psk_file(&dir, &["rich"]);
+    let s = Server::start(&["--tls-psk", keys.to_str().unwrap(), "memory", "1M"]);
+    let mut c = nbdhost_tests::raw::RawClient::connect(&s.socket);
+    c.expect_opt(
+        nbdhost_tests::raw::OPT_STARTTLS,
+        &[],
+        nbdhost_tests::raw::REP_ACK,
+    );
+    c.send(&pattern(300, 9));
+    assert!(c.wait_closed().len() < 64, "at most an alert comes back");
+    assert_eq!(export_size(&psk_uri(&s, "rich", &keys)), "1048576");
+    let (st, log) = s.stop_with_log();
+    assert!(st.success() && log.contains("TLS handshake"), "{log}");
+}
+
+#[test]
+fn control_characters_in_a_psk_user_name_are_escaped_in_the_log() {
+    // libnbd refuses a user name missing from its own key file, so the
+    // rogue client sends it.
+    let (said, log) = rogue("handshake", Some("bad\nnbdhost: error: forged\x1b[31m"));
+    assert!(said.trim_end().ends_with("closed"), "{said}");
+    assert!(
+        log.contains("bad\\nnbdhost: error: forged\\u{1b}[31m"),
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("nbdhost: error: forged")),
+        "{log}"
+    );
+    assert!(!log.contains('\x1b'), "{log}");
+}

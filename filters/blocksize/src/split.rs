@@ -90,13 +90,19 @@ pub fn pieces(l: &Limits, offset: u64, count: u64, max: u64) -> impl Iterator<It
         }
         if rest >= l.minblock {
             let n = max.min(l.down(rest));
-            let p = Piece::Whole { offset: off, len: n };
+            let p = Piece::Whole {
+                offset: off,
+                len: n,
+            };
             off += n;
             rest -= n;
             return Some(p);
         }
         if rest > 0 {
-            let p = Piece::Partial { offset: off, len: rest };
+            let p = Piece::Partial {
+                offset: off,
+                len: rest,
+            };
             rest = 0;
             return Some(p);
         }
@@ -192,16 +198,34 @@ mod tests {
         assert_eq!(
             p,
             vec![
-                Piece::Partial { offset: 500, len: 12 },
-                Piece::Whole { offset: 512, len: 1024 },
-                Piece::Whole { offset: 1536, len: 1024 },
-                Piece::Whole { offset: 2560, len: 512 },
-                Piece::Partial { offset: 3072, len: 428 },
+                Piece::Partial {
+                    offset: 500,
+                    len: 12
+                },
+                Piece::Whole {
+                    offset: 512,
+                    len: 1024
+                },
+                Piece::Whole {
+                    offset: 1536,
+                    len: 1024
+                },
+                Piece::Whole {
+                    offset: 2560,
+                    len: 512
+                },
+                Piece::Partial {
+                    offset: 3072,
+                    len: 428
+                },
             ]
         );
         assert_eq!(
             pieces(&l, 100, 10, l.maxdata).collect::<Vec<_>>(),
-            vec![Piece::Partial { offset: 100, len: 10 }]
+            vec![Piece::Partial {
+                offset: 100,
+                len: 10
+            }]
         );
     }
 

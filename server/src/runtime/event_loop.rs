@@ -249,7 +249,12 @@ impl EventLoop {
     /// Give a new connection to the loop serving the fewest, or refuse it
     /// over `--max-connections`.
     fn place(&mut self, stream: Stream, peer: Peer) {
-        let live: usize = self.loops.load.iter().map(|l| l.load(Ordering::Relaxed)).sum();
+        let live: usize = self
+            .loops
+            .load
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .sum();
         if live >= self.loops.max_connections {
             stream.shutdown();
             self.refused.0 += 1;
