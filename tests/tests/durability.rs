@@ -262,7 +262,7 @@ fn block(t: u64, i: u64) -> Vec<u8> {
 /// run; returns the blocks they saw acknowledged, the last write to each
 /// place winning.
 fn write_then_kill(s: &mut Server) -> Vec<(u64, u64)> {
-    let mut w = client("python3")
+    let w = client("python3")
         .args(["-c", WRITERS, &s.uri()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

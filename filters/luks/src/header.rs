@@ -210,12 +210,12 @@ fn luks2_copy(read: &mut ReadAt, at: u64) -> Option<Copy> {
     all[..LUKS2_BINARY].copy_from_slice(&bin);
     read(&mut all[LUKS2_BINARY..], at + LUKS2_BINARY as u64).ok()?;
     let hash = Hash::parse(&field(&bin, 72, 32)).ok()?;
-    let stored = bin[448..448 + hash.len()].to_vec();
+    let stored = bin[448..448 + hash.digest_len()].to_vec();
     all[448..448 + 64].fill(0);
     if hash.digest(&[&all]) != stored {
         return None;
     }
-    all[448..448 + hash.len()].copy_from_slice(&stored);
+    all[448..448 + hash.digest_len()].copy_from_slice(&stored);
     Some((be64(&bin, 16), at, all))
 }
 

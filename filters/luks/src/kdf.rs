@@ -33,7 +33,7 @@ impl Hash {
     }
 
     /// Digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             Hash::Sha1 => 20,
             Hash::Sha256 => 32,
@@ -165,7 +165,7 @@ pub fn af_merge(material: &[u8], key_len: usize, stripes: usize, hash: Hash) -> 
 
 /// Each hash-sized piece `i` becomes `H(be32(i) || piece)`, truncated.
 fn diffuse(buf: &mut [u8], hash: Hash) {
-    for (i, piece) in buf.chunks_mut(hash.len()).enumerate() {
+    for (i, piece) in buf.chunks_mut(hash.digest_len()).enumerate() {
         let h = Zeroizing::new(hash.digest(&[&(i as u32).to_be_bytes(), piece]));
         piece.copy_from_slice(&h[..piece.len()]);
     }
