@@ -252,7 +252,8 @@ impl Server {
         let mut child = self.child.take()?;
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Beyond the server's 30 s shutdown grace, so a test can watch it end.
+        let deadline = Instant::now() + Duration::from_secs(45);
         loop {
             if let Some(st) = child.try_wait().unwrap() {
                 return Some(st);

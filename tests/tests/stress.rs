@@ -161,7 +161,9 @@ struct Figures {
 
 /// A number from the client's one-line JSON.
 fn field(json: &str, key: &str) -> u64 {
-    let at = json.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("{key} in {json}"));
+    let at = json
+        .find(&format!("\"{key}\": "))
+        .unwrap_or_else(|| panic!("{key} in {json}"));
     json[at + key.len() + 4..]
         .split(|c: char| !c.is_ascii_digit())
         .next()
@@ -182,9 +184,15 @@ fn stress(name: &str, s: &Server, expect_errors: bool) -> Figures {
     eprintln!("stress {name}: {f:?}");
     assert_eq!(field(&json, "multi_conn"), 1, "multi-conn is advertised");
     assert_eq!(f.mismatches, 0, "{name}: reads returned wrong data: {f:?}");
-    assert!(f.ops >= 4000 && f.checked > 1000 && f.final_checked > 100, "{name}: {f:?}");
+    assert!(
+        f.ops >= 4000 && f.checked > 1000 && f.final_checked > 100,
+        "{name}: {f:?}"
+    );
     if expect_errors {
-        assert!(f.errors > f.ops / 20, "{name}: too few injected errors: {f:?}");
+        assert!(
+            f.errors > f.ops / 20,
+            "{name}: too few injected errors: {f:?}"
+        );
     } else {
         assert_eq!(f.errors, 0, "{name}: {f:?}");
     }
@@ -202,7 +210,10 @@ fn plain_memory_keeps_every_byte() {
 fn plain_file_through_the_worker_pool_keeps_every_byte() {
     let dir = TempDir::new("stress-file");
     let img = dir.path("disk.img");
-    std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let p = plugin("file");
     let s = Server::start(&[p.to_str().unwrap(), img.to_str().unwrap()]);
     stress("file", &s, false);
