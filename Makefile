@@ -5,7 +5,7 @@
 CARGO ?= cargo
 ARGS ?= memory 1G
 
-.PHONY: all build run check lint test bench fuzz
+.PHONY: all build run check lint test bench fuzz asan
 
 all: build
 
@@ -35,3 +35,20 @@ bench: build
 # (FUZZ_RUNS, FUZZ_SECONDS); see RELIABILITY.md.
 fuzz:
 	./fuzz/run
+
+# Nightly only: the end-to-end suite against the server, plugins and
+# filters built with AddressSanitizer, and C test plugins compiled with it.
+# Every report lands in $(ASAN_REPORTS); any report fails the run.
+ASAN_TARGET := $(shell rustc -vV | sed -n 's/^host: //p')
+ASAN_DIR := $(CURDIR)/target/asan
+ASAN_REPORTS := $(ASAN_DIR)/reports
+asan:
+	RUSTFLAGS="-Zsanitizer=address -Clink-arg=-Wl,--export-dynamic" \
+		$(CARGO) +nightly build --workspace --target $(ASAN_TARGET) --target-dir $(ASAN_DIR)
+	rm -rf $(ASAN_REPORTS) && mkdir -p $(ASAN_REPORTS)
+	NBDHOST_TEST_BINDIR=$(ASAN_DIR)/$(ASAN_TARGET)/debug \
+	NBDHOST_TEST_CFLAGS=-fsanitize=address \
+	ASAN_OPTIONS=log_path=$(ASAN_REPORTS)/report:detect_leaks=1 \
+		$(CARGO) test -p nbdhost-tests
+	@if [ -n "$$(ls $(ASAN_REPORTS))" ]; then cat $(ASAN_REPORTS)/*; exit 1; fi
+	@echo "asan: the end-to-end suite ran clean"

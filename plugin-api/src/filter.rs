@@ -368,7 +368,9 @@ unsafe extern "C" fn unload<F: Filter>() {
         INSTANCE.with_mut::<F, _>(|f| {
             f.unload();
             Ok(())
-        })
+        })?;
+        INSTANCE.remove();
+        Ok(())
     })
 }
 

@@ -328,7 +328,9 @@ unsafe extern "C" fn unload<P: Plugin>() {
         INSTANCE.with_mut::<P, _>(|p| {
             p.unload();
             Ok(())
-        })
+        })?;
+        INSTANCE.remove();
+        Ok(())
     })
 }
 

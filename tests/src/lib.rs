@@ -14,8 +14,13 @@ use std::time::{Duration, Instant};
 
 pub mod raw;
 
-/// Directory holding the built `nbdhost` and plugin shared objects.
+/// Directory holding the built `nbdhost` and plugin shared objects:
+/// `$NBDHOST_TEST_BINDIR` if set (`make asan` points it at instrumented
+/// builds), otherwise the workspace's debug build.
 pub fn target_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("NBDHOST_TEST_BINDIR") {
+        return PathBuf::from(d);
+    }
     let base = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
@@ -29,26 +34,28 @@ pub fn root() -> PathBuf {
 
 /// Compile C `source` into `dir/lib<name>.so` against the plugin headers,
 /// with warnings as errors and `extra` compiler arguments (such as `-D`
-/// definitions).
+/// definitions), plus `$NBDHOST_TEST_CFLAGS` (`make asan` sets
+/// `-fsanitize=address`).
+///
+/// Compiling and linking are separate steps so that sanitizer flags reach
+/// the code but not the link: an instrumented plugin then takes its
+/// sanitizer runtime from the (instrumented) server that loads it rather
+/// than bringing the C compiler's own.
 pub fn build_c(dir: &TempDir, name: &str, source: &Path, extra: &[&str]) -> PathBuf {
+    let obj = dir.path(&format!("{name}.o"));
     let out = dir.path(&format!("lib{name}.so"));
+    let env_flags = std::env::var("NBDHOST_TEST_CFLAGS").unwrap_or_default();
     run_ok(
         Command::new("cc")
+            .args(env_flags.split_whitespace())
             .args(extra)
-            .args([
-                "-shared",
-                "-fPIC",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-Wno-unused-parameter",
-                "-o",
-            ])
-            .arg(&out)
+            .args(["-c", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-o"])
+            .arg(&obj)
             .arg("-I")
             .arg(root().join("plugin-api/include"))
             .arg(source),
     );
+    run_ok(Command::new("cc").arg("-shared").arg("-o").arg(&out).arg(&obj));
     out
 }
 

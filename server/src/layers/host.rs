@@ -101,6 +101,21 @@ pub fn begin_shutdown() {
     SHUTDOWN.1.notify_all();
 }
 
+/// Names of the layers loaded, kept for the life of the process: the
+/// per-thread record of the layer being called holds them as `&'static`.
+static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+/// A layer's name with a `'static` lifetime, each name stored once.
+pub fn intern(name: &str) -> &'static str {
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    let n: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.push(n);
+    n
+}
+
 /// Record `e` as the current call's error, as `host->error` does.
 pub fn record(e: Error) {
     LAST_ERROR.with(|l| *l.borrow_mut() = Some(e));

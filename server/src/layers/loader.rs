@@ -119,7 +119,7 @@ pub trait Table: Sync + 'static {
 pub struct Library<T: Table> {
     table: &'static T,
     info: LayerInfo,
-    /// Leaked once per process so per-thread layer tracking can hold it.
+    /// Interned, so per-thread layer tracking can hold it.
     name: &'static str,
     loaded: bool,
     /// What the layer said of its calls once ready: they never wait.
@@ -229,7 +229,7 @@ impl<T: Table> Library<T> {
         };
         let mut l = Library {
             table,
-            name: Box::leak(info.name.clone().into_boxed_str()),
+            name: host::intern(&info.name),
             info,
             loaded: false,
             nonblocking: AtomicBool::new(false),
