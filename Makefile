@@ -48,7 +48,7 @@ asan:
 	rm -rf $(ASAN_REPORTS) && mkdir -p $(ASAN_REPORTS)
 	NBDHOST_TEST_BINDIR=$(ASAN_DIR)/$(ASAN_TARGET)/debug \
 	NBDHOST_TEST_CFLAGS=-fsanitize=address \
-	ASAN_OPTIONS=log_path=$(ASAN_REPORTS)/report:detect_leaks=1 \
+	ASAN_OPTIONS=log_path=$(ASAN_REPORTS)/report:quarantine_size_mb=32 \
 		$(CARGO) test -p nbdhost-tests
 	@if [ -n "$$(ls $(ASAN_REPORTS))" ]; then cat $(ASAN_REPORTS)/*; exit 1; fi
 	@echo "asan: the end-to-end suite ran clean"

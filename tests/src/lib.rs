@@ -49,13 +49,27 @@ pub fn build_c(dir: &TempDir, name: &str, source: &Path, extra: &[&str]) -> Path
         Command::new("cc")
             .args(env_flags.split_whitespace())
             .args(extra)
-            .args(["-c", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-o"])
+            .args([
+                "-c",
+                "-fPIC",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-Wno-unused-parameter",
+                "-o",
+            ])
             .arg(&obj)
             .arg("-I")
             .arg(root().join("plugin-api/include"))
             .arg(source),
     );
-    run_ok(Command::new("cc").arg("-shared").arg("-o").arg(&out).arg(&obj));
+    run_ok(
+        Command::new("cc")
+            .arg("-shared")
+            .arg("-o")
+            .arg(&out)
+            .arg(&obj),
+    );
     out
 }
 
