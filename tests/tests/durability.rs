@@ -299,6 +299,10 @@ fn write_then_kill(s: &mut Server) -> Vec<(u64, u64)> {
 }
 
 fn assert_all_present(disk: &[u8], acked: &[(u64, u64)]) {
+    eprintln!(
+        "{} acknowledged blocks (the last write to each place) checked after SIGKILL",
+        acked.len()
+    );
     for &(t, i) in acked {
         let off = ((t * 2048 + i % 2048) * 4096) as usize;
         assert!(
