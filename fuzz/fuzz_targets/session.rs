@@ -22,7 +22,7 @@ use nbdhost::protocol::export::{ExportEntry, ExportInfo, Extent};
 use nbdhost::protocol::handshake::{Answer, HandshakeConfig, Query, TlsMode};
 use nbdhost::session::buffers::BufPool;
 use nbdhost::session::{
-    Config, Done, Limits, Outcome, Session, TlsEngine, TlsFactory, Work,
+    Config, Done, Limits, Outcome, PeerIdentity, Session, TlsEngine, TlsFactory, Work,
 };
 
 /// A stand-in for GnuTLS: `HELLO` opens the session, records are the
@@ -83,8 +83,8 @@ impl TlsEngine for Fake {
     fn protocol(&self) -> String {
         "fake".into()
     }
-    fn peer_identity(&self) -> Option<String> {
-        self.ready.then(|| "alice".into())
+    fn peer_identity(&self) -> Option<PeerIdentity> {
+        self.ready.then(|| PeerIdentity::Psk("alice".into()))
     }
     fn attempted_user(&self) -> Option<String> {
         None

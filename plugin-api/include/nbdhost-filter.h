@@ -22,6 +22,9 @@ extern "C" {
 
 /* Name of the symbol every filter exports. */
 #define NBDHOST_FILTER_ENTRY "nbdhost_filter_entry"
+/* Since ABI 1.5: the symbol of an adapter for filters written for another
+ * server, as for plugins (see nbdhost_plugin_adapter_entry_fn). */
+#define NBDHOST_FILTER_ADAPTER_ENTRY "nbdhost_filter_adapter_entry"
 
 /* Return values of a filter's config callback. */
 #define NBDHOST_CONFIG_TAKEN   0  /* the key was this filter's */
@@ -149,10 +152,20 @@ struct nbdhost_filter {
    * the chain is then as non-blocking as the layers below it.  Without the
    * bit, requests through this filter run on worker threads. */
   uint64_t (*capabilities) (void);
+
+  /* Since ABI 1.5: as in struct nbdhost_plugin. */
+  int (*configured_thread_model) (void);
+  int (*after_fork) (void);
 };
 
 typedef const struct nbdhost_filter *
   (*nbdhost_filter_entry_fn) (const struct nbdhost_host *host);
+
+/* Since ABI 1.5: the entry of an adapter, called with the foreign
+ * filter's path. */
+typedef const struct nbdhost_filter *
+  (*nbdhost_filter_adapter_entry_fn) (const struct nbdhost_host *host,
+                                      const char *path);
 
 #ifdef __cplusplus
 }

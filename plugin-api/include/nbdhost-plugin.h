@@ -26,11 +26,14 @@ extern "C" {
 /* The ABI version is (major << 16) | minor.  A server accepts any plugin
  * whose major equals its own, whatever the minor. */
 #define NBDHOST_ABI_MAJOR 1
-#define NBDHOST_ABI_MINOR 4
+#define NBDHOST_ABI_MINOR 5
 #define NBDHOST_ABI_VERSION ((NBDHOST_ABI_MAJOR << 16) | NBDHOST_ABI_MINOR)
 
 /* Name of the symbol every plugin exports. */
 #define NBDHOST_PLUGIN_ENTRY "nbdhost_plugin_entry"
+/* Since ABI 1.5: the symbol an adapter exports, which serves a plugin
+ * written for another server (see nbdhost_plugin_adapter_entry_fn). */
+#define NBDHOST_PLUGIN_ADAPTER_ENTRY "nbdhost_plugin_adapter_entry"
 
 /* Thread models, from most to least restrictive. */
 #define NBDHOST_THREAD_MODEL_SERIALIZE_CONNECTIONS  0
@@ -55,6 +58,12 @@ extern "C" {
 /* Capability bits returned by the capabilities callback of struct
  * nbdhost_plugin and struct nbdhost_filter (since ABI 1.4). */
 #define NBDHOST_NONBLOCKING (1 << 0) /* no callback ever waits */
+
+/* Levels of host->log (since ABI 1.5). */
+#define NBDHOST_LOG_ERROR   0
+#define NBDHOST_LOG_WARNING 1
+#define NBDHOST_LOG_INFO    2
+#define NBDHOST_LOG_DEBUG   3
 
 /* Extent types, as in the NBD base:allocation context. */
 #define NBDHOST_EXTENT_HOLE (1 << 0)
@@ -133,6 +142,38 @@ struct nbdhost_host {
    * time, or -1 with errno ESHUTDOWN (and the error recorded) when cut
    * short.  Use it for deliberate waits so they never hold up a shutdown. */
   int (*nanosleep) (uint64_t sec, uint64_t nsec);
+
+  /* Since ABI 1.5. */
+  /* Log msg now at NBDHOST_LOG_ERROR, _WARNING, _INFO or _DEBUG (shown
+   * with -v), under the layer's name.  Unlike error, it records nothing:
+   * for messages that do not end the callback in failure, or that come
+   * from a thread of the plugin's own. */
+  void (*log) (int level, const char *msg);
+  /* The name of the i-th (from 0) debug flag the user set for this layer
+   * with -D LAYER.NAME=N, or NULL past the last; debug_flag gives its
+   * value.  For a layer that must know every flag it was given. */
+  const char *(*debug_flag_name) (size_t i);
+  /* The credentials of the current connection's peer on a Unix socket, as
+   * SO_PEERCRED reports them when it connected.  Returns 0, or -1 with the
+   * error recorded for other transports and outside a connection. */
+  int (*peer_credentials) (int64_t *pid, int64_t *uid, int64_t *gid);
+  /* On a TLS connection whose client presented a certificate that the
+   * server verified (--tls-verify-peer): the certificate's subject DN, or
+   * its issuer's DN, in RFC 4514 form.  NULL otherwise.  Valid for the
+   * connection's lifetime. */
+  const char *(*peer_tls_dn) (void);
+  const char *(*peer_tls_issuer_dn) (void);
+  /* Ask the server to shut down as SIGTERM would.  Returns at once;
+   * callbacks may still be made while connections finish. */
+  void (*shutdown) (void);
+  /* Close the current connection once this callback returns.  With force,
+   * at once: replies not yet sent are dropped.  Without, the server reads
+   * no further requests and closes after answering those already
+   * running.  Only in callbacks made for an opened connection. */
+  void (*disconnect) (int force);
+  /* 1 if the layer may read stdin and write stdout while it is being
+   * configured; 0 when they carry the NBD connection (-s). */
+  int (*stdio_safe) (void);
 };
 
 /* A plugin.  Every callback may be NULL; the defaults are those described
@@ -197,12 +238,36 @@ struct nbdhost_plugin {
    * clear if in doubt: a plugin that blocks on an event loop stalls every
    * connection that loop serves. */
   uint64_t (*capabilities) (void);
+
+  /* Since ABI 1.5. */
+  /* Called once after config_complete: the thread model the plugin needs
+   * as configured, for a plugin whose needs depend on its parameters.  A
+   * model less strict than thread_model is ignored.  Returns one of
+   * NBDHOST_THREAD_MODEL_*, or -1 with the error recorded. */
+  int (*configured_thread_model) (void);
+  /* Called once the server is serving: after it went into the background,
+   * if it does.  Start threads here rather than earlier, since forking
+   * does not keep them.  Returns 0, or -1 with the error recorded: the
+   * server then exits. */
+  int (*after_fork) (void);
+  /* For --dump-plugin: print further key=value lines on stdout. */
+  void (*dump_plugin) (void);
 };
 
 /* The one symbol a plugin exports.  host stays valid until the plugin is
  * unloaded. */
 typedef const struct nbdhost_plugin *
   (*nbdhost_plugin_entry_fn) (const struct nbdhost_host *host);
+
+/* Since ABI 1.5.  An adapter serves plugins written for another server.
+ * When the server finds such a plugin (by its own entry symbol, or in that
+ * server's plugin directory), it loads the adapter and calls this entry
+ * with the foreign plugin's path instead of nbdhost_plugin_entry.  It
+ * returns a struct describing the foreign plugin, valid until the adapter
+ * is unloaded, or NULL with the error recorded. */
+typedef const struct nbdhost_plugin *
+  (*nbdhost_plugin_adapter_entry_fn) (const struct nbdhost_host *host,
+                                      const char *path);
 
 #ifdef __cplusplus
 }

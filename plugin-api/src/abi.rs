@@ -8,11 +8,14 @@ use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
 /// Major version of the ABI; a server refuses a plugin with another major.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: grows when fields are appended.
-pub const ABI_MINOR: u32 = 4;
+pub const ABI_MINOR: u32 = 5;
 /// `(major << 16) | minor`, as stored in `abi_version`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 /// Name of the symbol every plugin exports.
 pub const PLUGIN_ENTRY: &str = "nbdhost_plugin_entry";
+/// Since ABI 1.5: the symbol of an adapter, which serves a plugin written
+/// for another server.
+pub const PLUGIN_ADAPTER_ENTRY: &str = "nbdhost_plugin_adapter_entry";
 
 /// `NBDHOST_THREAD_MODEL_SERIALIZE_CONNECTIONS`.
 pub const THREAD_MODEL_SERIALIZE_CONNECTIONS: u32 = 0;
@@ -43,6 +46,15 @@ pub const SUPPORT_NATIVE: c_int = 2;
 /// [`Filter::capabilities`] return (since ABI 1.4): no callback ever waits,
 /// so the server may call them on its event loops.
 pub const NONBLOCKING: u64 = 1 << 0;
+
+/// `NBDHOST_LOG_ERROR`, a level of [`Host::log`] (since ABI 1.5).
+pub const LOG_ERROR: c_int = 0;
+/// `NBDHOST_LOG_WARNING`.
+pub const LOG_WARNING: c_int = 1;
+/// `NBDHOST_LOG_INFO`.
+pub const LOG_INFO: c_int = 2;
+/// `NBDHOST_LOG_DEBUG`.
+pub const LOG_DEBUG: c_int = 3;
 
 /// `NBDHOST_EXTENT_HOLE`.
 pub const EXTENT_HOLE: u32 = 1 << 0;
@@ -104,6 +116,16 @@ pub struct Host {
     pub peer_identity: Option<unsafe extern "C" fn() -> *const c_char>,
     /// Since ABI 1.3: a sleep that ends early at shutdown.
     pub nanosleep: Option<unsafe extern "C" fn(sec: u64, nsec: u64) -> c_int>,
+    /// Since ABI 1.5: log without recording an error.
+    pub log: Option<unsafe extern "C" fn(level: c_int, msg: *const c_char)>,
+    pub debug_flag_name: Option<unsafe extern "C" fn(i: usize) -> *const c_char>,
+    pub peer_credentials:
+        Option<unsafe extern "C" fn(pid: *mut i64, uid: *mut i64, gid: *mut i64) -> c_int>,
+    pub peer_tls_dn: Option<unsafe extern "C" fn() -> *const c_char>,
+    pub peer_tls_issuer_dn: Option<unsafe extern "C" fn() -> *const c_char>,
+    pub shutdown: Option<unsafe extern "C" fn()>,
+    pub disconnect: Option<unsafe extern "C" fn(force: c_int)>,
+    pub stdio_safe: Option<unsafe extern "C" fn() -> c_int>,
 }
 
 /// Callback taking only a handle, as the `can_*` family does.
@@ -190,6 +212,13 @@ pub struct Plugin {
     /// Since ABI 1.4: called after `get_ready`; [`NONBLOCKING`] and
     /// future capability bits.
     pub capabilities: Option<unsafe extern "C" fn() -> u64>,
+    /// Since ABI 1.5: the thread model as configured, asked after
+    /// `config_complete`.
+    pub configured_thread_model: Option<unsafe extern "C" fn() -> c_int>,
+    /// Since ABI 1.5: called once the server is serving.
+    pub after_fork: Option<unsafe extern "C" fn() -> c_int>,
+    /// Since ABI 1.5: more `key=value` lines for `--dump-plugin`.
+    pub dump_plugin: Option<unsafe extern "C" fn()>,
 }
 
 // SAFETY: a `Plugin` is an immutable table of C strings and function
@@ -203,9 +232,16 @@ unsafe impl Sync for Host {}
 
 /// Signature of `nbdhost_plugin_entry`.
 pub type PluginEntry = unsafe extern "C" fn(host: *const Host) -> *const Plugin;
+/// Signature of `nbdhost_plugin_adapter_entry` (since ABI 1.5): the
+/// foreign plugin's path in, its description out.
+pub type PluginAdapterEntry =
+    unsafe extern "C" fn(host: *const Host, path: *const c_char) -> *const Plugin;
 
 /// Name of the symbol every filter exports.
 pub const FILTER_ENTRY: &str = "nbdhost_filter_entry";
+/// Since ABI 1.5: the symbol of an adapter for filters written for
+/// another server.
+pub const FILTER_ADAPTER_ENTRY: &str = "nbdhost_filter_adapter_entry";
 /// `NBDHOST_CONFIG_TAKEN`: the filter used the key.
 pub const CONFIG_TAKEN: c_int = 0;
 /// `NBDHOST_CONFIG_PASS`: not the filter's key; offer it further down.
@@ -386,6 +422,10 @@ pub struct Filter {
     /// Since ABI 1.4: called after `get_ready`; [`NONBLOCKING`] if the
     /// filter adds no waiting of its own.
     pub capabilities: Option<unsafe extern "C" fn() -> u64>,
+    /// Since ABI 1.5: as in [`Plugin`].
+    pub configured_thread_model: Option<unsafe extern "C" fn() -> c_int>,
+    /// Since ABI 1.5: as in [`Plugin`].
+    pub after_fork: Option<unsafe extern "C" fn() -> c_int>,
 }
 
 // SAFETY: as for `Plugin`: an immutable table of 'static strings and
@@ -396,3 +436,6 @@ unsafe impl Send for Filter {}
 
 /// Signature of `nbdhost_filter_entry`.
 pub type FilterEntry = unsafe extern "C" fn(host: *const Host) -> *const Filter;
+/// Signature of `nbdhost_filter_adapter_entry` (since ABI 1.5).
+pub type FilterAdapterEntry =
+    unsafe extern "C" fn(host: *const Host, path: *const c_char) -> *const Filter;

@@ -644,5 +644,7 @@ pub unsafe fn entry<F: Filter>(
             None
         },
         capabilities: Some(capabilities::<F>),
+        configured_thread_model: None,
+        after_fork: None,
     })
 }

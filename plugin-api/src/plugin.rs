@@ -612,5 +612,8 @@ pub unsafe fn entry<P: Plugin>(
         extents: Some(extents::<P>),
         cache: Some(cache::<P>),
         capabilities: Some(capabilities::<P>),
+        configured_thread_model: None,
+        after_fork: None,
+        dump_plugin: None,
     })
 }

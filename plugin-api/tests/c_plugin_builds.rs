@@ -100,6 +100,14 @@ static HOST: abi::Host = abi::Host {
     is_tls: None,
     peer_identity: None,
     nanosleep: None,
+    log: None,
+    debug_flag_name: None,
+    peer_credentials: None,
+    peer_tls_dn: None,
+    peer_tls_issuer_dn: None,
+    shutdown: None,
+    disconnect: None,
+    stdio_safe: None,
 };
 
 /// Compile `examples/<file>` into `lib<name>plugin.so` in `dir`, with the

@@ -157,6 +157,14 @@ fn layouts() -> Vec<Layout> {
             is_tls,
             peer_identity,
             nanosleep,
+            log,
+            debug_flag_name,
+            peer_credentials,
+            peer_tls_dn,
+            peer_tls_issuer_dn,
+            shutdown,
+            disconnect,
+            stdio_safe,
         }
         nbdhost_plugin => abi::Plugin {
             struct_size, abi_version, thread_model,
@@ -192,6 +200,9 @@ fn layouts() -> Vec<Layout> {
             extents,
             cache,
             capabilities,
+            configured_thread_model,
+            after_fork,
+            dump_plugin,
         }
         nbdhost_next => abi::Next {
             struct_size, opaque,
@@ -250,6 +261,8 @@ fn layouts() -> Vec<Layout> {
             cache,
             startup,
             capabilities,
+            configured_thread_model,
+            after_fork,
         }
     }
 }
@@ -274,6 +287,10 @@ fn constants() -> Vec<(&'static str, i64)> {
         NBDHOST_CACHE_EMULATE => abi::SUPPORT_EMULATE,
         NBDHOST_CACHE_NATIVE => abi::SUPPORT_NATIVE,
         NBDHOST_NONBLOCKING => abi::NONBLOCKING,
+        NBDHOST_LOG_ERROR => abi::LOG_ERROR,
+        NBDHOST_LOG_WARNING => abi::LOG_WARNING,
+        NBDHOST_LOG_INFO => abi::LOG_INFO,
+        NBDHOST_LOG_DEBUG => abi::LOG_DEBUG,
         NBDHOST_EXTENT_HOLE => abi::EXTENT_HOLE,
         NBDHOST_EXTENT_ZERO => abi::EXTENT_ZERO,
         NBDHOST_CONFIG_TAKEN => abi::CONFIG_TAKEN,
@@ -286,6 +303,8 @@ fn strings() -> Vec<(&'static str, &'static str)> {
     vec![
         ("NBDHOST_PLUGIN_ENTRY", abi::PLUGIN_ENTRY),
         ("NBDHOST_FILTER_ENTRY", abi::FILTER_ENTRY),
+        ("NBDHOST_PLUGIN_ADAPTER_ENTRY", abi::PLUGIN_ADAPTER_ENTRY),
+        ("NBDHOST_FILTER_ADAPTER_ENTRY", abi::FILTER_ADAPTER_ENTRY),
     ]
 }
 
@@ -294,6 +313,14 @@ fn typedefs() -> Vec<(&'static str, usize)> {
     vec![
         ("nbdhost_plugin_entry_fn", size_of::<abi::PluginEntry>()),
         ("nbdhost_filter_entry_fn", size_of::<abi::FilterEntry>()),
+        (
+            "nbdhost_plugin_adapter_entry_fn",
+            size_of::<abi::PluginAdapterEntry>(),
+        ),
+        (
+            "nbdhost_filter_adapter_entry_fn",
+            size_of::<abi::FilterAdapterEntry>(),
+        ),
     ]
 }
 

@@ -190,7 +190,7 @@ impl Cli {
     }
 
     /// `-D layer.flag=N` settings as a map.
-    pub fn debug_flags(&self) -> Result<std::collections::HashMap<String, i32>, String> {
+    pub fn debug_flags(&self) -> Result<std::collections::BTreeMap<String, i32>, String> {
         self.debug
             .iter()
             .map(|d| {
@@ -209,34 +209,34 @@ impl Cli {
     }
 }
 
-/// Split parameters into `(key, value)` pairs, giving a bare value to the
-/// plugin's magic key.
+/// Whether `k` can be a parameter's key, as nbdkit decides it: a letter,
+/// then letters, digits, `_`, `-` and `.`. Anything else before an `=`
+/// makes the whole parameter a bare value (a path such as `./a=b.img`).
+fn is_key(k: &str) -> bool {
+    let mut c = k.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|ch| ch.is_ascii_alphanumeric() || "_-.".contains(ch))
+}
+
+/// Split parameters into `(key, value)` pairs, giving each bare value to
+/// the plugin's magic key (as nbdkit does, a plugin such as split takes
+/// several).
 pub fn plugin_params(
     params: &[String],
     magic: Option<&str>,
 ) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::with_capacity(params.len());
-    let mut bare_seen = false;
-    for p in params {
-        match p.split_once('=') {
-            Some((k, v)) if !k.is_empty() && !k.contains('/') => {
-                out.push((k.to_string(), v.to_string()))
-            }
-            _ => {
-                let Some(key) = magic else {
-                    return Err(format!(
-                        "parameter '{p}' is not key=value and the plugin has no default key"
-                    ));
-                };
-                if bare_seen {
-                    return Err(format!("more than one bare parameter ('{p}')"));
-                }
-                bare_seen = true;
-                out.push((key.to_string(), p.clone()));
-            }
-        }
-    }
-    Ok(out)
+    params
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if is_key(k) => Ok((k.to_string(), v.to_string())),
+            _ => match magic {
+                Some(key) => Ok((key.to_string(), p.clone())),
+                None => Err(format!(
+                    "parameter '{p}' is not key=value and the plugin has no default key"
+                )),
+            },
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -254,7 +254,10 @@ mod tests {
             ]
         );
         assert!(plugin_params(&["x".into()], None).is_err());
-        assert!(plugin_params(&["a".into(), "b".into()], Some("k")).is_err());
+        assert_eq!(
+            plugin_params(&["a".into(), "b".into()], Some("k")).unwrap(),
+            vec![("k".into(), "a".into()), ("k".into(), "b".into())]
+        );
         let p = plugin_params(&["./dir/a=b.img".into()], Some("file")).unwrap();
         assert_eq!(p[0], ("file".into(), "./dir/a=b.img".into()));
     }

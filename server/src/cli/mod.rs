@@ -60,10 +60,18 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         return Ok(0);
     }
     host::set_debug_flags(cli.debug_flags()?);
+    host::set_stdio_safe(!cli.single);
     let plugin = cli.plugin.clone().ok_or("no plugin given")?;
     let layers = Layers::load(&plugin, &cli.filters)?;
+    let magic = layers.plugin_info().magic_config_key.clone();
+    // Before --dump-plugin too, as nbdkit does: a language plugin only
+    // knows what it can say once its script is loaded.
+    layers.config(args::plugin_params(&cli.params, magic.as_deref())?)?;
     if cli.dump_plugin {
         dump::layer(layers.plugin_info());
+        // The plugin's own lines follow ours on the same stdout.
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        layers.dump_plugin();
         for f in layers.filter_infos() {
             println!();
             println!("filter:");
@@ -71,8 +79,7 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         }
         return Ok(0);
     }
-    let magic = layers.plugin_info().magic_config_key.clone();
-    let backend = layers.configure(args::plugin_params(&cli.params, magic.as_deref())?)?;
+    let backend = layers.configure()?;
 
     let mut private = None;
     let (listeners, address) = listeners(&cli, &mut private)?;
@@ -93,6 +100,7 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
     if let Some(p) = &cli.pidfile {
         process::write_pidfile(p)?;
     }
+    backend.after_fork().map_err(|e| e.to_string())?;
     let child = match &cli.run {
         Some(cmd) => Some(run::spawn(
             cmd,

@@ -15,6 +15,9 @@ pub trait Backend: Send + Sync {
     /// Whether no call into this link or below it ever waits, so calls may
     /// run on an event loop.
     fn nonblocking(&self) -> bool;
+    /// The server is serving, in the background if it went there: the
+    /// plugin first, then each filter up the chain.
+    fn after_fork(&self) -> Result<()>;
     /// A client connected; an error refuses it.
     fn preconnect(&self, readonly: bool) -> Result<()>;
     /// The exports to list.

@@ -9,7 +9,8 @@ use nbdhost_plugin_api::Error;
 
 use super::backend::Backend;
 use super::filter::Filter;
-use super::loader::LayerInfo;
+use super::foreign;
+use super::loader::{LayerInfo, Origin};
 use super::plugin::Plugin;
 
 /// Directories searched for plugins (`kind` = "plugin") or filters given
@@ -33,15 +34,10 @@ pub fn layer_dirs(kind: &str) -> Vec<PathBuf> {
 
 /// A path is used as is; a short name is looked up as `lib<name><kind>.so`.
 pub fn resolve(arg: &str, kind: &str) -> Result<PathBuf, String> {
-    if arg.contains('/') || arg.ends_with(".so") {
+    if is_path(arg) {
         return Ok(PathBuf::from(arg));
     }
-    if !arg
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(format!("'{arg}' is neither a {kind} name nor a path"));
-    }
+    check_name(arg, kind)?;
     let file = format!("lib{arg}{kind}.so");
     let dirs = layer_dirs(kind);
     dirs.iter()
@@ -55,6 +51,51 @@ pub fn resolve(arg: &str, kind: &str) -> Result<PathBuf, String> {
                 kind.to_uppercase()
             )
         })
+}
+
+fn is_path(arg: &str) -> bool {
+    arg.contains('/') || arg.ends_with(".so")
+}
+
+fn check_name(arg: &str, kind: &str) -> Result<(), String> {
+    if arg
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        Ok(())
+    } else {
+        Err(format!("'{arg}' is neither a {kind} name nor a path"))
+    }
+}
+
+/// Where the plugin or filter `arg` (a short name or a path) comes from:
+/// an nbdhost layer of that name or at that path; otherwise nbdkit's layer
+/// of that name, or the nbdkit layer at that path, served by the adapter.
+pub fn locate(arg: &str, kind: &str) -> Result<Origin, String> {
+    let adapted = |foreign: PathBuf| {
+        let adapter = resolve("nbdkit", "plugin").map_err(|e| {
+            format!(
+                "{} is an nbdkit {kind}, but the adapter that serves those is missing: {e}",
+                foreign.display()
+            )
+        })?;
+        Ok(Origin::Adapted { adapter, foreign })
+    };
+    match resolve(arg, kind) {
+        Ok(path) if foreign::is_nbdkit(&path, kind) => adapted(path),
+        Ok(path) => Ok(Origin::Native(path)),
+        Err(e) if !is_path(arg) => match foreign::find(arg, kind) {
+            Some(path) => adapted(path),
+            None => Err(match foreign::nbdkit_dir(kind) {
+                Some(d) => format!(
+                    "{e}; nor is nbdkit-{arg}-{kind}.so in nbdkit's {}",
+                    d.display()
+                ),
+                None => e,
+            }),
+        },
+        Err(e) => Err(e),
+    }
 }
 
 /// Prefix an error with the name of the layer that raised it.
@@ -72,10 +113,10 @@ pub struct Layers {
 impl Layers {
     /// Load the plugin and filters named on the command line.
     pub fn load(plugin: &str, filters: &[String]) -> Result<Layers, String> {
-        let plugin = Plugin::load(&resolve(plugin, "plugin")?)?;
+        let plugin = Plugin::load(&locate(plugin, "plugin")?)?;
         let filters = filters
             .iter()
-            .map(|f| Filter::load(&resolve(f, "filter")?))
+            .map(|f| Filter::load(&locate(f, "filter")?))
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Layers { plugin, filters })
     }
@@ -85,29 +126,40 @@ impl Layers {
         self.plugin.info()
     }
 
+    /// Let the plugin print its own `--dump-plugin` lines.
+    pub fn dump_plugin(&self) {
+        self.plugin.dump_plugin();
+    }
+
     /// Each filter's facts, nearest the client first.
     pub fn filter_infos(&self) -> impl Iterator<Item = &LayerInfo> {
         self.filters.iter().map(Filter::info)
     }
 
-    /// Pass parameters down the stack (each filter, nearest the client
-    /// first, takes the keys it knows; the plugin gets the rest), finish
-    /// configuration, and stack the filters on the plugin.
-    pub fn configure(self, params: Vec<(String, String)>) -> Result<Arc<dyn Backend>, String> {
-        let Layers { plugin, filters } = self;
-        let name = plugin.info().name.clone();
+    /// Pass parameters down the stack: each filter, nearest the client
+    /// first, takes the keys it knows; the plugin gets the rest.
+    pub fn config(&self, params: Vec<(String, String)>) -> Result<(), String> {
+        let name = &self.plugin.info().name;
         for (k, v) in params {
             let mut taken = false;
-            for f in &filters {
+            for f in &self.filters {
                 if f.config(&k, &v).map_err(named(&f.info().name))? {
                     taken = true;
                     break;
                 }
             }
             if !taken {
-                plugin.config(&k, &v).map_err(named(&name))?;
+                self.plugin.config(&k, &v).map_err(named(name))?;
             }
         }
+        Ok(())
+    }
+
+    /// Once [`Layers::config`] has passed every parameter: finish
+    /// configuration, and stack the filters on the plugin.
+    pub fn configure(self) -> Result<Arc<dyn Backend>, String> {
+        let Layers { plugin, filters } = self;
+        let name = plugin.info().name.clone();
         for f in &filters {
             f.config_complete().map_err(named(&f.info().name))?;
         }

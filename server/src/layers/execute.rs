@@ -5,6 +5,7 @@
 
 use std::ffi::CString;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 
 use nbdhost_plugin_api::{Error, Flags, Result, Support};
 
@@ -15,7 +16,7 @@ use crate::protocol::handshake::{Answer, Query};
 use crate::protocol::request::Command;
 use crate::protocol::wire::{errno_to_nbd, EIO};
 use crate::session::buffers::PooledBuf;
-use crate::session::{Outcome, Request, TlsState};
+use crate::session::{Outcome, PeerIdentity, Request, TlsState};
 
 /// A connection's open export: the top handle of its chain and the
 /// context its calls run in.
@@ -29,6 +30,18 @@ pub struct Opened {
 impl std::fmt::Debug for Opened {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Opened").field("ctx", &self.ctx).finish()
+    }
+}
+
+impl Opened {
+    /// What a layer asked with `host->disconnect` since the last look:
+    /// `Some(true)` to close at once, `Some(false)` once the running
+    /// requests are answered.
+    pub fn take_disconnect(&self) -> Option<bool> {
+        match self.ctx.disconnect.swap(0, Ordering::Relaxed) {
+            0 => None,
+            how => Some(how == host::DISCONNECT_FORCE),
+        }
     }
 }
 
@@ -88,10 +101,20 @@ fn run_query(
     policy: ExportPolicy,
 ) -> (Answer, Option<Opened>) {
     let readonly = policy.readonly;
+    let certificate = match &tls.identity {
+        Some(PeerIdentity::Certificate { subject, issuer }) => CString::new(subject.as_str())
+            .ok()
+            .zip(CString::new(issuer.as_str()).ok()),
+        _ => None,
+    };
     let mut ctx = ConnContext {
         peer: Some(peer),
         is_tls: tls.active,
-        identity: tls.identity.as_deref().and_then(|i| CString::new(i).ok()),
+        identity: tls
+            .identity
+            .as_ref()
+            .and_then(|i| CString::new(i.name()).ok()),
+        certificate,
         ..Default::default()
     };
     let msg = |e: Error| e.to_string();

@@ -7,7 +7,6 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
 use std::sync::Arc;
 
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
@@ -15,18 +14,28 @@ use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 use super::backend::{checked_block_size, Backend, Handle};
 use super::extents::ExtentCollector;
 use super::host;
-use super::loader::{field, layer_string, shared_fields, LayerInfo, Library, Table};
+use super::loader::{field, layer_string, shared_fields, LayerInfo, Library, Origin, Table};
 use crate::protocol::export::{ExportEntry, Extent};
 
 impl Table for abi::Filter {
     const KIND: &'static str = "filter";
     const ENTRY: &'static str = abi::FILTER_ENTRY;
     type Entry = abi::FilterEntry;
+    const ADAPTER_ENTRY: &'static str = abi::FILTER_ADAPTER_ENTRY;
+    type AdapterEntry = abi::FilterAdapterEntry;
 
     unsafe fn call_entry(entry: abi::FilterEntry) -> *const abi::Filter {
         // SAFETY: the caller passes the filter's entry point, which takes
         // the host table; the table is 'static.
         unsafe { entry(&host::HOST) }
+    }
+
+    unsafe fn call_adapter_entry(
+        entry: abi::FilterAdapterEntry,
+        path: *const c_char,
+    ) -> *const abi::Filter {
+        // SAFETY: as for the entry point, with the path the caller passes.
+        unsafe { entry(&host::HOST, path) }
     }
 
     fn min_size() -> usize {
@@ -59,10 +68,10 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Load the filter at `path`.
-    pub fn load(path: &Path) -> std::result::Result<Filter, String> {
+    /// Load the filter from where it comes from.
+    pub fn load(origin: &Origin) -> std::result::Result<Filter, String> {
         Ok(Filter {
-            lib: Arc::new(Library::open(path)?),
+            lib: Arc::new(Library::load(origin)?),
         })
     }
 
@@ -154,11 +163,16 @@ impl Backend for Layer {
     }
 
     fn thread_model(&self) -> ThreadModel {
-        self.lib.info().thread_model.min(self.next.thread_model())
+        self.lib.thread_model().min(self.next.thread_model())
     }
 
     fn nonblocking(&self) -> bool {
         self.lib.nonblocking() && self.next.nonblocking()
+    }
+
+    fn after_fork(&self) -> Result<()> {
+        self.next.after_fork()?;
+        self.lib.after_fork()
     }
 
     fn preconnect(&self, readonly: bool) -> Result<()> {

@@ -3,10 +3,11 @@
 //! for, the error the plugin recorded, the layer being called).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::io::Read;
 use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -20,15 +21,27 @@ use crate::protocol::export::ExportEntry;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
     Inet(std::net::SocketAddr),
-    Unix,
+    /// A Unix-socket client, with its credentials where the kernel gave
+    /// them.
+    Unix(Option<Credentials>),
     Pipe,
+}
+
+/// A Unix-socket peer's process, user and group, as `SO_PEERCRED` reports
+/// them at connection time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    pub pid: i64,
+    pub uid: i64,
+    pub gid: i64,
 }
 
 impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Peer::Inet(a) => write!(f, "{a}"),
-            Peer::Unix => f.write_str("a Unix-socket client"),
+            Peer::Unix(Some(c)) => write!(f, "a Unix-socket client (pid {})", c.pid),
+            Peer::Unix(None) => f.write_str("a Unix-socket client"),
             Peer::Pipe => f.write_str("the stdin client"),
         }
     }
@@ -42,6 +55,30 @@ pub struct ConnContext {
     pub is_tls: bool,
     /// PSK user name or certificate subject DN, on a TLS connection.
     pub identity: Option<CString>,
+    /// A verified client certificate's subject and issuer DNs.
+    pub certificate: Option<(CString, CString)>,
+    /// What a layer asked with `host->disconnect`: [`DISCONNECT_GRACEFUL`]
+    /// or [`DISCONNECT_FORCE`], 0 for nothing.
+    pub disconnect: AtomicU8,
+}
+
+/// A layer asked to close its connection after the running requests.
+pub const DISCONNECT_GRACEFUL: u8 = 1;
+/// A layer asked to close its connection at once.
+pub const DISCONNECT_FORCE: u8 = 2;
+
+impl ConnContext {
+    /// The same connection under another export name.
+    fn renamed(&self, name: &str) -> ConnContext {
+        ConnContext {
+            export_name: CString::new(name).unwrap_or_default(),
+            peer: self.peer,
+            is_tls: self.is_tls,
+            identity: self.identity.clone(),
+            certificate: self.certificate.clone(),
+            disconnect: AtomicU8::new(0),
+        }
+    }
 }
 
 thread_local! {
@@ -50,11 +87,56 @@ thread_local! {
     static LAYER: Cell<&'static str> = const { Cell::new("nbdhost") };
 }
 
-static DEBUG_FLAGS: OnceLock<HashMap<String, i32>> = OnceLock::new();
+/// One `-D layer.flag=N` setting.
+struct DebugFlag {
+    layer: String,
+    flag: CString,
+    value: i32,
+}
+
+static DEBUG_FLAGS: OnceLock<Vec<DebugFlag>> = OnceLock::new();
 
 /// Set the `-D layer.flag=N` values; called once at start-up.
-pub fn set_debug_flags(flags: HashMap<String, i32>) {
+pub fn set_debug_flags(flags: BTreeMap<String, i32>) {
+    let flags = flags
+        .into_iter()
+        .filter_map(|(k, value)| {
+            let (layer, flag) = k.split_once('.')?;
+            Some(DebugFlag {
+                layer: layer.to_owned(),
+                flag: CString::new(flag).ok()?,
+                value,
+            })
+        })
+        .collect();
     let _ = DEBUG_FLAGS.set(flags);
+}
+
+/// The debug flags set for the layer being called, in name order.
+fn layer_debug_flags() -> impl Iterator<Item = &'static DebugFlag> {
+    let layer = LAYER.with(|l| l.get());
+    DEBUG_FLAGS
+        .get()
+        .into_iter()
+        .flatten()
+        .filter(move |f| f.layer == layer)
+}
+
+/// Whether layers may use stdin and stdout: not when they carry the NBD
+/// connection.
+static STDIO_SAFE: AtomicBool = AtomicBool::new(true);
+
+/// Say whether stdin and stdout are the NBD connection (`-s`).
+pub fn set_stdio_safe(safe: bool) {
+    STDIO_SAFE.store(safe, Ordering::Relaxed);
+}
+
+/// What `host->shutdown` does: set by the runtime once it serves.
+static SHUTDOWN_REQUEST: Mutex<Option<Box<dyn Fn() + Send>>> = Mutex::new(None);
+
+/// Make `host->shutdown` call `f` (`None`: do nothing, as before serving).
+pub fn on_shutdown_request(f: Option<Box<dyn Fn() + Send>>) {
+    *SHUTDOWN_REQUEST.lock().unwrap_or_else(|e| e.into_inner()) = f;
 }
 
 /// Run `f` on behalf of a connection, so that `export_name` and
@@ -71,24 +153,29 @@ pub fn with_context<T>(ctx: &ConnContext, f: impl FnOnce() -> T) -> T {
 pub fn with_export_name<T>(name: &str, f: impl FnOnce() -> T) -> T {
     let cur = CONTEXT.with(|c| c.get());
     // SAFETY: CONTEXT is only non-null inside `with_context`.
-    let peer = unsafe { cur.as_ref() }.and_then(|c| c.peer);
-    // SAFETY: as above.
-    let (is_tls, identity) =
-        unsafe { cur.as_ref() }.map_or((false, None), |c| (c.is_tls, c.identity.clone()));
-    let ctx = ConnContext {
-        export_name: CString::new(name).unwrap_or_default(),
-        peer,
-        is_tls,
-        identity,
+    let ctx = match unsafe { cur.as_ref() } {
+        Some(c) => c.renamed(name),
+        None => ConnContext {
+            export_name: CString::new(name).unwrap_or_default(),
+            ..Default::default()
+        },
     };
     with_context(&ctx, f)
 }
 
+/// `f` of the connection the current call is made for, if any. Pointers
+/// into the context that `f` returns stay valid for the rest of the call:
+/// the context outlives every call made within `with_context`.
+fn current<R>(f: impl FnOnce(&ConnContext) -> R) -> Option<R> {
+    let cur = CONTEXT.with(|c| c.get());
+    // SAFETY: CONTEXT is only non-null inside `with_context`, whose borrow
+    // outlives every call made within it.
+    unsafe { cur.as_ref() }.map(f)
+}
+
 /// The export name of the current connection ("" outside one).
 pub fn export_name() -> CString {
-    let cur = CONTEXT.with(|c| c.get());
-    // SAFETY: CONTEXT is only non-null inside `with_context`.
-    unsafe { cur.as_ref() }.map_or_else(CString::default, |c| c.export_name.clone())
+    current(|c| c.export_name.clone()).unwrap_or_default()
 }
 
 /// Set once the server starts shutting down; wakes `host->nanosleep`.
@@ -370,15 +457,12 @@ unsafe extern "C" fn host_free_secret(secret: *mut c_char) {
 }
 
 unsafe extern "C" fn host_peer_name(addr: *mut libc::sockaddr, len: *mut libc::socklen_t) -> c_int {
-    let ctx = CONTEXT.with(|c| c.get());
-    // SAFETY: CONTEXT is only non-null inside `with_context`, whose borrow
-    // outlives every call made within it.
-    let Some(ctx) = (unsafe { ctx.as_ref() }) else {
+    let Some(peer) = current(|c| c.peer) else {
         return -1;
     };
-    let sa = match ctx.peer {
+    let sa = match peer {
         Some(Peer::Inet(a)) => socket2::SockAddr::from(a),
-        Some(Peer::Unix) => match socket2::SockAddr::unix("") {
+        Some(Peer::Unix(_)) => match socket2::SockAddr::unix("") {
             Ok(a) => a,
             Err(_) => return -1,
         },
@@ -398,21 +482,20 @@ unsafe extern "C" fn host_peer_name(addr: *mut libc::sockaddr, len: *mut libc::s
 }
 
 unsafe extern "C" fn host_export_name() -> *const c_char {
-    let ctx = CONTEXT.with(|c| c.get());
-    // SAFETY: as in host_peer_name.
-    match unsafe { ctx.as_ref() } {
-        Some(c) => c.export_name.as_ptr(),
-        None => std::ptr::null(),
-    }
+    current(|c| c.export_name.as_ptr()).unwrap_or(std::ptr::null())
 }
 
 unsafe extern "C" fn host_debug_flag(name: *const c_char) -> c_int {
     let Some(name) = cstr(name) else { return 0 };
-    let layer = LAYER.with(|l| l.get());
-    DEBUG_FLAGS
-        .get()
-        .and_then(|m| m.get(&format!("{layer}.{name}")).copied())
-        .unwrap_or(0)
+    layer_debug_flags()
+        .find(|f| f.flag.to_bytes() == name.as_bytes())
+        .map_or(0, |f| f.value)
+}
+
+unsafe extern "C" fn host_debug_flag_name(i: usize) -> *const c_char {
+    layer_debug_flags()
+        .nth(i)
+        .map_or(std::ptr::null(), |f| f.flag.as_ptr())
 }
 
 unsafe extern "C" fn host_extents_new(offset: u64) -> *mut abi::Extents {
@@ -460,9 +543,7 @@ unsafe extern "C" fn host_last_errno() -> c_int {
 }
 
 unsafe extern "C" fn host_is_tls() -> c_int {
-    let ctx = CONTEXT.with(|c| c.get());
-    // SAFETY: CONTEXT is only non-null inside `with_context`.
-    unsafe { ctx.as_ref() }.map_or(0, |c| c_int::from(c.is_tls))
+    current(|c| c_int::from(c.is_tls)).unwrap_or(0)
 }
 
 unsafe extern "C" fn host_nanosleep(sec: u64, nsec: u64) -> c_int {
@@ -491,12 +572,92 @@ unsafe extern "C" fn host_nanosleep(sec: u64, nsec: u64) -> c_int {
 }
 
 unsafe extern "C" fn host_peer_identity() -> *const c_char {
-    let ctx = CONTEXT.with(|c| c.get());
-    // SAFETY: CONTEXT is only non-null inside `with_context`, and the
-    // string lives as long as the connection's context.
-    unsafe { ctx.as_ref() }
-        .and_then(|c| c.identity.as_ref())
-        .map_or(std::ptr::null(), |i| i.as_ptr())
+    current(|c| c.identity.as_ref().map(|i| i.as_ptr()))
+        .flatten()
+        .unwrap_or(std::ptr::null())
+}
+
+unsafe extern "C" fn host_log(level: c_int, msg: *const c_char) {
+    let Some(m) = cstr(msg) else { return };
+    let layer = LAYER.with(|l| l.get());
+    let level = match level {
+        abi::LOG_ERROR => log::Level::Error,
+        abi::LOG_WARNING => log::Level::Warn,
+        abi::LOG_INFO => log::Level::Info,
+        _ => log::Level::Debug,
+    };
+    log::log!(level, "{layer}: {m}");
+}
+
+unsafe extern "C" fn host_peer_credentials(pid: *mut i64, uid: *mut i64, gid: *mut i64) -> c_int {
+    let creds = match current(|c| c.peer).flatten() {
+        Some(Peer::Unix(Some(c))) => c,
+        Some(Peer::Unix(None)) => {
+            record(Error::new(
+                libc::ENOTSUP,
+                "the peer's credentials are unknown",
+            ));
+            return -1;
+        }
+        Some(_) => {
+            record(Error::new(
+                libc::ENOTSUP,
+                "peer credentials exist only for Unix-socket clients",
+            ));
+            return -1;
+        }
+        None => {
+            record(Error::new(libc::EINVAL, "no connection in this call"));
+            return -1;
+        }
+    };
+    // SAFETY: the layer passes three writable places (or null ones it does
+    // not want).
+    unsafe {
+        for (p, v) in [(pid, creds.pid), (uid, creds.uid), (gid, creds.gid)] {
+            if let Some(p) = p.as_mut() {
+                *p = v;
+            }
+        }
+    }
+    0
+}
+
+unsafe extern "C" fn host_peer_tls_dn() -> *const c_char {
+    current(|c| c.certificate.as_ref().map(|(subject, _)| subject.as_ptr()))
+        .flatten()
+        .unwrap_or(std::ptr::null())
+}
+
+unsafe extern "C" fn host_peer_tls_issuer_dn() -> *const c_char {
+    current(|c| c.certificate.as_ref().map(|(_, issuer)| issuer.as_ptr()))
+        .flatten()
+        .unwrap_or(std::ptr::null())
+}
+
+unsafe extern "C" fn host_shutdown() {
+    let layer = LAYER.with(|l| l.get());
+    log::info!("{layer} asked the server to shut down");
+    if let Some(f) = SHUTDOWN_REQUEST
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        f();
+    }
+}
+
+unsafe extern "C" fn host_disconnect(force: c_int) {
+    let how = if force != 0 {
+        DISCONNECT_FORCE
+    } else {
+        DISCONNECT_GRACEFUL
+    };
+    current(|c| c.disconnect.fetch_max(how, Ordering::Relaxed));
+}
+
+unsafe extern "C" fn host_stdio_safe() -> c_int {
+    c_int::from(STDIO_SAFE.load(Ordering::Relaxed))
 }
 
 /// The table every plugin receives.
@@ -522,6 +683,14 @@ pub static HOST: abi::Host = abi::Host {
     is_tls: Some(host_is_tls),
     peer_identity: Some(host_peer_identity),
     nanosleep: Some(host_nanosleep),
+    log: Some(host_log),
+    debug_flag_name: Some(host_debug_flag_name),
+    peer_credentials: Some(host_peer_credentials),
+    peer_tls_dn: Some(host_peer_tls_dn),
+    peer_tls_issuer_dn: Some(host_peer_tls_issuer_dn),
+    shutdown: Some(host_shutdown),
+    disconnect: Some(host_disconnect),
+    stdio_safe: Some(host_stdio_safe),
 };
 
 #[cfg(test)]

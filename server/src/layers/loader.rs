@@ -7,7 +7,7 @@
 
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use nbdhost_plugin_api::{abi, Error, Result, ThreadModel};
 
@@ -75,6 +75,8 @@ macro_rules! shared_fields {
                 config_complete: field!(self, $ty, config_complete).flatten(),
                 get_ready: field!(self, $ty, get_ready).flatten(),
                 capabilities: field!(self, $ty, capabilities).flatten(),
+                configured_thread_model: field!(self, $ty, configured_thread_model).flatten(),
+                after_fork: field!(self, $ty, after_fork).flatten(),
             }
         }
     };
@@ -89,6 +91,8 @@ pub struct Common {
     pub config_complete: Option<unsafe extern "C" fn() -> c_int>,
     pub get_ready: Option<unsafe extern "C" fn() -> c_int>,
     pub capabilities: Option<unsafe extern "C" fn() -> u64>,
+    pub configured_thread_model: Option<unsafe extern "C" fn() -> c_int>,
+    pub after_fork: Option<unsafe extern "C" fn() -> c_int>,
 }
 
 /// A plugin or filter struct, as its entry point returns it.
@@ -99,11 +103,20 @@ pub trait Table: Sync + 'static {
     const ENTRY: &'static str;
     /// The entry point's type.
     type Entry: Copy;
+    /// The symbol of an adapter for layers of another server.
+    const ADAPTER_ENTRY: &'static str;
+    /// The adapter entry point's type.
+    type AdapterEntry: Copy;
     /// Call the entry point.
     ///
     /// # Safety
     /// `entry` must be the layer's entry symbol.
     unsafe fn call_entry(entry: Self::Entry) -> *const Self;
+    /// Call an adapter's entry point for the foreign layer at `path`.
+    ///
+    /// # Safety
+    /// `entry` must be an adapter's entry symbol and `path` a C string.
+    unsafe fn call_adapter_entry(entry: Self::AdapterEntry, path: *const c_char) -> *const Self;
     /// Size of the smallest struct accepted: up to the metadata strings.
     fn min_size() -> usize;
     fn abi_version(&self) -> u32;
@@ -124,6 +137,9 @@ pub struct Library<T: Table> {
     loaded: bool,
     /// What the layer said of its calls once ready: they never wait.
     nonblocking: AtomicBool,
+    /// The thread model as configured: the struct's, or stricter once the
+    /// layer has said so after `config_complete`.
+    thread_model: AtomicU32,
     // Declared last so that it is dropped (dlclosed) after everything that
     // points into it.
     _lib: libloading::Library,
@@ -161,6 +177,14 @@ pub fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::new(libc::EINVAL, "string contains a NUL byte"))
 }
 
+/// Load a layer's shared object.
+fn dlopen(path: &Path, kind: &str) -> std::result::Result<libloading::Library, String> {
+    // SAFETY: loading a layer runs its initialisers; that is the point of
+    // it, and the user named this file.
+    unsafe { libloading::Library::new(path) }
+        .map_err(|e| format!("cannot load {kind} {}: {e}", path.display()))
+}
+
 fn check_header(
     path: &Path,
     kind: &str,
@@ -185,21 +209,75 @@ fn check_header(
     Ok(())
 }
 
+/// Where a layer comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// An nbdhost plugin or filter.
+    Native(PathBuf),
+    /// A layer written for another server, served by an adapter.
+    Adapted { adapter: PathBuf, foreign: PathBuf },
+}
+
 impl<T: Table> Library<T> {
+    /// Load a layer from where it comes from.
+    pub fn load(origin: &Origin) -> std::result::Result<Library<T>, String> {
+        match origin {
+            Origin::Native(path) => Library::open(path),
+            Origin::Adapted { adapter, foreign } => Library::open_adapted(adapter, foreign),
+        }
+    }
+
     /// Load the shared object at `path`, check and read its table, and run
     /// its `load` callback.
-    pub fn open(path: &Path) -> std::result::Result<Library<T>, String> {
+    fn open(path: &Path) -> std::result::Result<Library<T>, String> {
         let (kind, shown) = (T::KIND, path.display());
-        // SAFETY: loading a layer runs its initialisers; that is the point
-        // of it, and the user named this file.
-        let lib = unsafe { libloading::Library::new(path) }
-            .map_err(|e| format!("cannot load {kind} {shown}: {e}"))?;
+        let lib = dlopen(path, kind)?;
         // SAFETY: the symbol's type is fixed by the ABI headers.
         let entry = unsafe { lib.get::<T::Entry>(T::ENTRY.as_bytes()) }
             .map(|s| *s)
             .map_err(|_| format!("{shown} is not an nbdhost {kind}: no symbol {}", T::ENTRY))?;
         // SAFETY: `entry` is the layer's entry symbol.
         let table = unsafe { T::call_entry(entry) };
+        Library::with_table(lib, table, path)
+    }
+
+    /// Load the adapter at `adapter` and have it describe `foreign`, a
+    /// layer written for another server; then as [`Library::open`].
+    fn open_adapted(adapter: &Path, foreign: &Path) -> std::result::Result<Library<T>, String> {
+        let (kind, shown) = (T::KIND, adapter.display());
+        let lib = dlopen(adapter, kind)?;
+        // SAFETY: the symbol's type is fixed by the ABI headers.
+        let entry = unsafe { lib.get::<T::AdapterEntry>(T::ADAPTER_ENTRY.as_bytes()) }
+            .map(|s| *s)
+            .map_err(|_| {
+                format!(
+                    "{shown} is not an nbdhost {kind} adapter: no symbol {}",
+                    T::ADAPTER_ENTRY
+                )
+            })?;
+        let path = cstring(&foreign.to_string_lossy()).map_err(|e| e.to_string())?;
+        // SAFETY: `entry` is the adapter's entry symbol; the path outlives
+        // the call.
+        let table = host::call_layer("adapter", || unsafe {
+            T::call_adapter_entry(entry, path.as_ptr())
+        });
+        if table.is_null() {
+            return Err(format!(
+                "{}: {}",
+                foreign.display(),
+                host::take_error("loading it")
+            ));
+        }
+        Library::with_table(lib, table, foreign)
+    }
+
+    /// Check and read the table an entry point returned, then run `load`.
+    fn with_table(
+        lib: libloading::Library,
+        table: *const T,
+        path: &Path,
+    ) -> std::result::Result<Library<T>, String> {
+        let (kind, shown) = (T::KIND, path.display());
         // SAFETY: the entry point returns null or a struct that lives as
         // long as the library, which this `Library` keeps loaded.
         let table: &'static T = unsafe { table.as_ref() }
@@ -233,6 +311,7 @@ impl<T: Table> Library<T> {
             info,
             loaded: false,
             nonblocking: AtomicBool::new(false),
+            thread_model: AtomicU32::new(table.thread_model()),
             _lib: lib,
         };
         if let Some(load) = l.table.common().load {
@@ -291,14 +370,44 @@ impl<T: Table> Library<T> {
         Ok(Some(r))
     }
 
-    /// All parameters have been given.
+    /// All parameters have been given; then the layer may say that, as
+    /// configured, it needs a stricter thread model.
     pub fn config_complete(&self) -> Result<()> {
-        let Some(f) = self.table.common().config_complete else {
+        let common = self.table.common();
+        if let Some(f) = common.config_complete {
+            // SAFETY: ABI callback with no arguments.
+            let r = self.call(|| unsafe { f() });
+            self.check("config_complete", r)?;
+        }
+        if let Some(f) = common.configured_thread_model {
+            // SAFETY: ABI callback with no arguments.
+            let r = self.call(|| unsafe { f() });
+            let model = u32::try_from(r).map_err(|_| host::take_error("thread_model"))?;
+            thread_model(model)?;
+            self.thread_model.fetch_min(model, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The thread model, as configured.
+    pub fn thread_model(&self) -> ThreadModel {
+        // Only valid values are ever stored: the struct's was checked at
+        // load, a configured one before it was stored.
+        thread_model(self.thread_model.load(Ordering::Relaxed))
+            .unwrap_or(ThreadModel::SerializeConnections)
+    }
+
+    /// The server is serving (in the background, if it went there).
+    pub fn after_fork(&self) -> Result<()> {
+        let Some(f) = self.table.common().after_fork else {
             return Ok(());
         };
         // SAFETY: ABI callback with no arguments.
         let r = self.call(|| unsafe { f() });
-        self.check("config_complete", r)
+        // Named here: by now the chain is stacked and no longer says which
+        // layer failed.
+        self.check("after_fork", r)
+            .map_err(|e| Error::new(e.raw_errno(), format!("{}: {e}", self.name)))
     }
 
     /// The server is about to listen; then the layer says what it can.

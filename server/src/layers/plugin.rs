@@ -7,7 +7,6 @@
 //! writing zeroes, caching by reading).
 
 use std::ffi::{c_char, c_int, c_void};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -16,18 +15,28 @@ use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 use super::backend::{checked_block_size, write_zeroes, Backend, Handle};
 use super::extents::ExtentCollector;
 use super::host;
-use super::loader::{field, layer_string, shared_fields, LayerInfo, Library, Table};
+use super::loader::{field, layer_string, shared_fields, LayerInfo, Library, Origin, Table};
 use crate::protocol::export::{ExportEntry, Extent};
 
 impl Table for abi::Plugin {
     const KIND: &'static str = "plugin";
     const ENTRY: &'static str = abi::PLUGIN_ENTRY;
     type Entry = abi::PluginEntry;
+    const ADAPTER_ENTRY: &'static str = abi::PLUGIN_ADAPTER_ENTRY;
+    type AdapterEntry = abi::PluginAdapterEntry;
 
     unsafe fn call_entry(entry: abi::PluginEntry) -> *const abi::Plugin {
         // SAFETY: the caller passes the plugin's entry point, which takes
         // the host table; the table is 'static.
         unsafe { entry(&host::HOST) }
+    }
+
+    unsafe fn call_adapter_entry(
+        entry: abi::PluginAdapterEntry,
+        path: *const c_char,
+    ) -> *const abi::Plugin {
+        // SAFETY: as for the entry point, with the path the caller passes.
+        unsafe { entry(&host::HOST, path) }
     }
 
     fn min_size() -> usize {
@@ -60,10 +69,10 @@ pub struct Plugin {
 }
 
 impl Plugin {
-    /// Load the plugin at `path`.
-    pub fn load(path: &Path) -> std::result::Result<Plugin, String> {
+    /// Load the plugin from where it comes from.
+    pub fn load(origin: &Origin) -> std::result::Result<Plugin, String> {
         Ok(Plugin {
-            lib: Arc::new(Library::open(path)?),
+            lib: Arc::new(Library::load(origin)?),
         })
     }
 
@@ -92,6 +101,14 @@ impl Plugin {
     pub fn get_ready(&self) -> Result<()> {
         self.lib.get_ready()
     }
+
+    /// Let the plugin print its own `--dump-plugin` lines.
+    pub fn dump_plugin(&self) {
+        if let Some(f) = cb!(self.lib, dump_plugin) {
+            // SAFETY: ABI callback with no arguments.
+            self.lib.call(|| unsafe { f() });
+        }
+    }
 }
 
 impl Backend for Plugin {
@@ -100,11 +117,15 @@ impl Backend for Plugin {
     }
 
     fn thread_model(&self) -> ThreadModel {
-        self.lib.info().thread_model
+        self.lib.thread_model()
     }
 
     fn nonblocking(&self) -> bool {
         self.lib.nonblocking()
+    }
+
+    fn after_fork(&self) -> Result<()> {
+        self.lib.after_fork()
     }
 
     fn preconnect(&self, readonly: bool) -> Result<()> {

@@ -200,6 +200,7 @@ impl EventLoop {
                         continue;
                     };
                     c.session.complete(done);
+                    honour_disconnect(c);
                     // Driven once for the whole batch: one write for all
                     // of its replies.
                     if !std::mem::replace(&mut c.touched, true) {
@@ -566,6 +567,7 @@ impl Turn<'_> {
             }
         };
         c.session.complete(done);
+        honour_disconnect(c);
     }
 
     /// Hand work to the worker pool; the result comes back by mail.
@@ -623,5 +625,18 @@ impl Turn<'_> {
                 Err(e) => c.session.abandon(&format!("write error: {e}")),
             }
         }
+    }
+}
+
+/// Act on a layer's `host->disconnect` once one of the connection's calls
+/// has returned.
+fn honour_disconnect(c: &mut Conn) {
+    match c.session.handle().and_then(|h| h.take_disconnect()) {
+        Some(true) => c.session.abandon("a layer asked to disconnect at once"),
+        Some(false) => {
+            log::debug!("connection {}: a layer asked to disconnect", c.session.id());
+            c.session.begin_shutdown();
+        }
+        None => {}
     }
 }

@@ -13,7 +13,7 @@ use mio::{Interest, Registry, Token};
 
 use bytes::BytesMut;
 
-use crate::layers::host::Peer;
+use crate::layers::host::{Credentials, Peer};
 
 /// Send buffer asked for on accepted Unix sockets.
 const UNIX_SEND_BUFFER: usize = 1 << 20;
@@ -22,6 +22,33 @@ const UNIX_SEND_BUFFER: usize = 1 << 20;
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
+}
+
+/// The connecting process's credentials (`SO_PEERCRED`), which plugins
+/// may ask for.
+fn peer_credentials(s: &impl AsRawFd) -> Option<Credentials> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred
+    // as SO_PEERCRED expects, on a socket we own.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then(|| Credentials {
+        pid: i64::from(cred.pid),
+        uid: i64::from(cred.uid),
+        gid: i64::from(cred.gid),
+    })
 }
 
 impl Listener {
@@ -40,7 +67,8 @@ impl Listener {
                 // them. The kernel caps it at net.core.wmem_max. TCP keeps
                 // its autotuning, which a fixed size would turn off.
                 let _ = socket2::SockRef::from(&s).set_send_buffer_size(UNIX_SEND_BUFFER);
-                Ok((Stream::Unix(s), Peer::Unix))
+                let creds = peer_credentials(&s);
+                Ok((Stream::Unix(s), Peer::Unix(creds)))
             }
         }
     }

@@ -107,6 +107,8 @@ enum Event {
     Signal(i32),
     Child(i32),
     StdioDone,
+    /// A layer called `host->shutdown`.
+    Requested,
 }
 
 /// Serve until a signal, the end of the `-s` connection, or the end of the
@@ -195,6 +197,13 @@ pub fn serve(
                 let _ = tx.send(Event::Child(code));
             })?;
     }
+    let requested = Mutex::new(tx.clone());
+    host::on_shutdown_request(Some(Box::new(move || {
+        let _ = requested
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Event::Requested);
+    })));
     drop(tx);
 
     let stdio = if opts.stdio {
@@ -229,8 +238,13 @@ pub fn serve(
             log::debug!("--run command exited with status {code}");
             Exit::Child(code)
         }
+        Ok(Event::Requested) => {
+            log::debug!("a layer asked for the shutdown");
+            Exit::Normal
+        }
         Ok(Event::StdioDone) | Err(_) => Exit::Normal,
     };
+    host::on_shutdown_request(None);
     host::begin_shutdown();
     for m in &loops.mailboxes {
         m.post(Message::Shutdown);

@@ -34,7 +34,7 @@ use crate::protocol::request::{Command, Decoded, Decoder, Front};
 use crate::protocol::wire::{ReplyStyle, EIO};
 use output::{Data, OutQueue};
 
-pub use work::{Done, Outcome, Request, TlsEngine, TlsFactory, TlsState, Work};
+pub use work::{Done, Outcome, PeerIdentity, Request, TlsEngine, TlsFactory, TlsState, Work};
 
 /// What one connection may hold at once.
 #[derive(Debug, Clone, Copy)]
@@ -104,7 +104,7 @@ pub struct Session<H> {
     plain: OutQueue,
     tls: Option<Box<dyn TlsEngine>>,
     tls_ready: bool,
-    identity: Option<String>,
+    identity: Option<PeerIdentity>,
     ready: VecDeque<Work<H>>,
     handle: Option<H>,
     in_flight: usize,
@@ -552,7 +552,7 @@ impl<H> Session<H> {
                     "connection {}: {} established{}",
                     self.id,
                     t.protocol(),
-                    who.as_deref()
+                    who.as_ref()
                         .map(|w| format!(" with {w}"))
                         .unwrap_or_default()
                 );

@@ -281,8 +281,8 @@ impl TlsEngine for FakeTls {
     fn protocol(&self) -> String {
         "FAKE".into()
     }
-    fn peer_identity(&self) -> Option<String> {
-        self.ready.then(|| "alice".into())
+    fn peer_identity(&self) -> Option<PeerIdentity> {
+        self.ready.then(|| PeerIdentity::Psk("alice".into()))
     }
     fn attempted_user(&self) -> Option<String> {
         None
@@ -386,7 +386,7 @@ fn starttls_mid_stream_switches_every_later_byte_into_tls() {
         tls,
         TlsState {
             active: true,
-            identity: Some("alice".into())
+            identity: Some(PeerIdentity::Psk("alice".into()))
         }
     );
     p.s.complete(Done::Query {

@@ -30,8 +30,34 @@ pub enum Work<H> {
 pub struct TlsState {
     /// The connection is inside TLS.
     pub active: bool,
+    /// Who the client proved to be, if anyone.
+    pub identity: Option<PeerIdentity>,
+}
+
+/// Who a client proved to be in its TLS handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerIdentity {
+    /// A PSK user name.
+    Psk(String),
+    /// A client certificate the server verified: its subject's and its
+    /// issuer's distinguished names.
+    Certificate { subject: String, issuer: String },
+}
+
+impl PeerIdentity {
     /// The PSK user name or the certificate's subject DN.
-    pub identity: Option<String>,
+    pub fn name(&self) -> &str {
+        match self {
+            PeerIdentity::Psk(user) => user,
+            PeerIdentity::Certificate { subject, .. } => subject,
+        }
+    }
+}
+
+impl std::fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// One transmission request handed out by the session.
@@ -112,8 +138,8 @@ pub trait TlsEngine {
     fn close_notify(&mut self);
     /// The negotiated protocol version and cipher, for the log.
     fn protocol(&self) -> String;
-    /// Once the handshake is complete: the PSK user or certificate DN.
-    fn peer_identity(&self) -> Option<String>;
+    /// Once the handshake is complete: who the client proved to be.
+    fn peer_identity(&self) -> Option<PeerIdentity>;
     /// The PSK user the client offered, known even if the handshake failed.
     fn attempted_user(&self) -> Option<String>;
 }

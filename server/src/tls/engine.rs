@@ -9,7 +9,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::config::TlsConfig;
 use super::{check, ffi, psk, strerror};
-use crate::session::TlsEngine;
+use crate::session::{PeerIdentity, TlsEngine};
 
 /// The largest plaintext a TLS record carries.
 const RECORD_MAX: usize = 16 * 1024;
@@ -131,7 +131,8 @@ impl GnutlsEngine {
         Ok(())
     }
 
-    fn peer_dn(&self) -> Option<String> {
+    /// The subject and issuer DNs of the client's certificate.
+    fn peer_certificate(&self) -> Option<(String, String)> {
         let mut n: c_uint = 0;
         // SAFETY: returns null or an array of `n` data owned by the session.
         let certs = unsafe { ffi::gnutls_certificate_get_peers(self.session, &mut n) };
@@ -139,23 +140,36 @@ impl GnutlsEngine {
             return None;
         }
         let mut crt: ffi::Crt = std::ptr::null_mut();
-        // SAFETY: initialise, import the first (the peer's own)
-        // certificate, read its DN into our buffer, and free it.
-        unsafe {
-            if ffi::gnutls_x509_crt_init(&mut crt) < 0 {
-                return None;
-            }
+        type GetDn = unsafe extern "C" fn(ffi::Crt, *mut std::ffi::c_char, *mut usize) -> c_int;
+        let dn = |crt: ffi::Crt, get: GetDn| {
             let mut buf = vec![0u8; 1024];
             let mut size = buf.len();
-            let ok = ffi::gnutls_x509_crt_import(crt, certs, ffi::X509_FMT_DER) >= 0
-                && ffi::gnutls_x509_crt_get_dn(crt, buf.as_mut_ptr().cast(), &mut size) >= 0;
-            ffi::gnutls_x509_crt_deinit(crt);
+            // SAFETY: `crt` holds an imported certificate; the DN is
+            // written into our buffer of `size` bytes.
+            let ok = unsafe { get(crt, buf.as_mut_ptr().cast(), &mut size) } >= 0;
             ok.then(|| {
                 CStr::from_bytes_until_nul(&buf)
                     .ok()
                     .map(|c| c.to_string_lossy().into_owned())
             })
             .flatten()
+        };
+        // SAFETY: initialise, import the first (the peer's own)
+        // certificate, read its DNs, and free it.
+        unsafe {
+            if ffi::gnutls_x509_crt_init(&mut crt) < 0 {
+                return None;
+            }
+            let names = (ffi::gnutls_x509_crt_import(crt, certs, ffi::X509_FMT_DER) >= 0)
+                .then(|| {
+                    Some((
+                        dn(crt, ffi::gnutls_x509_crt_get_dn)?,
+                        dn(crt, ffi::gnutls_x509_crt_get_issuer_dn)?,
+                    ))
+                })
+                .flatten();
+            ffi::gnutls_x509_crt_deinit(crt);
+            names
         }
     }
 }
@@ -275,16 +289,22 @@ impl TlsEngine for GnutlsEngine {
         )
     }
 
-    fn peer_identity(&self) -> Option<String> {
+    fn peer_identity(&self) -> Option<PeerIdentity> {
         // SAFETY: live session after the handshake.
         match unsafe { ffi::gnutls_auth_get_type(self.session) } {
             ffi::CRD_PSK => {
                 // SAFETY: null or a string owned by the session.
                 let u = unsafe { ffi::gnutls_psk_server_get_username(self.session) };
+                if u.is_null() {
+                    return None;
+                }
                 // SAFETY: checked non-null; valid while the session lives.
-                (!u.is_null()).then(|| unsafe { CStr::from_ptr(u) }.to_string_lossy().into_owned())
+                let user = unsafe { CStr::from_ptr(u) };
+                Some(PeerIdentity::Psk(user.to_string_lossy().into_owned()))
             }
-            ffi::CRD_CERTIFICATE => self.peer_dn(),
+            ffi::CRD_CERTIFICATE => self
+                .peer_certificate()
+                .map(|(subject, issuer)| PeerIdentity::Certificate { subject, issuer }),
             _ => None,
         }
     }

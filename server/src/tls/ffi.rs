@@ -81,6 +81,7 @@ extern "C" {
     pub fn gnutls_x509_crt_deinit(crt: Crt);
     pub fn gnutls_x509_crt_import(crt: Crt, data: *const Datum, fmt: c_int) -> c_int;
     pub fn gnutls_x509_crt_get_dn(crt: Crt, buf: *mut c_char, size: *mut usize) -> c_int;
+    pub fn gnutls_x509_crt_get_issuer_dn(crt: Crt, buf: *mut c_char, size: *mut usize) -> c_int;
 
     pub fn gnutls_transport_set_ptr(session: Session, ptr: *mut c_void);
     pub fn gnutls_transport_set_push_function(session: Session, f: PushFn);

@@ -1,0 +1,93 @@
+//! Plugins and filters written for nbdkit. They are served through the
+//! `nbdkit` adapter (`plugins/nbdkit`), which provides the `nbdkit_*`
+//! functions they call; all the server has to know is how to recognise
+//! them (the entry symbol they export), where nbdkit keeps them (its plugin
+//! and filter directories), and where the adapter is. Nothing else in the
+//! server is nbdkit-specific.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use object::{Object, ObjectSymbol};
+
+/// The entry symbol of an nbdkit plugin or filter (`kind`).
+fn entry_symbol(kind: &str) -> &'static str {
+    if kind == "filter" {
+        "filter_init"
+    } else {
+        "plugin_init"
+    }
+}
+
+/// Whether the shared object at `path` is an nbdkit `kind` ("plugin" or
+/// "filter"): it defines nbdkit's entry symbol. Read from the file, since
+/// loading it would fail (or run its initialisers) before the adapter has
+/// supplied the functions it needs.
+pub fn is_nbdkit(path: &Path, kind: &str) -> bool {
+    let Ok(data) = std::fs::read(path) else {
+        return false;
+    };
+    let Ok(file) = object::File::parse(&*data) else {
+        return false;
+    };
+    let entry = entry_symbol(kind);
+    file.dynamic_symbols()
+        .any(|s| s.is_definition() && s.name() == Ok(entry))
+}
+
+/// nbdkit's directory for `kind`: `$NBDHOST_NBDKIT_PLUGINDIR` (or
+/// `…FILTERDIR`) if set, else the one fixed when nbdhost was built, else
+/// what the installed nbdkit reports with `--dump-config`.
+pub fn nbdkit_dir(kind: &str) -> Option<PathBuf> {
+    let var = format!("NBDHOST_NBDKIT_{}DIR", kind.to_uppercase());
+    if let Some(d) = std::env::var_os(&var) {
+        return Some(PathBuf::from(d));
+    }
+    let built = if kind == "filter" {
+        option_env!("NBDHOST_NBDKIT_FILTERDIR")
+    } else {
+        option_env!("NBDHOST_NBDKIT_PLUGINDIR")
+    };
+    if let Some(d) = built {
+        return Some(PathBuf::from(d));
+    }
+    let key = format!("{kind}dir=");
+    nbdkit_config()
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map(PathBuf::from)
+}
+
+/// `nbdkit --dump-config`, asked once; empty without nbdkit.
+fn nbdkit_config() -> &'static str {
+    static CONFIG: OnceLock<String> = OnceLock::new();
+    CONFIG.get_or_init(|| {
+        std::process::Command::new("nbdkit")
+            .arg("--dump-config")
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    })
+}
+
+/// nbdkit's `kind` called `name` (`curl` → `nbdkit-curl-plugin.so` in
+/// nbdkit's plugin directory), if it is installed.
+pub fn find(name: &str, kind: &str) -> Option<PathBuf> {
+    let p = nbdkit_dir(kind)?.join(format!("nbdkit-{name}-{kind}.so"));
+    p.exists().then_some(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_nbdhost_plugin_is_not_taken_for_an_nbdkit_one() {
+        let exe = std::env::current_exe().unwrap();
+        assert!(!is_nbdkit(&exe, "plugin"));
+        assert!(!is_nbdkit(Path::new("/nonexistent"), "plugin"));
+    }
+}
