@@ -5,11 +5,12 @@
 //! are in lifecycle.rs.) Figures are printed with `--nocapture`.
 
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use nbdhost_tests::raw::*;
-use nbdhost_tests::{client, export_size, run_ok, Server};
+use nbdhost_tests::{client, export_size, run_ok, Server, TempDir};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -20,19 +21,26 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A good client's work: qemu-io writes and reads back 16 MiB; returns
-/// how long it took.
-fn good_client(s: &Server) -> Duration {
+/// A good client's work on a disk only it writes: qemu-io writes 16 MiB
+/// and reads them back.
+const WRITE_AND_READ: &[&str] = &["write -P 0x3c 16M 16M", "read -P 0x3c 16M 16M"];
+
+/// A good client's work on a disk others may write: qemu-io reads the
+/// 16 MiB `read_only_disk` filled and checks every byte.
+const READ: &[&str] = &["read -P 0x3c 16M 16M"];
+
+/// Runs a good client's qemu-io commands; returns how long they took.
+fn good_client(s: &Server, commands: &[&str]) -> Duration {
     let t = Instant::now();
-    let out = run_ok(client("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x3c 16M 16M",
-        "-c",
-        "read -P 0x3c 16M 16M",
-        &s.uri(),
-    ]));
+    let mut qemu_io = client("qemu-io");
+    qemu_io.args(["-f", "raw"]);
+    if commands.iter().all(|c| c.starts_with("read")) {
+        qemu_io.arg("-r");
+    }
+    for c in commands {
+        qemu_io.args(["-c", c]);
+    }
+    let out = run_ok(qemu_io.arg(s.uri()));
     assert!(out.contains("read 16777216/16777216"), "{out}");
     t.elapsed()
 }
@@ -74,13 +82,13 @@ fn connections_over_the_limit_are_refused_and_logged() {
 fn a_write_that_never_arrives_costs_only_its_connection() {
     let s = Server::start(&["memory", "size=64M"]);
     let pid = s.child.as_ref().unwrap().id();
-    let solo = good_client(&s);
+    let solo = good_client(&s, WRITE_AND_READ);
     let before = rss_kib(pid);
     // Announce 32 MiB and send 1,000 bytes of it.
     let mut stuck = RawClient::connect(&s.socket);
     stuck.go();
     stuck.send(&request_bytes(0, CMD_WRITE, 1, 0, 32 << 20, &[7u8; 1000]));
-    let beside = good_client(&s);
+    let beside = good_client(&s, WRITE_AND_READ);
     let grown = rss_kib(pid).saturating_sub(before);
     eprintln!(
         "a stalled 32 MiB write: good client {solo:?} alone, {beside:?} beside it; RSS grew {grown} KiB"
@@ -182,11 +190,28 @@ fn malformed(x: &mut u64) -> Vec<u8> {
     b
 }
 
+/// A 64 MiB image whose second 16 MiB hold the byte 0x3c.
+///
+/// The hostile clients' mutated requests may address any offset, and on a
+/// writable disk a legitimate write could land between a good client's
+/// write and its read-back; served read-only, every byte the good client
+/// reads is known. (Their writes still cross the decoder, and are
+/// refused with EPERM.)
+fn read_only_disk(dir: &TempDir) -> String {
+    let img = dir.path("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(64 << 20).unwrap();
+    f.write_all_at(&vec![0x3c; 16 << 20], 16 << 20).unwrap();
+    img.to_str().unwrap().to_owned()
+}
+
 #[test]
 fn ten_thousand_malformed_handshakes_and_requests_harm_no_one() {
     const CONNECTIONS: u64 = 10_000;
-    let s = Server::start(&["--handshake-timeout=5", "memory", "64M"]);
-    let solo = good_client(&s);
+    let dir = TempDir::new("hostile");
+    let img = read_only_disk(&dir);
+    let s = Server::start(&["--handshake-timeout=5", "--readonly", "file", &img]);
+    let solo = good_client(&s, READ);
     let sock = s.socket.clone();
     let t = Instant::now();
     let workers: Vec<_> = (0..8u64)
@@ -206,7 +231,7 @@ fn ten_thousand_malformed_handshakes_and_requests_harm_no_one() {
         })
         .collect();
     // Another client works throughout.
-    let beside = good_client(&s);
+    let beside = good_client(&s, READ);
     for w in workers {
         w.join().unwrap();
     }
