@@ -10,10 +10,12 @@
 //!   running work on the chain;
 //! - [`tls`]: GnuTLS credentials and engines over in-memory buffers;
 //! - [`runtime`]: listeners, event loops and the worker pool;
-//! - [`cli`]: the command line.
+//! - [`cli`]: the command line;
+//! - [`paths`]: the installation directories this build was made for.
 
 pub mod cli;
 pub mod layers;
+pub mod paths;
 pub mod protocol;
 pub mod runtime;
 pub mod session;

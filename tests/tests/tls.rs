@@ -442,11 +442,12 @@ fn tls_1_2_and_1_3_and_captive_modes() {
         );
         assert!(s.stop().success());
     }
-    // --run with a private socket.
-    let cmd = format!("nbdinfo --size \"nbds+unix://rich@/?socket=$unixsocket&tls-psk-file={k}\"");
+    // --run with a private socket: $uri carries everything libnbd needs.
+    let cmd = "[ \"$tls\" = 2 ] && [ \"$tls_psk\" = \"$k\" ] && nbdinfo --size \"$uri\"";
     let out = run_ok(
         Command::new(nbdhost_bin())
-            .args(["--tls-psk", k, "memory", "2M", "--run", &cmd])
+            .args(["--tls-psk", k, "memory", "2M", "--run", cmd])
+            .env("k", k)
             .env(
                 "PATH",
                 format!("/usr/bin:{}", std::env::var("PATH").unwrap()),

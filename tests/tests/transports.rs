@@ -64,7 +64,7 @@ fn run_with_private_socket_sets_variables_and_exit_status() {
     let sock = get("sock");
     assert!(sock.ends_with("/socket"), "{out}");
     assert_eq!(get("uri"), format!("nbd+unix:///disk?socket={sock}"));
-    assert_eq!(get("nbd"), format!("nbd:unix:{sock}"));
+    assert_eq!(get("nbd"), get("uri"), "both name the URI, as nbdkit's do");
     assert_eq!(get("name"), "disk");
     assert!(out.lines().any(|l| l == "1048576"), "{out}");
     assert!(
@@ -74,6 +74,31 @@ fn run_with_private_socket_sets_variables_and_exit_status() {
 
     let st = run(Command::new(nbdhost_bin()).args(["memory", "1M", "--run", "exit 3"]));
     assert_eq!(st.status.code(), Some(3));
+}
+
+#[test]
+fn sigterm_is_passed_to_the_run_command_and_waits_for_it() {
+    let dir = TempDir::new("run-sigterm");
+    let (ready, done) = (dir.path("ready"), dir.path("done"));
+    let cmd = format!(
+        "trap 'sleep 0.3; touch {}; exit 7' TERM; touch {}; while :; do sleep 0.05; done",
+        done.display(),
+        ready.display()
+    );
+    let mut server = Command::new(nbdhost_bin())
+        .args(["memory", "1M", "--run", &cmd])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the --run command never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = server.id().to_string();
+    run_ok(Command::new("kill").args(["-TERM", &pid]));
+    let st = server.wait().unwrap();
+    assert!(done.exists(), "nbdhost exited before its --run command");
+    assert_eq!(st.code(), Some(7), "the command's status is nbdhost's");
 }
 
 #[test]
@@ -184,6 +209,84 @@ fn command_line_answers() {
     let s = Server::start(&[plugin("memory").to_str().unwrap(), "size=2M"]);
     assert_eq!(nbdsh(&s.uri(), "print(h.get_size())").trim(), "2097152");
     assert!(s.stop().success());
+}
+
+#[test]
+fn version_with_a_plugin_loads_it_and_its_filters() {
+    let bin = nbdhost_bin();
+    let v = env!("CARGO_PKG_VERSION");
+    let out = run_ok(Command::new(&bin).args(["--filter=cow", "memory", "1M", "--version"]));
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            format!("nbdhost {v}"),
+            format!("cow {v}"),
+            format!("memory {v}")
+        ],
+        "{out}"
+    );
+    // The nbdkit idiom for probing: a missing layer fails.
+    let bad = run(Command::new(&bin).args(["nosuchplugin", "--version"]));
+    assert_eq!(bad.status.code(), Some(1));
+    let bad = run(Command::new(&bin).args(["--filter=nosuchfilter", "memory", "1M", "--version"]));
+    assert_eq!(bad.status.code(), Some(1));
+}
+
+#[test]
+fn help_with_a_plugin_describes_it_and_its_filters() {
+    let out = run_ok(Command::new(nbdhost_bin()).args(["--filter=cow", "memory", "--help"]));
+    let filter = out.find("\nfilter: cow (").expect("the filter's section");
+    let plugin = out
+        .find("\nplugin: memory (")
+        .expect("the plugin's section");
+    assert!(filter < plugin, "{out}");
+    assert!(
+        out[plugin..].contains("libmemoryplugin.so)\nsize="),
+        "{out}"
+    );
+    assert!(out[filter..plugin].contains("cow-block-size="), "{out}");
+}
+
+#[test]
+fn dump_config_has_the_keys_nbdkit_scripts_read() {
+    let cfg = run_ok(Command::new(nbdhost_bin()).arg("--dump-config"));
+    let keys: Vec<&str> = cfg.lines().filter_map(|l| l.split('=').next()).collect();
+    for k in [
+        "bindir",
+        "filterdir",
+        "libdir",
+        "mandir",
+        "name",
+        "plugindir",
+        "sbindir",
+        "sysconfdir",
+        "tls",
+        "version",
+        "version_major",
+        "version_minor",
+    ] {
+        assert!(keys.contains(&k), "no {k}= in\n{cfg}");
+    }
+    assert!(cfg.lines().any(|l| l == "tls=yes"), "{cfg}");
+}
+
+#[test]
+fn option_lists_name_every_option() {
+    let bin = nbdhost_bin();
+    let short = run_ok(Command::new(&bin).arg("--short-options"));
+    let long = run_ok(Command::new(&bin).arg("--long-options"));
+    for o in ["-r", "-U", "-V", "-h", "-s"] {
+        assert!(short.lines().any(|l| l == o), "{o} missing from\n{short}");
+    }
+    for o in [
+        "--filter",
+        "--tls-psk",
+        "--run",
+        "--short-options",
+        "--long-options",
+    ] {
+        assert!(long.lines().any(|l| l == o), "{o} missing from\n{long}");
+    }
 }
 
 #[test]

@@ -8,8 +8,11 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(
     name = "nbdhost",
-    version,
     about,
+    // Both also describe the plugin and filters named with them, as
+    // nbdkit's do, so they are ordinary flags handled after parsing.
+    disable_help_flag = true,
+    disable_version_flag = true,
     after_help = "Examples:\n  nbdhost memory 1G\n  nbdhost -r file disk.img\n  nbdhost -U - memory 1G --run 'qemu-img info \"$uri\"'\n\nSee nbdhost(1)."
 )]
 pub struct Cli {
@@ -142,8 +145,30 @@ pub struct Cli {
     #[arg(long)]
     pub dump_plugin: bool,
 
-    /// Plugin: a short name (file, memory) or a path to a shared object.
-    #[arg(value_name = "PLUGIN", required_unless_present = "dump_config")]
+    /// Print this help; with a plugin, its parameters and the filters'
+    /// too.
+    #[arg(short = 'h', long)]
+    pub help: bool,
+
+    /// Print the version; with a plugin, its version and the filters'
+    /// too (loading them, so a missing one is an error).
+    #[arg(short = 'V', long)]
+    pub version: bool,
+
+    /// Print every short option, one per line.
+    #[arg(long)]
+    pub short_options: bool,
+
+    /// Print every long option, one per line.
+    #[arg(long)]
+    pub long_options: bool,
+
+    /// Plugin: a short name (file, memory, or one of nbdkit's) or a path
+    /// to a shared object.
+    #[arg(
+        value_name = "PLUGIN",
+        required_unless_present_any = ["dump_config", "help", "version", "short_options", "long_options"]
+    )]
     pub plugin: Option<String>,
 
     /// Plugin parameters: key=value, or a bare value for the plugin's main key.

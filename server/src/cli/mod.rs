@@ -56,31 +56,77 @@ pub fn main() -> i32 {
 
 fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, String> {
     if cli.dump_config {
-        dump::config();
+        dump::print(&dump::config());
+        return Ok(0);
+    }
+    if cli.short_options || cli.long_options {
+        dump::print(&dump::options(cli.long_options));
         return Ok(0);
     }
     host::set_debug_flags(cli.debug_flags()?);
     host::set_stdio_safe(!cli.single);
-    let plugin = cli.plugin.clone().ok_or("no plugin given")?;
+    let Some(plugin) = cli.plugin.clone() else {
+        // clap demands a plugin unless one of these was given.
+        dump::print(&if cli.help {
+            dump::usage()
+        } else {
+            dump::version()
+        });
+        return Ok(0);
+    };
     let layers = Layers::load(&plugin, &cli.filters)?;
+    // As nbdkit: loaded, so that a missing layer is an error, but not
+    // configured.
+    if cli.help {
+        let mut text = dump::usage();
+        for i in layers.filter_infos().chain([layers.plugin_info()]) {
+            text.push('\n');
+            text.push_str(&dump::layer_help(i));
+        }
+        dump::print(&text);
+        return Ok(0);
+    }
+    if cli.version {
+        let mut text = dump::version();
+        for i in layers.filter_infos().chain([layers.plugin_info()]) {
+            text.push_str(&format!("{} {}\n", i.name, i.version));
+        }
+        dump::print(&text);
+        return Ok(0);
+    }
     let magic = layers.plugin_info().magic_config_key.clone();
     // Before --dump-plugin too, as nbdkit does: a language plugin only
     // knows what it can say once its script is loaded.
     layers.config(args::plugin_params(&cli.params, magic.as_deref())?)?;
     if cli.dump_plugin {
-        dump::layer(layers.plugin_info());
         // The plugin's own lines follow ours on the same stdout.
-        let _ = std::io::Write::flush(&mut std::io::stdout());
+        dump::print(&dump::layer(layers.plugin_info()));
         layers.dump_plugin();
         for f in layers.filter_infos() {
-            println!();
-            println!("filter:");
-            dump::layer(f);
+            dump::print(&format!("\nfilter:\n{}", dump::layer(f)));
         }
         return Ok(0);
     }
     let backend = layers.configure()?;
 
+    let tls_mode = cli.tls_mode();
+    if cli.oldstyle && tls_mode == TlsMode::Require {
+        // Oldstyle has no STARTTLS: every byte would go in clear.
+        return Err(
+            "the oldstyle protocol (-o) cannot do TLS, which these settings require".into(),
+        );
+    }
+    let tls: Option<Arc<dyn TlsFactory>> = if tls_mode == TlsMode::Off {
+        None
+    } else {
+        let opts = tls::TlsOptions {
+            psk_file: cli.tls_psk.clone(),
+            cert_dir: cli.tls_certificates.clone(),
+            verify_peer: cli.tls_verify_peer,
+            priority: cli.tls_priority.clone(),
+        };
+        Some(Arc::new(tls::TlsConfig::load(&opts)?))
+    };
     let mut private = None;
     let (listeners, address) = listeners(&cli, &mut private)?;
     for l in &listeners {
@@ -101,31 +147,19 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         process::write_pidfile(p)?;
     }
     backend.after_fork().map_err(|e| e.to_string())?;
+    // Once everything that can refuse to start has passed.
     let child = match &cli.run {
         Some(cmd) => Some(run::spawn(
             cmd,
             &address,
             cli.exportname.as_deref().unwrap_or(""),
+            &run::Tls {
+                mode: tls_mode,
+                certificates: cli.tls_certificates.as_deref(),
+                psk: cli.tls_psk.as_deref(),
+            },
         )?),
         None => None,
-    };
-    let tls_mode = cli.tls_mode();
-    if cli.oldstyle && tls_mode == TlsMode::Require {
-        // Oldstyle has no STARTTLS: every byte would go in clear.
-        return Err(
-            "the oldstyle protocol (-o) cannot do TLS, which these settings require".into(),
-        );
-    }
-    let tls: Option<Arc<dyn TlsFactory>> = if tls_mode == TlsMode::Off {
-        None
-    } else {
-        let opts = tls::TlsOptions {
-            psk_file: cli.tls_psk.clone(),
-            cert_dir: cli.tls_certificates.clone(),
-            verify_peer: cli.tls_verify_peer,
-            priority: cli.tls_priority.clone(),
-        };
-        Some(Arc::new(tls::TlsConfig::load(&opts)?))
     };
     process::raise_fd_limit(cli.max_connections);
     let opts = runtime::Options {

@@ -1,8 +1,11 @@
 //! `--run`: start a command with the connection details in its
-//! environment (`$uri`, `$nbd`, `$unixsocket`, `$port`, `$exportname`),
-//! as nbdkit does.
+//! environment (`$uri`, `$nbd`, `$unixsocket`, `$port`, `$exportname`,
+//! `$tls`, `$tls_certificates`, `$tls_psk`), as nbdkit does.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use crate::protocol::handshake::TlsMode;
+use crate::tls::psk;
 
 /// Where clients reach us, for `--run` and the log.
 pub enum Address {
@@ -14,34 +17,94 @@ pub enum Address {
     Stdio,
 }
 
+/// The TLS settings the `--run` command is told about.
+pub struct Tls<'a> {
+    pub mode: TlsMode,
+    pub certificates: Option<&'a Path>,
+    pub psk: Option<&'a Path>,
+}
+
 /// Start the `--run` command with the connection details in its
 /// environment, as nbdkit does.
-pub fn spawn(cmd: &str, address: &Address, export: &str) -> Result<std::process::Child, String> {
+pub fn spawn(
+    cmd: &str,
+    address: &Address,
+    export: &str,
+    tls: &Tls,
+) -> Result<std::process::Child, String> {
     let mut c = std::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
-    let enc = percent_encode(export);
-    match address {
-        Address::Unix(p) => {
-            let p = p.display().to_string();
-            c.env(
-                "uri",
-                format!("nbd+unix:///{enc}?socket={}", percent_encode(&p)),
-            );
-            c.env("nbd", format!("nbd:unix:{p}"));
-            c.env("unixsocket", &p);
-            c.env("port", "");
-        }
-        Address::Tcp(port) => {
-            c.env("uri", format!("nbd://localhost:{port}/{enc}"));
-            c.env("nbd", format!("nbd:localhost:{port}"));
-            c.env("unixsocket", "");
-            c.env("port", port.to_string());
-        }
-        Address::Activated | Address::Stdio => {}
+    let (unixsocket, port) = match address {
+        Address::Unix(p) => (p.display().to_string(), String::new()),
+        Address::Tcp(port) => (String::new(), port.to_string()),
+        Address::Activated | Address::Stdio => (String::new(), String::new()),
+    };
+    if let Some(uri) = uri(address, export, tls) {
+        // nbdkit since 1.24: both name the same URI.
+        c.env("uri", &uri).env("nbd", &uri);
     }
-    c.env("exportname", export);
+    c.env("unixsocket", unixsocket)
+        .env("port", port)
+        .env("exportname", export);
+    match tls.mode {
+        TlsMode::Off => {}
+        TlsMode::On => {
+            c.env("tls", "1");
+        }
+        TlsMode::Require => {
+            c.env("tls", "2");
+        }
+    }
+    if let Some(d) = tls.certificates {
+        c.env("tls_certificates", d);
+    }
+    if let Some(f) = tls.psk {
+        c.env("tls_psk", f);
+    }
     c.spawn()
         .map_err(|e| format!("--run: cannot start /bin/sh: {e}"))
+}
+
+/// The NBD URI of `export` at `address`. When TLS is required it says so
+/// in the scheme and names the credentials, as nbdkit's does; for a PSK
+/// file it also names the file's first user (as the URI's user), since
+/// libnbd otherwise offers the login name, which the file rarely holds.
+fn uri(address: &Address, export: &str, tls: &Tls) -> Option<String> {
+    let required = tls.mode == TlsMode::Require;
+    let mut query = Vec::new();
+    let mut user = String::new();
+    if required {
+        if let Some(d) = tls.certificates {
+            query.push(format!(
+                "tls-certificates={}",
+                percent_encode(&d.display().to_string())
+            ));
+        } else if let Some(f) = tls.psk {
+            query.push(format!(
+                "tls-psk-file={}",
+                percent_encode(&f.display().to_string())
+            ));
+            if let Some(u) = psk::first_user(f) {
+                user = format!("{}@", percent_encode(&u));
+            }
+        }
+    }
+    let s = if required { "s" } else { "" };
+    let export = percent_encode(export);
+    let mut uri = match address {
+        Address::Unix(p) => {
+            let socket = format!("socket={}", percent_encode(&p.display().to_string()));
+            query.insert(0, socket);
+            format!("nbd{s}+unix://{user}/{export}")
+        }
+        Address::Tcp(port) => format!("nbd{s}://{user}localhost:{port}/{export}"),
+        Address::Activated | Address::Stdio => return None,
+    };
+    if !query.is_empty() {
+        uri.push('?');
+        uri.push_str(&query.join("&"));
+    }
+    Some(uri)
 }
 
 /// Percent-encode everything but unreserved URI characters and '/'.
@@ -55,4 +118,64 @@ fn percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAIN: Tls = Tls {
+        mode: TlsMode::Off,
+        certificates: None,
+        psk: None,
+    };
+
+    #[test]
+    fn a_unix_uri_names_the_export_and_the_socket() {
+        let a = Address::Unix("/tmp/a b/nbd.sock".into());
+        assert_eq!(
+            uri(&a, "disk 1", &PLAIN).unwrap(),
+            "nbd+unix:///disk%201?socket=/tmp/a%20b/nbd.sock"
+        );
+    }
+
+    #[test]
+    fn a_tcp_uri_names_localhost_and_the_port() {
+        assert_eq!(
+            uri(&Address::Tcp(10809), "", &PLAIN).unwrap(),
+            "nbd://localhost:10809/"
+        );
+    }
+
+    #[test]
+    fn required_tls_names_the_certificates_in_the_uri() {
+        let tls = Tls {
+            mode: TlsMode::Require,
+            certificates: Some(Path::new("/etc/pki/nbdhost")),
+            psk: None,
+        };
+        assert_eq!(
+            uri(&Address::Tcp(10809), "", &tls).unwrap(),
+            "nbds://localhost:10809/?tls-certificates=/etc/pki/nbdhost"
+        );
+    }
+
+    #[test]
+    fn optional_tls_leaves_the_uri_plain() {
+        let tls = Tls {
+            mode: TlsMode::On,
+            certificates: Some(Path::new("/etc/pki/nbdhost")),
+            psk: None,
+        };
+        assert_eq!(
+            uri(&Address::Tcp(10809), "", &tls).unwrap(),
+            "nbd://localhost:10809/"
+        );
+    }
+
+    #[test]
+    fn stdio_and_socket_activation_have_no_uri() {
+        assert!(uri(&Address::Stdio, "", &PLAIN).is_none());
+        assert!(uri(&Address::Activated, "", &PLAIN).is_none());
+    }
 }

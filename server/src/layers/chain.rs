@@ -28,7 +28,7 @@ pub fn layer_dirs(kind: &str) -> Vec<PathBuf> {
         dirs.push(exe_dir.clone());
         dirs.push(exe_dir.join(format!("../lib/nbdhost/{kind}s")));
     }
-    dirs.push(PathBuf::from(format!("/usr/lib/nbdhost/{kind}s")));
+    dirs.push(PathBuf::from(crate::paths::layer_dir(kind)));
     dirs
 }
 

@@ -16,6 +16,8 @@ use super::host;
 /// Static facts about a plugin or filter, as `--dump-plugin` shows them.
 #[derive(Debug, Clone)]
 pub struct LayerInfo {
+    /// "plugin" or "filter".
+    pub kind: &'static str,
     pub path: PathBuf,
     pub name: String,
     pub version: String,
@@ -292,6 +294,7 @@ impl<T: Table> Library<T> {
         )?;
         let [name, version, description, config_help, magic] = table.strings().map(opt_string);
         let info = LayerInfo {
+            kind,
             path: path.to_path_buf(),
             name: name
                 .filter(|n| !n.is_empty())

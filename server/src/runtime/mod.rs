@@ -111,6 +111,36 @@ enum Event {
     Requested,
 }
 
+/// A signal arrived while the `--run` command runs: as with nbdkit, the
+/// server outlives its client. SIGTERM is passed on to the command (a
+/// terminal's SIGINT has reached it already, through the process group);
+/// then the command's exit, or a second signal, ends the wait.
+fn wait_for_run(rx: &mpsc::Receiver<Event>, pid: u32, signal: i32) -> Exit {
+    log::info!("signal {signal} received, waiting for the --run command to exit");
+    if signal == SIGTERM {
+        if let Ok(pid) = libc::pid_t::try_from(pid) {
+            // SAFETY: kill touches no memory of ours. (Had the "run"
+            // thread reaped the command a moment ago, Linux hands out pids
+            // cyclically, so the number is not yet anyone else's.)
+            unsafe { libc::kill(pid, SIGTERM) };
+        }
+    }
+    loop {
+        match rx.recv() {
+            Ok(Event::Child(code)) => {
+                log::debug!("--run command exited with status {code}");
+                return Exit::Child(code);
+            }
+            Ok(Event::Signal(s)) => {
+                log::info!("signal {s} received again, shutting down");
+                return Exit::Normal;
+            }
+            Ok(Event::Requested | Event::StdioDone) => {}
+            Err(_) => return Exit::Normal,
+        }
+    }
+}
+
 /// Serve until a signal, the end of the `-s` connection, or the end of the
 /// `--run` child. Returns once every request has been answered and every
 /// handle closed.
@@ -179,6 +209,7 @@ pub fn serve(
                 }
             }
         })?;
+    let run_pid = child.as_ref().map(std::process::Child::id);
     if let Some(mut child) = child {
         let tx = tx.clone();
         std::thread::Builder::new()
@@ -230,10 +261,13 @@ pub fn serve(
     }
 
     let exit = match rx.recv() {
-        Ok(Event::Signal(s)) => {
-            log::info!("signal {s} received, shutting down");
-            Exit::Normal
-        }
+        Ok(Event::Signal(s)) => match run_pid {
+            Some(pid) => wait_for_run(&rx, pid, s),
+            None => {
+                log::info!("signal {s} received, shutting down");
+                Exit::Normal
+            }
+        },
         Ok(Event::Child(code)) => {
             log::debug!("--run command exited with status {code}");
             Exit::Child(code)

@@ -54,12 +54,15 @@ fn check_secret_file(p: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The default certificate directory: `/etc/pki/nbdhost` for root,
+/// The default certificate directory for root.
+pub const ROOT_CERT_DIR: &str = "/etc/pki/nbdhost";
+
+/// The default certificate directory: [`ROOT_CERT_DIR`] for root,
 /// `$HOME/.pki/nbdhost` otherwise, as qemu and nbdkit do.
 pub fn default_cert_dir() -> PathBuf {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
-        PathBuf::from("/etc/pki/nbdhost")
+        PathBuf::from(ROOT_CERT_DIR)
     } else {
         let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from);
         home.join(".pki/nbdhost")

@@ -13,7 +13,7 @@ pub mod psk;
 use std::ffi::{c_int, CStr, CString};
 use std::path::Path;
 
-pub use config::{default_cert_dir, TlsConfig, TlsOptions};
+pub use config::{default_cert_dir, TlsConfig, TlsOptions, ROOT_CERT_DIR};
 
 fn strerror(code: c_int) -> String {
     // SAFETY: gnutls_strerror returns a static string for any code.

@@ -74,6 +74,24 @@ pub fn lookup(text: &str, username: &str) -> Option<Vec<u8>> {
     found
 }
 
+/// The first user in a PSK file's text.
+fn first_user_in(text: &str) -> Option<String> {
+    entries(text).find_map(|(_, e)| {
+        e.map(|(user, mut key)| {
+            key.zeroize();
+            user.to_owned()
+        })
+    })
+}
+
+/// The first user the PSK file at `file` names, for `--run`'s URI.
+pub fn first_user(file: &Path) -> Option<String> {
+    let mut text = std::fs::read_to_string(file).ok()?;
+    let user = first_user_in(&text);
+    text.zeroize();
+    user
+}
+
 /// Check the PSK file at `file` and make it the one lookups read.
 pub fn install(file: &Path) -> Result<(), String> {
     let mut text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -133,6 +151,15 @@ pub(super) unsafe extern "C" fn callback(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_user_is_the_first_well_formed_line() {
+        assert_eq!(
+            first_user_in("\nbroken\nalice:0a0b\nbob:0c0d\n").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(first_user_in("broken\n"), None);
+    }
 
     #[test]
     fn users_and_keys_are_found_by_name() {
