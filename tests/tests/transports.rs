@@ -112,6 +112,47 @@ fn single_connection_on_stdin_stdout() {
     assert_eq!(out.trim(), "True 1048576");
 }
 
+/// `-s` with a recorded session in a file on stdin and the replies going
+/// to a file: epoll cannot watch regular files, which are always ready.
+#[test]
+fn single_connection_from_and_to_regular_files() {
+    use nbdhost_tests::raw::*;
+    let dir = TempDir::new("stdio-files");
+    let mut session = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
+    session.extend(option_bytes(OPT_GO, &info_request("", &[])));
+    session.extend(request_bytes(0, CMD_WRITE, 1, 0, 4, b"abcd"));
+    session.extend(request_bytes(0, CMD_READ, 2, 0, 4, &[]));
+    session.extend(request_bytes(0, CMD_DISC, 3, 0, 0, &[]));
+    let (input, output) = (dir.path("in"), dir.path("out"));
+    std::fs::write(&input, &session).unwrap();
+    let st = Command::new(nbdhost_bin())
+        .args(["-s", "memory", "1M"])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .stdout(std::fs::File::create(&output).unwrap())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = std::fs::read(&output).unwrap();
+    assert!(out.starts_with(&NBDMAGIC.to_be_bytes()));
+    // The write's reply, then the read's: a simple reply and the data.
+    let mut tail = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+    tail.extend(0u32.to_be_bytes());
+    tail.extend(2u64.to_be_bytes());
+    tail.extend(b"abcd");
+    assert!(out.ends_with(&tail), "{out:02x?}");
+
+    // /dev/null on stdin is a client that leaves at once.
+    let st = Command::new(nbdhost_bin())
+        .args(["-s", "memory", "1M"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
 #[test]
 fn systemd_socket_activation() {
     let out = run_ok(

@@ -57,9 +57,10 @@ struct Conn {
     /// The last read found the socket empty: wait for the next readiness
     /// event before reading again.
     drained: bool,
-    /// The peer has hung up: read until end of file even after a short
-    /// read, as no new readiness event will come.
-    hung_up: bool,
+    /// No new readiness event will come (the peer has hung up, or stdin is
+    /// a file the poller cannot watch): read until end of file even after
+    /// a short read.
+    edgeless: bool,
     /// Results arrived for it in the batch being read.
     touched: bool,
     /// Registered for writability: only while output waits for room in the
@@ -148,7 +149,7 @@ impl EventLoop {
                                 c.drained = false;
                             }
                             if ev.is_read_closed() || ev.is_error() {
-                                c.hung_up = true;
+                                c.edgeless = true;
                             }
                             self.drive(key);
                         }
@@ -318,6 +319,7 @@ impl EventLoop {
             Lanes::PerConnection => Some(Arc::new(Lane::default())),
             Lanes::Global(l) => Some(l.clone()),
         };
+        let edgeless = stream.unwatched_input();
         entry.insert(Conn {
             serial: self.serial,
             stream,
@@ -325,7 +327,7 @@ impl EventLoop {
             session,
             lane,
             drained: false,
-            hung_up: false,
+            edgeless,
             touched: false,
             writable,
         });
@@ -505,7 +507,7 @@ impl Turn<'_> {
                     Ok(n) => {
                         // A short read emptied the socket: the next arrival
                         // raises a new edge.
-                        c.drained = n < room && !c.hung_up;
+                        c.drained = n < room && !c.edgeless;
                         budget = budget.saturating_sub(n);
                         c.session.received();
                     }

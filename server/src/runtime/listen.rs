@@ -246,11 +246,25 @@ pub fn socket_activation() -> Option<Result<Vec<Listener>, String>> {
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
-    /// `-s`: read from stdin, write to stdout (often one socket).
+    /// `-s`: read from stdin, write to stdout (often one socket, but
+    /// either may be a file epoll cannot watch: see [`Stream::register`]).
     Stdio {
         input: RawFd,
         output: RawFd,
+        /// Registered with the poller.
+        watched: [bool; 2],
     },
+}
+
+/// The outcome of registering one of stdio's descriptors: epoll refuses
+/// regular files and `/dev/null` with EPERM, as they are always ready;
+/// those are used without waiting.
+fn watch(r: io::Result<()>) -> io::Result<bool> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 impl Stream {
@@ -262,7 +276,14 @@ impl Stream {
         Ok(Stream::Stdio {
             input: 0,
             output: 1,
+            watched: [false; 2],
         })
+    }
+
+    /// Whether input never raises a readiness event (stdin is a file the
+    /// poller cannot watch), so must be read until it would block or ends.
+    pub fn unwatched_input(&self) -> bool {
+        matches!(self, Stream::Stdio { watched, .. } if !watched[0])
     }
 
     fn fd_read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -365,13 +386,19 @@ impl Source for Stream {
         match self {
             Stream::Tcp(s) => s.register(r, t, i),
             Stream::Unix(s) => s.register(r, t, i),
-            Stream::Stdio { input, output } => {
+            Stream::Stdio {
+                input,
+                output,
+                watched,
+            } => {
                 if same_file(*input, *output) {
-                    SourceFd(input).register(r, t, i)
+                    let w = watch(SourceFd(input).register(r, t, i))?;
+                    *watched = [w, w];
                 } else {
-                    SourceFd(input).register(r, t, Interest::READABLE)?;
-                    SourceFd(output).register(r, t, Interest::WRITABLE)
+                    watched[0] = watch(SourceFd(input).register(r, t, Interest::READABLE))?;
+                    watched[1] = watch(SourceFd(output).register(r, t, Interest::WRITABLE))?;
                 }
+                Ok(())
             }
         }
     }
@@ -386,12 +413,18 @@ impl Source for Stream {
         match self {
             Stream::Tcp(s) => s.deregister(r),
             Stream::Unix(s) => s.deregister(r),
-            Stream::Stdio { input, output } => {
-                let same = same_file(*input, *output);
-                SourceFd(input).deregister(r)?;
-                if !same {
+            Stream::Stdio {
+                input,
+                output,
+                watched,
+            } => {
+                if watched[0] {
+                    SourceFd(input).deregister(r)?;
+                }
+                if watched[1] && !same_file(*input, *output) {
                     SourceFd(output).deregister(r)?;
                 }
+                *watched = [false; 2];
                 Ok(())
             }
         }
