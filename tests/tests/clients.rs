@@ -218,3 +218,46 @@ fn file_plugin_read_only_and_cache_none() {
     }
     assert!(s.stop().success());
 }
+
+#[test]
+fn file_plugin_dir_serves_each_file_under_its_name() {
+    let dir = TempDir::new("filedir");
+    let served = dir.path("served");
+    std::fs::create_dir(&served).unwrap();
+    std::fs::write(served.join("a.img"), pattern(1 << 20, 5)).unwrap();
+    std::fs::write(served.join("b.img"), vec![0u8; 2 << 20]).unwrap();
+    std::os::unix::fs::symlink("a.img", served.join("link")).unwrap();
+    std::fs::create_dir(served.join("subdir")).unwrap();
+    let s = Server::start(&["file", &format!("dir={}", served.display())]);
+    let uri = |name: &str| format!("nbd+unix:///{name}?socket={}", s.socket.display());
+
+    // NBD_OPT_LIST: the regular files, and links to them; not the directory.
+    let list = run_ok(client("nbdinfo").args(["--list", "--json"]).arg(s.uri()));
+    let names: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("\"export-name\": \""))
+        .map(|l| l.trim_end_matches("\","))
+        .collect();
+    assert_eq!(names, ["a.img", "b.img", "link"], "{list}");
+
+    run_ok(
+        client("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 7 1M 4k"])
+            .arg(uri("b.img")),
+    );
+    assert!(
+        std::fs::read(served.join("b.img")).unwrap()[1 << 20..(1 << 20) + 4096]
+            .iter()
+            .all(|&b| b == 7)
+    );
+    assert_eq!(
+        run_ok(client("nbdinfo").arg("--size").arg(uri("link"))).trim(),
+        "1048576"
+    );
+    // The default export, a directory and a path are no export.
+    for name in ["", "subdir", "..%2Fserved%2Fa.img"] {
+        let out = nbdhost_tests::run(client("nbdinfo").arg("--size").arg(uri(name)));
+        assert!(!out.status.success(), "export {name:?} was served");
+    }
+    assert!(s.stop().success());
+}

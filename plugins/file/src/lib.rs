@@ -1,4 +1,5 @@
-//! The file plugin: serve a regular file or a block device.
+//! The file plugin: serve a regular file or a block device, or (`dir=`)
+//! every one of them in a directory, each under its own export name.
 //!
 //! Every connection opens the file afresh, so `-r` and per-connection
 //! read-only opens are honoured by the kernel. Flush and FUA are
@@ -17,7 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    nbdhost_plugin, BlockSize, Error, ExtentList, Flags, Handle, Plugin, Result, Support,
+    host, nbdhost_plugin, BlockSize, Error, ExportList, ExtentList, Flags, Handle, Plugin, Result,
+    Support,
 };
 
 /// Alignment of O_DIRECT transfers: safe for 512- and 4096-byte sectors.
@@ -35,11 +37,40 @@ const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
 #[derive(Default)]
 pub struct FilePlugin {
     path: Option<PathBuf>,
+    /// `dir=`: serve the files in it, chosen by export name.
+    dir: Option<PathBuf>,
     direct: bool,
     advice: Option<libc::c_int>,
     /// The file is a regular file on tmpfs or ramfs: every call is a memory
     /// copy that never waits for a device.
     in_memory: bool,
+}
+
+/// Whether `path`, following symbolic links, is something to serve.
+fn servable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() || m.file_type().is_block_device())
+}
+
+/// The file of `dir` that export `name` names: a name with no slash, as
+/// nbdkit's `dir=` takes it. The default export ("") names none.
+fn file_in(dir: &Path, name: &str) -> Result<PathBuf> {
+    if name.is_empty() {
+        return Err(Error::new(
+            libc::ENOENT,
+            "dir= serves no default export: ask for a file by name (NBD_OPT_LIST lists them)",
+        ));
+    }
+    if name.contains('/') {
+        return Err(Error::new(libc::EINVAL, "export name cannot contain /"));
+    }
+    let path = dir.join(name);
+    if !servable(&path) {
+        return Err(Error::new(
+            libc::ENOENT,
+            format!("{name}: no regular file or block device of that name in the directory"),
+        ));
+    }
+    Ok(path)
 }
 
 /// Whether `path` is a regular file whose data lives in memory.
@@ -59,8 +90,8 @@ fn in_memory(path: &Path) -> bool {
 impl Plugin for FilePlugin {
     const NAME: &'static CStr = c"file";
     const DESCRIPTION: &'static CStr = c"serve a file or a block device";
-    const CONFIG_HELP: &'static CStr =
-        c"file=<PATH>     (required) The file or block device to serve.
+    const CONFIG_HELP: &'static CStr = c"file=<PATH>     The file or block device to serve.
+dir=<DIR>       Or: serve each file in DIR under its name.
 cache=default|none   none: bypass the page cache (O_DIRECT).
 fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
     const MAGIC_CONFIG_KEY: Option<&'static CStr> = Some(c"file");
@@ -74,6 +105,11 @@ fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
                 let p = std::path::absolute(value)
                     .map_err(|e| Error::new(libc::EINVAL, format!("file={value}: {e}")))?;
                 self.path = Some(p);
+            }
+            "dir" | "directory" => {
+                let d = std::fs::canonicalize(value)
+                    .map_err(|e| Error::new(libc::EINVAL, format!("dir={value}: {e}")))?;
+                self.dir = Some(d);
             }
             "cache" => {
                 self.direct = match value {
@@ -111,12 +147,43 @@ fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
     }
 
     fn config_complete(&mut self) -> Result<()> {
-        let path = self
-            .path
-            .as_ref()
-            .ok_or_else(|| Error::new(libc::EINVAL, "the file parameter is required"))?;
+        let path = match (&self.path, &self.dir) {
+            (Some(_), Some(_)) => {
+                return Err(Error::new(
+                    libc::EINVAL,
+                    "file= and dir= cannot be used at the same time",
+                ))
+            }
+            (None, None) => {
+                return Err(Error::new(
+                    libc::EINVAL,
+                    "the file (or dir) parameter is required",
+                ))
+            }
+            (None, Some(dir)) => {
+                if !dir.is_dir() {
+                    return Err(Error::new(
+                        libc::EINVAL,
+                        format!("{}: not a directory", dir.display()),
+                    ));
+                }
+                // Each export may live on another file system.
+                self.in_memory = false;
+                return Ok(());
+            }
+            (Some(path), None) => path,
+        };
         let md = std::fs::metadata(path)
             .map_err(|e| Error::new(libc::EINVAL, format!("{}: {e}", path.display())))?;
+        if md.is_dir() {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!(
+                    "{}: a directory; use dir= to serve the files in it",
+                    path.display()
+                ),
+            ));
+        }
         if !md.is_file() && !md.file_type().is_block_device() {
             return Err(Error::new(
                 libc::EINVAL,
@@ -132,12 +199,30 @@ fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
         self.in_memory
     }
 
+    fn list_exports(&self, readonly: bool, is_tls: bool, exports: &mut ExportList) -> Result<()> {
+        let Some(dir) = &self.dir else {
+            return exports.add(&self.default_export(readonly, is_tls)?, None);
+        };
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| Error::new(errno_of(&e), format!("{}: {e}", dir.display())))?;
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| servable(&dir.join(name)))
+            .collect();
+        names.sort();
+        for name in names {
+            exports.add(&name, None)?;
+        }
+        Ok(())
+    }
+
     fn open(&self, readonly: bool) -> Result<FileHandle> {
-        let path = self
-            .path
-            .as_ref()
-            .ok_or_else(|| Error::new(libc::EINVAL, "not configured"))?;
-        FileHandle::open(path, readonly, self.direct, self.advice)
+        let path = match (&self.dir, &self.path) {
+            (Some(dir), _) => file_in(dir, &host::export_name().unwrap_or_default())?,
+            (None, Some(path)) => path.clone(),
+            (None, None) => return Err(Error::new(libc::EINVAL, "not configured")),
+        };
+        FileHandle::open(&path, readonly, self.direct, self.advice)
     }
 }
 
@@ -199,10 +284,17 @@ impl FileHandle {
             };
             Error::new(errno_of(&e), format!("{}: {e}{hint}", path.display()))
         })?;
-        let block_device = file
+        let md = file
             .metadata()
-            .map(|m| m.file_type().is_block_device())
-            .unwrap_or(false);
+            .map_err(|e| Error::new(errno_of(&e), format!("{}: {e}", path.display())))?;
+        // Checked again on what was opened: a dir= entry may have changed.
+        let block_device = md.file_type().is_block_device();
+        if !md.is_file() && !block_device {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!("{}: not a regular file or block device", path.display()),
+            ));
+        }
         if let Some(a) = advice {
             // SAFETY: posix_fadvise on our own descriptor; advice only.
             unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, a) };

@@ -5,6 +5,12 @@
 //! different pages rarely contend and a read never waits for a writer
 //! elsewhere on the disk. Unwritten pages cost nothing, which makes a 1 TiB
 //! disk free until it is used, and trim or zero gives whole pages back.
+//!
+//! `allocator=malloc` (nbdkit's name) presents the disk as allocated
+//! throughout, as nbdkit's malloc allocator does: block status reports
+//! data everywhere and trim or zero clears pages in place. Pages are still
+//! allocated on first write, since the kernel would do the same to one
+//! large allocation.
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +31,8 @@ type Page = Box<[u8]>;
 /// The disk shared by every connection.
 struct Store {
     size: u64,
+    /// `allocator=malloc`: never a hole, and pages are never given back.
+    dense: bool,
     shards: Vec<RwLock<BTreeMap<u64, Page>>>,
 }
 
@@ -52,9 +60,10 @@ fn pieces(offset: u64, count: u64) -> impl Iterator<Item = Piece> {
 }
 
 impl Store {
-    fn new(size: u64) -> Self {
+    fn new(size: u64, dense: bool) -> Self {
         Store {
             size,
+            dense,
             shards: (0..SHARDS).map(|_| RwLock::new(BTreeMap::new())).collect(),
         }
     }
@@ -99,7 +108,7 @@ impl Store {
                 .shard(p.page)
                 .write()
                 .unwrap_or_else(|e| e.into_inner());
-            if p.len == PAGE {
+            if p.len == PAGE && !self.dense {
                 shard.remove(&p.page);
             } else if let Some(page) = shard.get_mut(&p.page) {
                 page[p.start..p.start + p.len].fill(0);
@@ -128,13 +137,52 @@ impl Store {
 #[derive(Default)]
 pub struct Memory {
     size: Option<u64>,
+    dense: bool,
     store: Option<Arc<Store>>,
+}
+
+/// nbdkit's `allocator=` values: whether the store is dense.
+fn allocator(value: &str) -> Result<bool> {
+    let (name, options) = value.split_once(',').unwrap_or((value, ""));
+    let dense = match name {
+        "sparse" => false,
+        "malloc" => true,
+        "zstd" => return Err(Error::new(
+            libc::ENOTSUP,
+            "allocator=zstd is not supported here (nbdkit's memory plugin, given by path, has it)",
+        )),
+        _ => {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!("unknown allocator '{name}' (sparse or malloc)"),
+            ))
+        }
+    };
+    for o in options.split(',').filter(|o| !o.is_empty()) {
+        match o {
+            "mlock=false" => {}
+            "mlock=true" => {
+                return Err(Error::new(
+                    libc::ENOTSUP,
+                    "allocator=malloc,mlock=true is not supported here",
+                ))
+            }
+            _ => {
+                return Err(Error::new(
+                    libc::EINVAL,
+                    format!("unknown allocator option '{o}'"),
+                ))
+            }
+        }
+    }
+    Ok(dense)
 }
 
 impl Plugin for Memory {
     const NAME: &'static CStr = c"memory";
     const DESCRIPTION: &'static CStr = c"sparse RAM disk shared by all connections";
-    const CONFIG_HELP: &'static CStr = c"size=<SIZE>  (required) Size of the disk, e.g. 1G.";
+    const CONFIG_HELP: &'static CStr = c"size=<SIZE>  (required) Size of the disk, e.g. 1G.\n\
+allocator=sparse|malloc  Holes where unwritten (the default), or allocated throughout.";
     const MAGIC_CONFIG_KEY: Option<&'static CStr> = Some(c"size");
     type Handle = MemoryHandle;
 
@@ -149,6 +197,10 @@ impl Plugin for Memory {
                 self.size = Some(host::parse_size(value)?);
                 Ok(())
             }
+            "allocator" => {
+                self.dense = allocator(value)?;
+                Ok(())
+            }
             _ => Err(Error::new(
                 libc::EINVAL,
                 format!("unknown parameter '{key}'"),
@@ -161,7 +213,7 @@ impl Plugin for Memory {
             .size
             .ok_or_else(|| Error::new(libc::EINVAL, "size parameter is required"))?;
         i64::try_from(size).map_err(|_| Error::new(libc::EINVAL, "size is larger than 2^63-1"))?;
-        self.store = Some(Arc::new(Store::new(size)));
+        self.store = Some(Arc::new(Store::new(size, self.dense)));
         Ok(())
     }
 
@@ -228,6 +280,9 @@ impl Handle for MemoryHandle {
     }
     fn extents(&self, count: u64, offset: u64, flags: Flags, list: &mut ExtentList) -> Result<()> {
         let end = offset + count;
+        if self.store.dense {
+            return list.add(offset, count, 0);
+        }
         let mut pos = offset;
         while pos < end {
             let page = pos / PAGE as u64;
@@ -275,7 +330,7 @@ mod tests {
 
     #[test]
     fn write_read_zero_roundtrip() {
-        let s = Store::new(1 << 30);
+        let s = Store::new(1 << 30, false);
         let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
         s.write(&data, 12345);
         let mut back = vec![0u8; data.len()];
@@ -288,5 +343,29 @@ mod tests {
             .iter()
             .all(|&b| b == 0));
         assert_eq!(s.next_allocated(1), Some(3));
+    }
+
+    #[test]
+    fn a_dense_store_keeps_zeroed_pages() {
+        let s = Store::new(1 << 20, true);
+        s.write(&[1; PAGE], 0);
+        s.zero(PAGE as u64, 0);
+        assert!(s.is_allocated(0));
+        let mut back = vec![1u8; PAGE];
+        s.read(&mut back, 0);
+        assert!(back.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn allocators_take_nbdkit_names_and_refuse_what_is_missing() {
+        assert!(!allocator("sparse").unwrap());
+        assert!(allocator("malloc").unwrap());
+        assert!(allocator("malloc,mlock=false").unwrap());
+        assert_eq!(
+            allocator("malloc,mlock=true").unwrap_err().raw_errno(),
+            libc::ENOTSUP
+        );
+        assert_eq!(allocator("zstd").unwrap_err().raw_errno(), libc::ENOTSUP);
+        assert_eq!(allocator("slab").unwrap_err().raw_errno(), libc::EINVAL);
     }
 }
