@@ -294,6 +294,39 @@ fn cow_keeps_writes_in_a_temporary_overlay() {
     assert!(s.stop().success());
 }
 
+/// A change made to the base behind the server's back shows which reads
+/// came from the overlay: a kept block no longer follows the base.
+#[test]
+fn cow_on_read_keeps_what_was_read_and_follows_its_switch_file() {
+    let dir = TempDir::new("cowread");
+    let img = write_file(&dir, "disk.img", &[1u8; 64 * K]);
+    let switch = dir.path("switch");
+    let on_read = format!("cow-on-read={}", switch.display());
+    let s = start(&file_args(&["cow"], &img, &["cow-block-size=4K", &on_read]));
+    let uri = s.uri();
+    // The switch file is absent: reads pass through, nothing is kept.
+    qemu_io(&uri, &["read -P 1 0 4k"]);
+    std::fs::write(&img, [2u8; 64 * K]).unwrap();
+    qemu_io(&uri, &["read -P 2 0 4k"]);
+    // Present: the blocks read are kept, so later base changes are hidden.
+    std::fs::write(&switch, b"").unwrap();
+    qemu_io(&uri, &["read -P 2 0 8k"]);
+    std::fs::write(&img, [3u8; 64 * K]).unwrap();
+    qemu_io(&uri, &["read -P 2 0 8k", "read -P 3 8k 4k"]);
+    assert!(s.stop().success());
+
+    // cow-on-cache: NBD_CMD_CACHE keeps blocks the same way.
+    let s = start(&file_args(
+        &["cow"],
+        &img,
+        &["cow-block-size=4K", "cow-on-cache=true"],
+    ));
+    nbdsh(&s.uri(), "h.cache(4096, 0)");
+    std::fs::write(&img, [4u8; 64 * K]).unwrap();
+    qemu_io(&s.uri(), &["read -P 3 0 4k", "read -P 4 4k 4k"]);
+    assert!(s.stop().success());
+}
+
 #[test]
 fn cow_overlay_follows_tmpdir_and_serves_parallel_writes() {
     let dir = TempDir::new("cowtmp");

@@ -1,11 +1,15 @@
 //! The cow filter: make any disk writable, keeping every change in a
 //! temporary overlay and never writing to the layer below, which is
 //! opened read-only. Changes vanish when the server exits.
+//!
+//! With `cow-on-read` (and `cow-on-cache`) the blocks a client reads (or
+//! asks to cache) are copied into the overlay too, so a slow layer below
+//! is read once.
 
 #![forbid(unsafe_code)]
 
 use std::ffi::CStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use nbdhost_plugin_api::{
@@ -23,11 +27,48 @@ const DEFAULT_BLOCK: u64 = 64 * 1024;
 /// asked is allowed, and it bounds the work of a huge request.
 const MAX_STATUS_BLOCKS: u64 = 1 << 16;
 
+/// `cow-on-read`: whether reads copy unchanged blocks into the overlay.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum OnRead {
+    #[default]
+    Never,
+    Always,
+    /// While this file exists, so the behaviour can be switched while
+    /// the server runs.
+    WhileExists(PathBuf),
+}
+
+impl OnRead {
+    fn parse(value: &str) -> Result<OnRead> {
+        if value.starts_with('/') {
+            return Ok(OnRead::WhileExists(PathBuf::from(value)));
+        }
+        match host::parse_bool("cow-on-read", value) {
+            Ok(true) => Ok(OnRead::Always),
+            Ok(false) => Ok(OnRead::Never),
+            Err(_) => Err(Error::new(
+                libc::EINVAL,
+                format!("cow-on-read={value}: expected true, false or an absolute path"),
+            )),
+        }
+    }
+
+    fn now(&self) -> bool {
+        match self {
+            OnRead::Never => false,
+            OnRead::Always => true,
+            OnRead::WhileExists(p) => Path::new(p).exists(),
+        }
+    }
+}
+
 /// Configuration and the overlay every connection shares: all clients
 /// see the same changed disk, so multi-conn is safe.
 #[derive(Default)]
 pub struct Cow {
     block: Option<u64>,
+    on_read: Arc<OnRead>,
+    on_cache: bool,
     overlay: OnceLock<Arc<Overlay>>,
 }
 
@@ -35,12 +76,23 @@ impl Filter for Cow {
     const NAME: &'static CStr = c"cow";
     const DESCRIPTION: &'static CStr = c"keep writes in a temporary copy-on-write overlay";
     const CONFIG_HELP: &'static CStr =
-        c"cow-block-size=<SIZE>  Overlay block size, a power of 2 from 4K to 32M (default 64K).";
+        c"cow-block-size=<SIZE>  Overlay block size, a power of 2 from 4K to 32M (default 64K).
+cow-on-read=false|true|/PATH  Copy what is read into the overlay (while PATH exists).
+cow-on-cache=false|true  Copy what is cached into the overlay.";
     type Handle = Layer;
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
-        if key != "cow-block-size" {
-            return Ok(false);
+        match key {
+            "cow-block-size" => {}
+            "cow-on-read" => {
+                self.on_read = Arc::new(OnRead::parse(value)?);
+                return Ok(true);
+            }
+            "cow-on-cache" => {
+                self.on_cache = host::parse_bool(key, value)?;
+                return Ok(true);
+            }
+            _ => return Ok(false),
         }
         let n = host::parse_size(value)?;
         if !n.is_power_of_two() || !(4096..=32 << 20).contains(&n) {
@@ -89,6 +141,8 @@ impl Filter for Cow {
         Ok(Layer {
             overlay,
             size: OnceLock::new(),
+            on_read: self.on_read.clone(),
+            on_cache: self.on_cache,
         })
     }
 }
@@ -97,6 +151,8 @@ impl Filter for Cow {
 pub struct Layer {
     overlay: Arc<Overlay>,
     size: OnceLock<u64>,
+    on_read: Arc<OnRead>,
+    on_cache: bool,
 }
 
 impl Layer {
@@ -107,6 +163,13 @@ impl Layer {
         let s = next.get_size()?;
         self.overlay.grow(s)?;
         Ok(*self.size.get_or_init(|| s))
+    }
+
+    /// Copy the unchanged blocks of a range into the overlay.
+    fn keep(&self, next: &Next, count: u64, offset: u64) -> Result<()> {
+        let size = self.size(next)?;
+        let base = |buf: &mut [u8], off: u64| next.pread(buf, off, Flags::empty());
+        self.overlay.keep(&base, size, count, offset)
     }
 
     fn zero_to(&self, next: &Next, count: u64, offset: u64, to: State) -> Result<()> {
@@ -164,7 +227,28 @@ impl FilterHandle for Layer {
         Ok(true)
     }
 
+    fn can_cache(&self, next: &Next) -> Result<Support> {
+        if self.on_cache {
+            Ok(Support::Native)
+        } else {
+            next.can_cache()
+        }
+    }
+
+    fn cache(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
+        if self.on_cache {
+            self.keep(next, count, offset)
+        } else {
+            next.cache(count, offset, flags)
+        }
+    }
+
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
+        if self.on_read.now() {
+            // Then the read below comes from the overlay: one read of the
+            // layer below per block, ever.
+            self.keep(next, buf.len() as u64, offset)?;
+        }
         let base = |b: &mut [u8], off: u64| next.pread(b, off, flags);
         self.overlay.read(&base, buf, offset)
     }

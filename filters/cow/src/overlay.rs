@@ -239,6 +239,31 @@ impl Overlay {
         Ok(())
     }
 
+    /// Copy every block of `count` bytes at `offset` that is still
+    /// unchanged into the overlay, whole, so later reads of it need not
+    /// reach the layer below (`cow-on-read`, `cow-on-cache`).
+    pub fn keep(&self, base: BaseRead, size: u64, count: u64, offset: u64) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let first = offset / self.block;
+        let last = (offset + count - 1) / self.block;
+        let mut scratch = vec![0; self.block as usize];
+        for b in first..=last {
+            if self.state(b) != State::Base {
+                continue;
+            }
+            let _g = self.stripe(b);
+            // A writer may have changed it since we looked.
+            if self.state(b) == State::Base {
+                self.read_block(base, size, b, &mut scratch)?;
+                self.file.write_all_at(&scratch, b * self.block)?;
+                self.set(b, State::Data);
+            }
+        }
+        Ok(())
+    }
+
     /// Write `buf` at `offset` of a disk of `size` bytes.
     pub fn write(&self, base: BaseRead, size: u64, buf: &[u8], offset: u64) -> Result<()> {
         self.each_block(
@@ -317,6 +342,34 @@ mod tests {
         let o = Overlay::new(&std::env::temp_dir(), BS).unwrap();
         o.grow(size).unwrap();
         o
+    }
+
+    #[test]
+    fn kept_blocks_are_read_from_the_overlay_and_written_blocks_stay() {
+        let size = 4 * BS + 10;
+        let base = pattern(size as usize, 1);
+        let rd = base_of(&base);
+        let o = overlay(size);
+        let mine = pattern(100, 9);
+        o.write(&rd, size, &mine, BS).unwrap();
+        // From inside block 0 to inside the partial last block.
+        o.keep(&rd, size, size - 10, 5).unwrap();
+        assert_eq!(
+            o.states(0, 5),
+            [
+                State::Data,
+                State::Data,
+                State::Data,
+                State::Data,
+                State::Data
+            ]
+        );
+        let refuse = |_: &mut [u8], _: u64| -> Result<()> { panic!("read the base") };
+        let mut got = vec![0u8; size as usize];
+        o.read(&refuse, &mut got, 0).unwrap();
+        let mut want = base.clone();
+        want[BS as usize..BS as usize + 100].copy_from_slice(&mine);
+        assert!(got == want);
     }
 
     #[test]
