@@ -241,6 +241,12 @@ pub trait Filter: Default + Send + Sync + 'static {
     fn get_ready(&self) -> Result<()> {
         Ok(())
     }
+    /// Called once the server has gone to the background (if it does)
+    /// and before it serves: the place to start threads, which a fork
+    /// would not have kept.
+    fn after_fork(&self) -> Result<()> {
+        Ok(())
+    }
     /// Asked once after [`Filter::get_ready`]: whether, as configured, the
     /// filter adds no waiting of its own (no I/O, sleeps, blocking locks or
     /// long computation), so the chain is as non-blocking as the layers
@@ -391,6 +397,10 @@ unsafe extern "C" fn config_complete<F: Filter>() -> c_int {
         -1,
         || ok(INSTANCE.with_mut::<F, _>(|f| f.config_complete())),
     )
+}
+
+unsafe extern "C" fn after_fork<F: Filter>() -> c_int {
+    guard(-1, || ok(INSTANCE.with::<F, _>(|x| x.after_fork())))
 }
 
 unsafe extern "C" fn get_ready<F: Filter>() -> c_int {
@@ -645,6 +655,6 @@ pub unsafe fn entry<F: Filter>(
         },
         capabilities: Some(capabilities::<F>),
         configured_thread_model: None,
-        after_fork: None,
+        after_fork: Some(after_fork::<F>),
     })
 }

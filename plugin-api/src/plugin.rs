@@ -129,6 +129,12 @@ pub trait Plugin: Default + Send + Sync + 'static {
     fn get_ready(&self) -> Result<()> {
         Ok(())
     }
+    /// Called once the server has gone to the background (if it does)
+    /// and before it serves: the place to start threads, which a fork
+    /// would not have kept.
+    fn after_fork(&self) -> Result<()> {
+        Ok(())
+    }
     /// Asked once after [`Plugin::get_ready`]: whether, as configured, no
     /// callback ever waits (for I/O, a sleep, or a lock held across
     /// either), so the server may run them on its event loops and answer
@@ -346,6 +352,10 @@ unsafe extern "C" fn config_complete<P: Plugin>() -> c_int {
         -1,
         || ok(INSTANCE.with_mut::<P, _>(|p| p.config_complete())),
     )
+}
+
+unsafe extern "C" fn after_fork<P: Plugin>() -> c_int {
+    guard(-1, || ok(INSTANCE.with::<P, _>(|x| x.after_fork())))
 }
 
 unsafe extern "C" fn get_ready<P: Plugin>() -> c_int {
@@ -613,7 +623,7 @@ pub unsafe fn entry<P: Plugin>(
         cache: Some(cache::<P>),
         capabilities: Some(capabilities::<P>),
         configured_thread_model: None,
-        after_fork: None,
+        after_fork: Some(after_fork::<P>),
         dump_plugin: None,
     })
 }

@@ -120,20 +120,27 @@ fn log_records_each_request_with_its_result() {
 
     let lines = log_lines(&logfile);
     assert_eq!(lines[0], "Ready", "{lines:#?}");
+    // Each connection is first offered to the layers, numbered apart.
+    assert_eq!(lines[1], "Preconnect id=1 readonly=0 ...", "{lines:#?}");
+    assert!(lines.contains(&"...Preconnect id=1 return=0".to_string()));
+    let connect = lines
+        .iter()
+        .find(|l| l.starts_with("connection=1 Connect "))
+        .expect("a Connect line");
     assert!(
-        lines[1].starts_with("connection=1 Connect export=\"\" tls=0 size=0x1000000 ")
-            && lines[1].contains(" write=1 "),
+        connect.starts_with("connection=1 Connect export=\"\" tls=0 size=0x1000000 ")
+            && connect.contains(" write=1 "),
         "{lines:#?}"
     );
     let (w, r) = request(
         &lines,
         &["connection=1 Write ", "offset=0x0 count=0x10000 "],
     );
-    assert!(r.ends_with("return=0 (Success)"), "{w} / {r}");
+    assert!(r.ends_with("return=0"), "{w} / {r}");
     let (_, r) = request(&lines, &["Read ", "offset=0x10000 count=0x1000 ..."]);
-    assert!(r.ends_with("return=0 (Success)"), "{r}");
+    assert!(r.ends_with("return=0"), "{r}");
     let (_, r) = request(&lines, &["Trim ", "offset=0x100000 count=0x100000 "]);
-    assert!(r.ends_with("return=0 (Success)"), "{r}");
+    assert!(r.ends_with("return=0"), "{r}");
     let (z, _) = request(&lines, &["Zero ", "offset=0x200000 count=0x10000 "]);
     assert!(z.contains(" trim=0 ") && z.contains(" fast=0 "), "{z}");
     request(&lines, &["connection=1 Flush "]);
@@ -145,7 +152,7 @@ fn log_records_each_request_with_its_result() {
     );
     let (failed, r) = request(&lines, &["Read ", "offset=0x0 count=0x200 ..."]);
     assert!(failed.starts_with("connection=2 "), "{failed}");
-    assert!(r.ends_with("return=-1 (EIO)"), "{r}");
+    assert!(r.ends_with("return=-1 error=EIO"), "{r}");
     // nbdinfo's map is logged with the extents it was given.
     let (_, ex) = request(&lines, &["Extents ", "offset=0x0 count=0x1000000 "]);
     assert!(
@@ -155,7 +162,10 @@ fn log_records_each_request_with_its_result() {
 
     // Under parallel load every line is whole and of a known kind (so no
     // data leaks in), and every request that started also ended.
-    let starts: Vec<&String> = lines.iter().filter(|l| l.ends_with(" ...")).collect();
+    let starts: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("connection=") && l.ends_with(" ..."))
+        .collect();
     let writes = starts
         .iter()
         .filter(|l| l.contains(" Write ") && !l.starts_with("connection=1 "))
@@ -173,6 +183,8 @@ fn log_records_each_request_with_its_result() {
     }
     for l in &lines {
         let ok = l == "Ready"
+            || l.starts_with("Preconnect id=")
+            || l.starts_with("...Preconnect id=")
             || (l.starts_with("connection=")
                 && [" Connect ", " Disconnect ", " ..."]
                     .iter()
@@ -182,19 +194,10 @@ fn log_records_each_request_with_its_result() {
 }
 
 #[test]
-fn log_needs_a_file_and_can_append() {
+fn log_appends_when_asked() {
     let dir = TempDir::new("logappend");
     let logfile = dir.path("l.log");
     std::fs::write(&logfile, "earlier line\n").unwrap();
-    let out = run(Command::new(nbdhost_tests::nbdhost_bin())
-        .args(["-f", "-U", "-"])
-        .arg(filter_arg("log"))
-        .args(["memory", "1M"]));
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("logfile="),
-        "{out:?}"
-    );
     let s = Server::start(&[
         &filter_arg("log"),
         "memory",
@@ -207,6 +210,78 @@ fn log_needs_a_file_and_can_append() {
     let text = std::fs::read_to_string(&logfile).unwrap();
     assert!(text.starts_with("earlier line\n"), "{text}");
     assert!(text.contains(" Ready\n"), "{text}");
+    // nbdkit's numbers: 2 is a layer below that zeroes natively.
+    assert!(text.contains(" zero=2 "), "{text}");
+}
+
+#[test]
+fn log_notes_the_fork_to_the_background() {
+    let dir = TempDir::new("logfork");
+    let (logfile, pidfile) = (dir.path("l.log"), dir.path("pid"));
+    run_ok(
+        Command::new(nbdhost_tests::nbdhost_bin())
+            .arg("-U")
+            .arg(dir.path("sock"))
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(filter_arg("log"))
+            .args(["memory", "1M"])
+            .arg(format!("logfile={}", logfile.display())),
+    );
+    // The parent returns at once; the child writes both soon after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = || {
+        let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        let log = std::fs::read_to_string(&logfile).unwrap_or_default();
+        (pid.ends_with('\n') && log.contains(" Fork\n")).then_some(pid)
+    };
+    let pid = loop {
+        if let Some(pid) = ready() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no Fork line");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    run_ok(Command::new("kill").arg(pid.trim()));
+    assert_eq!(log_lines(&logfile)[..2], ["Ready", "Fork"]);
+}
+
+#[test]
+fn log_with_neither_file_nor_script_is_inactive() {
+    let s = Server::start(&[&filter_arg("log"), "memory", "1M"]);
+    assert_eq!(export_size(&s.uri()), "1048576");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn log_script_gets_each_entry_as_shell_variables() {
+    let dir = TempDir::new("logscript");
+    let out = dir.path("entries");
+    let script = format!(
+        "echo \"$type $act id=$id conn=$connection offset=$offset return=$return error=$error\" >> {}",
+        out.display()
+    );
+    let s = Server::start(&[
+        &filter_arg("log"),
+        &filter_arg("error"),
+        "memory",
+        "1M",
+        &format!("logscript={script}"),
+        "error-pwrite-rate=1",
+    ]);
+    qemu_io(&s.uri(), &["read 4k 512", "write 0 512"]);
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for want in [
+        "PRINT Ready id= conn= offset= return= error=",
+        "ENTER Read id=1 conn=1 offset=0x1000 return= error=",
+        "LEAVE Read id=1 conn=1 offset= return=0 error=",
+        "ENTER Write id=2 conn=1 offset=0x0 return= error=",
+        "LEAVE Write id=2 conn=1 offset= return=-1 error=EIO",
+    ] {
+        assert!(lines.contains(&want), "no {want:?} in\n{text}");
+    }
 }
 
 #[test]

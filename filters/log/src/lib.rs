@@ -1,6 +1,7 @@
 //! The log filter: record every connection and every request in a file,
 //! in the line format of nbdkit's log filter so that the scripts people
-//! already run over those logs keep working.
+//! already run over those logs keep working, or hand each entry to a shell
+//! script (`logscript=`) as nbdkit's does.
 //!
 //! A request is logged twice: when it starts (the line ends in `...`)
 //! and when it ends (the action starts with `...` and the line carries the
@@ -16,6 +17,7 @@ use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -29,33 +31,114 @@ use nbdhost_plugin_api::{
 /// shared by all connections like nbdkit's counter.
 static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
+/// Preconnect calls are numbered on their own, as in nbdkit.
+static PRECONNECTS: AtomicU64 = AtomicU64::new(0);
+
 /// The configured filter.
 #[derive(Default)]
 pub struct Log {
     path: Option<PathBuf>,
+    script: Option<String>,
     append: bool,
     sink: OnceLock<Arc<Sink>>,
 }
 
-/// The open log file.
+/// Which half of an entry: a request starting or ending, or a lone event.
+#[derive(Clone, Copy)]
+enum Kind {
+    Enter,
+    Leave,
+    Print,
+}
+
+/// One log entry: who, what and its `key=value` arguments.
+struct Entry<'a> {
+    conn: Option<u64>,
+    kind: Kind,
+    act: &'a str,
+    id: Option<u64>,
+    args: &'a str,
+}
+
+/// Where entries go: the log file, the log script, both or neither.
 struct Sink {
-    file: Mutex<File>,
+    file: Option<Mutex<File>>,
+    script: Option<String>,
+    /// The pid at `get_ready`, to tell whether the server forked since.
+    pid: u32,
 }
 
 impl Sink {
-    /// Write one whole line: timestamp, optional connection, then `text`.
-    fn line(&self, conn: Option<u64>, text: &str) {
-        let mut s = String::with_capacity(64 + text.len());
-        timestamp(&mut s, SystemTime::now());
-        if let Some(c) = conn {
-            let _ = write!(s, " connection={c}");
+    fn log(&self, e: &Entry) {
+        if let Some(f) = &self.file {
+            let mut s = String::with_capacity(64 + e.args.len());
+            timestamp(&mut s, SystemTime::now());
+            if let Some(c) = e.conn {
+                let _ = write!(s, " connection={c}");
+            }
+            let leave = if matches!(e.kind, Kind::Leave) {
+                "..."
+            } else {
+                ""
+            };
+            let _ = write!(s, " {leave}{}", e.act);
+            if let Some(id) = e.id {
+                let _ = write!(s, " id={id}");
+            }
+            if !e.args.is_empty() {
+                s.push(' ');
+                s.push_str(e.args);
+            }
+            if matches!(e.kind, Kind::Enter) {
+                s.push_str(" ...");
+            }
+            s.push('\n');
+            // Formatted first and written with one call under the lock,
+            // so lines never mix. Logging is best effort: a full disk must
+            // not fail the request.
+            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = f.write_all(s.as_bytes());
         }
-        s.push(' ');
-        s.push_str(text);
-        s.push('\n');
-        // Logging is best effort: a full disk must not fail the request.
-        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = f.write_all(s.as_bytes());
+        if let Some(script) = &self.script {
+            run_script(script, e);
+        }
+    }
+
+    fn print(&self, conn: Option<u64>, act: &str, args: &str) {
+        self.log(&Entry {
+            conn,
+            kind: Kind::Print,
+            act,
+            id: None,
+            args,
+        });
+    }
+}
+
+/// Run the log script with the entry as shell variables before it, as
+/// nbdkit does: `act`, `connection`, `type`, `id`, then the entry's own
+/// `key=value` arguments (already shell-quoted). Its status is ignored:
+/// a script cannot change or stop a request.
+fn run_script(script: &str, e: &Entry) {
+    let mut text = format!("act={}\n", e.act);
+    if let Some(c) = e.conn {
+        let _ = writeln!(text, "connection={c}");
+    }
+    let kind = match e.kind {
+        Kind::Enter => "ENTER",
+        Kind::Leave => "LEAVE",
+        Kind::Print => "PRINT",
+    };
+    let _ = writeln!(text, "type={kind}");
+    if let Some(id) = e.id {
+        let _ = writeln!(text, "id={id}");
+    }
+    let _ = writeln!(text, "{}", e.args);
+    text.push_str(script);
+    match Command::new("/bin/sh").arg("-c").arg(&text).status() {
+        Ok(st) if st.success() => {}
+        Ok(st) => host::debug(&format!("logscript: {st}")),
+        Err(err) => host::debug(&format!("logscript: cannot run /bin/sh: {err}")),
     }
 }
 
@@ -117,32 +200,35 @@ fn quote(s: &str, out: &mut String) {
     out.push('"');
 }
 
-/// The errno as the client will see it, named like nbdkit's log does
-/// (`EROFS=>EPERM` when the server maps one errno to another).
+/// The errno as nbdkit's log names it: the NBD error the client will
+/// see, with anything the protocol has no code for shown as EINVAL.
 fn errno_name(e: i32) -> &'static str {
     match e {
-        libc::EPERM => "EPERM",
-        libc::EROFS => "EROFS=>EPERM",
-        libc::EACCES => "EACCES=>EPERM",
+        libc::EROFS | libc::EPERM => "EPERM",
         libc::EIO => "EIO",
         libc::ENOMEM => "ENOMEM",
-        libc::EINVAL => "EINVAL",
-        libc::ENOSPC => "ENOSPC",
-        libc::EFBIG => "EFBIG=>ENOSPC",
-        libc::EDQUOT => "EDQUOT=>ENOSPC",
-        libc::EOVERFLOW => "EOVERFLOW",
-        libc::ENOTSUP => "ENOTSUP",
-        libc::ENOSYS => "ENOSYS=>ENOTSUP",
+        libc::EDQUOT | libc::EFBIG | libc::ENOSPC => "ENOSPC",
         libc::ESHUTDOWN => "ESHUTDOWN",
-        _ => "Other=>EIO",
+        libc::ENOTSUP => "ENOTSUP",
+        libc::EOVERFLOW => "EOVERFLOW",
+        _ => "EINVAL",
+    }
+}
+
+/// How a call ended, as the arguments of its `Leave` entry.
+fn outcome<T>(r: &Result<T>) -> String {
+    match r {
+        Ok(_) => "return=0".into(),
+        Err(e) => format!("return=-1 error={}", errno_name(e.raw_errno())),
     }
 }
 
 impl Filter for Log {
     const NAME: &'static CStr = c"log";
     const DESCRIPTION: &'static CStr = c"log every connection and request to a file";
-    const CONFIG_HELP: &'static CStr = c"logfile=<FILE>    (required) The file to write the log to.
-logappend=<BOOL>  True to append to the log (default false).";
+    const CONFIG_HELP: &'static CStr = c"logfile=<FILE>      The file to write the log to.
+logappend=<BOOL>    True to append to the log (default false).
+logscript=<SCRIPT>  Shell script to run for every entry.";
     type Handle = LogHandle;
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
@@ -154,40 +240,71 @@ logappend=<BOOL>  True to append to the log (default false).";
                 self.path = Some(p);
             }
             "logappend" => self.append = host::parse_bool(key, value)?,
+            "logscript" => self.script = Some(value.to_string()),
             _ => return Ok(false),
         }
         Ok(true)
     }
 
-    fn config_complete(&mut self) -> Result<()> {
-        if self.path.is_none() {
-            return Err(Error::new(
-                libc::EINVAL,
-                "missing logfile= parameter for the log filter",
-            ));
+    /// With neither a file nor a script the filter is inactive, as
+    /// nbdkit's is.
+    fn get_ready(&self) -> Result<()> {
+        let file = match &self.path {
+            None => None,
+            Some(path) => {
+                let mut o = OpenOptions::new();
+                o.create(true);
+                if self.append {
+                    o.append(true);
+                } else {
+                    o.write(true).truncate(true);
+                }
+                let f = o
+                    .open(path)
+                    .map_err(|e| Error::new(libc::EIO, format!("open: {}: {e}", path.display())))?;
+                Some(Mutex::new(f))
+            }
+        };
+        let sink = Arc::new(Sink {
+            file,
+            script: self.script.clone(),
+            pid: std::process::id(),
+        });
+        sink.print(None, "Ready", "");
+        let _ = self.sink.set(sink);
+        Ok(())
+    }
+
+    fn after_fork(&self) -> Result<()> {
+        if let Some(sink) = self.sink.get() {
+            if sink.pid != std::process::id() {
+                sink.print(None, "Fork", "");
+            }
         }
         Ok(())
     }
 
-    fn get_ready(&self) -> Result<()> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let mut o = OpenOptions::new();
-        o.create(true);
-        if self.append {
-            o.append(true);
-        } else {
-            o.write(true).truncate(true);
+    fn preconnect(&self, readonly: bool) -> Result<()> {
+        if let Some(sink) = self.sink.get() {
+            let id = Some(PRECONNECTS.fetch_add(1, Ordering::Relaxed) + 1);
+            let args = format!("readonly={}", i32::from(readonly));
+            let act = "Preconnect";
+            sink.log(&Entry {
+                conn: None,
+                kind: Kind::Enter,
+                act,
+                id,
+                args: &args,
+            });
+            // The layers below are asked by the server after this returns.
+            sink.log(&Entry {
+                conn: None,
+                kind: Kind::Leave,
+                act,
+                id,
+                args: "return=0",
+            });
         }
-        let file = o
-            .open(path)
-            .map_err(|e| Error::new(libc::EIO, format!("open: {}: {e}", path.display())))?;
-        let sink = Arc::new(Sink {
-            file: Mutex::new(file),
-        });
-        sink.line(None, "Ready");
-        let _ = self.sink.set(sink);
         Ok(())
     }
 
@@ -225,6 +342,17 @@ fn cap<T>(r: Result<T>, f: impl FnOnce(T) -> i32) -> i32 {
     r.map(f).unwrap_or(-1)
 }
 
+/// `zero=` as nbdkit writes it: 2 when the layer below zeroes natively,
+/// 1 when the server will emulate it with writes, 0 when it cannot write.
+fn zero(next: &Next) -> i32 {
+    match (next.can_zero(), next.can_write()) {
+        (Ok(true), _) => 2,
+        (Ok(false), Ok(true)) => 1,
+        (Ok(false), Ok(false)) => 0,
+        (Err(_), _) | (_, Err(_)) => -1,
+    }
+}
+
 fn support(s: Support) -> i32 {
     match s {
         Support::None => 0,
@@ -253,7 +381,7 @@ impl LogHandle {
         let bs = next.block_size().ok().flatten();
         let (min, pref, max) = bs.map_or((0, 0, 0), |b| (b.minimum, b.preferred, b.maximum));
         let b = |r: Result<bool>| cap(r, i32::from);
-        let mut s = String::from("Connect export=");
+        let mut s = String::from("export=");
         quote(&self.export, &mut s);
         let _ = write!(
             s,
@@ -265,33 +393,37 @@ impl LogHandle {
             b(next.can_flush()),
             b(next.is_rotational()),
             b(next.can_trim()),
-            b(next.can_zero()),
+            zero(next),
             cap(next.can_fua(), support),
             b(next.can_extents()),
             cap(next.can_cache(), support),
             b(next.can_fast_zero()),
         );
-        self.sink.line(Some(conn), &s);
+        self.sink.print(Some(conn), "Connect", &s);
     }
 
     /// Log the start of a request and return its id.
     fn enter(&self, act: &str, args: std::fmt::Arguments) -> u64 {
         let id = self.ids.fetch_add(1, Ordering::Relaxed) + 1;
-        let args = args.to_string();
-        let sep = if args.is_empty() { "" } else { " " };
-        self.sink
-            .line(Some(self.conn()), &format!("{act} id={id}{sep}{args} ..."));
+        self.sink.log(&Entry {
+            conn: Some(self.conn()),
+            kind: Kind::Enter,
+            act,
+            id: Some(id),
+            args: &args.to_string(),
+        });
         id
     }
 
     /// Log how a request ended.
-    fn leave<T>(&self, act: &str, id: u64, r: &Result<T>) {
-        let result = match r {
-            Ok(_) => "return=0 (Success)".to_string(),
-            Err(e) => format!("return=-1 ({})", errno_name(e.raw_errno())),
-        };
-        self.sink
-            .line(Some(self.conn()), &format!("...{act} id={id} {result}"));
+    fn leave(&self, act: &str, id: u64, args: &str) {
+        self.sink.log(&Entry {
+            conn: Some(self.conn()),
+            kind: Kind::Leave,
+            act,
+            id: Some(id),
+            args,
+        });
     }
 
     /// Log a request around `f`.
@@ -303,7 +435,7 @@ impl LogHandle {
     ) -> Result<T> {
         let id = self.enter(act, args);
         let r = f();
-        self.leave(act, id, &r);
+        self.leave(act, id, &outcome(&r));
         r
     }
 }
@@ -314,7 +446,7 @@ impl Drop for LogHandle {
         if let Some(&c) = self.conn.get() {
             let n = self.ids.load(Ordering::Relaxed);
             self.sink
-                .line(Some(c), &format!("Disconnect transactions={n}"));
+                .print(Some(c), "Disconnect", &format!("transactions={n}"));
         }
     }
 }
@@ -412,7 +544,7 @@ impl FilterHandle for LogHandle {
         });
         match &r {
             Ok(ex) => {
-                let mut s = format!("...Extents id={id} extents=(");
+                let mut s = String::from("extents=(");
                 for (i, &(o, l, t)) in ex.iter().enumerate() {
                     if i > 0 {
                         s.push(' ');
@@ -425,9 +557,9 @@ impl FilterHandle for LogHandle {
                     let _ = write!(s, "{o:#x} {l:#x} \"{}\"", kinds.join(","));
                 }
                 s.push_str(") return=0");
-                self.sink.line(Some(self.conn()), &s);
+                self.leave("Extents", id, &s);
             }
-            Err(_) => self.leave("Extents", id, &r),
+            Err(_) => self.leave("Extents", id, &outcome(&r)),
         }
         r.map(drop)
     }
