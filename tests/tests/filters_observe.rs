@@ -475,6 +475,20 @@ print(r, w, z, fast)
 }
 
 #[test]
+fn delay_close_holds_a_graceful_disconnect() {
+    let s = Server::start(&[&filter_arg("delay"), "memory", "1M", "delay-close=400ms"]);
+    // libnbd's shutdown sends NBD_CMD_DISC and waits for the server to
+    // close the connection, which it does once the handle is closed.
+    let out = nbdsh(
+        &s.uri(),
+        "import time\nt = time.monotonic()\nh.shutdown()\nprint(time.monotonic() - t)",
+    );
+    let took: f64 = out.trim().parse().unwrap_or_else(|_| panic!("{out}"));
+    assert!(took >= 0.4, "the disconnect took {took} s");
+    assert!(s.stop().success());
+}
+
+#[test]
 fn delay_open_slows_the_handshake() {
     let s = Server::start(&[&filter_arg("delay"), "memory", "1M", "delay-open=400ms"]);
     let t = Instant::now();
