@@ -77,6 +77,17 @@ pub extern "C" fn nbdkit_set_error(err: c_int) {
     calls::set_errno(err);
 }
 
+/// An OS error as C's `%m` prints it, without Rust's "(os error N)".
+fn os_message(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match e.raw_os_error() {
+        Some(n) => s
+            .strip_suffix(&format!(" (os error {n})"))
+            .map_or_else(|| s.clone(), str::to_owned),
+        None => s,
+    }
+}
+
 /// See nbdkit_absolute_path(3).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nbdkit_absolute_path(path: *const c_char) -> *mut c_char {
@@ -90,7 +101,7 @@ pub unsafe extern "C" fn nbdkit_absolute_path(path: *const c_char) -> *mut c_cha
         Err(e) => {
             fail(
                 e.raw_os_error().unwrap_or(libc::EIO),
-                &format!("get_current_dir_name: {e}"),
+                &format!("get_current_dir_name: {}", os_message(&e)),
             );
             return std::ptr::null_mut();
         }
@@ -111,7 +122,7 @@ pub unsafe extern "C" fn nbdkit_realpath(path: *const c_char) -> *mut c_char {
         Err(e) => {
             fail(
                 e.raw_os_error().unwrap_or(libc::EIO),
-                &format!("realpath: {shown}: {e}"),
+                &format!("realpath: {shown}: {}", os_message(&e)),
             );
             std::ptr::null_mut()
         }
@@ -409,4 +420,17 @@ pub extern "C" fn nbdkit_disconnect(force: c_int) {
 pub extern "C" fn nbdkit_stdio_safe() -> c_int {
     // SAFETY: a host service without arguments.
     host::get().stdio_safe.map_or(0, |f| unsafe { f() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_read_as_c_prints_them() {
+        let e = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(os_message(&e), "No such file or directory");
+        let e = std::io::Error::other("no errno");
+        assert_eq!(os_message(&e), "no errno");
+    }
 }
