@@ -73,11 +73,18 @@ fn check_name(arg: &str, kind: &str) -> Result<(), String> {
 /// of that name, or the nbdkit layer at that path, served by the adapter.
 pub fn locate(arg: &str, kind: &str) -> Result<Origin, String> {
     let adapted = |foreign: PathBuf| {
-        let adapter = resolve("nbdkit", "plugin").map_err(|e| {
-            format!(
-                "{} is an nbdkit {kind}, but the adapter that serves those is missing: {e}",
-                foreign.display()
-            )
+        // libnbdkitplugin.so, or libnbdkitfilter.so: nbdhost ships no
+        // filter adapter, as nbdkit's filter ABI is tied to the exact
+        // nbdkit release that built each filter; one installed beside the
+        // filters is used.
+        let adapter = resolve("nbdkit", kind).map_err(|e| {
+            let why = if kind == "filter" {
+                "nbdhost serves nbdkit plugins but not nbdkit filters (see nbdhost-nbdkit-plugin(1))"
+                    .to_string()
+            } else {
+                format!("the adapter that serves those is missing: {e}")
+            };
+            format!("{} is an nbdkit {kind}: {why}", foreign.display())
         })?;
         Ok(Origin::Adapted { adapter, foreign })
     };
