@@ -1,7 +1,7 @@
 //! nbdkit's plugin ABI as its `nbdkit-plugin.h` defines it (unchanged from
 //! nbdkit 1.16 to 1.46): `struct nbdkit_plugin` with both API versions'
 //! names for the slots whose meaning changed, and the constants that
-//! cross it. `tests/layout.rs` holds these offsets to the installed header
+//! cross it. The tests below hold these offsets to the installed header
 //! where nbdkit's development files are present.
 
 use std::ffi::{c_char, c_int, c_void};
@@ -187,6 +187,185 @@ impl Plugin {
             let mut out = std::mem::MaybeUninit::<Plugin>::zeroed();
             std::ptr::copy_nonoverlapping(p.cast::<u8>(), out.as_mut_ptr().cast::<u8>(), size);
             out.assume_init()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! [`Plugin`] against the installed `nbdkit-plugin.h`: a C program
+    //! prints the size of `struct nbdkit_plugin`, every field's offset and
+    //! the constants, under both API versions, and they must equal ours.
+
+    use super::*;
+    use std::mem::{offset_of, size_of};
+    use std::path::Path;
+    use std::process::Command;
+
+    const HEADER: &str = "/usr/include/nbdkit-plugin.h";
+
+    /// Fields whose names are the same in both API versions.
+    fn common_fields() -> Vec<(&'static str, usize)> {
+        macro_rules! f {
+            ($($c:ident => $r:ident),* $(,)?) => {
+                vec![$((stringify!($c), offset_of!(Plugin, $r))),*]
+            };
+        }
+        f!(
+            _struct_size => struct_size, _api_version => api_version,
+            _thread_model => thread_model, name => name, longname => longname,
+            version => version, description => description, load => load,
+            unload => unload, config => config, config_complete => config_complete,
+            config_help => config_help, open => open, close => close,
+            get_size => get_size, can_write => can_write, can_flush => can_flush,
+            is_rotational => is_rotational, can_trim => can_trim,
+            errno_is_preserved => errno_is_preserved, dump_plugin => dump_plugin,
+            can_zero => can_zero, can_fua => can_fua,
+            magic_config_key => magic_config_key, can_multi_conn => can_multi_conn,
+            can_extents => can_extents, extents => extents, can_cache => can_cache,
+            cache => cache, thread_model => thread_model_cb,
+            can_fast_zero => can_fast_zero, preconnect => preconnect,
+            get_ready => get_ready, after_fork => after_fork,
+            list_exports => list_exports, default_export => default_export,
+            export_description => export_description, cleanup => cleanup,
+            block_size => block_size,
+        )
+    }
+
+    /// The data callbacks, by the names API `api` gives them.
+    fn data_fields(api: u32) -> Vec<(&'static str, usize)> {
+        let v1 = [
+            offset_of!(Plugin, pread_v1),
+            offset_of!(Plugin, pwrite_v1),
+            offset_of!(Plugin, flush_v1),
+            offset_of!(Plugin, trim_v1),
+            offset_of!(Plugin, zero_v1),
+        ];
+        let v2 = [
+            offset_of!(Plugin, pread),
+            offset_of!(Plugin, pwrite),
+            offset_of!(Plugin, flush),
+            offset_of!(Plugin, trim),
+            offset_of!(Plugin, zero),
+        ];
+        let (names, offsets) = if api == 1 {
+            (["pread", "pwrite", "flush", "trim", "zero"], v1)
+        } else {
+            (
+                [
+                    "_pread_v1",
+                    "_pwrite_v1",
+                    "_flush_v1",
+                    "_trim_v1",
+                    "_zero_v1",
+                ],
+                v1,
+            )
+        };
+        let mut out: Vec<_> = names.into_iter().zip(offsets).collect();
+        if api == 2 {
+            out.extend(
+                ["pread", "pwrite", "flush", "trim", "zero"]
+                    .into_iter()
+                    .zip(v2),
+            );
+        }
+        out
+    }
+
+    /// Compile and run a program printing `name value` lines.
+    fn c_values(api: u32, exprs: &[(String, String)]) -> Vec<String> {
+        let dir = std::env::temp_dir().join(format!("nbdkit-layout-{}-{api}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut src = format!(
+            "#define NBDKIT_API_VERSION {api}\n#include <stddef.h>\n#include <stdio.h>\n\
+             #include <nbdkit-plugin.h>\nint main (void) {{\n"
+        );
+        for (name, expr) in exprs {
+            src.push_str(&format!(
+                "  printf (\"{name} %llu\\n\", (unsigned long long) ({expr}));\n"
+            ));
+        }
+        src.push_str("  return 0;\n}\n");
+        std::fs::write(dir.join("layout.c"), src).unwrap();
+        let exe = dir.join("layout");
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+        let out = Command::new(cc)
+            .arg("-o")
+            .arg(&exe)
+            .arg(dir.join("layout.c"))
+            .output()
+            .expect("a C compiler");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let run = Command::new(&exe).output().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        String::from_utf8(run.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_plugin_struct_matches_nbdkit_plugin_h_in_both_api_versions() {
+        if !Path::new(HEADER).exists() {
+            eprintln!("skipped: {HEADER} is absent (Debian's nbdkit-plugin-dev has it)");
+            return;
+        }
+        for api in [1, 2] {
+            let mut fields = common_fields();
+            fields.extend(data_fields(api));
+            let mut exprs = vec![(
+                "sizeof".to_string(),
+                "sizeof (struct nbdkit_plugin)".to_string(),
+            )];
+            let mut want = vec![format!("sizeof {}", size_of::<Plugin>())];
+            for (name, off) in &fields {
+                exprs.push((
+                    name.to_string(),
+                    format!("offsetof (struct nbdkit_plugin, {name})"),
+                ));
+                want.push(format!("{name} {off}"));
+            }
+            // Those the adapter passes through unchanged as nbdhost's.
+            use nbdhost_plugin_api::abi;
+            for (name, value) in [
+                (
+                    "NBDKIT_THREAD_MODEL_SERIALIZE_CONNECTIONS",
+                    u64::from(abi::THREAD_MODEL_SERIALIZE_CONNECTIONS),
+                ),
+                (
+                    "NBDKIT_THREAD_MODEL_SERIALIZE_ALL_REQUESTS",
+                    u64::from(abi::THREAD_MODEL_SERIALIZE_ALL_REQUESTS),
+                ),
+                (
+                    "NBDKIT_THREAD_MODEL_SERIALIZE_REQUESTS",
+                    u64::from(abi::THREAD_MODEL_SERIALIZE_REQUESTS),
+                ),
+                (
+                    "NBDKIT_THREAD_MODEL_PARALLEL",
+                    u64::from(abi::THREAD_MODEL_PARALLEL),
+                ),
+                ("NBDKIT_FLAG_FUA", u64::from(abi::FLAG_FUA)),
+                ("NBDKIT_FLAG_REQ_ONE", u64::from(abi::FLAG_REQ_ONE)),
+                ("NBDKIT_CACHE_NONE", abi::SUPPORT_NONE as u64),
+                ("NBDKIT_CACHE_EMULATE", abi::SUPPORT_EMULATE as u64),
+                ("NBDKIT_CACHE_NATIVE", abi::SUPPORT_NATIVE as u64),
+                ("NBDKIT_EXTENT_HOLE", u64::from(abi::EXTENT_HOLE)),
+                ("NBDKIT_EXTENT_ZERO", u64::from(abi::EXTENT_ZERO)),
+                ("NBDKIT_FUA_NATIVE", FUA_NATIVE as u64),
+                ("NBDKIT_FUA_EMULATE", FUA_EMULATE as u64),
+                ("NBDKIT_FLAG_MAY_TRIM", u64::from(FLAG_MAY_TRIM)),
+                ("NBDKIT_FLAG_FAST_ZERO", u64::from(FLAG_FAST_ZERO)),
+            ] {
+                exprs.push((name.to_string(), name.to_string()));
+                want.push(format!("{name} {value}"));
+            }
+            assert_eq!(c_values(api, &exprs), want, "API {api}");
         }
     }
 }
