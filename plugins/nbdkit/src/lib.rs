@@ -9,7 +9,7 @@
 //! the server's host services, and makes its symbols global before it
 //! loads the plugin so that the plugin's references resolve to them.
 //!
-//! See nbdhost-nbdkit-plugins(1) for what is supported.
+//! See nbdhost-nbdkit-plugin(1) for what is supported.
 
 mod calls;
 mod host;

@@ -62,6 +62,43 @@ pub fn integer(text: &CStr, unsigned: bool) -> Result<i128, IntError> {
     Ok(v)
 }
 
+/// A size as nbdkit 1.32's `nbdkit_parse_size` reads it: a decimal
+/// integer as `strtoimax` takes it (leading blanks and a sign allowed),
+/// then nothing, or one suffix letter: `b`, `s` (512-byte sectors), or `k`
+/// to `e` for powers of 1024, in either case. The error is nbdkit's
+/// message.
+pub fn size(text: &str) -> Result<i64, String> {
+    let t = text.trim_start();
+    let sign = usize::from(t.starts_with(['+', '-']));
+    let digits = t[sign..].bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return Err(format!("could not parse size string ({text})"));
+    }
+    let (number, rest) = t.split_at(sign + digits);
+    if number.starts_with('-') && number[1..].bytes().any(|b| b != b'0') {
+        return Err(format!("size cannot be negative ({text})"));
+    }
+    let value = number.trim_start_matches(['+', '-']).parse::<i64>();
+    // strtoimax clamps: past the range it is the range's end with ERANGE.
+    let value = value.map_err(|_| format!("size ({text}) exceeds maximum value"))?;
+    let mut suffix = rest.chars();
+    let scale: i64 = match suffix.next() {
+        None => 1,
+        Some('b' | 'B') => 1,
+        Some('s' | 'S') => 512,
+        Some(c) => match "kmgtpe".find(c.to_ascii_lowercase()) {
+            Some(i) => 1 << (10 * (i + 1)),
+            None => return Err(format!("could not parse size: unknown suffix '{rest}'")),
+        },
+    };
+    if suffix.next().is_some() {
+        return Err(format!("could not parse size: unknown suffix '{rest}'"));
+    }
+    value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("overflow computing size ({text})"))
+}
+
 /// nbdkit's booleans: `1`, `true`, `t`, `yes`, `y`, `on` and their
 /// opposites, case aside.
 pub fn boolean(s: &str) -> Option<bool> {
@@ -125,6 +162,32 @@ pub fn delay(s: &str) -> Result<(u32, u32), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_as_nbdkit_1_32_reads_them() {
+        assert_eq!(size("1M"), Ok(1 << 20));
+        assert_eq!(size("+5"), Ok(5));
+        assert_eq!(size(" 2s"), Ok(1024));
+        assert_eq!(size("3b"), Ok(3));
+        assert_eq!(size("7E"), Ok(7 << 60));
+        assert_eq!(size("-0"), Ok(0));
+        for (text, why) in [
+            ("", "could not parse size string ()"),
+            ("M", "could not parse size string (M)"),
+            ("-1", "size cannot be negative (-1)"),
+            ("1.5M", "could not parse size: unknown suffix '.5M'"),
+            ("1MiB", "could not parse size: unknown suffix 'MiB'"),
+            ("1 M", "could not parse size: unknown suffix ' M'"),
+            ("0x100", "could not parse size: unknown suffix 'x100'"),
+            ("8E", "overflow computing size (8E)"),
+            (
+                "99999999999999999999",
+                "size (99999999999999999999) exceeds maximum value",
+            ),
+        ] {
+            assert_eq!(size(text), Err(why.to_string()), "{text:?}");
+        }
+    }
 
     #[test]
     fn integers_read_like_strtol_in_base_zero() {

@@ -165,13 +165,7 @@ pub fn install(
         version: strings[1].as_ptr(),
         description: strings[2].as_ptr(),
         config_help: p.config_help,
-        // nbdkit gives a plugin without a magic key its first bare
-        // parameter as script=, which is how language plugins find theirs.
-        magic_config_key: if p.magic_config_key.is_null() {
-            c"script".as_ptr()
-        } else {
-            p.magic_config_key
-        },
+        magic_config_key: p.magic_config_key,
         load: Some(load),
         unload: Some(unload),
         config: (p.config.is_some()).then_some(config as _),
@@ -188,7 +182,7 @@ pub fn install(
         can_flush: (p.can_flush.is_some()).then_some(can_flush as _),
         can_trim: (p.can_trim.is_some()).then_some(can_trim as _),
         can_zero: (p.can_zero.is_some()).then_some(can_zero as _),
-        can_fast_zero: (p.can_fast_zero.is_some() || zero).then_some(can_fast_zero as _),
+        can_fast_zero: Some(can_fast_zero),
         can_fua: (p.can_fua.is_some()).then_some(can_fua as _),
         can_multi_conn: (p.can_multi_conn.is_some()).then_some(can_multi_conn as _),
         can_cache: (p.can_cache.is_some()).then_some(can_cache as _),
@@ -220,13 +214,14 @@ pub fn install(
 }
 
 /// Before nbdkit's `load`: set the `-D PLUGIN.FLAG=N` variables, which
-/// nbdkit plugins read as globals named `PLUGIN_debug_FLAG`.
-fn set_debug_flags() -> Result<(), String> {
+/// nbdkit plugins read as globals named `PLUGIN_debug_FLAG`. A flag the
+/// plugin has no variable for is a warning, as in nbdkit.
+fn set_debug_flags() {
     let f = foreign();
     let name = host::string(f.table.name).unwrap_or_default();
     let (Some(flag_name), Some(flag)) = (host::get().debug_flag_name, host::get().debug_flag)
     else {
-        return Ok(());
+        return;
     };
     for i in 0.. {
         // SAFETY: host services returning null or a string, and an int.
@@ -239,21 +234,18 @@ fn set_debug_flags() -> Result<(), String> {
         // has plugins declare it.
         match unsafe { f.lib.get::<*mut c_int>(symbol.as_bytes()) } {
             Ok(var) => unsafe { **var = value },
-            Err(_) => {
-                return Err(format!(
-                    "-D {name}.{flag_s}: the plugin has no global variable called {symbol}"
-                ))
-            }
+            Err(_) => host::log(
+                abi::LOG_WARNING,
+                &host::c(&format!(
+                    "-D {name}.{flag_s}: {name} does not contain a global variable called {symbol}"
+                )),
+            ),
         }
     }
-    Ok(())
 }
 
 unsafe extern "C" fn load() -> c_int {
-    if let Err(e) = set_debug_flags() {
-        host::error(libc::EINVAL, Some(&host::c(&e)));
-        return -1;
-    }
+    set_debug_flags();
     if let Some(f) = plugin().load {
         // SAFETY: nbdkit's load takes nothing and returns nothing.
         global(|| unsafe { f() }, |_| false);
@@ -483,6 +475,11 @@ unsafe extern "C" fn can_fast_zero(h: *mut c_void) -> c_int {
     if let Some(f) = plugin().can_fast_zero {
         // SAFETY: the plugin's live handle.
         return on(h, |i| unsafe { f(i) }, minus_one);
+    }
+    // An API 1 zero cannot be fast, and without an API 2 zero there is
+    // none: either way fast zeroes fail at once, so they are promised.
+    if v1() || plugin().zero.is_none() {
+        return 1;
     }
     let Some(f) = plugin().can_zero else { return 0 };
     // SAFETY: the plugin's live handle.

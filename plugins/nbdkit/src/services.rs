@@ -27,11 +27,19 @@ fn arg<'a>(p: *const c_char) -> Option<&'a CStr> {
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) })
 }
 
+/// A message without the newlines C code often ends one with, as nbdkit
+/// drops them: the log ends each line itself.
+fn one_line(m: &CStr) -> std::ffi::CString {
+    let b = m.to_bytes();
+    let end = b.iter().rposition(|&c| c != b'\n').map_or(0, |i| i + 1);
+    std::ffi::CString::new(&b[..end]).unwrap_or_default()
+}
+
 /// Called by `format.c` with a formatted `nbdkit_error` message.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nbdhost_nbdkit_error_message(msg: *const c_char) {
     if let Some(m) = arg(msg) {
-        report(m);
+        report(&one_line(m));
     }
 }
 
@@ -39,7 +47,7 @@ pub unsafe extern "C" fn nbdhost_nbdkit_error_message(msg: *const c_char) {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nbdhost_nbdkit_debug_message(msg: *const c_char) {
     if let Some(m) = arg(msg) {
-        host::debug(m);
+        host::debug(&one_line(m));
     }
 }
 
@@ -136,15 +144,13 @@ pub unsafe extern "C" fn nbdkit_parse_size(s: *const c_char) -> i64 {
         report(c"could not parse size string (null)");
         return -1;
     };
-    // SAFETY: a host service taking a string.
-    let r = host::get().parse_size.map_or(-1, |f| unsafe { f(s) });
-    if r < 0 {
-        fail(
-            libc::EINVAL,
-            &format!("could not parse size string ({})", text.to_string_lossy()),
-        );
+    match crate::parse::size(&text.to_string_lossy()) {
+        Ok(v) => v,
+        Err(e) => {
+            fail(libc::EINVAL, &e);
+            -1
+        }
     }
-    r
 }
 
 /// See nbdkit_parse_bool(3).
@@ -425,6 +431,13 @@ pub extern "C" fn nbdkit_stdio_safe() -> c_int {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_lose_their_trailing_newlines_only() {
+        assert_eq!(one_line(c"a\nb\n\n").as_bytes(), b"a\nb");
+        assert_eq!(one_line(c"\n").as_bytes(), b"");
+        assert_eq!(one_line(c"plain").as_bytes(), b"plain");
+    }
 
     #[test]
     fn os_errors_read_as_c_prints_them() {
