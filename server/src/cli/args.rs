@@ -243,21 +243,25 @@ fn is_key(k: &str) -> bool {
         && c.all(|ch| ch.is_ascii_alphanumeric() || "_-.".contains(ch))
 }
 
-/// Split parameters into `(key, value)` pairs, giving each bare value to
-/// the plugin's magic key (as nbdkit does, a plugin such as split takes
-/// several).
+/// Split parameters into `(key, value)` pairs, as nbdkit does: each bare
+/// value goes to the plugin's magic key (a plugin such as split takes
+/// several); without one, a bare first parameter is `script=` (how
+/// language plugins such as python find theirs) and any later bare one is
+/// an error.
 pub fn plugin_params(
     params: &[String],
     magic: Option<&str>,
 ) -> Result<Vec<(String, String)>, String> {
     params
         .iter()
-        .map(|p| match p.split_once('=') {
+        .enumerate()
+        .map(|(i, p)| match p.split_once('=') {
             Some((k, v)) if is_key(k) => Ok((k.to_string(), v.to_string())),
             _ => match magic {
                 Some(key) => Ok((key.to_string(), p.clone())),
+                None if i == 0 => Ok(("script".to_string(), p.clone())),
                 None => Err(format!(
-                    "parameter '{p}' is not key=value and the plugin has no default key"
+                    "expecting key=value on the command line but got: {p}"
                 )),
             },
         })
@@ -269,6 +273,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn without_a_magic_key_a_bare_first_parameter_is_the_script() {
+        assert_eq!(
+            plugin_params(&["s.py".into(), "k=v".into()], None).unwrap(),
+            vec![("script".into(), "s.py".into()), ("k".into(), "v".into())]
+        );
+        let e = plugin_params(&["s.py".into(), "extra".into()], None).unwrap_err();
+        assert!(e.contains("got: extra"), "{e}");
+    }
+
+    #[test]
     fn bare_value_goes_to_magic_key() {
         let p = plugin_params(&["disk.img".into(), "cache=none".into()], Some("file")).unwrap();
         assert_eq!(
@@ -278,7 +292,7 @@ mod tests {
                 ("cache".into(), "none".into())
             ]
         );
-        assert!(plugin_params(&["x".into()], None).is_err());
+        assert!(plugin_params(&["k=v".into(), "x".into()], None).is_err());
         assert_eq!(
             plugin_params(&["a".into(), "b".into()], Some("k")).unwrap(),
             vec![("k".into(), "a".into()), ("k".into(), "b".into())]

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::layers::chain::Layers;
+use crate::layers::foreign;
 use crate::layers::host;
 use crate::protocol::export::ExportPolicy;
 use crate::protocol::handshake::{HandshakeConfig, TlsMode};
@@ -74,7 +75,20 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         });
         return Ok(0);
     };
-    let layers = Layers::load(&plugin, &cli.filters)?;
+    let mut params = cli.params.clone();
+    let layers = match Layers::load(&plugin, &cli.filters) {
+        Ok(l) => l,
+        // nbdkit runs a script plugin installed under a short name with
+        // its language plugin; so does nbdhost.
+        Err(e) => match foreign::script(&plugin) {
+            Some((language, script)) => {
+                log::debug!("{plugin} is the {language} script {}", script.display());
+                params.insert(0, script.display().to_string());
+                Layers::load(&language, &cli.filters)?
+            }
+            None => return Err(e),
+        },
+    };
     // As nbdkit: loaded, so that a missing layer is an error, but not
     // configured.
     if cli.help {
@@ -97,7 +111,7 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
     let magic = layers.plugin_info().magic_config_key.clone();
     // Before --dump-plugin too, as nbdkit does: a language plugin only
     // knows what it can say once its script is loaded.
-    layers.config(args::plugin_params(&cli.params, magic.as_deref())?)?;
+    layers.config(args::plugin_params(&params, magic.as_deref())?)?;
     if cli.dump_plugin {
         // The plugin's own lines follow ours on the same stdout.
         dump::print(&dump::layer(layers.plugin_info()));
@@ -108,6 +122,9 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         return Ok(0);
     }
     let backend = layers.configure()?;
+    // nbdkit's rule: stdin and stdout are the plugin's only while it is
+    // being configured.
+    host::set_stdio_safe(false);
 
     let tls_mode = cli.tls_mode();
     if cli.oldstyle && tls_mode == TlsMode::Require {

@@ -73,6 +73,36 @@ fn nbdkit_config() -> &'static str {
     })
 }
 
+/// An nbdkit script plugin installed under a short name: an executable
+/// `nbdkit-NAME-plugin` (no `.so`) in nbdkit's plugin directory whose
+/// first line is `#!/…/nbdkit LANGUAGE`. nbdkit executes such a file,
+/// which runs nbdkit with the language plugin and the script; this gives
+/// the same pair, the language plugin's name and the script's path, so
+/// nbdhost can serve it that way.
+pub fn script(name: &str) -> Option<(String, PathBuf)> {
+    use std::io::{BufRead, Read};
+    use std::os::unix::fs::PermissionsExt;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return None;
+    }
+    let path = nbdkit_dir("plugin")?.join(format!("nbdkit-{name}-plugin"));
+    let md = std::fs::metadata(&path).ok()?;
+    if !md.is_file() || md.permissions().mode() & 0o100 == 0 {
+        return None;
+    }
+    let mut first = String::new();
+    std::io::BufReader::new(std::fs::File::open(&path).ok()?.take(4096))
+        .read_line(&mut first)
+        .ok()?;
+    let mut words = first.strip_prefix("#!")?.split_whitespace();
+    let interpreter = Path::new(words.next()?);
+    let language = words.next()?;
+    (interpreter.file_name()? == "nbdkit").then(|| (language.to_string(), path))
+}
+
 /// nbdkit's `kind` called `name` (`curl` → `nbdkit-curl-plugin.so` in
 /// nbdkit's plugin directory), if it is installed.
 pub fn find(name: &str, kind: &str) -> Option<PathBuf> {

@@ -134,9 +134,20 @@ pub fn set_stdio_safe(safe: bool) {
 /// What `host->shutdown` does: set by the runtime once it serves.
 static SHUTDOWN_REQUEST: Mutex<Option<Box<dyn Fn() + Send>>> = Mutex::new(None);
 
-/// Make `host->shutdown` call `f` (`None`: do nothing, as before serving).
+/// `host->shutdown` was called before the runtime was there to hear it
+/// (from `get_ready` or `after_fork`, say).
+static SHUTDOWN_EARLY: AtomicBool = AtomicBool::new(false);
+
+/// Make `host->shutdown` call `f` (`None`: remember the request, as
+/// before serving). A request made before `f` was set calls it at once.
 pub fn on_shutdown_request(f: Option<Box<dyn Fn() + Send>>) {
-    *SHUTDOWN_REQUEST.lock().unwrap_or_else(|e| e.into_inner()) = f;
+    let mut slot = SHUTDOWN_REQUEST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(f) = &f {
+        if SHUTDOWN_EARLY.swap(false, Ordering::Relaxed) {
+            f();
+        }
+    }
+    *slot = f;
 }
 
 /// Run `f` on behalf of a connection, so that `export_name` and
@@ -638,12 +649,13 @@ unsafe extern "C" fn host_peer_tls_issuer_dn() -> *const c_char {
 unsafe extern "C" fn host_shutdown() {
     let layer = LAYER.with(|l| l.get());
     log::info!("{layer} asked the server to shut down");
-    if let Some(f) = SHUTDOWN_REQUEST
+    match SHUTDOWN_REQUEST
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
     {
-        f();
+        Some(f) => f(),
+        None => SHUTDOWN_EARLY.store(true, Ordering::Relaxed),
     }
 }
 

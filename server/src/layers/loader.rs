@@ -237,7 +237,17 @@ impl<T: Table> Library<T> {
         // SAFETY: the symbol's type is fixed by the ABI headers.
         let entry = unsafe { lib.get::<T::Entry>(T::ENTRY.as_bytes()) }
             .map(|s| *s)
-            .map_err(|_| format!("{shown} is not an nbdhost {kind}: no symbol {}", T::ENTRY))?;
+            .map_err(|_| {
+                // SAFETY: only looked up, never called.
+                if unsafe { lib.get::<T::AdapterEntry>(T::ADAPTER_ENTRY.as_bytes()) }.is_ok() {
+                    format!(
+                        "{shown} is an adapter that serves another server's {kind}s: \
+                         name one of those instead (see nbdhost-nbdkit-plugin(1))"
+                    )
+                } else {
+                    format!("{shown} is not an nbdhost {kind}: no symbol {}", T::ENTRY)
+                }
+            })?;
         // SAFETY: `entry` is the layer's entry symbol.
         let table = unsafe { T::call_entry(entry) };
         Library::with_table(lib, table, path)

@@ -8,7 +8,7 @@ pub mod chain;
 pub mod execute;
 mod extents;
 mod filter;
-mod foreign;
+pub mod foreign;
 pub mod host;
 mod loader;
 mod plugin;

@@ -87,7 +87,10 @@ impl Plugin {
             Some(_) => Ok(()),
             None => Err(Error::new(
                 libc::EINVAL,
-                format!("{} takes no parameters (got '{key}')", self.lib.name()),
+                format!(
+                    "{} takes no parameters (got '{key}={value}')",
+                    self.lib.name()
+                ),
             )),
         }
     }
@@ -107,6 +110,10 @@ impl Plugin {
         if let Some(f) = cb!(self.lib, dump_plugin) {
             // SAFETY: ABI callback with no arguments.
             self.lib.call(|| unsafe { f() });
+            // A C plugin prints with stdio, whose buffer would otherwise
+            // come out after what the server prints next.
+            // SAFETY: fflush(NULL) flushes every stdio stream.
+            unsafe { libc::fflush(std::ptr::null_mut()) };
         }
     }
 }
