@@ -302,11 +302,16 @@ pub unsafe extern "C" fn nbdkit_read_password(
 /// See nbdkit_nanosleep(3).
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_nanosleep(sec: c_uint, nsec: c_uint) -> c_int {
-    match host::get().nanosleep {
-        // SAFETY: a host service taking two integers.
-        Some(f) => unsafe { f(u64::from(sec), u64::from(nsec)) },
-        None => -1,
+    // SAFETY: a host service taking two integers.
+    let r = host::get()
+        .nanosleep
+        .map_or(-1, |f| unsafe { f(u64::from(sec), u64::from(nsec)) });
+    if r == -1 {
+        // nbdkit's promise: a sleep cut short by shutdown says so in errno.
+        // SAFETY: this thread's errno.
+        unsafe { *libc::__errno_location() = libc::ESHUTDOWN };
     }
+    r
 }
 
 /// See nbdkit_export_name(3).
