@@ -225,13 +225,30 @@ impl Cli {
                 if !k.contains('.') {
                     return Err(format!("-D {d}: expected PLUGIN.FLAG=N"));
                 }
-                let n = v
-                    .parse()
-                    .map_err(|_| format!("-D {d}: {v} is not a number"))?;
+                let n = c_int(v).ok_or_else(|| format!("-D {d}: {v} is not a number"))?;
                 Ok((k.to_string(), n))
             })
             .collect()
     }
+}
+
+/// An `int` as C reads one in base 0, as nbdkit reads `-D` values: a
+/// sign, then `0x` for hexadecimal, a leading `0` for octal, or decimal.
+fn c_int(s: &str) -> Option<i32> {
+    let (negative, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let (radix, digits) = match body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+        Some(hex) => (16, hex),
+        None if body.len() > 1 && body.starts_with('0') => (8, &body[1..]),
+        None => (10, body),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let v = i64::from_str_radix(digits, radix).ok()?;
+    i32::try_from(if negative { -v } else { v }).ok()
 }
 
 /// Whether `k` can be a parameter's key, as nbdkit decides it: a letter,
@@ -271,6 +288,23 @@ pub fn plugin_params(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_flag_values_read_as_c_integers() {
+        for (text, want) in [
+            ("42", Some(42)),
+            ("0x2a", Some(42)),
+            ("052", Some(42)),
+            ("-1", Some(-1)),
+            ("0", Some(0)),
+            ("08", None),
+            ("0x", None),
+            ("1e3", None),
+            ("4294967296", None),
+        ] {
+            assert_eq!(c_int(text), want, "{text}");
+        }
+    }
 
     #[test]
     fn without_a_magic_key_a_bare_first_parameter_is_the_script() {
