@@ -17,7 +17,8 @@
  *                      connection's requests be serialized
  *
  * Markers written in DIR:
- *   after_fork         by after_fork: the process id it ran in
+ *   after_fork         by after_fork: the process id it ran in (then
+ *                      after_fork waits 200 ms)
  *   cleanup            by cleanup
  *   max_in_flight      by cleanup: the most preads that were ever inside
  *                      the plugin at once (each takes 20 ms)
@@ -126,6 +127,10 @@ features_after_fork (void)
 
   snprintf (pid, sizeof pid, "%ld\n", (long) getpid ());
   marker ("after_fork", pid);
+  /* A test that signals the server as soon as this marker appears then
+   * signals it inside this call, before the server serves: the signal
+   * must still end in an orderly shutdown, with cleanup. */
+  usleep (200000);
   return 0;
 }
 

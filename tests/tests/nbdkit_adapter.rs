@@ -422,11 +422,16 @@ fn after_fork_runs_in_the_daemon_not_in_the_process_that_started_it() {
         "{}",
         String::from_utf8_lossy(&started.stderr)
     );
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    // The parent returns at once; the daemon writes the pid file soon after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid: i32 = loop {
+        let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        if let Some(pid) = text.strip_suffix('\n').and_then(|t| t.parse().ok()) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no pid file");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let daemon = Daemon(pid);
     // Where nbdkit plugins start their threads: only a process that
     // forked already keeps them.

@@ -157,6 +157,7 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         process::daemonize()?;
         logging::set_destination(explicit_log.unwrap_or(logging::Destination::Syslog));
     }
+    let signals = runtime::catch_signals().map_err(|e| format!("signals: {e}"))?;
     if cli.exit_with_parent {
         process::exit_with_parent()?;
     }
@@ -201,8 +202,8 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         },
         stdio: cli.single,
     };
-    let exit =
-        runtime::serve(backend, listeners, opts, child).map_err(|e| format!("event loop: {e}"))?;
+    let exit = runtime::serve(backend, listeners, opts, signals, child)
+        .map_err(|e| format!("event loop: {e}"))?;
     if let (Address::Unix(p), None) = (&address, &private) {
         let _ = std::fs::remove_file(p);
     }

@@ -18,6 +18,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use mio::{Poll, Token, Waker};
 use nbdhost_plugin_api::ThreadModel;
 use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use crate::layers::{host, Backend};
 use crate::protocol::export::ExportPolicy;
@@ -141,6 +142,14 @@ fn wait_for_run(rx: &mpsc::Receiver<Event>, pid: u32, signal: i32) -> Exit {
     }
 }
 
+/// Catch SIGINT and SIGTERM from now on, for [`serve`] to act on: taken
+/// before the layers' `after_fork` and the pid file, so that a signal
+/// sent as soon as the server looks ready still shuts it down in order
+/// (closing and cleaning up the layers) instead of killing it.
+pub fn catch_signals() -> std::io::Result<Signals> {
+    Signals::new([SIGINT, SIGTERM])
+}
+
 /// Serve until a signal, the end of the `-s` connection, or the end of the
 /// `--run` child. Returns once every request has been answered and every
 /// handle closed.
@@ -148,6 +157,7 @@ pub fn serve(
     backend: Arc<dyn Backend>,
     listeners: Vec<Listener>,
     opts: Options,
+    mut signals: Signals,
     child: Option<std::process::Child>,
 ) -> std::io::Result<Exit> {
     let model = backend.thread_model();
@@ -198,7 +208,6 @@ pub fn serve(
         events: Mutex::new(tx.clone()),
     });
 
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     let signal_tx = tx.clone();
     std::thread::Builder::new()
         .name("signals".into())
