@@ -5,15 +5,52 @@
 CARGO ?= cargo
 ARGS ?= memory 1G
 
-.PHONY: all build run check lint test bench fuzz asan
+# Where `make install` puts things (the GNU variables; DESTDIR for staged
+# installs). The server is compiled with these paths, so the installed
+# binary finds its plugins and filters by short name and --dump-config
+# reports them; NBDHOST_PLUGINDIR and NBDHOST_FILTERDIR override them at
+# run time.
+PREFIX ?= /usr/local
+EXEC_PREFIX ?= $(PREFIX)
+BINDIR ?= $(EXEC_PREFIX)/bin
+SBINDIR ?= $(EXEC_PREFIX)/sbin
+LIBDIR ?= $(EXEC_PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+DATAROOTDIR ?= $(PREFIX)/share
+MANDIR ?= $(DATAROOTDIR)/man
+SYSCONFDIR ?= $(PREFIX)/etc
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+PLUGINDIR = $(LIBDIR)/nbdhost/plugins
+FILTERDIR = $(LIBDIR)/nbdhost/filters
+export NBDHOST_PREFIX = $(PREFIX)
+export NBDHOST_BINDIR = $(BINDIR)
+export NBDHOST_SBINDIR = $(SBINDIR)
+export NBDHOST_LIBDIR = $(LIBDIR)
+export NBDHOST_MANDIR = $(MANDIR)
+export NBDHOST_SYSCONFDIR = $(SYSCONFDIR)
+
+# `make install PROFILE=debug` installs the debug build (the tests do).
+PROFILE ?= release
+OUT = target/$(PROFILE)
+CARGO_PROFILE = $(if $(filter release,$(PROFILE)),--release,)
+VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+PLUGINS = $(notdir $(wildcard plugins/*))
+FILTERS = $(notdir $(wildcard filters/*))
+SUBST = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@BINDIR@|$(BINDIR)|g' \
+	-e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|g' \
+	-e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@PLUGINDIR@|$(PLUGINDIR)|g' \
+	-e 's|@FILTERDIR@|$(FILTERDIR)|g' -e 's|@VERSION@|$(VERSION)|g'
+
+.PHONY: all build run check lint test bench fuzz asan install uninstall
 
 all: build
 
 build:
-	$(CARGO) build --release --workspace
+	$(CARGO) build $(CARGO_PROFILE) --workspace
 
 run: build
-	./target/release/nbdhost -f $(ARGS)
+	./$(OUT)/nbdhost -f $(ARGS)
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -52,3 +89,29 @@ asan:
 		$(CARGO) test -p nbdhost-tests
 	@if [ -n "$$(ls $(ASAN_REPORTS))" ]; then cat $(ASAN_REPORTS)/*; exit 1; fi
 	@echo "asan: the end-to-end suite ran clean"
+
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(FILTERDIR) \
+		$(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR) \
+		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3 $(DESTDIR)$(SYSTEMDUNITDIR)
+	install -m 0755 $(OUT)/nbdhost $(DESTDIR)$(BINDIR)/nbdhost
+	for p in $(PLUGINS); do \
+		install -m 0644 $(OUT)/lib$${p}plugin.so $(DESTDIR)$(PLUGINDIR)/ || exit 1; done
+	for f in $(FILTERS); do \
+		install -m 0644 $(OUT)/lib$${f}filter.so $(DESTDIR)$(FILTERDIR)/ || exit 1; done
+	install -m 0644 plugin-api/include/nbdhost-plugin.h plugin-api/include/nbdhost-filter.h \
+		$(DESTDIR)$(INCLUDEDIR)/
+	$(SUBST) nbdhost.pc.in >$(DESTDIR)$(PKGCONFIGDIR)/nbdhost.pc
+	install -m 0644 man/*.1 $(DESTDIR)$(MANDIR)/man1/
+	install -m 0644 man/*.3 $(DESTDIR)$(MANDIR)/man3/
+	install -m 0644 systemd/nbdhost.socket $(DESTDIR)$(SYSTEMDUNITDIR)/
+	$(SUBST) systemd/nbdhost.service.in >$(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.service
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/nbdhost
+	rm -rf $(DESTDIR)$(LIBDIR)/nbdhost
+	rm -f $(DESTDIR)$(INCLUDEDIR)/nbdhost-plugin.h $(DESTDIR)$(INCLUDEDIR)/nbdhost-filter.h
+	rm -f $(DESTDIR)$(PKGCONFIGDIR)/nbdhost.pc
+	for m in man/*.1; do rm -f $(DESTDIR)$(MANDIR)/man1/$$(basename $$m); done
+	for m in man/*.3; do rm -f $(DESTDIR)$(MANDIR)/man3/$$(basename $$m); done
+	rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.socket $(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.service
