@@ -2,9 +2,15 @@
  *
  * It shows that a third-party C plugin needs nothing from nbdhost but the
  * header: no library to link, no symbols from the server.  Every host
- * service arrives through the table passed to nbdhost_plugin_entry.
+ * service arrives through the table passed to nbdhost_plugin_entry, which
+ * NBDHOST_REGISTER_PLUGIN defines; nbdhost_error and nbdhost_debug format
+ * messages for it.
  *
- * Build (from the top of the source tree):
+ * Build, against an installed nbdhost:
+ *
+ *   cc $(pkg-config --cflags nbdhost) -shared -fPIC -Wall -Werror -o libcmemplugin.so cplugin.c
+ *
+ * or from the top of the source tree:
  *
  *   cc -shared -fPIC -Wall -Werror -I plugin-api/include -o libcmemplugin.so plugin-api/examples/cplugin.c
  *
@@ -29,9 +35,6 @@
 
 #define DEFAULT_SIZE (UINT64_C (1) << 20) /* 1 MiB */
 
-/* The server's services, valid until unload. */
-static const struct nbdhost_host *host;
-
 static uint64_t size = DEFAULT_SIZE;
 static unsigned char *disk;
 /* The thread model is PARALLEL: this lock makes each request atomic with
@@ -43,25 +46,12 @@ struct cmem_handle {
   int readonly;
 };
 
-/* Record an error for the current callback, with a formatted message. */
-static void
-report (int errnum, const char *fmt, ...)
-{
-  char msg[256];
-  va_list ap;
-
-  va_start (ap, fmt);
-  vsnprintf (msg, sizeof msg, fmt, ap);
-  va_end (ap);
-  host->error (errnum, msg);
-}
-
 /* Is [offset, offset+count) inside the disk?  Records EINVAL if not. */
 static int
 check_range (const char *what, uint64_t count, uint64_t offset)
 {
   if (offset > size || count > size - offset) {
-    report (EINVAL, "%s out of range: %" PRIu64 " bytes at offset %" PRIu64
+    nbdhost_error (EINVAL, "%s out of range: %" PRIu64 " bytes at offset %" PRIu64
             " on a disk of %" PRIu64 " bytes", what, count, offset, size);
     return -1;
   }
@@ -71,8 +61,7 @@ check_range (const char *what, uint64_t count, uint64_t offset)
 static int
 cmem_load (void)
 {
-  if (host->debug)
-    host->debug ("cmem: loaded");
+  nbdhost_debug ("cmem: loaded");
   return 0;
 }
 
@@ -88,13 +77,13 @@ static int
 cmem_config (const char *key, const char *value)
 {
   if (strcmp (key, "size") == 0) {
-    int64_t r = host->parse_size (value);
+    int64_t r = nbdhost_host->parse_size (value);
     if (r == -1)
       return -1;                /* parse_size recorded the error */
     size = (uint64_t) r;
     return 0;
   }
-  report (EINVAL, "unknown parameter '%s'", key);
+  nbdhost_error (EINVAL, "unknown parameter '%s'", key);
   return -1;
 }
 
@@ -102,13 +91,13 @@ static int
 cmem_config_complete (void)
 {
   if (size > SIZE_MAX) {
-    report (EINVAL, "size %" PRIu64 " is too large for this machine", size);
+    nbdhost_error (EINVAL, "size %" PRIu64 " is too large for this machine", size);
     return -1;
   }
   /* calloc(0, 1) may return NULL; allocate at least one byte. */
   disk = calloc (size ? (size_t) size : 1, 1);
   if (disk == NULL) {
-    report (ENOMEM, "cannot allocate %" PRIu64 " bytes", size);
+    nbdhost_error (ENOMEM, "cannot allocate %" PRIu64 " bytes", size);
     return -1;
   }
   return 0;
@@ -120,7 +109,7 @@ cmem_open (int readonly)
   struct cmem_handle *h = malloc (sizeof *h);
 
   if (h == NULL) {
-    host->error (ENOMEM, "out of memory");
+    nbdhost_error (ENOMEM, "out of memory");
     return NULL;
   }
   h->readonly = readonly;
@@ -212,10 +201,8 @@ cmem_trim (void *handle, uint64_t count, uint64_t offset, uint32_t flags)
   return 0;
 }
 
-static const struct nbdhost_plugin plugin = {
-  /* The full size of the header's struct: every field below is present. */
-  .struct_size = sizeof (struct nbdhost_plugin),
-  .abi_version = NBDHOST_ABI_VERSION,
+/* struct_size and abi_version are filled by NBDHOST_REGISTER_PLUGIN. */
+static struct nbdhost_plugin plugin = {
   .thread_model = NBDHOST_THREAD_MODEL_PARALLEL,
   .name = "cmem",
   .version = "1.0",
@@ -238,17 +225,6 @@ static const struct nbdhost_plugin plugin = {
   .trim = cmem_trim,
 };
 
-const struct nbdhost_plugin *nbdhost_plugin_entry (const struct nbdhost_host *);
-
-const struct nbdhost_plugin *
-nbdhost_plugin_entry (const struct nbdhost_host *h)
-{
-  /* This plugin calls error, debug and parse_size, all present since
-   * ABI 1.0; refuse a host table too short to hold them. */
-  if (h == NULL || h->abi_version >> 16 != NBDHOST_ABI_MAJOR ||
-      h->struct_size < offsetof (struct nbdhost_host, parse_size) +
-                       sizeof h->parse_size)
-    return NULL;
-  host = h;
-  return &plugin;
-}
+/* Every host service this plugin calls (error, debug, parse_size) is in
+ * ABI 1.0, so any server of major version 1 has them. */
+NBDHOST_REGISTER_PLUGIN (plugin)

@@ -161,6 +161,23 @@ struct nbdhost_filter {
 typedef const struct nbdhost_filter *
   (*nbdhost_filter_entry_fn) (const struct nbdhost_host *host);
 
+/* As NBDHOST_REGISTER_PLUGIN (nbdhost-plugin.h), for a filter's struct:
+ * defines nbdhost_filter_entry, and nbdhost_error / nbdhost_debug work. */
+#define NBDHOST_REGISTER_FILTER(filter)                                  \
+  NBDHOST_EXPORT const struct nbdhost_filter *                           \
+  nbdhost_filter_entry (const struct nbdhost_host *nbdhost_host_arg);    \
+  NBDHOST_EXPORT const struct nbdhost_filter *                           \
+  nbdhost_filter_entry (const struct nbdhost_host *nbdhost_host_arg)     \
+  {                                                                      \
+    if (nbdhost_host_arg == NULL ||                                      \
+        nbdhost_host_arg->abi_version >> 16 != NBDHOST_ABI_MAJOR)        \
+      return NULL;                                                       \
+    nbdhost_host = nbdhost_host_arg;                                     \
+    (filter).struct_size = sizeof (filter);                              \
+    (filter).abi_version = NBDHOST_ABI_VERSION;                          \
+    return &(filter);                                                    \
+  }
+
 /* Since ABI 1.5: the entry of an adapter, called with the foreign
  * filter's path. */
 typedef const struct nbdhost_filter *

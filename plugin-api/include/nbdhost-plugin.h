@@ -15,8 +15,12 @@
 #ifndef NBDHOST_PLUGIN_H
 #define NBDHOST_PLUGIN_H
 
+#include <errno.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <sys/socket.h>
 
 #ifdef __cplusplus
@@ -268,6 +272,107 @@ typedef const struct nbdhost_plugin *
 typedef const struct nbdhost_plugin *
   (*nbdhost_plugin_adapter_entry_fn) (const struct nbdhost_host *host,
                                       const char *path);
+
+/* Registration and formatted messages: conveniences of this header, with
+ * nothing in the ABI behind them.
+ *
+ *   static struct nbdhost_plugin plugin = { .name = "demo", ... };
+ *   NBDHOST_REGISTER_PLUGIN (plugin)
+ *
+ * defines nbdhost_plugin_entry for the struct: it fills struct_size (this
+ * header's size of the struct) and abi_version, refuses a server of
+ * another major version, and keeps the host table in nbdhost_host for the
+ * whole plugin, so callbacks can say
+ *
+ *   nbdhost_error (EINVAL, "size=%s: not a size", value);
+ *   nbdhost_debug ("opened %s", path);
+ *
+ * The struct must not be const: the entry point completes it. */
+
+/* The host table kept by NBDHOST_REGISTER_PLUGIN (or _FILTER), valid
+ * until the layer is unloaded.  Weak and hidden: every file of one plugin
+ * shares it, and no other object sees it. */
+__attribute__ ((weak, visibility ("hidden")))
+const struct nbdhost_host *nbdhost_host;
+
+#define NBDHOST_EXPORT __attribute__ ((visibility ("default")))
+
+#define NBDHOST_REGISTER_PLUGIN(plugin)                                  \
+  NBDHOST_EXPORT const struct nbdhost_plugin *                           \
+  nbdhost_plugin_entry (const struct nbdhost_host *nbdhost_host_arg);    \
+  NBDHOST_EXPORT const struct nbdhost_plugin *                           \
+  nbdhost_plugin_entry (const struct nbdhost_host *nbdhost_host_arg)     \
+  {                                                                      \
+    if (nbdhost_host_arg == NULL ||                                      \
+        nbdhost_host_arg->abi_version >> 16 != NBDHOST_ABI_MAJOR)        \
+      return NULL;                                                       \
+    nbdhost_host = nbdhost_host_arg;                                     \
+    (plugin).struct_size = sizeof (plugin);                              \
+    (plugin).abi_version = NBDHOST_ABI_VERSION;                          \
+    return &(plugin);                                                    \
+  }
+
+/* printf into a new string (NULL if out of memory); errno is kept, so
+ * that %m names the caller's error. */
+static inline char *
+nbdhost_vformat_ (const char *fmt, va_list ap)
+{
+  int saved = errno, n;
+  char *s = NULL;
+  va_list again;
+
+  va_copy (again, ap);
+  n = vsnprintf (NULL, 0, fmt, again);
+  va_end (again);
+  if (n >= 0 && (s = malloc ((size_t) n + 1)) != NULL) {
+    errno = saved;
+    vsnprintf (s, (size_t) n + 1, fmt, ap);
+  }
+  errno = saved;
+  return s;
+}
+
+/* Record the current callback's error, as host->error, with a printf
+ * message.  errno is left as it was. */
+static inline void nbdhost_error (int errnum, const char *fmt, ...)
+  __attribute__ ((format (printf, 2, 3)));
+static inline void
+nbdhost_error (int errnum, const char *fmt, ...)
+{
+  va_list ap;
+  char *msg;
+  int saved = errno;
+
+  va_start (ap, fmt);
+  msg = nbdhost_vformat_ (fmt, ap);
+  va_end (ap);
+  if (nbdhost_host != NULL)
+    nbdhost_host->error (errnum, msg);
+  free (msg);
+  errno = saved;
+}
+
+/* Log a debug message (shown with -v), as host->debug, with a printf
+ * message.  errno is left as it was. */
+static inline void nbdhost_debug (const char *fmt, ...)
+  __attribute__ ((format (printf, 1, 2)));
+static inline void
+nbdhost_debug (const char *fmt, ...)
+{
+  va_list ap;
+  char *msg;
+  int saved = errno;
+
+  if (nbdhost_host == NULL || nbdhost_host->debug == NULL)
+    return;
+  va_start (ap, fmt);
+  msg = nbdhost_vformat_ (fmt, ap);
+  va_end (ap);
+  if (msg != NULL)
+    nbdhost_host->debug (msg);
+  free (msg);
+  errno = saved;
+}
 
 #ifdef __cplusplus
 }

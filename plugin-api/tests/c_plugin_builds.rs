@@ -179,6 +179,25 @@ fn string(p: *const c_char) -> String {
     unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_owned()
 }
 
+/// A host table of another major version, which NBDHOST_REGISTER_PLUGIN
+/// refuses.
+static FUTURE_HOST: abi::Host = abi::Host {
+    abi_version: (abi::ABI_MAJOR + 1) << 16,
+    ..HOST
+};
+
+#[test]
+fn the_register_macro_refuses_a_host_of_another_major() {
+    let dir = TempDir::new("cmem-major");
+    let so = build(&dir, "cmem", "cplugin.c");
+    // SAFETY: as in `load`.
+    let lib = unsafe { Library::new(&so) }.unwrap();
+    // SAFETY: as in `load`.
+    let entry: abi::PluginEntry = *unsafe { lib.get(abi::PLUGIN_ENTRY.as_bytes()) }.unwrap();
+    // SAFETY: a complete, 'static host table.
+    assert!(unsafe { entry(&FUTURE_HOST) }.is_null());
+}
+
 #[test]
 fn cmem_ram_disk_works_through_the_abi() {
     let dir = TempDir::new("cmem");
@@ -307,7 +326,11 @@ fn cmem_ram_disk_works_through_the_abi() {
             [libc::EINVAL, libc::EIO].contains(&errors[0].0),
             "{errors:?}"
         );
-        assert!(!errors[0].1.is_empty(), "the error has a message");
+        // nbdhost_error's formatting, numbers and all.
+        assert_eq!(
+            errors[0].1,
+            format!("read out of range: {count} bytes at offset {offset} on a disk of 65536 bytes")
+        );
     }
     // SAFETY: see above.
     let r = unsafe { pwrite(h, small.as_ptr().cast(), 16, 65536 - 8, 0) };

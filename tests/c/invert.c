@@ -1,11 +1,10 @@
 /* A filter in C: every byte is stored inverted below it, so reads through
- * the filter see what was written, and the layer below sees ~data. */
+ * the filter see what was written, and the layer below sees ~data.
+ * Registered with NBDHOST_REGISTER_FILTER; errors through nbdhost_error. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <nbdhost-filter.h>
-
-static const struct nbdhost_host *host;
 
 static void *
 inv_open (const struct nbdhost_next_open *next, int readonly,
@@ -42,7 +41,8 @@ inv_pwrite (const struct nbdhost_next *next, void *handle, const void *buf,
   int r;
   (void) handle;
   if (copy == NULL) {
-    host->error (ENOMEM, "invert: out of memory");
+    nbdhost_error (ENOMEM, "invert: no memory for %llu bytes",
+                   (unsigned long long) count);
     return -1;
   }
   memcpy (copy, buf, count);
@@ -66,7 +66,7 @@ inv_zero (const struct nbdhost_next *next, void *handle, uint64_t count,
           uint64_t offset, uint32_t flags)
 {
   (void) next; (void) handle; (void) count; (void) offset; (void) flags;
-  host->error (ENOTSUP, NULL);
+  nbdhost_host->error (ENOTSUP, NULL);
   return -1;
 }
 
@@ -77,9 +77,7 @@ inv_can_trim (const struct nbdhost_next *next, void *handle)
   return 0;
 }
 
-static const struct nbdhost_filter filter = {
-  .struct_size = sizeof filter,
-  .abi_version = NBDHOST_ABI_VERSION,
+static struct nbdhost_filter filter = {
   .thread_model = NBDHOST_THREAD_MODEL_PARALLEL,
   .name = "invert",
   .version = "1.0",
@@ -92,9 +90,4 @@ static const struct nbdhost_filter filter = {
   .can_trim = inv_can_trim,
 };
 
-const struct nbdhost_filter *
-nbdhost_filter_entry (const struct nbdhost_host *h)
-{
-  host = h;
-  return &filter;
-}
+NBDHOST_REGISTER_FILTER (filter)
