@@ -438,3 +438,139 @@ fn mask_handshake_limits_the_greeting_flags() {
     assert_eq!(export_size(&s.uri()), "1048576");
     assert!(s.stop().success());
 }
+
+#[test]
+fn user_and_group_change_before_anything_is_served() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: -u and -g need root");
+        return;
+    }
+    let s = Server::start(&["-u", "nobody", "-g", "nogroup", "memory", "1M"]);
+    let pid = s.child.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ids = |key: &str| -> Vec<String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    // Real, effective, saved and file-system ids alike; no root groups.
+    assert_eq!(ids("Uid:"), ["65534"; 4], "{status}");
+    assert_eq!(ids("Gid:"), ["65534"; 4], "{status}");
+    assert_eq!(ids("Groups:"), ["65534"], "{status}");
+    assert_eq!(export_size(&s.uri()), "1048576");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn print_uri_names_the_export_before_serving() {
+    let dir = TempDir::new("print-uri");
+    let sock = dir.path("s.sock");
+    let pidfile = dir.path("pid");
+    // In the background: the parent prints the URI and returns.
+    let out = run_ok(
+        Command::new(nbdhost_bin())
+            .arg("--print-uri")
+            .arg("-U")
+            .arg(&sock)
+            .arg("-P")
+            .arg(&pidfile)
+            .args(["-e", "disk", "memory", "2M"]),
+    );
+    let uri = out.trim();
+    assert_eq!(uri, format!("nbd+unix:///disk?socket={}", sock.display()));
+    assert_eq!(export_size(uri), "2097152");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pidfile.exists() {
+        assert!(Instant::now() < deadline, "no pid file");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    run_ok(Command::new("kill").arg(pid.trim()));
+}
+
+/// The keepalive timer of established connections to `port`, from the
+/// kernel's table (`tr` is 2 for a keepalive timer).
+fn keepalive_timers(port: u16) -> Vec<bool> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Established (01), on the server's side of the connection.
+            (f[1].ends_with(&local) && f[3] == "01").then(|| f[5].starts_with("02:"))
+        })
+        .collect()
+}
+
+#[test]
+fn keepalive_arms_the_timer_of_tcp_connections() {
+    for (flag, want) in [(None, false), (Some("--keepalive"), true)] {
+        let port = free_port();
+        let p = port.to_string();
+        let mut args = vec!["-4", "-i", "127.0.0.1", "-p", &p];
+        args.extend(flag);
+        args.extend(["memory", "1M"]);
+        let s = Server::start_tcp(&args, port);
+        let held = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let timers = keepalive_timers(port);
+        assert!(!timers.is_empty(), "no established connection seen");
+        assert!(timers.iter().all(|&t| t == want), "{flag:?}: {timers:?}");
+        drop(held);
+        assert!(s.stop().success());
+    }
+}
+
+#[test]
+fn ipv4_only_leaves_ipv6_alone() {
+    let port = free_port();
+    let p = port.to_string();
+    let s = Server::start_tcp(&["-4", "-p", &p, "memory", "1M"], port);
+    assert_eq!(export_size(&format!("nbd://127.0.0.1:{port}/")), "1048576");
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        assert!(std::net::TcpStream::connect(("::1", port)).is_err());
+    }
+    assert!(s.stop().success());
+}
+
+#[test]
+fn timeout_drops_a_client_that_does_not_negotiate() {
+    let s = Server::start(&["--timeout=300ms", "memory", "1M"]);
+    let mut c = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    // The greeting, then end of file once the timeout passes.
+    std::io::Read::read_to_end(&mut c, &mut buf).unwrap();
+    assert!(buf.starts_with(b"NBDMAGIC"));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn log_to_a_file_appends_there() {
+    let dir = TempDir::new("log-file");
+    let file = dir.path("nbdhost.log");
+    std::fs::write(&file, "earlier\n").unwrap();
+    let log = format!("--log={}", file.display());
+    run_ok(Command::new(nbdhost_bin()).args(["-v", &log, "memory", "1M", "--run", "true"]));
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("earlier\n"), "{text}");
+    assert!(
+        text.contains("debug: --run command exited with status 0"),
+        "{text}"
+    );
+    let bad = run(Command::new(nbdhost_bin()).args(["--log=relative.log", "memory", "1M"]));
+    assert_eq!(bad.status.code(), Some(1));
+}

@@ -17,15 +17,20 @@ use clap::Parser;
 )]
 pub struct Cli {
     /// Stay in the foreground (by default nbdhost forks once it listens).
-    #[arg(short = 'f', long)]
+    #[arg(short = 'f', long, visible_alias = "no-fork")]
     pub foreground: bool,
 
     /// Use the newstyle protocol (the default; accepted for nbdkit compatibility).
-    #[arg(short = 'n', long, conflicts_with = "oldstyle")]
+    #[arg(
+        short = 'n',
+        long,
+        visible_alias = "new-style",
+        conflicts_with = "oldstyle"
+    )]
     pub newstyle: bool,
 
     /// Use the oldstyle protocol.
-    #[arg(short = 'o', long)]
+    #[arg(short = 'o', long, visible_alias = "old-style")]
     pub oldstyle: bool,
 
     /// TCP port to listen on.
@@ -33,30 +38,66 @@ pub struct Cli {
     pub port: Option<u16>,
 
     /// Listen only on this address.
-    #[arg(short = 'i', long = "ipaddr", value_name = "ADDR")]
+    #[arg(
+        short = 'i',
+        long = "ipaddr",
+        visible_alias = "ip-addr",
+        value_name = "ADDR"
+    )]
     pub ipaddr: Option<String>,
+
+    /// Listen on IPv4 addresses only.
+    #[arg(short = '4', long = "ipv4-only", conflicts_with = "ipv6_only")]
+    pub ipv4_only: bool,
+
+    /// Listen on IPv6 addresses only.
+    #[arg(short = '6', long = "ipv6-only")]
+    pub ipv6_only: bool,
+
+    /// Enable TCP keepalive on client connections.
+    #[arg(long, visible_alias = "keep-alive")]
+    pub keepalive: bool,
 
     /// Listen on a Unix socket; "-" makes a private temporary one.
     #[arg(short = 'U', long = "unix", value_name = "PATH")]
     pub unix: Option<PathBuf>,
 
     /// Serve one connection on stdin and stdout, then exit.
-    #[arg(short = 's', long, conflicts_with_all = ["port", "ipaddr", "unix", "run"])]
+    #[arg(
+        short = 's',
+        long,
+        visible_alias = "stdin",
+        conflicts_with_all = ["port", "ipaddr", "unix", "run"]
+    )]
     pub single: bool,
 
     /// Write the server's process id to this file once it listens.
-    #[arg(short = 'P', long, value_name = "FILE")]
+    #[arg(short = 'P', long, visible_alias = "pid-file", value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
 
+    /// Change to this user (a name or a number) once listening, before
+    /// serving.
+    #[arg(short = 'u', long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Change to this group (a name or a number) once listening, before
+    /// serving.
+    #[arg(short = 'g', long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Print the export's URI once listening.
+    #[arg(long, visible_aliases = ["print-url", "show-uri", "show-url"])]
+    pub print_uri: bool,
+
     /// Serve read-only.
-    #[arg(short = 'r', long)]
+    #[arg(short = 'r', long, visible_alias = "read-only")]
     pub readonly: bool,
 
     /// Export name to put in the --run URI.
     #[arg(
         short = 'e',
         long = "exportname",
-        visible_alias = "export-name",
+        visible_aliases = ["export-name", "export"],
         value_name = "NAME"
     )]
     pub exportname: Option<String>,
@@ -77,9 +118,9 @@ pub struct Cli {
     #[arg(short = 'v', long)]
     pub verbose: bool,
 
-    /// Where to log: stderr, syslog or null (default: stderr in the
-    /// foreground, syslog once in the background).
-    #[arg(long, value_name = "stderr|syslog|null")]
+    /// Where to log: stderr, syslog, null or an absolute file path
+    /// (default: stderr in the foreground, syslog once in the background).
+    #[arg(long, value_name = "stderr|syslog|null|FILE")]
     pub log: Option<String>,
 
     /// Set a plugin debug flag: -D PLUGIN.FLAG=N.
@@ -95,16 +136,26 @@ pub struct Cli {
     pub mask_handshake: u16,
 
     /// Do not offer structured replies or extended headers.
-    #[arg(long = "no-sr")]
+    #[arg(long = "no-sr", visible_alias = "no-structured-replies")]
     pub no_sr: bool,
 
     /// Do not advertise multi-conn.
-    #[arg(long = "no-mc")]
+    #[arg(long = "no-mc", visible_alias = "no-meta-contexts")]
     pub no_mc: bool,
 
     /// Seconds a client may take to finish the handshake (0: no limit).
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60,
+        conflicts_with = "timeout"
+    )]
     pub handshake_timeout: u64,
+
+    /// As nbdkit's: how long a client may take to finish the handshake,
+    /// TLS included (1.5, 500ms, 2s; 0: no limit).
+    #[arg(long, visible_alias = "time-out", value_name = "DELAY", value_parser = delay)]
+    pub timeout: Option<std::time::Duration>,
 
     /// TLS policy: off, on (also serve plain clients) or require. Giving
     /// --tls-psk or --tls-certificates without --tls means require.
@@ -176,6 +227,22 @@ pub struct Cli {
     pub params: Vec<String>,
 }
 
+/// A delay as nbdkit writes one: seconds with an optional fraction, or a
+/// number followed by `s`, `ms`, `us` or `ns`.
+fn delay(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, unit) = [("ns", 1e-9), ("us", 1e-6), ("ms", 1e-3), ("s", 1.0)]
+        .iter()
+        .find_map(|&(suffix, unit)| t.strip_suffix(suffix).map(|n| (n, unit)))
+        .unwrap_or((t, 1.0));
+    num.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .and_then(|v| std::time::Duration::try_from_secs_f64(v * unit).ok())
+        .ok_or_else(|| format!("'{s}' is not a delay (such as 30, 1.5 or 500ms)"))
+}
+
 /// A connection limit: 1 to a million.
 fn connections(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
@@ -205,6 +272,15 @@ impl Cli {
             None if self.tls_psk.is_some() || self.tls_certificates.is_some() => TlsMode::Require,
             None => TlsMode::Off,
         }
+    }
+
+    /// How long a client may take over the handshake: `--timeout`, else
+    /// `--handshake-timeout`; `None` for no limit.
+    pub fn handshake_limit(&self) -> Option<std::time::Duration> {
+        let d = self
+            .timeout
+            .unwrap_or(std::time::Duration::from_secs(self.handshake_timeout));
+        (!d.is_zero()).then_some(d)
     }
 
     /// How many event loops to run.
@@ -288,6 +364,29 @@ pub fn plugin_params(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_take_nbdkit_delays() {
+        use std::time::Duration;
+        assert_eq!(delay("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(delay("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(delay("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(delay("3s"), Ok(Duration::from_secs(3)));
+        assert!(delay("-1").is_err() && delay("soon").is_err());
+        let limit = |v: &[&str]| {
+            let mut a = vec!["nbdhost"];
+            a.extend_from_slice(v);
+            a.push("memory");
+            Cli::try_parse_from(a).unwrap().handshake_limit()
+        };
+        assert_eq!(limit(&[]), Some(Duration::from_secs(60)));
+        assert_eq!(
+            limit(&["--timeout=250ms"]),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(limit(&["--timeout=0"]), None);
+        assert_eq!(limit(&["--handshake-timeout=0"]), None);
+    }
 
     #[test]
     fn debug_flag_values_read_as_c_integers() {

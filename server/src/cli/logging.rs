@@ -1,4 +1,5 @@
-//! Where log messages go: standard error, syslog, or nowhere (`--log`).
+//! Where log messages go: standard error, syslog, a file, or nowhere
+//! (`--log`).
 //! Levels follow `-v` and `RUST_LOG` as parsed by env_filter.
 //!
 //! A server that has gone to the background logs to syslog by default, as
@@ -16,16 +17,34 @@ pub enum Destination {
     Stderr = 0,
     Syslog = 1,
     Null = 2,
+    /// The file `--log` named, opened by [`Destination::parse`].
+    File = 3,
 }
 
+/// The log file of `--log=FILE`.
+static FILE: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> = std::sync::OnceLock::new();
+
 impl Destination {
-    /// Parse a `--log` value.
-    pub fn parse(s: &str) -> Result<Destination, String> {
+    /// Parse a `--log` value: `stderr`, `syslog`, `null`, or an absolute
+    /// path of a file to append to (opened now); `None` for `default`.
+    pub fn parse(s: &str) -> Result<Option<Destination>, String> {
         match s {
-            "stderr" => Ok(Destination::Stderr),
-            "syslog" => Ok(Destination::Syslog),
-            "null" => Ok(Destination::Null),
-            _ => Err(format!("--log={s}: expected stderr, syslog or null")),
+            "default" => Ok(None),
+            "stderr" => Ok(Some(Destination::Stderr)),
+            "syslog" => Ok(Some(Destination::Syslog)),
+            "null" => Ok(Some(Destination::Null)),
+            path if path.starts_with('/') => {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| format!("--log={path}: {e}"))?;
+                let _ = FILE.set(std::sync::Mutex::new(f));
+                Ok(Some(Destination::File))
+            }
+            _ => Err(format!(
+                "--log={s}: expected stderr, syslog, null, default or an absolute path"
+            )),
         }
     }
 }
@@ -49,7 +68,7 @@ impl log::Log for Logger {
         }
         let level = record.level().as_str().to_lowercase();
         let dest = self.dest.load(Ordering::Relaxed);
-        if dest > 1 {
+        if dest == Destination::Null as u8 {
             return;
         }
         let text = record.args().to_string();
@@ -58,7 +77,16 @@ impl log::Log for Logger {
             0 => {
                 let _ = writeln!(std::io::stderr().lock(), "nbdhost: {level}: {msg}");
             }
-            _ => syslog(record.level(), &format!("{level}: {msg}")),
+            1 => syslog(record.level(), &format!("{level}: {msg}")),
+            _ => {
+                if let Some(f) = FILE.get() {
+                    let line = format!("nbdhost[{}]: {level}: {msg}\n", std::process::id());
+                    let _ = f
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .write_all(line.as_bytes());
+                }
+            }
         }
     }
 

@@ -9,7 +9,6 @@ mod run;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
 
@@ -36,7 +35,7 @@ pub fn main() -> i32 {
         .map(logging::Destination::parse)
         .transpose()
     {
-        Ok(d) => d,
+        Ok(d) => d.flatten(),
         Err(e) => {
             eprintln!("nbdhost: error: {e}");
             return 1;
@@ -148,6 +147,24 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
     let (listeners, address) = listeners(&cli, &mut private)?;
     for l in &listeners {
         log::info!("listening on {}", l.describe());
+        if cli.keepalive {
+            l.set_keepalive()
+                .map_err(|e| format!("--keepalive on {}: {e}", l.describe()))?;
+        }
+    }
+    let run_tls = run::Tls {
+        mode: tls_mode,
+        certificates: cli.tls_certificates.as_deref(),
+        psk: cli.tls_psk.as_deref(),
+    };
+    if cli.print_uri {
+        // Before going to the background, so the caller reads it.
+        if let Some(uri) = run::uri(&address, cli.exportname.as_deref().unwrap_or(""), &run_tls) {
+            dump::print(&format!("{uri}\n"));
+        }
+    }
+    if cli.user.is_some() || cli.group.is_some() {
+        process::change_user(cli.user.as_deref(), cli.group.as_deref())?;
     }
     // Socket activation implies the foreground: the activating process
     // (systemd, libnbd) tracks and signals the pid it started.
@@ -171,11 +188,7 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
             cmd,
             &address,
             cli.exportname.as_deref().unwrap_or(""),
-            &run::Tls {
-                mode: tls_mode,
-                certificates: cli.tls_certificates.as_deref(),
-                psk: cli.tls_psk.as_deref(),
-            },
+            &run_tls,
         )?),
         None => None,
     };
@@ -197,8 +210,7 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
             },
             tls,
             limits: Limits::default(),
-            handshake_timeout: (cli.handshake_timeout > 0)
-                .then(|| Duration::from_secs(cli.handshake_timeout)),
+            handshake_timeout: cli.handshake_limit(),
         },
         stdio: cli.single,
     };
@@ -240,8 +252,15 @@ fn listeners(
         return Ok((vec![listen::unix(path)?], Address::Unix(path.clone())));
     }
     let port = cli.port.unwrap_or(DEFAULT_PORT);
+    let family = if cli.ipv4_only {
+        listen::Family::V4
+    } else if cli.ipv6_only {
+        listen::Family::V6
+    } else {
+        listen::Family::Any
+    };
     Ok((
-        listen::tcp(cli.ipaddr.as_deref(), port)?,
+        listen::tcp(cli.ipaddr.as_deref(), port, family)?,
         Address::Tcp(port),
     ))
 }

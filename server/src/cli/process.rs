@@ -104,3 +104,69 @@ pub fn write_pidfile(path: &Path) -> Result<(), String> {
     };
     write().map_err(|e| format!("cannot write pid file {}: {e}", path.display()))
 }
+
+/// A user's id and primary group from its name or number.
+fn user_ids(user: &str) -> Result<(libc::uid_t, libc::gid_t), String> {
+    let name = std::ffi::CString::new(user).map_err(|_| format!("-u {user}: not a user name"))?;
+    // SAFETY: getpwnam reads a NUL-terminated name; the result is null or
+    // points to static storage, read at once, before any other call can
+    // reuse it (the server runs no other thread yet).
+    if let Some(pw) = unsafe { libc::getpwnam(name.as_ptr()).as_ref() } {
+        return Ok((pw.pw_uid, pw.pw_gid));
+    }
+    let uid: libc::uid_t = user
+        .parse()
+        .map_err(|_| format!("-u {user}: no such user"))?;
+    // SAFETY: as for getpwnam.
+    let gid = unsafe { libc::getpwuid(uid).as_ref() }.map_or(uid, |pw| pw.pw_gid);
+    Ok((uid, gid))
+}
+
+/// A group's id from its name or number.
+fn group_id(group: &str) -> Result<libc::gid_t, String> {
+    let name =
+        std::ffi::CString::new(group).map_err(|_| format!("-g {group}: not a group name"))?;
+    // SAFETY: as for getpwnam in `user_ids`.
+    if let Some(gr) = unsafe { libc::getgrnam(name.as_ptr()).as_ref() } {
+        return Ok(gr.gr_gid);
+    }
+    group
+        .parse()
+        .map_err(|_| format!("-g {group}: no such group"))
+}
+
+/// `-u` and `-g`: become `user` and `group` once the sockets are bound
+/// and the credentials read, before anything is served. The supplementary
+/// groups are dropped, then the group is set, then the user, so nothing
+/// of the starting identity is left; `-u` without `-g` takes the user's
+/// primary group.
+pub fn change_user(user: Option<&str>, group: Option<&str>) -> Result<(), String> {
+    let ids = user.map(user_ids).transpose()?;
+    let gid = match group {
+        Some(g) => Some(group_id(g)?),
+        None => ids.map(|(_, gid)| gid),
+    };
+    if let Some(gid) = gid {
+        // SAFETY: plain system calls on this process, before any thread
+        // is started; `gid` lives across the setgroups call.
+        unsafe {
+            if libc::setgroups(1, &gid) != 0 || libc::setgid(gid) != 0 {
+                return Err(format!(
+                    "cannot change to group {gid}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+    }
+    if let Some((uid, _)) = ids {
+        // SAFETY: as above.
+        if unsafe { libc::setuid(uid) } != 0 {
+            return Err(format!(
+                "cannot change to user {uid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    log::debug!("now running as uid {:?}, gid {:?}", ids.map(|i| i.0), gid);
+    Ok(())
+}

@@ -69,7 +69,7 @@ pub fn spawn(
 /// in the scheme and names the credentials, as nbdkit's does; for a PSK
 /// file it also names the file's first user (as the URI's user), since
 /// libnbd otherwise offers the login name, which the file rarely holds.
-fn uri(address: &Address, export: &str, tls: &Tls) -> Option<String> {
+pub fn uri(address: &Address, export: &str, tls: &Tls) -> Option<String> {
     let required = tls.mode == TlsMode::Require;
     let mut query = Vec::new();
     let mut user = String::new();

@@ -73,6 +73,16 @@ impl Listener {
         }
     }
 
+    /// Turn on TCP keepalive for the connections this listener accepts
+    /// (Linux copies SO_KEEPALIVE to each accepted socket); Unix sockets
+    /// have none.
+    pub fn set_keepalive(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => socket2::SockRef::from(l).set_keepalive(true),
+            Listener::Unix(_) => Ok(()),
+        }
+    }
+
     /// A human-readable address, for logs.
     pub fn describe(&self) -> String {
         match self {
@@ -121,9 +131,28 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(TcpListener::from_std(s.into()))
 }
 
+/// Which IP families to listen on (`-4`, `-6`, or both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Any,
+    V4,
+    V6,
+}
+
+impl Family {
+    fn admits(self, a: &SocketAddr) -> bool {
+        match self {
+            Family::Any => true,
+            Family::V4 => a.is_ipv4(),
+            Family::V6 => a.is_ipv6(),
+        }
+    }
+}
+
 /// Bind TCP listeners on `port`: on `ipaddr` if given, otherwise on the
-/// IPv4 and IPv6 wildcard addresses (IPv6 may be missing on the host).
-pub fn tcp(ipaddr: Option<&str>, port: u16) -> Result<Vec<Listener>, String> {
+/// IPv4 and IPv6 wildcard addresses (IPv6 may be missing on the host);
+/// only those of `family`.
+pub fn tcp(ipaddr: Option<&str>, port: u16, family: Family) -> Result<Vec<Listener>, String> {
     let addrs: Vec<SocketAddr> = match ipaddr {
         Some(a) => {
             let host = a.trim_start_matches('[').trim_end_matches(']');
@@ -140,12 +169,16 @@ pub fn tcp(ipaddr: Option<&str>, port: u16) -> Result<Vec<Listener>, String> {
             SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
         ],
     };
+    let addrs: Vec<SocketAddr> = addrs.into_iter().filter(|a| family.admits(a)).collect();
+    let wildcard_v6_optional = ipaddr.is_none() && family == Family::Any;
     let mut out = Vec::new();
     let mut last_err = None;
     for a in addrs {
         match bind_tcp(a) {
             Ok(l) => out.push(Listener::Tcp(l)),
-            Err(e) if ipaddr.is_none() && a.is_ipv6() && e.kind() != io::ErrorKind::AddrInUse => {
+            Err(e)
+                if wildcard_v6_optional && a.is_ipv6() && e.kind() != io::ErrorKind::AddrInUse =>
+            {
                 log::debug!("not listening on {a}: {e}");
             }
             Err(e) => last_err = Some(format!("cannot listen on {a}: {e}")),
