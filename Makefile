@@ -42,7 +42,7 @@ SUBST = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@BINDIR@|$(BINDIR)|g' \
 	-e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@PLUGINDIR@|$(PLUGINDIR)|g' \
 	-e 's|@FILTERDIR@|$(FILTERDIR)|g' -e 's|@VERSION@|$(VERSION)|g'
 
-.PHONY: all build run check lint test bench fuzz asan install uninstall
+.PHONY: all build run check lint test bench fuzz asan install uninstall dist deb
 
 all: build
 
@@ -115,3 +115,20 @@ uninstall:
 	for m in man/*.1; do rm -f $(DESTDIR)$(MANDIR)/man1/$$(basename $$m); done
 	for m in man/*.3; do rm -f $(DESTDIR)$(MANDIR)/man3/$$(basename $$m); done
 	rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.socket $(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.service
+
+# A source tarball of HEAD with every crate vendored, which builds with
+# `cargo build --offline --locked` where no registry can be reached.
+DISTNAME = nbdhost-$(VERSION)
+dist:
+	rm -rf target/dist && mkdir -p target/dist
+	git archive --format=tar --prefix=$(DISTNAME)/ HEAD | tar -x -C target/dist
+	cd target/dist/$(DISTNAME) && $(CARGO) vendor --locked --quiet vendor && mkdir -p .cargo && \
+		printf '[source.crates-io]\nreplace-with = "vendored"\n\n[source.vendored]\ndirectory = "vendor"\n' \
+		>.cargo/config.toml
+	tar -C target/dist -cJf target/dist/$(DISTNAME).tar.xz $(DISTNAME)
+	@echo "dist: target/dist/$(DISTNAME).tar.xz"
+
+# The Debian packages, built from the dist tree: target/dist/*.deb.
+deb: dist
+	cd target/dist/$(DISTNAME) && dpkg-buildpackage -us -uc -b
+	lintian --fail-on error target/dist/nbdhost_$(VERSION)_*.changes
