@@ -95,9 +95,27 @@ pub fn nbdhost_bin() -> PathBuf {
     p
 }
 
+/// Where the tests find `file`, a plugin or filter: in
+/// `$NBDHOST_TEST_PLUGINDIR` / `…FILTERDIR` (`kind` "plugin" or "filter")
+/// when testing an installed server (see `scripts/check-installed`), and
+/// otherwise (test plugins are not installed) in the build directory.
+fn layer_path(kind: &str, file: &str) -> PathBuf {
+    let Some(dir) = std::env::var_os(format!("NBDHOST_TEST_{}DIR", kind.to_uppercase())) else {
+        return target_dir().join(file);
+    };
+    let installed = PathBuf::from(dir).join(file);
+    if installed.exists() {
+        return installed;
+    }
+    let build = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    build.join("debug").join(file)
+}
+
 /// Path of an in-tree plugin (`memory` → `libmemoryplugin.so`).
 pub fn plugin(name: &str) -> PathBuf {
-    let p = target_dir().join(format!("lib{name}plugin.so"));
+    let p = layer_path("plugin", &format!("lib{name}plugin.so"));
     assert!(
         p.exists(),
         "{} missing: run `cargo build --workspace` first",
@@ -108,7 +126,7 @@ pub fn plugin(name: &str) -> PathBuf {
 
 /// Path of an in-tree filter (`offset` → `liboffsetfilter.so`).
 pub fn filter(name: &str) -> PathBuf {
-    let p = target_dir().join(format!("lib{name}filter.so"));
+    let p = layer_path("filter", &format!("lib{name}filter.so"));
     assert!(
         p.exists(),
         "{} missing: run `cargo build --workspace` first",

@@ -21,14 +21,18 @@ pub fn layer_dirs(kind: &str) -> Vec<PathBuf> {
         return std::env::split_paths(&d).collect();
     }
     let mut dirs = Vec::new();
+    let installed = PathBuf::from(crate::paths::layer_dir(kind));
+    // Beside a binary run from its build tree or a staged install; not
+    // beside the installed one, whose directory holds other programs.
     if let Some(exe_dir) = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
+        .filter(|d| *d != Path::new(&crate::paths::bindir()))
     {
         dirs.push(exe_dir.clone());
         dirs.push(exe_dir.join(format!("../lib/nbdhost/{kind}s")));
     }
-    dirs.push(PathBuf::from(crate::paths::layer_dir(kind)));
+    dirs.push(installed);
     dirs
 }
 
