@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use crate::abi;
 use crate::host::{self, OwnedExtents};
 use crate::instance::Instance;
-use crate::plugin::{flags, guard, len, ok, quiet_panics, str_arg};
+use crate::plugin::{c_static, flags, guard, len, ok, quiet_panics, str_arg};
 use crate::{BlockSize, Error, ExtentList, Flags, Result, Support, ThreadModel};
 
 /// The layer below a filter, for one connection. Its methods behave like
@@ -212,11 +212,11 @@ impl Next {
 /// `Default` when the server loads it.
 pub trait Filter: Default + Send + Sync + 'static {
     /// Short name, as used with `--filter`.
-    const NAME: &'static CStr;
+    const NAME: &'static str;
     /// One-line description.
-    const DESCRIPTION: &'static CStr;
+    const DESCRIPTION: &'static str;
     /// `key=value` lines shown by `--help`.
-    const CONFIG_HELP: &'static CStr = c"";
+    const CONFIG_HELP: &'static str = "";
     /// Concurrency this filter tolerates.
     const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
     /// Look at the layer below once, before the server accepts connections
@@ -616,10 +616,10 @@ pub unsafe fn entry<F: Filter>(
         struct_size: std::mem::size_of::<abi::Filter>() as u64,
         abi_version: abi::ABI_VERSION,
         thread_model: F::THREAD_MODEL as u32,
-        name: F::NAME.as_ptr(),
+        name: c_static(F::NAME),
         version: version.as_ptr(),
-        description: F::DESCRIPTION.as_ptr(),
-        config_help: F::CONFIG_HELP.as_ptr(),
+        description: c_static(F::DESCRIPTION),
+        config_help: c_static(F::CONFIG_HELP),
         load: Some(load::<F>),
         unload: Some(unload::<F>),
         config: Some(config::<F>),

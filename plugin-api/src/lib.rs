@@ -4,22 +4,25 @@
 //! configuration) and [`Handle`] (one per client connection), then names
 //! its type with [`nbdhost_plugin!`]:
 //!
-//! ```ignore
-//! use nbdhost_plugin_api::{nbdhost_plugin, Handle, Plugin, Result};
+//! ```
+//! use nbdhost_plugin_api::{errno, nbdhost_plugin, Error, Handle, Plugin, Result};
 //!
 //! #[derive(Default)]
 //! struct Zero;
 //! struct ZeroHandle;
 //!
 //! impl Plugin for Zero {
-//!     const NAME: &'static std::ffi::CStr = c"zero";
-//!     const DESCRIPTION: &'static std::ffi::CStr = c"an empty 1 MiB disk";
+//!     const NAME: &'static str = "zero";
+//!     const DESCRIPTION: &'static str = "an empty 1 MiB disk";
 //!     type Handle = ZeroHandle;
 //!     fn open(&self, _readonly: bool) -> Result<ZeroHandle> { Ok(ZeroHandle) }
 //! }
 //! impl Handle for ZeroHandle {
 //!     fn get_size(&self) -> Result<u64> { Ok(1 << 20) }
-//!     fn pread(&self, buf: &mut [u8], _offset: u64, _flags: nbdhost_plugin_api::Flags) -> Result<()> {
+//!     fn pread(&self, buf: &mut [u8], offset: u64, _flags: nbdhost_plugin_api::Flags) -> Result<()> {
+//!         if offset == 4096 {
+//!             return Err(Error::new(errno::EIO, "a bad sector, for the demonstration"));
+//!         }
 //!         buf.fill(0);
 //!         Ok(())
 //!     }
@@ -41,6 +44,16 @@ mod instance;
 mod plugin;
 
 pub use error::{Error, Result};
+
+/// The errno values an [`Error`] carries to the client (the server maps
+/// each to the nearest NBD error), so that a plugin needs no `libc` of its
+/// own.
+pub mod errno {
+    pub use libc::{
+        EACCES, EDQUOT, EFBIG, EINVAL, EIO, ENOENT, ENOMEM, ENOSPC, ENOTSUP, EOPNOTSUPP, EOVERFLOW,
+        EPERM, EROFS, ESHUTDOWN,
+    };
+}
 pub use filter::{Filter, FilterHandle, Next, NextOpener};
 pub use plugin::{BlockSize, ExportList, ExtentList, Flags, Handle, Plugin, Support, ThreadModel};
 

@@ -101,13 +101,13 @@ impl ExportList {
 /// The plugin is created with `Default` when the server loads it.
 pub trait Plugin: Default + Send + Sync + 'static {
     /// Short name, as used on the command line.
-    const NAME: &'static CStr;
+    const NAME: &'static str;
     /// One-line description.
-    const DESCRIPTION: &'static CStr;
+    const DESCRIPTION: &'static str;
     /// `key=value` lines shown by `--help`.
-    const CONFIG_HELP: &'static CStr = c"";
+    const CONFIG_HELP: &'static str = "";
     /// The key a bare command-line value (without `=`) sets.
-    const MAGIC_CONFIG_KEY: Option<&'static CStr> = None;
+    const MAGIC_CONFIG_KEY: Option<&'static str> = None;
     /// Concurrency this plugin tolerates.
     const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
 
@@ -306,6 +306,15 @@ pub(crate) fn guard<T>(failed: T, f: impl FnOnce() -> Result<T>) -> T {
 unsafe fn handle<'a, P: Plugin>(h: *mut c_void) -> &'a P::Handle {
     // SAFETY: guaranteed by the caller.
     unsafe { &*(h as *const P::Handle) }
+}
+
+/// One of the layer's `&str` consts as the C string its struct points to,
+/// made once (the struct is built once) and kept for the life of the
+/// process. C strings end at a NUL, so one inside ends it there too.
+pub(crate) fn c_static(s: &str) -> *const c_char {
+    let cut = s.split('\0').next().unwrap_or_default();
+    let c = std::ffi::CString::new(cut).unwrap_or_default();
+    Box::leak(c.into_boxed_c_str()).as_ptr()
 }
 
 pub(crate) fn str_arg<'a>(p: *const c_char) -> Result<&'a str> {
@@ -586,11 +595,11 @@ pub unsafe fn entry<P: Plugin>(
         struct_size: std::mem::size_of::<abi::Plugin>() as u64,
         abi_version: abi::ABI_VERSION,
         thread_model: P::THREAD_MODEL as u32,
-        name: P::NAME.as_ptr(),
+        name: c_static(P::NAME),
         version: version.as_ptr(),
-        description: P::DESCRIPTION.as_ptr(),
-        config_help: P::CONFIG_HELP.as_ptr(),
-        magic_config_key: P::MAGIC_CONFIG_KEY.map_or(std::ptr::null(), |k| k.as_ptr()),
+        description: c_static(P::DESCRIPTION),
+        config_help: c_static(P::CONFIG_HELP),
+        magic_config_key: P::MAGIC_CONFIG_KEY.map_or(std::ptr::null(), c_static),
         load: Some(load::<P>),
         unload: Some(unload::<P>),
         config: Some(config::<P>),

@@ -79,15 +79,14 @@ fn build_c_plugin(dest: &Path, work: &TempDir) -> PathBuf {
 }
 
 const RUST_PLUGIN: &str = r#"
-use std::ffi::CStr;
 use nbdhost_plugin_api::{nbdhost_plugin, Flags, Handle, Plugin, Result};
 
 #[derive(Default)]
 pub struct Sevens;
 
 impl Plugin for Sevens {
-    const NAME: &'static CStr = c"sevens";
-    const DESCRIPTION: &'static CStr = c"3 MiB of sevens";
+    const NAME: &'static str = "sevens";
+    const DESCRIPTION: &'static str = "3 MiB of sevens";
     type Handle = SevensHandle;
     fn open(&self, _readonly: bool) -> Result<SevensHandle> {
         Ok(SevensHandle)

@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::ffi::CStr;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use nbdhost_plugin_api::{
@@ -45,10 +44,10 @@ fn parse_limit(key: &str, value: &str) -> Result<u32> {
 }
 
 impl Filter for Blocksize {
-    const NAME: &'static CStr = c"blocksize";
-    const DESCRIPTION: &'static CStr = c"adapt requests to the block size limits below";
-    const CONFIG_HELP: &'static CStr =
-        c"minblock=<SIZE>  Alignment of requests passed down, a power of 2 <= 64K.
+    const NAME: &'static str = "blocksize";
+    const DESCRIPTION: &'static str = "adapt requests to the block size limits below";
+    const CONFIG_HELP: &'static str =
+        "minblock=<SIZE>  Alignment of requests passed down, a power of 2 <= 64K.
 maxdata=<SIZE>   Largest read or write passed down (default 64M).
 maxlen=<SIZE>    Largest trim, zero or block status passed down (default 4G-minblock).";
     type Handle = Adapter;

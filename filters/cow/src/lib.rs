@@ -8,7 +8,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::ffi::CStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -73,10 +72,10 @@ pub struct Cow {
 }
 
 impl Filter for Cow {
-    const NAME: &'static CStr = c"cow";
-    const DESCRIPTION: &'static CStr = c"keep writes in a temporary copy-on-write overlay";
-    const CONFIG_HELP: &'static CStr =
-        c"cow-block-size=<SIZE>  Overlay block size, a power of 2 from 4K to 32M (default 64K).
+    const NAME: &'static str = "cow";
+    const DESCRIPTION: &'static str = "keep writes in a temporary copy-on-write overlay";
+    const CONFIG_HELP: &'static str =
+        "cow-block-size=<SIZE>  Overlay block size, a power of 2 from 4K to 32M (default 64K).
 cow-on-read=false|true|/PATH  Copy what is read into the overlay (while PATH exists).
 cow-on-cache=false|true  Copy what is cached into the overlay.";
     type Handle = Layer;

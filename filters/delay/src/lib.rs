@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::ffi::CStr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -96,9 +95,9 @@ impl Delay {
 }
 
 impl Filter for Delay {
-    const NAME: &'static CStr = c"delay";
-    const DESCRIPTION: &'static CStr = c"delay requests, to simulate a slow disk";
-    const CONFIG_HELP: &'static CStr = c"rdelay=<SECS>|<NN>ms        Read delay (also delay-read=).
+    const NAME: &'static str = "delay";
+    const DESCRIPTION: &'static str = "delay requests, to simulate a slow disk";
+    const CONFIG_HELP: &'static str = "rdelay=<SECS>|<NN>ms        Read delay (also delay-read=).
 wdelay=<SECS>|<NN>ms        Write, zero and trim delay.
 delay-write=, delay-zero=, delay-trim=, delay-extents=, delay-cache=,
 delay-open=, delay-close=   Delay of one operation.

@@ -5,7 +5,6 @@
 #![forbid(unsafe_code)]
 
 use std::cell::Cell;
-use std::ffi::CStr;
 use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -150,9 +149,9 @@ impl ErrorFilter {
 }
 
 impl Filter for ErrorFilter {
-    const NAME: &'static CStr = c"error";
-    const DESCRIPTION: &'static CStr = c"inject errors into requests, for testing clients";
-    const CONFIG_HELP: &'static CStr = c"error=EPERM|EIO|ENOMEM|EINVAL|ENOSPC|ESHUTDOWN
+    const NAME: &'static str = "error";
+    const DESCRIPTION: &'static str = "inject errors into requests, for testing clients";
+    const CONFIG_HELP: &'static str = "error=EPERM|EIO|ENOMEM|EINVAL|ENOSPC|ESHUTDOWN
                            The error to inject (default EIO).
 error-rate=10%|0.1         Share of requests that fail (default 0).
 error-file=<FILE>          Inject only while FILE exists.

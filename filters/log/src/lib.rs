@@ -12,7 +12,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::ffi::CStr;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -224,9 +223,9 @@ fn outcome<T>(r: &Result<T>) -> String {
 }
 
 impl Filter for Log {
-    const NAME: &'static CStr = c"log";
-    const DESCRIPTION: &'static CStr = c"log every connection and request to a file";
-    const CONFIG_HELP: &'static CStr = c"logfile=<FILE>      The file to write the log to.
+    const NAME: &'static str = "log";
+    const DESCRIPTION: &'static str = "log every connection and request to a file";
+    const CONFIG_HELP: &'static str = "logfile=<FILE>      The file to write the log to.
 logappend=<BOOL>    True to append to the log (default false).
 logscript=<SCRIPT>  Shell script to run for every entry.";
     type Handle = LogHandle;

@@ -15,7 +15,6 @@ pub mod kdf;
 mod sector;
 mod unlock;
 
-use std::ffi::CStr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -71,10 +70,10 @@ fn einval(msg: impl Into<String>) -> Error {
 }
 
 impl Filter for Luks {
-    const NAME: &'static CStr = c"luks";
-    const DESCRIPTION: &'static CStr = c"read and write LUKS1 and LUKS2 encrypted disks";
-    const CONFIG_HELP: &'static CStr =
-        c"passphrase=<SECRET>  Passphrase: literal, +FILE, -FD or - to prompt.
+    const NAME: &'static str = "luks";
+    const DESCRIPTION: &'static str = "read and write LUKS1 and LUKS2 encrypted disks";
+    const CONFIG_HELP: &'static str =
+        "passphrase=<SECRET>  Passphrase: literal, +FILE, -FD or - to prompt.
 key-file=<FILE>      Binary key file (as cryptsetup --key-file), instead.
 keyslot=<N>          Try only this keyslot.
 header=<FILE>        Detached LUKS header.";

@@ -3,8 +3,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::ffi::CStr;
-
 use nbdhost_plugin_api::{
     host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
 };
@@ -17,9 +15,9 @@ pub struct Offset {
 }
 
 impl Filter for Offset {
-    const NAME: &'static CStr = c"offset";
-    const DESCRIPTION: &'static CStr = c"serve a window of the underlying disk";
-    const CONFIG_HELP: &'static CStr = c"offset=<SIZE>  Start of the window (default 0).
+    const NAME: &'static str = "offset";
+    const DESCRIPTION: &'static str = "serve a window of the underlying disk";
+    const CONFIG_HELP: &'static str = "offset=<SIZE>  Start of the window (default 0).
 range=<SIZE>   Length of the window (default: to the end).";
     type Handle = Window;
 

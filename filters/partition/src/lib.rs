@@ -3,7 +3,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::ffi::CStr;
 use std::sync::OnceLock;
 
 use nbdhost_plugin_api::{
@@ -21,10 +20,10 @@ pub struct PartitionFilter {
 }
 
 impl Filter for PartitionFilter {
-    const NAME: &'static CStr = c"partition";
-    const DESCRIPTION: &'static CStr = c"serve one partition of an MBR or GPT disk";
-    const CONFIG_HELP: &'static CStr =
-        c"partition=<N>  (required) The partition to serve, counting from 1
+    const NAME: &'static str = "partition";
+    const DESCRIPTION: &'static str = "serve one partition of an MBR or GPT disk";
+    const CONFIG_HELP: &'static str =
+        "partition=<N>  (required) The partition to serve, counting from 1
                (MBR: 1-4 primary, 5 and up logical; GPT: 1-128).";
     type Handle = Part;
 

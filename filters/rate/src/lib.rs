@@ -5,7 +5,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::ffi::CStr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -204,9 +203,9 @@ fn throttle(bucket: &Mutex<Bucket>, file: Option<&RateFile>, bytes: usize) -> Re
 }
 
 impl Filter for Rate {
-    const NAME: &'static CStr = c"rate";
-    const DESCRIPTION: &'static CStr = c"limit bandwidth, for the server or per connection";
-    const CONFIG_HELP: &'static CStr = c"rate=<BITSPERSEC>              Limit total bandwidth.
+    const NAME: &'static str = "rate";
+    const DESCRIPTION: &'static str = "limit bandwidth, for the server or per connection";
+    const CONFIG_HELP: &'static str = "rate=<BITSPERSEC>              Limit total bandwidth.
 connection-rate=<BITSPERSEC>   Limit per-connection bandwidth.
 rate-file=<FILE>               Dynamically adjust total bandwidth.
 connection-rate-file=<FILE>    Dynamically adjust per-connection bandwidth.

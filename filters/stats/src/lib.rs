@@ -7,7 +7,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::ffi::CStr;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -327,10 +326,10 @@ impl Default for StatsFilter {
 }
 
 impl Filter for StatsFilter {
-    const NAME: &'static CStr = c"stats";
-    const DESCRIPTION: &'static CStr = c"print request statistics when the server exits";
-    const CONFIG_HELP: &'static CStr =
-        c"statsfile=<FILE>       The file to write the statistics to (default: stderr).
+    const NAME: &'static str = "stats";
+    const DESCRIPTION: &'static str = "print request statistics when the server exits";
+    const CONFIG_HELP: &'static str =
+        "statsfile=<FILE>       The file to write the statistics to (default: stderr).
 statsappend=<BOOL>     True to append to the file (default false).
 statsthreshold=<PCT>   Share of requests the size breakdown covers (default 95, 0 = off).";
     type Handle = StatsHandle;

@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::ffi::CStr;
 use std::sync::OnceLock;
 
 use nbdhost_plugin_api::{
@@ -55,9 +54,9 @@ impl Truncate {
 }
 
 impl Filter for Truncate {
-    const NAME: &'static CStr = c"truncate";
-    const DESCRIPTION: &'static CStr = c"change the size of the underlying disk";
-    const CONFIG_HELP: &'static CStr = c"truncate=<SIZE>  The new size.
+    const NAME: &'static str = "truncate";
+    const DESCRIPTION: &'static str = "change the size of the underlying disk";
+    const CONFIG_HELP: &'static str = "truncate=<SIZE>  The new size.
 round-up=<N>     Round the size up to a multiple of N (a power of 2).
 round-down=<N>   Round the size down to a multiple of N (a power of 2).";
     type Handle = Resized;

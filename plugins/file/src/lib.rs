@@ -8,7 +8,6 @@
 //! writing zeroes to the server when none is available; allocation is read
 //! back with `SEEK_DATA`/`SEEK_HOLE`.
 
-use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -88,13 +87,13 @@ fn in_memory(path: &Path) -> bool {
 }
 
 impl Plugin for FilePlugin {
-    const NAME: &'static CStr = c"file";
-    const DESCRIPTION: &'static CStr = c"serve a file or a block device";
-    const CONFIG_HELP: &'static CStr = c"file=<PATH>     The file or block device to serve.
+    const NAME: &'static str = "file";
+    const DESCRIPTION: &'static str = "serve a file or a block device";
+    const CONFIG_HELP: &'static str = "file=<PATH>     The file or block device to serve.
 dir=<DIR>       Or: serve each file in DIR under its name.
 cache=default|none   none: bypass the page cache (O_DIRECT).
 fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
-    const MAGIC_CONFIG_KEY: Option<&'static CStr> = Some(c"file");
+    const MAGIC_CONFIG_KEY: Option<&'static str> = Some("file");
     type Handle = FileHandle;
 
     fn config(&mut self, key: &str, value: &str) -> Result<()> {

@@ -15,7 +15,6 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::ffi::CStr;
 use std::sync::{Arc, RwLock};
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
@@ -179,11 +178,11 @@ fn allocator(value: &str) -> Result<bool> {
 }
 
 impl Plugin for Memory {
-    const NAME: &'static CStr = c"memory";
-    const DESCRIPTION: &'static CStr = c"sparse RAM disk shared by all connections";
-    const CONFIG_HELP: &'static CStr = c"size=<SIZE>  (required) Size of the disk, e.g. 1G.\n\
+    const NAME: &'static str = "memory";
+    const DESCRIPTION: &'static str = "sparse RAM disk shared by all connections";
+    const CONFIG_HELP: &'static str = "size=<SIZE>  (required) Size of the disk, e.g. 1G.\n\
 allocator=sparse|malloc  Holes where unwritten (the default), or allocated throughout.";
-    const MAGIC_CONFIG_KEY: Option<&'static CStr> = Some(c"size");
+    const MAGIC_CONFIG_KEY: Option<&'static str> = Some("size");
     type Handle = MemoryHandle;
 
     /// Every call is a memory copy under a shard lock held only for it.

@@ -9,7 +9,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::ffi::CStr;
 use std::io::Write;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -49,9 +48,9 @@ impl Recorder {
 }
 
 impl Plugin for Test {
-    const NAME: &'static CStr = c"test";
-    const DESCRIPTION: &'static CStr = c"RAM disk that misbehaves on request (for tests)";
-    const CONFIG_HELP: &'static CStr = c"size=<SIZE>         Disk size (default 1M).
+    const NAME: &'static str = "test";
+    const DESCRIPTION: &'static str = "RAM disk that misbehaves on request (for tests)";
+    const CONFIG_HELP: &'static str = "size=<SIZE>         Disk size (default 1M).
 panic-at=<OFFSET>   A read covering this byte panics.
 delay-at=<OFFSET>   A read covering this byte waits delay-ms first.
 delay-ms=<MS>       How long (default 500).
