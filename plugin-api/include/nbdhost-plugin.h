@@ -30,7 +30,7 @@ extern "C" {
 /* The ABI version is (major << 16) | minor.  A server accepts any plugin
  * whose major equals its own, whatever the minor. */
 #define NBDHOST_ABI_MAJOR 1
-#define NBDHOST_ABI_MINOR 5
+#define NBDHOST_ABI_MINOR 6
 #define NBDHOST_ABI_VERSION ((NBDHOST_ABI_MAJOR << 16) | NBDHOST_ABI_MINOR)
 
 /* Name of the symbol every plugin exports. */
@@ -178,6 +178,11 @@ struct nbdhost_host {
   /* 1 if the layer may read stdin and write stdout while it is being
    * configured; 0 when they carry the NBD connection (-s). */
   int (*stdio_safe) (void);
+
+  /* Since ABI 1.6.  The number of the connection the current callback is
+   * made for: 1, 2, ... in the order the server accepted them, the number
+   * its log gives it.  0 outside a connection's callbacks. */
+  uint64_t (*connection_id) (void);
 };
 
 /* A plugin.  Every callback may be NULL; the defaults are those described

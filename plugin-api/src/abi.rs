@@ -8,7 +8,7 @@ use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
 /// Major version of the ABI; a server refuses a plugin with another major.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: grows when fields are appended.
-pub const ABI_MINOR: u32 = 5;
+pub const ABI_MINOR: u32 = 6;
 /// `(major << 16) | minor`, as stored in `abi_version`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 /// Name of the symbol every plugin exports.
@@ -126,6 +126,8 @@ pub struct Host {
     pub shutdown: Option<unsafe extern "C" fn()>,
     pub disconnect: Option<unsafe extern "C" fn(force: c_int)>,
     pub stdio_safe: Option<unsafe extern "C" fn() -> c_int>,
+    /// Since ABI 1.6: the current connection's number, 0 outside one.
+    pub connection_id: Option<unsafe extern "C" fn() -> u64>,
 }
 
 /// Callback taking only a handle, as the `can_*` family does.

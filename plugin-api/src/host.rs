@@ -172,6 +172,16 @@ pub fn peer_name() -> Option<std::net::SocketAddr> {
     }
 }
 
+/// The number of the connection the current call is made for (1, 2, ...
+/// in the order the server accepted them, as its log numbers them), or
+/// `None` outside a connection or with a server older than ABI 1.6.
+pub fn connection_id() -> Option<u64> {
+    // SAFETY: a plain query of the current connection.
+    service!(connection_id)
+        .map(|f| unsafe { f() })
+        .filter(|&id| id != 0)
+}
+
 /// Whether the current connection is protected by TLS.
 pub fn is_tls() -> bool {
     // SAFETY: a plain query of the current connection.

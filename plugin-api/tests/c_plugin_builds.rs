@@ -108,6 +108,7 @@ static HOST: abi::Host = abi::Host {
     shutdown: None,
     disconnect: None,
     stdio_safe: None,
+    connection_id: None,
 };
 
 /// Compile `examples/<file>` into `lib<name>plugin.so` in `dir`, with the

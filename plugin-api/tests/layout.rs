@@ -165,6 +165,7 @@ fn layouts() -> Vec<Layout> {
             shutdown,
             disconnect,
             stdio_safe,
+            connection_id,
         }
         nbdhost_plugin => abi::Plugin {
             struct_size, abi_version, thread_model,

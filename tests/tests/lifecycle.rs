@@ -245,3 +245,41 @@ fn unread_large_reads_keep_the_server_small_and_others_served() {
     drop(hostile);
     s.stop();
 }
+
+#[test]
+fn a_handle_knows_its_connection_by_the_number_the_log_gives_it() {
+    let dir = TempDir::new("connid");
+    let record = dir.path("record");
+    let p = plugin("test");
+    let rec = format!("record={}", record.display());
+    let s = Server::start(&["-v", p.to_str().unwrap(), "size=1M", &rec]);
+    for _ in 0..2 {
+        assert_eq!(nbdhost_tests::export_size(&s.uri()), "1048576");
+    }
+    let (st, log) = s.stop_with_log();
+    assert!(st.success(), "{log}");
+    let id = |e: &str| e.rsplit_once("connection=").map(|(_, n)| n.to_owned());
+    let ev = events(&record);
+    let opens: Vec<String> = ev
+        .iter()
+        .filter(|e| e.starts_with("open "))
+        .filter_map(|e| id(e))
+        .collect();
+    let closes: Vec<String> = ev
+        .iter()
+        .filter(|e| e.starts_with("close "))
+        .filter_map(|e| id(e))
+        .collect();
+    assert_eq!(opens.len(), 2, "{ev:?}");
+    assert_ne!(opens[0], opens[1], "{ev:?}");
+    assert_eq!(
+        opens, closes,
+        "each close is for the connection its open was"
+    );
+    for n in &opens {
+        assert!(
+            log.contains(&format!("connection {n}: ")),
+            "no connection {n} in the log:\n{log}"
+        );
+    }
+}

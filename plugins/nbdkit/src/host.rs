@@ -64,6 +64,7 @@ pub fn get() -> &'static abi::Host {
         shutdown: None,
         disconnect: None,
         stdio_safe: None,
+        connection_id: None,
     };
     let p = HOST.load(Ordering::Acquire);
     // SAFETY: only ever set to the server's table, which outlives us.

@@ -69,11 +69,13 @@ fn describe(name: &str, h: &dyn Handle, policy: ExportPolicy) -> Result<ExportIn
     })
 }
 
-/// Answer a handshake query for a client at `peer`. For an open that is
-/// kept for transmission, the opened export comes back too.
+/// Answer a handshake query for connection `id`, a client at `peer`. For
+/// an open that is kept for transmission, the opened export comes back
+/// too.
 pub fn query(
     backend: &dyn Backend,
     q: Query,
+    id: u64,
     peer: Peer,
     tls: &TlsState,
     policy: ExportPolicy,
@@ -85,7 +87,7 @@ pub fn query(
     };
     let fallback = failed(&q);
     catch_unwind(AssertUnwindSafe(|| {
-        run_query(backend, q, peer, tls, policy)
+        run_query(backend, q, id, peer, tls, policy)
     }))
     .unwrap_or_else(|_| {
         log::error!("{}: a handshake query panicked", backend.name());
@@ -96,6 +98,7 @@ pub fn query(
 fn run_query(
     backend: &dyn Backend,
     q: Query,
+    id: u64,
     peer: Peer,
     tls: &TlsState,
     policy: ExportPolicy,
@@ -108,6 +111,7 @@ fn run_query(
         _ => None,
     };
     let mut ctx = ConnContext {
+        id,
         peer: Some(peer),
         is_tls: tls.active,
         identity: tls

@@ -50,6 +50,8 @@ impl std::fmt::Display for Peer {
 /// What a plugin may ask about the connection a call is made for.
 #[derive(Debug, Default)]
 pub struct ConnContext {
+    /// The connection's number, as the log gives it (from 1).
+    pub id: u64,
     pub export_name: CString,
     pub peer: Option<Peer>,
     pub is_tls: bool,
@@ -71,6 +73,7 @@ impl ConnContext {
     /// The same connection under another export name.
     fn renamed(&self, name: &str) -> ConnContext {
         ConnContext {
+            id: self.id,
             export_name: CString::new(name).unwrap_or_default(),
             peer: self.peer,
             is_tls: self.is_tls,
@@ -668,6 +671,10 @@ unsafe extern "C" fn host_disconnect(force: c_int) {
     current(|c| c.disconnect.fetch_max(how, Ordering::Relaxed));
 }
 
+unsafe extern "C" fn host_connection_id() -> u64 {
+    current(|c| c.id).unwrap_or(0)
+}
+
 unsafe extern "C" fn host_stdio_safe() -> c_int {
     c_int::from(STDIO_SAFE.load(Ordering::Relaxed))
 }
@@ -703,6 +710,7 @@ pub static HOST: abi::Host = abi::Host {
     shutdown: Some(host_shutdown),
     disconnect: Some(host_disconnect),
     stdio_safe: Some(host_stdio_safe),
+    connection_id: Some(host_connection_id),
 };
 
 #[cfg(test)]

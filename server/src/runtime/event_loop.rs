@@ -548,8 +548,14 @@ impl Turn<'_> {
         let chain = &self.loops.chain;
         let done = match w {
             Work::Query { query, tls } => {
-                let (answer, opened) =
-                    execute::query(&*chain.backend, query, c.peer, &tls, chain.policy);
+                let (answer, opened) = execute::query(
+                    &*chain.backend,
+                    query,
+                    c.session.id(),
+                    c.peer,
+                    &tls,
+                    chain.policy,
+                );
                 Done::Query {
                     answer,
                     opened: opened.map(Arc::new),
@@ -579,6 +585,7 @@ impl Turn<'_> {
                 query,
                 tls,
                 peer: c.peer,
+                id: c.session.id(),
             },
             Work::Request(req) => {
                 let Some(opened) = c.session.handle().cloned() else {

@@ -41,6 +41,8 @@ pub enum JobWork {
         query: Query,
         tls: TlsState,
         peer: Peer,
+        /// The connection's number, as the log gives it.
+        id: u64,
     },
     Request {
         req: Request,
@@ -95,9 +97,14 @@ impl Job {
     fn run(self, chain: &Chain, out: &mut Outbox) {
         let Job { conn, work, reply } = self;
         let done = match work {
-            JobWork::Query { query, tls, peer } => {
+            JobWork::Query {
+                query,
+                tls,
+                peer,
+                id,
+            } => {
                 let (answer, opened) =
-                    execute::query(&*chain.backend, query, peer, &tls, chain.policy);
+                    execute::query(&*chain.backend, query, id, peer, &tls, chain.policy);
                 Done::Query {
                     answer,
                     opened: opened.map(Arc::new),

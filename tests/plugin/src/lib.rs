@@ -32,15 +32,17 @@ pub struct Test {
 struct Recorder(Mutex<std::fs::File>);
 
 impl Recorder {
-    /// Note `event` with the calling thread and the connection's export.
+    /// Note `event` with the calling thread, the connection's export and
+    /// its number.
     fn note(&self, event: &str) {
         // The kernel's name for the thread: this plugin's own copy of std
         // does not know the names the server gave its threads.
         let thread = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
         let line = format!(
-            "{event} thread={} export={}\n",
+            "{event} thread={} export={} connection={}\n",
             thread.trim(),
-            host::export_name().as_deref().unwrap_or("-")
+            host::export_name().as_deref().unwrap_or("-"),
+            host::connection_id().map_or("-".into(), |id| id.to_string())
         );
         let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let _ = f.write_all(line.as_bytes());
