@@ -105,20 +105,21 @@ pub fn write_pidfile(path: &Path) -> Result<(), String> {
     write().map_err(|e| format!("cannot write pid file {}: {e}", path.display()))
 }
 
-/// A user's id and primary group from its name or number.
-fn user_ids(user: &str) -> Result<(libc::uid_t, libc::gid_t), String> {
+/// A user's id and primary group from its name or number; a number with
+/// no passwd entry has no known group (`None`).
+fn user_ids(user: &str) -> Result<(libc::uid_t, Option<libc::gid_t>), String> {
     let name = std::ffi::CString::new(user).map_err(|_| format!("-u {user}: not a user name"))?;
     // SAFETY: getpwnam reads a NUL-terminated name; the result is null or
     // points to static storage, read at once, before any other call can
     // reuse it (the server runs no other thread yet).
     if let Some(pw) = unsafe { libc::getpwnam(name.as_ptr()).as_ref() } {
-        return Ok((pw.pw_uid, pw.pw_gid));
+        return Ok((pw.pw_uid, Some(pw.pw_gid)));
     }
     let uid: libc::uid_t = user
         .parse()
         .map_err(|_| format!("-u {user}: no such user"))?;
     // SAFETY: as for getpwnam.
-    let gid = unsafe { libc::getpwuid(uid).as_ref() }.map_or(uid, |pw| pw.pw_gid);
+    let gid = unsafe { libc::getpwuid(uid).as_ref() }.map(|pw| pw.pw_gid);
     Ok((uid, gid))
 }
 
@@ -142,9 +143,15 @@ fn group_id(group: &str) -> Result<libc::gid_t, String> {
 /// primary group.
 pub fn change_user(user: Option<&str>, group: Option<&str>) -> Result<(), String> {
     let ids = user.map(user_ids).transpose()?;
-    let gid = match group {
-        Some(g) => Some(group_id(g)?),
-        None => ids.map(|(_, gid)| gid),
+    let gid = match (group, ids) {
+        (Some(g), _) => Some(group_id(g)?),
+        (None, Some((_, Some(gid)))) => Some(gid),
+        (None, Some((uid, None))) => {
+            return Err(format!(
+                "-u {uid}: no passwd entry to take the group from; give -g as well"
+            ))
+        }
+        (None, None) => None,
     };
     if let Some(gid) = gid {
         // SAFETY: plain system calls on this process, before any thread
