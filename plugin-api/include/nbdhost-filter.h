@@ -156,6 +156,15 @@ struct nbdhost_filter {
   /* Since ABI 1.5: as in struct nbdhost_plugin. */
   int (*configured_thread_model) (void);
   int (*after_fork) (void);
+
+  /* Since ABI 1.6.  Called once for each handle, after open and after the
+   * layers below have been opened and prepared, before the handle's first
+   * request (or query such as get_size): the place to ask the layer below
+   * about the export and act on the answer, which open, before that layer
+   * is complete, cannot.  Returns 0, or -1 with the error recorded: the
+   * handle is then closed and the client's open fails. */
+  int (*prepare) (const struct nbdhost_next *next, void *handle,
+                  int readonly);
 };
 
 typedef const struct nbdhost_filter *

@@ -428,6 +428,12 @@ pub struct Filter {
     pub configured_thread_model: Option<unsafe extern "C" fn() -> c_int>,
     /// Since ABI 1.5: as in [`Plugin`].
     pub after_fork: Option<unsafe extern "C" fn() -> c_int>,
+    /// Since ABI 1.6: once per handle, after the layers below are open and
+    /// prepared and before the handle's first request; may ask the layer
+    /// below anything.
+    pub prepare: Option<
+        unsafe extern "C" fn(next: *const Next, handle: *mut c_void, readonly: c_int) -> c_int,
+    >,
 }
 
 // SAFETY: as for `Plugin`: an immutable table of 'static strings and

@@ -270,6 +270,13 @@ pub trait Filter: Default + Send + Sync + 'static {
 /// call to the next layer unchanged.
 #[allow(missing_docs)]
 pub trait FilterHandle: Send + Sync + 'static {
+    /// Called once, after `open` and after the layers below are open and
+    /// prepared, before the handle's first request: the place to ask the
+    /// layer below about the export (since ABI 1.6; older servers do not
+    /// call it). An error fails the client's open.
+    fn prepare(&self, _next: &Next, _readonly: bool) -> Result<()> {
+        Ok(())
+    }
     fn get_size(&self, next: &Next) -> Result<u64> {
         next.get_size()
     }
@@ -450,6 +457,18 @@ unsafe extern "C" fn close<F: Filter>(h: *mut c_void) {
         // SAFETY: the server closes each handle from `open` exactly once.
         drop(unsafe { Box::from_raw(h as *mut F::Handle) });
         Ok(())
+    })
+}
+
+unsafe extern "C" fn prepare<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+    readonly: c_int,
+) -> c_int {
+    guard(-1, || {
+        ok(with_handle::<F, _>(next, h, |h, n| {
+            h.prepare(n, readonly != 0)
+        }))
     })
 }
 
@@ -656,5 +675,6 @@ pub unsafe fn entry<F: Filter>(
         capabilities: Some(capabilities::<F>),
         configured_thread_model: None,
         after_fork: Some(after_fork::<F>),
+        prepare: Some(prepare::<F>),
     })
 }

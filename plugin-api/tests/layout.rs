@@ -264,6 +264,7 @@ fn layouts() -> Vec<Layout> {
             capabilities,
             configured_thread_model,
             after_fork,
+            prepare,
         }
     }
 }

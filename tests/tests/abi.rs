@@ -47,6 +47,26 @@ fn the_manual_example_builds_and_serves() {
 }
 
 #[test]
+fn a_filter_s_prepare_sees_the_layer_below_and_can_refuse_the_open() {
+    let dir = TempDir::new("prepare");
+    let so = build_c(&dir, "guardfilter", &root().join("tests/c/guard.c"), &[]);
+    let filter = format!("--filter={}", so.display());
+    let s = Server::start(&[&filter, "memory", "4M", "guard-min=2M"]);
+    assert_eq!(nbdhost_tests::export_size(&s.uri()), "4194304");
+    assert!(s.stop().success());
+
+    let s = Server::start(&[&filter, "memory", "1M", "guard-min=2M"]);
+    let out = nbdhost_tests::run(client("nbdinfo").arg("--size").arg(s.uri()));
+    assert!(!out.status.success(), "a 1 MiB export was served");
+    let (st, log) = s.stop_with_log();
+    assert!(st.success(), "{log}");
+    assert!(
+        log.contains("guard: the export has 1048576 bytes, fewer than 2097152"),
+        "{log}"
+    );
+}
+
+#[test]
 fn a_c_filter_stacks_on_a_rust_plugin() {
     let dir = TempDir::new("cfilter");
     let so = build_c(&dir, "invertfilter", &root().join("tests/c/invert.c"), &[]);

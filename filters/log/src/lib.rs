@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -319,7 +319,6 @@ logscript=<SCRIPT>  Shell script to run for every entry.";
             export: export_name.to_string(),
             tls: host::is_tls(),
             conn: OnceLock::new(),
-            announced: AtomicBool::new(false),
             ids: AtomicU64::new(0),
         })
     }
@@ -330,9 +329,8 @@ pub struct LogHandle {
     sink: Arc<Sink>,
     export: String,
     tls: bool,
-    /// Numbered when first logged, so unused opens take no number.
+    /// Numbered when first logged.
     conn: OnceLock<u64>,
-    announced: AtomicBool,
     ids: AtomicU64,
 }
 
@@ -367,15 +365,10 @@ impl LogHandle {
             .get_or_init(|| CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// Log the `Connect` line. The SDK has no hook between open and the
-    /// first request where the layer below may be asked questions, but
-    /// the server always asks the size right after opening: announcing the
-    /// connection then gives the full nbdkit line, and probes that open
-    /// the layer without using it stay out of the log and the numbering.
+    /// Log the `Connect` line, as nbdkit's log filter does when the
+    /// handle is prepared: the layer below is complete by then and can be
+    /// asked everything the line shows.
     fn connect(&self, next: &Next, size: u64) {
-        if self.announced.swap(true, Ordering::Relaxed) {
-            return;
-        }
         let conn = self.conn();
         let bs = next.block_size().ok().flatten();
         let (min, pref, max) = bs.map_or((0, 0, 0), |b| (b.minimum, b.preferred, b.maximum));
@@ -441,7 +434,7 @@ impl LogHandle {
 
 impl Drop for LogHandle {
     fn drop(&mut self) {
-        // Only connections that were announced are closed in the log.
+        // A handle whose prepare failed was never announced, nor closed.
         if let Some(&c) = self.conn.get() {
             let n = self.ids.load(Ordering::Relaxed);
             self.sink
@@ -455,10 +448,9 @@ fn bit(flags: Flags, f: Flags) -> i32 {
 }
 
 impl FilterHandle for LogHandle {
-    fn get_size(&self, next: &Next) -> Result<u64> {
-        let size = next.get_size()?;
-        self.connect(next, size);
-        Ok(size)
+    fn prepare(&self, next: &Next, _readonly: bool) -> Result<()> {
+        self.connect(next, next.get_size()?);
+        Ok(())
     }
 
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {

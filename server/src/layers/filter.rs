@@ -218,7 +218,11 @@ impl Backend for Layer {
             .call(|| unsafe { f(&opener, c_int::from(readonly), export.as_ptr()) });
         let next = slot.opened.take();
         match (h.is_null(), next) {
-            (false, Some(next)) => Ok(Box::new(FilterHandle::new(self.lib.clone(), h, next))),
+            (false, Some(next)) => {
+                let handle = FilterHandle::new(self.lib.clone(), h, next);
+                handle.prepare(readonly)?;
+                Ok(Box::new(handle))
+            }
             (true, _) => Err(host::take_error("open")),
             (false, None) => {
                 if let Some(close) = fcb!(self.lib, close) {
@@ -488,6 +492,21 @@ impl FilterHandle {
             handle,
             next: OpenedNext::new(next),
         }
+    }
+
+    /// The filter's `prepare`, now that everything below is open (and,
+    /// being opened first, prepared). A failure drops the handle, which
+    /// closes it and the layers below.
+    fn prepare(&self, readonly: bool) -> Result<()> {
+        let Some(f) = fcb!(self.lib, prepare) else {
+            return Ok(());
+        };
+        // SAFETY: ABI callback with our next table and the filter's handle.
+        let r = self.call(|| unsafe { f(&*self.next.abi, self.handle, c_int::from(readonly)) });
+        self.lib.check("prepare", r).map_err(|e| {
+            log::debug!("{}: prepare failed: {e}", self.lib.name());
+            e
+        })
     }
 
     fn call<T>(&self, f: impl FnOnce() -> T) -> T {
