@@ -84,6 +84,24 @@ pub fn serial_plugin(dir: &TempDir, model: &str) -> PathBuf {
     )
 }
 
+/// A sparse file of `len` bytes at `path`, as a disk image to serve.
+pub fn sparse_file(path: &Path, len: u64) {
+    std::fs::File::create(path).unwrap().set_len(len).unwrap();
+}
+
+/// qemu-io on `uri` with these commands; a pattern mismatch fails the
+/// test whatever qemu-io's exit status says.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = client("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run_ok(c.arg(uri));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    out
+}
+
 /// Path of the `nbdhost` binary; panics with advice if it was not built.
 pub fn nbdhost_bin() -> PathBuf {
     let p = target_dir().join("nbdhost");

@@ -9,7 +9,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nbdhost_tests::{client, filter_arg, nbdhost_bin, plugin, run_ok, Server, TempDir};
+use nbdhost_tests::{
+    client, filter_arg, nbdhost_bin, plugin, run_ok, sparse_file, Server, TempDir,
+};
 
 /// A LUKS1 image made by cryptsetup, with a cheap key derivation.
 fn luks_image(dir: &TempDir, size: &str) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -192,10 +194,7 @@ fn synced_before_reply(trace: &str, cookie: u64) -> Result<(), String> {
 fn fua_writes_and_flushes_are_answered_after_fdatasync() {
     let dir = TempDir::new("dur-file");
     let img = dir.path("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    sparse_file(&img, 1 << 20);
     let p = plugin("file");
     check_fua_and_flush_order(&dir, &[p.to_str().unwrap(), img.to_str().unwrap()]);
 }
@@ -323,10 +322,7 @@ fn assert_all_present(disk: &[u8], acked: &[(u64, u64)]) {
 fn acknowledged_writes_survive_sigkill() {
     let dir = TempDir::new("dur-kill");
     let img = dir.path("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    sparse_file(&img, 64 << 20);
     let p = plugin("file");
     let mut s = Server::start(&[p.to_str().unwrap(), img.to_str().unwrap()]);
     let acked = write_then_kill(&mut s);

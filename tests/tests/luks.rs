@@ -12,7 +12,8 @@
 use std::path::{Path, PathBuf};
 
 use nbdhost_tests::{
-    client, export_size, filter_arg, nbdhost_bin, pattern, plugin, run, run_ok, Server, TempDir,
+    client, export_size, filter_arg, nbdhost_bin, pattern, plugin, qemu_io, run, run_ok,
+    sparse_file, Server, TempDir,
 };
 
 const PASS: &str = "correct horse battery";
@@ -24,10 +25,6 @@ fn setup(tag: &str) -> (TempDir, PathBuf) {
     std::fs::write(&pw, PASS).unwrap();
     std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     (dir, pw)
-}
-
-fn sparse_file(path: &Path, size: u64) {
-    std::fs::File::create(path).unwrap().set_len(size).unwrap();
 }
 
 fn luks_args(img: &Path, extra: &[&str]) -> Vec<String> {
@@ -62,17 +59,6 @@ fn refuses(img: &Path, extra: &[&str]) -> String {
         "the passphrase reached the log:\n{log}"
     );
     log
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = client("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = run_ok(c.arg(uri));
-    assert!(!out.contains("Pattern verification failed"), "{out}");
-    out
 }
 
 /// A LUKS1 image made by qemu-img, with cheap key derivation.

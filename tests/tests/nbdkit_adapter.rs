@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nbdhost_tests::{
-    build_c, client, nbdhost_bin, nbdsh, pattern, root, run, run_ok, Server, TempDir,
+    build_c, client, nbdhost_bin, nbdsh, pattern, qemu_io, root, run, run_ok, Server, TempDir,
 };
 
 const NBDKIT_HEADER: &str = "/usr/include/nbdkit-plugin.h";
@@ -93,19 +93,6 @@ impl Features {
 
 fn nbdinfo(args: &[&str]) -> String {
     run_ok(client("nbdinfo").args(args))
-}
-
-/// qemu-io on `uri` with the commands; a pattern mismatch fails the test
-/// whatever qemu-io's exit status says.
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = client("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = run_ok(c.arg(uri));
-    assert!(!out.contains("Pattern verification failed"), "{out}");
-    out
 }
 
 /// The line of `key=value` output whose key is `key`.

@@ -13,7 +13,7 @@
 
 use std::process::Command;
 
-use nbdhost_tests::{client, filter_arg, plugin, run_ok, Server, TempDir};
+use nbdhost_tests::{client, filter_arg, plugin, run_ok, sparse_file, Server, TempDir};
 
 /// The stress client: `URI SEED OPS SECONDS`; prints one line of figures.
 const STRESS: &str = r#"
@@ -210,10 +210,7 @@ fn plain_memory_keeps_every_byte() {
 fn plain_file_through_the_worker_pool_keeps_every_byte() {
     let dir = TempDir::new("stress-file");
     let img = dir.path("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    sparse_file(&img, 64 << 20);
     let p = plugin("file");
     let s = Server::start(&[p.to_str().unwrap(), img.to_str().unwrap()]);
     stress("file", &s, false);
