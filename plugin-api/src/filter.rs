@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use crate::abi;
 use crate::host::{self, OwnedExtents};
 use crate::instance::Instance;
-use crate::plugin::{c_static, flags, guard, len, ok, quiet_panics, str_arg};
+use crate::plugin::{flags, guard, len, ok, quiet_panics, str_arg, Strings};
 use crate::{BlockSize, Error, ExtentList, Flags, Result, Support, ThreadModel};
 
 /// The layer below a filter, for one connection. Its methods behave like
@@ -622,23 +622,19 @@ unsafe extern "C" fn extents<F: Filter>(
 /// Build the filter's C table; called by [`crate::nbdhost_filter!`].
 ///
 /// # Safety
-/// `host` must point to a host table that outlives the filter, and
-/// `version` must end with a NUL byte.
-pub unsafe fn entry<F: Filter>(
-    host: *const abi::Host,
-    version: &'static str,
-) -> *const abi::Filter {
+/// `host` must point to a host table that outlives the filter, and the
+/// strings to NUL-terminated statics of the filter.
+pub unsafe fn entry<F: Filter>(host: *const abi::Host, strings: Strings) -> *const abi::Filter {
     host::install(host);
     quiet_panics();
-    let version = CStr::from_bytes_with_nul(version.as_bytes()).expect("version ends with NUL");
     TABLE.get_or_init(|| abi::Filter {
         struct_size: std::mem::size_of::<abi::Filter>() as u64,
         abi_version: abi::ABI_VERSION,
         thread_model: F::THREAD_MODEL as u32,
-        name: c_static(F::NAME),
-        version: version.as_ptr(),
-        description: c_static(F::DESCRIPTION),
-        config_help: c_static(F::CONFIG_HELP),
+        name: strings.name,
+        version: strings.version,
+        description: strings.description,
+        config_help: strings.config_help,
         load: Some(load::<F>),
         unload: Some(unload::<F>),
         config: Some(config::<F>),

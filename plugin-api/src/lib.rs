@@ -60,7 +60,45 @@ pub use plugin::{BlockSize, ExportList, ExtentList, Flags, Handle, Plugin, Suppo
 #[doc(hidden)]
 pub mod __private {
     pub use crate::filter::entry as filter_entry;
-    pub use crate::plugin::entry;
+    pub use crate::plugin::{entry, Strings};
+
+    /// `s` as a NUL-terminated C string of `N` bytes (its length plus
+    /// one), at compile time, so the layer's names need no allocation.
+    /// C stops at a NUL inside, as it would.
+    pub const fn c_array<const N: usize>(s: &str) -> [u8; N] {
+        let b = s.as_bytes();
+        let mut out = [0u8; N];
+        let mut i = 0;
+        while i < b.len() && i + 1 < N {
+            out[i] = b[i];
+            i += 1;
+        }
+        out
+    }
+
+    /// The layer's `&str` consts as C strings in statics of its own
+    /// shared object; `$layer` names the trait the consts belong to.
+    #[macro_export]
+    #[doc(hidden)]
+    macro_rules! __nbdhost_strings {
+        ($ty:ty, $layer:path) => {{
+            const NAME: &str = <$ty as $layer>::NAME;
+            const DESCRIPTION: &str = <$ty as $layer>::DESCRIPTION;
+            const HELP: &str = <$ty as $layer>::CONFIG_HELP;
+            static NAME_C: [u8; NAME.len() + 1] = $crate::__private::c_array(NAME);
+            static DESCRIPTION_C: [u8; DESCRIPTION.len() + 1] =
+                $crate::__private::c_array(DESCRIPTION);
+            static HELP_C: [u8; HELP.len() + 1] = $crate::__private::c_array(HELP);
+            static VERSION_C: [u8; env!("CARGO_PKG_VERSION").len() + 1] =
+                $crate::__private::c_array(env!("CARGO_PKG_VERSION"));
+            $crate::__private::Strings {
+                name: NAME_C.as_ptr().cast(),
+                version: VERSION_C.as_ptr().cast(),
+                description: DESCRIPTION_C.as_ptr().cast(),
+                config_help: HELP_C.as_ptr().cast(),
+            }
+        }};
+    }
 }
 
 /// Export a type implementing [`Plugin`] as this shared object's plugin.
@@ -78,10 +116,25 @@ macro_rules! nbdhost_plugin {
         pub unsafe extern "C" fn nbdhost_plugin_entry(
             host: *const $crate::abi::Host,
         ) -> *const $crate::abi::Plugin {
-            const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+            const MAGIC: Option<&str> = <$plugin as $crate::Plugin>::MAGIC_CONFIG_KEY;
+            const MAGIC_LEN: usize = match MAGIC {
+                Some(m) => m.len(),
+                None => 0,
+            };
+            static MAGIC_C: [u8; MAGIC_LEN + 1] = $crate::__private::c_array(match MAGIC {
+                Some(m) => m,
+                None => "",
+            });
+            let strings = $crate::__nbdhost_strings!($plugin, $crate::Plugin);
+            let magic = if MAGIC.is_some() {
+                MAGIC_C.as_ptr().cast()
+            } else {
+                ::std::ptr::null()
+            };
             // SAFETY: the caller passes a table that lives as long as the
-            // plugin, which is what `entry` requires.
-            unsafe { $crate::__private::entry::<$plugin>(host, VERSION) }
+            // plugin, and the strings are statics of this object, which is
+            // what `entry` requires.
+            unsafe { $crate::__private::entry::<$plugin>(host, strings, magic) }
         }
     };
 }
@@ -100,10 +153,11 @@ macro_rules! nbdhost_filter {
         pub unsafe extern "C" fn nbdhost_filter_entry(
             host: *const $crate::abi::Host,
         ) -> *const $crate::abi::Filter {
-            const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+            let strings = $crate::__nbdhost_strings!($filter, $crate::Filter);
             // SAFETY: the caller passes a table that lives as long as the
-            // filter, which is what `filter_entry` requires.
-            unsafe { $crate::__private::filter_entry::<$filter>(host, VERSION) }
+            // filter, and the strings are statics of this object, which is
+            // what `filter_entry` requires.
+            unsafe { $crate::__private::filter_entry::<$filter>(host, strings) }
         }
     };
 }

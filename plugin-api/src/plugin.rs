@@ -308,13 +308,15 @@ unsafe fn handle<'a, P: Plugin>(h: *mut c_void) -> &'a P::Handle {
     unsafe { &*(h as *const P::Handle) }
 }
 
-/// One of the layer's `&str` consts as the C string its struct points to,
-/// made once (the struct is built once) and kept for the life of the
-/// process. C strings end at a NUL, so one inside ends it there too.
-pub(crate) fn c_static(s: &str) -> *const c_char {
-    let cut = s.split('\0').next().unwrap_or_default();
-    let c = std::ffi::CString::new(cut).unwrap_or_default();
-    Box::leak(c.into_boxed_c_str()).as_ptr()
+/// A layer's names as NUL-terminated C strings in statics of the layer's
+/// own shared object, made at compile time by its `nbdhost_plugin!` or
+/// `nbdhost_filter!`: no allocation outlives an unload.
+#[derive(Clone, Copy)]
+pub struct Strings {
+    pub name: *const c_char,
+    pub version: *const c_char,
+    pub description: *const c_char,
+    pub config_help: *const c_char,
 }
 
 pub(crate) fn str_arg<'a>(p: *const c_char) -> Result<&'a str> {
@@ -582,24 +584,24 @@ unsafe extern "C" fn extents<P: Plugin>(
 /// Build the plugin's C table; called by [`crate::nbdhost_plugin!`].
 ///
 /// # Safety
-/// `host` must point to a host table that outlives the plugin, and
-/// `version` must end with a NUL byte.
+/// `host` must point to a host table that outlives the plugin, and the
+/// strings (`magic` may be null) to NUL-terminated statics of the plugin.
 pub unsafe fn entry<P: Plugin>(
     host: *const abi::Host,
-    version: &'static str,
+    strings: Strings,
+    magic: *const c_char,
 ) -> *const abi::Plugin {
     host::install(host);
     quiet_panics();
-    let version = CStr::from_bytes_with_nul(version.as_bytes()).expect("version ends with NUL");
     TABLE.get_or_init(|| abi::Plugin {
         struct_size: std::mem::size_of::<abi::Plugin>() as u64,
         abi_version: abi::ABI_VERSION,
         thread_model: P::THREAD_MODEL as u32,
-        name: c_static(P::NAME),
-        version: version.as_ptr(),
-        description: c_static(P::DESCRIPTION),
-        config_help: c_static(P::CONFIG_HELP),
-        magic_config_key: P::MAGIC_CONFIG_KEY.map_or(std::ptr::null(), c_static),
+        name: strings.name,
+        version: strings.version,
+        description: strings.description,
+        config_help: strings.config_help,
+        magic_config_key: magic,
         load: Some(load::<P>),
         unload: Some(unload::<P>),
         config: Some(config::<P>),
