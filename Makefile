@@ -86,6 +86,7 @@ asan:
 	NBDHOST_TEST_BINDIR=$(ASAN_DIR)/$(ASAN_TARGET)/debug \
 	NBDHOST_TEST_CFLAGS=-fsanitize=address \
 	ASAN_OPTIONS=log_path=$(ASAN_REPORTS)/report:quarantine_size_mb=32 \
+	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/asan.supp:print_suppressions=0 \
 		$(CARGO) test -p nbdhost-tests
 	@if [ -n "$$(ls $(ASAN_REPORTS))" ]; then cat $(ASAN_REPORTS)/*; exit 1; fi
 	@echo "asan: the end-to-end suite ran clean"

@@ -992,6 +992,7 @@ static int t_get_ready (void) {
   if (!disk || !used) { nbdkit_error ("calloc: %m"); return -1; }
   return 0;
 }
+static void t_cleanup (void) { free (disk); free (used); }
 static int t_list_exports (int readonly, int is_tls, struct nbdkit_exports *e) {
   if (nbdkit_add_export (e, "alpha", "the first export") == -1) return -1;
   return nbdkit_add_export (e, "beta", NULL);
@@ -1054,6 +1055,7 @@ static struct nbdkit_plugin plugin = {
   .name = "nbdhosttest",
   .config = t_config,
   .get_ready = t_get_ready,
+  .cleanup = t_cleanup,
   .list_exports = t_list_exports,
   .default_export = t_default_export,
   .open = t_open,
