@@ -30,6 +30,23 @@ extern "C" {
 #define NBDHOST_CONFIG_TAKEN   0  /* the key was this filter's */
 #define NBDHOST_CONFIG_PASS    1  /* not this filter's: offer it further down */
 
+/* Since ABI 1.7: the layer below a filter when no connection has opened
+ * it, for list_exports and default_export.  The callbacks behave like the
+ * plugin's of the same name; list_exports appends to exports (the
+ * filter's own list from host->exports_new, or the one it was given), and
+ * the string default_export returns stays valid until the filter's
+ * callback returns. */
+struct nbdhost_next_exports {
+  uint64_t struct_size;
+  void *opaque;               /* the server's; do not touch */
+
+  int (*list_exports) (const struct nbdhost_next_exports *next,
+                       int readonly, int is_tls,
+                       struct nbdhost_exports *exports);
+  const char *(*default_export) (const struct nbdhost_next_exports *next,
+                                 int readonly, int is_tls);
+};
+
 /* The layer below a filter, opened for one connection.  Its callbacks
  * behave exactly like the plugin callbacks of the same name (return values,
  * flags, errors recorded with host->error), with `next` in place of the
@@ -165,6 +182,20 @@ struct nbdhost_filter {
    * handle is then closed and the client's open fails. */
   int (*prepare) (const struct nbdhost_next *next, void *handle,
                   int readonly);
+
+  /* Since ABI 1.7.  What a client listing exports (NBD_OPT_LIST) sees, and
+   * the name the empty export name stands for, as the plugin callbacks of
+   * the same names, but with the layer below to ask: a filter may pass the
+   * call down unchanged (NULL does that), rename, hide or add exports.
+   * list_exports fills exports, for instance by calling
+   * next->list_exports with it, or with a list of its own to read back;
+   * the string default_export returns must stay valid until the next call
+   * on the same thread. */
+  int (*list_exports) (const struct nbdhost_next_exports *next,
+                       int readonly, int is_tls,
+                       struct nbdhost_exports *exports);
+  const char *(*default_export) (const struct nbdhost_next_exports *next,
+                                 int readonly, int is_tls);
 };
 
 typedef const struct nbdhost_filter *

@@ -30,7 +30,7 @@ extern "C" {
 /* The ABI version is (major << 16) | minor.  A server accepts any plugin
  * whose major equals its own, whatever the minor. */
 #define NBDHOST_ABI_MAJOR 1
-#define NBDHOST_ABI_MINOR 6
+#define NBDHOST_ABI_MINOR 7
 #define NBDHOST_ABI_VERSION ((NBDHOST_ABI_MAJOR << 16) | NBDHOST_ABI_MINOR)
 
 /* Name of the symbol every plugin exports. */
@@ -183,6 +183,19 @@ struct nbdhost_host {
    * made for: 1, 2, ... in the order the server accepted them, the number
    * its log gives it.  0 outside a connection's callbacks. */
   uint64_t (*connection_id) (void);
+
+  /* Since ABI 1.7, for a filter's list_exports: a new, empty export list
+   * of its own (NULL with the error recorded if out of memory), to pass to
+   * the layer below and read back; freed with exports_free.  exports_count
+   * and exports_get read any list.  exports_get sets name and description
+   * (which may be NULL) for the i-th export, valid until the list changes
+   * or is freed; it returns 0, or -1 with the error recorded past the
+   * end. */
+  struct nbdhost_exports *(*exports_new) (void);
+  void (*exports_free) (struct nbdhost_exports *exports);
+  size_t (*exports_count) (const struct nbdhost_exports *exports);
+  int (*exports_get) (const struct nbdhost_exports *exports, size_t i,
+                      const char **name, const char **description);
 };
 
 /* A plugin.  Every callback may be NULL; the defaults are those described

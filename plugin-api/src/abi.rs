@@ -8,7 +8,7 @@ use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
 /// Major version of the ABI; a server refuses a plugin with another major.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: grows when fields are appended.
-pub const ABI_MINOR: u32 = 6;
+pub const ABI_MINOR: u32 = 7;
 /// `(major << 16) | minor`, as stored in `abi_version`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 /// Name of the symbol every plugin exports.
@@ -128,6 +128,21 @@ pub struct Host {
     pub stdio_safe: Option<unsafe extern "C" fn() -> c_int>,
     /// Since ABI 1.6: the current connection's number, 0 outside one.
     pub connection_id: Option<unsafe extern "C" fn() -> u64>,
+    /// Since ABI 1.7: an empty export list of the filter's own, for
+    /// asking the layer below for its exports.
+    pub exports_new: Option<unsafe extern "C" fn() -> *mut Exports>,
+    pub exports_free: Option<unsafe extern "C" fn(exports: *mut Exports)>,
+    pub exports_count: Option<unsafe extern "C" fn(exports: *const Exports) -> usize>,
+    /// The `i`th export; the strings stay valid until the list changes or
+    /// is freed, and `description` may come back null.
+    pub exports_get: Option<
+        unsafe extern "C" fn(
+            exports: *const Exports,
+            i: usize,
+            name: *mut *const c_char,
+            description: *mut *const c_char,
+        ) -> c_int,
+    >,
 }
 
 /// Callback taking only a handle, as the `can_*` family does.
@@ -327,6 +342,30 @@ pub struct NextOpen {
     >,
 }
 
+/// `struct nbdhost_next_exports` (since ABI 1.7): the layer below a
+/// filter, before any connection has opened it.
+#[repr(C)]
+pub struct NextExports {
+    pub struct_size: u64,
+    pub opaque: *mut c_void,
+    pub list_exports: Option<
+        unsafe extern "C" fn(
+            this: *const NextExports,
+            readonly: c_int,
+            is_tls: c_int,
+            exports: *mut Exports,
+        ) -> c_int,
+    >,
+    /// The string stays valid until the filter's callback returns.
+    pub default_export: Option<
+        unsafe extern "C" fn(
+            this: *const NextExports,
+            readonly: c_int,
+            is_tls: c_int,
+        ) -> *const c_char,
+    >,
+}
+
 /// A filter callback taking the next layer and the filter's handle.
 pub type FilterHandleFn = unsafe extern "C" fn(next: *const Next, handle: *mut c_void) -> c_int;
 /// A filter callback for trim, zero and cache.
@@ -433,6 +472,24 @@ pub struct Filter {
     /// below anything.
     pub prepare: Option<
         unsafe extern "C" fn(next: *const Next, handle: *mut c_void, readonly: c_int) -> c_int,
+    >,
+    /// Since ABI 1.7: the exports to list, given the layer below's.
+    pub list_exports: Option<
+        unsafe extern "C" fn(
+            next: *const NextExports,
+            readonly: c_int,
+            is_tls: c_int,
+            exports: *mut Exports,
+        ) -> c_int,
+    >,
+    /// Since ABI 1.7: the name the empty export name stands for; the
+    /// string must stay valid until the next call on the same thread.
+    pub default_export: Option<
+        unsafe extern "C" fn(
+            next: *const NextExports,
+            readonly: c_int,
+            is_tls: c_int,
+        ) -> *const c_char,
     >,
 }
 

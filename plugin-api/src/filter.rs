@@ -6,10 +6,12 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;
 
 use crate::abi;
-use crate::host::{self, OwnedExtents};
+use crate::host::{self, OwnedExports, OwnedExtents};
 use crate::instance::Instance;
 use crate::plugin::{flags, guard, len, ok, quiet_panics, str_arg, Strings};
-use crate::{BlockSize, Error, ExtentList, Flags, Result, Support, ThreadModel};
+use crate::{
+    BlockSize, Error, Export, ExportList, ExtentList, Flags, Result, Support, ThreadModel,
+};
 
 /// The layer below a filter, for one connection. Its methods behave like
 /// the plugin callbacks of the same names.
@@ -38,6 +40,63 @@ impl NextOpener {
             0 => Ok(()),
             _ => Err(Error::from_next(host::last_errno())),
         }
+    }
+}
+
+/// The layer below a filter before any connection has opened it, for
+/// [`Filter::list_exports`] and [`Filter::default_export`].
+pub struct NextExports {
+    raw: *const abi::NextExports,
+}
+
+impl NextExports {
+    fn t(&self) -> &abi::NextExports {
+        // SAFETY: `raw` is the server's table, valid during the callback.
+        unsafe { &*self.raw }
+    }
+
+    /// The exports the layer below lists.
+    pub fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<Export>> {
+        let list = OwnedExports::new()?;
+        self.fill(readonly, is_tls, list.0)?;
+        Ok(list.to_vec())
+    }
+
+    /// Pass a listing down unchanged, filling `exports` directly.
+    pub fn list_exports_into(
+        &self,
+        readonly: bool,
+        is_tls: bool,
+        exports: &mut ExportList,
+    ) -> Result<()> {
+        self.fill(readonly, is_tls, exports.raw())
+    }
+
+    fn fill(&self, readonly: bool, is_tls: bool, exports: *mut abi::Exports) -> Result<()> {
+        let f = self.t().list_exports.ok_or_else(missing)?;
+        // SAFETY: ABI call with the server's table and a live server list.
+        let r = unsafe {
+            f(
+                self.raw,
+                c_int::from(readonly),
+                c_int::from(is_tls),
+                exports,
+            )
+        };
+        next_result(r).map(drop)
+    }
+
+    /// The name the layer below gives the empty export name.
+    pub fn default_export(&self, readonly: bool, is_tls: bool) -> Result<String> {
+        let f = self.t().default_export.ok_or_else(missing)?;
+        // SAFETY: ABI call with the server's table; the string it returns
+        // lives until this filter's callback returns, and is copied now.
+        let p = unsafe { f(self.raw, c_int::from(readonly), c_int::from(is_tls)) };
+        if p.is_null() {
+            return Err(Error::from_next(host::last_errno()));
+        }
+        // SAFETY: a NUL-terminated string of the server's (see above).
+        Ok(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
     }
 }
 
@@ -219,14 +278,20 @@ pub trait Filter: Default + Send + Sync + 'static {
     const CONFIG_HELP: &'static str = "";
     /// Concurrency this filter tolerates.
     const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
-    /// Look at the layer below once, before the server accepts connections
-    /// (it is open read-only on the default export for this call only); an
-    /// error stops the server with its message. `None`, the default, spares
-    /// the layers below that extra open.
-    const STARTUP: Option<fn(&Self, &Next) -> Result<()>> = None;
+    /// The methods this `impl` block defines, written by
+    /// [`macro@crate::callbacks`].
+    const CALLBACKS: crate::Callbacks;
 
     /// Per-connection state.
     type Handle: FilterHandle;
+
+    /// Look at the layer below once, before the server accepts connections
+    /// (it is open read-only on the default export for this call only); an
+    /// error stops the server with its message. Not defined, the layers
+    /// below are spared that extra open.
+    fn startup(&self, _next: &Next) -> Result<()> {
+        Ok(())
+    }
 
     /// Offered one parameter; return `Ok(true)` if it is this filter's,
     /// `Ok(false)` to pass it further down.
@@ -258,6 +323,23 @@ pub trait Filter: Default + Send + Sync + 'static {
     fn preconnect(&self, _readonly: bool) -> Result<()> {
         Ok(())
     }
+    /// The exports a client listing them sees: by default, those of the
+    /// layer below. A filter may rename, hide or add some, reading the
+    /// layer below's with [`NextExports::list_exports`].
+    fn list_exports(
+        &self,
+        next: &NextExports,
+        readonly: bool,
+        is_tls: bool,
+        exports: &mut ExportList,
+    ) -> Result<()> {
+        next.list_exports_into(readonly, is_tls, exports)
+    }
+    /// The name the empty export name stands for: by default, the layer
+    /// below's.
+    fn default_export(&self, next: &NextExports, readonly: bool, is_tls: bool) -> Result<String> {
+        next.default_export(readonly, is_tls)
+    }
     /// Open a connection: call `next.open` exactly once, then build the
     /// handle.
     fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Self::Handle>;
@@ -270,6 +352,10 @@ pub trait Filter: Default + Send + Sync + 'static {
 /// call to the next layer unchanged.
 #[allow(missing_docs)]
 pub trait FilterHandle: Send + Sync + 'static {
+    /// The methods this `impl` block defines, written by
+    /// [`macro@crate::callbacks`].
+    const CALLBACKS: crate::Callbacks;
+
     /// Called once, after `open` and after the layers below are open and
     /// prepared, before the handle's first request: the place to ask the
     /// layer below about the export (since ABI 1.6; older servers do not
@@ -447,8 +533,42 @@ unsafe extern "C" fn open<F: Filter>(
 unsafe extern "C" fn startup<F: Filter>(next: *const abi::Next) -> c_int {
     guard(-1, || {
         let next = Next { raw: next };
-        let startup = F::STARTUP.ok_or_else(|| Error::new(libc::ENOSYS, "no startup"))?;
-        ok(INSTANCE.with::<F, _>(|f| startup(f, &next)))
+        ok(INSTANCE.with::<F, _>(|f| f.startup(&next)))
+    })
+}
+
+unsafe extern "C" fn list_exports<F: Filter>(
+    next: *const abi::NextExports,
+    readonly: c_int,
+    is_tls: c_int,
+    exports: *mut abi::Exports,
+) -> c_int {
+    guard(-1, || {
+        let next = NextExports { raw: next };
+        let mut list = ExportList::from_raw(exports);
+        ok(INSTANCE.with::<F, _>(|f| f.list_exports(&next, readonly != 0, is_tls != 0, &mut list)))
+    })
+}
+
+thread_local! {
+    static DEFAULT_EXPORT: std::cell::RefCell<CString> = Default::default();
+}
+
+unsafe extern "C" fn default_export<F: Filter>(
+    next: *const abi::NextExports,
+    readonly: c_int,
+    is_tls: c_int,
+) -> *const c_char {
+    guard(std::ptr::null(), || {
+        let next = NextExports { raw: next };
+        let name =
+            INSTANCE.with::<F, _>(|f| f.default_export(&next, readonly != 0, is_tls != 0))?;
+        let c = CString::new(name).map_err(|_| Error::new(libc::EINVAL, "NUL in export name"))?;
+        // The server copies the string before its next call on this thread.
+        Ok(DEFAULT_EXPORT.with(|slot| {
+            *slot.borrow_mut() = c;
+            slot.borrow().as_ptr()
+        }))
     })
 }
 
@@ -627,6 +747,18 @@ unsafe extern "C" fn extents<F: Filter>(
 pub unsafe fn entry<F: Filter>(host: *const abi::Host, strings: Strings) -> *const abi::Filter {
     host::install(host);
     quiet_panics();
+    // A callback is registered only when its method is defined; a NULL
+    // one passes the call down, as the trait's default does.
+    macro_rules! defined {
+        ($by:ty, $name:ident) => {
+            defined!($by, $name, $name)
+        };
+        ($by:ty, $method:ident, $callback:ident) => {
+            <$by>::CALLBACKS
+                .has(stringify!($method))
+                .then_some($callback::<F> as _)
+        };
+    }
     TABLE.get_or_init(|| abi::Filter {
         struct_size: std::mem::size_of::<abi::Filter>() as u64,
         abi_version: abi::ABI_VERSION,
@@ -637,40 +769,38 @@ pub unsafe fn entry<F: Filter>(host: *const abi::Host, strings: Strings) -> *con
         config_help: strings.config_help,
         load: Some(load::<F>),
         unload: Some(unload::<F>),
-        config: Some(config::<F>),
-        config_complete: Some(config_complete::<F>),
-        get_ready: Some(get_ready::<F>),
-        preconnect: Some(preconnect::<F>),
+        config: defined!(F, config),
+        config_complete: defined!(F, config_complete),
+        get_ready: defined!(F, get_ready),
+        preconnect: defined!(F, preconnect),
         open: Some(open::<F>),
         close: Some(close::<F>),
-        get_size: Some(get_size::<F>),
-        block_size: Some(block_size::<F>),
-        can_write: Some(can_write::<F>),
-        can_flush: Some(can_flush::<F>),
-        can_trim: Some(can_trim::<F>),
-        can_zero: Some(can_zero::<F>),
-        can_fast_zero: Some(can_fast_zero::<F>),
-        can_fua: Some(can_fua::<F>),
-        can_multi_conn: Some(can_multi_conn::<F>),
-        can_cache: Some(can_cache::<F>),
-        can_extents: Some(can_extents::<F>),
-        is_rotational: Some(is_rotational::<F>),
-        export_description: Some(export_description::<F>),
-        pread: Some(pread::<F>),
-        pwrite: Some(pwrite::<F>),
-        flush: Some(flush::<F>),
-        trim: Some(trim::<F>),
-        zero: Some(zero::<F>),
-        extents: Some(extents::<F>),
-        cache: Some(cache::<F>),
-        startup: if F::STARTUP.is_some() {
-            Some(startup::<F>)
-        } else {
-            None
-        },
-        capabilities: Some(capabilities::<F>),
+        get_size: defined!(F::Handle, get_size),
+        block_size: defined!(F::Handle, block_size),
+        can_write: defined!(F::Handle, can_write),
+        can_flush: defined!(F::Handle, can_flush),
+        can_trim: defined!(F::Handle, can_trim),
+        can_zero: defined!(F::Handle, can_zero),
+        can_fast_zero: defined!(F::Handle, can_fast_zero),
+        can_fua: defined!(F::Handle, can_fua),
+        can_multi_conn: defined!(F::Handle, can_multi_conn),
+        can_cache: defined!(F::Handle, can_cache),
+        can_extents: defined!(F::Handle, can_extents),
+        is_rotational: defined!(F::Handle, is_rotational),
+        export_description: defined!(F::Handle, export_description),
+        pread: defined!(F::Handle, pread),
+        pwrite: defined!(F::Handle, pwrite),
+        flush: defined!(F::Handle, flush),
+        trim: defined!(F::Handle, trim),
+        zero: defined!(F::Handle, zero),
+        extents: defined!(F::Handle, extents),
+        cache: defined!(F::Handle, cache),
+        startup: defined!(F, startup),
+        capabilities: defined!(F, nonblocking, capabilities),
         configured_thread_model: None,
-        after_fork: Some(after_fork::<F>),
-        prepare: Some(prepare::<F>),
+        after_fork: defined!(F, after_fork),
+        prepare: defined!(F::Handle, prepare),
+        list_exports: defined!(F, list_exports),
+        default_export: defined!(F, default_export),
     })
 }

@@ -304,3 +304,53 @@ impl Drop for OwnedExtents {
         }
     }
 }
+
+/// A fresh export list from the server, freed on drop (since ABI 1.7).
+pub(crate) struct OwnedExports(pub(crate) *mut abi::Exports);
+
+impl OwnedExports {
+    pub(crate) fn new() -> Result<OwnedExports> {
+        let f = service!(exports_new)
+            .ok_or_else(|| Error::new(libc::ENOSYS, "host lacks exports_new"))?;
+        // SAFETY: a plain allocation by the server.
+        let p = unsafe { f() };
+        if p.is_null() {
+            return Err(Error::new(libc::ENOMEM, "exports_new failed"));
+        }
+        Ok(OwnedExports(p))
+    }
+
+    pub(crate) fn to_vec(&self) -> Vec<crate::Export> {
+        let (Some(count), Some(get)) = (service!(exports_count), service!(exports_get)) else {
+            return Vec::new();
+        };
+        // SAFETY: `self.0` is a live list from exports_new.
+        let n = unsafe { count(self.0) };
+        (0..n)
+            .filter_map(|i| {
+                let (mut name, mut desc) = (std::ptr::null(), std::ptr::null());
+                // SAFETY: `i` is in range and the out-pointers are our locals.
+                if unsafe { get(self.0, i, &mut name, &mut desc) } != 0 || name.is_null() {
+                    return None;
+                }
+                // SAFETY: the server's strings live until the list is freed,
+                // which is after this copy.
+                let text =
+                    |p: *const c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+                Some(crate::Export {
+                    name: text(name),
+                    description: (!desc.is_null()).then(|| text(desc)),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for OwnedExports {
+    fn drop(&mut self) {
+        if let Some(f) = service!(exports_free) {
+            // SAFETY: freed once; it came from exports_new.
+            unsafe { f(self.0) }
+        }
+    }
+}

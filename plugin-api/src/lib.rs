@@ -2,21 +2,24 @@
 //!
 //! A plugin is a `cdylib` that implements [`Plugin`] (global state and
 //! configuration) and [`Handle`] (one per client connection), then names
-//! its type with [`nbdhost_plugin!`]:
+//! its type with [`nbdhost_plugin!`]. Each `impl` block carries
+//! [`#[callbacks]`](macro@callbacks), which records the methods it defines:
 //!
 //! ```
-//! use nbdhost_plugin_api::{errno, nbdhost_plugin, Error, Handle, Plugin, Result};
+//! use nbdhost_plugin_api::{callbacks, errno, nbdhost_plugin, Error, Handle, Plugin, Result};
 //!
 //! #[derive(Default)]
 //! struct Zero;
 //! struct ZeroHandle;
 //!
+//! #[callbacks]
 //! impl Plugin for Zero {
 //!     const NAME: &'static str = "zero";
 //!     const DESCRIPTION: &'static str = "an empty 1 MiB disk";
 //!     type Handle = ZeroHandle;
 //!     fn open(&self, _readonly: bool) -> Result<ZeroHandle> { Ok(ZeroHandle) }
 //! }
+//! #[callbacks]
 //! impl Handle for ZeroHandle {
 //!     fn get_size(&self) -> Result<u64> { Ok(1 << 20) }
 //!     fn pread(&self, buf: &mut [u8], offset: u64, _flags: nbdhost_plugin_api::Flags) -> Result<()> {
@@ -30,20 +33,32 @@
 //! nbdhost_plugin!(Zero);
 //! ```
 //!
-//! The SDK fills every callback of the C struct, catches panics at the
-//! boundary (they become `EIO` and a logged message) and reaches the
+//! The SDK registers with the server only the callbacks a block defines:
+//! the others stay NULL in the C struct, so the server's defaults apply
+//! (each trait method's documentation says what its default is) and a
+//! request a layer does not handle never crosses the ABI. It catches
+//! panics at the boundary (they become `EIO` and a logged message) and reaches the
 //! server only through the host-service table, so a plugin links against
 //! nothing but this crate. [`abi`] holds the raw definitions, which match
 //! `include/nbdhost-plugin.h`.
 
 pub mod abi;
+mod callbacks;
 mod error;
 mod filter;
 pub mod host;
 mod instance;
 mod plugin;
 
+pub use callbacks::Callbacks;
 pub use error::{Error, Result};
+/// Put on every `impl` block of [`Plugin`], [`Handle`], [`Filter`] and
+/// [`FilterHandle`]: it defines the block's `CALLBACKS` constant, the
+/// names of the methods the block defines, which decides the callbacks
+/// the SDK registers. Without it the compiler reports the constant
+/// missing. The generated code names this crate `nbdhost_plugin_api`, so
+/// depend on it under that name.
+pub use nbdhost_plugin_api_macros::callbacks;
 
 /// The errno values an [`Error`] carries to the client (the server maps
 /// each to the nearest NBD error), so that a plugin needs no `libc` of its
@@ -54,8 +69,10 @@ pub mod errno {
         EPERM, EROFS, ESHUTDOWN,
     };
 }
-pub use filter::{Filter, FilterHandle, Next, NextOpener};
-pub use plugin::{BlockSize, ExportList, ExtentList, Flags, Handle, Plugin, Support, ThreadModel};
+pub use filter::{Filter, FilterHandle, Next, NextExports, NextOpener};
+pub use plugin::{
+    BlockSize, Export, ExportList, ExtentList, Flags, Handle, Plugin, Support, ThreadModel,
+};
 
 #[doc(hidden)]
 pub mod __private {

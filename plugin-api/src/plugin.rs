@@ -89,10 +89,27 @@ pub struct ExportList {
 }
 
 impl ExportList {
+    pub(crate) fn from_raw(raw: *mut abi::Exports) -> Self {
+        ExportList { raw }
+    }
+
+    pub(crate) fn raw(&mut self) -> *mut abi::Exports {
+        self.raw
+    }
+
     /// Append an export with an optional description.
     pub fn add(&mut self, name: &str, description: Option<&str>) -> Result<()> {
         host::add_export(self.raw, name, description)
     }
+}
+
+/// One export as a layer lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Export {
+    /// The name a client opens it by.
+    pub name: String,
+    /// What `nbdinfo --list` shows beside the name.
+    pub description: Option<String>,
 }
 
 /// A plugin: global state, configured from the command line before any
@@ -111,10 +128,15 @@ pub trait Plugin: Default + Send + Sync + 'static {
     /// Concurrency this plugin tolerates.
     const THREAD_MODEL: ThreadModel = ThreadModel::Parallel;
 
+    /// The methods this `impl` block defines, written by
+    /// [`macro@crate::callbacks`].
+    const CALLBACKS: crate::Callbacks;
+
     /// Per-connection state.
     type Handle: Handle;
 
-    /// One `key=value` parameter from the command line.
+    /// One `key=value` parameter from the command line. Not defined, any
+    /// parameter is refused.
     fn config(&mut self, key: &str, _value: &str) -> Result<()> {
         Err(Error::new(
             libc::EINVAL,
@@ -166,32 +188,38 @@ pub trait Plugin: Default + Send + Sync + 'static {
 /// One open connection. Every method may be called concurrently from
 /// several threads unless the plugin's thread model says otherwise.
 pub trait Handle: Send + Sync + 'static {
+    /// The methods this `impl` block defines, written by
+    /// [`macro@crate::callbacks`].
+    const CALLBACKS: crate::Callbacks;
+
     /// Size of the export in bytes.
     fn get_size(&self) -> Result<u64>;
     /// Block-size constraints, if any.
     fn block_size(&self) -> Result<Option<BlockSize>> {
         Ok(None)
     }
-    /// Whether writes are possible.
+    /// Whether writes are possible; by default, when `pwrite` is defined.
     fn can_write(&self) -> Result<bool> {
-        Ok(false)
+        Ok(Self::CALLBACKS.has("pwrite"))
     }
-    /// Whether `flush` does anything.
+    /// Whether `flush` does anything; by default, when it is defined.
     fn can_flush(&self) -> Result<bool> {
-        Ok(false)
+        Ok(Self::CALLBACKS.has("flush"))
     }
-    /// Whether `trim` is supported.
+    /// Whether `trim` is supported; by default, when it is defined.
     fn can_trim(&self) -> Result<bool> {
-        Ok(false)
+        Ok(Self::CALLBACKS.has("trim"))
     }
     /// Whether to advertise write-zeroes. The server writes zeroes itself
     /// when `zero` fails with `ENOTSUP`.
     fn can_zero(&self) -> Result<bool> {
         Ok(true)
     }
-    /// Whether `zero` honours [`Flags::FAST_ZERO`].
+    /// Whether `zero` honours [`Flags::FAST_ZERO`]. By default, only when
+    /// `zero` is not defined: the server then fails a fast zero at once,
+    /// which is what the flag asks for.
     fn can_fast_zero(&self) -> Result<bool> {
-        Ok(false)
+        Ok(!Self::CALLBACKS.has("zero"))
     }
     /// How FUA is handled; by default emulated with a flush when the
     /// plugin can flush.
@@ -206,13 +234,19 @@ pub trait Handle: Send + Sync + 'static {
     fn can_multi_conn(&self) -> Result<bool> {
         Ok(false)
     }
-    /// How cache requests are handled.
+    /// How cache requests are handled; by default natively when `cache`
+    /// is defined, else not at all.
     fn can_cache(&self) -> Result<Support> {
-        Ok(Support::None)
+        Ok(if Self::CALLBACKS.has("cache") {
+            Support::Native
+        } else {
+            Support::None
+        })
     }
-    /// Whether `extents` reports real allocation.
+    /// Whether `extents` reports real allocation; by default, when it is
+    /// defined.
     fn can_extents(&self) -> Result<bool> {
-        Ok(false)
+        Ok(Self::CALLBACKS.has("extents"))
     }
     /// Whether the storage is rotational.
     fn is_rotational(&self) -> Result<bool> {
@@ -234,7 +268,7 @@ pub trait Handle: Send + Sync + 'static {
     }
     /// Discard a range.
     fn trim(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
-        Err(Error::errno(libc::EOPNOTSUPP))
+        Err(Error::errno(libc::EINVAL))
     }
     /// Write zeroes to a range; `ENOTSUP` makes the server write them.
     fn zero(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
@@ -593,6 +627,18 @@ pub unsafe fn entry<P: Plugin>(
 ) -> *const abi::Plugin {
     host::install(host);
     quiet_panics();
+    // A callback is registered only when its method is defined; the
+    // server's default for a NULL one is the trait's default.
+    macro_rules! defined {
+        ($by:ty, $name:ident) => {
+            defined!($by, $name, $name)
+        };
+        ($by:ty, $method:ident, $callback:ident) => {
+            <$by>::CALLBACKS
+                .has(stringify!($method))
+                .then_some($callback::<P> as _)
+        };
+    }
     TABLE.get_or_init(|| abi::Plugin {
         struct_size: std::mem::size_of::<abi::Plugin>() as u64,
         abi_version: abi::ABI_VERSION,
@@ -604,37 +650,37 @@ pub unsafe fn entry<P: Plugin>(
         magic_config_key: magic,
         load: Some(load::<P>),
         unload: Some(unload::<P>),
-        config: Some(config::<P>),
-        config_complete: Some(config_complete::<P>),
-        get_ready: Some(get_ready::<P>),
-        preconnect: Some(preconnect::<P>),
-        list_exports: Some(list_exports::<P>),
-        default_export: Some(default_export::<P>),
+        config: defined!(P, config),
+        config_complete: defined!(P, config_complete),
+        get_ready: defined!(P, get_ready),
+        preconnect: defined!(P, preconnect),
+        list_exports: defined!(P, list_exports),
+        default_export: defined!(P, default_export),
         open: Some(open::<P>),
         close: Some(close::<P>),
         get_size: Some(get_size::<P>),
-        block_size: Some(block_size::<P>),
-        can_write: Some(can_write::<P>),
-        can_flush: Some(can_flush::<P>),
-        can_trim: Some(can_trim::<P>),
-        can_zero: Some(can_zero::<P>),
-        can_fast_zero: Some(can_fast_zero::<P>),
-        can_fua: Some(can_fua::<P>),
-        can_multi_conn: Some(can_multi_conn::<P>),
-        can_cache: Some(can_cache::<P>),
-        can_extents: Some(can_extents::<P>),
-        is_rotational: Some(is_rotational::<P>),
-        export_description: Some(export_description::<P>),
+        block_size: defined!(P::Handle, block_size),
+        can_write: defined!(P::Handle, can_write),
+        can_flush: defined!(P::Handle, can_flush),
+        can_trim: defined!(P::Handle, can_trim),
+        can_zero: defined!(P::Handle, can_zero),
+        can_fast_zero: defined!(P::Handle, can_fast_zero),
+        can_fua: defined!(P::Handle, can_fua),
+        can_multi_conn: defined!(P::Handle, can_multi_conn),
+        can_cache: defined!(P::Handle, can_cache),
+        can_extents: defined!(P::Handle, can_extents),
+        is_rotational: defined!(P::Handle, is_rotational),
+        export_description: defined!(P::Handle, export_description),
         pread: Some(pread::<P>),
-        pwrite: Some(pwrite::<P>),
-        flush: Some(flush::<P>),
-        trim: Some(trim::<P>),
-        zero: Some(zero::<P>),
-        extents: Some(extents::<P>),
-        cache: Some(cache::<P>),
-        capabilities: Some(capabilities::<P>),
+        pwrite: defined!(P::Handle, pwrite),
+        flush: defined!(P::Handle, flush),
+        trim: defined!(P::Handle, trim),
+        zero: defined!(P::Handle, zero),
+        extents: defined!(P::Handle, extents),
+        cache: defined!(P::Handle, cache),
+        capabilities: defined!(P, nonblocking, capabilities),
         configured_thread_model: None,
-        after_fork: Some(after_fork::<P>),
+        after_fork: defined!(P, after_fork),
         dump_plugin: None,
     })
 }

@@ -109,6 +109,10 @@ static HOST: abi::Host = abi::Host {
     disconnect: None,
     stdio_safe: None,
     connection_id: None,
+    exports_new: None,
+    exports_free: None,
+    exports_count: None,
+    exports_get: None,
 };
 
 /// Compile `examples/<file>` into `lib<name>plugin.so` in `dir`, with the

@@ -166,6 +166,10 @@ fn layouts() -> Vec<Layout> {
             disconnect,
             stdio_safe,
             connection_id,
+            exports_new,
+            exports_free,
+            exports_count,
+            exports_get,
         }
         nbdhost_plugin => abi::Plugin {
             struct_size, abi_version, thread_model,
@@ -229,6 +233,9 @@ fn layouts() -> Vec<Layout> {
             cache,
         }
         nbdhost_next_open => abi::NextOpen { struct_size, opaque, open }
+        nbdhost_next_exports => abi::NextExports {
+            struct_size, opaque, list_exports, default_export,
+        }
         nbdhost_filter => abi::Filter {
             struct_size, abi_version, thread_model,
             name, version, description, config_help,
@@ -265,6 +272,8 @@ fn layouts() -> Vec<Layout> {
             configured_thread_model,
             after_fork,
             prepare,
+            list_exports,
+            default_export,
         }
     }
 }

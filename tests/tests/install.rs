@@ -79,11 +79,12 @@ fn build_c_plugin(dest: &Path, work: &TempDir) -> PathBuf {
 }
 
 const RUST_PLUGIN: &str = r#"
-use nbdhost_plugin_api::{nbdhost_plugin, Flags, Handle, Plugin, Result};
+use nbdhost_plugin_api::{callbacks, nbdhost_plugin, Flags, Handle, Plugin, Result};
 
 #[derive(Default)]
 pub struct Sevens;
 
+#[callbacks]
 impl Plugin for Sevens {
     const NAME: &'static str = "sevens";
     const DESCRIPTION: &'static str = "3 MiB of sevens";
@@ -95,6 +96,7 @@ impl Plugin for Sevens {
 
 pub struct SevensHandle;
 
+#[callbacks]
 impl Handle for SevensHandle {
     fn get_size(&self) -> Result<u64> {
         Ok(3 << 20)

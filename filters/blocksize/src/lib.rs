@@ -7,8 +7,8 @@
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use nbdhost_plugin_api::{
-    host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, Result, Support,
+    callbacks, host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle, Flags,
+    Next, NextOpener, Result, Support,
 };
 
 pub mod split;
@@ -43,6 +43,7 @@ fn parse_limit(key: &str, value: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::new(libc::EINVAL, format!("{key}={value}: too large")))
 }
 
+#[callbacks]
 impl Filter for Blocksize {
     const NAME: &'static str = "blocksize";
     const DESCRIPTION: &'static str = "adapt requests to the block size limits below";
@@ -165,6 +166,7 @@ impl Adapter {
     }
 }
 
+#[callbacks]
 impl FilterHandle for Adapter {
     fn get_size(&self, next: &Next) -> Result<u64> {
         // The unaligned tail cannot be read or written in whole blocks.

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use nbdhost_plugin_api::{
-    abi, host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, Result, Support,
+    abi, callbacks, host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle,
+    Flags, Next, NextOpener, Result, Support,
 };
 
 mod overlay;
@@ -71,6 +71,7 @@ pub struct Cow {
     overlay: OnceLock<Arc<Overlay>>,
 }
 
+#[callbacks]
 impl Filter for Cow {
     const NAME: &'static str = "cow";
     const DESCRIPTION: &'static str = "keep writes in a temporary copy-on-write overlay";
@@ -178,6 +179,7 @@ impl Layer {
     }
 }
 
+#[callbacks]
 impl FilterHandle for Layer {
     fn get_size(&self, next: &Next) -> Result<u64> {
         self.size(next)

@@ -8,7 +8,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use nbdhost_plugin_api::{
-    host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
+    callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
+    NextOpener, Result,
 };
 
 /// Delays as given: `wdelay` covers write, zero and trim unless those have
@@ -94,6 +95,7 @@ impl Delay {
     }
 }
 
+#[callbacks]
 impl Filter for Delay {
     const NAME: &'static str = "delay";
     const DESCRIPTION: &'static str = "delay requests, to simulate a slow disk";
@@ -166,6 +168,7 @@ impl Drop for DelayHandle {
     }
 }
 
+#[callbacks]
 impl FilterHandle for DelayHandle {
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         sleep(self.delays.read)?;

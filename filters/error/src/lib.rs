@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use nbdhost_plugin_api::{
-    host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
+    callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
+    NextOpener, Result,
 };
 
 /// The commands errors can be injected into, as named in parameters.
@@ -148,6 +149,7 @@ impl ErrorFilter {
     }
 }
 
+#[callbacks]
 impl Filter for ErrorFilter {
     const NAME: &'static str = "error";
     const DESCRIPTION: &'static str = "inject errors into requests, for testing clients";
@@ -237,6 +239,7 @@ impl ErrorHandle {
     }
 }
 
+#[callbacks]
 impl FilterHandle for ErrorHandle {
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         self.check(Cmd::Pread)?;

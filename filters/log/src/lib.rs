@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nbdhost_plugin_api::{
-    abi, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener,
-    Result, Support,
+    abi, callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
+    NextOpener, Result, Support,
 };
 
 /// Connections numbered in the order they first ask for the export size,
@@ -222,6 +222,7 @@ fn outcome<T>(r: &Result<T>) -> String {
     }
 }
 
+#[callbacks]
 impl Filter for Log {
     const NAME: &'static str = "log";
     const DESCRIPTION: &'static str = "log every connection and request to a file";
@@ -447,6 +448,7 @@ fn bit(flags: Flags, f: Flags) -> i32 {
     i32::from(flags.contains(f))
 }
 
+#[callbacks]
 impl FilterHandle for LogHandle {
     fn prepare(&self, next: &Next, _readonly: bool) -> Result<()> {
         self.connect(next, next.get_size()?);

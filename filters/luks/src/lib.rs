@@ -20,8 +20,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use nbdhost_plugin_api::{
-    host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, Result,
+    callbacks, host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle, Flags,
+    Next, NextOpener, Result,
 };
 use zeroize::Zeroizing;
 
@@ -69,6 +69,7 @@ fn einval(msg: impl Into<String>) -> Error {
     Error::new(libc::EINVAL, msg)
 }
 
+#[callbacks]
 impl Filter for Luks {
     const NAME: &'static str = "luks";
     const DESCRIPTION: &'static str = "read and write LUKS1 and LUKS2 encrypted disks";
@@ -78,7 +79,10 @@ key-file=<FILE>      Binary key file (as cryptsetup --key-file), instead.
 keyslot=<N>          Try only this keyslot.
 header=<FILE>        Detached LUKS header.";
     type Handle = Connection;
-    const STARTUP: Option<fn(&Self, &Next) -> Result<()>> = Some(Luks::startup);
+
+    fn startup(&self, next: &Next) -> Result<()> {
+        self.unlock_from_disk(next)
+    }
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         match key {
@@ -154,7 +158,7 @@ fn reader(next: &Next) -> impl FnMut(&mut [u8], u64) -> std::result::Result<(), 
 
 impl Luks {
     /// Unlock from the disk's own header, unless `header=FILE` did already.
-    fn startup(&self, next: &Next) -> Result<()> {
+    fn unlock_from_disk(&self, next: &Next) -> Result<()> {
         if self.volume.get().is_some() {
             return Ok(());
         }
@@ -260,6 +264,7 @@ pub struct Connection {
     volume: Arc<Volume>,
 }
 
+#[callbacks]
 impl FilterHandle for Connection {
     fn get_size(&self, next: &Next) -> Result<u64> {
         let v = &self.volume;

@@ -4,7 +4,8 @@
 #![forbid(unsafe_code)]
 
 use nbdhost_plugin_api::{
-    host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
+    callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
+    NextOpener, Result,
 };
 
 /// Configured window.
@@ -14,6 +15,7 @@ pub struct Offset {
     range: Option<u64>,
 }
 
+#[callbacks]
 impl Filter for Offset {
     const NAME: &'static str = "offset";
     const DESCRIPTION: &'static str = "serve a window of the underlying disk";
@@ -50,6 +52,7 @@ pub struct Window {
     range: Option<u64>,
 }
 
+#[callbacks]
 impl FilterHandle for Window {
     fn get_size(&self, next: &Next) -> Result<u64> {
         let size = next.get_size()?;

@@ -6,7 +6,8 @@
 use std::sync::OnceLock;
 
 use nbdhost_plugin_api::{
-    host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
+    callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
+    NextOpener, Result,
 };
 
 pub mod table;
@@ -19,6 +20,7 @@ pub struct PartitionFilter {
     number: Option<u32>,
 }
 
+#[callbacks]
 impl Filter for PartitionFilter {
     const NAME: &'static str = "partition";
     const DESCRIPTION: &'static str = "serve one partition of an MBR or GPT disk";
@@ -104,6 +106,7 @@ impl Part {
     }
 }
 
+#[callbacks]
 impl FilterHandle for Part {
     fn get_size(&self, next: &Next) -> Result<u64> {
         Ok(self.get(next)?.length)

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use nbdhost_plugin_api::{
-    host, nbdhost_filter, Error, Filter, FilterHandle, Flags, Next, NextOpener, Result,
+    callbacks, host, nbdhost_filter, Error, Filter, FilterHandle, Flags, Next, NextOpener, Result,
 };
 
 /// How long a rate file's last reading is trusted.
@@ -202,6 +202,7 @@ fn throttle(bucket: &Mutex<Bucket>, file: Option<&RateFile>, bytes: usize) -> Re
     host::sleep(wait)
 }
 
+#[callbacks]
 impl Filter for Rate {
     const NAME: &'static str = "rate";
     const DESCRIPTION: &'static str = "limit bandwidth, for the server or per connection";
@@ -274,6 +275,7 @@ pub struct RateHandle {
     shared: Arc<Shared>,
 }
 
+#[callbacks]
 impl FilterHandle for RateHandle {
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         let s = &*self.shared;

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use nbdhost_plugin_api::{
-    host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener, Result,
+    callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
+    NextOpener, Result,
 };
 
 /// Commands in the order they are printed (nbdkit's order).
@@ -325,6 +326,7 @@ impl Default for StatsFilter {
     }
 }
 
+#[callbacks]
 impl Filter for StatsFilter {
     const NAME: &'static str = "stats";
     const DESCRIPTION: &'static str = "print request statistics when the server exits";
@@ -417,6 +419,7 @@ pub struct StatsHandle {
     stats: Arc<Stats>,
 }
 
+#[callbacks]
 impl FilterHandle for StatsHandle {
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         let n = buf.len() as u64;

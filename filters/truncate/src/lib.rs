@@ -7,8 +7,8 @@
 use std::sync::OnceLock;
 
 use nbdhost_plugin_api::{
-    abi, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener,
-    Result,
+    abi, callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
+    NextOpener, Result,
 };
 
 /// Configured size changes, applied in this order: `truncate`, then
@@ -53,6 +53,7 @@ impl Truncate {
     }
 }
 
+#[callbacks]
 impl Filter for Truncate {
     const NAME: &'static str = "truncate";
     const DESCRIPTION: &'static str = "change the size of the underlying disk";
@@ -115,6 +116,7 @@ impl Resized {
     }
 }
 
+#[callbacks]
 impl FilterHandle for Resized {
     fn get_size(&self, next: &Next) -> Result<u64> {
         Ok(self.sizes(next)?.exported)

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    host, nbdhost_plugin, BlockSize, Error, ExportList, ExtentList, Flags, Handle, Plugin, Result,
-    Support,
+    callbacks, host, nbdhost_plugin, BlockSize, Error, ExportList, ExtentList, Flags, Handle,
+    Plugin, Result, Support,
 };
 
 /// Alignment of O_DIRECT transfers: safe for 512- and 4096-byte sectors.
@@ -86,6 +86,7 @@ fn in_memory(path: &Path) -> bool {
     matches!(st.f_type as libc::c_long, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
+#[callbacks]
 impl Plugin for FilePlugin {
     const NAME: &'static str = "file";
     const DESCRIPTION: &'static str = "serve a file or a block device";
@@ -375,6 +376,7 @@ impl Aligned {
     }
 }
 
+#[callbacks]
 impl Handle for FileHandle {
     fn get_size(&self) -> Result<u64> {
         if self.block_device {

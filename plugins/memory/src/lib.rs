@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    host, nbdhost_plugin, Error, ExtentList, Flags, Handle, Plugin, Result, Support,
+    callbacks, host, nbdhost_plugin, Error, ExtentList, Flags, Handle, Plugin, Result, Support,
 };
 
 const PAGE: usize = 64 * 1024;
@@ -177,6 +177,7 @@ fn allocator(value: &str) -> Result<bool> {
     Ok(dense)
 }
 
+#[callbacks]
 impl Plugin for Memory {
     const NAME: &'static str = "memory";
     const DESCRIPTION: &'static str = "sparse RAM disk shared by all connections";
@@ -230,6 +231,7 @@ pub struct MemoryHandle {
     store: Arc<Store>,
 }
 
+#[callbacks]
 impl Handle for MemoryHandle {
     fn get_size(&self) -> Result<u64> {
         Ok(self.store.size)

@@ -65,6 +65,10 @@ pub fn get() -> &'static abi::Host {
         disconnect: None,
         stdio_safe: None,
         connection_id: None,
+        exports_new: None,
+        exports_free: None,
+        exports_count: None,
+        exports_get: None,
     };
     let p = HOST.load(Ordering::Acquire);
     // SAFETY: only ever set to the server's table, which outlives us.

@@ -5,6 +5,7 @@
 //! struct count as absent, and an absent callback passes the call to the
 //! next layer unchanged.
 
+use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
 use super::backend::{checked_block_size, Backend, Handle};
+use super::exports::ExportCollector;
 use super::extents::ExtentCollector;
 use super::host;
 use super::loader::{field, layer_string, shared_fields, LayerInfo, Library, Origin, Table};
@@ -119,6 +121,87 @@ struct Layer {
     next: Arc<dyn Backend>,
 }
 
+/// The layer below as a `struct nbdhost_next_exports`, for the duration of
+/// one list_exports or default_export callback.
+struct ExportsBelow<'a> {
+    abi: abi::NextExports,
+    next: &'a dyn Backend,
+    /// The names default_export returned, kept until the callback ends.
+    names: RefCell<Vec<CString>>,
+}
+
+impl<'a> ExportsBelow<'a> {
+    /// Boxed, so that `opaque` can point at it.
+    fn new(next: &'a dyn Backend) -> Box<ExportsBelow<'a>> {
+        let mut below = Box::new(ExportsBelow {
+            abi: abi::NextExports {
+                struct_size: std::mem::size_of::<abi::NextExports>() as u64,
+                opaque: std::ptr::null_mut(),
+                list_exports: Some(next_list_exports),
+                default_export: Some(next_default_export),
+            },
+            next,
+            names: RefCell::new(Vec::new()),
+        });
+        below.abi.opaque = (&*below as *const ExportsBelow).cast_mut().cast();
+        below
+    }
+
+    /// # Safety
+    /// `this` must be the `abi` field of a live `ExportsBelow`.
+    unsafe fn of<'b>(this: *const abi::NextExports) -> &'b ExportsBelow<'b> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { &*(*this).opaque.cast::<ExportsBelow>() }
+    }
+}
+
+unsafe extern "C" fn next_list_exports(
+    this: *const abi::NextExports,
+    readonly: c_int,
+    is_tls: c_int,
+    exports: *mut abi::Exports,
+) -> c_int {
+    // SAFETY: filters only receive `this` from a live ExportsBelow.
+    let layer = unsafe { ExportsBelow::of(this) };
+    // SAFETY: every export list handed to a filter is an ExportCollector.
+    let Some(list) = (unsafe { exports.cast::<ExportCollector>().as_mut() }) else {
+        host::record(Error::new(libc::EINVAL, "list_exports: no export list"));
+        return -1;
+    };
+    let r = below(|| layer.next.list_exports(readonly != 0, is_tls != 0));
+    report(r, |entries| {
+        for e in entries {
+            if let Ok(name) = CString::new(e.name) {
+                let desc = e.description.and_then(|d| CString::new(d).ok());
+                list.add(&name, desc.as_deref());
+            }
+        }
+        0
+    })
+}
+
+unsafe extern "C" fn next_default_export(
+    this: *const abi::NextExports,
+    readonly: c_int,
+    is_tls: c_int,
+) -> *const c_char {
+    // SAFETY: filters only receive `this` from a live ExportsBelow.
+    let layer = unsafe { ExportsBelow::of(this) };
+    match below(|| layer.next.default_export(readonly != 0, is_tls != 0)) {
+        Ok(name) => {
+            let name = CString::new(name).unwrap_or_default();
+            let ptr = name.as_ptr();
+            // The CString's buffer does not move when the vector grows.
+            layer.names.borrow_mut().push(name);
+            ptr
+        }
+        Err(e) => {
+            host::record(e);
+            std::ptr::null()
+        }
+    }
+}
+
 /// What `next->open` records while the filter's open runs.
 struct OpenSlot {
     next: Arc<dyn Backend>,
@@ -185,11 +268,32 @@ impl Backend for Layer {
     }
 
     fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<ExportEntry>> {
-        self.next.list_exports(readonly, is_tls)
+        let Some(f) = fcb!(self.lib, list_exports) else {
+            return self.next.list_exports(readonly, is_tls);
+        };
+        let below = ExportsBelow::new(&*self.next);
+        let mut list = ExportCollector::default();
+        let ptr = list.as_abi();
+        // SAFETY: the next table and the list outlive the call, and the
+        // filter may use them only during it.
+        let r = self
+            .lib
+            .call(|| unsafe { f(&below.abi, c_int::from(readonly), c_int::from(is_tls), ptr) });
+        self.lib.check("list_exports", r)?;
+        Ok(list.into_entries())
     }
 
     fn default_export(&self, readonly: bool, is_tls: bool) -> Result<String> {
-        self.next.default_export(readonly, is_tls)
+        let Some(f) = fcb!(self.lib, default_export) else {
+            return self.next.default_export(readonly, is_tls);
+        };
+        let below = ExportsBelow::new(&*self.next);
+        // SAFETY: the next table outlives the call; the result is copied
+        // at once.
+        let p = self
+            .lib
+            .call(|| unsafe { f(&below.abi, c_int::from(readonly), c_int::from(is_tls)) });
+        layer_string(p).ok_or_else(|| host::take_error("default_export"))
     }
 
     fn open(&self, readonly: bool) -> Result<Box<dyn Handle>> {

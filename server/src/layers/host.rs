@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use nbdhost_plugin_api::{abi, Error};
 use zeroize::Zeroize;
 
+use super::exports::ExportCollector;
 use super::extents::ExtentCollector;
-use crate::protocol::export::ExportEntry;
 
 /// The peer of a connection, as plugins may ask for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +24,11 @@ pub enum Peer {
     /// A Unix-socket client, with its credentials where the kernel gave
     /// them.
     Unix(Option<Credentials>),
+    /// An AF_VSOCK client: its context id and port.
+    Vsock {
+        cid: u32,
+        port: u32,
+    },
     Pipe,
 }
 
@@ -42,6 +47,7 @@ impl std::fmt::Display for Peer {
             Peer::Inet(a) => write!(f, "{a}"),
             Peer::Unix(Some(c)) => write!(f, "a Unix-socket client (pid {})", c.pid),
             Peer::Unix(None) => f.write_str("a Unix-socket client"),
+            Peer::Vsock { cid, port } => write!(f, "vsock {cid}:{port}"),
             Peer::Pipe => f.write_str("the stdin client"),
         }
     }
@@ -392,23 +398,68 @@ unsafe extern "C" fn host_add_export(
     name: *const c_char,
     desc: *const c_char,
 ) -> c_int {
-    let Some(name) = cstr(name) else {
+    let Some(text) = cstr(name) else {
         LAST_ERROR
             .with(|l| *l.borrow_mut() = Some(Error::new(libc::EINVAL, "export name is NULL")));
         return -1;
     };
-    if name.len() > 4096 {
+    if text.len() > 4096 {
         LAST_ERROR
             .with(|l| *l.borrow_mut() = Some(Error::new(libc::EINVAL, "export name too long")));
         return -1;
     }
-    // SAFETY: the only export lists handed to plugins are vectors of
-    // `ExportEntry` that live for the duration of the list_exports call.
-    let list = unsafe { &mut *list.cast::<Vec<ExportEntry>>() };
-    list.push(ExportEntry {
-        name: name.to_string(),
-        description: cstr(desc).map(str::to_string),
-    });
+    // SAFETY: every export list handed to a layer is an `ExportCollector`
+    // that lives for the duration of the call (or until exports_free).
+    let list = unsafe { &mut *list.cast::<ExportCollector>() };
+    // SAFETY: `name` was just read as a NUL-terminated string; `desc` is
+    // one too, or null.
+    let (name, desc) = unsafe {
+        (
+            CStr::from_ptr(name),
+            desc.as_ref().map(|d| CStr::from_ptr(d)),
+        )
+    };
+    list.add(name, desc);
+    0
+}
+
+unsafe extern "C" fn host_exports_new() -> *mut abi::Exports {
+    Box::into_raw(Box::<ExportCollector>::default()).cast()
+}
+
+unsafe extern "C" fn host_exports_free(list: *mut abi::Exports) {
+    if !list.is_null() {
+        // SAFETY: lists given to filters by exports_new are boxed
+        // collectors, freed once here.
+        drop(unsafe { Box::from_raw(list.cast::<ExportCollector>()) });
+    }
+}
+
+unsafe extern "C" fn host_exports_count(list: *const abi::Exports) -> usize {
+    // SAFETY: every export list handed out is an `ExportCollector`.
+    unsafe { list.cast::<ExportCollector>().as_ref() }.map_or(0, ExportCollector::len)
+}
+
+unsafe extern "C" fn host_exports_get(
+    list: *const abi::Exports,
+    i: usize,
+    name: *mut *const c_char,
+    description: *mut *const c_char,
+) -> c_int {
+    // SAFETY: every export list handed out is an `ExportCollector`.
+    let found = unsafe { list.cast::<ExportCollector>().as_ref() }.and_then(|l| l.get(i));
+    let Some((n, d)) = found else {
+        record(Error::new(
+            libc::EINVAL,
+            format!("no export {i} in the list"),
+        ));
+        return -1;
+    };
+    // SAFETY: the filter passes two writable places.
+    unsafe {
+        *name = n.as_ptr();
+        *description = d.map_or(std::ptr::null(), CStr::as_ptr);
+    }
     0
 }
 
@@ -480,6 +531,7 @@ unsafe extern "C" fn host_peer_name(addr: *mut libc::sockaddr, len: *mut libc::s
             Ok(a) => a,
             Err(_) => return -1,
         },
+        Some(Peer::Vsock { cid, port }) => socket2::SockAddr::vsock(cid, port),
         _ => return -1,
     };
     if addr.is_null() || len.is_null() {
@@ -711,6 +763,10 @@ pub static HOST: abi::Host = abi::Host {
     disconnect: Some(host_disconnect),
     stdio_safe: Some(host_stdio_safe),
     connection_id: Some(host_connection_id),
+    exports_new: Some(host_exports_new),
+    exports_free: Some(host_exports_free),
+    exports_count: Some(host_exports_count),
+    exports_get: Some(host_exports_get),
 };
 
 #[cfg(test)]

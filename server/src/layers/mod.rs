@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod chain;
 pub mod execute;
+mod exports;
 mod extents;
 mod filter;
 pub mod foreign;

@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
 use super::backend::{checked_block_size, write_zeroes, Backend, Handle};
+use super::exports::ExportCollector;
 use super::extents::ExtentCollector;
 use super::host;
 use super::loader::{field, layer_string, shared_fields, LayerInfo, Library, Origin, Table};
@@ -151,14 +152,14 @@ impl Backend for Plugin {
                 description: None,
             }]);
         };
-        let mut list: Vec<ExportEntry> = Vec::new();
-        let ptr = (&mut list as *mut Vec<ExportEntry>).cast::<abi::Exports>();
+        let mut list = ExportCollector::default();
+        let ptr = list.as_abi();
         // SAFETY: `ptr` is the list host_add_export expects and outlives the call.
         let r = self
             .lib
             .call(|| unsafe { f(c_int::from(readonly), c_int::from(is_tls), ptr) });
         self.lib.check("list_exports", r)?;
-        Ok(list)
+        Ok(list.into_entries())
     }
 
     fn default_export(&self, readonly: bool, is_tls: bool) -> Result<String> {

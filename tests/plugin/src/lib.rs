@@ -13,7 +13,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use nbdhost_plugin_api::{host, nbdhost_plugin, Error, Flags, Handle, Plugin, Result};
+use nbdhost_plugin_api::{callbacks, host, nbdhost_plugin, Error, Flags, Handle, Plugin, Result};
 
 /// Configuration and the shared disk.
 #[derive(Default)]
@@ -49,6 +49,7 @@ impl Recorder {
     }
 }
 
+#[callbacks]
 impl Plugin for Test {
     const NAME: &'static str = "test";
     const DESCRIPTION: &'static str = "RAM disk that misbehaves on request (for tests)";
@@ -158,6 +159,7 @@ fn covers(at: Option<u64>, offset: u64, len: usize) -> bool {
     at.is_some_and(|a| a >= offset && a < offset + len as u64)
 }
 
+#[callbacks]
 impl Handle for TestHandle {
     fn get_size(&self) -> Result<u64> {
         Ok(self.disk.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
