@@ -447,6 +447,9 @@ fn user_and_group_change_before_anything_is_served() {
         return;
     }
     let s = Server::start(&["-u", "nobody", "-g", "nogroup", "memory", "1M"]);
+    // The socket accepts (into its backlog) as soon as it is bound, before
+    // the change; a client served proves the server is past it.
+    assert_eq!(export_size(&s.uri()), "1048576");
     let pid = s.child.as_ref().unwrap().id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let ids = |key: &str| -> Vec<String> {
@@ -462,7 +465,6 @@ fn user_and_group_change_before_anything_is_served() {
     assert_eq!(ids("Uid:"), ["65534"; 4], "{status}");
     assert_eq!(ids("Gid:"), ["65534"; 4], "{status}");
     assert_eq!(ids("Groups:"), ["65534"], "{status}");
-    assert_eq!(export_size(&s.uri()), "1048576");
     assert!(s.stop().success());
 }
 
@@ -573,4 +575,90 @@ fn log_to_a_file_appends_there() {
     );
     let bad = run(Command::new(nbdhost_bin()).args(["--log=relative.log", "memory", "1M"]));
     assert_eq!(bad.status.code(), Some(1));
+}
+
+/// A vsock port unlikely to be taken: vsock ports are not TCP ports, so
+/// the TCP trick of binding port 0 does not apply.
+fn vsock_port() -> u16 {
+    20000 + (std::process::id() % 20000) as u16
+}
+
+/// Why AF_VSOCK cannot be tested here, if it cannot.
+fn no_vsock() -> Option<String> {
+    let probe = run(Command::new("python3").args([
+        "-c",
+        "import socket; socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)",
+    ]));
+    (!probe.status.success()).then(|| {
+        format!(
+            "this kernel has no AF_VSOCK: {}",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        )
+    })
+}
+
+#[test]
+fn vsock_listens_on_the_port_p_gives_and_run_gets_its_uri() {
+    if let Some(why) = no_vsock() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let port = vsock_port().to_string();
+    // The --run command starts once the server listens: binding the same
+    // vsock port must then fail, which proves the server holds it.
+    let out = run_ok(Command::new(nbdhost_bin()).args([
+        "--vsock",
+        "-p",
+        &port,
+        "memory",
+        "1M",
+        "--run",
+        "echo \"uri=$uri port=$port\"; python3 -c 'import socket, sys; s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\ntry:\n s.bind((socket.VMADDR_CID_ANY, int(sys.argv[1]))); print(\"bound\")\nexcept OSError as e: print(\"taken\", e.errno)' \"$port\"",
+    ]));
+    assert!(
+        out.contains(&format!("uri=nbd+vsock://1:{port}/ port={port}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("taken {}", libc::EADDRINUSE)),
+        "the server does not hold vsock port {port}: {out}"
+    );
+}
+
+#[test]
+fn a_client_over_vsock_loopback_is_served() {
+    if let Some(why) = no_vsock() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    // A host reaches its own vsock listeners (CID 1) only through the
+    // vsock_loopback transport; without it only a guest could connect.
+    let _ = Command::new("modprobe")
+        .arg("vsock_loopback")
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !std::path::Path::new("/sys/module/vsock_loopback").exists() {
+        eprintln!(
+            "skipped: the kernel has AF_VSOCK but no vsock_loopback module, so no client on this host can connect (a guest would)"
+        );
+        return;
+    }
+    let port = vsock_port().wrapping_add(1).to_string();
+    let out = run_ok(
+        Command::new(nbdhost_bin())
+            .args([
+                "--vsock",
+                "-p",
+                &port,
+                "memory",
+                "3M",
+                "--run",
+                "nbdinfo --size \"$uri\"",
+            ])
+            .env(
+                "PATH",
+                format!("/usr/bin:{}", std::env::var("PATH").unwrap()),
+            ),
+    );
+    assert_eq!(out.trim(), "3145728");
 }

@@ -58,6 +58,11 @@ pub struct Cli {
     #[arg(long, visible_alias = "keep-alive")]
     pub keepalive: bool,
 
+    /// Listen on AF_VSOCK, on the port -p gives (default 10809), for
+    /// virtual machines to reach the host.
+    #[arg(long, conflicts_with_all = ["ipaddr", "unix", "ipv4_only", "ipv6_only"])]
+    pub vsock: bool,
+
     /// Listen on a Unix socket; "-" makes a private temporary one.
     #[arg(short = 'U', long = "unix", value_name = "PATH")]
     pub unix: Option<PathBuf>,
@@ -67,7 +72,7 @@ pub struct Cli {
         short = 's',
         long,
         visible_alias = "stdin",
-        conflicts_with_all = ["port", "ipaddr", "unix", "run"]
+        conflicts_with_all = ["port", "ipaddr", "unix", "run", "vsock"]
     )]
     pub single: bool,
 

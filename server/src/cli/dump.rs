@@ -117,12 +117,12 @@ pub fn config() -> String {
         ("selinux", "no".into()),
         ("soext", "so".into()),
         ("sysconfdir", paths::sysconfdir()),
-        ("timeout_option", "no".into()),
+        ("timeout_option", "yes".into()),
         ("tls", "yes".into()),
         ("version", version.into()),
         ("version_major", major),
         ("version_minor", minor),
-        ("vsock_option", "no".into()),
+        ("vsock_option", "yes".into()),
         ("zstd", "no".into()),
     ];
     lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect()

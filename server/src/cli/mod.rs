@@ -240,7 +240,11 @@ fn listeners(
         return Ok((activated?, Address::Activated));
     }
     let want_private = cli.unix.as_deref() == Some(Path::new("-"))
-        || (cli.unix.is_none() && cli.run.is_some() && cli.port.is_none() && cli.ipaddr.is_none());
+        || (cli.unix.is_none()
+            && cli.run.is_some()
+            && cli.port.is_none()
+            && cli.ipaddr.is_none()
+            && !cli.vsock);
     if want_private {
         let p = PrivateSocket::new()?;
         let l = listen::unix(&p.path)?;
@@ -252,6 +256,10 @@ fn listeners(
         return Ok((vec![listen::unix(path)?], Address::Unix(path.clone())));
     }
     let port = cli.port.unwrap_or(DEFAULT_PORT);
+    if cli.vsock {
+        let port = u32::from(port);
+        return Ok((vec![listen::vsock(port)?], Address::Vsock(port)));
+    }
     let family = if cli.ipv4_only {
         listen::Family::V4
     } else if cli.ipv6_only {

@@ -11,6 +11,8 @@ use crate::tls::psk;
 pub enum Address {
     Unix(PathBuf),
     Tcp(u16),
+    /// `--vsock`: this AF_VSOCK port, for any context id.
+    Vsock(u32),
     /// Listeners passed in by systemd socket activation.
     Activated,
     /// `-s`: stdin and stdout.
@@ -37,6 +39,7 @@ pub fn spawn(
     let (unixsocket, port) = match address {
         Address::Unix(p) => (p.display().to_string(), String::new()),
         Address::Tcp(port) => (String::new(), port.to_string()),
+        Address::Vsock(port) => (String::new(), port.to_string()),
         Address::Activated | Address::Stdio => (String::new(), String::new()),
     };
     if let Some(uri) = uri(address, export, tls) {
@@ -98,6 +101,8 @@ pub fn uri(address: &Address, export: &str, tls: &Tls) -> Option<String> {
             format!("nbd{s}+unix://{user}/{export}")
         }
         Address::Tcp(port) => format!("nbd{s}://{user}localhost:{port}/{export}"),
+        // CID 1 is this host itself, as a local --run command reaches it.
+        Address::Vsock(port) => format!("nbd{s}+vsock://{user}1:{port}/{export}"),
         Address::Activated | Address::Stdio => return None,
     };
     if !query.is_empty() {
@@ -176,6 +181,10 @@ mod tests {
     #[test]
     fn stdio_and_socket_activation_have_no_uri() {
         assert!(uri(&Address::Stdio, "", &PLAIN).is_none());
+        assert_eq!(
+            uri(&Address::Vsock(10809), "disk", &PLAIN).unwrap(),
+            "nbd+vsock://1:10809/disk"
+        );
         assert!(uri(&Address::Activated, "", &PLAIN).is_none());
     }
 }

@@ -1,5 +1,6 @@
-//! Where connections come from: TCP and Unix listeners (bound by us or
-//! passed by systemd socket activation) and the stdin/stdout pair of `-s`.
+//! Where connections come from: TCP, Unix and AF_VSOCK listeners (bound by
+//! us or passed by systemd socket activation) and the stdin/stdout pair of
+//! `-s`.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -22,6 +23,9 @@ const UNIX_SEND_BUFFER: usize = 1 << 20;
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
+    /// mio has no vsock type; the socket is non-blocking and polled by
+    /// its descriptor.
+    Vsock(socket2::Socket),
 }
 
 /// The connecting process's credentials (`SO_PEERCRED`), which plugins
@@ -70,6 +74,12 @@ impl Listener {
                 let creds = peer_credentials(&s);
                 Ok((Stream::Unix(s), Peer::Unix(creds)))
             }
+            Listener::Vsock(l) => {
+                let (s, addr) = l.accept()?;
+                s.set_nonblocking(true)?;
+                let (cid, port) = addr.as_vsock_address().unwrap_or((0, 0));
+                Ok((Stream::Vsock(s), Peer::Vsock { cid, port }))
+            }
         }
     }
 
@@ -79,7 +89,7 @@ impl Listener {
     pub fn set_keepalive(&self) -> io::Result<()> {
         match self {
             Listener::Tcp(l) => socket2::SockRef::from(l).set_keepalive(true),
-            Listener::Unix(_) => Ok(()),
+            Listener::Unix(_) | Listener::Vsock(_) => Ok(()),
         }
     }
 
@@ -92,6 +102,10 @@ impl Listener {
                 .ok()
                 .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
                 .unwrap_or_else(|| "unix".into()),
+            Listener::Vsock(l) => match l.local_addr().ok().and_then(|a| a.as_vsock_address()) {
+                Some((_, port)) => format!("vsock port {port}"),
+                None => "vsock".into(),
+            },
         }
     }
 }
@@ -101,18 +115,21 @@ impl Source for Listener {
         match self {
             Listener::Tcp(l) => l.register(r, t, i),
             Listener::Unix(l) => l.register(r, t, i),
+            Listener::Vsock(l) => SourceFd(&l.as_raw_fd()).register(r, t, i),
         }
     }
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Listener::Tcp(l) => l.reregister(r, t, i),
             Listener::Unix(l) => l.reregister(r, t, i),
+            Listener::Vsock(l) => SourceFd(&l.as_raw_fd()).reregister(r, t, i),
         }
     }
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
         match self {
             Listener::Tcp(l) => l.deregister(r),
             Listener::Unix(l) => l.deregister(r),
+            Listener::Vsock(l) => SourceFd(&l.as_raw_fd()).deregister(r),
         }
     }
 }
@@ -204,6 +221,22 @@ pub fn unix(path: &Path) -> Result<Listener, String> {
         .map_err(|e| format!("cannot listen on {}: {e}", path.display()))
 }
 
+/// Listen on AF_VSOCK `port` for any context id (`--vsock`), so that
+/// guests reach the host at CID 2 and the host itself at CID 1 where the
+/// kernel has vsock loopback.
+pub fn vsock(port: u32) -> Result<Listener, String> {
+    let bind = || -> io::Result<socket2::Socket> {
+        let s = socket2::Socket::new(socket2::Domain::VSOCK, socket2::Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        s.bind(&socket2::SockAddr::vsock(libc::VMADDR_CID_ANY, port))?;
+        s.listen(1024)?;
+        Ok(s)
+    };
+    bind()
+        .map(Listener::Vsock)
+        .map_err(|e| format!("cannot listen on vsock port {port}: {e}"))
+}
+
 /// A private directory holding a socket, for `-U -` and `--run`.
 pub struct PrivateSocket {
     pub dir: PathBuf,
@@ -268,6 +301,8 @@ pub fn socket_activation() -> Option<Result<Vec<Listener>, String>> {
         }
         if addr.is_unix() {
             out.push(Listener::Unix(UnixListener::from_std(sock.into())));
+        } else if addr.as_vsock_address().is_some() {
+            out.push(Listener::Vsock(sock));
         } else {
             out.push(Listener::Tcp(TcpListener::from_std(sock.into())));
         }
@@ -279,6 +314,7 @@ pub fn socket_activation() -> Option<Result<Vec<Listener>, String>> {
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Vsock(socket2::Socket),
     /// `-s`: read from stdin, write to stdout (often one socket, but
     /// either may be a file epoll cannot watch: see [`Stream::register`]).
     Stdio {
@@ -361,6 +397,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => drop(s.shutdown(std::net::Shutdown::Both)),
             Stream::Unix(s) => drop(s.shutdown(std::net::Shutdown::Both)),
+            Stream::Vsock(s) => drop(s.shutdown(std::net::Shutdown::Both)),
             Stream::Stdio { .. } => {}
         }
     }
@@ -393,6 +430,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Vsock(s) => Stream::fd_read(s.as_raw_fd(), buf),
             Stream::Stdio { input, .. } => Stream::fd_read(*input, buf),
         }
     }
@@ -406,6 +444,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Vsock(s) => Stream::fd_writev(s.as_raw_fd(), bufs),
             Stream::Stdio { output, .. } => Stream::fd_writev(*output, bufs),
         }
     }
@@ -419,6 +458,7 @@ impl Source for Stream {
         match self {
             Stream::Tcp(s) => s.register(r, t, i),
             Stream::Unix(s) => s.register(r, t, i),
+            Stream::Vsock(s) => SourceFd(&s.as_raw_fd()).register(r, t, i),
             Stream::Stdio {
                 input,
                 output,
@@ -439,6 +479,7 @@ impl Source for Stream {
         match self {
             Stream::Tcp(s) => s.reregister(r, t, i),
             Stream::Unix(s) => s.reregister(r, t, i),
+            Stream::Vsock(s) => SourceFd(&s.as_raw_fd()).reregister(r, t, i),
             Stream::Stdio { input, .. } => SourceFd(input).reregister(r, t, i),
         }
     }
@@ -446,6 +487,7 @@ impl Source for Stream {
         match self {
             Stream::Tcp(s) => s.deregister(r),
             Stream::Unix(s) => s.deregister(r),
+            Stream::Vsock(s) => SourceFd(&s.as_raw_fd()).deregister(r),
             Stream::Stdio {
                 input,
                 output,
@@ -469,6 +511,7 @@ impl AsRawFd for Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Vsock(s) => s.as_raw_fd(),
             Stream::Stdio { input, .. } => *input,
         }
     }
