@@ -14,6 +14,7 @@
 //! - [`paths`]: the installation directories this build was made for.
 
 pub mod cli;
+pub mod config;
 pub mod layers;
 pub mod paths;
 pub mod protocol;

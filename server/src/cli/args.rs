@@ -13,6 +13,9 @@ use clap::Parser;
     // nbdkit's do, so they are ordinary flags handled after parsing.
     disable_help_flag = true,
     disable_version_flag = true,
+    // As nbdkit's getopt: a repeated option's last value counts, which is
+    // also how the command line overrides a configuration file.
+    args_override_self = true,
     after_help = "Examples:\n  nbdhost memory 1G\n  nbdhost -r file disk.img\n  nbdhost -U - memory 1G --run 'qemu-img info \"$uri\"'\n\nSee nbdhost(1)."
 )]
 pub struct Cli {
@@ -193,6 +196,17 @@ pub struct Cli {
     #[arg(long = "filter", value_name = "NAME|PATH")]
     pub filters: Vec<String>,
 
+    /// Serve the exports of this TOML file (see nbdhost.toml(5)); the
+    /// command line overrides its [server] settings.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// With --config: check the file (loading and configuring every
+    /// layer), print the resolved configuration with secrets masked, and
+    /// exit.
+    #[arg(long, requires = "config")]
+    pub check: bool,
+
     /// Print build and path settings, then exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -223,7 +237,8 @@ pub struct Cli {
     /// to a shared object.
     #[arg(
         value_name = "PLUGIN",
-        required_unless_present_any = ["dump_config", "help", "version", "short_options", "long_options"]
+        required_unless_present_any = ["dump_config", "help", "version", "short_options", "long_options", "config"],
+        conflicts_with = "config"
     )]
     pub plugin: Option<String>,
 

@@ -2,6 +2,7 @@
 //! listeners, go to the background if asked, and serve.
 
 mod args;
+mod config_file;
 mod dump;
 mod logging;
 mod process;
@@ -17,6 +18,7 @@ use crate::layers::foreign;
 use crate::layers::host;
 use crate::protocol::export::ExportPolicy;
 use crate::protocol::handshake::{HandshakeConfig, TlsMode};
+use crate::runtime::exports::{Chain, Table};
 use crate::runtime::listen::{self, Listener, PrivateSocket};
 use crate::runtime::{self, Exit};
 use crate::session::{self, Limits, TlsFactory};
@@ -28,7 +30,18 @@ const DEFAULT_PORT: u16 = 10809;
 
 /// Run nbdhost with the process's arguments; returns the exit status.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = Cli::parse_from(&argv);
+    let (cli, file) = match cli.config.clone() {
+        None => (cli, None),
+        Some(path) => match config_file::command_line(&argv, &path) {
+            Ok((cli, loaded)) => (cli, Some(loaded)),
+            Err(e) => {
+                eprintln!("nbdhost: error: {e}");
+                return 1;
+            }
+        },
+    };
     let explicit_log = match cli
         .log
         .as_deref()
@@ -45,7 +58,11 @@ pub fn main() -> i32 {
         cli.verbose,
         explicit_log.unwrap_or(logging::Destination::Stderr),
     );
-    match serve(cli, explicit_log) {
+    let served = match file {
+        Some(loaded) if !cli.dump_config => config_file::serve(cli, loaded, explicit_log),
+        _ => serve(cli, explicit_log),
+    };
+    match served {
         Ok(code) => code,
         Err(e) => {
             log::error!("{e}");
@@ -126,25 +143,88 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
     host::set_stdio_safe(false);
 
     let tls_mode = cli.tls_mode();
+    let policy = ExportPolicy {
+        readonly: cli.readonly,
+        no_multi_conn: cli.no_mc,
+    };
+    let table = Table::Single(Arc::new(Chain::new(backend, policy)));
+    let mut private = None;
+    let bound = listeners(&cli, &mut private)?;
+    launch(&cli, explicit_log, table, tls_mode, None, bound, private)
+}
+
+/// The session settings that stay as they were at start, while the TLS
+/// policy follows the exports of a reloaded file.
+struct SessionBase {
+    oldstyle: bool,
+    handshake_mask: u16,
+    no_structured: bool,
+    handshake_timeout: Option<std::time::Duration>,
+    tls: Option<Arc<dyn TlsFactory>>,
+}
+
+impl SessionBase {
+    fn new(cli: &Cli, tls: Option<Arc<dyn TlsFactory>>) -> SessionBase {
+        SessionBase {
+            oldstyle: cli.oldstyle,
+            handshake_mask: cli.mask_handshake,
+            no_structured: cli.no_sr,
+            handshake_timeout: cli.handshake_limit(),
+            tls,
+        }
+    }
+
+    fn config(&self, tls_mode: TlsMode) -> Arc<session::Config> {
+        Arc::new(session::Config {
+            handshake: HandshakeConfig {
+                oldstyle: self.oldstyle,
+                handshake_mask: self.handshake_mask,
+                no_structured: self.no_structured,
+                tls: tls_mode,
+            },
+            tls: self.tls.clone(),
+            limits: Limits::default(),
+            handshake_timeout: self.handshake_timeout,
+        })
+    }
+}
+
+/// Rebuilds the exports and their TLS policy on SIGHUP.
+type Rebuild = Box<dyn FnMut() -> Result<(Table, TlsMode), String> + Send>;
+
+/// The TLS credentials the settings name, loaded; `None` when TLS is off.
+fn tls_credentials(cli: &Cli, tls_mode: TlsMode) -> Result<Option<Arc<dyn TlsFactory>>, String> {
     if cli.oldstyle && tls_mode == TlsMode::Require {
         // Oldstyle has no STARTTLS: every byte would go in clear.
         return Err(
             "the oldstyle protocol (-o) cannot do TLS, which these settings require".into(),
         );
     }
-    let tls: Option<Arc<dyn TlsFactory>> = if tls_mode == TlsMode::Off {
-        None
-    } else {
-        let opts = tls::TlsOptions {
-            psk_file: cli.tls_psk.clone(),
-            cert_dir: cli.tls_certificates.clone(),
-            verify_peer: cli.tls_verify_peer,
-            priority: cli.tls_priority.clone(),
-        };
-        Some(Arc::new(tls::TlsConfig::load(&opts)?))
+    if tls_mode == TlsMode::Off {
+        return Ok(None);
+    }
+    let opts = tls::TlsOptions {
+        psk_file: cli.tls_psk.clone(),
+        cert_dir: cli.tls_certificates.clone(),
+        verify_peer: cli.tls_verify_peer,
+        priority: cli.tls_priority.clone(),
     };
-    let mut private = None;
-    let (listeners, address) = listeners(&cli, &mut private)?;
+    Ok(Some(Arc::new(tls::TlsConfig::load(&opts)?)))
+}
+
+/// Serve `table` on the bound listeners: print the URI, change user, go
+/// to the background, start the `--run` command, and serve until the end;
+/// `reload` rebuilds what is served on SIGHUP.
+fn launch(
+    cli: &Cli,
+    explicit_log: Option<logging::Destination>,
+    table: Table,
+    tls_mode: TlsMode,
+    reload: Option<Rebuild>,
+    (listeners, address): (Vec<Listener>, Address),
+    private: Option<PrivateSocket>,
+) -> Result<i32, String> {
+    let tls = tls_credentials(cli, tls_mode)?;
     for l in &listeners {
         log::info!("listening on {}", l.describe());
         if cli.keepalive {
@@ -181,7 +261,9 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
     if let Some(p) = &cli.pidfile {
         process::write_pidfile(p)?;
     }
-    backend.after_fork().map_err(|e| e.to_string())?;
+    for chain in table.chains() {
+        chain.backend.after_fork().map_err(|e| e.to_string())?;
+    }
     // Once everything that can refuse to start has passed.
     let child = match &cli.run {
         Some(cmd) => Some(run::spawn(
@@ -197,24 +279,23 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         max_connections: cli.max_connections,
         loops: cli.loops(),
         threads: cli.threads,
-        policy: ExportPolicy {
-            readonly: cli.readonly,
-            no_multi_conn: cli.no_mc,
-        },
-        session: session::Config {
-            handshake: HandshakeConfig {
-                oldstyle: cli.oldstyle,
-                handshake_mask: cli.mask_handshake,
-                no_structured: cli.no_sr,
-                tls: tls_mode,
-            },
-            tls,
-            limits: Limits::default(),
-            handshake_timeout: cli.handshake_limit(),
-        },
         stdio: cli.single,
     };
-    let exit = runtime::serve(backend, listeners, opts, signals, child)
+    let base = SessionBase::new(cli, tls);
+    let serving = runtime::Serving {
+        table,
+        session: base.config(tls_mode),
+    };
+    let reload = reload.map(|mut rebuild| {
+        Box::new(move || {
+            let (table, mode) = rebuild()?;
+            Ok(runtime::Serving {
+                table,
+                session: base.config(mode),
+            })
+        }) as runtime::Reload
+    });
+    let exit = runtime::serve(serving, reload, listeners, opts, signals, child)
         .map_err(|e| format!("event loop: {e}"))?;
     if let (Address::Unix(p), None) = (&address, &private) {
         let _ = std::fs::remove_file(p);

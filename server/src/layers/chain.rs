@@ -132,6 +132,41 @@ impl Layers {
         Ok(Layers { plugin, filters })
     }
 
+    /// Load a configuration file's plugin and filters, saying which of
+    /// them failed: `None` for the plugin, else the filter's index.
+    pub fn load_each(plugin: &str, filters: &[String]) -> Result<Layers, (Option<usize>, String)> {
+        let plugin = locate(plugin, "plugin")
+            .and_then(|o| Plugin::load(&o))
+            .map_err(|e| (None, e))?;
+        let filters = filters
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                locate(f, "filter")
+                    .and_then(|o| Filter::load(&o))
+                    .map_err(|e| (Some(i), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Layers { plugin, filters })
+    }
+
+    /// Give the plugin one parameter.
+    pub fn config_plugin(&self, key: &str, value: &str) -> Result<(), String> {
+        self.plugin
+            .config(key, value)
+            .map_err(named(&self.plugin.info().name))
+    }
+
+    /// Give filter `i` one parameter, which must be one it takes.
+    pub fn config_filter(&self, i: usize, key: &str, value: &str) -> Result<(), String> {
+        let f = &self.filters[i];
+        let name = &f.info().name;
+        match f.config(key, value).map_err(named(name))? {
+            true => Ok(()),
+            false => Err(format!("{name} takes no parameter '{key}'")),
+        }
+    }
+
     /// The plugin's facts.
     pub fn plugin_info(&self) -> &LayerInfo {
         self.plugin.info()

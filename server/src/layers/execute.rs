@@ -71,10 +71,12 @@ fn describe(name: &str, h: &dyn Handle, policy: ExportPolicy) -> Result<ExportIn
 
 /// Answer a handshake query for connection `id`, a client at `peer`. For
 /// an open that is kept for transmission, the opened export comes back
-/// too.
+/// too. With `preconnect`, an open first asks the chain's `preconnect`,
+/// for a chain that could not be asked when the client connected.
 pub fn query(
     backend: &dyn Backend,
     q: Query,
+    preconnect: bool,
     id: u64,
     peer: Peer,
     tls: &TlsState,
@@ -87,7 +89,7 @@ pub fn query(
     };
     let fallback = failed(&q);
     catch_unwind(AssertUnwindSafe(|| {
-        run_query(backend, q, id, peer, tls, policy)
+        run_query(backend, q, preconnect, id, peer, tls, policy)
     }))
     .unwrap_or_else(|_| {
         log::error!("{}: a handshake query panicked", backend.name());
@@ -98,6 +100,7 @@ pub fn query(
 fn run_query(
     backend: &dyn Backend,
     q: Query,
+    preconnect: bool,
     id: u64,
     peer: Peer,
     tls: &TlsState,
@@ -133,6 +136,12 @@ fn run_query(
             (Answer::List(r), None)
         }
         Query::Open { name, keep } => {
+            if preconnect {
+                if let Err(e) = host::with_context(&ctx, || backend.preconnect(readonly)) {
+                    log::warn!("{}: client refused: {e}", backend.name());
+                    return (Answer::Open(Err((libc::EPERM, e.to_string()))), None);
+                }
+            }
             let resolved = if name.is_empty() {
                 host::with_context(&ctx, || backend.default_export(readonly, tls.active))
             } else {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use nbdhost_plugin_api::{abi, Error, Result, ThreadModel};
 
-use super::host;
+use super::{host, instances};
 
 /// Static facts about a plugin or filter, as `--dump-plugin` shows them.
 #[derive(Debug, Clone)]
@@ -144,7 +144,7 @@ pub struct Library<T: Table> {
     thread_model: AtomicU32,
     // Declared last so that it is dropped (dlclosed) after everything that
     // points into it.
-    _lib: libloading::Library,
+    _lib: instances::Loaded,
 }
 
 fn opt_string(p: *const c_char) -> Option<String> {
@@ -177,14 +177,6 @@ pub fn thread_model(v: u32) -> Result<ThreadModel> {
 /// A C string for a layer; a NUL inside is an error.
 pub fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::new(libc::EINVAL, "string contains a NUL byte"))
-}
-
-/// Load a layer's shared object.
-fn dlopen(path: &Path, kind: &str) -> std::result::Result<libloading::Library, String> {
-    // SAFETY: loading a layer runs its initialisers; that is the point of
-    // it, and the user named this file.
-    unsafe { libloading::Library::new(path) }
-        .map_err(|e| format!("cannot load {kind} {}: {e}", path.display()))
 }
 
 fn check_header(
@@ -233,13 +225,13 @@ impl<T: Table> Library<T> {
     /// its `load` callback.
     fn open(path: &Path) -> std::result::Result<Library<T>, String> {
         let (kind, shown) = (T::KIND, path.display());
-        let lib = dlopen(path, kind)?;
+        let lib = instances::open(path, kind)?;
         // SAFETY: the symbol's type is fixed by the ABI headers.
-        let entry = unsafe { lib.get::<T::Entry>(T::ENTRY.as_bytes()) }
+        let entry = unsafe { lib.lib.get::<T::Entry>(T::ENTRY.as_bytes()) }
             .map(|s| *s)
             .map_err(|_| {
                 // SAFETY: only looked up, never called.
-                if unsafe { lib.get::<T::AdapterEntry>(T::ADAPTER_ENTRY.as_bytes()) }.is_ok() {
+                if unsafe { lib.lib.get::<T::AdapterEntry>(T::ADAPTER_ENTRY.as_bytes()) }.is_ok() {
                     format!(
                         "{shown} is an adapter that serves another server's {kind}s: \
                          name one of those instead (see nbdhost-nbdkit-plugin(1))"
@@ -257,9 +249,10 @@ impl<T: Table> Library<T> {
     /// layer written for another server; then as [`Library::open`].
     fn open_adapted(adapter: &Path, foreign: &Path) -> std::result::Result<Library<T>, String> {
         let (kind, shown) = (T::KIND, adapter.display());
-        let lib = dlopen(adapter, kind)?;
+        let mut lib = instances::open(adapter, kind)?;
+        lib.hold(instances::claim_only(foreign, kind)?);
         // SAFETY: the symbol's type is fixed by the ABI headers.
-        let entry = unsafe { lib.get::<T::AdapterEntry>(T::ADAPTER_ENTRY.as_bytes()) }
+        let entry = unsafe { lib.lib.get::<T::AdapterEntry>(T::ADAPTER_ENTRY.as_bytes()) }
             .map(|s| *s)
             .map_err(|_| {
                 format!(
@@ -285,7 +278,7 @@ impl<T: Table> Library<T> {
 
     /// Check and read the table an entry point returned, then run `load`.
     fn with_table(
-        lib: libloading::Library,
+        lib: instances::Loaded,
         table: *const T,
         path: &Path,
     ) -> std::result::Result<Library<T>, String> {

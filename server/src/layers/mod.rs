@@ -11,6 +11,7 @@ mod extents;
 mod filter;
 pub mod foreign;
 pub mod host;
+mod instances;
 mod loader;
 mod plugin;
 

@@ -67,6 +67,9 @@ pub enum Answer {
     List(Result<Vec<ExportEntry>, String>),
     /// The export, or the errno and message of the failure.
     Open(Result<ExportInfo, (i32, String)>),
+    /// The export asked for needs TLS, which the client has not started
+    /// (selective TLS: `NBD_REP_ERR_TLS_REQD`).
+    TlsRequired,
 }
 
 /// Settled at the end of negotiation.
@@ -488,6 +491,18 @@ impl Handshake {
                 }
                 Err((_, e)) => Event::Close(format!("cannot open export: {e}")),
             },
+            (State::Waiting(Pending::Info { option, .. }), Answer::TlsRequired) => {
+                put_option_reply(
+                    out,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    b"this export requires TLS: use STARTTLS first",
+                );
+                Event::NeedInput
+            }
+            (State::Waiting(Pending::ExportName | Pending::Oldstyle), Answer::TlsRequired) => {
+                Event::Close("the export requires TLS, which this client did not start".into())
+            }
             (
                 State::Waiting(Pending::Info {
                     option,
@@ -709,6 +724,27 @@ mod tests {
         h.answer(Answer::Preconnect(Ok(())), &mut out);
         out.clear();
         (h, out)
+    }
+
+    #[test]
+    fn a_tls_only_export_of_an_optional_tls_server_asks_for_tls() {
+        let (mut h, mut out) = started_with(TlsMode::On);
+        let mut input = BytesMut::new();
+        input.put_u32(CLIENT_FIXED_NEWSTYLE);
+        let mut go = Vec::new();
+        put_name(&mut go, "secret");
+        go.put_u16(0);
+        option(&mut input, OPT_GO, &go);
+        assert!(matches!(
+            h.receive(&mut input, &mut out),
+            Event::Query(Query::Open { .. })
+        ));
+        assert!(matches!(
+            h.answer(Answer::TlsRequired, &mut out),
+            Event::NeedInput
+        ));
+        let r = replies(&out);
+        assert_eq!((r[0].0, r[0].1), (OPT_GO, REP_ERR_TLS_REQD));
     }
 
     #[test]

@@ -15,15 +15,17 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use super::exports::{Table, Target, Visibility};
 use super::listen::{Listener, Stream};
 use super::mailbox::{ConnRef, Message};
-use super::workers::{self, Job, JobWork, Lane, STALL};
-use super::{Lanes, Loops, WAKER};
-use crate::layers::execute::{self, Opened};
+use super::workers::{self, Job, JobWork, Lane, Open, STALL};
+use super::{Loops, WAKER};
+use crate::layers::execute;
 use crate::layers::host::Peer;
+use crate::protocol::handshake::{Answer, Query};
 use crate::protocol::wire::EIO;
 use crate::session::buffers::BufPool;
-use crate::session::{Done, Outcome, Session, Work};
+use crate::session::{Done, Outcome, Session, TlsState, Work};
 
 const FIRST_CONN: usize = 1 << 20;
 /// How long shutdown waits for in-flight requests before giving up.
@@ -50,10 +52,13 @@ struct Conn {
     serial: u64,
     stream: Stream,
     peer: Peer,
-    session: Session<Arc<Opened>>,
-    /// Where this connection's pool jobs queue, if the thread model says
-    /// they must not overlap.
-    lane: Option<Arc<Lane>>,
+    session: Session<Arc<Open>>,
+    /// What the connection is served: the table as it was when it
+    /// connected.
+    serving: Arc<super::Serving>,
+    /// Where this connection's pool jobs queue when its chain's thread
+    /// model says they must not overlap.
+    lane: Arc<Lane>,
     /// The last read found the socket empty: wait for the next readiness
     /// event before reading again.
     drained: bool,
@@ -232,7 +237,7 @@ impl EventLoop {
             return;
         }
         loop {
-            if self.loops.one_at_a_time && !self.conns.is_empty() {
+            if !self.conns.is_empty() && self.loops.serving().table.one_at_a_time() {
                 return;
             }
             match self.listeners[i].accept() {
@@ -306,7 +311,8 @@ impl EventLoop {
         let id = self.loops.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         log::debug!("connection {id}: accepted from {peer:?}");
         let now = Instant::now();
-        let session = Session::new(id, peer.to_string(), self.loops.session.clone(), now);
+        let serving = self.loops.serving();
+        let session = Session::new(id, peer.to_string(), serving.session.clone(), now);
         if let Some(d) = session.deadline() {
             let r = ConnRef {
                 key,
@@ -314,18 +320,14 @@ impl EventLoop {
             };
             self.timers.push_back((d, r));
         }
-        let lane = match &self.loops.lanes {
-            Lanes::None => None,
-            Lanes::PerConnection => Some(Arc::new(Lane::default())),
-            Lanes::Global(l) => Some(l.clone()),
-        };
         let edgeless = stream.unwatched_input();
         entry.insert(Conn {
             serial: self.serial,
             stream,
             peer,
             session,
-            lane,
+            serving,
+            lane: Arc::new(Lane::default()),
             drained: false,
             edgeless,
             touched: false,
@@ -397,7 +399,7 @@ impl EventLoop {
         } else {
             self.loops.load[self.index].fetch_sub(1, Ordering::Relaxed);
         }
-        if self.loops.one_at_a_time && self.conns.is_empty() {
+        if self.conns.is_empty() && self.loops.serving().table.one_at_a_time() {
             // Connections waiting in the backlog raised no new event.
             for i in 0..self.listeners.len() {
                 self.accept(i);
@@ -531,79 +533,127 @@ impl Turn<'_> {
         let mut any = false;
         while let Some(w) = c.session.poll_work() {
             any = true;
-            if self.loops.inline {
-                self.run_here(c, w);
-                if c.session.unsent() >= WRITE_AT {
-                    self.transmit(c);
+            match w {
+                Work::Query { query, tls } => self.query(c, query, tls),
+                Work::Request(req) => {
+                    let Some(open) = c.session.handle().cloned() else {
+                        c.session.complete(Done::Request(req, Outcome::Failed(EIO)));
+                        continue;
+                    };
+                    let buf = req.read_len().map(|n| self.bufs.get(n));
+                    if open.chain.inline {
+                        let outcome = execute::request(&open.opened, &req, buf, &open.chain.name);
+                        drop(open);
+                        self.complete_here(c, Done::Request(req, outcome));
+                    } else {
+                        let lane = open.chain.lane(&c.lane);
+                        self.submit(lane, JobWork::Request { req, open, buf });
+                    }
                 }
-            } else {
-                self.submit(c, w);
+                Work::Close(open) => {
+                    if open.chain.inline {
+                        workers::close(open);
+                        self.complete_here(c, Done::Closed);
+                    } else {
+                        let lane = open.chain.lane(&c.lane);
+                        self.submit(lane, JobWork::Close(open));
+                    }
+                }
             }
         }
         any
     }
 
-    /// Run work on this thread: the chain never blocks.
-    fn run_here(&self, c: &mut Conn, w: Work<Arc<Opened>>) {
-        let chain = &self.loops.chain;
-        let done = match w {
-            Work::Query { query, tls } => {
-                let (answer, opened) = execute::query(
-                    &*chain.backend,
-                    query,
-                    c.session.id(),
-                    c.peer,
-                    &tls,
-                    chain.policy,
+    /// A handshake query: answered from the export table where it can be,
+    /// otherwise by the chain it concerns, here or on the pool.
+    fn query(&self, c: &mut Conn, query: Query, tls: TlsState) {
+        let table = &c.serving.table;
+        let (chain, query, preconnect) = match (table, query) {
+            (Table::Single(chain), query) => (chain.clone(), query, false),
+            (Table::Named { .. }, Query::Preconnect) => {
+                // A file's exports each run their preconnect on open.
+                let answer = Answer::Preconnect(Ok(()));
+                return self.complete_here(
+                    c,
+                    Done::Query {
+                        answer,
+                        opened: None,
+                    },
                 );
-                Done::Query {
-                    answer,
-                    opened: opened.map(Arc::new),
+            }
+            (Table::Named { .. }, Query::List) => {
+                let answer = Answer::List(Ok(table.listing(&tls).unwrap_or_default()));
+                return self.complete_here(
+                    c,
+                    Done::Query {
+                        answer,
+                        opened: None,
+                    },
+                );
+            }
+            (Table::Named { .. }, Query::Open { name, keep }) => match table.resolve(&name, &tls) {
+                Target::Chain { chain, name } => (chain, Query::Open { name, keep }, true),
+                Target::Refused(Visibility::TlsRequired) => {
+                    let answer = Answer::TlsRequired;
+                    return self.complete_here(
+                        c,
+                        Done::Query {
+                            answer,
+                            opened: None,
+                        },
+                    );
                 }
-            }
-            Work::Request(req) => {
-                let buf = req.read_len().map(|n| self.bufs.get(n));
-                let outcome = match c.session.handle() {
-                    Some(h) => execute::request(h, &req, buf, &chain.name),
-                    None => Outcome::Failed(EIO),
-                };
-                Done::Request(req, outcome)
-            }
-            Work::Close(h) => {
-                workers::close(h);
-                Done::Closed
-            }
+                Target::Refused(_) => {
+                    log::debug!(
+                        "connection {}: no export '{name}' for this client",
+                        c.session.id()
+                    );
+                    let answer = Answer::Open(Err((libc::ENOENT, format!("no export '{name}'"))));
+                    return self.complete_here(
+                        c,
+                        Done::Query {
+                            answer,
+                            opened: None,
+                        },
+                    );
+                }
+            },
         };
-        c.session.complete(done);
-        honour_disconnect(c);
-    }
-
-    /// Hand work to the worker pool; the result comes back by mail.
-    fn submit(&self, c: &mut Conn, w: Work<Arc<Opened>>) {
-        let work = match w {
-            Work::Query { query, tls } => JobWork::Query {
+        if chain.inline {
+            let done = workers::query_done(&chain, query, preconnect, c.session.id(), c.peer, &tls);
+            self.complete_here(c, done);
+        } else {
+            let lane = chain.lane(&c.lane);
+            let work = JobWork::Query {
                 query,
+                chain,
+                preconnect,
                 tls,
                 peer: c.peer,
                 id: c.session.id(),
-            },
-            Work::Request(req) => {
-                let Some(opened) = c.session.handle().cloned() else {
-                    c.session.complete(Done::Request(req, Outcome::Failed(EIO)));
-                    return;
-                };
-                let buf = req.read_len().map(|n| self.bufs.get(n));
-                JobWork::Request { req, opened, buf }
-            }
-            Work::Close(h) => JobWork::Close(h),
-        };
+            };
+            self.submit(lane, work);
+        }
+    }
+
+    /// Hand the result of work run on this thread to the session.
+    fn complete_here(&self, c: &mut Conn, done: Done<Arc<Open>>) {
+        c.session.complete(done);
+        honour_disconnect(c);
+        if c.session.unsent() >= WRITE_AT {
+            self.transmit(c);
+        }
+    }
+
+    /// Hand work to the worker pool; the result comes back by mail.
+    fn submit(&self, lane: Option<Arc<Lane>>, work: JobWork) {
         let job = Job {
             conn: self.conn,
             work,
             reply: self.loops.mailboxes[self.index].clone(),
         };
         self.in_pool.set(self.in_pool.get() + 1);
-        self.loops.pool.submit(job, c.lane.as_ref());
+        self.loops.pool.submit(job, lane.as_ref());
     }
 
     /// Write what the session has to send; returns whether anything went.
@@ -640,7 +690,7 @@ impl Turn<'_> {
 /// Act on a layer's `host->disconnect` once one of the connection's calls
 /// has returned.
 fn honour_disconnect(c: &mut Conn) {
-    match c.session.handle().and_then(|h| h.take_disconnect()) {
+    match c.session.handle().and_then(|h| h.opened.take_disconnect()) {
         Some(true) => c.session.abandon("a layer asked to disconnect at once"),
         Some(false) => {
             log::debug!("connection {}: a layer asked to disconnect", c.session.id());

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::listen::Stream;
-use crate::layers::execute::Opened;
+use super::workers::Open;
 use crate::layers::host::Peer;
 use crate::session::Done;
 
@@ -24,7 +24,7 @@ pub struct ConnRef {
 /// A message for an event loop.
 pub enum Message {
     /// Work of this connection finished on a worker.
-    Done(ConnRef, Done<Arc<Opened>>),
+    Done(ConnRef, Done<Arc<Open>>),
     /// Serve this new connection.
     Adopt(Stream, Peer),
     /// Stop taking connections and requests; exit once all are finished.

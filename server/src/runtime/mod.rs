@@ -8,33 +8,25 @@
 //! the chain dropped, unloading the plugin and filters.
 
 mod event_loop;
+pub mod exports;
 pub mod listen;
 mod mailbox;
 mod workers;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 
 use mio::{Poll, Token, Waker};
-use nbdhost_plugin_api::ThreadModel;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::layers::{host, Backend};
-use crate::protocol::export::ExportPolicy;
+use crate::layers::host;
 use crate::session;
 use event_loop::EventLoop;
+use exports::Table;
 use listen::{Listener, Stream};
 use mailbox::{Mailbox, Message};
-use workers::{Lane, Pool};
-
-/// The chain being served, as jobs need it.
-pub struct Chain {
-    pub backend: Arc<dyn Backend>,
-    /// The top layer's name, for log lines.
-    pub name: String,
-    pub policy: ExportPolicy,
-}
+use workers::Pool;
 
 /// The token of every loop's mailbox waker.
 const WAKER: Token = Token(usize::MAX - 1);
@@ -47,11 +39,21 @@ pub struct Options {
     pub max_connections: usize,
     /// Worker threads for chains that may block.
     pub threads: usize,
-    pub policy: ExportPolicy,
-    pub session: session::Config,
     /// `-s`: serve one connection on stdin/stdout, then exit.
     pub stdio: bool,
 }
+
+/// What new connections are served: the exports, and the session settings
+/// that go with them (the TLS policy depends on the exports). A reload
+/// replaces it; connections keep what they started with.
+pub struct Serving {
+    pub table: Table,
+    pub session: Arc<session::Config>,
+}
+
+/// Builds a new [`Serving`] when SIGHUP asks for a reload, or says why
+/// the file was refused (the old configuration then stays).
+pub type Reload = Box<dyn FnMut() -> Result<Serving, String> + Send>;
 
 /// Why the server stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,29 +64,13 @@ pub enum Exit {
     Child(i32),
 }
 
-/// How pool jobs of one thread model are kept from overlapping.
-pub(crate) enum Lanes {
-    /// They may overlap.
-    None,
-    /// One lane per connection (`serialize_requests`).
-    PerConnection,
-    /// One lane for everything (`serialize_all_requests` and stricter).
-    Global(Arc<Lane>),
-}
-
 /// What the event loops share.
 pub(crate) struct Loops {
     /// Declared first so it is dropped first: the workers are joined while
     /// the plugin and filters are still loaded, as their threads' exit
     /// handlers (thread-locals) may run code from those libraries.
     pool: Pool,
-    chain: Arc<Chain>,
-    session: Arc<session::Config>,
-    /// Work runs on the loop that read it.
-    inline: bool,
-    lanes: Lanes,
-    /// `serialize_connections`: one client at a time.
-    one_at_a_time: bool,
+    serving: RwLock<Arc<Serving>>,
     mailboxes: Vec<Arc<Mailbox>>,
     /// Connections each loop serves, to place new ones.
     load: Vec<AtomicUsize>,
@@ -94,6 +80,14 @@ pub(crate) struct Loops {
 }
 
 impl Loops {
+    /// What a new connection is served.
+    fn serving(&self) -> Arc<Serving> {
+        self.serving
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn stdio_finished(&self) {
         let _ = self
             .events
@@ -110,6 +104,11 @@ enum Event {
     StdioDone,
     /// A layer called `host->shutdown`.
     Requested,
+}
+
+/// Whether the signal asks for the configuration to be read again.
+fn is_reload(signal: i32, reload: &Option<Reload>) -> bool {
+    signal == SIGHUP && reload.is_some()
 }
 
 /// A signal arrived while the `--run` command runs: as with nbdkit, the
@@ -142,33 +141,29 @@ fn wait_for_run(rx: &mpsc::Receiver<Event>, pid: u32, signal: i32) -> Exit {
     }
 }
 
-/// Catch SIGINT and SIGTERM from now on, for [`serve`] to act on: taken
-/// before the layers' `after_fork` and the pid file, so that a signal
-/// sent as soon as the server looks ready still shuts it down in order
-/// (closing and cleaning up the layers) instead of killing it.
+/// Catch SIGINT, SIGTERM and SIGHUP from now on, for [`serve`] to act
+/// on: taken before the layers' `after_fork` and the pid file, so that a
+/// signal sent as soon as the server looks ready still shuts it down in
+/// order (closing and cleaning up the layers) instead of killing it.
+/// SIGHUP reloads a configuration file, and otherwise shuts down, as
+/// nbdkit does.
 pub fn catch_signals() -> std::io::Result<Signals> {
-    Signals::new([SIGINT, SIGTERM])
+    Signals::new([SIGINT, SIGTERM, SIGHUP])
 }
 
 /// Serve until a signal, the end of the `-s` connection, or the end of the
 /// `--run` child. Returns once every request has been answered and every
 /// handle closed.
 pub fn serve(
-    backend: Arc<dyn Backend>,
+    serving: Serving,
+    mut reload: Option<Reload>,
     listeners: Vec<Listener>,
     opts: Options,
     mut signals: Signals,
     child: Option<std::process::Child>,
 ) -> std::io::Result<Exit> {
-    let model = backend.thread_model();
-    let inline = backend.nonblocking() && model >= ThreadModel::SerializeRequests;
-    let lanes = match model {
-        ThreadModel::Parallel => Lanes::None,
-        ThreadModel::SerializeRequests => Lanes::PerConnection,
-        _ => Lanes::Global(Arc::new(Lane::default())),
-    };
-    let one_at_a_time = model == ThreadModel::SerializeConnections;
-    let n = if one_at_a_time || opts.stdio {
+    let inline = serving.table.all_inline();
+    let n = if serving.table.one_at_a_time() || opts.stdio {
         1
     } else {
         opts.loops.max(1)
@@ -181,11 +176,6 @@ pub fn serve(
             "on the worker pool"
         }
     );
-    let chain = Arc::new(Chain {
-        name: backend.name().to_string(),
-        backend,
-        policy: opts.policy,
-    });
     let polls = (0..n)
         .map(|_| Poll::new())
         .collect::<std::io::Result<Vec<_>>>()?;
@@ -195,12 +185,8 @@ pub fn serve(
         .collect::<std::io::Result<Vec<_>>>()?;
     let (tx, rx) = mpsc::channel();
     let loops = Arc::new(Loops {
-        pool: Pool::new(if inline { 0 } else { opts.threads }, chain.clone())?,
-        chain,
-        session: Arc::new(opts.session),
-        inline,
-        lanes,
-        one_at_a_time,
+        pool: Pool::new(if inline { 0 } else { opts.threads })?,
+        serving: RwLock::new(Arc::new(serving)),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         max_connections: opts.max_connections,
         mailboxes,
@@ -269,23 +255,40 @@ pub fn serve(
         );
     }
 
-    let exit = match rx.recv() {
-        Ok(Event::Signal(s)) => match run_pid {
-            Some(pid) => wait_for_run(&rx, pid, s),
-            None => {
-                log::info!("signal {s} received, shutting down");
+    let exit = loop {
+        break match rx.recv() {
+            Ok(Event::Signal(s)) if is_reload(s, &reload) => {
+                if let Some(build) = reload.as_mut() {
+                    match build() {
+                        Ok(new) => {
+                            *loops.serving.write().unwrap_or_else(|e| e.into_inner()) =
+                                Arc::new(new);
+                            log::info!("configuration reloaded");
+                        }
+                        Err(e) => {
+                            log::error!("reload refused, still serving the old configuration: {e}")
+                        }
+                    }
+                }
+                continue;
+            }
+            Ok(Event::Signal(s)) => match run_pid {
+                Some(pid) => wait_for_run(&rx, pid, s),
+                None => {
+                    log::info!("signal {s} received, shutting down");
+                    Exit::Normal
+                }
+            },
+            Ok(Event::Child(code)) => {
+                log::debug!("--run command exited with status {code}");
+                Exit::Child(code)
+            }
+            Ok(Event::Requested) => {
+                log::debug!("a layer asked for the shutdown");
                 Exit::Normal
             }
-        },
-        Ok(Event::Child(code)) => {
-            log::debug!("--run command exited with status {code}");
-            Exit::Child(code)
-        }
-        Ok(Event::Requested) => {
-            log::debug!("a layer asked for the shutdown");
-            Exit::Normal
-        }
-        Ok(Event::StdioDone) | Err(_) => Exit::Normal,
+            Ok(Event::StdioDone) | Err(_) => Exit::Normal,
+        };
     };
     host::on_shutdown_request(None);
     host::begin_shutdown();

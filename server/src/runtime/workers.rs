@@ -20,8 +20,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::exports::Chain;
 use super::mailbox::{ConnRef, Mailbox, Message};
-use super::Chain;
 use crate::layers::execute::{self, Opened};
 use crate::layers::host::Peer;
 use crate::protocol::handshake::Query;
@@ -35,10 +35,27 @@ pub struct Job {
     pub reply: Arc<Mailbox>,
 }
 
+/// A connection's open export: its handle, and the chain it came from,
+/// which a reload does not take away while the handle is open.
+pub struct Open {
+    pub opened: Opened,
+    pub chain: Arc<Chain>,
+}
+
+impl std::fmt::Debug for Open {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.opened.fmt(f)
+    }
+}
+
 /// What a job does.
 pub enum JobWork {
     Query {
         query: Query,
+        chain: Arc<Chain>,
+        /// Call `preconnect` before an open: an export of a configuration
+        /// file is known only once the client names it.
+        preconnect: bool,
         tls: TlsState,
         peer: Peer,
         /// The connection's number, as the log gives it.
@@ -46,10 +63,10 @@ pub enum JobWork {
     },
     Request {
         req: Request,
-        opened: Arc<Opened>,
+        open: Arc<Open>,
         buf: Option<PooledBuf>,
     },
-    Close(Arc<Opened>),
+    Close(Arc<Open>),
 }
 
 /// How long a queued job may wait for a busy worker before another worker
@@ -94,31 +111,26 @@ impl Outbox {
 }
 
 impl Job {
-    fn run(self, chain: &Chain, out: &mut Outbox) {
+    fn run(self, out: &mut Outbox) {
         let Job { conn, work, reply } = self;
         let done = match work {
             JobWork::Query {
                 query,
+                chain,
+                preconnect,
                 tls,
                 peer,
                 id,
-            } => {
-                let (answer, opened) =
-                    execute::query(&*chain.backend, query, id, peer, &tls, chain.policy);
-                Done::Query {
-                    answer,
-                    opened: opened.map(Arc::new),
-                }
-            }
-            JobWork::Request { req, opened, buf } => {
-                let outcome = execute::request(&opened, &req, buf, &chain.name);
+            } => query_done(&chain, query, preconnect, id, peer, &tls),
+            JobWork::Request { req, open, buf } => {
+                let outcome = execute::request(&open.opened, &req, buf, &open.chain.name);
                 // Before the result is posted: the session's own reference
                 // must be the last one when it closes the handle.
-                drop(opened);
+                drop(open);
                 Done::Request(req, outcome)
             }
-            JobWork::Close(opened) => {
-                close(opened);
+            JobWork::Close(open) => {
+                close(open);
                 Done::Closed
             }
         };
@@ -126,10 +138,39 @@ impl Job {
     }
 }
 
+/// Answer a handshake query on `chain`, on whichever thread runs it.
+pub fn query_done(
+    chain: &Arc<Chain>,
+    query: Query,
+    preconnect: bool,
+    id: u64,
+    peer: Peer,
+    tls: &TlsState,
+) -> Done<Arc<Open>> {
+    let (answer, opened) = execute::query(
+        &*chain.backend,
+        query,
+        preconnect,
+        id,
+        peer,
+        tls,
+        chain.policy,
+    );
+    Done::Query {
+        answer,
+        opened: opened.map(|opened| {
+            Arc::new(Open {
+                opened,
+                chain: chain.clone(),
+            })
+        }),
+    }
+}
+
 /// Close an opened export whose last reference this is.
-pub fn close(opened: Arc<Opened>) {
-    match Arc::try_unwrap(opened) {
-        Ok(o) => execute::close(o),
+pub fn close(open: Arc<Open>) {
+    match Arc::try_unwrap(open) {
+        Ok(o) => execute::close(o.opened),
         Err(_) => log::error!("internal error: a handle is still in use when it is closed"),
     }
 }
@@ -242,9 +283,8 @@ impl Shared {
 }
 
 impl Pool {
-    /// Start `n` workers running jobs on `chain` (none for a chain whose
-    /// work all runs on the event loops).
-    pub fn new(n: usize, chain: Arc<Chain>) -> std::io::Result<Pool> {
+    /// Start `n` workers (none when all work runs on the event loops).
+    pub fn new(n: usize) -> std::io::Result<Pool> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 tasks: VecDeque::new(),
@@ -258,10 +298,9 @@ impl Pool {
         let threads = (0..n)
             .map(|i| {
                 let shared = shared.clone();
-                let chain = chain.clone();
                 std::thread::Builder::new()
                     .name(format!("worker{i}"))
-                    .spawn(move || work(&shared, &chain))
+                    .spawn(move || work(&shared))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Pool { shared, threads })
@@ -289,7 +328,7 @@ impl Pool {
     }
 }
 
-fn work(shared: &Shared, chain: &Chain) {
+fn work(shared: &Shared) {
     let mut out = Outbox {
         to: None,
         messages: Vec::new(),
@@ -330,11 +369,11 @@ fn work(shared: &Shared, chain: &Chain) {
             shared.ready.notify_one();
         }
         match q.task {
-            Task::Job(job) => job.run(chain, &mut out),
+            Task::Job(job) => job.run(&mut out),
             Task::Lane(lane) => {
                 let job = lane.lock().jobs.pop_front();
                 if let Some(job) = job {
-                    job.run(chain, &mut out);
+                    job.run(&mut out);
                 }
                 let mut l = lane.lock();
                 if l.jobs.is_empty() {

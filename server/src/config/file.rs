@@ -1,0 +1,238 @@
+//! The configuration file as written: TOML read with serde into the
+//! declarations below, every name and value kept with its place in the
+//! file so that an error can point at it. Unknown keys are errors, so a
+//! typo is never silently ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// Settings of the server as a whole, as on the command line.
+    #[serde(default)]
+    pub server: Server,
+    /// One table per export, in the order given.
+    #[serde(default, rename = "export")]
+    pub exports: Vec<Export>,
+}
+
+/// The `[server]` table: the command line's long options by name, and the
+/// two settings only a file can give (`listen` and `default-export`).
+pub type Server = BTreeMap<Spanned<String>, Spanned<Value>>;
+
+/// The keys of `[server]` that are not command-line options.
+pub const LISTEN: &str = "listen";
+pub const DEFAULT_EXPORT: &str = "default-export";
+
+/// Where to listen: `HOST:PORT` (TCP), an absolute path (a Unix socket) or
+/// `vsock:PORT`, each with its place. Sockets passed by socket activation
+/// are served beside these.
+pub fn listen(src: &Source, server: &Server) -> Result<Vec<Spanned<String>>, Error> {
+    match server.get_key_value(LISTEN) {
+        None => Ok(Vec::new()),
+        Some((_, v)) => match v.get_ref() {
+            Value::String(s) => Ok(vec![Spanned::new(v.span(), s.clone())]),
+            Value::List(items) if items.iter().all(|i| matches!(i, Value::String(_))) => Ok(v
+                .get_ref()
+                .texts()
+                .into_iter()
+                .map(|t| Spanned::new(v.span(), t))
+                .collect()),
+            _ => Err(src.error(Some(v.span()), "listen takes a list of addresses")),
+        },
+    }
+}
+
+/// The export the empty name opens, with its place.
+pub fn default_export(src: &Source, server: &Server) -> Result<Option<Spanned<String>>, Error> {
+    match server.get_key_value(DEFAULT_EXPORT) {
+        None => Ok(None),
+        Some((_, v)) => match v.get_ref() {
+            Value::String(s) => Ok(Some(Spanned::new(v.span(), s.clone()))),
+            _ => Err(src.error(Some(v.span()), "default-export takes an export's name")),
+        },
+    }
+}
+
+/// One `[[export]]` table.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Export {
+    pub name: Spanned<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A short name or a path, as on the command line.
+    pub plugin: Spanned<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: Params,
+    /// Nearest the client first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<Filter>,
+    #[serde(default)]
+    pub readonly: bool,
+    /// Whether the export needs TLS; by default, when the server has TLS
+    /// credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Spanned<bool>>,
+    /// PSK users allowed to open it (empty: anyone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_psk: Vec<String>,
+    /// Verified client certificates' subject DNs allowed to open it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_dn: Vec<String>,
+}
+
+/// One filter of an export.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    pub filter: Spanned<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: Params,
+}
+
+/// A layer's parameters.
+pub type Params = BTreeMap<Spanned<String>, Spanned<Value>>;
+
+/// A parameter's value: what the command line would have given as text.
+#[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum Value {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Boolean(bool),
+    /// Only for the options that may be repeated (`debug`).
+    List(Vec<Value>),
+}
+
+impl Value {
+    /// The value as its command-line text; a list gives one per item.
+    pub fn texts(&self) -> Vec<String> {
+        match self {
+            Value::String(s) => vec![s.clone()],
+            Value::Integer(i) => vec![i.to_string()],
+            Value::Float(f) => vec![f.to_string()],
+            Value::Boolean(b) => vec![b.to_string()],
+            Value::List(items) => items.iter().flat_map(Value::texts).collect(),
+        }
+    }
+}
+
+/// An error in the file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub path: PathBuf,
+    /// 1-based line and column; `None` for the file as a whole.
+    pub place: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.place {
+            Some((line, col)) => {
+                write!(f, "{}:{line}:{col}: {}", self.path.display(), self.message)
+            }
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+/// The file's text, to turn byte offsets into lines and columns.
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    /// Read the file.
+    pub fn read(path: &Path) -> Result<Source, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error {
+            path: path.to_path_buf(),
+            place: None,
+            message: format!("cannot read the configuration: {e}"),
+        })?;
+        Ok(Source {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+
+    /// An error at `span` (a byte range of the text).
+    pub fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> Error {
+        Error {
+            path: self.path.clone(),
+            place: span.map(|s| self.line_col(s.start)),
+            message: message.into(),
+        }
+    }
+
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
+        (line, col)
+    }
+
+    /// Parse the text.
+    pub fn parse(&self) -> Result<File, Error> {
+        toml::from_str(&self.text).map_err(|e| {
+            // The message alone: the place comes first, as compilers put it.
+            let message = e.message().trim().replace('`', "'");
+            self.error(e.span(), message)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(text: &str) -> Source {
+        Source {
+            path: PathBuf::from("test.toml"),
+            text: text.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_minimal_file_parses() {
+        let f =
+            source("[[export]]\nname = \"a\"\nplugin = \"memory\"\nparams = { size = \"1M\" }\n")
+                .parse()
+                .unwrap();
+        assert_eq!(f.exports.len(), 1);
+        assert_eq!(f.exports[0].name.get_ref(), "a");
+    }
+
+    #[test]
+    fn an_unknown_export_key_names_its_line_and_column() {
+        let e = source("[[export]]\nname = \"a\"\nplugin = \"memory\"\nreadnoly = true\n")
+            .parse()
+            .unwrap_err();
+        assert_eq!(e.place, Some((4, 1)), "{e}");
+        assert!(e.message.contains("unknown field 'readnoly'"), "{e}");
+        assert!(e.to_string().starts_with("test.toml:4:1: "), "{e}");
+    }
+
+    #[test]
+    fn values_become_the_text_the_command_line_would_give() {
+        assert_eq!(Value::Integer(16).texts(), ["16"]);
+        assert_eq!(Value::Boolean(true).texts(), ["true"]);
+        assert_eq!(
+            Value::List(vec![Value::String("a.b=1".into()), Value::Integer(2)]).texts(),
+            ["a.b=1", "2"]
+        );
+    }
+}
