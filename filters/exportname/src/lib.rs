@@ -101,16 +101,20 @@ exportdesc=<DESC>       keep|none|fixed:STRING|script:SCRIPT: the descriptions."
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         match key {
             "default-export" => self.default_name = value.to_string(),
-            "exportname-list" => self.list = match value {
-                "keep" => ListMode::Keep,
-                "error" => ListMode::Error,
-                "empty" => ListMode::Empty,
-                "defaultonly" => ListMode::DefaultOnly,
-                "explicit" => ListMode::Explicit,
-                _ => return Err(einval(format!(
+            "exportname-list" => {
+                self.list = match value {
+                    "keep" => ListMode::Keep,
+                    "error" => ListMode::Error,
+                    "empty" => ListMode::Empty,
+                    "defaultonly" => ListMode::DefaultOnly,
+                    "explicit" => ListMode::Explicit,
+                    _ => {
+                        return Err(einval(format!(
                     "exportname-list: '{value}' is not keep, error, empty, defaultonly or explicit"
-                ))),
-            },
+                )))
+                    }
+                }
+            }
             "exportname-strict" => {
                 self.strict = nbdhost_plugin_api::host::parse_bool(key, value)?;
             }
