@@ -260,6 +260,41 @@ impl Server {
         s
     }
 
+    /// Start `nbdhost -f --config FILE ARGS...` whose file listens, among
+    /// others, on the Unix socket `socket`, and wait until it accepts
+    /// there.
+    pub fn start_config(config: &Path, args: &[&str], socket: &Path) -> Server {
+        let dir = TempDir::new("srv");
+        let log = dir.path("server.log");
+        let child = Command::new(nbdhost_bin())
+            .arg("-f")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start nbdhost");
+        let mut s = Server {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            port: None,
+            log,
+            _dir: dir,
+        };
+        s.wait_ready();
+        s
+    }
+
+    /// Send the server a signal without waiting.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
     fn wait_ready(&mut self) {
         // Generous: a filter may derive a key before the server listens.
         let deadline = Instant::now() + Duration::from_secs(60);
