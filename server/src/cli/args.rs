@@ -201,9 +201,8 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// With --config: check the file (loading and configuring every
-    /// layer), print the resolved configuration with secrets masked, and
-    /// exit.
+    /// Check the --config file (loading and configuring every layer),
+    /// print the resolved configuration with secrets masked, and exit.
     #[arg(long, requires = "config")]
     pub check: bool,
 
