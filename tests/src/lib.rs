@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod raw;
+pub mod tls;
 
 /// Directory holding the built `nbdhost` and plugin shared objects:
 /// `$NBDHOST_TEST_BINDIR` if set (`make asan` points it at instrumented

@@ -4,11 +4,11 @@
 //! with its file, line and key. Clients: nbdinfo, qemu-img, qemu-io,
 //! cryptsetup for the LUKS volume and psktool for the keys.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use nbdhost_tests::tls::{psk_file, Pki};
 use nbdhost_tests::{client, nbdhost_bin, pattern, run, run_ok, Server, TempDir};
 
 fn free_port() -> u16 {
@@ -17,18 +17,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A PSK file with a key for each user.
-fn psk_file(dir: &TempDir, users: &[&str]) -> PathBuf {
-    let keys = dir.path("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let file = keys.join("keys.psk");
-    for u in users {
-        run_ok(client("psktool").args(["-u", u, "-p"]).arg(&file));
-    }
-    file
 }
 
 /// A file of `len` bytes of a pattern seeded with `seed`.
@@ -170,6 +158,8 @@ filters = [ {{ filter = "luks", params = {{ passphrase = "+{pw}" }} }} ]
             assert!(info.contains(bytes), "{uri}: {info}");
         }
     }
+    let info = run_ok(client("nbdinfo").arg(unix_uri(&socket, "disk")));
+    assert!(info.contains("description: a file"), "{info}");
     // What is served is the payload after the LUKS2 header.
     let payload: u64 = size(&format!("{tcp}secret")).parse().unwrap();
     assert!(payload > 0 && payload < 32 << 20, "{payload}");
@@ -483,6 +473,16 @@ fn sighup_adds_changes_and_removes_exports_while_a_client_keeps_reading() {
         .join()
         .unwrap()
         .expect("the reading client saw an error");
+    // The unchanged export kept its chain: a new connection sees the data
+    // written before the reload.
+    let out = run_ok(client("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x33 0 32M",
+        &unix_uri(&socket, "steady"),
+    ]));
+    assert!(!out.contains("verification failed"), "{out}");
     assert!(s.stop().success());
 }
 
@@ -635,5 +635,57 @@ fn the_command_line_overrides_the_files_server_options() {
     let out = run_ok(client("nbdinfo").arg(unix_uri(&socket, "d")));
     assert!(out.contains("is_read_only: true"), "{out}");
     assert!(!dir.path("unused.sock").exists());
+    assert!(s.stop().success());
+}
+
+#[test]
+fn certificate_subjects_decide_who_opens_the_read_only_exports() {
+    let dir = TempDir::new("config");
+    let ca = Pki::ca(&dir.path("ca"), "nbdhost test CA");
+    let server = dir.path("server");
+    ca.issue(&server, "server", "localhost", false);
+    let (backup, guest) = (dir.path("backup"), dir.path("guest"));
+    ca.issue(&backup, "client", "backup", true);
+    ca.issue(&guest, "client", "guest", true);
+    let port = free_port();
+    let socket = dir.path("nbd.sock");
+    let file = config(
+        &dir,
+        &format!(
+            r#"
+[server]
+listen = ["127.0.0.1:{port}", "{socket}"]
+tls-certificates = "{server}"
+tls-verify-peer = true
+
+[[export]]
+name = "archive"
+plugin = "memory"
+params = {{ size = "2M" }}
+readonly = true
+allow-dn = ["CN=backup,O=nbdhost tests"]
+
+[[export]]
+name = "scratch"
+plugin = "memory"
+params = {{ size = "1M" }}
+"#,
+            socket = socket.display(),
+            server = server.display(),
+        ),
+    );
+    let s = Server::start_config(&file, &["-v"], &socket);
+    let uri = |export: &str, creds: &Path| {
+        format!(
+            "nbds://localhost:{port}/{export}?tls-certificates={}",
+            creds.display()
+        )
+    };
+    assert_eq!(listed(&uri("", &backup)), ["archive", "scratch"]);
+    assert_eq!(listed(&uri("", &guest)), ["scratch"]);
+    let info = run_ok(client("nbdinfo").arg(uri("archive", &backup)));
+    assert!(info.contains("is_read_only: true"), "{info}");
+    let why = refusal(&uri("archive", &guest));
+    assert!(why.contains("no export named"), "{why}");
     assert!(s.stop().success());
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nbdhost_tests::tls::psk_file;
 use nbdhost_tests::{
     build_c, client, nbdhost_bin, nbdsh, pattern, qemu_io, root, run, run_ok, Server, TempDir,
 };
@@ -142,16 +143,6 @@ fn the_empty_export_name_opens_the_plugins_default_export() {
     assert!(s.stop().success());
 }
 
-/// A psktool key file for user alice, in a private directory.
-fn psk_file(dir: &TempDir) -> PathBuf {
-    let keys = dir.path("keys");
-    std::fs::create_dir(&keys).unwrap();
-    std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let psk = keys.join("keys.psk");
-    run_ok(client("psktool").args(["-u", "alice", "-p"]).arg(&psk));
-    psk
-}
-
 fn psk_uri(s: &Server, psk: &Path) -> String {
     format!(
         "nbds+unix://alice@/?socket={}&tls-psk-file={}",
@@ -165,7 +156,7 @@ fn nbdkit_is_tls_tells_the_plugin_its_client_came_over_tls() {
     let Some(f) = Features::build("nbdkit-is-tls", API2) else {
         return;
     };
-    let psk = psk_file(&f.dir);
+    let psk = psk_file(&f.dir, &["alice"]);
     let s = f.serve(&[&format!("--tls-psk={}", psk.display())], &[]);
     // The plugin's export_description says what nbdkit_is_tls() said.
     let out = nbdinfo(&["--json", &psk_uri(&s, &psk)]);
@@ -615,7 +606,7 @@ fn nbdkits_file_plugin_behind_the_luks_filter_serves_plaintext_over_tls_psk() {
         hdr.to_str().unwrap(),
         img.to_str().unwrap(),
     ]);
-    let psk = psk_file(&dir);
+    let psk = psk_file(&dir, &["alice"]);
 
     let s = Server::start(&[
         &format!("--tls-psk={}", psk.display()),

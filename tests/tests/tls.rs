@@ -6,21 +6,11 @@
 //! ever reaches its log.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use nbdhost_tests::tls::{psk_file, Pki};
 use nbdhost_tests::{client, export_size, nbdhost_bin, pattern, run, run_ok, Server, TempDir};
-
-fn psk_file(dir: &TempDir, users: &[&str]) -> PathBuf {
-    let keys = dir.path("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let file = keys.join("keys.psk");
-    for u in users {
-        run_ok(client("psktool").args(["-u", u, "-p"]).arg(&file));
-    }
-    file
-}
 
 fn psk_uri(s: &Server, user: &str, file: &Path) -> String {
     format!(
@@ -28,98 +18,6 @@ fn psk_uri(s: &Server, user: &str, file: &Path) -> String {
         s.socket.display(),
         file.display()
     )
-}
-
-fn certtool(args: &[&str], template: Option<(&Path, &str)>) {
-    let mut c = client("certtool");
-    c.args(args);
-    if let Some((path, text)) = template {
-        std::fs::write(path, text).unwrap();
-        c.arg("--template").arg(path);
-    }
-    run_ok(&mut c);
-}
-
-/// A CA and a certificate signed by it, as certtool's tutorial does.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn ca(dir: &Path, name: &str) -> Pki {
-        std::fs::create_dir_all(dir).unwrap();
-        let key = dir.join("ca-key.pem");
-        certtool(
-            &["--generate-privkey", "--outfile", key.to_str().unwrap()],
-            None,
-        );
-        certtool(
-            &[
-                "--generate-self-signed",
-                "--load-privkey",
-                key.to_str().unwrap(),
-                "--outfile",
-                dir.join("ca-cert.pem").to_str().unwrap(),
-            ],
-            Some((
-                &dir.join("ca.info"),
-                &format!(
-                    "cn = {name}\nca\ncert_signing_key\ncrl_signing_key\nexpiration_days = 30\n"
-                ),
-            )),
-        );
-        Pki {
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    /// Issue a certificate; `client` selects the TLS usage.
-    fn issue(&self, out: &Path, prefix: &str, cn: &str, client: bool) {
-        std::fs::create_dir_all(out).unwrap();
-        let key = out.join(format!("{prefix}-key.pem"));
-        certtool(
-            &["--generate-privkey", "--outfile", key.to_str().unwrap()],
-            None,
-        );
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let usage = if client {
-            "tls_www_client"
-        } else {
-            "tls_www_server\ndns_name = localhost\nip_address = 127.0.0.1"
-        };
-        certtool(
-            &[
-                "--generate-certificate",
-                "--load-privkey", key.to_str().unwrap(),
-                "--load-ca-certificate", self.dir.join("ca-cert.pem").to_str().unwrap(),
-                "--load-ca-privkey", self.dir.join("ca-key.pem").to_str().unwrap(),
-                "--outfile", out.join(format!("{prefix}-cert.pem")).to_str().unwrap(),
-            ],
-            Some((&out.join(format!("{prefix}.info")), &format!("cn = {cn}\norganization = nbdhost tests\n{usage}\nencryption_key\nsigning_key\nexpiration_days = 30\n"))),
-        );
-        std::fs::copy(self.dir.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
-    }
-
-    /// Revoke `cert` in a CRL written to `out/ca-crl.pem`.
-    fn revoke(&self, cert: &Path, out: &Path) {
-        certtool(
-            &[
-                "--generate-crl",
-                "--load-ca-privkey",
-                self.dir.join("ca-key.pem").to_str().unwrap(),
-                "--load-ca-certificate",
-                self.dir.join("ca-cert.pem").to_str().unwrap(),
-                "--load-certificate",
-                cert.to_str().unwrap(),
-                "--outfile",
-                out.join("ca-crl.pem").to_str().unwrap(),
-            ],
-            Some((
-                &self.dir.join("crl.info"),
-                "crl_next_update = 30\ncrl_number = 1\n",
-            )),
-        );
-    }
 }
 
 #[test]

@@ -176,7 +176,6 @@ pub fn build(
             Some(e) => e,
             None => Arc::new(Export {
                 name: decl.name.get_ref().clone(),
-                description: decl.description.clone(),
                 access,
                 chain: Arc::new(chain(src, decl, ctx)?),
             }),
@@ -261,7 +260,10 @@ fn chain(src: &Source, decl: &file::Export, ctx: &Context) -> Result<Chain, Erro
         readonly: ctx.policy.readonly || decl.readonly,
         no_multi_conn: ctx.policy.no_multi_conn,
     };
-    Ok(Chain::new(backend, policy))
+    Ok(Chain {
+        description: decl.description.clone(),
+        ..Chain::new(backend, policy)
+    })
 }
 
 /// Whether a parameter's value is a secret that `--check` must not show.
@@ -319,7 +321,7 @@ pub fn describe(
     };
     for (decl, e) in &built.exports {
         out += &format!("\n[[export]]\nname = {}\n", quote(&e.name));
-        if let Some(d) = &e.description {
+        if let Some(d) = &e.chain.description {
             out += &format!("description = {}\n", quote(d));
         }
         out += &format!("plugin = {}\n", quote(decl.plugin.get_ref()));

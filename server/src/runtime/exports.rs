@@ -18,6 +18,9 @@ pub struct Chain {
     /// The top layer's name, for log lines.
     pub name: String,
     pub policy: ExportPolicy,
+    /// The description a file gives the export, shown when the chain has
+    /// none of its own.
+    pub description: Option<String>,
     /// Its calls never block: work runs on the loop that read it.
     pub inline: bool,
     pub lanes: Lanes,
@@ -50,6 +53,7 @@ impl Chain {
             one_at_a_time: model == ThreadModel::SerializeConnections,
             backend,
             policy,
+            description: None,
         }
     }
 
@@ -99,7 +103,7 @@ impl Access {
         let allowed = match &tls.identity {
             Some(PeerIdentity::Psk(user)) => self.psk_users.iter().any(|u| u == user),
             Some(PeerIdentity::Certificate { subject, .. }) => {
-                self.dns.iter().any(|d| d == subject)
+                self.dns.iter().any(|d| same_dn(d, subject))
             }
             None => false,
         };
@@ -111,10 +115,44 @@ impl Access {
     }
 }
 
+/// The attribute=value parts of a DN, with attribute types in upper case
+/// and spaces around the separators dropped; a backslash escapes a comma.
+fn rdns(dn: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = dn.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                let last = parts.last_mut().expect("never empty");
+                last.push(c);
+                if let Some(n) = chars.next() {
+                    last.push(n);
+                }
+            }
+            ',' => parts.push(String::new()),
+            _ => parts.last_mut().expect("never empty").push(c),
+        }
+    }
+    parts
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => format!("{}={}", k.trim().to_ascii_uppercase(), v.trim()),
+            None => p.trim().to_string(),
+        })
+        .collect()
+}
+
+/// Whether two DNs name the same subject: the same parts in the same
+/// order, or in the reverse order (RFC 4514 writes a DN from its last
+/// part, GnuTLS's own form from its first; users copy either).
+fn same_dn(a: &str, b: &str) -> bool {
+    let (a, b) = (rdns(a), rdns(b));
+    a == b || a.iter().eq(b.iter().rev())
+}
+
 /// One named export of a configuration file.
 pub struct Export {
     pub name: String,
-    pub description: Option<String>,
     pub access: Access,
     pub chain: Arc<Chain>,
 }
@@ -180,7 +218,7 @@ impl Table {
                 .filter(|e| e.access.visibility(tls) == Visibility::Open)
                 .map(|e| ExportEntry {
                     name: e.name.clone(),
-                    description: e.description.clone(),
+                    description: e.chain.description.clone(),
                 })
                 .collect(),
         )
@@ -272,6 +310,21 @@ mod tests {
             a.visibility(&cert("CN=client2,O=Example")),
             Visibility::Hidden
         );
+    }
+
+    #[test]
+    fn a_dn_matches_in_either_order_and_with_spaces_after_commas() {
+        assert!(same_dn(
+            "CN=backup,O=nbdhost tests",
+            "O=nbdhost tests,CN=backup"
+        ));
+        assert!(same_dn(
+            "cn=backup, O=nbdhost tests",
+            "CN=backup,O=nbdhost tests"
+        ));
+        assert!(!same_dn("CN=backup,O=nbdhost tests", "CN=backup,O=others"));
+        assert!(!same_dn("CN=a\\,b", "CN=a,b"));
+        assert!(!same_dn("CN=a,O=b,C=c", "O=b,CN=a,C=c"));
     }
 
     #[test]

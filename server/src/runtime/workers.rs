@@ -24,7 +24,7 @@ use super::exports::Chain;
 use super::mailbox::{ConnRef, Mailbox, Message};
 use crate::layers::execute::{self, Opened};
 use crate::layers::host::Peer;
-use crate::protocol::handshake::Query;
+use crate::protocol::handshake::{Answer, Query};
 use crate::session::buffers::PooledBuf;
 use crate::session::{Done, Request, TlsState};
 
@@ -147,7 +147,7 @@ pub fn query_done(
     peer: Peer,
     tls: &TlsState,
 ) -> Done<Arc<Open>> {
-    let (answer, opened) = execute::query(
+    let (mut answer, opened) = execute::query(
         &*chain.backend,
         query,
         preconnect,
@@ -156,6 +156,11 @@ pub fn query_done(
         tls,
         chain.policy,
     );
+    if let Answer::Open(Ok(info)) = &mut answer {
+        if info.description.is_none() {
+            info.description.clone_from(&chain.description);
+        }
+    }
     Done::Query {
         answer,
         opened: opened.map(|opened| {
