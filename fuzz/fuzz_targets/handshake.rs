@@ -85,9 +85,11 @@ fuzz_target!(|data: &[u8]| {
                         name: "disk".into(),
                         description: None,
                     }])),
-                    Query::Open { .. } if failing_opens && answers % 2 == 0 => {
+                    Query::Open { .. } if failing_opens && answers % 3 == 0 => {
                         Answer::Open(Err((ENOENT, "no such export".into())))
                     }
+                    // A TLS-only export of a server where TLS is optional.
+                    Query::Open { .. } if failing_opens && answers % 3 == 1 => Answer::TlsRequired,
                     Query::Open { .. } => Answer::Open(Ok(export(u64::from(answers) << 20))),
                 };
                 ev = hs.answer(answer, &mut out);
