@@ -339,6 +339,9 @@ fn a_plain_client_sees_only_the_export_that_does_not_need_tls() {
     assert_eq!(size(&unix_uri(&socket, "public")), "4194304");
     let why = refusal(&unix_uri(&socket, "shared"));
     assert!(why.contains("requires TLS"), "{why}");
+    // An export kept for some users is not even confirmed to exist.
+    let why = refusal(&unix_uri(&socket, "alice-disk"));
+    assert!(why.contains("no export named"), "{why}");
     // With TLS, the same client reaches the TLS export too.
     assert_eq!(size(&psk_uri(&socket, "shared", "alice", &keys)), "3145728");
     assert!(s.stop().success());
@@ -500,6 +503,10 @@ fn a_broken_file_on_reload_is_refused_and_the_old_exports_stay() {
     assert!(log.contains("export 'disk' is defined twice"), "{log}");
     assert_eq!(size(&unix_uri(&socket, "disk")), "1048576");
     reload(&s, &dir, "[server\n", "reload refused");
+    // A descriptor given at start-up is gone by the time of a reload.
+    let fd = good.clone()
+        + "\n[[export]]\nname = \"late\"\nplugin = \"memory\"\nparams = { size = \"-5\" }\n";
+    reload(&s, &dir, &fd, "reads a descriptor");
     assert_eq!(listed(&unix_uri(&socket, "")), ["disk"]);
     assert!(s.stop().success());
 }
@@ -554,6 +561,44 @@ fn an_unknown_key_is_reported_with_its_file_line_and_name() {
     assert!(out.contains("unknown field 'readnoly'"), "{out}");
     let out = error_at(&dir, "[server]\nthreds = 4\n", 2);
     assert!(out.contains("unknown key 'threds'"), "{out}");
+}
+
+#[test]
+fn an_option_refused_in_the_file_is_refused_under_its_aliases_too() {
+    let dir = TempDir::new("config");
+    let out = error_at(&dir, "[server]\nip-addr = \"127.0.0.1\"\n", 2);
+    assert!(out.contains("'ip-addr' cannot be set in [server]"), "{out}");
+}
+
+#[test]
+fn a_bad_listen_address_is_reported_by_check() {
+    let dir = TempDir::new("config");
+    let out = error_at(
+        &dir,
+        "[server]\nlisten = [\"nowhere\"]\n\n[[export]]\nname = \"a\"\nplugin = \"memory\"\nparams = { size = \"1M\" }\n",
+        2,
+    );
+    assert!(out.contains("listen: 'nowhere' is not HOST:PORT"), "{out}");
+}
+
+#[test]
+fn a_file_without_exports_is_refused() {
+    let dir = TempDir::new("config");
+    let file = config(&dir, "[server]\nthreads = 4\n");
+    let (ok, out) = check(&file);
+    assert!(!ok && out.contains("no [[export]] table"), "{out}");
+}
+
+#[test]
+fn allow_lists_that_no_client_could_match_are_refused() {
+    let dir = TempDir::new("config");
+    let keys = psk_file(&dir, &["alice"]);
+    let out = error_at(
+        &dir,
+        &format!("[server]\ntls-psk = \"{}\"\n\n[[export]]\nname = \"a\"\nplugin = \"memory\"\nparams = {{ size = \"1M\" }}\nallow-dn = [\"CN=x\"]\n", keys.display()),
+        5,
+    );
+    assert!(out.contains("without tls-verify-peer"), "{out}");
 }
 
 #[test]

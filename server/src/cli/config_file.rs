@@ -59,7 +59,13 @@ fn context(cli: &Cli) -> Context {
         None => None,
     };
     Context {
-        has_credentials: cli.tls_psk.is_some() || cli.tls_certificates.is_some(),
+        // tls = on or require alone uses the default certificate directory.
+        has_credentials: cli.tls_psk.is_some()
+            || cli.tls_certificates.is_some()
+            || matches!(tls_setting, Some(TlsMode::On | TlsMode::Require)),
+        psk: cli.tls_psk.is_some(),
+        verify_peer: cli.tls_verify_peer,
+        reloading: false,
         tls_setting,
         policy: ExportPolicy {
             readonly: cli.readonly,
@@ -104,18 +110,22 @@ pub fn serve(
             .map_or(String::new(), |d| format!(", default '{d}'"))
     );
     let mut private = None;
-    let bound = bind(&cli, &source, &file, &mut private)?;
+    let (listeners, address, sockets) = bind(&cli, &source, &file, &mut private)?;
     let initial = table(&built);
     let rebuild = rebuilder(source.path.clone(), file.server.clone(), ctx, built.exports);
-    launch(
+    let code = launch(
         &cli,
         explicit_log,
         initial,
         tls_mode,
         Some(rebuild),
-        bound,
+        (listeners, address),
         private,
-    )
+    );
+    for p in sockets {
+        let _ = std::fs::remove_file(p);
+    }
+    code
 }
 
 /// What SIGHUP runs: read the file again and build what changed. Exports
@@ -124,13 +134,20 @@ pub fn serve(
 fn rebuilder(
     path: std::path::PathBuf,
     server: file::Server,
-    ctx: Context,
+    mut ctx: Context,
     mut current: Vec<(file::Export, Arc<Export>)>,
 ) -> Rebuild {
+    ctx.reloading = true;
+    let fixed = |s: &file::Server| {
+        let mut s = s.clone();
+        s.remove(file::DEFAULT_EXPORT);
+        s
+    };
+    let server = fixed(&server);
     Box::new(move || {
         let source = file::Source::read(&path).map_err(|e| e.to_string())?;
         let parsed = source.parse().map_err(|e| e.to_string())?;
-        if parsed.server != server {
+        if fixed(&parsed.server) != server {
             log::warn!(
                 "{}: changes to [server] take effect when the server is restarted",
                 path.display()
@@ -159,53 +176,50 @@ fn rebuilder(
 
 /// The listeners: the command line's, if it names any; else the file's
 /// `listen` addresses, beside any passed by socket activation; else the
-/// command line's defaults.
+/// command line's defaults. Also the Unix sockets to remove at exit.
 fn bind(
     cli: &Cli,
     source: &file::Source,
     file: &file::File,
     private: &mut Option<PrivateSocket>,
-) -> Result<(Vec<Listener>, Address), String> {
+) -> Result<(Vec<Listener>, Address, Vec<std::path::PathBuf>), String> {
     let named =
         cli.single || cli.unix.is_some() || cli.port.is_some() || cli.ipaddr.is_some() || cli.vsock;
-    let wanted = config::file::listen(source, &file.server).map_err(|e| e.to_string())?;
+    let wanted = file::listen(source, &file.server).map_err(|e| e.to_string())?;
     if named || wanted.is_empty() {
-        return listeners(cli, private);
+        let (l, a) = listeners(cli, private)?;
+        return Ok((l, a, Vec::new()));
     }
+    let family = if cli.ipv4_only {
+        listen::Family::V4
+    } else if cli.ipv6_only {
+        listen::Family::V6
+    } else {
+        listen::Family::Any
+    };
     let mut out = match listen::socket_activation() {
         Some(activated) => activated?,
         None => Vec::new(),
     };
-    let mut address = None;
+    let (mut address, mut sockets) = (None, Vec::new());
     for l in &wanted {
         let at = |e: String| source.error(Some(l.span()), e).to_string();
-        let text = l.get_ref();
-        let (bound, addr) = if text.starts_with('/') {
-            (
-                vec![listen::unix(Path::new(text)).map_err(at)?],
-                Address::Unix(text.into()),
-            )
-        } else if let Some(port) = text.strip_prefix("vsock:") {
-            let port: u32 = port
-                .parse()
-                .map_err(|_| at(format!("'{port}' is not a vsock port")))?;
-            (vec![listen::vsock(port).map_err(at)?], Address::Vsock(port))
-        } else {
-            let (host, port) = text
-                .rsplit_once(':')
-                .ok_or_else(|| at(format!("'{text}' is not HOST:PORT, /path or vsock:PORT")))?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| at(format!("'{port}' is not a TCP port")))?;
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let host = (!host.is_empty()).then_some(host);
-            (
-                listen::tcp(host, port, listen::Family::Any).map_err(at)?,
-                Address::Tcp(port),
-            )
+        let (bound, addr) = match l.get_ref() {
+            file::Listen::Unix(p) => {
+                sockets.push(p.clone());
+                (vec![listen::unix(p).map_err(at)?], Address::Unix(p.clone()))
+            }
+            file::Listen::Vsock(port) => (
+                vec![listen::vsock(*port).map_err(at)?],
+                Address::Vsock(*port),
+            ),
+            file::Listen::Tcp(host, port) => (
+                listen::tcp(host.as_deref(), *port, family).map_err(at)?,
+                Address::Tcp(*port),
+            ),
         };
         out.extend(bound);
         address.get_or_insert(addr);
     }
-    Ok((out, address.unwrap_or(Address::Activated)))
+    Ok((out, address.unwrap_or(Address::Activated), sockets))
 }

@@ -31,23 +31,63 @@ pub type Server = BTreeMap<Spanned<String>, Spanned<Value>>;
 pub const LISTEN: &str = "listen";
 pub const DEFAULT_EXPORT: &str = "default-export";
 
-/// Where to listen: `HOST:PORT` (TCP), an absolute path (a Unix socket) or
-/// `vsock:PORT`, each with its place. Sockets passed by socket activation
-/// are served beside these.
-pub fn listen(src: &Source, server: &Server) -> Result<Vec<Spanned<String>>, Error> {
-    match server.get_key_value(LISTEN) {
-        None => Ok(Vec::new()),
-        Some((_, v)) => match v.get_ref() {
-            Value::String(s) => Ok(vec![Spanned::new(v.span(), s.clone())]),
-            Value::List(items) if items.iter().all(|i| matches!(i, Value::String(_))) => Ok(v
-                .get_ref()
-                .texts()
-                .into_iter()
-                .map(|t| Spanned::new(v.span(), t))
-                .collect()),
-            _ => Err(src.error(Some(v.span()), "listen takes a list of addresses")),
-        },
+/// One address of `listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// `HOST:PORT`, `[V6]:PORT`, or `:PORT` for every address.
+    Tcp(Option<String>, u16),
+    /// An absolute path.
+    Unix(PathBuf),
+    /// `vsock:PORT`.
+    Vsock(u32),
+}
+
+impl Listen {
+    fn parse(text: &str) -> Result<Listen, String> {
+        if text.starts_with('/') {
+            return Ok(Listen::Unix(PathBuf::from(text)));
+        }
+        if let Some(port) = text.strip_prefix("vsock:") {
+            return port
+                .parse()
+                .map(Listen::Vsock)
+                .map_err(|_| format!("'{port}' is not a vsock port"));
+        }
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("'{text}' is not HOST:PORT, /path or vsock:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("'{port}' is not a TCP port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Ok(Listen::Tcp(
+            (!host.is_empty()).then(|| host.to_string()),
+            port,
+        ))
     }
+}
+
+/// Where to listen, each address with its place. Sockets passed by socket
+/// activation are served beside these.
+pub fn listen(src: &Source, server: &Server) -> Result<Vec<Spanned<Listen>>, Error> {
+    let Some((_, v)) = server.get_key_value(LISTEN) else {
+        return Ok(Vec::new());
+    };
+    let texts = match v.get_ref() {
+        Value::String(s) => vec![s.clone()],
+        Value::List(items) if items.iter().all(|i| matches!(i, Value::String(_))) => {
+            v.get_ref().texts()
+        }
+        _ => return Err(src.error(Some(v.span()), "listen takes a list of addresses")),
+    };
+    texts
+        .iter()
+        .map(|t| {
+            Listen::parse(t)
+                .map(|l| Spanned::new(v.span(), l))
+                .map_err(|e| src.error(Some(v.span()), format!("listen: {e}")))
+        })
+        .collect()
 }
 
 /// The export the empty name opens, with its place.
@@ -189,7 +229,10 @@ impl Source {
     pub fn parse(&self) -> Result<File, Error> {
         toml::from_str(&self.text).map_err(|e| {
             // The message alone: the place comes first, as compilers put it.
-            let message = e.message().trim().replace('`', "'");
+            let message = e.message().trim().replace('`', "'").replace(
+                "data did not match any variant of untagged enum Value",
+                "a value must be a string, a number, a boolean or a list of them",
+            );
             self.error(e.span(), message)
         })
     }

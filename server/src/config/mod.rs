@@ -47,12 +47,6 @@ pub fn server_args(
         if k == file::LISTEN || k == file::DEFAULT_EXPORT {
             continue;
         }
-        if let Some((_, why)) = NOT_IN_FILE.iter().find(|(n, _)| *n == k) {
-            return Err(src.error(
-                Some(key.span()),
-                format!("'{k}' cannot be set in [server]: {why}"),
-            ));
-        }
         let Some(arg) = cmd.get_arguments().find(|a| {
             a.get_long() == Some(k) || a.get_all_aliases().is_some_and(|al| al.contains(&k))
         }) else {
@@ -61,6 +55,14 @@ pub fn server_args(
                 format!("unknown key '{k}' in [server]: not a long option of nbdhost(1)"),
             ));
         };
+        // By the option's own name, so an alias does not slip past.
+        let long = arg.get_long().unwrap_or(k);
+        if let Some((_, why)) = NOT_IN_FILE.iter().find(|(n, _)| *n == long) {
+            return Err(src.error(
+                Some(key.span()),
+                format!("'{k}' cannot be set in [server]: {why}"),
+            ));
+        }
         let args: Vec<String> = match (arg.get_action().takes_values(), value.get_ref()) {
             (false, Value::Boolean(true)) => vec![format!("--{k}")],
             (false, Value::Boolean(false)) => Vec::new(),
@@ -95,6 +97,13 @@ pub fn server_args(
 pub struct Context {
     /// The server has TLS credentials.
     pub has_credentials: bool,
+    /// It has a PSK file, so PSK users exist.
+    pub psk: bool,
+    /// It verifies client certificates, so their subjects are known.
+    pub verify_peer: bool,
+    /// The exports are built again for a reload: descriptors given at
+    /// start-up (`-FD` secrets) have been read and closed.
+    pub reloading: bool,
     /// `tls` as the server settings give it explicitly.
     pub tls_setting: Option<TlsMode>,
     /// The server-wide `readonly` and `no-mc`.
@@ -135,6 +144,10 @@ pub fn build(
     ctx: &Context,
     previous: &[(file::Export, Arc<Export>)],
 ) -> Result<Built, Error> {
+    if file.exports.is_empty() {
+        return Err(src.error(None, "the file has no [[export]] table: nothing to serve"));
+    }
+    file::listen(src, &file.server)?;
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     for e in &file.exports {
         let name = e.name.get_ref();
@@ -215,6 +228,18 @@ fn access(src: &Source, decl: &file::Export, ctx: &Context) -> Result<Access, Er
         }
         None => server_tls,
     };
+    if !decl.allow_psk.is_empty() && !ctx.psk {
+        return Err(src.error(
+            Some(decl.name.span()),
+            "allow-psk names PSK users, but the server has no tls-psk file",
+        ));
+    }
+    if !decl.allow_dn.is_empty() && !ctx.verify_peer {
+        return Err(src.error(
+            Some(decl.name.span()),
+            "allow-dn names certificate subjects, but without tls-verify-peer clients present none",
+        ));
+    }
     Ok(Access {
         tls,
         psk_users: decl.allow_psk.clone(),
@@ -236,9 +261,25 @@ fn chain(src: &Source, decl: &file::Export, ctx: &Context) -> Result<Chain, Erro
         };
         src.error(Some(span), e)
     })?;
+    let descriptor = |k: &toml::Spanned<String>, text: &str| -> Result<(), Error> {
+        let fd = text
+            .strip_prefix('-')
+            .is_some_and(|n| n.is_empty() || n.bytes().all(|b| b.is_ascii_digit()));
+        if ctx.reloading && fd {
+            return Err(src.error(
+                Some(k.span()),
+                format!(
+                    "'{}' reads a descriptor or standard input ({text}), which only works at start-up; use +FILE to reload",
+                    k.get_ref()
+                ),
+            ));
+        }
+        Ok(())
+    };
     for (i, f) in decl.filters.iter().enumerate() {
         for (k, v) in &f.params {
             for text in v.get_ref().texts() {
+                descriptor(k, &text)?;
                 layers
                     .config_filter(i, k.get_ref(), &text)
                     .map_err(|e| src.error(Some(k.span()), e))?;
@@ -247,6 +288,7 @@ fn chain(src: &Source, decl: &file::Export, ctx: &Context) -> Result<Chain, Erro
     }
     for (k, v) in &decl.params {
         for text in v.get_ref().texts() {
+            descriptor(k, &text)?;
             layers
                 .config_plugin(k.get_ref(), &text)
                 .map_err(|e| src.error(Some(k.span()), e))?;
@@ -271,7 +313,7 @@ fn chain(src: &Source, decl: &file::Export, ctx: &Context) -> Result<Chain, Erro
 /// a password, a key, a token, credentials.
 pub fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["pass", "secret", "key", "token", "cred", "psk"]
+    ["pass", "secret", "key", "token", "cred", "psk", "cookie"]
         .iter()
         .any(|w| k.contains(w))
 }
@@ -290,7 +332,16 @@ pub fn describe(
     let mut out = format!("# {}: valid\n[server]\n", src.path.display());
     let listen = file::listen(src, &file.server).unwrap_or_default();
     if !listen.is_empty() {
-        let l: Vec<String> = listen.iter().map(|l| quote(l.get_ref())).collect();
+        let l: Vec<String> = listen
+            .iter()
+            .map(|l| match l.get_ref() {
+                file::Listen::Tcp(host, port) => {
+                    quote(&format!("{}:{port}", host.as_deref().unwrap_or("")))
+                }
+                file::Listen::Unix(p) => quote(&p.display().to_string()),
+                file::Listen::Vsock(port) => quote(&format!("vsock:{port}")),
+            })
+            .collect();
         out += &format!("listen = [{}]\n", l.join(", "));
     }
     if let Some(d) = &built.default {

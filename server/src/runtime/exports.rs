@@ -94,10 +94,17 @@ pub enum Visibility {
 impl Access {
     /// What a client in `tls` may do.
     pub fn visibility(&self, tls: &TlsState) -> Visibility {
+        let restricted = !self.psk_users.is_empty() || !self.dns.is_empty();
         if self.tls && !tls.active {
-            return Visibility::TlsRequired;
+            // A name kept for some identities must not be confirmed to a
+            // client that has shown none.
+            return if restricted {
+                Visibility::Hidden
+            } else {
+                Visibility::TlsRequired
+            };
         }
-        if self.psk_users.is_empty() && self.dns.is_empty() {
+        if !restricted {
             return Visibility::Open;
         }
         let allowed = match &tls.identity {
@@ -291,6 +298,16 @@ mod tests {
         };
         assert_eq!(a.visibility(&plain()), Visibility::TlsRequired);
         assert_eq!(a.visibility(&psk("anyone")), Visibility::Open);
+    }
+
+    #[test]
+    fn a_user_list_hides_the_export_from_a_plain_client_rather_than_ask_for_tls() {
+        let a = Access {
+            tls: true,
+            psk_users: vec!["alice".into()],
+            dns: vec![],
+        };
+        assert_eq!(a.visibility(&plain()), Visibility::Hidden);
     }
 
     #[test]
