@@ -94,7 +94,8 @@ asan:
 install: build
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(FILTERDIR) \
 		$(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR) \
-		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3 $(DESTDIR)$(SYSTEMDUNITDIR)
+		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3 $(DESTDIR)$(MANDIR)/man5 \
+		$(DESTDIR)$(SYSTEMDUNITDIR)
 	install -m 0755 $(OUT)/nbdhost $(DESTDIR)$(BINDIR)/nbdhost
 	for p in $(PLUGINS); do \
 		install -m 0644 $(OUT)/lib$${p}plugin.so $(DESTDIR)$(PLUGINDIR)/ || exit 1; done
@@ -105,6 +106,7 @@ install: build
 	$(SUBST) nbdhost.pc.in >$(DESTDIR)$(PKGCONFIGDIR)/nbdhost.pc
 	install -m 0644 man/*.1 $(DESTDIR)$(MANDIR)/man1/
 	install -m 0644 man/*.3 $(DESTDIR)$(MANDIR)/man3/
+	install -m 0644 man/*.5 $(DESTDIR)$(MANDIR)/man5/
 	install -m 0644 systemd/nbdhost.socket $(DESTDIR)$(SYSTEMDUNITDIR)/
 	$(SUBST) systemd/nbdhost.service.in >$(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.service
 
@@ -115,6 +117,7 @@ uninstall:
 	rm -f $(DESTDIR)$(PKGCONFIGDIR)/nbdhost.pc
 	for m in man/*.1; do rm -f $(DESTDIR)$(MANDIR)/man1/$$(basename $$m); done
 	for m in man/*.3; do rm -f $(DESTDIR)$(MANDIR)/man3/$$(basename $$m); done
+	for m in man/*.5; do rm -f $(DESTDIR)$(MANDIR)/man5/$$(basename $$m); done
 	rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.socket $(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.service
 
 # A source tarball of HEAD with every crate vendored, which builds with

@@ -163,7 +163,8 @@ struct nbdhost_host {
   int (*peer_credentials) (int64_t *pid, int64_t *uid, int64_t *gid);
   /* On a TLS connection whose client presented a certificate that the
    * server verified (--tls-verify-peer): the certificate's subject DN, or
-   * its issuer's DN, in RFC 4514 form.  NULL otherwise.  Valid for the
+   * its issuer's DN as GnuTLS gives it, first part first
+   * (O=Example,CN=client).  NULL otherwise.  Valid for the
    * connection's lifetime. */
   const char *(*peer_tls_dn) (void);
   const char *(*peer_tls_issuer_dn) (void);
