@@ -747,18 +747,6 @@ unsafe extern "C" fn extents<F: Filter>(
 pub unsafe fn entry<F: Filter>(host: *const abi::Host, strings: Strings) -> *const abi::Filter {
     host::install(host);
     quiet_panics();
-    // A callback is registered only when its method is defined; a NULL
-    // one passes the call down, as the trait's default does.
-    macro_rules! defined {
-        ($by:ty, $name:ident) => {
-            defined!($by, $name, $name)
-        };
-        ($by:ty, $method:ident, $callback:ident) => {
-            <$by>::CALLBACKS
-                .has(stringify!($method))
-                .then_some($callback::<F> as _)
-        };
-    }
     TABLE.get_or_init(|| abi::Filter {
         struct_size: std::mem::size_of::<abi::Filter>() as u64,
         abi_version: abi::ABI_VERSION,
@@ -769,38 +757,38 @@ pub unsafe fn entry<F: Filter>(host: *const abi::Host, strings: Strings) -> *con
         config_help: strings.config_help,
         load: Some(load::<F>),
         unload: Some(unload::<F>),
-        config: defined!(F, config),
-        config_complete: defined!(F, config_complete),
-        get_ready: defined!(F, get_ready),
-        preconnect: defined!(F, preconnect),
+        config: defined!(F, F, config),
+        config_complete: defined!(F, F, config_complete),
+        get_ready: defined!(F, F, get_ready),
+        preconnect: defined!(F, F, preconnect),
         open: Some(open::<F>),
         close: Some(close::<F>),
-        get_size: defined!(F::Handle, get_size),
-        block_size: defined!(F::Handle, block_size),
-        can_write: defined!(F::Handle, can_write),
-        can_flush: defined!(F::Handle, can_flush),
-        can_trim: defined!(F::Handle, can_trim),
-        can_zero: defined!(F::Handle, can_zero),
-        can_fast_zero: defined!(F::Handle, can_fast_zero),
-        can_fua: defined!(F::Handle, can_fua),
-        can_multi_conn: defined!(F::Handle, can_multi_conn),
-        can_cache: defined!(F::Handle, can_cache),
-        can_extents: defined!(F::Handle, can_extents),
-        is_rotational: defined!(F::Handle, is_rotational),
-        export_description: defined!(F::Handle, export_description),
-        pread: defined!(F::Handle, pread),
-        pwrite: defined!(F::Handle, pwrite),
-        flush: defined!(F::Handle, flush),
-        trim: defined!(F::Handle, trim),
-        zero: defined!(F::Handle, zero),
-        extents: defined!(F::Handle, extents),
-        cache: defined!(F::Handle, cache),
-        startup: defined!(F, startup),
-        capabilities: defined!(F, nonblocking, capabilities),
+        get_size: defined!(F, F::Handle, get_size),
+        block_size: defined!(F, F::Handle, block_size),
+        can_write: defined!(F, F::Handle, can_write),
+        can_flush: defined!(F, F::Handle, can_flush),
+        can_trim: defined!(F, F::Handle, can_trim),
+        can_zero: defined!(F, F::Handle, can_zero),
+        can_fast_zero: defined!(F, F::Handle, can_fast_zero),
+        can_fua: defined!(F, F::Handle, can_fua),
+        can_multi_conn: defined!(F, F::Handle, can_multi_conn),
+        can_cache: defined!(F, F::Handle, can_cache),
+        can_extents: defined!(F, F::Handle, can_extents),
+        is_rotational: defined!(F, F::Handle, is_rotational),
+        export_description: defined!(F, F::Handle, export_description),
+        pread: defined!(F, F::Handle, pread),
+        pwrite: defined!(F, F::Handle, pwrite),
+        flush: defined!(F, F::Handle, flush),
+        trim: defined!(F, F::Handle, trim),
+        zero: defined!(F, F::Handle, zero),
+        extents: defined!(F, F::Handle, extents),
+        cache: defined!(F, F::Handle, cache),
+        startup: defined!(F, F, startup),
+        capabilities: defined!(F, F, nonblocking, capabilities),
         configured_thread_model: None,
-        after_fork: defined!(F, after_fork),
-        prepare: defined!(F::Handle, prepare),
-        list_exports: defined!(F, list_exports),
-        default_export: defined!(F, default_export),
+        after_fork: defined!(F, F, after_fork),
+        prepare: defined!(F, F::Handle, prepare),
+        list_exports: defined!(F, F, list_exports),
+        default_export: defined!(F, F, default_export),
     })
 }

@@ -42,6 +42,20 @@
 //! nothing but this crate. [`abi`] holds the raw definitions, which match
 //! `include/nbdhost-plugin.h`.
 
+/// In a layer's C table: `Some(callback::<L>)` when the impl block of
+/// `$by` defines `$method` (by default the callback's own name), else
+/// `None`, so the server's default applies.
+macro_rules! defined {
+    ($layer:ident, $by:ty, $name:ident) => {
+        defined!($layer, $by, $name, $name)
+    };
+    ($layer:ident, $by:ty, $method:ident, $callback:ident) => {
+        <$by>::CALLBACKS
+            .has(stringify!($method))
+            .then_some($callback::<$layer> as _)
+    };
+}
+
 pub mod abi;
 mod callbacks;
 mod error;

@@ -627,18 +627,6 @@ pub unsafe fn entry<P: Plugin>(
 ) -> *const abi::Plugin {
     host::install(host);
     quiet_panics();
-    // A callback is registered only when its method is defined; the
-    // server's default for a NULL one is the trait's default.
-    macro_rules! defined {
-        ($by:ty, $name:ident) => {
-            defined!($by, $name, $name)
-        };
-        ($by:ty, $method:ident, $callback:ident) => {
-            <$by>::CALLBACKS
-                .has(stringify!($method))
-                .then_some($callback::<P> as _)
-        };
-    }
     TABLE.get_or_init(|| abi::Plugin {
         struct_size: std::mem::size_of::<abi::Plugin>() as u64,
         abi_version: abi::ABI_VERSION,
@@ -650,37 +638,37 @@ pub unsafe fn entry<P: Plugin>(
         magic_config_key: magic,
         load: Some(load::<P>),
         unload: Some(unload::<P>),
-        config: defined!(P, config),
-        config_complete: defined!(P, config_complete),
-        get_ready: defined!(P, get_ready),
-        preconnect: defined!(P, preconnect),
-        list_exports: defined!(P, list_exports),
-        default_export: defined!(P, default_export),
+        config: defined!(P, P, config),
+        config_complete: defined!(P, P, config_complete),
+        get_ready: defined!(P, P, get_ready),
+        preconnect: defined!(P, P, preconnect),
+        list_exports: defined!(P, P, list_exports),
+        default_export: defined!(P, P, default_export),
         open: Some(open::<P>),
         close: Some(close::<P>),
         get_size: Some(get_size::<P>),
-        block_size: defined!(P::Handle, block_size),
-        can_write: defined!(P::Handle, can_write),
-        can_flush: defined!(P::Handle, can_flush),
-        can_trim: defined!(P::Handle, can_trim),
-        can_zero: defined!(P::Handle, can_zero),
-        can_fast_zero: defined!(P::Handle, can_fast_zero),
-        can_fua: defined!(P::Handle, can_fua),
-        can_multi_conn: defined!(P::Handle, can_multi_conn),
-        can_cache: defined!(P::Handle, can_cache),
-        can_extents: defined!(P::Handle, can_extents),
-        is_rotational: defined!(P::Handle, is_rotational),
-        export_description: defined!(P::Handle, export_description),
+        block_size: defined!(P, P::Handle, block_size),
+        can_write: defined!(P, P::Handle, can_write),
+        can_flush: defined!(P, P::Handle, can_flush),
+        can_trim: defined!(P, P::Handle, can_trim),
+        can_zero: defined!(P, P::Handle, can_zero),
+        can_fast_zero: defined!(P, P::Handle, can_fast_zero),
+        can_fua: defined!(P, P::Handle, can_fua),
+        can_multi_conn: defined!(P, P::Handle, can_multi_conn),
+        can_cache: defined!(P, P::Handle, can_cache),
+        can_extents: defined!(P, P::Handle, can_extents),
+        is_rotational: defined!(P, P::Handle, is_rotational),
+        export_description: defined!(P, P::Handle, export_description),
         pread: Some(pread::<P>),
-        pwrite: defined!(P::Handle, pwrite),
-        flush: defined!(P::Handle, flush),
-        trim: defined!(P::Handle, trim),
-        zero: defined!(P::Handle, zero),
-        extents: defined!(P::Handle, extents),
-        cache: defined!(P::Handle, cache),
-        capabilities: defined!(P, nonblocking, capabilities),
+        pwrite: defined!(P, P::Handle, pwrite),
+        flush: defined!(P, P::Handle, flush),
+        trim: defined!(P, P::Handle, trim),
+        zero: defined!(P, P::Handle, zero),
+        extents: defined!(P, P::Handle, extents),
+        cache: defined!(P, P::Handle, cache),
+        capabilities: defined!(P, P, nonblocking, capabilities),
         configured_thread_model: None,
-        after_fork: defined!(P, after_fork),
+        after_fork: defined!(P, P, after_fork),
         dump_plugin: None,
     })
 }

@@ -201,48 +201,38 @@ impl Server {
     pub fn start(args: &[&str]) -> Server {
         let dir = TempDir::new("srv");
         let socket = dir.path("nbd.sock");
+        let mut all = vec!["-U".to_string(), socket.display().to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let mut s = Server::spawn(dir, &all, socket, None);
+        s.wait_ready();
+        s
+    }
+
+    /// Run `nbdhost -f ARGS...` with its stderr in `dir/server.log`.
+    fn spawn(dir: TempDir, args: &[String], socket: PathBuf, port: Option<u16>) -> Server {
         let log = dir.path("server.log");
         let child = Command::new(nbdhost_bin())
             .arg("-f")
-            .arg("-U")
-            .arg(&socket)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start nbdhost");
-        let mut s = Server {
+        Server {
             child: Some(child),
             socket,
-            port: None,
+            port,
             log,
             _dir: dir,
-        };
-        s.wait_ready();
-        s
+        }
     }
 
     /// Start `nbdhost -f ARGS...` where ARGS listen on TCP `port` (and
     /// wait until it accepts there, on IPv4 or IPv6 loopback).
     pub fn start_tcp(args: &[&str], port: u16) -> Server {
-        let dir = TempDir::new("srv");
-        let log = dir.path("server.log");
-        let child = Command::new(nbdhost_bin())
-            .arg("-f")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start nbdhost");
-        let mut s = Server {
-            child: Some(child),
-            socket: PathBuf::new(),
-            port: Some(port),
-            log,
-            _dir: dir,
-        };
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut s = Server::spawn(TempDir::new("srv"), &args, PathBuf::new(), Some(port));
         let deadline = Instant::now() + Duration::from_secs(10);
         let up = || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -265,25 +255,9 @@ impl Server {
     /// others, on the Unix socket `socket`, and wait until it accepts
     /// there.
     pub fn start_config(config: &Path, args: &[&str], socket: &Path) -> Server {
-        let dir = TempDir::new("srv");
-        let log = dir.path("server.log");
-        let child = Command::new(nbdhost_bin())
-            .arg("-f")
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start nbdhost");
-        let mut s = Server {
-            child: Some(child),
-            socket: socket.to_path_buf(),
-            port: None,
-            log,
-            _dir: dir,
-        };
+        let mut all = vec!["--config".to_string(), config.display().to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let mut s = Server::spawn(TempDir::new("srv"), &all, socket.to_path_buf(), None);
         s.wait_ready();
         s
     }

@@ -70,6 +70,28 @@ fn refusal(uri: &str) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A LUKS2 volume of `len` bytes made by cryptsetup (with cheap key
+/// derivation), and the file holding its passphrase.
+fn luks_volume(dir: &TempDir, len: usize, passphrase: &str) -> (PathBuf, PathBuf) {
+    let luks = dir.path("secret.img");
+    std::fs::write(&luks, vec![0u8; len]).unwrap();
+    let pw = dir.path("pw");
+    std::fs::write(&pw, passphrase).unwrap();
+    run_ok(client("cryptsetup").arg("-q").args([
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "pbkdf2",
+        "--iter-time",
+        "10",
+        "--key-file",
+        pw.to_str().unwrap(),
+        luks.to_str().unwrap(),
+    ]));
+    (luks, pw)
+}
+
 /// `nbdhost --config FILE --check`: its exit status and what it printed.
 fn check(file: &Path) -> (bool, String) {
     let out = run(Command::new(nbdhost_bin())
@@ -96,22 +118,7 @@ fn error_at(dir: &TempDir, text: &str, line: usize) -> String {
 fn three_exports_are_served_over_tcp_and_a_unix_socket_at_once() {
     let dir = TempDir::new("config");
     let disk = image(&dir, "disk.img", 3 << 20, 1);
-    let luks = dir.path("secret.img");
-    std::fs::write(&luks, vec![0u8; 32 << 20]).unwrap();
-    let pw = dir.path("pw");
-    std::fs::write(&pw, "correct horse").unwrap();
-    run_ok(client("cryptsetup").arg("-q").args([
-        "luksFormat",
-        "--type",
-        "luks2",
-        "--pbkdf",
-        "pbkdf2",
-        "--iter-time",
-        "10",
-        "--key-file",
-        pw.to_str().unwrap(),
-        luks.to_str().unwrap(),
-    ]));
+    let (luks, pw) = luks_volume(&dir, 32 << 20, "correct horse");
     let socket = dir.path("nbd.sock");
     let port = free_port();
     let file = config(
@@ -514,22 +521,7 @@ fn a_broken_file_on_reload_is_refused_and_the_old_exports_stay() {
 #[test]
 fn check_prints_the_resolved_configuration_with_secrets_masked() {
     let dir = TempDir::new("config");
-    let luks = dir.path("secret.img");
-    std::fs::write(&luks, vec![0u8; 4 << 20]).unwrap();
-    let pw = dir.path("pw");
-    std::fs::write(&pw, "hunter2-passphrase").unwrap();
-    run_ok(client("cryptsetup").arg("-q").args([
-        "luksFormat",
-        "--type",
-        "luks2",
-        "--pbkdf",
-        "pbkdf2",
-        "--iter-time",
-        "10",
-        "--key-file",
-        pw.to_str().unwrap(),
-        luks.to_str().unwrap(),
-    ]));
+    let (luks, _) = luks_volume(&dir, 4 << 20, "hunter2-passphrase");
     let file = config(
         &dir,
         &format!(
