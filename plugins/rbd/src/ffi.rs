@@ -1,0 +1,504 @@
+//! The binding to librados and librbd: exactly the calls the plugin makes,
+//! declared from `rados/librados.h` and `rbd/librbd.h` (Ceph 16 and
+//! later keep these signatures), and safe types over them. The only
+//! `unsafe` code of the crate is here.
+//!
+//! Thread safety, which the `Send`/`Sync` claims below rest on: a
+//! `rados_t` after `rados_connect`, an ioctx that is no longer being
+//! configured, and an open `rbd_image_t` may each be used from any number
+//! of threads at once. librados and librbd take their own locks (an
+//! image's `ImageCtx` guards its state with its owner and image locks,
+//! and every synchronous call waits on a completion of its own); qemu and
+//! rbd-nbd issue many requests at a time on one image handle. What must
+//! not overlap is configuring a handle while it is used, and closing a
+//! handle while calls on it run: configuration takes `&mut self` here,
+//! and each handle keeps the one it was made from alive (`Arc`) and is
+//! closed only when dropped, after every borrow of it ended.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::os::unix::ffi::OsStrExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::Arc;
+
+type RadosT = *mut c_void;
+type IoctxT = *mut c_void;
+type ImageT = *mut c_void;
+type DiffCallback = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+
+/// `rbd_image_info_t`.
+#[repr(C)]
+struct ImageInfo {
+    size: u64,
+    obj_size: u64,
+    num_objs: u64,
+    order: c_int,
+    block_name_prefix: [c_char; 24],
+    parent_pool: i64,
+    parent_name: [c_char; 96],
+}
+
+/// `rbd_image_spec_t`.
+#[repr(C)]
+struct ImageSpecRaw {
+    id: *mut c_char,
+    name: *mut c_char,
+}
+
+/// `RBD_WRITE_ZEROES_FLAG_THICK_PROVISION`: zeroes written, not holes.
+const WRITE_ZEROES_FLAG_THICK_PROVISION: c_int = 1;
+
+// build.rs links -lrbd -lrados when it sets cfg(have_librbd).
+extern "C" {
+    fn rados_create2(
+        cluster: *mut RadosT,
+        clustername: *const c_char,
+        name: *const c_char,
+        flags: u64,
+    ) -> c_int;
+    fn rados_conf_read_file(cluster: RadosT, path: *const c_char) -> c_int;
+    fn rados_conf_parse_env(cluster: RadosT, var: *const c_char) -> c_int;
+    fn rados_conf_set(cluster: RadosT, option: *const c_char, value: *const c_char) -> c_int;
+    fn rados_conf_get(
+        cluster: RadosT,
+        option: *const c_char,
+        buf: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn rados_connect(cluster: RadosT) -> c_int;
+    fn rados_shutdown(cluster: RadosT);
+    fn rados_ioctx_create(cluster: RadosT, pool_name: *const c_char, ioctx: *mut IoctxT) -> c_int;
+    fn rados_ioctx_destroy(io: IoctxT);
+    fn rados_ioctx_set_namespace(io: IoctxT, nspace: *const c_char);
+
+    fn rbd_open(io: IoctxT, name: *const c_char, image: *mut ImageT, snap: *const c_char) -> c_int;
+    fn rbd_open_read_only(
+        io: IoctxT,
+        name: *const c_char,
+        image: *mut ImageT,
+        snap: *const c_char,
+    ) -> c_int;
+    fn rbd_close(image: ImageT) -> c_int;
+    fn rbd_get_size(image: ImageT, size: *mut u64) -> c_int;
+    fn rbd_stat(image: ImageT, info: *mut ImageInfo, infosize: usize) -> c_int;
+    fn rbd_get_features(image: ImageT, features: *mut u64) -> c_int;
+    fn rbd_get_overlap(image: ImageT, overlap: *mut u64) -> c_int;
+    fn rbd_read2(image: ImageT, ofs: u64, len: usize, buf: *mut c_char, op_flags: c_int) -> isize;
+    fn rbd_write2(
+        image: ImageT,
+        ofs: u64,
+        len: usize,
+        buf: *const c_char,
+        op_flags: c_int,
+    ) -> isize;
+    fn rbd_flush(image: ImageT) -> c_int;
+    fn rbd_discard(image: ImageT, ofs: u64, len: u64) -> c_int;
+    fn rbd_write_zeroes(
+        image: ImageT,
+        ofs: u64,
+        len: usize,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> isize;
+    fn rbd_diff_iterate2(
+        image: ImageT,
+        fromsnapname: *const c_char,
+        ofs: u64,
+        len: u64,
+        include_parent: u8,
+        whole_object: u8,
+        cb: Option<DiffCallback>,
+        arg: *mut c_void,
+    ) -> c_int;
+    fn rbd_list2(io: IoctxT, images: *mut ImageSpecRaw, max_images: *mut usize) -> c_int;
+    fn rbd_image_spec_list_cleanup(images: *mut ImageSpecRaw, num_images: usize);
+}
+
+/// A failed librados or librbd call: the (positive) errno it returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // strerror's words, without std's " (os error N)".
+        let s = std::io::Error::from_raw_os_error(self.0).to_string();
+        f.write_str(s.split(" (os error").next().unwrap_or(&s))
+    }
+}
+
+type Result<T> = std::result::Result<T, Errno>;
+
+/// librados' and librbd's convention: negative errno on failure.
+fn check(r: i64) -> Result<u64> {
+    if r < 0 {
+        Err(Errno(i32::try_from(-r).unwrap_or(libc_eio())))
+    } else {
+        Ok(r as u64)
+    }
+}
+
+fn libc_eio() -> i32 {
+    libc::EIO
+}
+
+/// A Rust string for C; an interior NUL cannot name anything.
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Errno(libc::EINVAL))
+}
+
+/// The most a single discard or write-zeroes may cover: librbd refuses a
+/// length above `INT_MAX`. A multiple of every object size (4 MiB by
+/// default) so that the pieces still free whole objects.
+const RANGE_CHUNK: u64 = 1 << 30;
+
+/// A cluster connection (`rados_t`).
+pub struct Cluster(RadosT);
+
+// SAFETY: see the module comment; configuration needs `&mut self`.
+unsafe impl Send for Cluster {}
+// SAFETY: as above.
+unsafe impl Sync for Cluster {}
+
+impl Cluster {
+    /// A handle for `client` (`client.ID`) of cluster `cluster`, not yet
+    /// configured or connected.
+    pub fn create(cluster: &str, client: &str) -> Result<Cluster> {
+        let (cluster, client) = (cstr(cluster)?, cstr(client)?);
+        let mut raw: RadosT = std::ptr::null_mut();
+        // SAFETY: valid C strings and an out-pointer for the handle.
+        check(unsafe { rados_create2(&mut raw, cluster.as_ptr(), client.as_ptr(), 0) }.into())?;
+        Ok(Cluster(raw))
+    }
+
+    /// Read a configuration file, or (`None`) search librados' usual
+    /// places: `$CEPH_CONF`, `/etc/ceph/$cluster.conf`, `~/.ceph/config`.
+    pub fn read_conf(&mut self, path: Option<&Path>) -> Result<()> {
+        let path = path
+            .map(|p| CString::new(p.as_os_str().as_bytes()))
+            .transpose()
+            .map_err(|_| Errno(libc::EINVAL))?;
+        let p = path.as_ref().map_or(std::ptr::null(), |p| p.as_ptr());
+        // SAFETY: a configurable handle and a C string or NULL.
+        check(unsafe { rados_conf_read_file(self.0, p) }.into()).map(drop)
+    }
+
+    /// Apply `$CEPH_ARGS`, as the ceph tools do.
+    pub fn parse_env(&mut self) -> Result<()> {
+        // SAFETY: NULL selects CEPH_ARGS.
+        check(unsafe { rados_conf_parse_env(self.0, std::ptr::null()) }.into()).map(drop)
+    }
+
+    /// Set one option.
+    pub fn set(&mut self, option: &str, value: &str) -> Result<()> {
+        let (o, v) = (cstr(option)?, cstr(value)?);
+        // SAFETY: a configurable handle and two C strings.
+        check(unsafe { rados_conf_set(self.0, o.as_ptr(), v.as_ptr()) }.into()).map(drop)
+    }
+
+    /// An option's value, as text.
+    pub fn get(&self, option: &str) -> Result<String> {
+        let o = cstr(option)?;
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: the buffer is writable for its length; librados writes a
+        // NUL-terminated value or fails with -ENAMETOOLONG.
+        check(
+            unsafe { rados_conf_get(self.0, o.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+                .into(),
+        )?;
+        let s = CStr::from_bytes_until_nul(&buf).map_err(|_| Errno(libc_eio()))?;
+        Ok(s.to_string_lossy().into_owned())
+    }
+
+    /// Authenticate with a monitor and fetch the cluster maps; librados'
+    /// threads start here.
+    pub fn connect(&mut self) -> Result<()> {
+        // SAFETY: a configured handle, connected once.
+        check(unsafe { rados_connect(self.0) }.into()).map(drop)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: every Pool holds an Arc of this Cluster, so none is left;
+        // shutting down an unconnected handle is allowed.
+        unsafe { rados_shutdown(self.0) }
+    }
+}
+
+/// An I/O context (`rados_ioctx_t`): one pool and namespace.
+pub struct Pool {
+    raw: IoctxT,
+    _cluster: Arc<Cluster>,
+}
+
+// SAFETY: see the module comment; the namespace is set before sharing.
+unsafe impl Send for Pool {}
+// SAFETY: as above.
+unsafe impl Sync for Pool {}
+
+impl Pool {
+    /// Pool `name`, namespace `namespace` ("" for the default one).
+    pub fn open(cluster: &Arc<Cluster>, name: &str, namespace: &str) -> Result<Pool> {
+        let (n, ns) = (cstr(name)?, cstr(namespace)?);
+        let mut raw: IoctxT = std::ptr::null_mut();
+        // SAFETY: a connected cluster, a C string and an out-pointer.
+        check(unsafe { rados_ioctx_create(cluster.0, n.as_ptr(), &mut raw) }.into())?;
+        // SAFETY: the ioctx is new and not yet shared.
+        unsafe { rados_ioctx_set_namespace(raw, ns.as_ptr()) };
+        Ok(Pool {
+            raw,
+            _cluster: cluster.clone(),
+        })
+    }
+
+    /// The names of the pool's images (in this namespace).
+    pub fn images(&self) -> Result<Vec<String>> {
+        let mut cap = 64usize;
+        loop {
+            let mut specs: Vec<ImageSpecRaw> = Vec::with_capacity(cap);
+            let mut n = cap;
+            // SAFETY: room for `n` specs; librbd fills at most `n` and
+            // sets `n` to the count (or the count needed, with -ERANGE).
+            let r = unsafe { rbd_list2(self.raw, specs.as_mut_ptr(), &mut n) };
+            if r == -(libc::ERANGE) && n > cap {
+                cap = n;
+                continue;
+            }
+            check(r.into())?;
+            // SAFETY: librbd initialised the first `n` entries.
+            unsafe { specs.set_len(n) };
+            let names = specs
+                .iter()
+                .filter(|s| !s.name.is_null())
+                // SAFETY: a NUL-terminated name librbd allocated.
+                .map(|s| {
+                    unsafe { CStr::from_ptr(s.name) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            // SAFETY: frees the strings of exactly the entries librbd filled;
+            // the Vec then frees only its own buffer.
+            unsafe { rbd_image_spec_list_cleanup(specs.as_mut_ptr(), n) };
+            return Ok(names);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: every Image holds an Arc of this Pool, so none is left.
+        unsafe { rados_ioctx_destroy(self.raw) }
+    }
+}
+
+/// An open image (`rbd_image_t`), at its head or a snapshot.
+pub struct Image {
+    raw: ImageT,
+    _pool: Arc<Pool>,
+}
+
+// SAFETY: see the module comment.
+unsafe impl Send for Image {}
+// SAFETY: as above.
+unsafe impl Sync for Image {}
+
+impl Image {
+    /// Open image `name` of `pool`, at snapshot `snap` if given.
+    /// `read_only` opens without a watch on the header, so a client with
+    /// read-only capabilities can open it (and writes fail with `EROFS`).
+    pub fn open(
+        pool: &Arc<Pool>,
+        name: &str,
+        snap: Option<&str>,
+        read_only: bool,
+    ) -> Result<Image> {
+        let n = cstr(name)?;
+        let s = snap.map(cstr).transpose()?;
+        let sp = s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let mut raw: ImageT = std::ptr::null_mut();
+        let f = if read_only {
+            rbd_open_read_only
+        } else {
+            rbd_open
+        };
+        // SAFETY: a live ioctx, C strings (or NULL for the head) and an
+        // out-pointer for the handle.
+        check(unsafe { f(pool.raw, n.as_ptr(), &mut raw, sp) }.into())?;
+        Ok(Image {
+            raw,
+            _pool: pool.clone(),
+        })
+    }
+
+    /// The size in bytes (of the snapshot, if one is open).
+    pub fn size(&self) -> Result<u64> {
+        let mut size = 0u64;
+        // SAFETY: an open image and an out-pointer.
+        check(unsafe { rbd_get_size(self.raw, &mut size) }.into())?;
+        Ok(size)
+    }
+
+    /// The size of the image's objects (a power of two, 4 MiB by default).
+    pub fn object_size(&self) -> Result<u64> {
+        // SAFETY: ImageInfo is plain data; all zeroes is a valid value.
+        let mut info: ImageInfo = unsafe { std::mem::zeroed() };
+        // SAFETY: an open image and a struct of the size passed.
+        check(unsafe { rbd_stat(self.raw, &mut info, std::mem::size_of::<ImageInfo>()) }.into())?;
+        Ok(info.obj_size)
+    }
+
+    /// The image's feature bits (`RBD_FEATURE_*`).
+    pub fn features(&self) -> Result<u64> {
+        let mut f = 0u64;
+        // SAFETY: an open image and an out-pointer.
+        check(unsafe { rbd_get_features(self.raw, &mut f) }.into())?;
+        Ok(f)
+    }
+
+    /// Whether the image is a clone whose parent still shows through
+    /// somewhere (a parent overlap above zero).
+    pub fn has_parent(&self) -> bool {
+        let mut overlap = 0u64;
+        // SAFETY: an open image and an out-pointer.
+        let r = unsafe { rbd_get_overlap(self.raw, &mut overlap) };
+        r == 0 && overlap > 0
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // SAFETY: the buffer is writable for its length, and the call
+        // returns only once librbd is done with it.
+        let r = unsafe { rbd_read2(self.raw, offset, buf.len(), buf.as_mut_ptr().cast(), 0) };
+        if check(r as i64)? as usize != buf.len() {
+            return Err(Errno(libc_eio()));
+        }
+        Ok(())
+    }
+
+    /// Write `buf` at `offset`.
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        // SAFETY: the buffer is readable for its length, and the call
+        // returns only once librbd is done with it.
+        let r = unsafe { rbd_write2(self.raw, offset, buf.len(), buf.as_ptr().cast(), 0) };
+        if check(r as i64)? as usize != buf.len() {
+            return Err(Errno(libc_eio()));
+        }
+        Ok(())
+    }
+
+    /// Wait until every write acknowledged so far is on the OSDs.
+    pub fn flush(&self) -> Result<()> {
+        // SAFETY: an open image.
+        check(unsafe { rbd_flush(self.raw) }.into()).map(drop)
+    }
+
+    /// Discard a range (whole objects are removed; librbd may skip
+    /// pieces smaller than its discard granularity).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        chunked(offset, len, |o, l| {
+            // SAFETY: an open image; l ≤ RANGE_CHUNK < INT_MAX.
+            check(unsafe { rbd_discard(self.raw, o, l) }.into()).map(drop)
+        })
+    }
+
+    /// Make a range read as zeroes: by deallocating (`thick` false), or by
+    /// writing zeroes (`thick` true).
+    pub fn write_zeroes(&self, offset: u64, len: u64, thick: bool) -> Result<()> {
+        let flags = if thick {
+            WRITE_ZEROES_FLAG_THICK_PROVISION
+        } else {
+            0
+        };
+        chunked(offset, len, |o, l| {
+            // SAFETY: an open image; l ≤ RANGE_CHUNK fits in size_t.
+            check(unsafe { rbd_write_zeroes(self.raw, o, l as usize, flags, 0) } as i64).map(drop)
+        })
+    }
+
+    /// Call `f(offset, length, exists)` for each allocated piece of
+    /// `[offset, offset+len)` (including what a parent provides);
+    /// `exists` false marks a piece known to be zero.
+    pub fn diff(&self, offset: u64, len: u64, f: &mut dyn FnMut(u64, u64, bool)) -> Result<()> {
+        unsafe extern "C" fn trampoline(
+            o: u64,
+            l: usize,
+            exists: c_int,
+            arg: *mut c_void,
+        ) -> c_int {
+            // SAFETY: `arg` is the `&mut &mut dyn FnMut` below, alive for
+            // the whole rbd_diff_iterate2 call that invokes us.
+            let f = unsafe { &mut *arg.cast::<&mut dyn FnMut(u64, u64, bool)>() };
+            // A panic must not unwind into librbd's C++ frames.
+            match catch_unwind(AssertUnwindSafe(|| f(o, l as u64, exists != 0))) {
+                Ok(()) => 0,
+                Err(_) => -libc_eio(),
+            }
+        }
+        let mut f = f;
+        let arg: *mut &mut dyn FnMut(u64, u64, bool) = &mut f;
+        // SAFETY: an open image; NULL for "from the beginning of time";
+        // the callback and its argument live for the call, which runs the
+        // callback only before it returns.
+        let r = unsafe {
+            rbd_diff_iterate2(
+                self.raw,
+                std::ptr::null(),
+                offset,
+                len,
+                1,
+                0,
+                Some(trampoline),
+                arg.cast(),
+            )
+        };
+        check(r.into()).map(drop)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: no borrow of the image is left. rbd_close flushes and
+        // releases the exclusive lock; its error has nowhere to go.
+        unsafe { rbd_close(self.raw) };
+    }
+}
+
+/// Run `f` over `[offset, offset+len)` in pieces of at most
+/// [`RANGE_CHUNK`], aligned to it.
+fn chunked(offset: u64, len: u64, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let next = ((pos / RANGE_CHUNK) + 1) * RANGE_CHUNK;
+        let n = next.min(end) - pos;
+        f(pos, n)?;
+        pos += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_cut_at_chunk_boundaries() {
+        let mut v = Vec::new();
+        chunked(RANGE_CHUNK - 10, RANGE_CHUNK + 20, |o, l| {
+            v.push((o, l));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            v,
+            [
+                (RANGE_CHUNK - 10, 10),
+                (RANGE_CHUNK, RANGE_CHUNK),
+                (2 * RANGE_CHUNK, 10)
+            ]
+        );
+    }
+}
