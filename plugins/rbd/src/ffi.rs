@@ -26,7 +26,9 @@ use std::sync::Arc;
 type RadosT = *mut c_void;
 type IoctxT = *mut c_void;
 type ImageT = *mut c_void;
+type CompletionT = *mut c_void;
 type DiffCallback = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+type AioCallback = unsafe extern "C" fn(CompletionT, *mut c_void);
 
 /// `rbd_image_info_t`.
 #[repr(C)]
@@ -81,6 +83,15 @@ extern "C" {
         snap: *const c_char,
     ) -> c_int;
     fn rbd_close(image: ImageT) -> c_int;
+    fn rbd_aio_close(image: ImageT, c: CompletionT) -> c_int;
+    fn rbd_aio_create_completion(
+        cb_arg: *mut c_void,
+        complete_cb: Option<AioCallback>,
+        c: *mut CompletionT,
+    ) -> c_int;
+    fn rbd_aio_is_complete(c: CompletionT) -> c_int;
+    fn rbd_aio_get_return_value(c: CompletionT) -> isize;
+    fn rbd_aio_release(c: CompletionT);
     fn rbd_get_size(image: ImageT, size: *mut u64) -> c_int;
     fn rbd_stat(image: ImageT, info: *mut ImageInfo, infosize: usize) -> c_int;
     fn rbd_get_features(image: ImageT, features: *mut u64) -> c_int;
@@ -455,6 +466,66 @@ impl Image {
             )
         };
         check(r.into()).map(drop)
+    }
+}
+
+/// How [`Image::close_within`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// Closed, with librbd's result.
+    Done(Result<()>),
+    /// Still closing at the deadline: the image, its ioctx and its cluster
+    /// are left as they are, since freeing any of them under a close in
+    /// progress would be a use after free.
+    Abandoned,
+}
+
+impl Image {
+    /// Close the image (flushing its cache and releasing its lock), but
+    /// wait no longer than until `deadline`: an unreachable cluster must
+    /// not hold up the server's exit for a timeout per step of the close.
+    /// Abandoning requires that nothing else holds this image, which
+    /// taking it by value guarantees.
+    pub fn close_within(self, deadline: std::time::Instant) -> Closed {
+        let image = std::mem::ManuallyDrop::new(self);
+        let mut c: CompletionT = std::ptr::null_mut();
+        // SAFETY: no callback, so no argument; an out-pointer.
+        if unsafe { rbd_aio_create_completion(std::ptr::null_mut(), None, &mut c) } < 0 {
+            // Cannot even allocate a completion: close synchronously.
+            let image = std::mem::ManuallyDrop::into_inner(image);
+            drop(image);
+            return Closed::Done(Ok(()));
+        }
+        // SAFETY: an open image nobody else uses, closed once; the
+        // completion is ours.
+        let r = unsafe { rbd_aio_close(image.raw, c) };
+        if r < 0 {
+            // SAFETY: the completion was never handed to librbd.
+            unsafe { rbd_aio_release(c) };
+            // Still open: close it synchronously instead.
+            drop(std::mem::ManuallyDrop::into_inner(image));
+            return Closed::Done(check(r.into()).map(drop));
+        }
+        // SAFETY (both calls in the loop): the completion is live until
+        // released below.
+        while unsafe { rbd_aio_is_complete(c) } == 0 {
+            if std::time::Instant::now() >= deadline {
+                // Leave the completion, the image (ManuallyDrop) and with
+                // it the Arc of its pool to librbd's close.
+                return Closed::Abandoned;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // SAFETY: complete; read its result, then release it once.
+        let r = unsafe { rbd_aio_get_return_value(c) };
+        // SAFETY: as above.
+        unsafe { rbd_aio_release(c) };
+        // The handle is closed: drop the pool's Arc but not the handle.
+        let mut image = image;
+        // SAFETY: `_pool` is dropped exactly once, here; `raw` is not
+        // used again and has no destructor of its own.
+        unsafe { std::ptr::drop_in_place(&mut image._pool) };
+        Closed::Done(check(r as i64).map(drop))
     }
 }
 

@@ -44,7 +44,8 @@
 //! would only move the same wait into this crate.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
@@ -53,7 +54,7 @@ use nbdhost_plugin_api::{
 };
 
 use crate::config::{Config, ImageSpec, DEFAULT_TIMEOUT, HELP};
-use crate::ffi::{Cluster, Errno, Image, Pool};
+use crate::ffi::{Closed, Cluster, Errno, Image, Pool};
 
 /// The most one `extents` call looks at, in objects: librbd asks the OSD
 /// of each allocated object in the range for its extents, so a client
@@ -64,11 +65,15 @@ const EXTENTS_OBJECTS: u64 = 64;
 #[derive(Default)]
 pub struct Rbd {
     config: Config,
-    state: OnceLock<State>,
+    /// Set by `after_fork`, or earlier by the first open (a filter's
+    /// `startup` opens the plugin before the server forks).
+    state: Mutex<Option<Arc<State>>>,
 }
 
 /// The connected cluster and the shared image handles.
 struct State {
+    /// The process that connected: librados' threads live only there.
+    pid: u32,
     spec: ImageSpec,
     client: String,
     timeout: u32,
@@ -160,10 +165,15 @@ impl State {
 }
 
 impl Rbd {
-    fn state(&self) -> Result<&State> {
-        self.state
-            .get()
-            .ok_or_else(|| Error::new(libc::EIO, "not connected to the cluster"))
+    /// The connection, made now if this is the first call to need it.
+    fn state(&self) -> Result<Arc<State>> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = &*state {
+            return Ok(st.clone());
+        }
+        let st = Arc::new(self.connect()?);
+        *state = Some(st.clone());
+        Ok(st)
     }
 
     /// Configure librados, connect, and check that the image opens.
@@ -231,6 +241,7 @@ impl Rbd {
             Error::new(client_errno(e), format!("pool {}: {why}", spec.pool))
         })?;
         let state = State {
+            pid: std::process::id(),
             spec,
             client,
             timeout,
@@ -303,10 +314,22 @@ impl Plugin for Rbd {
         self.config.complete()
     }
 
+    /// Connect, unless already connected in this process. A filter's
+    /// `startup` may have opened the image before the server went to the
+    /// background: that connection's threads stayed with the parent, so
+    /// here it is abandoned (closing it would wait for threads that are
+    /// gone) and a new one made.
     fn after_fork(&self) -> Result<()> {
-        let state = self.connect()?;
-        // after_fork runs once; a second call would find the state set.
-        let _ = self.state.set(state);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = state.take() {
+            if old.pid == std::process::id() {
+                *state = Some(old);
+                return Ok(());
+            }
+            host::debug("connected before the server forked: connecting again");
+            std::mem::forget(old);
+        }
+        *state = Some(Arc::new(self.connect()?));
         Ok(())
     }
 
@@ -363,10 +386,50 @@ impl Plugin for Rbd {
     }
 
     fn unload(&mut self) {
-        // Images first (each flushes and releases its lock), then the
-        // ioctx, then the cluster: the Arcs enforce that order anyway.
-        if let Some(st) = self.state.take() {
-            drop(st);
+        let Some(st) = self
+            .state
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        // Every connection is closed by now, so this is the last Arc.
+        let Ok(st) = Arc::try_unwrap(st) else {
+            return;
+        };
+        // Each image flushes and releases its lock as it closes, given at
+        // most one cluster timeout in all: with the cluster gone, every
+        // step of a close would wait a timeout of its own.
+        let deadline = Instant::now() + Duration::from_secs(st.timeout.max(1).into());
+        let images = std::mem::take(&mut *st.images.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut abandoned = 0;
+        for ((name, _), image) in images {
+            // Every connection is closed by now, so this is the last Arc.
+            let Ok(image) = Arc::try_unwrap(image) else {
+                continue;
+            };
+            match image.close_within(deadline) {
+                Closed::Done(Ok(())) => {}
+                Closed::Done(Err(e)) => host::debug(&format!(
+                    "closing {name}: {}",
+                    cause(e, &st.client, st.timeout)
+                )),
+                Closed::Abandoned => {
+                    abandoned += 1;
+                    host::debug(&format!(
+                        "closing {name}: no answer from the cluster within {} s; not waiting",
+                        st.timeout
+                    ));
+                }
+            }
+        }
+        if abandoned > 0 {
+            // A close still runs inside librbd on the ioctx and the
+            // cluster handle, which must stay as they are: shutting the
+            // cluster down under it could not end well, and the process
+            // is about to exit.
+            std::mem::forget(st);
         }
     }
 }
