@@ -1,16 +1,19 @@
 //! The plugin proper, on librbd (built when build.rs found it).
 //!
-//! ## One cluster connection, one image handle per mode
+//! ## One cluster connection, one image handle per image and mode
 //!
 //! The cluster is connected once, in `after_fork`: librados starts
-//! threads when it connects, and a fork would not keep them. The image is
-//! opened there once too, read-only, so that a missing image, snapshot or
-//! permission stops the server at start with the reason rather than at
-//! the first client.
+//! threads when it connects, and a fork would not keep them. (A filter's
+//! `startup` opens the plugin earlier, before the server goes to the
+//! background; that connects on the spot, and `after_fork` connects again
+//! if the process has changed since.) The image is opened then too,
+//! read-only, so that a missing image, snapshot or permission stops the
+//! server at start with the reason rather than at the first client.
 //!
 //! Connections then share one open image (one for writable connections,
-//! one opened read-only for `-r` or a snapshot), kept until the plugin is
-//! unloaded, rather than opening one each. librbd allows any number of
+//! one opened read-only for `-r` or a snapshot; with `image=POOL/`, one
+//! per image asked for), kept until the plugin is unloaded, rather than
+//! opening one each. librbd allows any number of
 //! calls on one handle at once (see `ffi`), and sharing is what makes the
 //! handle right for NBD:
 //!
