@@ -450,3 +450,26 @@ impl Server {
         }
     }
 }
+
+/// Write `data` to `img` followed by 16 MiB of room, and have cryptsetup
+/// encrypt it in place as LUKS2 (`reencrypt --encrypt`) with the
+/// passphrase in `pw` and `extra` options: a volume whose plaintext is
+/// known, made by cryptsetup's own code.
+pub fn luks2_encrypted_in_place(img: &Path, data: &[u8], pw: &Path, extra: &[&str]) {
+    std::fs::write(img, data).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .unwrap()
+        .set_len(data.len() as u64 + (16 << 20))
+        .unwrap();
+    run_ok(
+        client("cryptsetup")
+            .args(["-q", "reencrypt", "--encrypt", "--type", "luks2"])
+            .args(extra)
+            .args(["--reduce-device-size", "16M", "--pbkdf-memory", "32768"])
+            .args(["--iter-time", "100", "--key-file"])
+            .arg(pw)
+            .arg(img),
+    );
+}

@@ -12,8 +12,8 @@
 use std::path::{Path, PathBuf};
 
 use nbdhost_tests::{
-    client, export_size, filter_arg, nbdhost_bin, pattern, plugin, qemu_io, run, run_ok,
-    sparse_file, Server, TempDir,
+    client, export_size, filter_arg, luks2_encrypted_in_place, nbdhost_bin, pattern, plugin,
+    qemu_io, run, run_ok, sparse_file, Server, TempDir,
 };
 
 const PASS: &str = "correct horse battery";
@@ -235,30 +235,7 @@ fn cryptsetup_luks1_ciphers_and_hashes_interoperate_with_qemu() {
 fn reencrypted(dir: &TempDir, pw: &Path, sector: &str) -> (PathBuf, Vec<u8>) {
     let data = pattern(8 << 20, 42);
     let img = dir.path("r.img");
-    std::fs::write(&img, &data).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .set_len(24 << 20)
-        .unwrap();
-    cryptsetup(&[
-        "reencrypt",
-        "--encrypt",
-        "--type",
-        "luks2",
-        "--sector-size",
-        sector,
-        "--reduce-device-size",
-        "16M",
-        "--pbkdf-memory",
-        "32768",
-        "--iter-time",
-        "100",
-        "--key-file",
-        pw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    luks2_encrypted_in_place(&img, &data, pw, &["--sector-size", sector]);
     (img, data)
 }
 

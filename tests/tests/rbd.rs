@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use nbdhost_tests::tls::psk_file;
 use nbdhost_tests::{
-    client, export_size, filter_arg, nbdhost_bin, nbdsh, pattern, plugin, qemu_io, root, run,
-    run_ok, Server, TempDir,
+    client, export_size, filter_arg, luks2_encrypted_in_place, nbdhost_bin, nbdsh, pattern, plugin,
+    qemu_io, root, run, run_ok, Server, TempDir,
 };
 
 const MIB: usize = 1 << 20;
@@ -384,29 +384,8 @@ fn luks2_volume_on_rbd_through_the_luks_filter() {
     std::fs::write(&pw, "rbd horse battery").unwrap();
     // Known content encrypted in place by cryptsetup, on a local file.
     let data = pattern(8 * MIB, 5);
-    let img = file_with(&dir, "luks.img", &data);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&img)
-        .unwrap()
-        .set_len(24 << 20)
-        .unwrap();
-    run_ok(client("cryptsetup").args([
-        "-q",
-        "reencrypt",
-        "--encrypt",
-        "--type",
-        "luks2",
-        "--reduce-device-size",
-        "16M",
-        "--pbkdf-memory",
-        "32768",
-        "--iter-time",
-        "100",
-        "--key-file",
-        pw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]));
+    let img = dir.path("luks.img");
+    luks2_encrypted_in_place(&img, &data, &pw, &[]);
     c.rbd(&["import", img.to_str().unwrap(), "rbd/luks"]);
     let pass = format!("passphrase=+{}", pw.display());
     let luks = filter_arg("luks");
