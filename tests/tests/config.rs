@@ -9,15 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use nbdhost_tests::tls::{psk_file, Pki};
-use nbdhost_tests::{client, nbdhost_bin, pattern, run, run_ok, Server, TempDir};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use nbdhost_tests::{
+    client, free_port, nbdhost_bin, pattern, qemu_io, run, run_ok, Server, TempDir,
+};
 
 /// A file of `len` bytes of a pattern seeded with `seed`.
 fn image(dir: &TempDir, name: &str, len: usize, seed: u64) -> PathBuf {
@@ -170,16 +164,10 @@ filters = [ {{ filter = "luks", params = {{ passphrase = "+{pw}" }} }} ]
     // What is served is the payload after the LUKS2 header.
     let payload: u64 = size(&format!("{tcp}secret")).parse().unwrap();
     assert!(payload > 0 && payload < 32 << 20, "{payload}");
-    let out = run_ok(client("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x5a 0 64k",
-        "-c",
-        "read -P 0x5a 0 64k",
+    qemu_io(
         &unix_uri(&socket, "secret"),
-    ]));
-    assert!(!out.contains("verification failed"), "{out}");
+        &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"],
+    );
     // Through the filter the bytes are encrypted on disk.
     let raw = std::fs::read(&luks).unwrap();
     assert!(!raw.windows(4096).any(|w| w.iter().all(|&b| b == 0x5a)));
@@ -236,32 +224,10 @@ params = {{ size = "1M" }}
     );
     assert!(std::fs::read(&copy).unwrap() == pattern(2 << 20, 22));
     // Two memory disks from one plugin: each instance has its own pages.
-    run_ok(client("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x11 0 4k",
-        &unix_uri(&socket, "m1"),
-    ]));
-    let out = run_ok(client("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "read -P 0 0 4k",
-        &unix_uri(&socket, "m2"),
-    ]));
-    assert!(
-        !out.contains("verification failed"),
-        "m2 sees m1's write: {out}"
-    );
-    let out = run_ok(client("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "read -P 0x11 0 4k",
-        &unix_uri(&socket, "m1"),
-    ]));
-    assert!(!out.contains("verification failed"), "{out}");
+    qemu_io(&unix_uri(&socket, "m1"), &["write -P 0x11 0 4k"]);
+    // m2 must not see m1's write.
+    qemu_io(&unix_uri(&socket, "m2"), &["read -P 0 0 4k"]);
+    qemu_io(&unix_uri(&socket, "m1"), &["read -P 0x11 0 4k"]);
     assert!(s.stop().success());
 }
 
@@ -485,14 +451,7 @@ fn sighup_adds_changes_and_removes_exports_while_a_client_keeps_reading() {
         .expect("the reading client saw an error");
     // The unchanged export kept its chain: a new connection sees the data
     // written before the reload.
-    let out = run_ok(client("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "read -P 0x33 0 32M",
-        &unix_uri(&socket, "steady"),
-    ]));
-    assert!(!out.contains("verification failed"), "{out}");
+    qemu_io(&unix_uri(&socket, "steady"), &["read -P 0x33 0 32M"]);
     assert!(s.stop().success());
 }
 

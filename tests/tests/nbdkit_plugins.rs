@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nbdhost_tests::{client, pattern, run, run_ok, Server, TempDir};
+use nbdhost_tests::{client, free_port, pattern, run, run_ok, Server, TempDir};
 
 /// Plugins of Debian's nbdkit packages that this file does not run, and
 /// why. Printed when the coverage test runs, so a skip is never silent.
@@ -152,14 +152,6 @@ fn missing(what: &str, programs: &[&str]) -> bool {
         absent.join(", ")
     );
     true
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 // ---------------------------------------------------------------------------

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::Command;
 
 use nbdhost_tests::tls::{psk_file, Pki};
-use nbdhost_tests::{client, export_size, nbdhost_bin, pattern, run, run_ok, Server, TempDir};
+use nbdhost_tests::{
+    client, export_size, free_port, nbdhost_bin, pattern, run, run_ok, Server, TempDir,
+};
 
 fn psk_uri(s: &Server, user: &str, file: &Path) -> String {
     format!(
@@ -303,14 +305,6 @@ fn x509_with_and_without_client_verification() {
     assert!(!run(client("nbdinfo").arg(&revoked)).status.success());
     assert!(s.log_text().contains("revoked"), "{}", s.log_text());
     assert!(s.stop().success());
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn s_port(s: &Server) -> u16 {

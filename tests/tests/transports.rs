@@ -7,16 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nbdhost_tests::{
-    client, export_size, nbdhost_bin, nbdsh, plugin, run, run_ok, Server, TempDir,
+    client, export_size, free_port, nbdhost_bin, nbdsh, plugin, run, run_ok, Server, TempDir,
 };
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[test]
 fn tcp_ipv4_and_ipv6() {
