@@ -284,13 +284,21 @@ impl Cli {
     /// serve plain clients as well.
     pub fn tls_mode(&self) -> crate::protocol::handshake::TlsMode {
         use crate::protocol::handshake::TlsMode;
-        match self.tls.as_deref() {
-            Some("on") => TlsMode::On,
-            Some("require") => TlsMode::Require,
-            Some(_) => TlsMode::Off,
+        match self.tls_setting() {
+            Some(m) => m,
             None if self.tls_psk.is_some() || self.tls_certificates.is_some() => TlsMode::Require,
             None => TlsMode::Off,
         }
+    }
+
+    /// `--tls` as given, if it was.
+    pub fn tls_setting(&self) -> Option<crate::protocol::handshake::TlsMode> {
+        use crate::protocol::handshake::TlsMode;
+        self.tls.as_deref().map(|t| match t {
+            "on" => TlsMode::On,
+            "require" => TlsMode::Require,
+            _ => TlsMode::Off,
+        })
     }
 
     /// How long a client may take over the handshake: `--timeout`, else

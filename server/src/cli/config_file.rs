@@ -11,7 +11,7 @@ use clap::{CommandFactory, FromArgMatches};
 
 use super::args::Cli;
 use super::run::Address;
-use super::{dump, launch, listeners, logging, Rebuild};
+use super::{dump, family, launch, listeners, logging, Rebuild};
 use crate::config::{self, file, Built, Context};
 use crate::layers::host;
 use crate::protocol::export::ExportPolicy;
@@ -52,12 +52,7 @@ pub fn command_line(argv: &[OsString], path: &Path) -> Result<(Cli, Loaded), Str
 }
 
 fn context(cli: &Cli) -> Context {
-    let tls_setting = match cli.tls.as_deref() {
-        Some("on") => Some(TlsMode::On),
-        Some("require") => Some(TlsMode::Require),
-        Some(_) => Some(TlsMode::Off),
-        None => None,
-    };
+    let tls_setting = cli.tls_setting();
     Context {
         // tls = on or require alone uses the default certificate directory.
         has_credentials: cli.tls_psk.is_some()
@@ -190,13 +185,6 @@ fn bind(
         let (l, a) = listeners(cli, private)?;
         return Ok((l, a, Vec::new()));
     }
-    let family = if cli.ipv4_only {
-        listen::Family::V4
-    } else if cli.ipv6_only {
-        listen::Family::V6
-    } else {
-        listen::Family::Any
-    };
     let mut out = match listen::socket_activation() {
         Some(activated) => activated?,
         None => Vec::new(),
@@ -214,7 +202,7 @@ fn bind(
                 Address::Vsock(*port),
             ),
             file::Listen::Tcp(host, port) => (
-                listen::tcp(host.as_deref(), *port, family).map_err(at)?,
+                listen::tcp(host.as_deref(), *port, family(cli)).map_err(at)?,
                 Address::Tcp(*port),
             ),
         };

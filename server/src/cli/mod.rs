@@ -153,39 +153,23 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
     launch(&cli, explicit_log, table, tls_mode, None, bound, private)
 }
 
-/// The session settings that stay as they were at start, while the TLS
-/// policy follows the exports of a reloaded file.
-struct SessionBase {
-    oldstyle: bool,
-    handshake_mask: u16,
-    no_structured: bool,
-    handshake_timeout: Option<std::time::Duration>,
+/// The session settings of these options, with TLS policy `tls_mode` and
+/// the loaded credentials `tls`.
+fn session_config(
+    cli: &Cli,
+    tls_mode: TlsMode,
     tls: Option<Arc<dyn TlsFactory>>,
-}
-
-impl SessionBase {
-    fn new(cli: &Cli, tls: Option<Arc<dyn TlsFactory>>) -> SessionBase {
-        SessionBase {
+) -> session::Config {
+    session::Config {
+        handshake: HandshakeConfig {
             oldstyle: cli.oldstyle,
             handshake_mask: cli.mask_handshake,
             no_structured: cli.no_sr,
-            handshake_timeout: cli.handshake_limit(),
-            tls,
-        }
-    }
-
-    fn config(&self, tls_mode: TlsMode) -> Arc<session::Config> {
-        Arc::new(session::Config {
-            handshake: HandshakeConfig {
-                oldstyle: self.oldstyle,
-                handshake_mask: self.handshake_mask,
-                no_structured: self.no_structured,
-                tls: tls_mode,
-            },
-            tls: self.tls.clone(),
-            limits: Limits::default(),
-            handshake_timeout: self.handshake_timeout,
-        })
+            tls: tls_mode,
+        },
+        tls,
+        limits: Limits::default(),
+        handshake_timeout: cli.handshake_limit(),
     }
 }
 
@@ -281,17 +265,21 @@ fn launch(
         threads: cli.threads,
         stdio: cli.single,
     };
-    let base = SessionBase::new(cli, tls);
+    // A reload keeps these settings and credentials; only the TLS policy
+    // follows the new exports.
+    let base = session_config(cli, tls_mode, tls);
     let serving = runtime::Serving {
         table,
-        session: base.config(tls_mode),
+        session: Arc::new(base.clone()),
     };
     let reload = reload.map(|mut rebuild| {
         Box::new(move || {
             let (table, mode) = rebuild()?;
+            let mut session = base.clone();
+            session.handshake.tls = mode;
             Ok(runtime::Serving {
                 table,
-                session: base.config(mode),
+                session: Arc::new(session),
             })
         }) as runtime::Reload
     });
@@ -341,15 +329,19 @@ fn listeners(
         let port = u32::from(port);
         return Ok((vec![listen::vsock(port)?], Address::Vsock(port)));
     }
-    let family = if cli.ipv4_only {
+    Ok((
+        listen::tcp(cli.ipaddr.as_deref(), port, family(cli))?,
+        Address::Tcp(port),
+    ))
+}
+
+/// The IP families `-4` and `-6` leave.
+fn family(cli: &Cli) -> listen::Family {
+    if cli.ipv4_only {
         listen::Family::V4
     } else if cli.ipv6_only {
         listen::Family::V6
     } else {
         listen::Family::Any
-    };
-    Ok((
-        listen::tcp(cli.ipaddr.as_deref(), port, family)?,
-        Address::Tcp(port),
-    ))
+    }
 }

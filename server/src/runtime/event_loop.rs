@@ -536,17 +536,16 @@ impl Turn<'_> {
             match w {
                 Work::Query { query, tls } => self.query(c, query, tls),
                 Work::Request(req) => {
-                    let Some(open) = c.session.handle().cloned() else {
+                    let Some(open) = c.session.handle() else {
                         c.session.complete(Done::Request(req, Outcome::Failed(EIO)));
                         continue;
                     };
                     let buf = req.read_len().map(|n| self.bufs.get(n));
                     if open.chain.inline {
                         let outcome = execute::request(&open.opened, &req, buf, &open.chain.name);
-                        drop(open);
                         self.complete_here(c, Done::Request(req, outcome));
                     } else {
-                        let lane = open.chain.lane(&c.lane);
+                        let (lane, open) = (open.chain.lane(&c.lane), open.clone());
                         self.submit(lane, JobWork::Request { req, open, buf });
                     }
                 }

@@ -106,11 +106,6 @@ enum Event {
     Requested,
 }
 
-/// Whether the signal asks for the configuration to be read again.
-fn is_reload(signal: i32, reload: &Option<Reload>) -> bool {
-    signal == SIGHUP && reload.is_some()
-}
-
 /// A signal arrived while the `--run` command runs: as with nbdkit, the
 /// server outlives its client. SIGTERM is passed on to the command (a
 /// terminal's SIGINT has reached it already, through the process group);
@@ -256,22 +251,18 @@ pub fn serve(
     }
 
     let exit = loop {
-        break match rx.recv() {
-            Ok(Event::Signal(s)) if is_reload(s, &reload) => {
-                if let Some(build) = reload.as_mut() {
-                    match build() {
-                        Ok(new) => {
-                            *loops.serving.write().unwrap_or_else(|e| e.into_inner()) =
-                                Arc::new(new);
-                            log::info!("configuration reloaded");
-                        }
-                        Err(e) => {
-                            log::error!("reload refused, still serving the old configuration: {e}")
-                        }
-                    }
+        let event = rx.recv();
+        if let (Ok(Event::Signal(SIGHUP)), Some(build)) = (&event, reload.as_mut()) {
+            match build() {
+                Ok(new) => {
+                    *loops.serving.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+                    log::info!("configuration reloaded");
                 }
-                continue;
+                Err(e) => log::error!("reload refused, still serving the old configuration: {e}"),
             }
+            continue;
+        }
+        break match event {
             Ok(Event::Signal(s)) => match run_pid {
                 Some(pid) => wait_for_run(&rx, pid, s),
                 None => {

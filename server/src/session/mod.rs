@@ -57,6 +57,7 @@ impl Default for Limits {
 }
 
 /// Settings every session of a server shares.
+#[derive(Clone)]
 pub struct Config {
     pub handshake: HandshakeConfig,
     /// Makes TLS engines for STARTTLS, when TLS is enabled.
