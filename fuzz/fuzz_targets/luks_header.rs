@@ -9,8 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use luksfilter::header;
-use luksfilter::kdf::Hash;
+use luks_crypto::header;
+use luks_crypto::kdf::Hash;
 
 /// Binary header size and the header area of the wrapped LUKS2 disk.
 const BINARY: usize = 4096;

@@ -7,26 +7,25 @@
 //! costly key derivation is paid once. The passphrase is wiped as soon as
 //! it has been used; only the expanded AES keys stay, and they are wiped
 //! when the filter unloads.
+//!
+//! The LUKS formats themselves (headers, key derivation, keyslots and the
+//! sector ciphers) are the `nbdhost-luks-crypto` crate's, which the qcow2
+//! filter shares; this crate is the filter around them.
 
 #![forbid(unsafe_code)]
-
-pub mod header;
-pub mod kdf;
-mod sector;
-mod unlock;
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use luks_crypto::header::{self, Header, ReadAt};
+use luks_crypto::sector::{self, SectorCipher};
+use luks_crypto::unlock;
 use nbdhost_plugin_api::{
     callbacks, host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle, Flags,
     Next, NextOpener, Result,
 };
 use zeroize::Zeroizing;
-
-use crate::header::{Header, ReadAt};
-use crate::sector::SectorCipher;
 
 /// Largest piece a zero request is written in.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -56,13 +55,6 @@ struct Volume {
     /// so an unaligned write cannot resurrect the old contents of a sector
     /// that another write changed meanwhile.
     rmw: RwLock<()>,
-}
-
-/// `a ^= b`, byte by byte, over the shorter of the two.
-fn xor(a: &mut [u8], b: &[u8]) {
-    for (x, y) in a.iter_mut().zip(b) {
-        *x ^= y;
-    }
 }
 
 fn einval(msg: impl Into<String>) -> Error {

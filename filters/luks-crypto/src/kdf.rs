@@ -14,8 +14,11 @@ use crate::xor;
 /// A hash named by a LUKS header (`hash-spec`, `af.hash`, `kdf.hash`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hash {
+    /// SHA-1 (`sha1`).
     Sha1,
+    /// SHA-256 (`sha256`).
     Sha256,
+    /// SHA-512 (`sha512`).
     Sha512,
 }
 
@@ -70,17 +73,26 @@ impl Hash {
 /// How a keyslot turns the passphrase into its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kdf {
+    /// PBKDF2-HMAC (LUKS1, and LUKS2's `pbkdf2`).
     Pbkdf2 {
+        /// Hash of the HMAC.
         hash: Hash,
+        /// Iteration count.
         iterations: u32,
+        /// Salt.
         salt: Vec<u8>,
     },
+    /// Argon2, version 0x13 (LUKS2's `argon2i` and `argon2id`).
     Argon2 {
         /// Argon2id when true, Argon2i otherwise.
         id: bool,
+        /// Number of passes.
         time: u32,
+        /// Memory cost, in KiB.
         memory_kib: u32,
+        /// Degree of parallelism (cryptsetup's `cpus`).
         lanes: u32,
+        /// Salt.
         salt: Vec<u8>,
     },
 }

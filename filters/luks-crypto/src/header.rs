@@ -2,8 +2,8 @@
 //! its data cipher and layout, and the keyslots that can unlock it.
 //!
 //! Everything here is a pure function of the bytes a reader returns, so
-//! unit tests feed it buffers and the filter feeds it the disk. Anything
-//! this filter cannot serve correctly (an unknown cipher, integrity
+//! unit tests feed it buffers and a filter feeds it its disk. Anything
+//! this crate cannot serve correctly (an unknown cipher, integrity
 //! protection, a reencryption in progress) is refused here, naming it.
 
 use base64::Engine as _;
@@ -28,9 +28,13 @@ const LUKS2_SECONDARY: [u64; 9] = [
 /// How the volume key is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digest {
+    /// Hash of the PBKDF2 that makes the digest.
     pub hash: Hash,
+    /// PBKDF2 iterations.
     pub iterations: u32,
+    /// PBKDF2 salt.
     pub salt: Vec<u8>,
+    /// The expected PBKDF2 output for the volume key.
     pub value: Vec<u8>,
 }
 
@@ -46,17 +50,23 @@ impl Digest {
 /// One active keyslot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keyslot {
+    /// Keyslot number, as cryptsetup shows it.
     pub id: u32,
     /// LUKS2 priority: 2 tried first, 0 only when asked for by number.
     pub priority: u8,
+    /// How the passphrase becomes this slot's key.
     pub kdf: Kdf,
     /// Byte offset of the encrypted, split key material.
     pub area_offset: u64,
-    /// Cipher of the key material, and the length of its key.
+    /// Cipher of the key material, in dm-crypt notation.
     pub area_cipher: String,
+    /// Length of the key of `area_cipher`, in bytes.
     pub area_key_bytes: usize,
+    /// Number of anti-forensic stripes the volume key is split into.
     pub stripes: usize,
+    /// Hash of the anti-forensic diffuser.
     pub af_hash: Hash,
+    /// How the volume key this slot gives is checked.
     pub digest: Digest,
 }
 
@@ -93,10 +103,13 @@ impl Keyslot {
 /// A parsed header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// LUKS version: 1 or 2.
     pub version: u8,
     /// Data cipher in dm-crypt notation, for example `aes-xts-plain64`.
     pub cipher: String,
+    /// Length of the volume key, in bytes.
     pub key_bytes: usize,
+    /// Encryption sector size in bytes: 512 for LUKS1, 512 to 4096 for LUKS2.
     pub sector_size: u32,
     /// Byte offset of the encrypted data.
     pub payload_offset: u64,
@@ -104,11 +117,13 @@ pub struct Header {
     pub payload_size: Option<u64>,
     /// Added to the sector number (in 512-byte units) before the IV is made.
     pub iv_tweak: u64,
+    /// The active keyslots this crate can open.
     pub keyslots: Vec<Keyslot>,
     /// The header bytes read, and where they were read (the LUKS2 copy
     /// used may be the secondary), so a connection can check that its disk
     /// carries the header that was unlocked.
     pub raw: Vec<u8>,
+    /// Byte offset `raw` was read at.
     pub raw_at: u64,
 }
 

@@ -11,7 +11,9 @@ use crate::sector;
 
 /// The volume key and the slot that gave it.
 pub struct Unlocked {
+    /// The keyslot that opened.
     pub slot: u32,
+    /// The volume key, wiped when dropped.
     pub key: Zeroizing<Vec<u8>>,
 }
 

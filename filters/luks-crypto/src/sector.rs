@@ -26,10 +26,10 @@ pub const MAX_SECTOR: usize = 4096;
 pub trait SectorCipher: Send + Sync {
     /// Encrypt `data` (whole sectors of `sector_size` bytes) in place. IV
     /// numbers count 512-byte units, as dm-crypt's do: the first sector's
-    /// is `iv`, the next `iv + sector_size / 512`, and so on.
-    fn encrypt(&self, data: &mut [u8], sector_size: usize, iv: u64);
+    /// is `first_iv`, the next `first_iv + sector_size / 512`, and so on.
+    fn encrypt(&self, data: &mut [u8], sector_size: usize, first_iv: u64);
     /// The inverse of [`SectorCipher::encrypt`].
-    fn decrypt(&self, data: &mut [u8], sector_size: usize, iv: u64);
+    fn decrypt(&self, data: &mut [u8], sector_size: usize, first_iv: u64);
 }
 
 /// How a sector number becomes the IV.
@@ -56,7 +56,7 @@ fn iv_at(first: u64, i: usize, sector_size: usize) -> u64 {
     first.wrapping_add((i * (sector_size / 512)) as u64)
 }
 
-/// The ciphers and modes this filter implements, for error messages.
+/// The ciphers and modes this crate implements, for error messages.
 pub const SUPPORTED: &str =
     "aes-xts-plain64, aes-xts-plain, aes-cbc-essiv:sha256, aes-cbc-plain64, aes-cbc-plain";
 
@@ -127,14 +127,14 @@ impl<C: BlockCipher + BlockEncrypt + BlockDecrypt + KeyInit> Xts<C> {
         }
     }
 
-    fn run(&self, data: &mut [u8], sector_size: usize, iv: u64, encrypt: bool)
+    fn run(&self, data: &mut [u8], sector_size: usize, first_iv: u64, encrypt: bool)
     where
         C: BlockCipher<BlockSize = U16>,
     {
         let mut tweaks = [0u8; MAX_SECTOR];
         for (i, sector) in data.chunks_exact_mut(sector_size).enumerate() {
             let tweaks = &mut tweaks[..sector.len()];
-            let mut t = GenericArray::from(self.iv.iv(iv_at(iv, i, sector_size)));
+            let mut t = GenericArray::from(self.iv.iv(iv_at(first_iv, i, sector_size)));
             self.tweak.encrypt_block(&mut t);
             let mut t = u128::from_le_bytes(t.into());
             for chunk in tweaks.chunks_exact_mut(16) {
@@ -158,11 +158,11 @@ impl<C> SectorCipher for Xts<C>
 where
     C: BlockCipher<BlockSize = U16> + BlockEncrypt + BlockDecrypt + KeyInit + Send + Sync,
 {
-    fn encrypt(&self, data: &mut [u8], sector_size: usize, iv: u64) {
-        self.run(data, sector_size, iv, true);
+    fn encrypt(&self, data: &mut [u8], sector_size: usize, first_iv: u64) {
+        self.run(data, sector_size, first_iv, true);
     }
-    fn decrypt(&self, data: &mut [u8], sector_size: usize, iv: u64) {
-        self.run(data, sector_size, iv, false);
+    fn decrypt(&self, data: &mut [u8], sector_size: usize, first_iv: u64) {
+        self.run(data, sector_size, first_iv, false);
     }
 }
 
@@ -206,17 +206,17 @@ impl<C> SectorCipher for Cbc<C>
 where
     C: BlockCipher<BlockSize = U16> + BlockEncrypt + BlockDecrypt + Clone + Send + Sync,
 {
-    fn encrypt(&self, data: &mut [u8], sector_size: usize, iv: u64) {
+    fn encrypt(&self, data: &mut [u8], sector_size: usize, first_iv: u64) {
         for (i, sector) in data.chunks_exact_mut(sector_size).enumerate() {
-            let iv = self.iv.iv(iv_at(iv, i, sector_size));
+            let iv = self.iv.iv(iv_at(first_iv, i, sector_size));
             let mut enc = cbc::Encryptor::<C>::inner_iv_init(self.cipher.clone(), &iv);
             let (blocks, _) = InOutBuf::from(sector).into_chunks::<U16>();
             enc.encrypt_blocks_inout_mut(blocks);
         }
     }
-    fn decrypt(&self, data: &mut [u8], sector_size: usize, iv: u64) {
+    fn decrypt(&self, data: &mut [u8], sector_size: usize, first_iv: u64) {
         for (i, sector) in data.chunks_exact_mut(sector_size).enumerate() {
-            let iv = self.iv.iv(iv_at(iv, i, sector_size));
+            let iv = self.iv.iv(iv_at(first_iv, i, sector_size));
             let mut dec = cbc::Decryptor::<C>::inner_iv_init(self.cipher.clone(), &iv);
             let (blocks, _) = InOutBuf::from(sector).into_chunks::<U16>();
             dec.decrypt_blocks_inout_mut(blocks);
