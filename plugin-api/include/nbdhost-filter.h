@@ -84,6 +84,10 @@ struct nbdhost_next {
                   struct nbdhost_extents *extents);
   int (*cache) (const struct nbdhost_next *next,
                 uint64_t count, uint64_t offset, uint32_t flags);
+  /* Since ABI 1.8 (check struct_size before calling): the layer below's
+   * local_file.  The string stays valid until the next call on this
+   * thread. */
+  const char *(*local_file) (const struct nbdhost_next *next);
 };
 
 /* Opens the next layer during a filter's open callback: under a different
@@ -196,6 +200,19 @@ struct nbdhost_filter {
                        struct nbdhost_exports *exports);
   const char *(*default_export) (const struct nbdhost_next_exports *next,
                                  int readonly, int is_tls);
+
+  /* Since ABI 1.8.  Called once for each prepared handle when its
+   * connection ends, before any layer of the chain is closed, top layer
+   * first: the place to write back what the filter kept in memory for the
+   * handle (a format filter's metadata), with the layer below still open.
+   * Returns 0, or -1 with the error recorded, which is logged: the client
+   * has gone. */
+  int (*finalize) (const struct nbdhost_next *next, void *handle);
+
+  /* Since ABI 1.8: as the plugin's local_file.  NULL passes the question
+   * to the layer below; a filter whose bytes are not the file's in place
+   * (an overlay that keeps writes elsewhere) may answer NULL itself. */
+  const char *(*local_file) (const struct nbdhost_next *next, void *handle);
 };
 
 typedef const struct nbdhost_filter *

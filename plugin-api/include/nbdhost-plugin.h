@@ -30,7 +30,7 @@ extern "C" {
 /* The ABI version is (major << 16) | minor.  A server accepts any plugin
  * whose major equals its own, whatever the minor. */
 #define NBDHOST_ABI_MAJOR 1
-#define NBDHOST_ABI_MINOR 7
+#define NBDHOST_ABI_MINOR 8
 #define NBDHOST_ABI_VERSION ((NBDHOST_ABI_MAJOR << 16) | NBDHOST_ABI_MINOR)
 
 /* Name of the symbol every plugin exports. */
@@ -275,6 +275,13 @@ struct nbdhost_plugin {
   int (*after_fork) (void);
   /* For --dump-plugin: print further key=value lines on stdout. */
   void (*dump_plugin) (void);
+
+  /* Since ABI 1.8.  The absolute path of the local file or block device
+   * whose bytes this handle serves, or NULL if it serves none (the
+   * default).  Format filters resolve relative backing-file names against
+   * its directory and take qemu's image locks on it.  The string stays
+   * valid until the next call on this thread. */
+  const char *(*local_file) (void *handle);
 };
 
 /* The one symbol a plugin exports.  host stays valid until the plugin is

@@ -8,7 +8,7 @@ use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
 /// Major version of the ABI; a server refuses a plugin with another major.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: grows when fields are appended.
-pub const ABI_MINOR: u32 = 7;
+pub const ABI_MINOR: u32 = 8;
 /// `(major << 16) | minor`, as stored in `abi_version`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 /// Name of the symbol every plugin exports.
@@ -236,6 +236,8 @@ pub struct Plugin {
     pub after_fork: Option<unsafe extern "C" fn() -> c_int>,
     /// Since ABI 1.5: more `key=value` lines for `--dump-plugin`.
     pub dump_plugin: Option<unsafe extern "C" fn()>,
+    /// Since ABI 1.8: the local file the handle serves, or null.
+    pub local_file: Option<unsafe extern "C" fn(handle: *mut c_void) -> *const c_char>,
 }
 
 // SAFETY: a `Plugin` is an immutable table of C strings and function
@@ -326,6 +328,8 @@ pub struct Next {
         ) -> c_int,
     >,
     pub cache: Option<NextRangeFn>,
+    /// Since ABI 1.8: the layer below's local file, or null.
+    pub local_file: Option<unsafe extern "C" fn(next: *const Next) -> *const c_char>,
 }
 
 /// `struct nbdhost_next_open`: opens the layer below during a filter's open.
@@ -491,6 +495,13 @@ pub struct Filter {
             is_tls: c_int,
         ) -> *const c_char,
     >,
+    /// Since ABI 1.8: once per prepared handle when its connection ends,
+    /// before any layer is closed, with the layer below still open.
+    pub finalize: Option<FilterHandleFn>,
+    /// Since ABI 1.8: the local file the handle serves; null passes the
+    /// question down.
+    pub local_file:
+        Option<unsafe extern "C" fn(next: *const Next, handle: *mut c_void) -> *const c_char>,
 }
 
 // SAFETY: as for `Plugin`: an immutable table of 'static strings and

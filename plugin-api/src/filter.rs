@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use crate::abi;
 use crate::host::{self, OwnedExports, OwnedExtents};
 use crate::instance::Instance;
-use crate::plugin::{flags, guard, len, ok, quiet_panics, str_arg, Strings};
+use crate::plugin::{flags, guard, len, lend, ok, path_bytes, quiet_panics, str_arg, Strings};
 use crate::{
     BlockSize, Error, Export, ExportList, ExtentList, Flags, Result, Support, ThreadModel,
 };
@@ -253,6 +253,27 @@ impl Next {
         Ok(list.to_vec())
     }
 
+    /// The local file the layer below serves, if any (`None` too from a
+    /// server older than ABI 1.8, whose table lacks the call).
+    pub fn local_file(&self) -> Result<Option<std::path::PathBuf>> {
+        let t = self.t();
+        let end = std::mem::offset_of!(abi::Next, local_file) + std::mem::size_of::<usize>();
+        let Some(f) = t.local_file.filter(|_| t.struct_size as usize >= end) else {
+            return Ok(None);
+        };
+        // SAFETY: ABI call; the string is copied before any other call.
+        let p = unsafe { f(self.raw) };
+        if p.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: a NUL-terminated string valid until the next call.
+        let bytes = unsafe { CStr::from_ptr(p) }.to_bytes().to_vec();
+        // SAFETY: the bytes came from a path's encoded bytes (or from C,
+        // where any bytes other than NUL make a Unix path).
+        let os = unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(bytes) };
+        Ok(Some(os.into()))
+    }
+
     /// Pass an extents request down unchanged, filling `list` directly.
     pub fn extents_into(
         &self,
@@ -430,6 +451,19 @@ pub trait FilterHandle: Send + Sync + 'static {
     fn cache(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
         next.cache(count, offset, flags)
     }
+    /// The local file whose bytes this handle serves (since ABI 1.8): by
+    /// default the layer below's. A filter that keeps writes elsewhere
+    /// answers `None`.
+    fn local_file(&self, next: &Next) -> Result<Option<std::path::PathBuf>> {
+        next.local_file()
+    }
+    /// Called once when the connection ends, before any layer is closed
+    /// and with the layer below still open (since ABI 1.8): write back
+    /// what the handle kept in memory. An error is logged; the client has
+    /// gone.
+    fn finalize(&self, _next: &Next) -> Result<()> {
+        Ok(())
+    }
 }
 
 static INSTANCE: Instance = Instance::new();
@@ -550,10 +584,6 @@ unsafe extern "C" fn list_exports<F: Filter>(
     })
 }
 
-thread_local! {
-    static DEFAULT_EXPORT: std::cell::RefCell<CString> = Default::default();
-}
-
 unsafe extern "C" fn default_export<F: Filter>(
     next: *const abi::NextExports,
     readonly: c_int,
@@ -563,12 +593,7 @@ unsafe extern "C" fn default_export<F: Filter>(
         let next = NextExports { raw: next };
         let name =
             INSTANCE.with::<F, _>(|f| f.default_export(&next, readonly != 0, is_tls != 0))?;
-        let c = CString::new(name).map_err(|_| Error::new(libc::EINVAL, "NUL in export name"))?;
-        // The server copies the string before its next call on this thread.
-        Ok(DEFAULT_EXPORT.with(|slot| {
-            *slot.borrow_mut() = c;
-            slot.borrow().as_ptr()
-        }))
+        lend(Some(name), "export name")
     })
 }
 
@@ -640,24 +665,29 @@ can_fn!(can_cache, |s: Support| s as c_int);
 can_fn!(can_extents, c_int::from);
 can_fn!(is_rotational, c_int::from);
 
-thread_local! {
-    static DESCRIPTION: std::cell::RefCell<CString> = Default::default();
-}
-
 unsafe extern "C" fn export_description<F: Filter>(
     next: *const abi::Next,
     h: *mut c_void,
 ) -> *const c_char {
     guard(std::ptr::null(), || {
-        let Some(d) = with_handle::<F, _>(next, h, |h, n| h.export_description(n))? else {
-            return Ok(std::ptr::null());
-        };
-        let c = CString::new(d).map_err(|_| Error::new(libc::EINVAL, "NUL in description"))?;
-        // The server copies the string before its next call on this thread.
-        Ok(DESCRIPTION.with(|slot| {
-            *slot.borrow_mut() = c;
-            slot.borrow().as_ptr()
-        }))
+        let d = with_handle::<F, _>(next, h, |h, n| h.export_description(n))?;
+        lend(d, "description")
+    })
+}
+
+unsafe extern "C" fn local_file<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+) -> *const c_char {
+    guard(std::ptr::null(), || {
+        let path = with_handle::<F, _>(next, h, |h, n| h.local_file(n))?;
+        lend(path.map(path_bytes), "local file")
+    })
+}
+
+unsafe extern "C" fn finalize<F: Filter>(next: *const abi::Next, h: *mut c_void) -> c_int {
+    guard(-1, || {
+        ok(with_handle::<F, _>(next, h, |h, n| h.finalize(n)))
     })
 }
 
@@ -790,5 +820,7 @@ pub unsafe fn entry<F: Filter>(host: *const abi::Host, strings: Strings) -> *con
         prepare: defined!(F, F::Handle, prepare),
         list_exports: defined!(F, F, list_exports),
         default_export: defined!(F, F, default_export),
+        finalize: defined!(F, F::Handle, finalize),
+        local_file: defined!(F, F::Handle, local_file),
     })
 }

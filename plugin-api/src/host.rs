@@ -64,6 +64,34 @@ pub fn debug(msg: &str) {
     }
 }
 
+/// How much a log line matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warning,
+    Info,
+    Debug,
+}
+
+/// Log a line through the server at `level`, without recording an error
+/// (since ABI 1.5; older servers get it as a debug message).
+pub fn log(level: LogLevel, msg: &str) {
+    let m = cstring(msg);
+    if let Some(f) = service!(log) {
+        let level = match level {
+            LogLevel::Error => abi::LOG_ERROR,
+            LogLevel::Warning => abi::LOG_WARNING,
+            LogLevel::Info => abi::LOG_INFO,
+            LogLevel::Debug => abi::LOG_DEBUG,
+        };
+        // SAFETY: `m` is a valid C string for the duration of the call.
+        unsafe { f(level, m.as_ptr()) }
+    } else if let Some(f) = service!(debug) {
+        // SAFETY: as above.
+        unsafe { f(m.as_ptr()) }
+    }
+}
+
 /// Parse a boolean parameter as nbdkit does (`1`/`true`/`yes`/`on`,
 /// `0`/`false`/`no`/`off`, any case); the error names `key`. Done in the
 /// SDK, not by the server: C plugins have their own `strcmp`.

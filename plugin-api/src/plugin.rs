@@ -256,6 +256,13 @@ pub trait Handle: Send + Sync + 'static {
     fn export_description(&self) -> Option<String> {
         None
     }
+    /// The absolute path of the local file or block device whose bytes
+    /// this handle serves, if it serves one (since ABI 1.8): format
+    /// filters resolve relative backing-file names against its directory
+    /// and lock it as qemu does.
+    fn local_file(&self) -> Option<std::path::PathBuf> {
+        None
+    }
     /// Read `buf.len()` bytes at `offset`.
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()>;
     /// Write `buf` at `offset`.
@@ -519,22 +526,45 @@ can_fn!(can_extents, can_extents, c_int::from);
 can_fn!(is_rotational, is_rotational, c_int::from);
 
 thread_local! {
-    static DESCRIPTION: std::cell::RefCell<std::ffi::CString> = Default::default();
+    static LENT: std::cell::RefCell<std::ffi::CString> = Default::default();
+}
+
+/// A string returned through the ABI as a C pointer (null for `None`),
+/// kept in a thread-local until the next string this thread lends: the
+/// server copies each one before it makes another call on the thread.
+/// `what` names the string in the error for an embedded NUL.
+pub(crate) fn lend(s: Option<impl Into<Vec<u8>>>, what: &str) -> Result<*const c_char> {
+    let Some(s) = s else {
+        return Ok(std::ptr::null());
+    };
+    let c = std::ffi::CString::new(s)
+        .map_err(|_| Error::new(libc::EINVAL, format!("NUL in {what}")))?;
+    Ok(LENT.with(|slot| {
+        *slot.borrow_mut() = c;
+        slot.borrow().as_ptr()
+    }))
+}
+
+/// A path's bytes, for [`lend`].
+pub(crate) fn path_bytes(p: std::path::PathBuf) -> Vec<u8> {
+    p.into_os_string().into_encoded_bytes()
 }
 
 unsafe extern "C" fn export_description<P: Plugin>(h: *mut c_void) -> *const c_char {
     guard(std::ptr::null(), || {
         // SAFETY: the server passes a live handle from `open`.
-        let Some(d) = unsafe { handle::<P>(h) }.export_description() else {
-            return Ok(std::ptr::null());
-        };
-        let c = std::ffi::CString::new(d)
-            .map_err(|_| Error::new(libc::EINVAL, "NUL in description"))?;
-        // The server copies the string before its next call on this thread.
-        Ok(DESCRIPTION.with(|slot| {
-            *slot.borrow_mut() = c;
-            slot.borrow().as_ptr()
-        }))
+        lend(
+            unsafe { handle::<P>(h) }.export_description(),
+            "description",
+        )
+    })
+}
+
+unsafe extern "C" fn local_file<P: Plugin>(h: *mut c_void) -> *const c_char {
+    guard(std::ptr::null(), || {
+        // SAFETY: the server passes a live handle from `open`.
+        let path = unsafe { handle::<P>(h) }.local_file().map(path_bytes);
+        lend(path, "local file")
     })
 }
 
@@ -670,5 +700,6 @@ pub unsafe fn entry<P: Plugin>(
         configured_thread_model: None,
         after_fork: defined!(P, P, after_fork),
         dump_plugin: None,
+        local_file: defined!(P, P::Handle, local_file),
     })
 }

@@ -208,6 +208,7 @@ fn layouts() -> Vec<Layout> {
             configured_thread_model,
             after_fork,
             dump_plugin,
+            local_file,
         }
         nbdhost_next => abi::Next {
             struct_size, opaque,
@@ -231,6 +232,7 @@ fn layouts() -> Vec<Layout> {
             zero,
             extents,
             cache,
+            local_file,
         }
         nbdhost_next_open => abi::NextOpen { struct_size, opaque, open }
         nbdhost_next_exports => abi::NextExports {
@@ -274,6 +276,8 @@ fn layouts() -> Vec<Layout> {
             prepare,
             list_exports,
             default_export,
+            finalize,
+            local_file,
         }
     }
 }

@@ -561,3 +561,65 @@ fn nothing_past_struct_size_is_read() {
     assert!(s.is_running(), "{}", s.log_text());
     assert!(s.stop().success());
 }
+
+/// The `where` C filter (`tests/c/where.c`), as a `--filter=` option.
+fn where_filter(dir: &TempDir) -> String {
+    let so = build_c(dir, "wherefilter", &root().join("tests/c/where.c"), &[]);
+    format!("--filter={}", so.display())
+}
+
+/// The export description, which the `where` filter makes name the local
+/// file the layer below serves.
+fn description(uri: &str) -> String {
+    nbdsh(uri, "print(h.get_export_description())")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_filter_learns_the_local_file_the_file_plugin_serves() {
+    let dir = TempDir::new("where");
+    let filter = where_filter(&dir);
+    let disk = dir.path("disk.img");
+    nbdhost_tests::sparse_file(&disk, 1 << 20);
+    let file = nbdhost_tests::plugin("file");
+    let s = Server::start(&[&filter, file.to_str().unwrap(), disk.to_str().unwrap()]);
+    assert_eq!(
+        description(&s.uri()),
+        format!("local file: {}", disk.display())
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn layers_that_serve_no_local_file_say_none() {
+    let dir = TempDir::new("where-none");
+    let filter = where_filter(&dir);
+    let s = Server::start(&[&filter, "memory", "1M"]);
+    assert_eq!(description(&s.uri()), "local file: none");
+    assert!(s.stop().success());
+
+    // The cow filter keeps writes in its overlay: the file is not what is
+    // served.
+    let disk = dir.path("disk.img");
+    nbdhost_tests::sparse_file(&disk, 1 << 20);
+    let cow = nbdhost_tests::filter_arg("cow");
+    let s = Server::start(&[&filter, &cow, "file", disk.to_str().unwrap()]);
+    assert_eq!(description(&s.uri()), "local file: none");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn finalize_runs_once_per_connection_with_the_layer_below_still_open() {
+    let dir = TempDir::new("finalize");
+    let filter = where_filter(&dir);
+    let record = dir.path("finalized");
+    let arg = format!("finalized={}", record.display());
+    let s = Server::start(&[&filter, "memory", "3M", &arg]);
+    for _ in 0..2 {
+        assert_eq!(export_size(&s.uri()), "3145728");
+    }
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert_eq!(text, "finalize 3145728\nfinalize 3145728\n");
+}

@@ -224,6 +224,10 @@ impl FilterHandle for Layer {
     fn can_multi_conn(&self, _next: &Next) -> Result<bool> {
         Ok(true)
     }
+    fn local_file(&self, _next: &Next) -> Result<Option<std::path::PathBuf>> {
+        // Writes stay in the overlay: the file below is not what is served.
+        Ok(None)
+    }
     fn can_extents(&self, _next: &Next) -> Result<bool> {
         Ok(true)
     }

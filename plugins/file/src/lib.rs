@@ -229,6 +229,9 @@ fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
 /// One connection's open file.
 pub struct FileHandle {
     file: File,
+    /// Absolute: `file=` is made absolute at configuration, `dir=` is
+    /// canonical.
+    path: PathBuf,
     writable: bool,
     block_device: bool,
     direct: bool,
@@ -301,6 +304,7 @@ impl FileHandle {
         }
         Ok(FileHandle {
             file,
+            path: path.to_path_buf(),
             writable,
             block_device,
             direct,
@@ -439,6 +443,10 @@ impl Handle for FileHandle {
         let (major, minor) = (libc::major(rdev), libc::minor(rdev));
         let p = format!("/sys/dev/block/{major}:{minor}/queue/rotational");
         Ok(std::fs::read_to_string(p).is_ok_and(|s| s.trim() == "1"))
+    }
+
+    fn local_file(&self) -> Option<PathBuf> {
+        Some(self.path.clone())
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {

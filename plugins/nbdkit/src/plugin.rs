@@ -200,6 +200,8 @@ pub fn install(
         configured_thread_model: (p.thread_model_cb.is_some()).then_some(thread_model as _),
         after_fork: (p.after_fork.is_some()).then_some(after_fork as _),
         dump_plugin: Some(dump_plugin),
+        // nbdkit plugins cannot say which file they serve.
+        local_file: None,
     };
     let f = Foreign {
         plugin: p,

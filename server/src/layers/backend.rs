@@ -53,6 +53,11 @@ pub trait Handle: Send + Sync {
     /// Extents covering at least the first byte of the range, in order.
     fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<Extent>>;
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()>;
+    /// The local file whose bytes this handle serves, if any.
+    fn local_file(&self) -> Result<Option<std::path::PathBuf>>;
+    /// The connection is ending: each filter writes back what it kept for
+    /// it, top layer first, while every layer is still open.
+    fn finalize(&self) -> Result<()>;
 }
 
 /// Check the block-size constraints a plugin or filter reported, as the

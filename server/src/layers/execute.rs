@@ -183,7 +183,12 @@ fn run_query(
 pub fn close(opened: Opened) {
     let Opened { handle, ctx, .. } = opened;
     let r = catch_unwind(AssertUnwindSafe(|| {
-        host::with_context(&ctx, || drop(handle))
+        host::with_context(&ctx, || {
+            if let Err(e) = handle.finalize() {
+                log::error!("finalize: {e}");
+            }
+            drop(handle)
+        })
     }));
     if r.is_err() {
         log::error!("closing a handle panicked");

@@ -16,7 +16,9 @@ use super::backend::{checked_block_size, Backend, Handle};
 use super::exports::ExportCollector;
 use super::extents::ExtentCollector;
 use super::host;
-use super::loader::{field, layer_string, shared_fields, LayerInfo, Library, Origin, Table};
+use super::loader::{
+    field, layer_path, layer_string, shared_fields, LayerInfo, Library, Origin, Table,
+};
 use crate::protocol::export::{ExportEntry, Extent};
 
 impl Table for abi::Filter {
@@ -106,7 +108,9 @@ impl Filter {
             // SAFETY: ABI callback with a next table whose handle lives until
             // `below` is dropped after the call.
             let r = self.lib.call(|| unsafe { f(&*below.abi) });
+            let finalized = below.handle.finalize();
             self.lib.check("startup", r)?;
+            finalized?;
         }
         Ok(Arc::new(Layer {
             lib: self.lib,
@@ -554,6 +558,26 @@ unsafe extern "C" fn next_extents(
     })
 }
 
+thread_local! {
+    static LOCAL_FILE: std::cell::RefCell<CString> = Default::default();
+}
+
+unsafe extern "C" fn next_local_file(next: *const abi::Next) -> *const c_char {
+    // SAFETY: filters only receive `next` from a live FilterHandle.
+    match below(|| unsafe { next_of(next) }.local_file()) {
+        Ok(Some(p)) => LOCAL_FILE.with(|slot| {
+            *slot.borrow_mut() =
+                CString::new(p.into_os_string().into_encoded_bytes()).unwrap_or_default();
+            slot.borrow().as_ptr()
+        }),
+        Ok(None) => std::ptr::null(),
+        Err(e) => {
+            host::record(e);
+            std::ptr::null()
+        }
+    }
+}
+
 impl OpenedNext {
     fn new(handle: Box<dyn Handle>) -> OpenedNext {
         let handle = Box::new(handle);
@@ -580,6 +604,7 @@ impl OpenedNext {
             zero: Some(next_zero),
             extents: Some(next_extents),
             cache: Some(next_cache),
+            local_file: Some(next_local_file),
         });
         OpenedNext { abi, handle }
     }
@@ -790,6 +815,30 @@ impl Handle for FilterHandle {
             Some(f) => self.range(f, "cache", count, offset, flags),
             None => self.next.handle.cache(count, offset, flags),
         }
+    }
+
+    fn local_file(&self) -> Result<Option<std::path::PathBuf>> {
+        let Some(f) = fcb!(self.lib, local_file) else {
+            return self.next.handle.local_file();
+        };
+        // SAFETY: ABI callback with our next table and the filter's handle;
+        // the path is copied at once.
+        let p = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
+        Ok(layer_path(p))
+    }
+
+    fn finalize(&self) -> Result<()> {
+        let mine = match fcb!(self.lib, finalize) {
+            Some(f) => {
+                // SAFETY: ABI callback with our next table and the filter's handle.
+                let r = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
+                self.lib.check("finalize", r)
+            }
+            None => Ok(()),
+        };
+        // The layers below write back theirs even when this one failed.
+        let below = self.next.handle.finalize();
+        mine.and(below)
     }
 
     fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<Extent>> {

@@ -6,6 +6,7 @@
 //! `unload`) the same way for both kinds.
 
 use std::ffi::{c_char, c_int, CStr, CString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -156,6 +157,18 @@ fn opt_string(p: *const c_char) -> Option<String> {
 /// A string from a layer that may be absent or empty.
 pub fn layer_string(p: *const c_char) -> Option<String> {
     opt_string(p)
+}
+
+/// A path a layer returned (null for none), copied at once: any bytes but
+/// NUL make a Unix path, so none is lost to UTF-8.
+pub fn layer_path(p: *const c_char) -> Option<std::path::PathBuf> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null string from a layer is NUL-terminated and valid
+    // until the layer's next call on this thread, which comes after this.
+    let bytes = unsafe { CStr::from_ptr(p) }.to_bytes();
+    Some(std::ffi::OsStr::from_bytes(bytes).into())
 }
 
 /// Decode a `thread_model` field.

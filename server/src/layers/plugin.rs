@@ -16,7 +16,9 @@ use super::backend::{checked_block_size, write_zeroes, Backend, Handle};
 use super::exports::ExportCollector;
 use super::extents::ExtentCollector;
 use super::host;
-use super::loader::{field, layer_string, shared_fields, LayerInfo, Library, Origin, Table};
+use super::loader::{
+    field, layer_path, layer_string, shared_fields, LayerInfo, Library, Origin, Table,
+};
 use crate::protocol::export::{ExportEntry, Extent};
 
 impl Table for abi::Plugin {
@@ -410,6 +412,19 @@ impl Handle for PluginHandle {
         // SAFETY: ABI callback taking our live handle; the string is copied.
         let p = self.lib.call(|| unsafe { f(self.handle) });
         Ok(layer_string(p))
+    }
+
+    fn local_file(&self) -> Result<Option<std::path::PathBuf>> {
+        let Some(f) = cb!(self.lib, local_file) else {
+            return Ok(None);
+        };
+        // SAFETY: ABI callback taking our live handle; the path is copied.
+        let p = self.lib.call(|| unsafe { f(self.handle) });
+        Ok(layer_path(p))
+    }
+
+    fn finalize(&self) -> Result<()> {
+        Ok(())
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
