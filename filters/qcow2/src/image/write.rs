@@ -279,7 +279,9 @@ impl Image {
                 Cluster::Normal { .. } if p.replace => (0, cs),
                 _ => (p.a / ss * ss, p.b.div_ceil(ss) * ss),
             }
-        } else if in_place || (p.fresh && old_reads_zero) {
+        } else if in_place || (p.fresh && old_reads_zero && self.crypto.is_none()) {
+            // (Unwritten bytes of a fresh cluster read as zeroes, which an
+            // encrypted image must store encrypted, like any others.)
             (p.a, p.b)
         } else {
             (0, cs)
