@@ -1320,16 +1320,10 @@ fn nbd_plugin_matches_nbdkit() {
     drop(bb);
 }
 
-#[test]
-fn curl_plugin_against_local_http_server_matches_nbdkit() {
-    let Some(_) = plugindir() else { return };
-    if missing("curl plugin test", &["lighttpd"]) {
-        return;
-    }
-    let tmp = TempDir::new("nbdkit-http");
-    let www = tmp.path("www");
-    std::fs::create_dir_all(&www).unwrap();
-    disk_image(&www, "disk.img", 12);
+/// lighttpd serving `www` on a free loopback port, checked to honour
+/// Range requests for `file` (the curl plugin reads with them, and a
+/// failure later would blame the wrong program).
+fn serve_http(tmp: &TempDir, www: &Path, file: &str) -> (Daemon, u16) {
     let port = free_port();
     let conf = tmp.path("lighttpd.conf");
     std::fs::write(
@@ -1341,18 +1335,16 @@ fn curl_plugin_against_local_http_server_matches_nbdkit() {
         ),
     )
     .unwrap();
-    let _http = Daemon::start(
+    let http = Daemon::start(
         "lighttpd",
         Command::new("lighttpd").arg("-D").arg("-f").arg(&conf),
         tmp.path("lighttpd.log"),
         || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
     );
-    // The plugin reads with Range requests; be sure the server honours
-    // them, or a failure below would blame the wrong program.
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
-        "GET /disk.img HTTP/1.1\r\nHost: 127.0.0.1\r\nRange: bytes=0-9\r\nConnection: close\r\n\r\n"
+        "GET /{file} HTTP/1.1\r\nHost: 127.0.0.1\r\nRange: bytes=0-9\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut reply = Vec::new();
@@ -1363,6 +1355,20 @@ fn curl_plugin_against_local_http_server_matches_nbdkit() {
         "lighttpd ignored Range: {}",
         reply.lines().next().unwrap_or("")
     );
+    (http, port)
+}
+
+#[test]
+fn curl_plugin_against_local_http_server_matches_nbdkit() {
+    let Some(_) = plugindir() else { return };
+    if missing("curl plugin test", &["lighttpd"]) {
+        return;
+    }
+    let tmp = TempDir::new("nbdkit-http");
+    let www = tmp.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    disk_image(&www, "disk.img", 12);
+    let (_http, port) = serve_http(&tmp, &www, "disk.img");
 
     let url = format!("url=http://127.0.0.1:{port}/disk.img");
     // An empty proxy= tells libcurl to use no proxy, whatever the
@@ -1607,4 +1613,52 @@ fn sizes_are_parsed_as_nbdkit_parses_them() {
         sizes.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn qcow2_image_over_http_reads_as_qemu() {
+    // The cloud-image case: a compressed qcow2 on a web server, served
+    // read-only through the qcow2 filter over nbdkit's curl plugin.
+    let Some(_) = plugindir() else { return };
+    if missing("qcow2 over curl test", &["lighttpd", "qemu-img", "qemu-io"]) {
+        return;
+    }
+    let tmp = TempDir::new("qcow2-http");
+    let www = tmp.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let plain = tmp.path("plain.qcow2");
+    let plain_s = plain.to_str().unwrap();
+    run_ok(client("qemu-img").args(["create", "-q", "-f", "qcow2", plain_s, "32M"]));
+    run_ok(client("qemu-io").args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x11 0 3M",
+        "-c",
+        "write -P 0x22 20M 100k",
+        plain_s,
+    ]));
+    let image = www.join("cloud.qcow2");
+    run_ok(client("qemu-img").args([
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        plain_s,
+        image.to_str().unwrap(),
+    ]));
+    let expected = tmp.path("expected.raw");
+    run_ok(client("qemu-img").args(["convert", "-O", "raw", plain_s, expected.to_str().unwrap()]));
+    let (_http, port) = serve_http(&tmp, &www, "cloud.qcow2");
+    let filter = nbdhost_tests::filter_arg("qcow2");
+    let url = format!("url=http://127.0.0.1:{port}/cloud.qcow2");
+    let s = start_nbdhost(&["-r".into(), filter, "curl".into(), url, "proxy=".into()]);
+    let got = tmp.path("got.raw");
+    run_ok(client("nbdcopy").arg(s.uri()).arg(&got));
+    assert!(
+        std::fs::read(&got).unwrap() == std::fs::read(&expected).unwrap(),
+        "nbdcopy through nbdhost differs from qemu-img convert"
+    );
+    let map = nbdinfo_map(&s.uri());
+    assert!(map.contains("hole"), "no holes reported:\n{map}");
 }

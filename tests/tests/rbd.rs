@@ -584,3 +584,69 @@ fn a_stopped_cluster_gives_errors_not_a_hang_and_the_server_stops() {
     );
     assert!(log.contains("did not answer within 5 s"), "{log}");
 }
+
+#[test]
+fn qcow2_image_in_rbd_reads_and_writes_as_qemu() {
+    let Some(c) = cluster("qcow2_image_in_rbd_reads_and_writes_as_qemu") else {
+        return;
+    };
+    let dir = TempDir::new("rbd-qcow2");
+    let img = dir.path("disk.qcow2");
+    let img_s = img.to_str().unwrap();
+    run_ok(client("qemu-img").args(["create", "-q", "-f", "qcow2", img_s, "64M"]));
+    let seed = [
+        "write -P 0x11 0 1M",
+        "write -P 0x22 5M 100k",
+        "write -z 10M 1M",
+    ];
+    let mut q = client("qemu-io");
+    for cmd in seed {
+        q.args(["-c", cmd]);
+    }
+    run_ok(q.args(["-f", "qcow2", img_s]));
+    let expected = dir.path("expected.raw");
+    run_ok(client("qemu-img").args(["convert", "-O", "raw", img_s, expected.to_str().unwrap()]));
+    c.rbd(&["import", img_s, "rbd/qcow2"]);
+    // An RBD image does not grow on its own: leave the qcow2 room to
+    // allocate, as one would for qemu.
+    c.rbd(&["resize", "--size", "128M", "rbd/qcow2"]);
+    let s = c.serve(&[&filter_arg("qcow2")], "rbd/qcow2", &[]);
+    let got = dir.path("got.raw");
+    run_ok(client("nbdcopy").arg(s.uri()).arg(&got));
+    assert!(
+        read(&got) == read(&expected),
+        "nbdcopy differs from qemu-img convert"
+    );
+
+    let script = [
+        "write -P 0x33 512 1000",
+        "write -P 0x44 3M 70k",
+        "write -z 100k 200k",
+        "write -P 0x55 50M 1M",
+        "discard 5M 64k",
+    ];
+    qemu_io(&s.uri(), &script);
+    let mut q = client("qemu-io");
+    for cmd in script {
+        q.args(["-c", cmd]);
+    }
+    run_ok(q.args(["-f", "raw"]).arg(&expected));
+    assert!(s.stop().success());
+    let back = dir.path("back.qcow2");
+    c.rbd(&["export", "rbd/qcow2", back.to_str().unwrap()]);
+    let check = run(client("qemu-img").args(["check", back.to_str().unwrap()]));
+    assert!(
+        check.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    run_ok(client("qemu-img").args([
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        back.to_str().unwrap(),
+        expected.to_str().unwrap(),
+    ]));
+}
