@@ -988,3 +988,88 @@ fn two_qemu_io_connections_write_different_clusters_at_once() {
     let out = run_ok(c.arg(img.name()));
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
+
+#[test]
+fn two_exports_naming_one_image_do_not_both_write() {
+    let dir = TempDir::new("qcow2-twoexp");
+    let img = Image::create(&dir, "disk.qcow2", "");
+    let socket = dir.path("nbd.sock");
+    let config = dir.path("nbdhost.toml");
+    let export = |name: &str| {
+        format!(
+            "[[export]]\nname = \"{name}\"\nplugin = \"{}\"\nparams = {{ file = \"{}\" }}\nfilters = [ {{ filter = \"{}\" }} ]\n",
+            plugin("file").display(),
+            img.name(),
+            nbdhost_tests::filter("qcow2").display()
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"{}\"]\n\n{}\n{}",
+            socket.display(),
+            export("a"),
+            export("b")
+        ),
+    )
+    .unwrap();
+    let server = Server::start_config(&config, &[], &socket);
+    let uri = |name: &str| format!("nbd+unix:///{name}?socket={}", socket.display());
+    let mut held = client("nbdsh")
+        .args(["-u", &uri("a"), "-c", "import time; time.sleep(3)"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = run(client("qemu-io").args(["-f", "raw", "-c", "write 0 4k", &uri("b")]));
+    let _ = held.wait();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("wrote 4096"), "both exports wrote:\n{text}");
+    let log = server.stop_with_log().1;
+    assert!(log.contains("lock"), "{log}");
+    // Once the first let go, the second may write.
+    img.check_clean();
+}
+
+/// Add an extension of unknown type after the header extensions of a v3
+/// image made by qemu-img; returns its bytes.
+fn add_unknown_extension(path: &Path) -> Vec<u8> {
+    let b = std::fs::read(path).unwrap();
+    let header_len = u32::from_be_bytes(b[100..104].try_into().unwrap()) as usize;
+    let mut at = header_len;
+    loop {
+        let kind = u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        if kind == 0 {
+            break;
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    let mut ext = Vec::new();
+    ext.extend(0x6e62_6468u32.to_be_bytes());
+    ext.extend(12u32.to_be_bytes());
+    ext.extend(b"kept intact\0\0\0\0\0");
+    // The end marker follows; the rest of the first cluster is free in an
+    // image without a backing file.
+    patch(path, at as u64, &[ext.as_slice(), &[0; 8]].concat());
+    ext
+}
+
+#[test]
+fn unknown_header_extension_is_kept_across_writes() {
+    let dir = TempDir::new("qcow2-ext");
+    let img = Image::create(&dir, "disk.qcow2", "");
+    qemu_img(&["bitmap", "--add", &img.name(), "b0"]);
+    let ext = add_unknown_extension(&img.path);
+    let server = img.serve(&[]);
+    // The first write clears the bitmaps' autoclear bit: the header is
+    // written back.
+    qemu_io(&server.uri(), &["write -P 0x11 0 64k"]);
+    drop(server);
+    assert_eq!(header_u64(&img.path, AUTOCLEAR as usize) & 1, 0);
+    let b = std::fs::read(&img.path).unwrap();
+    assert!(
+        b[..4096].windows(ext.len()).any(|w| w == ext),
+        "the unknown extension is gone"
+    );
+}
