@@ -1073,3 +1073,64 @@ fn unknown_header_extension_is_kept_across_writes() {
         "the unknown extension is gone"
     );
 }
+
+#[test]
+fn plain_overlay_on_an_encrypted_base_uses_the_passphrase_for_the_base() {
+    let dir = TempDir::new("qcow2-encbase");
+    let base = Image::create_encrypted(&dir, "base.qcow2");
+    base.seed(&["write -P 0x11 0 1M"]);
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        "64M",
+    ]);
+    let img = Image {
+        path: top,
+        encrypted: false,
+    };
+    let server = img.serve(&[&format!("passphrase={PASS}")]);
+    qemu_io(
+        &server.uri(),
+        &[
+            "read -P 0x11 0 1M",
+            "write -P 0x22 4k 4k",
+            "read -P 0x11 0 4k",
+        ],
+    );
+    drop(server);
+    let out = qemu_img(&[
+        "check",
+        "--object",
+        &format!("secret,id=sec0,data={PASS}"),
+        "--image-opts",
+        &format!(
+            "driver=qcow2,file.filename={},backing.encrypt.key-secret=sec0",
+            img.name()
+        ),
+    ]);
+    assert!(out.contains("No errors were found"), "{out}");
+}
+
+#[test]
+fn passphrase_for_an_image_with_nothing_encrypted_is_refused() {
+    let dir = TempDir::new("qcow2-nopass");
+    let img = Image::create(&dir, "disk.qcow2", "");
+    let log = refuses(&file_args(&img.path, &["passphrase=unused"]));
+    assert!(
+        log.contains("not encrypted") || log.contains("are encrypted"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("unused"),
+        "the passphrase reached the log:\n{log}"
+    );
+}

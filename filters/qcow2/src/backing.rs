@@ -68,13 +68,13 @@ pub enum Backing {
     Raw {
         io: FileIo,
         size: u64,
-        _lock: ImageLock,
+        _lock: Option<ImageLock>,
     },
     /// A qcow2 image, with its own chain.
     Qcow2 {
         image: Box<Image>,
         io: FileIo,
-        _lock: ImageLock,
+        _lock: Option<ImageLock>,
     },
 }
 
@@ -84,8 +84,12 @@ pub struct Chain<'a> {
     pub opts: &'a Options,
     /// Where the top image lives, if it is a local file.
     pub image_file: Option<&'a Path>,
+    /// Take qemu's read locks on the backing files.
+    pub locking: bool,
     /// Hears the keyslot messages of encrypted backing files.
     pub log: &'a mut dyn FnMut(&str),
+    /// Set once a backing file was unlocked with the policy's secret.
+    pub used_secret: bool,
 }
 
 /// Whether a backing name names a protocol (qemu's rule: a colon before
@@ -203,7 +207,11 @@ impl Chain<'_> {
                 path.display()
             )));
         }
-        let lock = ImageLock::take(&path, Access::Read)?;
+        let lock = if self.locking {
+            Some(ImageLock::take(&path, Access::Read)?)
+        } else {
+            None
+        };
         let file = File::open(&path)
             .map_err(|e| Error::Invalid(format!("backing file {}: {e}", path.display())))?;
         let io = FileIo::new(file, path.display().to_string());
@@ -235,7 +243,9 @@ impl Chain<'_> {
                                 path.display()
                             ))
                         })?;
-                        Some(Crypto::unlock(&io, offset, length, secret, self.log)?)
+                        let crypto = Crypto::unlock(&io, offset, length, secret, self.log)?;
+                        self.used_secret = true;
+                        Some(crypto)
                     }
                 };
                 let image = Image::open(

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backing;
+pub mod check;
 pub mod compress;
 pub mod crypto;
 pub mod error;
@@ -32,8 +33,8 @@ use std::sync::{Arc, Mutex};
 
 use nbdhost_plugin_api::host::LogLevel;
 use nbdhost_plugin_api::{
-    callbacks, host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle, Flags,
-    Next, NextOpener, Result, Support,
+    callbacks, host, nbdhost_filter, BlockSize, Error, ExportList, ExtentList, Filter,
+    FilterHandle, Flags, Next, NextExports, NextOpener, Result, Support,
 };
 use zeroize::Zeroizing;
 
@@ -147,7 +148,7 @@ impl Filter for Qcow2 {
 key-file=<FILE>        Or the whole file as the key.
 backing=on|off         off: no backing file; what it held reads as zeroes.
 backing-file=<FILE>    Use FILE as the image's backing file.
-backing-format=raw|qcow2   Its format, or that of one the image does not record.
+backing-format=raw|qcow2   Its format (needed with backing-file=; else overrides the image's).
 backing-dir=<DIR>      Open backing files only inside DIR.
 l2-cache-size=<SIZE>   L2 tables kept in memory (default 32M).
 refcount-cache-size=<SIZE>  Refcount blocks kept in memory (default 1M).
@@ -212,12 +213,8 @@ locking=on|off         qemu's image locks on a local file (default on).";
         let (h, _) = Image::read_header(&io).map_err(to_abi)?;
         let secret = self.secret.lock().expect("secret lock").take();
         let crypto = match (h.encryption, &secret) {
-            (Encryption::None, None) => None,
-            (Encryption::None, Some(_)) => {
-                return Err(einval(
-                    "passphrase= was given, but the image is not encrypted",
-                ))
-            }
+            // The secret may be a backing file's (checked below).
+            (Encryption::None, _) => None,
             (Encryption::Luks { .. }, None) => return Err(einval(
                 "the image is encrypted (encrypt.format=luks): passphrase= or key-file= is needed",
             )),
@@ -227,14 +224,20 @@ locking=on|off         qemu's image locks on a local file (default on).";
         };
         let mut policy = self.policy.clone();
         policy.secret = secret.as_ref().map(|s| s.to_vec());
-        let backing = Chain {
+        let mut chain = Chain {
             policy: &policy,
             opts: &self.opts,
             image_file: local.as_deref(),
+            locking: self.locking.unwrap_or(true),
             log: &mut |m| host::debug(m),
+            used_secret: false,
+        };
+        let backing = chain.open_top(&h).map_err(to_abi)?;
+        if secret.is_some() && crypto.is_none() && !chain.used_secret {
+            return Err(einval(
+                "passphrase= was given, but neither the image nor its backing files are encrypted",
+            ));
         }
-        .open_top(&h)
-        .map_err(to_abi)?;
         if let Some(mut s) = policy.secret.take() {
             zeroize::Zeroize::zeroize(&mut s);
         }
@@ -247,8 +250,22 @@ locking=on|off         qemu's image locks on a local file (default on).";
         Ok(())
     }
 
-    fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Connection> {
-        next.open(readonly, export_name)?;
+    fn list_exports(
+        &self,
+        next: &NextExports,
+        readonly: bool,
+        is_tls: bool,
+        exports: &mut ExportList,
+    ) -> Result<()> {
+        exports.add(&next.default_export(readonly, is_tls)?, None)
+    }
+
+    fn open(&self, next: &NextOpener, readonly: bool, _export_name: &str) -> Result<Connection> {
+        // One image per filter, the one start-up read: every connection
+        // opens the layer below's default export, whatever name it asked
+        // for, or it would read another export's bytes through this
+        // image's metadata.
+        next.open(readonly, "")?;
         Ok(Connection {
             shared: self.shared.clone(),
             active: Mutex::new(None),
