@@ -75,11 +75,21 @@ impl Image {
             }
         }
         if u0 < u1 {
-            let mut at = u0;
-            while at < u1 {
-                let n = self.in_table(at, u1 - at);
-                self.clear_in_table(io, at, n, how)?;
-                at += n;
+            // A fast zero that cannot be done must fail before any table
+            // changes, so look at every table first.
+            let passes: &[bool] = match how {
+                Clear::Zero { fast: true, .. } => &[true, false],
+                _ => &[false],
+            };
+            for &dry in passes {
+                let mut at = u0;
+                while at < u1 {
+                    let n = self.in_table(at, u1 - at);
+                    if self.clear_in_table(io, at, n, how, dry)? {
+                        return Err(Error::NotFast);
+                    }
+                    at += n;
+                }
             }
         }
         if matches!(how, Clear::Zero { .. }) {
@@ -106,8 +116,17 @@ impl Image {
         Ok(())
     }
 
-    /// Clear whole units `[at, at + len)` within one L2 table.
-    fn clear_in_table(&self, io: &dyn Io, at: u64, len: u64, how: Clear) -> Result<()> {
+    /// Clear whole units `[at, at + len)` within one L2 table; with
+    /// `dry`, change nothing. Returns whether a fast zero would have to
+    /// write data, and so must fail.
+    fn clear_in_table(
+        &self,
+        io: &dyn Io,
+        at: u64,
+        len: u64,
+        how: Clear,
+        dry: bool,
+    ) -> Result<bool> {
         let geo = self.geo;
         let cb = geo.cluster_bits;
         let l1_index = geo.l1_index(at);
@@ -139,7 +158,10 @@ impl Image {
         }
         let data_work = actions.iter().any(|a| !matches!(a, Action::Entry { .. }));
         if data_work && matches!(how, Clear::Zero { fast: true, .. }) {
-            return Err(Error::NotFast);
+            return Ok(true);
+        }
+        if dry {
+            return Ok(false);
         }
         if actions.iter().any(|a| matches!(a, Action::Entry { .. })) {
             table = self.own_l2(&mut m, io, l1_index, table)?;
@@ -183,7 +205,7 @@ impl Image {
         for (guest, n) in rewrite {
             self.write_zeroes(io, guest, n)?;
         }
-        Ok(())
+        Ok(false)
     }
 
     /// What clearing bytes `[a, b)` (whole units) of the guest cluster at
