@@ -145,6 +145,11 @@ pub struct Image {
     pub(crate) writable: AtomicBool,
 }
 
+/// The big-endian u32 at `at`.
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
 /// The big-endian u64 at `at`.
 pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -158,12 +163,18 @@ impl Image {
         let mut first = vec![0u8; 4096.min(size) as usize];
         io.read_at(&mut first, 0)?;
         // The cluster size is in the first bytes; the extensions and the
-        // backing name may fill the rest of the first cluster.
-        let h = Header::parse(&first)?;
-        let want = h.cluster_size().min(size) as usize;
-        if want > first.len() {
-            first.resize(want, 0);
-            io.read_at(&mut first, 0)?;
+        // backing name may fill the rest of the first cluster, and end
+        // with it, as qemu reads them (not in the next cluster's bytes).
+        let field = |at: usize| first.get(at..at + 4).map(|b| be32(b, 0));
+        if let (Some(header::MAGIC), Some(bits)) = (field(0), field(20)) {
+            if (9..=header::MAX_CLUSTER_BITS).contains(&bits) {
+                let want = (1u64 << bits).min(size) as usize;
+                if want > first.len() {
+                    first.resize(want, 0);
+                    io.read_at(&mut first, 0)?;
+                }
+                first.truncate(want);
+            }
         }
         Ok((Header::parse(&first)?, first))
     }
