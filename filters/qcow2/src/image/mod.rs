@@ -477,7 +477,14 @@ impl Image {
         if !self.writable() {
             return io.flush();
         }
-        self.flush_metadata(io)
+        self.flush_metadata(io)?;
+        // The frees that sequence made safe dropped their refcounts in
+        // memory only: write those too, or a flushed image (and one closed
+        // after its last flush) keeps the freed clusters as leaks.
+        if self.lock().refblocks.dirty_count() > 0 {
+            self.flush_metadata(io)?;
+        }
+        Ok(())
     }
 
     /// Run the flush sequence if the caches asked for it.
