@@ -76,6 +76,11 @@ pub struct Report {
     /// What was found, in qemu's words where qemu has them; at most
     /// [`MAX_MESSAGES`].
     pub messages: Vec<String>,
+    /// Clusters past the end of the image, and referenced by nothing,
+    /// whose refcount is not 0: leaks too (the allocator will not use
+    /// them when the image grows), but qemu's check does not look there,
+    /// so they are counted apart from [`Report::leaks`].
+    pub leaks_past_end: u64,
     /// Messages left out past [`MAX_MESSAGES`].
     pub omitted: u64,
     /// The end of the last cluster that is referenced or has a refcount
@@ -84,9 +89,9 @@ pub struct Report {
 }
 
 impl Report {
-    /// No corruption and no leak.
+    /// No corruption and no leak (past the end of the image either).
     pub fn is_clean(&self) -> bool {
-        self.corruptions == 0 && self.leaks == 0
+        self.corruptions == 0 && self.leaks == 0 && self.leaks_past_end == 0
     }
 
     fn say(&mut self, msg: String) {
@@ -116,9 +121,13 @@ impl fmt::Display for Report {
         } else {
             write!(
                 f,
-                "{} errors were found on the image; {} leaked clusters were found on the image.",
+                "{} errors were found on the image; {} leaked clusters were found on the image",
                 self.corruptions, self.leaks
-            )
+            )?;
+            if self.leaks_past_end > 0 {
+                write!(f, ", and {} past its end", self.leaks_past_end)?;
+            }
+            write!(f, ".")
         }
     }
 }
@@ -664,6 +673,33 @@ impl Checker<'_> {
             }
         }
         self.report.image_end = highest.map_or(0, |c| (c + 1) << self.geo.cluster_bits);
+        self.past_the_end()
+    }
+
+    /// Count the refcounts stored for clusters past the end of the image
+    /// that nothing references.
+    fn past_the_end(&mut self) -> Result<()> {
+        let rbb = self.geo.refblock_bits;
+        for bi in 0..self.reftable.len() as u64 {
+            let first = bi << rbb;
+            let last = first + (1 << rbb) - 1;
+            if self.reftable[bi as usize] == 0 || last < self.clusters {
+                continue;
+            }
+            self.spend(1 << rbb)?;
+            for c in first.max(self.clusters)..=last {
+                if self.beyond.contains_key(&c) {
+                    continue;
+                }
+                let refcount = self.stored(c)?;
+                if refcount > 0 {
+                    self.report.leaks_past_end += 1;
+                    self.report.say(format!(
+                        "Leaked cluster {c} past the end of the image refcount={refcount} reference=0"
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1124,6 +1160,27 @@ mod tests {
             "{r}"
         );
         assert_eq!(qemu_check(&p), 2);
+    }
+
+    #[test]
+    fn a_refcount_past_the_end_of_the_image_is_a_leak_qemu_does_not_see() {
+        if !have_qemu("a_refcount_past_the_end_of_the_image_is_a_leak_qemu_does_not_see") {
+            return;
+        }
+        let d = Dir::new();
+        let p = d.file("a.qcow2");
+        create(&p, "cluster_size=4096", "8M");
+        let h = header(&p);
+        let end = std::fs::metadata(&p).unwrap().len();
+        write_at(
+            &p,
+            refcount_at(&p, &h, end + 10 * 4096),
+            &1u16.to_be_bytes(),
+        );
+        let r = ours(&p);
+        assert_eq!((r.corruptions, r.leaks, r.leaks_past_end), (0, 0, 1), "{r}");
+        assert!(!r.is_clean());
+        assert_eq!(qemu_check(&p), 0, "qemu does not look past the end");
     }
 
     /// A header claiming the largest tables, in a tiny file: the check
