@@ -296,7 +296,7 @@ fn check_image(io: &MemIo, when: &str, clean: bool) -> Report {
         .unwrap_or_else(|e| panic!("{when}: the check failed: {e}"));
     assert!(r.corruptions == 0, "{when}: corruption:\n{r}");
     if clean {
-        assert!(r.leaks == 0, "{when}: leaks:\n{r}");
+        assert!(r.is_clean(), "{when}: leaks:\n{r}");
     }
     r
 }
