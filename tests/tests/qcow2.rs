@@ -1134,3 +1134,17 @@ fn passphrase_for_an_image_with_nothing_encrypted_is_refused() {
         "the passphrase reached the log:\n{log}"
     );
 }
+
+#[test]
+fn clusters_trimmed_after_the_last_flush_do_not_leak_at_a_clean_close() {
+    let dir = TempDir::new("qcow2-leak");
+    let img = Image::create(&dir, "disk.qcow2", "cluster_size=4096");
+    let server = img.serve(&[]);
+    nbdhost_tests::nbdsh(
+        &server.uri(),
+        "h.pwrite(b'x' * 65536, 1 << 20); h.flush(); h.trim(65536, 1 << 20)",
+    );
+    let (st, log) = server.stop_with_log();
+    assert!(st.success(), "{log}");
+    img.check_clean();
+}

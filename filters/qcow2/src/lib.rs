@@ -408,10 +408,7 @@ impl Shared {
             return Ok(());
         };
         match io {
-            // Twice: the first sequence's frees drop refcounts that only a
-            // second one writes (else every cluster freed since the last
-            // flush leaks at each clean close).
-            Some(io) => active.image.flush(io).and_then(|()| active.image.flush(io)),
+            Some(io) => active.image.flush(io),
             None if active.image.writable() => Err(error::Error::Invalid(
                 "the last connection closed without finalize: metadata may be lost".into(),
             )),

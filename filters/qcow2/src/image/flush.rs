@@ -6,7 +6,8 @@
 //! 2. dirty L2 tables; flush below;
 //! 3. dirty pieces of the L1 table; flush below;
 //! 4. the frees whose references are now durably gone: refcounts drop
-//!    (written by the next sequence; lost, they leak, as qemu allows).
+//!    in memory ([`Image::flush`] then runs a second sequence to write
+//!    them; lost in a crash, they leak, as qemu allows).
 //!
 //! Everything is copied at one instant, under the metadata lock, so an
 //! L2 entry in step 2 never points at a cluster whose refcount change
