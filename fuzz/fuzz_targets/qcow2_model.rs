@@ -4,7 +4,8 @@
 //! refcounts, versions 2 and 3, extended L2 entries, some with data,
 //! compressed clusters and zero clusters written by qemu-io, some with an
 //! internal snapshot sharing clusters with the active image); the next
-//! picks the cache sizes and the I/O options; the rest is a sequence of
+//! picks the cache sizes and the I/O options, the third the flushes
+//! crashes are simulated at (below); the rest is a sequence of
 //! writes (some FUA), write-zeroes (with and without unmap, fast or not),
 //! trims, flushes, reads and block-status calls at offsets and lengths
 //! of every alignment.
@@ -21,6 +22,10 @@
 //! - after every step, the image as it lies in memory (every write the
 //!   engine made, flushed or not) passes the refcount check with no
 //!   corruption: the metadata order leaves leaks at worst;
+//! - so does the image a crash at a flush would leave (every fourth
+//!   flush, which ones the third byte picks): what was durable, plus any
+//!   of the writes since, each whole, dropped or torn into some of its
+//!   512-byte sectors;
 //! - after a flush (after every step, or only where the input asks, so
 //!   that changes also pile up in the caches between flushes), no leak
 //!   either;
@@ -32,11 +37,14 @@
 #[path = "qcow2_io/mod.rs"]
 mod qcow2_io;
 
+use std::cell::{Cell, RefCell};
+
 use libfuzzer_sys::fuzz_target;
 use qcow2_io::MemIo;
 use qcow2filter::check::{self, Report};
 use qcow2filter::error::Error;
 use qcow2filter::image::{Image, Options};
+use qcow2filter::io::Io;
 
 /// `(name, image, written)`: the images `fuzz/qcow2-seeds` makes, in its
 /// order; `written` ones hold [`WRITES`].
@@ -291,7 +299,131 @@ impl Input<'_> {
     }
 }
 
-fn check_image(io: &MemIo, when: &str, clean: bool) -> Report {
+/// The image over a disk with a volatile write cache: the writes since
+/// the last flush are kept aside, so that at every fourth flush (which
+/// ones, the input picks) the image can be made as a crash there could
+/// leave it: what the previous flush made durable, plus any of the
+/// writes since (each whole, dropped, or torn into some of its 512-byte
+/// sectors, as the input picks).
+struct CrashIo {
+    mem: MemIo,
+    /// Writes since the last flush.
+    pending: RefCell<Vec<Pending>>,
+    flushes: Cell<u32>,
+    /// Crash at the flushes `n` with `(n + crash_at) % 4 == 0`, keeping
+    /// the writes `keep` (and `n`) pick.
+    crash_at: u32,
+    keep: u64,
+    /// The images those crashes left, by flush.
+    crashed: RefCell<Vec<(u32, Vec<u8>)>>,
+}
+
+/// A write not yet flushed: where, the bytes it replaced (those inside
+/// the image then) and the image's size then, and its own bytes.
+struct Pending {
+    offset: u64,
+    old: Vec<u8>,
+    size_before: u64,
+    new: Vec<u8>,
+}
+
+impl CrashIo {
+    fn record(&self, offset: u64, new: Vec<u8>) {
+        let size_before = self.mem.size().expect("memory");
+        let inside = size_before.saturating_sub(offset).min(new.len() as u64);
+        let mut old = vec![0u8; inside as usize];
+        if inside > 0 {
+            self.mem.read_at(&mut old, offset).expect("inside");
+        }
+        self.pending.borrow_mut().push(Pending {
+            offset,
+            old,
+            size_before,
+            new,
+        });
+    }
+
+    /// The image after a crash now, keeping what `keep` picks of the
+    /// pending writes.
+    fn crash_image(&self, keep: u64) -> Vec<u8> {
+        let pending = self.pending.borrow();
+        let mut img = self.mem.bytes();
+        for p in pending.iter().rev() {
+            let at = p.offset as usize;
+            img[at..at + p.old.len()].copy_from_slice(&p.old);
+            img.truncate(p.size_before as usize);
+        }
+        let mut x = keep | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for p in pending.iter() {
+            let mode = next() % 4;
+            if mode == 0 {
+                continue;
+            }
+            let end = p.offset as usize + p.new.len();
+            if img.len() < end {
+                img.resize(end, 0);
+            }
+            let mut at = p.offset as usize;
+            while at < end {
+                let sector_end = ((at / 512 + 1) * 512).min(end);
+                if mode != 3 || next() & 1 == 1 {
+                    let from = at - p.offset as usize;
+                    img[at..sector_end].copy_from_slice(&p.new[from..from + sector_end - at]);
+                }
+                at = sector_end;
+            }
+        }
+        img
+    }
+}
+
+impl Io for CrashIo {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> qcow2filter::error::Result<()> {
+        self.mem.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> qcow2filter::error::Result<()> {
+        self.record(offset, buf.to_vec());
+        self.mem.write_at(buf, offset, fua)
+    }
+
+    fn flush(&self) -> qcow2filter::error::Result<()> {
+        let n = self.flushes.get() + 1;
+        self.flushes.set(n);
+        if (n + self.crash_at) % 4 == 0 {
+            let keep = self.keep ^ u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let img = self.crash_image(keep);
+            self.crashed.borrow_mut().push((n, img));
+        }
+        self.pending.borrow_mut().clear();
+        self.mem.flush()
+    }
+
+    fn zero(&self, len: u64, offset: u64) -> qcow2filter::error::Result<()> {
+        let size = self.mem.size()?;
+        let inside = size.saturating_sub(offset).min(len);
+        if inside > 0 {
+            self.record(offset, vec![0u8; inside as usize]);
+        }
+        self.mem.zero(len, offset)
+    }
+
+    fn size(&self) -> qcow2filter::error::Result<u64> {
+        self.mem.size()
+    }
+
+    fn holes(&self, offset: u64, len: u64) -> qcow2filter::error::Result<Vec<(u64, u64, bool)>> {
+        self.mem.holes(offset, len)
+    }
+}
+
+fn check_image(io: &dyn Io, when: &str, clean: bool) -> Report {
     let r = check::check_bounded(io, CHECK_WORK)
         .unwrap_or_else(|e| panic!("{when}: the check failed: {e}"));
     assert!(r.corruptions == 0, "{when}: corruption:\n{r}");
@@ -308,7 +440,17 @@ fuzz_target!(|data: &[u8]| {
     };
     let (name, template, written) = TEMPLATES[usize::from(t) % TEMPLATES.len()];
     let opts_byte = input.byte().unwrap_or(0);
-    let io = MemIo::new(template.to_vec(), true);
+    let crash_at = u32::from(input.byte().unwrap_or(0));
+    let io = CrashIo {
+        mem: MemIo::new(template.to_vec(), true),
+        pending: RefCell::new(Vec::new()),
+        flushes: Cell::new(0),
+        crash_at,
+        keep: data.iter().fold(0x9e37_79b9_7f4a_7c15u64, |a, &b| {
+            (a ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        }),
+        crashed: RefCell::new(Vec::new()),
+    };
     let (h, first) = Image::read_header(&io).expect("a template's header");
     let cs = h.cluster_size();
     let opts = Options {
@@ -425,6 +567,11 @@ fuzz_target!(|data: &[u8]| {
         }
         // Every write the engine made has landed: no corruption.
         check_image(&io, &format!("{what}, as written"), false);
+        // Nor where a crash at the chosen flush left some of them.
+        for (n, img) in io.crashed.take() {
+            let crashed = MemIo::new(img, false);
+            check_image(&crashed, &format!("{what}, crashed at flush {n}"), false);
+        }
         if flush_often {
             image
                 .flush(&io)
@@ -438,7 +585,7 @@ fuzz_target!(|data: &[u8]| {
     drop(image);
 
     // Reopened from its bytes, it reads as the model.
-    let io = MemIo::new(io.bytes(), false);
+    let io = MemIo::new(io.mem.bytes(), false);
     let (h, first) = Image::read_header(&io).expect("the header, reopened");
     let image = Image::open(&io, h, &first, Options::default(), None, None).expect("reopened");
     let mut buf = vec![0u8; size as usize];
