@@ -9,6 +9,7 @@ use std::io::Read;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
+use std::thread::LocalKey;
 use std::time::{Duration, Instant};
 
 use nbdhost_plugin_api::{abi, Error};
@@ -159,20 +160,44 @@ pub fn on_shutdown_request(f: Option<Box<dyn Fn() + Send>>) {
     *slot = f;
 }
 
+/// Sets a thread-local cell for the life of a call and puts the previous
+/// value back when dropped, on every exit: a panic unwinding out of the
+/// call (caught further up, as a filter's `next` calls catch them) must
+/// not leave the cell pointing into the call's dead stack.
+struct Restore<T: Copy + 'static> {
+    key: &'static LocalKey<Cell<T>>,
+    prev: T,
+}
+
+impl<T: Copy + 'static> Restore<T> {
+    fn set(key: &'static LocalKey<Cell<T>>, value: T) -> Restore<T> {
+        Restore {
+            key,
+            prev: key.with(|c| c.replace(value)),
+        }
+    }
+}
+
+impl<T: Copy + 'static> Drop for Restore<T> {
+    fn drop(&mut self) {
+        // (`try_with`: a thread being torn down has nothing to restore.)
+        let _ = self.key.try_with(|c| c.set(self.prev));
+    }
+}
+
 /// Run `f` on behalf of a connection, so that `export_name` and
 /// `peer_name` answer for it.
 pub fn with_context<T>(ctx: &ConnContext, f: impl FnOnce() -> T) -> T {
-    let prev = CONTEXT.with(|c| c.replace(ctx));
-    let r = f();
-    CONTEXT.with(|c| c.set(prev));
-    r
+    let _restore = Restore::set(&CONTEXT, ctx);
+    f()
 }
 
 /// Run `f` for the current connection but under another export name, as
 /// a filter opening the next layer may ask.
 pub fn with_export_name<T>(name: &str, f: impl FnOnce() -> T) -> T {
     let cur = CONTEXT.with(|c| c.get());
-    // SAFETY: CONTEXT is only non-null inside `with_context`.
+    // SAFETY: CONTEXT is only non-null inside `with_context`, whose guard
+    // takes it out again on every exit.
     let ctx = match unsafe { cur.as_ref() } {
         Some(c) => c.renamed(name),
         None => ConnContext {
@@ -185,11 +210,13 @@ pub fn with_export_name<T>(name: &str, f: impl FnOnce() -> T) -> T {
 
 /// `f` of the connection the current call is made for, if any. Pointers
 /// into the context that `f` returns stay valid for the rest of the call:
-/// the context outlives every call made within `with_context`.
+/// the context outlives every call made within `with_context`, and
+/// [`Restore`] takes it out of the thread however that call ends.
 fn current<R>(f: impl FnOnce(&ConnContext) -> R) -> Option<R> {
     let cur = CONTEXT.with(|c| c.get());
     // SAFETY: CONTEXT is only non-null inside `with_context`, whose borrow
-    // outlives every call made within it.
+    // outlives every call made within it and whose guard takes it out
+    // again on every exit, panics included.
     unsafe { cur.as_ref() }.map(f)
 }
 
@@ -230,11 +257,9 @@ pub fn record(e: Error) {
 
 /// Run `f` as a call into `layer`, collecting the error it records.
 pub fn call_layer<T>(layer: &'static str, f: impl FnOnce() -> T) -> T {
-    let prev = LAYER.with(|l| l.replace(layer));
+    let _restore = Restore::set(&LAYER, layer);
     LAST_ERROR.with(|e| e.borrow_mut().take());
-    let r = f();
-    LAYER.with(|l| l.set(prev));
-    r
+    f()
 }
 
 /// The error the current callback recorded, or a generic `EIO`.
@@ -791,6 +816,30 @@ mod tests {
             -1,
             "sleeps after shutdown end at once"
         );
+    }
+
+    /// A filter's `next->open` runs the layer below under the name the
+    /// filter asked for (`with_export_name`), inside `below`'s
+    /// `catch_unwind`: a panic down there must leave this thread's
+    /// connection, and the layer being called, as they were.
+    #[test]
+    fn a_panic_below_a_renamed_open_leaves_the_thread_context_as_it_was() {
+        let outer = ConnContext {
+            export_name: CString::new("outer").unwrap(),
+            ..Default::default()
+        };
+        with_context(&outer, || {
+            call_layer("filter", || {
+                let unwound = std::panic::catch_unwind(|| {
+                    with_export_name("inner", || call_layer("plugin", || panic!("below")))
+                });
+                assert!(unwound.is_err());
+                assert_eq!(export_name().to_bytes(), b"outer");
+                assert_eq!(LAYER.with(|l| l.get()), "filter");
+            });
+        });
+        assert_eq!(export_name().to_bytes(), b"");
+        assert_eq!(LAYER.with(|l| l.get()), "nbdhost");
     }
 
     #[test]
