@@ -6,9 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use super::engine::GnutlsEngine;
 use super::{check, cpath, ffi, psk, strerror};
-use crate::session::{TlsEngine, TlsFactory};
 
 /// What `--tls-*` asked for.
 #[derive(Debug, Clone, Default)]
@@ -202,11 +200,5 @@ impl Drop for TlsConfig {
                 ffi::gnutls_priority_deinit(self.priority);
             }
         }
-    }
-}
-
-impl TlsFactory for TlsConfig {
-    fn start(&self) -> Result<Box<dyn TlsEngine>, String> {
-        Ok(Box::new(GnutlsEngine::new(self)?))
     }
 }

@@ -9,7 +9,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::config::TlsConfig;
 use super::{check, ffi, psk, strerror};
-use crate::session::{PeerIdentity, TlsEngine};
+use crate::session::{PeerIdentity, TlsEngine, TlsFactory};
 
 /// The largest plaintext a TLS record carries.
 const RECORD_MAX: usize = 16 * 1024;
@@ -171,6 +171,14 @@ impl GnutlsEngine {
             ffi::gnutls_x509_crt_deinit(crt);
             names
         }
+    }
+}
+
+/// Each connection that starts TLS gets a new session over the shared
+/// credentials.
+impl TlsFactory for TlsConfig {
+    fn start(&self) -> Result<Box<dyn TlsEngine>, String> {
+        Ok(Box::new(GnutlsEngine::new(self)?))
     }
 }
 
