@@ -8,6 +8,9 @@
 //! rest are clipped to the request, they must be contiguous, and the first
 //! must cover the requested offset. A list made with `nbdkit_extents_new`
 //! keeps its extents for the caller to read back.
+//!
+//! `nbdkit_use_default_export` is in `plugin.rs`, beside the plugin
+//! callback it asks, so that the lists do not depend on the plugin.
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -206,7 +209,7 @@ impl ExportList {
         }
     }
 
-    fn add(&mut self, name: *const c_char, desc: *const c_char) -> c_int {
+    pub fn add(&mut self, name: *const c_char, desc: *const c_char) -> c_int {
         match &mut self.sink {
             ExportSink::Server(list) => match host::get().add_export {
                 // SAFETY: the server's list for the running list_exports
@@ -230,7 +233,7 @@ impl ExportList {
 
 /// # Safety
 /// `list` must be a list the adapter handed out.
-unsafe fn exports<'a>(list: *mut c_void) -> Option<&'a mut ExportList> {
+pub unsafe fn exports<'a>(list: *mut c_void) -> Option<&'a mut ExportList> {
     // SAFETY: as the caller promises.
     unsafe { list.cast::<ExportList>().as_mut() }
 }
@@ -249,21 +252,6 @@ pub unsafe extern "C" fn nbdkit_add_export(
             report(c"nbdkit_add_export: no export list");
             -1
         }
-    }
-}
-
-/// See nbdkit_use_default_export(3): list the name the plugin's
-/// `default_export` gives.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn nbdkit_use_default_export(list: *mut c_void) -> c_int {
-    // SAFETY: as in nbdkit_add_export.
-    let Some(l) = (unsafe { exports(list) }) else {
-        report(c"nbdkit_use_default_export: no export list");
-        return -1;
-    };
-    match crate::plugin::default_export_name(l.readonly, l.is_tls) {
-        Some(name) => l.add(name.as_ptr(), std::ptr::null()),
-        None => -1,
     }
 }
 

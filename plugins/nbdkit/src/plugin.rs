@@ -15,7 +15,7 @@ use nbdhost_plugin_api::abi;
 
 use crate::calls::{self, ErrnoPolicy, Interned, Scope};
 use crate::host;
-use crate::lists::{ExportList, ExtentList};
+use crate::lists::{self, ExportList, ExtentList};
 use crate::nbdkit;
 
 /// The nbdkit plugin this adapter serves.
@@ -358,7 +358,7 @@ unsafe extern "C" fn list_exports(readonly: c_int, is_tls: c_int, to: *mut abi::
 
 /// The plugin's default export name, as `nbdkit_use_default_export` and
 /// the server ask for it; "" without a `default_export` callback.
-pub fn default_export_name(readonly: c_int, is_tls: c_int) -> Option<CString> {
+fn default_export_name(readonly: c_int, is_tls: c_int) -> Option<CString> {
     let Some(f) = plugin().default_export else {
         return Some(CString::default());
     };
@@ -366,6 +366,21 @@ pub fn default_export_name(readonly: c_int, is_tls: c_int) -> Option<CString> {
     let p = global(|| unsafe { f(readonly, is_tls) }, |p| p.is_null());
     // SAFETY: checked non-null; the plugin's string lives through the call.
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_owned())
+}
+
+/// See nbdkit_use_default_export(3): list the name the plugin's
+/// `default_export` gives.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nbdkit_use_default_export(list: *mut c_void) -> c_int {
+    // SAFETY: plugins only have the lists the adapter gave them.
+    let Some(l) = (unsafe { lists::exports(list) }) else {
+        calls::report(c"nbdkit_use_default_export: no export list");
+        return -1;
+    };
+    match default_export_name(l.readonly, l.is_tls) {
+        Some(name) => l.add(name.as_ptr(), std::ptr::null()),
+        None => -1,
+    }
 }
 
 unsafe extern "C" fn default_export(readonly: c_int, is_tls: c_int) -> *const c_char {

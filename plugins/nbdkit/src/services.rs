@@ -2,7 +2,8 @@
 //! arguments, on top of the server's host services. Each follows the
 //! manual page of its name: the same results, the same errors reported
 //! through `nbdkit_error` with nbdkit's wording. (The printf-style ones are
-//! in `format.c`, the list functions in `lists.rs`.)
+//! in `format.c`, the list functions in `lists.rs`, and
+//! `nbdkit_use_default_export` in `plugin.rs`.)
 
 use std::ffi::{c_char, c_int, c_uint, CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
