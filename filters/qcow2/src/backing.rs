@@ -20,7 +20,7 @@ use crate::crypto::Crypto;
 use crate::error::{Error, Result};
 use crate::header::{Encryption, Header};
 use crate::image::{Image, Options};
-use crate::io::{FileIo, Io};
+use crate::io::{Beneath, FileIo, Io};
 use crate::lock::{Access, ImageLock};
 
 /// Backing chains deeper than this are refused (qemu has no fixed limit;
@@ -253,7 +253,7 @@ impl Chain<'_> {
                     h,
                     &first,
                     self.opts.clone(),
-                    backing.map(std::sync::Arc::new),
+                    backing.map(|b| std::sync::Arc::new(b) as std::sync::Arc<dyn Beneath>),
                     crypto.map(std::sync::Arc::new),
                 )?;
                 Ok(Backing::Qcow2 {
@@ -274,9 +274,10 @@ impl Backing {
             Backing::Qcow2 { image, .. } => image.size(),
         }
     }
+}
 
-    /// Read at guest offset `offset`; past the backing disk, zeroes.
-    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+impl Beneath for Backing {
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let inside = self.size().saturating_sub(offset).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(inside);
         tail.fill(0);
@@ -289,9 +290,8 @@ impl Backing {
         }
     }
 
-    /// Block status at guest offset `offset`, as [`Image::extents`] gives
-    /// it, covering exactly `len` bytes.
-    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
+    /// As [`Image::extents`] gives it, past the end as holes.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
         use crate::image::{HOLE, ZERO};
         let mut out = Vec::new();
         let end = offset + len;

@@ -28,6 +28,18 @@ pub trait Io {
     fn holes(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>>;
 }
 
+/// The disk an image's unallocated clusters read through to: its backing
+/// file (`backing::Backing`). A trait here, so the engine need not know
+/// how backing files are found and opened, which itself needs the engine.
+pub trait Beneath: Send + Sync {
+    /// Read at guest offset `offset`; past the disk's end, zeroes.
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Block status at guest offset `offset` as `(length, flags)` runs
+    /// covering exactly `len` bytes (flags as [`crate::image::HOLE`] and
+    /// [`crate::image::ZERO`]).
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>>;
+}
+
 /// A local file opened read-only: a backing file.
 pub struct FileIo {
     file: File,

@@ -42,7 +42,7 @@ use crate::backing::{Backing, Chain, Format, Policy};
 use crate::crypto::Crypto;
 use crate::header::Encryption;
 use crate::image::{Image, Options};
-use crate::io::Io;
+use crate::io::{Beneath, Io};
 use crate::lock::{Access, ImageLock};
 
 fn einval(msg: impl Into<String>) -> Error {
@@ -75,7 +75,7 @@ struct Shared {
 #[derive(Clone)]
 struct Fixed {
     crypto: Option<Arc<Crypto>>,
-    backing: Option<Arc<Backing>>,
+    backing: Option<Arc<dyn Beneath>>,
     /// The backing name and format the header had then.
     named: (Option<PathBuf>, Option<String>),
 }
@@ -244,7 +244,7 @@ locking=on|off         qemu's image locks on a local file (default on).";
         describe(&h, local.as_deref(), backing.as_ref());
         *self.shared.fixed.lock().expect("fixed lock") = Some(Fixed {
             crypto,
-            backing: backing.map(Arc::new),
+            backing: backing.map(|b| Arc::new(b) as Arc<dyn Beneath>),
             named: (h.backing_file.clone(), h.backing_format.clone()),
         });
         Ok(())

@@ -31,12 +31,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::backing::Backing;
 use crate::compress::Decompressor;
 use crate::crypto::Crypto;
 use crate::error::{Error, Result};
 use crate::header::{self, Header};
-use crate::io::Io;
+use crate::io::{Beneath, Io};
 use crate::layout::{self, Geometry, COPIED};
 
 pub use cache::Cache;
@@ -129,7 +128,7 @@ pub struct Image {
     /// header), to patch header fields in.
     pub(crate) header_block: Mutex<Vec<u8>>,
     pub(crate) header: Header,
-    pub(crate) backing: Option<Arc<Backing>>,
+    pub(crate) backing: Option<Arc<dyn Beneath>>,
     pub(crate) crypto: Option<Arc<Crypto>>,
     pub(crate) decompressor: Decompressor,
     pub(crate) meta: Mutex<Meta>,
@@ -186,7 +185,7 @@ impl Image {
         header: Header,
         first: &[u8],
         opts: Options,
-        backing: Option<Arc<Backing>>,
+        backing: Option<Arc<dyn Beneath>>,
         crypto: Option<Arc<Crypto>>,
     ) -> Result<Image> {
         let geo = Geometry::of(&header);
