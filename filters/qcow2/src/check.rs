@@ -32,7 +32,7 @@
 //! them; nothing is allocated for that part, so the memory the check takes
 //! is bounded by the image's size, whatever its header claims.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use crate::error::{Error, Result};
@@ -165,7 +165,7 @@ pub fn check_header(io: &dyn Io, h: &Header, first: &[u8], work: u64) -> Result<
         beyond: BTreeMap::new(),
         overlaps: HashSet::new(),
         reftable: Vec::new(),
-        blocks: HashMap::new(),
+        blocks: Vec::new(),
         work,
         report: Report::default(),
     };
@@ -239,8 +239,8 @@ struct Checker<'a> {
     overlaps: HashSet<u64>,
     /// The refcount table as stored (the part inside the image).
     reftable: Vec<u64>,
-    /// Refcount blocks read so far.
-    blocks: HashMap<u64, Box<[u8]>>,
+    /// Refcount blocks read so far, by refcount table index.
+    blocks: Vec<Option<Box<[u8]>>>,
     /// Entries and clusters still allowed to be visited.
     work: u64,
     report: Report,
@@ -589,6 +589,7 @@ impl Checker<'_> {
     fn refcount_blocks(&mut self, entries: u64) -> Result<()> {
         let offset = self.h.refcount_table_offset;
         self.reftable = self.read_table(offset, entries)?;
+        self.blocks = vec![None; self.reftable.len()];
         let cs = self.geo.cluster_size();
         let mut counted = Vec::new();
         for i in 0..self.reftable.len() {
@@ -622,30 +623,35 @@ impl Checker<'_> {
         Ok(())
     }
 
+    /// The refcount block of refcount table entry `bi`, read once (None
+    /// where there is none, or none that is valid).
+    fn block(&mut self, bi: u64) -> Result<Option<&[u8]>> {
+        let Some(i) = usize::try_from(bi)
+            .ok()
+            .filter(|&i| i < self.reftable.len())
+        else {
+            return Ok(None);
+        };
+        let offset = self.reftable[i];
+        if offset == 0 {
+            return Ok(None);
+        }
+        if self.blocks[i].is_none() {
+            let mut data = vec![0u8; self.geo.cluster_size() as usize].into_boxed_slice();
+            self.read(&mut data, offset)?;
+            self.blocks[i] = Some(data);
+        }
+        Ok(self.blocks[i].as_deref())
+    }
+
     /// The refcount stored for cluster `c` (0 where no valid block covers
     /// it).
     fn stored(&mut self, c: u64) -> Result<u64> {
-        let bi = c >> self.geo.refblock_bits;
-        let Some(&block) = usize::try_from(bi)
-            .ok()
-            .and_then(|bi| self.reftable.get(bi))
-        else {
-            return Ok(0);
-        };
-        if block == 0 {
-            return Ok(0);
-        }
-        if !self.blocks.contains_key(&block) {
-            let mut data = vec![0u8; self.geo.cluster_size() as usize].into_boxed_slice();
-            self.read(&mut data, block)?;
-            self.blocks.insert(block, data);
-        }
-        let index = (c & ((1 << self.geo.refblock_bits) - 1)) as usize;
-        Ok(refcount::get(
-            &self.blocks[&block],
-            self.geo.refcount_order,
-            index,
-        ))
+        let (rbb, order) = (self.geo.refblock_bits, self.geo.refcount_order);
+        let index = (c & ((1 << rbb) - 1)) as usize;
+        Ok(self
+            .block(c >> rbb)?
+            .map_or(0, |b| refcount::get(b, order, index)))
     }
 
     /// Compare what is stored with what was counted, for every cluster of
@@ -679,7 +685,7 @@ impl Checker<'_> {
     /// Count the refcounts stored for clusters past the end of the image
     /// that nothing references.
     fn past_the_end(&mut self) -> Result<()> {
-        let rbb = self.geo.refblock_bits;
+        let (rbb, order) = (self.geo.refblock_bits, self.geo.refcount_order);
         for bi in 0..self.reftable.len() as u64 {
             let first = bi << rbb;
             let last = first + (1 << rbb) - 1;
@@ -687,17 +693,22 @@ impl Checker<'_> {
                 continue;
             }
             self.spend(1 << rbb)?;
-            for c in first.max(self.clusters)..=last {
+            let from = first.max(self.clusters);
+            let Some(block) = self.block(bi)? else {
+                continue;
+            };
+            let stored: Vec<(u64, u64)> = (from..=last)
+                .map(|c| (c, refcount::get(block, order, (c - first) as usize)))
+                .filter(|&(_, r)| r > 0)
+                .collect();
+            for (c, refcount) in stored {
                 if self.beyond.contains_key(&c) {
                     continue;
                 }
-                let refcount = self.stored(c)?;
-                if refcount > 0 {
-                    self.report.leaks_past_end += 1;
-                    self.report.say(format!(
-                        "Leaked cluster {c} past the end of the image refcount={refcount} reference=0"
-                    ));
-                }
+                self.report.leaks_past_end += 1;
+                self.report.say(format!(
+                    "Leaked cluster {c} past the end of the image refcount={refcount} reference=0"
+                ));
             }
         }
         Ok(())
