@@ -117,7 +117,8 @@ enum Pending {
     ExportName,
     List,
     Info {
-        option: u32,
+        /// `Info` or `Go`.
+        option: Opt,
         name: String,
         wants_name: bool,
     },
@@ -224,13 +225,13 @@ impl Handshake {
                     }
                     if hdr.length > MAX_OPTION_LEN {
                         input.advance(OPTION_HEADER_LEN);
-                        if hdr.option == OPT_EXPORT_NAME {
+                        if Opt::from_wire(hdr.option) == Some(Opt::ExportName) {
                             return Event::Close(format!(
                                 "export name of {} bytes is too long",
                                 hdr.length
                             ));
                         }
-                        put_option_reply(out, hdr.option, REP_ERR_TOO_BIG, b"option too long");
+                        put_option_reply(out, hdr.option, OptReply::ErrTooBig, b"option too long");
                         self.state = State::Discarding(u64::from(hdr.length));
                         continue;
                     }
@@ -257,24 +258,35 @@ impl Handshake {
         self.style != ReplyStyle::Simple
     }
 
-    /// Handle one whole option; `Some` when the connection must act.
-    fn option(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Option<Event> {
-        let reply = |out: &mut Vec<u8>, typ: u32, msg: &str| {
-            put_option_reply(out, option, typ, msg.as_bytes())
+    /// Handle one whole option, `number` as the client sent it; `Some`
+    /// when the connection must act.
+    fn option(&mut self, number: u32, data: &[u8], out: &mut Vec<u8>) -> Option<Event> {
+        // Every reply echoes the number sent, known or not.
+        let reply = |out: &mut Vec<u8>, typ: OptReply, msg: &str| {
+            put_option_reply(out, number, typ, msg.as_bytes())
         };
+        let option = Opt::from_wire(number);
         let tls_required = self.cfg.tls == TlsMode::Require && !self.tls_active;
-        if tls_required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+        if tls_required && !matches!(option, Some(Opt::StartTls | Opt::Abort)) {
             // Nothing about the exports may leak before TLS.
-            if option == OPT_EXPORT_NAME {
+            if option == Some(Opt::ExportName) {
                 return Some(Event::Close(
                     "client asked for an export before STARTTLS, which is required".into(),
                 ));
             }
-            reply(out, REP_ERR_TLS_REQD, "TLS is required: use STARTTLS first");
+            reply(
+                out,
+                OptReply::ErrTlsReqd,
+                "TLS is required: use STARTTLS first",
+            );
             return None;
         }
+        let Some(option) = option else {
+            reply(out, OptReply::ErrUnsup, "unknown option");
+            return None;
+        };
         match option {
-            OPT_EXPORT_NAME => {
+            Opt::ExportName => {
                 if self.style == ReplyStyle::Extended {
                     return Some(Event::Close(
                         "client used NBD_OPT_EXPORT_NAME after extended headers".into(),
@@ -289,27 +301,31 @@ impl Handshake {
                 self.state = State::Waiting(Pending::ExportName);
                 Some(Event::Query(Query::Open { name, keep: true }))
             }
-            OPT_ABORT => {
-                reply(out, REP_ACK, "");
+            Opt::Abort => {
+                reply(out, OptReply::Ack, "");
                 Some(Event::Aborted)
             }
-            OPT_LIST => {
+            Opt::List => {
                 if !data.is_empty() {
-                    reply(out, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+                    reply(out, OptReply::ErrInvalid, "NBD_OPT_LIST takes no data");
                     return None;
                 }
                 self.state = State::Waiting(Pending::List);
                 Some(Event::Query(Query::List))
             }
-            OPT_STARTTLS => {
+            Opt::StartTls => {
                 if self.cfg.tls == TlsMode::Off {
-                    reply(out, REP_ERR_POLICY, "TLS is not enabled on this server");
+                    reply(
+                        out,
+                        OptReply::ErrPolicy,
+                        "TLS is not enabled on this server",
+                    );
                 } else if !data.is_empty() {
-                    reply(out, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                    reply(out, OptReply::ErrInvalid, "NBD_OPT_STARTTLS takes no data");
                 } else if self.tls_active {
-                    reply(out, REP_ERR_INVALID, "TLS is already active");
+                    reply(out, OptReply::ErrInvalid, "TLS is already active");
                 } else {
-                    reply(out, REP_ACK, "");
+                    reply(out, OptReply::Ack, "");
                     // Nothing negotiated in clear survives into TLS.
                     self.style = ReplyStyle::Simple;
                     self.meta_export = None;
@@ -317,26 +333,31 @@ impl Handshake {
                 }
                 None
             }
-            OPT_INFO | OPT_GO => {
+            Opt::Info | Opt::Go => {
                 let mut b = data;
                 let Some(name) = get_name(&mut b) else {
-                    reply(out, REP_ERR_INVALID, "malformed export name");
+                    reply(out, OptReply::ErrInvalid, "malformed export name");
                     return None;
                 };
                 if b.remaining() < 2 {
-                    reply(out, REP_ERR_INVALID, "missing information request count");
+                    reply(
+                        out,
+                        OptReply::ErrInvalid,
+                        "missing information request count",
+                    );
                     return None;
                 }
                 let n = b.get_u16() as usize;
                 if b.remaining() != 2 * n {
                     reply(
                         out,
-                        REP_ERR_INVALID,
+                        OptReply::ErrInvalid,
                         "information request count does not match length",
                     );
                     return None;
                 }
-                let wants_name = (0..n).any(|_| b.get_u16() == INFO_NAME);
+                let wants_name =
+                    (0..n).any(|_| InfoType::from_wire(b.get_u16()) == Some(InfoType::Name));
                 self.state = State::Waiting(Pending::Info {
                     option,
                     name: name.clone(),
@@ -344,23 +365,23 @@ impl Handshake {
                 });
                 Some(Event::Query(Query::Open {
                     name,
-                    keep: option == OPT_GO,
+                    keep: option == Opt::Go,
                 }))
             }
-            OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS => {
-                let extended = option == OPT_EXTENDED_HEADERS;
+            Opt::StructuredReply | Opt::ExtendedHeaders => {
+                let extended = option == Opt::ExtendedHeaders;
                 if !data.is_empty() {
-                    reply(out, REP_ERR_INVALID, "option takes no data");
+                    reply(out, OptReply::ErrInvalid, "option takes no data");
                 } else if self.cfg.no_structured {
-                    reply(out, REP_ERR_UNSUP, "structured replies are disabled");
+                    reply(out, OptReply::ErrUnsup, "structured replies are disabled");
                 } else if self.style == ReplyStyle::Extended && !extended {
                     reply(
                         out,
-                        REP_ERR_EXT_HEADER_REQD,
+                        OptReply::ErrExtHeaderReqd,
                         "extended headers already negotiated",
                     );
                 } else {
-                    reply(out, REP_ACK, "");
+                    reply(out, OptReply::Ack, "");
                     self.style = if extended {
                         ReplyStyle::Extended
                     } else {
@@ -369,21 +390,18 @@ impl Handshake {
                 }
                 None
             }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+            Opt::ListMetaContext | Opt::SetMetaContext => {
                 self.meta_context(option, data, out);
-                None
-            }
-            _ => {
-                reply(out, REP_ERR_UNSUP, "unknown option");
                 None
             }
         }
     }
 
-    fn meta_context(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) {
-        let set = option == OPT_SET_META_CONTEXT;
+    /// `NBD_OPT_LIST_META_CONTEXT` or `NBD_OPT_SET_META_CONTEXT`.
+    fn meta_context(&mut self, option: Opt, data: &[u8], out: &mut Vec<u8>) {
+        let set = option == Opt::SetMetaContext;
         let invalid = |out: &mut Vec<u8>, msg: &str| {
-            put_option_reply(out, option, REP_ERR_INVALID, msg.as_bytes())
+            put_option_reply(out, option.wire(), OptReply::ErrInvalid, msg.as_bytes())
         };
         if set && !self.structured() {
             invalid(out, "structured replies must be negotiated first");
@@ -422,12 +440,12 @@ impl Handshake {
             let mut d = Vec::with_capacity(4 + BASE_ALLOCATION.len());
             d.put_u32(CONTEXT_BASE_ALLOCATION);
             d.put_slice(BASE_ALLOCATION.as_bytes());
-            put_option_reply(out, option, REP_META_CONTEXT, &d);
+            put_option_reply(out, option.wire(), OptReply::MetaContext, &d);
         }
         if set {
             self.meta_export = matches.then_some(export);
         }
-        put_option_reply(out, option, REP_ACK, &[]);
+        put_option_reply(out, option.wire(), OptReply::Ack, &[]);
     }
 
     /// Feed the result of the last [`Event::Query`].
@@ -465,11 +483,13 @@ impl Handshake {
                             if let Some(desc) = &e.description {
                                 d.put_slice(desc.as_bytes());
                             }
-                            put_option_reply(out, OPT_LIST, REP_SERVER, &d);
+                            put_option_reply(out, Opt::List.wire(), OptReply::Server, &d);
                         }
-                        put_option_reply(out, OPT_LIST, REP_ACK, &[]);
+                        put_option_reply(out, Opt::List.wire(), OptReply::Ack, &[]);
                     }
-                    Err(e) => put_option_reply(out, OPT_LIST, REP_ERR_PLATFORM, e.as_bytes()),
+                    Err(e) => {
+                        put_option_reply(out, Opt::List.wire(), OptReply::ErrPlatform, e.as_bytes())
+                    }
                 }
                 Event::NeedInput
             }
@@ -494,8 +514,8 @@ impl Handshake {
             (State::Waiting(Pending::Info { option, .. }), Answer::TlsRequired) => {
                 put_option_reply(
                     out,
-                    option,
-                    REP_ERR_TLS_REQD,
+                    option.wire(),
+                    OptReply::ErrTlsReqd,
                     b"this export requires TLS: use STARTTLS first",
                 );
                 Event::NeedInput
@@ -513,7 +533,7 @@ impl Handshake {
             ) => match r {
                 Ok(export) => {
                     self.put_info(option, &name, wants_name, &export, out);
-                    if option == OPT_GO {
+                    if option == Opt::Go {
                         if self.meta_export.as_deref() != Some(name.as_str()) {
                             self.meta_export = None;
                         }
@@ -524,11 +544,11 @@ impl Handshake {
                 }
                 Err((errno, msg)) => {
                     let typ = match errno {
-                        libc::EPERM | libc::EACCES => REP_ERR_POLICY,
-                        libc::ESHUTDOWN => REP_ERR_SHUTDOWN,
-                        _ => REP_ERR_UNKNOWN,
+                        libc::EPERM | libc::EACCES => OptReply::ErrPolicy,
+                        libc::ESHUTDOWN => OptReply::ErrShutdown,
+                        _ => OptReply::ErrUnknown,
                     };
-                    put_option_reply(out, option, typ, msg.as_bytes());
+                    put_option_reply(out, option.wire(), typ, msg.as_bytes());
                     Event::NeedInput
                 }
             },
@@ -541,40 +561,40 @@ impl Handshake {
 
     fn put_info(
         &self,
-        option: u32,
+        option: Opt,
         name: &str,
         wants_name: bool,
         e: &ExportInfo,
         out: &mut Vec<u8>,
     ) {
         let mut d = Vec::with_capacity(12);
-        d.put_u16(INFO_EXPORT);
+        d.put_u16(InfoType::Export.wire());
         d.put_u64(e.size);
         d.put_u16(e.transmission_flags(self.structured()));
-        put_option_reply(out, option, REP_INFO, &d);
+        put_option_reply(out, option.wire(), OptReply::Info, &d);
         if wants_name {
             let mut d = Vec::new();
-            d.put_u16(INFO_NAME);
+            d.put_u16(InfoType::Name.wire());
             d.put_slice(if name.is_empty() {
                 e.name.as_bytes()
             } else {
                 name.as_bytes()
             });
-            put_option_reply(out, option, REP_INFO, &d);
+            put_option_reply(out, option.wire(), OptReply::Info, &d);
         }
         if let Some(desc) = &e.description {
             let mut d = Vec::new();
-            d.put_u16(INFO_DESCRIPTION);
+            d.put_u16(InfoType::Description.wire());
             d.put_slice(&desc.as_bytes()[..desc.len().min(MAX_NAME_LEN)]);
-            put_option_reply(out, option, REP_INFO, &d);
+            put_option_reply(out, option.wire(), OptReply::Info, &d);
         }
         let mut d = Vec::with_capacity(14);
-        d.put_u16(INFO_BLOCK_SIZE);
+        d.put_u16(InfoType::BlockSize.wire());
         d.put_u32(e.min_block);
         d.put_u32(e.preferred_block);
         d.put_u32(e.max_block);
-        put_option_reply(out, option, REP_INFO, &d);
-        put_option_reply(out, option, REP_ACK, &[]);
+        put_option_reply(out, option.wire(), OptReply::Info, &d);
+        put_option_reply(out, option.wire(), OptReply::Ack, &[]);
     }
 
     fn finish(&mut self, export: ExportInfo) -> Event {
@@ -599,9 +619,10 @@ mod tests {
         }
     }
 
-    fn option(out: &mut BytesMut, opt: u32, data: &[u8]) {
+    /// Append an option: an [`Opt`], or any number as a `u32`.
+    fn option(out: &mut BytesMut, opt: impl Into<u32>, data: &[u8]) {
         OptionHeader {
-            option: opt,
+            option: opt.into(),
             length: data.len() as u32,
         }
         .put(out);
@@ -609,11 +630,12 @@ mod tests {
     }
 
     /// Read option replies: (option, type, data).
-    fn replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+    fn replies(mut b: &[u8]) -> Vec<(u32, OptReply, Vec<u8>)> {
         let mut v = Vec::new();
         while b.len() >= 20 {
             assert_eq!(b.get_u64(), REPLY_MAGIC_OPT);
             let (o, t, l) = (b.get_u32(), b.get_u32(), b.get_u32() as usize);
+            let t = OptReply::from_wire(t).unwrap_or_else(|| panic!("reply type 0x{t:x}"));
             v.push((o, t, b[..l].to_vec()));
             b.advance(l);
         }
@@ -641,17 +663,17 @@ mod tests {
         let (mut h, mut out) = started();
         let mut input = BytesMut::new();
         input.put_u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES);
-        option(&mut input, OPT_STRUCTURED_REPLY, &[]);
+        option(&mut input, Opt::StructuredReply, &[]);
         let mut meta = Vec::new();
         put_name(&mut meta, "");
         meta.put_u32(1);
         put_name(&mut meta, "base:allocation");
-        option(&mut input, OPT_SET_META_CONTEXT, &meta);
+        option(&mut input, Opt::SetMetaContext, &meta);
         let mut go = Vec::new();
         put_name(&mut go, "");
         go.put_u16(1);
-        go.put_u16(INFO_NAME);
-        option(&mut input, OPT_GO, &go);
+        go.put_u16(InfoType::Name.wire());
+        option(&mut input, Opt::Go, &go);
         let ev = h.receive(&mut input, &mut out);
         assert!(matches!(ev, Event::Query(Query::Open { keep: true, .. })));
         let ev = h.answer(Answer::Open(Ok(test_export(1 << 20))), &mut out);
@@ -659,17 +681,17 @@ mod tests {
         assert_eq!(n.style, ReplyStyle::Structured);
         assert!(n.base_allocation);
         let r = replies(&out);
-        let types: Vec<u32> = r.iter().map(|x| x.1).collect();
+        let types: Vec<OptReply> = r.iter().map(|x| x.1).collect();
         assert_eq!(
             types,
             vec![
-                REP_ACK,
-                REP_META_CONTEXT,
-                REP_ACK,
-                REP_INFO,
-                REP_INFO,
-                REP_INFO,
-                REP_ACK
+                OptReply::Ack,
+                OptReply::MetaContext,
+                OptReply::Ack,
+                OptReply::Info,
+                OptReply::Info,
+                OptReply::Info,
+                OptReply::Ack
             ]
         );
         assert!(input.is_empty());
@@ -680,9 +702,9 @@ mod tests {
         let (mut h, mut out) = started();
         let mut input = BytesMut::new();
         input.put_u32(CLIENT_FIXED_NEWSTYLE);
-        option(&mut input, 99, b"xyz");
+        option(&mut input, 99u32, b"xyz");
         input.put_u64(IHAVEOPT);
-        input.put_u32(OPT_GO);
+        input.put_u32(Opt::Go.wire());
         input.put_u32(MAX_OPTION_LEN + 1);
         input.put_bytes(0, 1000);
         assert!(matches!(h.receive(&mut input, &mut out), Event::NeedInput));
@@ -691,8 +713,8 @@ mod tests {
             "the oversized payload is consumed as it arrives"
         );
         let r = replies(&out);
-        assert_eq!(r[0].1, REP_ERR_UNSUP);
-        assert_eq!(r[1].1, REP_ERR_TOO_BIG);
+        assert_eq!(r[0].1, OptReply::ErrUnsup);
+        assert_eq!(r[1].1, OptReply::ErrTooBig);
     }
 
     #[test]
@@ -703,9 +725,9 @@ mod tests {
         let mut meta = Vec::new();
         put_name(&mut meta, "");
         meta.put_u32(0);
-        option(&mut input, OPT_SET_META_CONTEXT, &meta);
+        option(&mut input, Opt::SetMetaContext, &meta);
         h.receive(&mut input, &mut out);
-        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+        assert_eq!(replies(&out)[0].1, OptReply::ErrInvalid);
     }
 
     #[test]
@@ -734,7 +756,7 @@ mod tests {
         let mut go = Vec::new();
         put_name(&mut go, "secret");
         go.put_u16(0);
-        option(&mut input, OPT_GO, &go);
+        option(&mut input, Opt::Go, &go);
         assert!(matches!(
             h.receive(&mut input, &mut out),
             Event::Query(Query::Open { .. })
@@ -744,7 +766,7 @@ mod tests {
             Event::NeedInput
         ));
         let r = replies(&out);
-        assert_eq!((r[0].0, r[0].1), (OPT_GO, REP_ERR_TLS_REQD));
+        assert_eq!((r[0].0, r[0].1), (Opt::Go.wire(), OptReply::ErrTlsReqd));
     }
 
     #[test]
@@ -752,36 +774,36 @@ mod tests {
         let (mut h, mut out) = started_with(TlsMode::Require);
         let mut input = BytesMut::new();
         input.put_u32(CLIENT_FIXED_NEWSTYLE);
-        option(&mut input, OPT_LIST, &[]);
+        option(&mut input, Opt::List, &[]);
         let mut go = Vec::new();
         put_name(&mut go, "");
         go.put_u16(0);
-        option(&mut input, OPT_GO, &go);
-        option(&mut input, OPT_STRUCTURED_REPLY, &[]);
-        option(&mut input, OPT_STARTTLS, &[]);
+        option(&mut input, Opt::Go, &go);
+        option(&mut input, Opt::StructuredReply, &[]);
+        option(&mut input, Opt::StartTls, &[]);
         assert!(matches!(h.receive(&mut input, &mut out), Event::StartTls));
         let r = replies(&out);
-        let types: Vec<u32> = r.iter().map(|x| x.1).collect();
+        let types: Vec<OptReply> = r.iter().map(|x| x.1).collect();
         assert_eq!(
             types,
             vec![
-                REP_ERR_TLS_REQD,
-                REP_ERR_TLS_REQD,
-                REP_ERR_TLS_REQD,
-                REP_ACK
+                OptReply::ErrTlsReqd,
+                OptReply::ErrTlsReqd,
+                OptReply::ErrTlsReqd,
+                OptReply::Ack
             ]
         );
         out.clear();
         h.tls_established();
-        option(&mut input, OPT_STARTTLS, &[]);
-        option(&mut input, OPT_LIST, &[]);
+        option(&mut input, Opt::StartTls, &[]);
+        option(&mut input, Opt::List, &[]);
         assert!(matches!(
             h.receive(&mut input, &mut out),
             Event::Query(Query::List)
         ));
         assert_eq!(
             replies(&out)[0].1,
-            REP_ERR_INVALID,
+            OptReply::ErrInvalid,
             "STARTTLS inside TLS is refused"
         );
     }
@@ -791,7 +813,7 @@ mod tests {
         let (mut h, mut out) = started_with(TlsMode::Require);
         let mut input = BytesMut::new();
         input.put_u32(CLIENT_FIXED_NEWSTYLE);
-        option(&mut input, OPT_EXPORT_NAME, b"");
+        option(&mut input, Opt::ExportName, b"");
         assert!(matches!(h.receive(&mut input, &mut out), Event::Close(_)));
         assert!(out.is_empty(), "nothing leaks in clear");
     }
@@ -801,14 +823,14 @@ mod tests {
         let (mut h, mut out) = started_with(TlsMode::On);
         let mut input = BytesMut::new();
         input.put_u32(CLIENT_FIXED_NEWSTYLE);
-        option(&mut input, OPT_STRUCTURED_REPLY, &[]);
-        option(&mut input, OPT_STARTTLS, &[]);
+        option(&mut input, Opt::StructuredReply, &[]);
+        option(&mut input, Opt::StartTls, &[]);
         assert!(matches!(h.receive(&mut input, &mut out), Event::StartTls));
         h.tls_established();
         let mut go = Vec::new();
         put_name(&mut go, "");
         go.put_u16(0);
-        option(&mut input, OPT_GO, &go);
+        option(&mut input, Opt::Go, &go);
         h.receive(&mut input, &mut out);
         let Event::Done(n) = h.answer(Answer::Open(Ok(test_export(512))), &mut out) else {
             panic!()
@@ -818,7 +840,7 @@ mod tests {
         let (mut plain, mut out) = started_with(TlsMode::On);
         let mut input = BytesMut::new();
         input.put_u32(CLIENT_FIXED_NEWSTYLE);
-        option(&mut input, OPT_LIST, &[]);
+        option(&mut input, Opt::List, &[]);
         assert!(matches!(
             plain.receive(&mut input, &mut out),
             Event::Query(Query::List)
@@ -844,7 +866,7 @@ mod tests {
         let (mut h, mut out) = started();
         let mut input = BytesMut::new();
         input.put_u32(CLIENT_FIXED_NEWSTYLE);
-        option(&mut input, OPT_EXPORT_NAME, b"disk");
+        option(&mut input, Opt::ExportName, b"disk");
         let ev = h.receive(&mut input, &mut out);
         let Event::Query(Query::Open { name, keep: true }) = ev else {
             panic!("{ev:?}")

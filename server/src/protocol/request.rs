@@ -148,7 +148,8 @@ impl Decoder {
                 wanted: total - buf.len(),
             };
         }
-        let reply = if req.command == CMD_READ && req.length <= u64::from(MAX_PAYLOAD) {
+        let read = Cmd::from_wire(req.command) == Some(Cmd::Read);
+        let reply = if read && req.length <= u64::from(MAX_PAYLOAD) {
             req.length as usize
         } else {
             0
@@ -196,10 +197,11 @@ impl Decoder {
         }
         buf.advance(hlen);
         let data = buf.split_to(payload as usize).freeze();
-        if req.command == CMD_DISC {
+        let command = Cmd::from_wire(req.command);
+        if command == Some(Cmd::Disc) {
             return Decoded::Disconnect;
         }
-        match self.validate(&req, data) {
+        match self.validate(&req, command, data) {
             Ok(command) => Decoded::Op(Op {
                 reply,
                 offset: req.offset,
@@ -209,17 +211,28 @@ impl Decoder {
         }
     }
 
-    fn validate(&self, r: &wire::Request, data: Bytes) -> Result<Command, Refusal> {
+    /// Check request `r`, whose type is `command` (`None` if unknown), and
+    /// make it a [`Command`].
+    fn validate(
+        &self,
+        r: &wire::Request,
+        command: Option<Cmd>,
+        data: Bytes,
+    ) -> Result<Command, Refusal> {
         let e = &self.session.export;
-        let known = match r.command {
-            CMD_READ => CMD_FLAG_DF,
-            CMD_WRITE if self.extended() => CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN,
-            CMD_WRITE => CMD_FLAG_FUA,
-            CMD_TRIM => CMD_FLAG_FUA,
-            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-            CMD_FLUSH | CMD_CACHE => 0,
-            _ => return Err((EINVAL, "unknown command")),
+        let Some(cmd) = command else {
+            return Err((EINVAL, "unknown command"));
+        };
+        let known = match cmd {
+            Cmd::Read => CMD_FLAG_DF,
+            Cmd::Write if self.extended() => CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN,
+            Cmd::Write => CMD_FLAG_FUA,
+            Cmd::Trim => CMD_FLAG_FUA,
+            Cmd::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            Cmd::BlockStatus => CMD_FLAG_REQ_ONE,
+            Cmd::Flush | Cmd::Cache => 0,
+            // Answered before validation, in `next`.
+            Cmd::Disc => 0,
         };
         if r.flags & !known != 0 {
             return Err((EINVAL, "invalid flags for this command"));
@@ -234,12 +247,12 @@ impl Decoder {
         if flag(CMD_FLAG_FAST_ZERO) && !e.can_fast_zero {
             return Err((EINVAL, "fast zero was not advertised"));
         }
-        let len = if r.command == CMD_WRITE {
+        let len = if cmd == Cmd::Write {
             data.len() as u64
         } else {
             r.length
         };
-        if r.command == CMD_FLUSH {
+        if cmd == Cmd::Flush {
             if r.offset != 0 || len != 0 {
                 return Err((EINVAL, "flush offset and length must be zero"));
             }
@@ -251,14 +264,14 @@ impl Decoder {
         if len == 0 {
             return Err((EINVAL, "zero-length request"));
         }
-        let writes = matches!(r.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        let writes = matches!(cmd, Cmd::Write | Cmd::Trim | Cmd::WriteZeroes);
         if writes && e.readonly {
             return Err((EPERM, "export is read-only"));
         }
         let end = r.offset.checked_add(len);
         if end.is_none_or(|end| end > e.size) {
             // As nbdkit does: only data-writing commands run out of space.
-            let errno = if matches!(r.command, CMD_WRITE | CMD_WRITE_ZEROES) {
+            let errno = if matches!(cmd, Cmd::Write | Cmd::WriteZeroes) {
                 ENOSPC
             } else {
                 EINVAL
@@ -269,8 +282,8 @@ impl Decoder {
         if min > 1 && (r.offset % min != 0 || len % min != 0) {
             return Err((EINVAL, "request is not aligned to the minimum block size"));
         }
-        Ok(match r.command {
-            CMD_READ => {
+        Ok(match cmd {
+            Cmd::Read => {
                 if len > u64::from(MAX_PAYLOAD) {
                     return Err((EOVERFLOW, "read is larger than the maximum payload"));
                 }
@@ -279,22 +292,22 @@ impl Decoder {
                     df: flag(CMD_FLAG_DF),
                 }
             }
-            CMD_WRITE => Command::Write {
+            Cmd::Write => Command::Write {
                 data,
                 fua: flag(CMD_FLAG_FUA),
             },
-            CMD_TRIM if e.can_trim => Command::Trim {
+            Cmd::Trim if e.can_trim => Command::Trim {
                 len,
                 fua: flag(CMD_FLAG_FUA),
             },
-            CMD_WRITE_ZEROES if e.can_zero => Command::Zero {
+            Cmd::WriteZeroes if e.can_zero => Command::Zero {
                 len,
                 fua: flag(CMD_FLAG_FUA),
                 may_trim: !flag(CMD_FLAG_NO_HOLE),
                 fast: flag(CMD_FLAG_FAST_ZERO),
             },
-            CMD_CACHE if e.can_cache => Command::Cache { len },
-            CMD_BLOCK_STATUS if self.session.base_allocation => Command::BlockStatus {
+            Cmd::Cache if e.can_cache => Command::Cache { len },
+            Cmd::BlockStatus if self.session.base_allocation => Command::BlockStatus {
                 len,
                 req_one: flag(CMD_FLAG_REQ_ONE),
             },
@@ -317,10 +330,11 @@ mod tests {
         })
     }
 
-    fn request(b: &mut BytesMut, flags: u16, command: u16, offset: u64, len: u32) {
+    /// Append a compact request: a [`Cmd`], or any number as a `u16`.
+    fn request(b: &mut BytesMut, flags: u16, command: impl Into<u16>, offset: u64, len: u32) {
         wire::Request {
             flags,
-            command,
+            command: command.into(),
             cookie: 0x1234,
             offset,
             length: u64::from(len),
@@ -339,10 +353,10 @@ mod tests {
     fn batches_of_requests_decode_in_order() {
         let mut d = decoder(ReplyStyle::Simple);
         let mut b = BytesMut::new();
-        request(&mut b, 0, CMD_WRITE, 0, 4);
+        request(&mut b, 0, Cmd::Write, 0, 4);
         b.put_slice(b"abcd");
-        request(&mut b, 0, CMD_READ, 0, 4);
-        request(&mut b, 0, CMD_DISC, 0, 0);
+        request(&mut b, 0, Cmd::Read, 0, 4);
+        request(&mut b, 0, Cmd::Disc, 0, 0);
         let Decoded::Op(w) = d.next(&mut b) else {
             panic!()
         };
@@ -365,18 +379,18 @@ mod tests {
     fn invalid_requests_get_the_spec_errors() {
         let mut d = decoder(ReplyStyle::Simple);
         let mut b = BytesMut::new();
-        request(&mut b, 0, CMD_READ, (1 << 20) - 1, 2);
+        request(&mut b, 0, Cmd::Read, (1 << 20) - 1, 2);
         assert_eq!(rejected_errno(d.next(&mut b)), EINVAL);
-        request(&mut b, 0, CMD_WRITE, (1 << 20) - 1, 2);
+        request(&mut b, 0, Cmd::Write, (1 << 20) - 1, 2);
         b.put_slice(b"xy");
         assert_eq!(rejected_errno(d.next(&mut b)), ENOSPC);
-        request(&mut b, 0, 42, 0, 0);
+        request(&mut b, 0, 42u16, 0, 0);
         assert_eq!(rejected_errno(d.next(&mut b)), EINVAL);
-        request(&mut b, CMD_FLAG_DF, CMD_READ, 0, 512);
+        request(&mut b, CMD_FLAG_DF, Cmd::Read, 0, 512);
         assert_eq!(rejected_errno(d.next(&mut b)), EINVAL);
-        request(&mut b, 0, CMD_FLUSH, 1, 0);
+        request(&mut b, 0, Cmd::Flush, 1, 0);
         assert_eq!(rejected_errno(d.next(&mut b)), EINVAL);
-        request(&mut b, 0, CMD_READ, u64::MAX, 1);
+        request(&mut b, 0, Cmd::Read, u64::MAX, 1);
         assert_eq!(rejected_errno(d.next(&mut b)), EINVAL);
         assert!(b.is_empty());
     }
@@ -385,7 +399,7 @@ mod tests {
     fn oversized_write_payload_is_skipped_not_buffered() {
         let mut d = decoder(ReplyStyle::Simple);
         let mut b = BytesMut::new();
-        request(&mut b, 0, CMD_WRITE, 0, MAX_PAYLOAD + 1);
+        request(&mut b, 0, Cmd::Write, 0, MAX_PAYLOAD + 1);
         assert_eq!(rejected_errno(d.next(&mut b)), EOVERFLOW);
         b.put_bytes(7, 1000);
         assert_eq!(
@@ -412,15 +426,15 @@ mod tests {
         let d = decoder(ReplyStyle::Simple);
         let mut b = BytesMut::new();
         assert_eq!(d.front(&b), Front::Incomplete { wanted: 0 });
-        request(&mut b, 0, CMD_WRITE, 0, 4096);
+        request(&mut b, 0, Cmd::Write, 0, 4096);
         assert_eq!(d.front(&b), Front::Incomplete { wanted: 4096 });
         b.put_bytes(1, 4096);
         assert_eq!(d.front(&b), Front::Complete { cost: 4096 });
         let mut r = BytesMut::new();
-        request(&mut r, 0, CMD_READ, 0, 65536);
+        request(&mut r, 0, Cmd::Read, 0, 65536);
         assert_eq!(d.front(&r), Front::Complete { cost: 65536 });
         let mut f = BytesMut::new();
-        request(&mut f, 0, CMD_FLUSH, 0, 0);
+        request(&mut f, 0, Cmd::Flush, 0, 0);
         assert_eq!(d.front(&f), Front::Complete { cost: 0 });
     }
 }

@@ -36,51 +36,192 @@ pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
 pub const TF_SEND_CACHE: u16 = 1 << 10;
 pub const TF_SEND_FAST_ZERO: u16 = 1 << 11;
 
-// Options.
-pub const OPT_EXPORT_NAME: u32 = 1;
-pub const OPT_ABORT: u32 = 2;
-pub const OPT_LIST: u32 = 3;
-pub const OPT_STARTTLS: u32 = 5;
-pub const OPT_INFO: u32 = 6;
-pub const OPT_GO: u32 = 7;
-pub const OPT_STRUCTURED_REPLY: u32 = 8;
-pub const OPT_LIST_META_CONTEXT: u32 = 9;
-pub const OPT_SET_META_CONTEXT: u32 = 10;
-pub const OPT_EXTENDED_HEADERS: u32 = 11;
+/// A handshake option the server knows (`NBD_OPT_*`). The option header
+/// keeps the number the client sent ([`OptionHeader::option`]), so that a
+/// reply, even to an option not named here, echoes it unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Opt {
+    ExportName = 1,
+    Abort = 2,
+    List = 3,
+    StartTls = 5,
+    Info = 6,
+    Go = 7,
+    StructuredReply = 8,
+    ListMetaContext = 9,
+    SetMetaContext = 10,
+    ExtendedHeaders = 11,
+}
 
-// Option replies.
-pub const REP_ACK: u32 = 1;
-pub const REP_SERVER: u32 = 2;
-pub const REP_INFO: u32 = 3;
-pub const REP_META_CONTEXT: u32 = 4;
+impl Opt {
+    /// The option a number on the wire names; `None` for one we do not
+    /// know, which is answered with `NBD_REP_ERR_UNSUP`.
+    pub fn from_wire(n: u32) -> Option<Opt> {
+        Some(match n {
+            1 => Opt::ExportName,
+            2 => Opt::Abort,
+            3 => Opt::List,
+            5 => Opt::StartTls,
+            6 => Opt::Info,
+            7 => Opt::Go,
+            8 => Opt::StructuredReply,
+            9 => Opt::ListMetaContext,
+            10 => Opt::SetMetaContext,
+            11 => Opt::ExtendedHeaders,
+            _ => return None,
+        })
+    }
+
+    /// The option's number on the wire.
+    pub const fn wire(self) -> u32 {
+        self as u32
+    }
+}
+
+impl From<Opt> for u32 {
+    fn from(o: Opt) -> u32 {
+        o.wire()
+    }
+}
+
+/// The type of an option reply (`NBD_REP_*`): an answer, or an error with
+/// the high bit set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum OptReply {
+    Ack = 1,
+    Server = 2,
+    Info = 3,
+    MetaContext = 4,
+    ErrUnsup = REP_ERR | 1,
+    ErrPolicy = REP_ERR | 2,
+    ErrInvalid = REP_ERR | 3,
+    ErrPlatform = REP_ERR | 4,
+    ErrTlsReqd = REP_ERR | 5,
+    ErrUnknown = REP_ERR | 6,
+    ErrShutdown = REP_ERR | 7,
+    ErrTooBig = REP_ERR | 9,
+    ErrExtHeaderReqd = REP_ERR | 10,
+}
+
+/// The bit that marks an option reply as an error.
 const REP_ERR: u32 = 1 << 31;
-pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
-pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
-pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
-pub const REP_ERR_PLATFORM: u32 = REP_ERR | 4;
-pub const REP_ERR_TLS_REQD: u32 = REP_ERR | 5;
-pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
-pub const REP_ERR_SHUTDOWN: u32 = REP_ERR | 7;
-pub const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
-pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERR | 10;
 
-// Info types.
-pub const INFO_EXPORT: u16 = 0;
-pub const INFO_NAME: u16 = 1;
-pub const INFO_DESCRIPTION: u16 = 2;
-pub const INFO_BLOCK_SIZE: u16 = 3;
+impl OptReply {
+    /// The reply type a number on the wire names, as a client reads it;
+    /// `None` for one we do not know.
+    pub fn from_wire(n: u32) -> Option<OptReply> {
+        use OptReply::*;
+        [
+            Ack,
+            Server,
+            Info,
+            MetaContext,
+            ErrUnsup,
+            ErrPolicy,
+            ErrInvalid,
+            ErrPlatform,
+            ErrTlsReqd,
+            ErrUnknown,
+            ErrShutdown,
+            ErrTooBig,
+            ErrExtHeaderReqd,
+        ]
+        .into_iter()
+        .find(|r| r.wire() == n)
+    }
 
-// Commands.
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_DISC: u16 = 2;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_CACHE: u16 = 5;
-pub const CMD_WRITE_ZEROES: u16 = 6;
-pub const CMD_BLOCK_STATUS: u16 = 7;
+    /// The reply type's number on the wire.
+    pub const fn wire(self) -> u32 {
+        self as u32
+    }
+}
 
-// Command flags.
+/// A piece of information about an export (`NBD_INFO_*`), asked for by
+/// `NBD_OPT_INFO` and `NBD_OPT_GO` and sent in `NBD_REP_INFO` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum InfoType {
+    Export = 0,
+    Name = 1,
+    Description = 2,
+    BlockSize = 3,
+}
+
+impl InfoType {
+    /// The information a number on the wire names; `None` for one we do
+    /// not know, which a request may carry and we ignore.
+    pub fn from_wire(n: u16) -> Option<InfoType> {
+        Some(match n {
+            0 => InfoType::Export,
+            1 => InfoType::Name,
+            2 => InfoType::Description,
+            3 => InfoType::BlockSize,
+            _ => return None,
+        })
+    }
+
+    /// The information's number on the wire.
+    pub const fn wire(self) -> u16 {
+        self as u16
+    }
+}
+
+impl From<InfoType> for u16 {
+    fn from(i: InfoType) -> u16 {
+        i.wire()
+    }
+}
+
+/// The type of a transmission request (`NBD_CMD_*`). The request header
+/// keeps the number the client sent ([`Request::command`]); an unknown one
+/// is refused with `EINVAL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Cmd {
+    Read = 0,
+    Write = 1,
+    Disc = 2,
+    Flush = 3,
+    Trim = 4,
+    Cache = 5,
+    WriteZeroes = 6,
+    BlockStatus = 7,
+}
+
+impl Cmd {
+    /// The command a number on the wire names; `None` for one we do not
+    /// know.
+    pub fn from_wire(n: u16) -> Option<Cmd> {
+        Some(match n {
+            0 => Cmd::Read,
+            1 => Cmd::Write,
+            2 => Cmd::Disc,
+            3 => Cmd::Flush,
+            4 => Cmd::Trim,
+            5 => Cmd::Cache,
+            6 => Cmd::WriteZeroes,
+            7 => Cmd::BlockStatus,
+            _ => return None,
+        })
+    }
+
+    /// The command's number on the wire.
+    pub const fn wire(self) -> u16 {
+        self as u16
+    }
+}
+
+impl From<Cmd> for u16 {
+    fn from(c: Cmd) -> u16 {
+        c.wire()
+    }
+}
+
+// Command flags: a set of bits, kept as the `u16` of the header, since
+// what matters is which bits a command allows (a mask) and whether one is
+// set; unknown bits must stay visible to be refused.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
@@ -177,11 +318,12 @@ pub fn peek_option_header(buf: &[u8]) -> Result<Option<OptionHeader>, WireError>
     }))
 }
 
-/// Append an option reply.
-pub fn put_option_reply(out: &mut impl BufMut, option: u32, reply: u32, data: &[u8]) {
+/// Append an option reply to `option`, the number the client sent (echoed
+/// even when we do not know it).
+pub fn put_option_reply(out: &mut impl BufMut, option: u32, reply: OptReply, data: &[u8]) {
     out.put_u64(REPLY_MAGIC_OPT);
     out.put_u32(option);
-    out.put_u32(reply);
+    out.put_u32(reply.wire());
     out.put_u32(data.len() as u32);
     out.put_slice(data);
 }
@@ -220,7 +362,8 @@ impl Request {
     /// `NBD_CMD_FLAG_PAYLOAD_LEN`: qemu 10 omits the flag, and nbdkit and
     /// qemu-nbd accept that, so we do too.
     pub fn payload_len(&self, extended: bool) -> u64 {
-        if self.command == CMD_WRITE || (extended && self.flags & CMD_FLAG_PAYLOAD_LEN != 0) {
+        let write = self.command == Cmd::Write.wire();
+        if write || (extended && self.flags & CMD_FLAG_PAYLOAD_LEN != 0) {
             self.length
         } else {
             0
@@ -403,7 +546,7 @@ mod tests {
         let mut b = BytesMut::new();
         let write = Request {
             flags: CMD_FLAG_FUA,
-            command: CMD_WRITE,
+            command: Cmd::Write.into(),
             cookie: 7,
             offset: 4096,
             length: 512,
@@ -413,7 +556,7 @@ mod tests {
         assert_eq!(r, write);
         assert_eq!(
             (r.command, r.cookie, r.offset, r.length),
-            (CMD_WRITE, 7, 4096, 512)
+            (Cmd::Write.wire(), 7, 4096, 512)
         );
         assert_eq!(r.payload_len(false), 512);
         assert!(peek_request(&b[..27], false).unwrap().is_none());
@@ -427,7 +570,7 @@ mod tests {
         let mut e = BytesMut::new();
         Request {
             flags: 0,
-            command: CMD_TRIM,
+            command: Cmd::Trim.into(),
             cookie: 9,
             offset: 0,
             length: 1 << 40,
@@ -469,7 +612,7 @@ mod tests {
     #[test]
     fn option_headers_round_trip() {
         let h = OptionHeader {
-            option: OPT_GO,
+            option: Opt::Go.into(),
             length: 6,
         };
         let mut b = Vec::new();

@@ -66,9 +66,9 @@ fn config(tls: TlsMode, limits: Limits) -> Arc<Config> {
     })
 }
 
-fn option(b: &mut Vec<u8>, opt: u32, data: &[u8]) {
+fn option(b: &mut Vec<u8>, opt: Opt, data: &[u8]) {
     b.put_u64(IHAVEOPT);
-    b.put_u32(opt);
+    b.put_u32(opt.wire());
     b.put_u32(data.len() as u32);
     b.put_slice(data);
 }
@@ -77,13 +77,13 @@ fn go(b: &mut Vec<u8>) {
     let mut d = Vec::new();
     d.put_u32(0);
     d.put_u16(0);
-    option(b, OPT_GO, &d);
+    option(b, Opt::Go, &d);
 }
 
-fn request(b: &mut Vec<u8>, cmd: u16, cookie: u64, offset: u64, len: u32) {
+fn request(b: &mut Vec<u8>, cmd: Cmd, cookie: u64, offset: u64, len: u32) {
     b.put_u32(REQUEST_MAGIC);
     b.put_u16(0);
-    b.put_u16(cmd);
+    b.put_u16(cmd.wire());
     b.put_u64(cookie);
     b.put_u64(offset);
     b.put_u32(len);
@@ -119,7 +119,7 @@ impl Peer {
         let mut p = Peer::new(config(TlsMode::Off, limits));
         let mut b = Vec::new();
         b.put_u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES);
-        option(&mut b, OPT_STRUCTURED_REPLY, &[]);
+        option(&mut b, Opt::StructuredReply, &[]);
         go(&mut b);
         p.s.receive(&b);
         p.run();
@@ -290,12 +290,13 @@ impl TlsEngine for FakeTls {
 }
 
 /// Option replies at the front of `b`: (option, type), consuming them.
-fn option_replies(b: &mut &[u8]) -> Vec<(u32, u32)> {
+fn option_replies(b: &mut &[u8]) -> Vec<(u32, OptReply)> {
     let mut v = Vec::new();
     while b.len() >= 20 && b[..8] == REPLY_MAGIC_OPT.to_be_bytes() {
         b.advance(8);
         let (o, t, l) = (b.get_u32(), b.get_u32(), b.get_u32() as usize);
         b.advance(l);
+        let t = OptReply::from_wire(t).unwrap_or_else(|| panic!("reply type 0x{t:x}"));
         v.push((o, t));
     }
     v
@@ -363,7 +364,7 @@ fn starttls_with(inner: &[u8]) -> Peer {
     p.sent.clear();
     let mut b = Vec::new();
     b.put_u32(CLIENT_FIXED_NEWSTYLE);
-    option(&mut b, OPT_STARTTLS, &[]);
+    option(&mut b, Opt::StartTls, &[]);
     b.extend_from_slice(b"HELLO");
     b.extend_from_slice(&xor(inner));
     p.s.receive(&b);
@@ -375,7 +376,7 @@ fn starttls_mid_stream_switches_every_later_byte_into_tls() {
     // The client pipelines its first TLS bytes right behind STARTTLS, and
     // the options it sends inside TLS right behind those.
     let mut inner = Vec::new();
-    option(&mut inner, OPT_STRUCTURED_REPLY, &[]);
+    option(&mut inner, Opt::StructuredReply, &[]);
     go(&mut inner);
     let mut p = starttls_with(&inner);
     let Some(Work::Query { query, tls }) = p.s.poll_work() else {
@@ -395,15 +396,18 @@ fn starttls_mid_stream_switches_every_later_byte_into_tls() {
     });
     p.flush();
     let mut wire: &[u8] = &p.sent;
-    assert_eq!(option_replies(&mut wire), vec![(OPT_STARTTLS, REP_ACK)]);
+    assert_eq!(
+        option_replies(&mut wire),
+        vec![(Opt::StartTls.wire(), OptReply::Ack)]
+    );
     assert_eq!(&wire[..7], b"WELCOME");
     wire.advance(7);
     assert_eq!(&wire[..3], RECORD);
     let inside = xor(&wire[3..]);
     let mut inside: &[u8] = &inside;
-    let types: Vec<u32> = option_replies(&mut inside).iter().map(|r| r.1).collect();
-    assert_eq!(types.first(), Some(&REP_ACK));
-    assert_eq!(types.last(), Some(&REP_ACK));
+    let types: Vec<OptReply> = option_replies(&mut inside).iter().map(|r| r.1).collect();
+    assert_eq!(types.first(), Some(&OptReply::Ack));
+    assert_eq!(types.last(), Some(&OptReply::Ack));
     assert!(inside.is_empty());
     assert!(!p.s.in_handshake());
 }
@@ -411,7 +415,7 @@ fn starttls_mid_stream_switches_every_later_byte_into_tls() {
 #[test]
 fn replies_of_one_batch_are_sealed_into_one_record_under_tls() {
     let mut inner = Vec::new();
-    option(&mut inner, OPT_STRUCTURED_REPLY, &[]);
+    option(&mut inner, Opt::StructuredReply, &[]);
     go(&mut inner);
     let mut p = starttls_with(&inner);
     p.run();
@@ -419,7 +423,7 @@ fn replies_of_one_batch_are_sealed_into_one_record_under_tls() {
     p.sent.clear();
     let mut reqs = Vec::new();
     for i in 0..32 {
-        request(&mut reqs, CMD_READ, i, i * 4096, 4096);
+        request(&mut reqs, Cmd::Read, i, i * 4096, 4096);
     }
     p.s.receive(&xor(&reqs));
     p.run();
@@ -438,7 +442,7 @@ fn back_pressure_stops_reading_and_completions_resume_it() {
     let mut p = Peer::transmitting(limits);
     let mut b = Vec::new();
     for i in 0..64 {
-        request(&mut b, CMD_READ, i, 0, 4096);
+        request(&mut b, Cmd::Read, i, 0, 4096);
     }
     p.s.receive(&b);
     assert_eq!(p.hold(), 16, "16 reads of 4 KiB fill the limit");
@@ -465,7 +469,7 @@ fn a_connection_never_holds_more_than_its_byte_limit() {
     let mut p = Peer::transmitting(limits);
     let mut b = Vec::new();
     for i in 0..2000 {
-        request(&mut b, CMD_READ, i, 0, 1 << 20);
+        request(&mut b, Cmd::Read, i, 0, 1 << 20);
     }
     p.s.receive(&b);
     p.run();
@@ -484,7 +488,7 @@ fn one_maximum_size_request_is_taken_on_whatever_the_limit() {
     };
     let mut p = Peer::transmitting(limits);
     let mut b = Vec::new();
-    request(&mut b, CMD_READ, 1, 0, DISK as u32);
+    request(&mut b, Cmd::Read, 1, 0, DISK as u32);
     p.s.receive(&b);
     assert_eq!(p.hold(), 1);
 }
@@ -494,7 +498,7 @@ fn a_client_that_vanishes_with_requests_in_flight_closes_after_they_finish() {
     let mut p = Peer::transmitting(Limits::default());
     let mut b = Vec::new();
     for i in 0..4 {
-        request(&mut b, CMD_READ, i, 0, 4096);
+        request(&mut b, Cmd::Read, i, 0, 4096);
     }
     p.s.receive(&b);
     assert_eq!(p.hold(), 4);
@@ -520,13 +524,13 @@ fn a_client_that_vanishes_with_requests_in_flight_closes_after_they_finish() {
 fn shutdown_with_work_outstanding_answers_it_then_closes() {
     let mut p = Peer::transmitting(Limits::default());
     let mut b = Vec::new();
-    request(&mut b, CMD_READ, 1, 0, 4096);
-    request(&mut b, CMD_READ, 2, 0, 4096);
+    request(&mut b, Cmd::Read, 1, 0, 4096);
+    request(&mut b, Cmd::Read, 2, 0, 4096);
     p.s.receive(&b);
     assert_eq!(p.hold(), 2);
     p.s.begin_shutdown();
     let mut late = Vec::new();
-    request(&mut late, CMD_READ, 3, 0, 4096);
+    request(&mut late, Cmd::Read, 3, 0, 4096);
     p.s.receive(&late);
     assert!(p.s.poll_work().is_none(), "no new requests after shutdown");
     p.release(2);
@@ -541,11 +545,11 @@ fn shutdown_with_work_outstanding_answers_it_then_closes() {
 fn disconnect_finishes_the_pipeline_then_closes_the_handle_once() {
     let mut p = Peer::transmitting(Limits::default());
     let mut b = Vec::new();
-    request(&mut b, CMD_WRITE, 1, 0, 4);
+    request(&mut b, Cmd::Write, 1, 0, 4);
     b.put_slice(b"data");
-    request(&mut b, CMD_READ, 2, 0, 4);
-    request(&mut b, CMD_DISC, 3, 0, 0);
-    request(&mut b, CMD_READ, 4, 0, 4);
+    request(&mut b, Cmd::Read, 2, 0, 4);
+    request(&mut b, Cmd::Disc, 3, 0, 0);
+    request(&mut b, Cmd::Read, 4, 0, 4);
     p.s.receive(&b);
     p.run();
     p.flush();
@@ -601,9 +605,9 @@ fn steady_state_requests_allocate_nothing() {
     let mut batch = Vec::new();
     for i in 0..64u64 {
         if i % 2 == 0 {
-            request(&mut batch, CMD_READ, i, i * 4096, 4096);
+            request(&mut batch, Cmd::Read, i, i * 4096, 4096);
         } else {
-            request(&mut batch, CMD_WRITE, i, i * 4096, 4096);
+            request(&mut batch, Cmd::Write, i, i * 4096, 4096);
             batch.put_bytes(i as u8, 4096);
         }
     }
