@@ -22,7 +22,8 @@ use nbdhost::protocol::export::{ExportEntry, ExportInfo, Extent};
 use nbdhost::protocol::handshake::{Answer, HandshakeConfig, Query, TlsMode};
 use nbdhost::session::buffers::BufPool;
 use nbdhost::session::{
-    Config, Done, Limits, Outcome, PeerIdentity, Session, TlsEngine, TlsFactory, Work,
+    Config, Done, Limits, Outcome, PeerIdentity, Session, TlsEngine, TlsFactory, TlsHandshake,
+    TlsRead, Work,
 };
 
 /// A stand-in for GnuTLS: `HELLO` opens the session, records are the
@@ -49,9 +50,9 @@ impl TlsEngine for Fake {
     fn incoming(&mut self) -> &mut BytesMut {
         &mut self.incoming
     }
-    fn handshake(&mut self) -> Result<bool, String> {
+    fn handshake(&mut self) -> Result<TlsHandshake, String> {
         if self.incoming.len() < 5 {
-            return Ok(false);
+            return Ok(TlsHandshake::InProgress);
         }
         if &self.incoming[..5] != b"HELLO" {
             return Err("bad hello".into());
@@ -59,15 +60,15 @@ impl TlsEngine for Fake {
         self.incoming.advance(5);
         self.out.extend_from_slice(b"WELCOME");
         self.ready = true;
-        Ok(true)
+        Ok(TlsHandshake::Done)
     }
-    fn read(&mut self, out: &mut BytesMut) -> Result<bool, String> {
+    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, String> {
         let data = self.incoming.split();
         if data.windows(4).any(|w| w == b"BYE!") {
-            return Ok(false);
+            return Ok(TlsRead::Closed);
         }
         out.extend(data.iter().map(|b| b ^ 0x5a));
-        Ok(true)
+        Ok(TlsRead::Open)
     }
     fn write(&mut self, data: &[u8]) -> Result<(), String> {
         self.out.extend(data.iter().map(|b| b ^ 0x5a));
@@ -284,9 +285,9 @@ fuzz_target!(|data: &[u8]| {
             5 => d.s.eof(),
             6 => d.s.connection_lost("fuzz"),
             7 => d.s.begin_shutdown(),
-            8 => d
-                .s
-                .handle_timeout(start + Duration::from_secs(u64::from(variant) * 10)),
+            8 => {
+                d.s.handle_timeout(start + Duration::from_secs(u64::from(variant) * 10))
+            }
             _ => d.s.shrink(),
         }
         d.poll();

@@ -178,6 +178,7 @@ impl Handshake {
 
     /// Advance as far as the buffered input allows, consuming what is used
     /// from `input` and appending to `out`.
+    #[must_use]
     pub fn receive(&mut self, input: &mut BytesMut, out: &mut Vec<u8>) -> Event {
         loop {
             match &mut self.state {
@@ -449,6 +450,7 @@ impl Handshake {
     }
 
     /// Feed the result of the last [`Event::Query`].
+    #[must_use]
     pub fn answer(&mut self, answer: Answer, out: &mut Vec<u8>) -> Event {
         let state = std::mem::replace(&mut self.state, State::Options);
         match (state, answer) {
@@ -726,7 +728,7 @@ mod tests {
         put_name(&mut meta, "");
         meta.put_u32(0);
         option(&mut input, Opt::SetMetaContext, &meta);
-        h.receive(&mut input, &mut out);
+        let _ = h.receive(&mut input, &mut out);
         assert_eq!(replies(&out)[0].1, OptReply::ErrInvalid);
     }
 
@@ -742,8 +744,8 @@ mod tests {
     fn started_with(tls: TlsMode) -> (Handshake, Vec<u8>) {
         let mut h = Handshake::new(HandshakeConfig { tls, ..cfg() });
         let mut out = Vec::new();
-        h.receive(&mut BytesMut::new(), &mut out);
-        h.answer(Answer::Preconnect(Ok(())), &mut out);
+        let _ = h.receive(&mut BytesMut::new(), &mut out);
+        let _ = h.answer(Answer::Preconnect(Ok(())), &mut out);
         out.clear();
         (h, out)
     }
@@ -831,7 +833,7 @@ mod tests {
         put_name(&mut go, "");
         go.put_u16(0);
         option(&mut input, Opt::Go, &go);
-        h.receive(&mut input, &mut out);
+        let _ = h.receive(&mut input, &mut out);
         let Event::Done(n) = h.answer(Answer::Open(Ok(test_export(512))), &mut out) else {
             panic!()
         };
@@ -855,7 +857,7 @@ mod tests {
             ..cfg()
         });
         let mut out = Vec::new();
-        h.receive(&mut BytesMut::new(), &mut out);
+        let _ = h.receive(&mut BytesMut::new(), &mut out);
         let ev = h.answer(Answer::Preconnect(Ok(())), &mut out);
         assert!(matches!(ev, Event::Close(_)), "{ev:?}");
         assert!(out.is_empty(), "no size or greeting in clear");

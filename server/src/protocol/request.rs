@@ -160,6 +160,7 @@ impl Decoder {
     }
 
     /// Decode the request at the front of `buf`, consuming it if whole.
+    #[must_use]
     pub fn next(&mut self, buf: &mut BytesMut) -> Decoded {
         if self.discard > 0 {
             let n = self.discard.min(buf.len() as u64);

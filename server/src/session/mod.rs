@@ -34,7 +34,10 @@ use crate::protocol::request::{Command, Decoded, Decoder, Front};
 use crate::protocol::wire::{ReplyStyle, EIO};
 use output::{Data, OutQueue};
 
-pub use work::{Done, Outcome, PeerIdentity, Request, TlsEngine, TlsFactory, TlsState, Work};
+pub use work::{
+    Done, Outcome, PeerIdentity, Request, TlsEngine, TlsFactory, TlsHandshake, TlsRead, TlsState,
+    Work,
+};
 
 /// What one connection may hold at once.
 #[derive(Debug, Clone, Copy)]
@@ -273,6 +276,7 @@ impl<H> Session<H> {
     }
 
     /// The next piece of work, if any.
+    #[must_use]
     pub fn poll_work(&mut self) -> Option<Work<H>> {
         self.ready.pop_front()
     }
@@ -317,6 +321,7 @@ impl<H> Session<H> {
     }
 
     /// The bytes to send now, if any: encrypts pending replies first.
+    #[must_use]
     pub fn poll_transmit(&mut self) -> Option<&OutQueue> {
         if self.tls_ready && !self.plain.is_empty() {
             if let Err(e) = self.encrypt() {
@@ -546,8 +551,8 @@ impl<H> Session<H> {
             self.out.push(Data::Bytes(b));
         }
         match r {
-            Ok(false) => {}
-            Ok(true) => {
+            Ok(TlsHandshake::InProgress) => {}
+            Ok(TlsHandshake::Done) => {
                 let who = t.peer_identity();
                 log::debug!(
                     "connection {}: {} established{}",
@@ -584,8 +589,8 @@ impl<H> Session<H> {
     fn decrypt(&mut self) {
         let Some(t) = self.tls.as_mut() else { return };
         match t.read(&mut self.input) {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(TlsRead::Open) => {}
+            Ok(TlsRead::Closed) => {
                 log::debug!("connection {}: client closed the TLS session", self.id);
                 self.read_closed = true;
             }

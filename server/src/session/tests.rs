@@ -245,9 +245,9 @@ impl TlsEngine for FakeTls {
     fn incoming(&mut self) -> &mut BytesMut {
         &mut self.incoming
     }
-    fn handshake(&mut self) -> Result<bool, String> {
+    fn handshake(&mut self) -> Result<TlsHandshake, String> {
         if self.incoming.len() < 5 {
-            return Ok(false);
+            return Ok(TlsHandshake::InProgress);
         }
         if &self.incoming[..5] != b"HELLO" {
             return Err("bad hello".into());
@@ -255,11 +255,11 @@ impl TlsEngine for FakeTls {
         self.incoming.advance(5);
         self.out.extend_from_slice(b"WELCOME");
         self.ready = true;
-        Ok(true)
+        Ok(TlsHandshake::Done)
     }
-    fn read(&mut self, out: &mut BytesMut) -> Result<bool, String> {
+    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, String> {
         out.extend_from_slice(&xor(&self.incoming.split()));
-        Ok(true)
+        Ok(TlsRead::Open)
     }
     fn write(&mut self, data: &[u8]) -> Result<(), String> {
         self.pending.extend_from_slice(&xor(data));

@@ -116,23 +116,47 @@ pub enum Done<H> {
     Closed,
 }
 
+/// How far a TLS handshake has got: what [`TlsEngine::handshake`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsHandshake {
+    /// Complete, and the peer verified if that is required.
+    Done,
+    /// Not yet: send what the engine has to send, and call again when more
+    /// ciphertext has arrived.
+    InProgress,
+}
+
+/// Whether the client's side of a TLS session is still open: what
+/// [`TlsEngine::read`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRead {
+    /// Open: call again when more ciphertext has arrived.
+    Open,
+    /// The client closed the TLS session (a close_notify, or the end of
+    /// the transport inside a record): nothing more will come.
+    Closed,
+}
+
 /// A server-side TLS engine over in-memory buffers: the session feeds it
 /// ciphertext and takes ciphertext back, and it never touches a socket.
+///
+/// Its errors are messages for the log: nothing decides on them.
 pub trait TlsEngine {
     /// Where ciphertext received from the client goes.
     fn incoming(&mut self) -> &mut BytesMut;
-    /// Advance the handshake with what has arrived: `Ok(true)` once it is
-    /// complete (and the peer verified, if required).
-    fn handshake(&mut self) -> Result<bool, String>;
-    /// Decrypt what has arrived, appending plaintext to `out`; `Ok(false)`
-    /// once the peer has closed the TLS session.
-    fn read(&mut self, out: &mut BytesMut) -> Result<bool, String>;
+    /// Advance the handshake with what has arrived.
+    #[must_use = "the handshake may have completed or failed"]
+    fn handshake(&mut self) -> Result<TlsHandshake, String>;
+    /// Decrypt what has arrived, appending plaintext to `out`.
+    #[must_use = "the client may have closed the TLS session"]
+    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, String>;
     /// Encrypt `data`. Output may be held back until [`TlsEngine::flush`]
     /// so that many small writes share full records.
     fn write(&mut self, data: &[u8]) -> Result<(), String>;
     /// Seal everything written into records.
     fn flush(&mut self) -> Result<(), String>;
     /// Ciphertext to send, if any.
+    #[must_use = "the ciphertext taken must be sent"]
     fn take_output(&mut self) -> Option<Bytes>;
     /// Queue a close_notify alert.
     fn close_notify(&mut self);

@@ -9,7 +9,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::config::TlsConfig;
 use super::{check, ffi, psk, strerror};
-use crate::session::{PeerIdentity, TlsEngine, TlsFactory};
+use crate::session::{PeerIdentity, TlsEngine, TlsFactory, TlsHandshake, TlsRead};
 
 /// The largest plaintext a TLS record carries.
 const RECORD_MAX: usize = 16 * 1024;
@@ -187,7 +187,7 @@ impl TlsEngine for GnutlsEngine {
         &mut self.io.incoming
     }
 
-    fn handshake(&mut self) -> Result<bool, String> {
+    fn handshake(&mut self) -> Result<TlsHandshake, String> {
         psk::take_attempted_user();
         // SAFETY: live session; its transport points at our buffers.
         let r = unsafe { ffi::gnutls_handshake(self.session) };
@@ -197,16 +197,17 @@ impl TlsEngine for GnutlsEngine {
         match r {
             0 => {
                 self.verify()?;
-                Ok(true)
+                Ok(TlsHandshake::Done)
             }
-            ffi::E_AGAIN | ffi::E_INTERRUPTED => Ok(false),
+            ffi::E_AGAIN | ffi::E_INTERRUPTED => Ok(TlsHandshake::InProgress),
+            // A warning (an alert, say): go on.
             // SAFETY: a pure query.
-            r if unsafe { ffi::gnutls_error_is_fatal(r) } == 0 => Ok(false),
+            r if unsafe { ffi::gnutls_error_is_fatal(r) } == 0 => Ok(TlsHandshake::InProgress),
             r => Err(strerror(r)),
         }
     }
 
-    fn read(&mut self, out: &mut BytesMut) -> Result<bool, String> {
+    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, String> {
         loop {
             out.reserve(RECORD_MAX);
             let spare = out.spare_capacity_mut();
@@ -220,10 +221,11 @@ impl TlsEngine for GnutlsEngine {
                     // SAFETY: GnuTLS initialised the first `n` spare bytes.
                     unsafe { out.set_len(out.len() + n as usize) };
                 }
-                0 => return Ok(false),
+                // close_notify.
+                0 => return Ok(TlsRead::Closed),
                 n => match n as c_int {
-                    ffi::E_AGAIN | ffi::E_INTERRUPTED => return Ok(true),
-                    ffi::E_PREMATURE_TERMINATION => return Ok(false),
+                    ffi::E_AGAIN | ffi::E_INTERRUPTED => return Ok(TlsRead::Open),
+                    ffi::E_PREMATURE_TERMINATION => return Ok(TlsRead::Closed),
                     e => return Err(strerror(e)),
                 },
             }
