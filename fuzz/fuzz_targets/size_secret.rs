@@ -8,7 +8,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nbdhost::layers::host::{parse_size, SecretSource};
+use nbdhost::layers::host::secret::SecretSource;
+use nbdhost::layers::host::size::parse_size;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else {

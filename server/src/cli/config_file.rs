@@ -13,7 +13,8 @@ use super::args::Cli;
 use super::run::Address;
 use super::{dump, family, launch, listeners, logging, Rebuild};
 use crate::config::{self, file, Built, Context};
-use crate::layers::host;
+use crate::layers::host::debug_flags::set_debug_flags;
+use crate::layers::host::stdio::set_stdio_safe;
 use crate::protocol::export::ExportPolicy;
 use crate::protocol::handshake::TlsMode;
 use crate::runtime::exports::{Export, Table};
@@ -83,11 +84,11 @@ pub fn serve(
     explicit_log: Option<logging::Destination>,
 ) -> Result<i32, String> {
     let Loaded { source, file, args } = loaded;
-    host::set_debug_flags(cli.debug_flags()?);
-    host::set_stdio_safe(!cli.single);
+    set_debug_flags(cli.debug_flags()?);
+    set_stdio_safe(!cli.single);
     let ctx = context(&cli);
     let built = config::build(&source, &file, &ctx, &[]).map_err(|e| e.to_string())?;
-    host::set_stdio_safe(false);
+    set_stdio_safe(false);
     let tls_mode = built.tls_mode(&ctx);
     if cli.check {
         let user: Vec<String> = std::env::args().skip(1).collect();

@@ -15,7 +15,8 @@ use clap::Parser;
 
 use crate::layers::chain::Layers;
 use crate::layers::foreign;
-use crate::layers::host;
+use crate::layers::host::debug_flags::set_debug_flags;
+use crate::layers::host::stdio::set_stdio_safe;
 use crate::protocol::export::ExportPolicy;
 use crate::protocol::handshake::{HandshakeConfig, TlsMode};
 use crate::runtime::exports::{Chain, Table};
@@ -80,8 +81,8 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
         dump::print(&dump::options(cli.long_options));
         return Ok(0);
     }
-    host::set_debug_flags(cli.debug_flags()?);
-    host::set_stdio_safe(!cli.single);
+    set_debug_flags(cli.debug_flags()?);
+    set_stdio_safe(!cli.single);
     let Some(plugin) = cli.plugin.clone() else {
         // clap demands a plugin unless one of these was given.
         dump::print(&if cli.help {
@@ -140,7 +141,7 @@ fn serve(cli: Cli, explicit_log: Option<logging::Destination>) -> Result<i32, St
     let backend = layers.configure()?;
     // nbdkit's rule: stdin and stdout are the plugin's only while it is
     // being configured.
-    host::set_stdio_safe(false);
+    set_stdio_safe(false);
 
     let tls_mode = cli.tls_mode();
     let policy = ExportPolicy {

@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 use nbdhost_plugin_api::{Error, Flags, Result, Support};
 
 use super::backend::{write_zeroes, Backend, Handle};
-use super::host::{self, ConnContext, Peer};
+use super::host::connection::{ConnContext, Peer, DISCONNECT_FORCE};
+use super::host::context::with_context;
 use crate::protocol::export::{ExportInfo, ExportPolicy, Extent, MAX_PAYLOAD};
 use crate::protocol::handshake::{Answer, Query};
 use crate::protocol::request::Command;
@@ -40,7 +41,7 @@ impl Opened {
     pub fn take_disconnect(&self) -> Option<bool> {
         match self.ctx.disconnect.swap(0, Ordering::Relaxed) {
             0 => None,
-            how => Some(how == host::DISCONNECT_FORCE),
+            how => Some(how == DISCONNECT_FORCE),
         }
     }
 }
@@ -127,30 +128,29 @@ fn run_query(
     let msg = |e: Error| e.to_string();
     match q {
         Query::Preconnect => {
-            let r = host::with_context(&ctx, || backend.preconnect(readonly)).map_err(msg);
+            let r = with_context(&ctx, || backend.preconnect(readonly)).map_err(msg);
             (Answer::Preconnect(r), None)
         }
         Query::List => {
-            let r = host::with_context(&ctx, || backend.list_exports(readonly, tls.active))
-                .map_err(msg);
+            let r = with_context(&ctx, || backend.list_exports(readonly, tls.active)).map_err(msg);
             (Answer::List(r), None)
         }
         Query::Open { name, keep } => {
             if preconnect {
-                if let Err(e) = host::with_context(&ctx, || backend.preconnect(readonly)) {
+                if let Err(e) = with_context(&ctx, || backend.preconnect(readonly)) {
                     log::warn!("{}: client refused: {e}", backend.name());
                     return (Answer::Open(Err((libc::EPERM, e.to_string()))), None);
                 }
             }
             let resolved = if name.is_empty() {
-                host::with_context(&ctx, || backend.default_export(readonly, tls.active))
+                with_context(&ctx, || backend.default_export(readonly, tls.active))
             } else {
                 Ok(name)
             };
             let opened = resolved.and_then(|name| {
                 ctx.export_name = CString::new(name.clone())
                     .map_err(|_| Error::new(libc::EINVAL, "NUL in export name"))?;
-                host::with_context(&ctx, || {
+                with_context(&ctx, || {
                     let h = backend.open(readonly)?;
                     let info = describe(&name, &*h, policy)?;
                     Ok((h, info))
@@ -183,7 +183,7 @@ fn run_query(
 pub fn close(opened: Opened) {
     let Opened { handle, ctx, .. } = opened;
     let r = catch_unwind(AssertUnwindSafe(|| {
-        host::with_context(&ctx, || {
+        with_context(&ctx, || {
             if let Err(e) = handle.finalize() {
                 log::error!("finalize: {e}");
             }
@@ -199,7 +199,7 @@ pub fn close(opened: Opened) {
 /// supplies with the read's length. `layer` names the top of the chain in
 /// log lines.
 pub fn request(opened: &Opened, req: &Request, buf: Option<PooledBuf>, layer: &str) -> Outcome {
-    let run = || host::with_context(&opened.ctx, || perform(opened, req, buf, layer));
+    let run = || with_context(&opened.ctx, || perform(opened, req, buf, layer));
     catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|_| {
         log::error!("{layer}: {} request panicked", req.op().command.name());
         Outcome::Failed(EIO)

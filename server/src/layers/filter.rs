@@ -15,7 +15,7 @@ use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 use super::backend::{checked_block_size, Backend, Handle};
 use super::exports::ExportCollector;
 use super::extents::ExtentCollector;
-use super::host;
+use super::host::{call, context, table};
 use super::loader::{
     field, layer_path, layer_string, shared_fields, LayerInfo, Library, Origin, Table,
 };
@@ -31,7 +31,7 @@ impl Table for abi::Filter {
     unsafe fn call_entry(entry: abi::FilterEntry) -> *const abi::Filter {
         // SAFETY: the caller passes the filter's entry point, which takes
         // the host table; the table is 'static.
-        unsafe { entry(&host::HOST) }
+        unsafe { entry(&table::HOST) }
     }
 
     unsafe fn call_adapter_entry(
@@ -39,7 +39,7 @@ impl Table for abi::Filter {
         path: *const c_char,
     ) -> *const abi::Filter {
         // SAFETY: as for the entry point, with the path the caller passes.
-        unsafe { entry(&host::HOST, path) }
+        unsafe { entry(&table::HOST, path) }
     }
 
     fn min_size() -> usize {
@@ -104,7 +104,7 @@ impl Filter {
     pub fn stack(self, next: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
         if let Some(f) = fcb!(self.lib, startup) {
             let export = next.default_export(true, false)?;
-            let below = OpenedNext::new(host::with_export_name(&export, || next.open(true))?);
+            let below = OpenedNext::new(context::with_export_name(&export, || next.open(true))?);
             // SAFETY: ABI callback with a next table whose handle lives until
             // `below` is dropped after the call.
             let r = self.lib.call(|| unsafe { f(&*below.abi) });
@@ -169,7 +169,7 @@ unsafe extern "C" fn next_list_exports(
     let layer = unsafe { ExportsBelow::of(this) };
     // SAFETY: every export list handed to a filter is an ExportCollector.
     let Some(list) = (unsafe { exports.cast::<ExportCollector>().as_mut() }) else {
-        host::record(Error::new(libc::EINVAL, "list_exports: no export list"));
+        call::record(Error::new(libc::EINVAL, "list_exports: no export list"));
         return -1;
     };
     let r = below(|| layer.next.list_exports(readonly != 0, is_tls != 0));
@@ -200,7 +200,7 @@ unsafe extern "C" fn next_default_export(
             ptr
         }
         Err(e) => {
-            host::record(e);
+            call::record(e);
             std::ptr::null()
         }
     }
@@ -229,16 +229,16 @@ unsafe extern "C" fn next_open(
             .into_owned()
     };
     if slot.opened.is_some() {
-        host::record(Error::new(libc::EINVAL, "next->open called twice"));
+        call::record(Error::new(libc::EINVAL, "next->open called twice"));
         return -1;
     }
-    match below(|| host::with_export_name(&name, || slot.next.open(readonly != 0))) {
+    match below(|| context::with_export_name(&name, || slot.next.open(readonly != 0))) {
         Ok(h) => {
             slot.opened = Some(h);
             0
         }
         Err(e) => {
-            host::record(e);
+            call::record(e);
             -1
         }
     }
@@ -297,7 +297,7 @@ impl Backend for Layer {
         let p = self
             .lib
             .call(|| unsafe { f(&below.abi, c_int::from(readonly), c_int::from(is_tls)) });
-        layer_string(p).ok_or_else(|| host::take_error("default_export"))
+        layer_string(p).ok_or_else(|| call::take_error("default_export"))
     }
 
     fn open(&self, readonly: bool) -> Result<Box<dyn Handle>> {
@@ -318,7 +318,7 @@ impl Backend for Layer {
             opaque: (&mut slot as *mut OpenSlot).cast(),
             open: Some(next_open),
         };
-        let export = host::export_name();
+        let export = context::export_name();
         // SAFETY: `opener` and `export` outlive the call; the filter may call
         // `opener.open` during it and not after.
         let h = self
@@ -331,7 +331,7 @@ impl Backend for Layer {
                 handle.prepare(readonly)?;
                 Ok(Box::new(handle))
             }
-            (true, _) => Err(host::take_error("open")),
+            (true, _) => Err(call::take_error("open")),
             (false, None) => {
                 if let Some(close) = fcb!(self.lib, close) {
                     // SAFETY: closing the handle the filter just returned.
@@ -393,7 +393,7 @@ fn report<T>(r: Result<T>, ok: impl FnOnce(T) -> c_int) -> c_int {
     match r {
         Ok(v) => ok(v),
         Err(e) => {
-            host::record(e);
+            call::record(e);
             -1
         }
     }
@@ -424,7 +424,7 @@ unsafe extern "C" fn next_get_size(next: *const abi::Next) -> i64 {
     match below(|| unsafe { next_of(next) }.get_size()) {
         Ok(s) => s as i64,
         Err(e) => {
-            host::record(e);
+            call::record(e);
             -1
         }
     }
@@ -462,7 +462,7 @@ unsafe extern "C" fn next_export_description(next: *const abi::Next) -> *const c
         }),
         Ok(None) => std::ptr::null(),
         Err(e) => {
-            host::record(e);
+            call::record(e);
             std::ptr::null()
         }
     }
@@ -550,7 +550,7 @@ unsafe extern "C" fn next_extents(
     report(r, |extents| {
         for e in extents {
             if let Err(err) = list.add(e.offset, e.length, e.flags) {
-                host::record(err);
+                call::record(err);
                 return -1;
             }
         }
@@ -572,7 +572,7 @@ unsafe extern "C" fn next_local_file(next: *const abi::Next) -> *const c_char {
         }),
         Ok(None) => std::ptr::null(),
         Err(e) => {
-            host::record(e);
+            call::record(e);
             std::ptr::null()
         }
     }
@@ -647,7 +647,7 @@ impl FilterHandle {
         // SAFETY: ABI callback with our next table and the filter's handle.
         let r = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
         Some(if r < 0 {
-            Err(host::take_error(what))
+            Err(call::take_error(what))
         } else {
             Ok(r)
         })
@@ -704,7 +704,7 @@ impl Handle for FilterHandle {
         };
         // SAFETY: ABI callback with our next table and the filter's handle.
         let r = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
-        u64::try_from(r).map_err(|_| host::take_error("get_size"))
+        u64::try_from(r).map_err(|_| call::take_error("get_size"))
     }
 
     fn block_size(&self) -> Result<Option<(u32, u32, u32)>> {

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use nbdhost_plugin_api::{abi, Error, Result, ThreadModel};
 
-use super::{host, instances};
+use super::host::{call, names};
+use super::instances;
 
 /// Static facts about a plugin or filter, as `--dump-plugin` shows them.
 #[derive(Debug, Clone)]
@@ -276,14 +277,14 @@ impl<T: Table> Library<T> {
         let path = cstring(&foreign.to_string_lossy()).map_err(|e| e.to_string())?;
         // SAFETY: `entry` is the adapter's entry symbol; the path outlives
         // the call.
-        let table = host::call_layer("adapter", || unsafe {
+        let table = call::call_layer("adapter", || unsafe {
             T::call_adapter_entry(entry, path.as_ptr())
         });
         if table.is_null() {
             return Err(format!(
                 "{}: {}",
                 foreign.display(),
-                host::take_error("loading it")
+                call::take_error("loading it")
             ));
         }
         Library::with_table(lib, table, foreign)
@@ -326,7 +327,7 @@ impl<T: Table> Library<T> {
         };
         let mut l = Library {
             table,
-            name: host::intern(&info.name),
+            name: names::intern(&info.name),
             info,
             loaded: false,
             nonblocking: AtomicBool::new(false),
@@ -339,7 +340,7 @@ impl<T: Table> Library<T> {
                 return Err(format!(
                     "{}: load failed: {}",
                     l.name,
-                    host::take_error("load")
+                    call::take_error("load")
                 ));
             }
         }
@@ -364,13 +365,13 @@ impl<T: Table> Library<T> {
 
     /// Run `f` as a call into this layer, collecting the error it records.
     pub fn call<R>(&self, f: impl FnOnce() -> R) -> R {
-        host::call_layer(self.name, f)
+        call::call_layer(self.name, f)
     }
 
     /// Check `r` (-1 = failure), collecting the recorded error.
     pub fn check(&self, what: &str, r: c_int) -> Result<()> {
         if r == -1 {
-            Err(host::take_error(what))
+            Err(call::take_error(what))
         } else {
             Ok(())
         }
@@ -401,7 +402,7 @@ impl<T: Table> Library<T> {
         if let Some(f) = common.configured_thread_model {
             // SAFETY: ABI callback with no arguments.
             let r = self.call(|| unsafe { f() });
-            let model = u32::try_from(r).map_err(|_| host::take_error("thread_model"))?;
+            let model = u32::try_from(r).map_err(|_| call::take_error("thread_model"))?;
             thread_model(model)?;
             self.thread_model.fetch_min(model, Ordering::Relaxed);
         }

@@ -15,7 +15,7 @@ use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 use super::backend::{checked_block_size, write_zeroes, Backend, Handle};
 use super::exports::ExportCollector;
 use super::extents::ExtentCollector;
-use super::host;
+use super::host::{call, table};
 use super::loader::{
     field, layer_path, layer_string, shared_fields, LayerInfo, Library, Origin, Table,
 };
@@ -31,7 +31,7 @@ impl Table for abi::Plugin {
     unsafe fn call_entry(entry: abi::PluginEntry) -> *const abi::Plugin {
         // SAFETY: the caller passes the plugin's entry point, which takes
         // the host table; the table is 'static.
-        unsafe { entry(&host::HOST) }
+        unsafe { entry(&table::HOST) }
     }
 
     unsafe fn call_adapter_entry(
@@ -39,7 +39,7 @@ impl Table for abi::Plugin {
         path: *const c_char,
     ) -> *const abi::Plugin {
         // SAFETY: as for the entry point, with the path the caller passes.
-        unsafe { entry(&host::HOST, path) }
+        unsafe { entry(&table::HOST, path) }
     }
 
     fn min_size() -> usize {
@@ -172,7 +172,7 @@ impl Backend for Plugin {
         let p = self
             .lib
             .call(|| unsafe { f(c_int::from(readonly), c_int::from(is_tls)) });
-        layer_string(p).ok_or_else(|| host::take_error("default_export"))
+        layer_string(p).ok_or_else(|| call::take_error("default_export"))
     }
 
     fn open(&self, readonly: bool) -> Result<Box<dyn Handle>> {
@@ -185,7 +185,7 @@ impl Backend for Plugin {
         // SAFETY: ABI callback taking an int; returns null on failure.
         let h = self.lib.call(|| unsafe { f(c_int::from(readonly)) });
         if h.is_null() {
-            return Err(host::take_error("open"));
+            return Err(call::take_error("open"));
         }
         Ok(Box::new(PluginHandle {
             lib: self.lib.clone(),
@@ -228,7 +228,7 @@ impl PluginHandle {
         // SAFETY: ABI callback taking our live handle.
         let r = self.lib.call(|| unsafe { f(self.handle) });
         if r < 0 {
-            Err(host::take_error(what))
+            Err(call::take_error(what))
         } else {
             Ok(r)
         }
@@ -302,7 +302,7 @@ impl Handle for PluginHandle {
         };
         // SAFETY: ABI callback taking our live handle.
         let r = self.lib.call(|| unsafe { f(self.handle) });
-        u64::try_from(r).map_err(|_| host::take_error("get_size"))
+        u64::try_from(r).map_err(|_| call::take_error("get_size"))
     }
 
     fn block_size(&self) -> Result<Option<(u32, u32, u32)>> {

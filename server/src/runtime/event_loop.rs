@@ -21,7 +21,7 @@ use super::mailbox::{ConnRef, Message};
 use super::workers::{self, Job, JobWork, Lane, Open, STALL};
 use super::{Loops, WAKER};
 use crate::layers::execute;
-use crate::layers::host::Peer;
+use crate::layers::host::connection::Peer;
 use crate::protocol::handshake::{Answer, Query};
 use crate::protocol::wire::EIO;
 use crate::session::buffers::BufPool;

@@ -20,7 +20,7 @@ use mio::{Poll, Token, Waker};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::layers::host;
+use crate::layers::host::shutdown;
 use crate::session;
 use event_loop::EventLoop;
 use exports::Table;
@@ -219,7 +219,7 @@ pub fn serve(
             })?;
     }
     let requested = Mutex::new(tx.clone());
-    host::on_shutdown_request(Some(Box::new(move || {
+    shutdown::on_shutdown_request(Some(Box::new(move || {
         let _ = requested
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -281,8 +281,8 @@ pub fn serve(
             Ok(Event::StdioDone) | Err(_) => Exit::Normal,
         };
     };
-    host::on_shutdown_request(None);
-    host::begin_shutdown();
+    shutdown::on_shutdown_request(None);
+    shutdown::begin_shutdown();
     for m in &loops.mailboxes {
         m.post(Message::Shutdown);
     }
