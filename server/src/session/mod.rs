@@ -77,9 +77,79 @@ const READ_CHUNK: usize = 64 * 1024;
 /// header).
 const REPLY_OVERHEAD: usize = 64;
 
+/// Where the connection is in the protocol.
 enum Phase {
-    Handshake(Handshake),
+    /// Negotiating.
+    Handshake {
+        machine: Handshake,
+        /// When the handshake will be given up.
+        deadline: Option<Instant>,
+        /// A query is out with the driver: nothing more is decoded until
+        /// its answer is in.
+        querying: bool,
+    },
+    /// Serving requests.
     Transmission(Decoder),
+}
+
+/// What the bytes on the wire are.
+enum Transport {
+    /// The protocol's own bytes: no TLS, or a TLS handshake that failed
+    /// (its alert, already ciphertext, goes out as it is).
+    Clear,
+    /// STARTTLS was accepted and the TLS handshake is under way: every
+    /// byte from here on is the engine's.
+    Handshaking(Box<dyn TlsEngine>),
+    /// Inside TLS: input is decrypted and replies are encrypted.
+    Established {
+        engine: Box<dyn TlsEngine>,
+        /// Who the client proved to be, if anyone.
+        identity: Option<PeerIdentity>,
+    },
+}
+
+impl Transport {
+    /// The TLS handshake under way has completed.
+    fn establish(&mut self, identity: Option<PeerIdentity>) {
+        *self = match std::mem::replace(self, Transport::Clear) {
+            Transport::Handshaking(engine) => Transport::Established { engine, identity },
+            other => other,
+        };
+    }
+}
+
+/// How much of the connection's I/O goes on. It only ever moves down
+/// the list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Io {
+    /// Input is taken and output sent.
+    Open,
+    /// No more input is taken (EOF, disconnect, shutdown, the end of the
+    /// handshake, a TLS session the client closed); output still goes out.
+    InputClosed,
+    /// Nothing more is read or sent: output is dropped (the socket
+    /// failed, a fatal error, a client gone or a server shutting down
+    /// mid-handshake).
+    Stopped,
+}
+
+impl Io {
+    /// Input is still taken.
+    fn reading(self) -> bool {
+        self == Io::Open
+    }
+
+    /// Output still goes out.
+    fn sending(self) -> bool {
+        self != Io::Stopped
+    }
+
+    /// Take no more input.
+    fn close_input(&mut self) {
+        if *self == Io::Open {
+            *self = Io::InputClosed;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,20 +176,14 @@ pub struct Session<H> {
     out: OutQueue,
     /// Plaintext replies waiting to be encrypted, once TLS is established.
     plain: OutQueue,
-    tls: Option<Box<dyn TlsEngine>>,
-    tls_ready: bool,
-    identity: Option<PeerIdentity>,
+    /// Clear or TLS.
+    transport: Transport,
+    /// Whether input is taken and output sent.
+    io: Io,
     ready: VecDeque<Work<H>>,
     handle: Option<H>,
     in_flight: usize,
     in_flight_bytes: usize,
-    query_pending: bool,
-    deadline: Option<Instant>,
-    /// No more input is taken (EOF, disconnect, shutdown, a fatal error).
-    read_closed: bool,
-    /// The output cannot be delivered: it is dropped, not sent.
-    write_failed: bool,
-    bye_sent: bool,
     handle_state: HandleState,
     /// Scratch list of read chunks, kept to avoid allocating per reply.
     chunks: Vec<ReadChunk>,
@@ -134,23 +198,21 @@ impl<H> Session<H> {
         let mut s = Session {
             id,
             peer,
-            phase: Phase::Handshake(Handshake::new(cfg.handshake.clone())),
-            deadline: cfg.handshake_timeout.map(|t| now + t),
+            phase: Phase::Handshake {
+                machine: Handshake::new(cfg.handshake.clone()),
+                deadline: cfg.handshake_timeout.map(|t| now + t),
+                querying: false,
+            },
             cfg,
             input: BytesMut::new(),
             out: OutQueue::default(),
             plain: OutQueue::default(),
-            tls: None,
-            tls_ready: false,
-            identity: None,
+            transport: Transport::Clear,
+            io: Io::Open,
             ready: VecDeque::new(),
             handle: None,
             in_flight: 0,
             in_flight_bytes: 0,
-            query_pending: false,
-            read_closed: false,
-            write_failed: false,
-            bye_sent: false,
             handle_state: HandleState::Open,
             chunks: Vec::new(),
             active: true,
@@ -166,7 +228,7 @@ impl<H> Session<H> {
 
     /// Bytes arrived from the client.
     pub fn receive(&mut self, data: &[u8]) {
-        if self.read_closed {
+        if !self.io.reading() {
             return;
         }
         self.wire_in().extend_from_slice(data);
@@ -184,7 +246,7 @@ impl<H> Session<H> {
 
     /// Bytes were added to [`Session::input_buffer`].
     pub fn received(&mut self) {
-        if self.read_closed {
+        if !self.io.reading() {
             self.wire_in().clear();
             return;
         }
@@ -194,10 +256,12 @@ impl<H> Session<H> {
     /// How many bytes to ask the socket for.
     pub fn read_hint(&self) -> usize {
         match &self.phase {
-            Phase::Transmission(d) if self.tls.is_none() => match d.front(&self.input) {
-                Front::Incomplete { wanted } => wanted.clamp(READ_CHUNK, MAX_PAYLOAD as usize),
-                Front::Complete { .. } => READ_CHUNK,
-            },
+            Phase::Transmission(d) if matches!(self.transport, Transport::Clear) => {
+                match d.front(&self.input) {
+                    Front::Incomplete { wanted } => wanted.clamp(READ_CHUNK, MAX_PAYLOAD as usize),
+                    Front::Complete { .. } => READ_CHUNK,
+                }
+            }
             _ => READ_CHUNK,
         }
     }
@@ -205,11 +269,12 @@ impl<H> Session<H> {
     /// The client will send nothing more.
     pub fn eof(&mut self) {
         log::debug!("connection {}: client closed its side", self.id);
-        self.read_closed = true;
         if self.in_handshake() {
             // Nobody is listening for the rest of a handshake.
-            self.write_failed = true;
+            self.io = Io::Stopped;
             self.out.clear();
+        } else {
+            self.io.close_input();
         }
         self.process();
     }
@@ -231,42 +296,46 @@ impl<H> Session<H> {
     /// The server is shutting down: take no new requests and finish those
     /// running. An unfinished handshake is simply dropped.
     pub fn begin_shutdown(&mut self) {
-        self.read_closed = true;
         if self.in_handshake() {
-            self.write_failed = true;
+            self.io = Io::Stopped;
             self.out.clear();
+        } else {
+            self.io.close_input();
         }
         self.process();
     }
 
     /// When the handshake will be given up, while it lasts.
     pub fn deadline(&self) -> Option<Instant> {
-        self.deadline.filter(|_| self.in_handshake())
+        match &self.phase {
+            Phase::Handshake { deadline, .. } => *deadline,
+            Phase::Transmission(_) => None,
+        }
     }
 
     /// Time has passed: give up a handshake that took too long.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.deadline().is_some_and(|d| d <= now) && !self.write_failed {
+        if self.deadline().is_some_and(|d| d <= now) && self.io.sending() {
             self.abandon("handshake timed out");
         }
     }
 
     /// Whether the handshake is still under way.
     pub fn in_handshake(&self) -> bool {
-        matches!(self.phase, Phase::Handshake(_))
+        matches!(self.phase, Phase::Handshake { .. })
     }
 
     /// Whether the session wants more input now. `false` is back-pressure:
     /// the driver stops reading until a completion or a write makes room.
     pub fn wants_read(&self) -> bool {
-        if self.read_closed || self.write_failed {
+        if !self.io.reading() {
             return false;
         }
-        if self.tls.is_some() && !self.tls_ready {
+        if matches!(self.transport, Transport::Handshaking(_)) {
             return true;
         }
         match &self.phase {
-            Phase::Handshake(_) => !self.query_pending,
+            Phase::Handshake { querying, .. } => !querying,
             Phase::Transmission(d) => {
                 matches!(d.front(&self.input), Front::Incomplete { .. })
                     && self.held() < self.cfg.limits.max_bytes
@@ -291,27 +360,31 @@ impl<H> Session<H> {
         self.active = true;
         match done {
             Done::Query { answer, opened } => {
-                self.query_pending = false;
                 if let Some(h) = opened {
                     self.handle = Some(h);
                 }
-                // A client that has gone needs no answer.
-                if self.write_failed {
-                    self.read_closed = true;
-                } else if let Phase::Handshake(hs) = &mut self.phase {
-                    let out = if self.tls_ready {
-                        &mut self.plain
-                    } else {
-                        &mut self.out
-                    };
-                    let ev = out.encode(|o| hs.answer(answer, o));
-                    self.handshake_event(ev);
+                let encrypting = self.encrypting();
+                if let Phase::Handshake {
+                    machine, querying, ..
+                } = &mut self.phase
+                {
+                    *querying = false;
+                    // A client that has gone needs no answer.
+                    if self.io.sending() {
+                        let out = if encrypting {
+                            &mut self.plain
+                        } else {
+                            &mut self.out
+                        };
+                        let ev = out.encode(|o| machine.answer(answer, o));
+                        self.handshake_event(ev);
+                    }
                 }
             }
             Done::Request(req, outcome) => {
                 self.in_flight -= 1;
                 self.in_flight_bytes -= req.cost();
-                if !self.write_failed {
+                if self.io.sending() {
                     self.reply(req, outcome);
                 }
             }
@@ -323,12 +396,12 @@ impl<H> Session<H> {
     /// The bytes to send now, if any: encrypts pending replies first.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<&OutQueue> {
-        if self.tls_ready && !self.plain.is_empty() {
+        if self.encrypting() && !self.plain.is_empty() {
             if let Err(e) = self.encrypt() {
                 self.abandon(&format!("TLS: {e}"));
             }
         }
-        (!self.write_failed && !self.out.is_empty()).then_some(&self.out)
+        (self.io.sending() && !self.out.is_empty()).then_some(&self.out)
     }
 
     /// `n` bytes of [`Session::poll_transmit`]'s output were written.
@@ -345,7 +418,8 @@ impl<H> Session<H> {
 
     /// Work of this connection that is running or waiting to be polled.
     pub fn running(&self) -> usize {
-        self.in_flight + usize::from(self.query_pending)
+        let querying = matches!(self.phase, Phase::Handshake { querying: true, .. });
+        self.in_flight + usize::from(querying)
     }
 
     /// Whether the connection is over: the handle is closed and nothing is
@@ -353,13 +427,16 @@ impl<H> Session<H> {
     pub fn is_finished(&self) -> bool {
         self.handle_state == HandleState::Closed
             && self.ready.is_empty()
-            && (self.write_failed || (self.out.is_empty() && self.plain.is_empty()))
+            && (!self.io.sending() || (self.out.is_empty() && self.plain.is_empty()))
     }
 
     /// Give back buffers kept from busier times if nothing has happened
     /// since the last call.
     pub fn shrink(&mut self) {
-        if !std::mem::take(&mut self.active) && self.input.is_empty() && self.tls.is_none() {
+        if !std::mem::take(&mut self.active)
+            && self.input.is_empty()
+            && matches!(self.transport, Transport::Clear)
+        {
             self.input = BytesMut::new();
             self.out.shrink();
             self.plain.shrink();
@@ -370,10 +447,15 @@ impl<H> Session<H> {
 
     fn wire_in(&mut self) -> &mut BytesMut {
         self.active = true;
-        match &mut self.tls {
-            Some(t) => t.incoming(),
-            None => &mut self.input,
+        match &mut self.transport {
+            Transport::Handshaking(t) | Transport::Established { engine: t, .. } => t.incoming(),
+            Transport::Clear => &mut self.input,
         }
+    }
+
+    /// Whether replies are encrypted: the connection is inside TLS.
+    fn encrypting(&self) -> bool {
+        matches!(self.transport, Transport::Established { .. })
     }
 
     /// Bytes the connection holds for requests: payloads and read buffers
@@ -389,8 +471,7 @@ impl<H> Session<H> {
     }
 
     fn stop_io(&mut self) {
-        self.read_closed = true;
-        self.write_failed = true;
+        self.io = Io::Stopped;
         self.out.clear();
         self.plain.clear();
     }
@@ -399,24 +480,24 @@ impl<H> Session<H> {
     /// connection can be wound up.
     fn process(&mut self) {
         loop {
-            if self.write_failed && self.read_closed {
+            if self.io == Io::Stopped {
                 break;
             }
-            if self.tls.is_some() && !self.tls_ready {
+            if matches!(self.transport, Transport::Handshaking(_)) {
                 self.advance_tls();
-                if !self.tls_ready {
+                if !self.encrypting() {
                     break;
                 }
             }
-            if self.tls_ready && !self.read_closed {
+            if self.encrypting() && self.io.reading() {
                 self.decrypt();
             }
-            if self.read_closed && self.in_handshake() {
+            if !self.io.reading() && self.in_handshake() {
                 break;
             }
             while self.step() {}
             // Go round again only for a TLS handshake that STARTTLS began.
-            if self.tls.is_none() || self.tls_ready {
+            if !matches!(self.transport, Transport::Handshaking(_)) {
                 break;
             }
         }
@@ -426,26 +507,28 @@ impl<H> Session<H> {
     /// Take one step in the current phase; `false` when nothing more can be
     /// done with the input at hand.
     fn step(&mut self) -> bool {
-        if self.tls.is_some() && !self.tls_ready {
+        if matches!(self.transport, Transport::Handshaking(_)) {
             return false;
         }
         let held = self.held();
         let limits = self.cfg.limits;
-        let out = if self.tls_ready {
+        let out = if self.encrypting() {
             &mut self.plain
         } else {
             &mut self.out
         };
         match &mut self.phase {
-            Phase::Handshake(hs) => {
-                if self.query_pending {
+            Phase::Handshake {
+                machine, querying, ..
+            } => {
+                if *querying {
                     return false;
                 }
-                let ev = out.encode(|o| hs.receive(&mut self.input, o));
+                let ev = out.encode(|o| machine.receive(&mut self.input, o));
                 self.handshake_event(ev)
             }
             Phase::Transmission(dec) => {
-                if self.read_closed {
+                if !self.io.reading() {
                     return false;
                 }
                 let cost = match dec.front(&self.input) {
@@ -471,7 +554,7 @@ impl<H> Session<H> {
                     }
                     Decoded::Disconnect => {
                         log::debug!("connection {}: client disconnected", self.id);
-                        self.read_closed = true;
+                        self.io.close_input();
                         self.input.clear();
                         false
                     }
@@ -489,10 +572,15 @@ impl<H> Session<H> {
         match ev {
             Event::NeedInput => false,
             Event::Query(query) => {
-                self.query_pending = true;
-                let tls = TlsState {
-                    active: self.tls_ready,
-                    identity: self.identity.clone(),
+                if let Phase::Handshake { querying, .. } = &mut self.phase {
+                    *querying = true;
+                }
+                let tls = match &self.transport {
+                    Transport::Established { identity, .. } => TlsState {
+                        active: true,
+                        identity: identity.clone(),
+                    },
+                    Transport::Clear | Transport::Handshaking(_) => TlsState::default(),
                 };
                 self.ready.push_back(Work::Query { query, tls });
                 false
@@ -506,7 +594,6 @@ impl<H> Session<H> {
                     n.style
                 );
                 self.phase = Phase::Transmission(Decoder::new(n));
-                self.deadline = None;
                 true
             }
             Event::StartTls => {
@@ -515,12 +602,12 @@ impl<H> Session<H> {
             }
             Event::Aborted => {
                 log::debug!("connection {}: client ended the handshake", self.id);
-                self.read_closed = true;
+                self.io.close_input();
                 false
             }
             Event::Close(why) => {
                 log::warn!("connection {}: {why}; closing", self.id);
-                self.read_closed = true;
+                self.io.close_input();
                 false
             }
         }
@@ -537,7 +624,7 @@ impl<H> Session<H> {
             Ok(mut t) => {
                 // A client may already have sent its ClientHello.
                 t.incoming().extend_from_slice(&self.input.split());
-                self.tls = Some(t);
+                self.transport = Transport::Handshaking(t);
             }
             Err(e) => self.fail(&format!("cannot start TLS: {e}")),
         }
@@ -545,7 +632,9 @@ impl<H> Session<H> {
 
     /// Drive the TLS handshake with what has arrived.
     fn advance_tls(&mut self) {
-        let Some(t) = self.tls.as_mut() else { return };
+        let Transport::Handshaking(t) = &mut self.transport else {
+            return;
+        };
         let r = t.handshake();
         if let Some(b) = t.take_output() {
             self.out.push(Data::Bytes(b));
@@ -562,10 +651,9 @@ impl<H> Session<H> {
                         .map(|w| format!(" with {w}"))
                         .unwrap_or_default()
                 );
-                self.tls_ready = true;
-                self.identity = who;
-                if let Phase::Handshake(hs) = &mut self.phase {
-                    hs.tls_established();
+                self.transport.establish(who);
+                if let Phase::Handshake { machine, .. } = &mut self.phase {
+                    machine.tls_established();
                 }
             }
             Err(e) => {
@@ -579,20 +667,22 @@ impl<H> Session<H> {
                     self.peer
                 );
                 // The alert is queued; send it, then close.
-                self.tls = None;
-                self.read_closed = true;
+                self.transport = Transport::Clear;
+                self.io.close_input();
             }
         }
     }
 
     /// Move decrypted input into `input`.
     fn decrypt(&mut self) {
-        let Some(t) = self.tls.as_mut() else { return };
+        let Transport::Established { engine: t, .. } = &mut self.transport else {
+            return;
+        };
         match t.read(&mut self.input) {
             Ok(TlsRead::Open) => {}
             Ok(TlsRead::Closed) => {
                 log::debug!("connection {}: client closed the TLS session", self.id);
-                self.read_closed = true;
+                self.io.close_input();
             }
             Err(e) => self.fail(&format!("TLS: {e}")),
         }
@@ -601,7 +691,7 @@ impl<H> Session<H> {
     /// Seal pending plaintext into records, as few as the record size
     /// allows, and queue them for the wire.
     fn encrypt(&mut self) -> Result<(), String> {
-        let Some(t) = self.tls.as_mut() else {
+        let Transport::Established { engine: t, .. } = &mut self.transport else {
             return Ok(());
         };
         self.plain.drain(|b| t.write(b))?;
@@ -616,7 +706,7 @@ impl<H> Session<H> {
     fn reply(&mut self, req: Request, outcome: Outcome) {
         let op = req.op();
         let hdr = op.reply;
-        let out = if self.tls_ready {
+        let out = if self.encrypting() {
             &mut self.plain
         } else {
             &mut self.out
@@ -674,12 +764,12 @@ impl<H> Session<H> {
     /// Once no more input will be taken and nothing is running, say
     /// goodbye over TLS and hand out the handle for closing.
     fn wind_up(&mut self) {
-        if !self.read_closed || self.handle_state != HandleState::Open || self.running() > 0 {
+        if self.io.reading() || self.handle_state != HandleState::Open || self.running() > 0 {
             return;
         }
-        if self.tls_ready && !self.bye_sent && !self.write_failed {
-            self.bye_sent = true;
-            if let Some(t) = self.tls.as_mut() {
+        // From here on the handle state leaves `Open`, so this runs once.
+        if self.io.sending() {
+            if let Transport::Established { engine: t, .. } = &mut self.transport {
                 // Replies still pending go out before the alert.
                 if let Err(e) = self.plain.drain(|b| t.write(b)).and_then(|()| t.flush()) {
                     log::debug!("connection {}: TLS: {e}", self.id);
