@@ -14,6 +14,31 @@ use crate::header::Compression;
 /// Clusters kept decompressed.
 const RECENT: usize = 16;
 
+/// Why a compressed cluster does not decompress.
+#[derive(Debug)]
+pub enum Undecodable {
+    /// The stream ended after this many bytes, short of a cluster.
+    Short { kind: Compression, bytes: u64 },
+    /// The decoder refused the stream.
+    Refused { kind: Compression, why: String },
+}
+
+impl std::fmt::Display for Undecodable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = |kind: Compression| match kind {
+            Compression::Zlib => ("deflate", "stream"),
+            Compression::Zstd => ("zstd", "frame"),
+        };
+        match self {
+            Undecodable::Short { kind, bytes } => {
+                let (name, unit) = names(*kind);
+                write!(f, "{name} {unit} gave {bytes} bytes, not a cluster")
+            }
+            Undecodable::Refused { kind, why } => write!(f, "{}: {why}", names(*kind).0),
+        }
+    }
+}
+
 /// Decompresses clusters, remembering the last few.
 pub struct Decompressor {
     kind: Compression,
@@ -75,7 +100,7 @@ impl Decompressor {
         Ok(())
     }
 
-    fn decompress(&self, input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    fn decompress(&self, input: &[u8], out: &mut [u8]) -> std::result::Result<(), Undecodable> {
         match self.kind {
             Compression::Zlib => inflate(input, out),
             Compression::Zstd => unzstd(input, out),
@@ -84,28 +109,36 @@ impl Decompressor {
 }
 
 /// Raw deflate until `out` is full.
-fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<(), Undecodable> {
+    let kind = Compression::Zlib;
     let mut d = flate2::Decompress::new(false);
     match d.decompress(input, out, flate2::FlushDecompress::Finish) {
         Ok(_) if d.total_out() == out.len() as u64 => Ok(()),
-        Ok(_) => Err(format!(
-            "deflate stream gave {} bytes, not a cluster",
-            d.total_out()
-        )),
-        Err(e) => Err(format!("deflate: {e}")),
+        Ok(_) => Err(Undecodable::Short {
+            kind,
+            bytes: d.total_out(),
+        }),
+        Err(e) => Err(Undecodable::Refused {
+            kind,
+            why: e.to_string(),
+        }),
     }
 }
 
 /// A zstd frame until `out` is full.
-fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), Undecodable> {
     use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut d = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
+    let kind = Compression::Zstd;
+    let refused = |e: std::io::Error| Undecodable::Refused {
+        kind,
+        why: e.to_string(),
+    };
+    let mut d = Decoder::new().map_err(refused)?;
     let mut src = InBuffer::around(input);
     let mut dst = OutBuffer::around(out);
     while dst.pos() < dst.capacity() && src.pos() < input.len() {
         let (read, written) = (src.pos(), dst.pos());
-        d.run(&mut src, &mut dst)
-            .map_err(|e| format!("zstd: {e}"))?;
+        d.run(&mut src, &mut dst).map_err(refused)?;
         if src.pos() == read && dst.pos() == written {
             break;
         }
@@ -113,10 +146,10 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     if dst.pos() == dst.capacity() {
         Ok(())
     } else {
-        Err(format!(
-            "zstd frame gave {} bytes, not a cluster",
-            dst.pos()
-        ))
+        Err(Undecodable::Short {
+            kind,
+            bytes: dst.pos() as u64,
+        })
     }
 }
 
