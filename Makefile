@@ -85,6 +85,9 @@ asan:
 	RUSTFLAGS="-Zsanitizer=address -Clink-arg=-Wl,--export-dynamic" \
 		$(CARGO) +nightly build --workspace --target $(ASAN_TARGET) --target-dir $(ASAN_DIR)
 	rm -rf $(ASAN_REPORTS) && mkdir -p $(ASAN_REPORTS)
+	# PREBUILT: the tests take the instrumented build above as it is and
+	# run no `cargo build` of their own (which would use plain flags).
+	NBDHOST_TEST_PREBUILT=1 \
 	NBDHOST_TEST_BINDIR=$(ASAN_DIR)/$(ASAN_TARGET)/debug \
 	NBDHOST_TEST_CFLAGS=-fsanitize=address \
 	ASAN_OPTIONS=log_path=$(ASAN_REPORTS)/report:quarantine_size_mb=32 \

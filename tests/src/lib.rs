@@ -2,30 +2,213 @@
 //! `nbdhost` in the foreground on a private socket, run client programs,
 //! and stop the server cleanly.
 //!
-//! The binaries come from `cargo build --workspace` (run by `make test`
-//! before `cargo test`).
+//! The binaries come from `cargo build --workspace`, which the harness runs
+//! itself the first time a test asks for one (see [`ensure_built`]), so a
+//! bare `cargo test` works in a fresh clone.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod raw;
 pub mod tls;
 
-/// Directory holding the built `nbdhost` and plugin shared objects:
-/// `$NBDHOST_TEST_BINDIR` if set (`make asan` points it at instrumented
-/// builds), otherwise the workspace's debug build.
+/// Directory holding the `nbdhost` and plugin shared objects the tests
+/// run: `$NBDHOST_TEST_BINDIR` if set (`make asan` points it at
+/// instrumented builds, `scripts/check-installed` at an installed
+/// server), otherwise the workspace's build directory, built first (see
+/// [`ensure_built`]).
 pub fn target_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("NBDHOST_TEST_BINDIR") {
         return PathBuf::from(d);
     }
-    let base = std::env::var_os("CARGO_TARGET_DIR")
+    ensure_built();
+    build_dir()
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, or `target/` at the
+/// root of the tree.
+fn cargo_target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    base.join("debug")
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// The name of the directory, under cargo's target directory, of the
+/// profile this test binary was built with: the one holding the `deps/`
+/// that holds the running executable (`debug` for `cargo test`, `release`
+/// for `cargo test --release`, a custom profile's name), or else `debug`
+/// or `release` as debug assertions say.
+fn profile_dir() -> String {
+    let exe = std::env::current_exe().ok();
+    let deps = exe.as_deref().and_then(Path::parent);
+    if let Some(deps) = deps.filter(|d| d.file_name().is_some_and(|n| n == "deps")) {
+        if let Some(name) = deps.parent().and_then(Path::file_name) {
+            return name.to_string_lossy().into_owned();
+        }
+    }
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+    .to_owned()
+}
+
+/// Where `cargo build --workspace`, in this test binary's profile, puts
+/// the server, plugins and filters.
+fn build_dir() -> PathBuf {
+    cargo_target_dir().join(profile_dir())
+}
+
+/// Run `cargo build --workspace` (with `$CARGO`, in this test binary's
+/// profile, into [`cargo_target_dir`]) once per test process, before the
+/// first test that needs something from the build directory; cargo decides
+/// what is stale, so when everything is fresh this costs a tenth of a
+/// second. Test binaries running at once (`cargo nextest`, two `cargo
+/// test`s) take turns through an `flock` on
+/// `nbdhost-tests-build.lock` in the target directory, each building after
+/// the other has finished. A failed build fails every test that needed
+/// it, with cargo's output.
+///
+/// Not run when nothing comes from the build directory: with
+/// `$NBDHOST_TEST_BINDIR` ([`target_dir`]), or for a plugin or filter
+/// found in `$NBDHOST_TEST_PLUGINDIR` / `…FILTERDIR` (`layer_path`). Not
+/// run either when `$NBDHOST_TEST_PREBUILT` is set to anything but `0`:
+/// the artifacts are taken as they are, for a harness that built them
+/// with flags of its own and must not have them rebuilt, or a machine
+/// that runs the tests without a toolchain.
+pub fn ensure_built() {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(e) = BUILT.get_or_init(build_workspace) {
+        panic!("{e}");
+    }
+}
+
+fn build_workspace() -> Result<(), String> {
+    if prebuilt() {
+        return Ok(());
+    }
+    let target = cargo_target_dir();
+    std::fs::create_dir_all(&target)
+        .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+    let lock_path = target.join("nbdhost-tests-build.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    if !flock(&lock, libc::LOCK_EX | libc::LOCK_NB)? {
+        note(&format!(
+            "waiting for another test process's build ({})",
+            lock_path.display()
+        ));
+        flock(&lock, libc::LOCK_EX)?;
+    }
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let profile = match profile_dir().as_str() {
+        "debug" => "dev".to_owned(),
+        p => p.to_owned(),
+    };
+    let mut cmd = Command::new(&cargo);
+    cmd.args(["build", "--workspace", "--profile", &profile])
+        .current_dir(root())
+        .env("CARGO_TARGET_DIR", &target)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let shown = format!(
+        "{} build --workspace --profile {profile} (CARGO_TARGET_DIR={})",
+        Path::new(&cargo).display(),
+        target.display()
+    );
+    let mut child = cmd.spawn().map_err(|e| {
+        format!(
+            "cannot run {shown}: {e}\n\
+             (the end-to-end tests build the workspace first; build it yourself \
+             and set NBDHOST_TEST_PREBUILT=1 to skip that)"
+        )
+    })?;
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    // A fresh tree builds in a fraction of a second, silently; a build
+    // that takes longer says what the tests are waiting for.
+    let start = Instant::now();
+    let mut told = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => return Err(format!("waiting for {shown}: {e}")),
+        }
+        if !told && start.elapsed() > Duration::from_secs(5) {
+            note(&format!("building the workspace first: {shown}"));
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    if told {
+        note(&format!("built in {:.0?}", start.elapsed()));
+    }
+    if !status.success() {
+        return Err(format!(
+            "{shown} failed ({status}); the end-to-end tests need what it builds:\n{}{}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        ));
+    }
+    // Dropping `lock` closes it, which releases the lock.
+    Ok(())
+}
+
+/// Whether `$NBDHOST_TEST_PREBUILT` says not to build (see [`ensure_built`]).
+fn prebuilt() -> bool {
+    std::env::var_os("NBDHOST_TEST_PREBUILT").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Take an `flock` on `file`; false if `LOCK_NB` was given and another
+/// process holds it.
+///
+/// `libc`, already a dependency, rather than a locking crate: one call,
+/// with exactly cargo's own semantics (released when the file is closed,
+/// or when the process dies). `File::lock` is newer than our minimum Rust.
+fn flock(file: &std::fs::File, op: libc::c_int) -> Result<bool, String> {
+    loop {
+        // SAFETY: flock on a descriptor that `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if op & libc::LOCK_NB != 0 => return Ok(false),
+            _ => return Err(format!("flock on the build lock: {e}")),
+        }
+    }
+}
+
+/// A line on the terminal even while the test harness captures output
+/// (`eprintln!` would be held back until a test fails).
+fn note(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "nbdhost-tests: {msg}");
 }
 
 /// A TCP port on 127.0.0.1 that nothing listens on now.
@@ -39,7 +222,10 @@ pub fn free_port() -> u16 {
 
 /// The root of the source tree.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Compile C `source` into `dir/lib<name>.so` against the plugin headers,
@@ -112,21 +298,30 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     out
 }
 
-/// Path of the `nbdhost` binary; panics with advice if it was not built.
+/// `path`, which must exist; the panic says why it might not.
+fn existing(path: PathBuf) -> PathBuf {
+    if !path.exists() {
+        let why = if prebuilt() {
+            "NBDHOST_TEST_PREBUILT is set, so the tests did not run `cargo build --workspace`"
+        } else {
+            "NBDHOST_TEST_BINDIR, …PLUGINDIR and …FILTERDIR say where the tests look, \
+             and the build directory otherwise"
+        };
+        panic!("{} missing ({why})", path.display());
+    }
+    path
+}
+
+/// Path of the `nbdhost` binary, built first if need be.
 pub fn nbdhost_bin() -> PathBuf {
-    let p = target_dir().join("nbdhost");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace` first",
-        p.display()
-    );
-    p
+    existing(target_dir().join("nbdhost"))
 }
 
 /// Where the tests find `file`, a plugin or filter: in
 /// `$NBDHOST_TEST_PLUGINDIR` / `…FILTERDIR` (`kind` "plugin" or "filter")
 /// when testing an installed server (see `scripts/check-installed`), and
-/// otherwise (test plugins are not installed) in the build directory.
+/// otherwise (test plugins are not installed) in the build directory,
+/// built first.
 fn layer_path(kind: &str, file: &str) -> PathBuf {
     let Some(dir) = std::env::var_os(format!("NBDHOST_TEST_{}DIR", kind.to_uppercase())) else {
         return target_dir().join(file);
@@ -135,32 +330,18 @@ fn layer_path(kind: &str, file: &str) -> PathBuf {
     if installed.exists() {
         return installed;
     }
-    let build = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    build.join("debug").join(file)
+    ensure_built();
+    build_dir().join(file)
 }
 
 /// Path of an in-tree plugin (`memory` → `libmemoryplugin.so`).
 pub fn plugin(name: &str) -> PathBuf {
-    let p = layer_path("plugin", &format!("lib{name}plugin.so"));
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace` first",
-        p.display()
-    );
-    p
+    existing(layer_path("plugin", &format!("lib{name}plugin.so")))
 }
 
 /// Path of an in-tree filter (`offset` → `liboffsetfilter.so`).
 pub fn filter(name: &str) -> PathBuf {
-    let p = layer_path("filter", &format!("lib{name}filter.so"));
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace` first",
-        p.display()
-    );
-    p
+    existing(layer_path("filter", &format!("lib{name}filter.so")))
 }
 
 /// The `--filter=PATH` option for an in-tree filter.
