@@ -1,12 +1,18 @@
 //! The one interface every link of the chain presents: the protocol code
 //! talks to the top of the chain through [`Backend`] and [`Handle`] and never
-//! knows whether a filter or the plugin is below it.
+//! knows whether a filter or the plugin is below it. The connection a call
+//! is made for is passed to it: to the calls made before there is a
+//! handle, and to `open`, whose handle keeps it.
+
+use std::sync::Arc;
 
 use nbdhost_plugin_api::{Error, Flags, Result, Support, ThreadModel};
 
+use super::connection::Connection;
 use crate::protocol::export::{ExportEntry, Extent};
 
-/// A link of the chain before any connection: global operations.
+/// A link of the chain, not opened: global operations, and the calls a
+/// connection makes before it has a handle.
 pub trait Backend: Send + Sync {
     /// Short name, for logs.
     fn name(&self) -> &str;
@@ -19,14 +25,24 @@ pub trait Backend: Send + Sync {
     /// plugin first, then each filter up the chain.
     fn after_fork(&self) -> Result<()>;
     /// A client connected; an error refuses it.
-    fn preconnect(&self, readonly: bool) -> Result<()>;
-    /// The exports to list.
-    fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<ExportEntry>>;
+    fn preconnect(&self, conn: &Arc<Connection>, readonly: bool) -> Result<()>;
+    /// The exports to list to the client of `conn`.
+    fn list_exports(
+        &self,
+        conn: &Arc<Connection>,
+        readonly: bool,
+        is_tls: bool,
+    ) -> Result<Vec<ExportEntry>>;
     /// The name the empty export name stands for.
-    fn default_export(&self, readonly: bool, is_tls: bool) -> Result<String>;
-    /// Open a handle for one connection; the export name is in the
-    /// connection context (see `host`).
-    fn open(&self, readonly: bool) -> Result<Box<dyn Handle>>;
+    fn default_export(
+        &self,
+        conn: &Arc<Connection>,
+        readonly: bool,
+        is_tls: bool,
+    ) -> Result<String>;
+    /// Open a handle for `conn`, under its export name. The handle keeps
+    /// `conn`: every call on it is made for that connection.
+    fn open(&self, conn: Arc<Connection>, readonly: bool) -> Result<Box<dyn Handle>>;
 }
 
 /// A link of the chain opened for one connection. Dropping it closes it.

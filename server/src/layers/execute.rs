@@ -1,17 +1,17 @@
 //! Running a session's work on the layer chain: handshake queries
 //! (preconnect, list, open), transmission requests, and closing the handle.
-//! Every call runs in its connection's context, so host services answer for
-//! that connection, and a panic below costs only the call that raised it.
+//! Every call is made for its connection, passed to the chain as a value
+//! (the opened handle keeps it), and a panic below costs only the call
+//! that raised it.
 
 use std::ffi::CString;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use nbdhost_plugin_api::{Error, Flags, Result, Support};
 
 use super::backend::{write_zeroes, Backend, Handle};
-use super::host::connection::{ConnContext, Peer, DISCONNECT_FORCE};
-use super::host::context::with_context;
+use super::connection::{Connection, Peer};
 use crate::protocol::export::{ExportInfo, ExportPolicy, Extent, MAX_PAYLOAD};
 use crate::protocol::handshake::{Answer, Query};
 use crate::protocol::request::Command;
@@ -20,17 +20,17 @@ use crate::session::buffers::PooledBuf;
 use crate::session::{Outcome, PeerIdentity, Request, TlsState};
 
 /// A connection's open export: the top handle of its chain and the
-/// context its calls run in.
+/// connection it was opened for.
 pub struct Opened {
     handle: Box<dyn Handle>,
-    ctx: ConnContext,
+    conn: Arc<Connection>,
     /// Whether block status asks the chain or reports all data.
     can_extents: bool,
 }
 
 impl std::fmt::Debug for Opened {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Opened").field("ctx", &self.ctx).finish()
+        f.debug_struct("Opened").field("conn", &self.conn).finish()
     }
 }
 
@@ -39,10 +39,7 @@ impl Opened {
     /// `Some(true)` to close at once, `Some(false)` once the running
     /// requests are answered.
     pub fn take_disconnect(&self) -> Option<bool> {
-        match self.ctx.disconnect.swap(0, Ordering::Relaxed) {
-            0 => None,
-            how => Some(how == DISCONNECT_FORCE),
-        }
+        self.conn.take_disconnect()
     }
 }
 
@@ -114,53 +111,56 @@ fn run_query(
             .zip(CString::new(issuer.as_str()).ok()),
         _ => None,
     };
-    let mut ctx = ConnContext {
+    let identity = tls
+        .identity
+        .as_ref()
+        .and_then(|i| CString::new(i.name()).ok());
+    // The connection before any export is opened for it: its name is
+    // empty until an open resolves one.
+    let client = Arc::new(Connection::new(
         id,
-        peer: Some(peer),
-        is_tls: tls.active,
-        identity: tls
-            .identity
-            .as_ref()
-            .and_then(|i| CString::new(i.name()).ok()),
+        Some(peer),
+        tls.active,
+        identity,
         certificate,
-        ..Default::default()
-    };
+    ));
     let msg = |e: Error| e.to_string();
     match q {
         Query::Preconnect => {
-            let r = with_context(&ctx, || backend.preconnect(readonly)).map_err(msg);
+            let r = backend.preconnect(&client, readonly).map_err(msg);
             (Answer::Preconnect(r), None)
         }
         Query::List => {
-            let r = with_context(&ctx, || backend.list_exports(readonly, tls.active)).map_err(msg);
+            let r = backend
+                .list_exports(&client, readonly, tls.active)
+                .map_err(msg);
             (Answer::List(r), None)
         }
         Query::Open { name, keep } => {
             if preconnect {
-                if let Err(e) = with_context(&ctx, || backend.preconnect(readonly)) {
+                if let Err(e) = backend.preconnect(&client, readonly) {
                     log::warn!("{}: client refused: {e}", backend.name());
                     return (Answer::Open(Err((libc::EPERM, e.to_string()))), None);
                 }
             }
             let resolved = if name.is_empty() {
-                with_context(&ctx, || backend.default_export(readonly, tls.active))
+                backend.default_export(&client, readonly, tls.active)
             } else {
                 Ok(name)
             };
             let opened = resolved.and_then(|name| {
-                ctx.export_name = CString::new(name.clone())
+                let export = CString::new(name.clone())
                     .map_err(|_| Error::new(libc::EINVAL, "NUL in export name"))?;
-                with_context(&ctx, || {
-                    let h = backend.open(readonly)?;
-                    let info = describe(&name, &*h, policy)?;
-                    Ok((h, info))
-                })
+                let conn = client.renamed(export);
+                let h = backend.open(conn.clone(), readonly)?;
+                let info = describe(&name, &*h, policy)?;
+                Ok((h, conn, info))
             });
             match opened {
-                Ok((handle, info)) => {
+                Ok((handle, conn, info)) => {
                     let opened = Opened {
                         handle,
-                        ctx,
+                        conn,
                         can_extents: info.can_extents,
                     };
                     if keep {
@@ -179,27 +179,27 @@ fn run_query(
     }
 }
 
-/// Close an opened export in its connection's context.
+/// Close an opened export: each layer finalizes, then closes, for the
+/// connection its handle was opened for.
 pub fn close(opened: Opened) {
-    let Opened { handle, ctx, .. } = opened;
+    let Opened { handle, .. } = opened;
     let r = catch_unwind(AssertUnwindSafe(|| {
-        with_context(&ctx, || {
-            if let Err(e) = handle.finalize() {
-                log::error!("finalize: {e}");
-            }
-            drop(handle)
-        })
+        if let Err(e) = handle.finalize() {
+            log::error!("finalize: {e}");
+        }
+        drop(handle)
     }));
     if r.is_err() {
         log::error!("closing a handle panicked");
     }
 }
 
-/// Run one request on `opened`. A read fills `buf`, which the caller
-/// supplies with the read's length. `layer` names the top of the chain in
-/// log lines.
+/// Run one request on `opened`, for the connection its handle was opened
+/// for (each layer's handle keeps its own). A read fills `buf`, which the
+/// caller supplies with the read's length. `layer` names the top of the
+/// chain in log lines.
 pub fn request(opened: &Opened, req: &Request, buf: Option<PooledBuf>, layer: &str) -> Outcome {
-    let run = || with_context(&opened.ctx, || perform(opened, req, buf, layer));
+    let run = || perform(opened, req, buf, layer);
     catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|_| {
         log::error!("{layer}: {} request panicked", req.op().command.name());
         Outcome::Failed(EIO)

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
 use super::backend::{checked_block_size, Backend, Handle};
+use super::connection::Connection;
 use super::exports::ExportCollector;
 use super::extents::ExtentCollector;
-use super::host::{call, context, table};
+use super::host::{call, table};
 use super::loader::{
     field, layer_path, layer_string, shared_fields, LayerInfo, Library, Origin, Table,
 };
@@ -100,11 +101,15 @@ impl Filter {
     }
 
     /// Stack this filter on `next`, running its start-up look at the layer
-    /// below first when it has one.
+    /// below first when it has one. That look is made for no client: the
+    /// layer below is opened for a connection numbered 0, without a peer,
+    /// under its default export.
     pub fn stack(self, next: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
         if let Some(f) = fcb!(self.lib, startup) {
-            let export = next.default_export(true, false)?;
-            let below = OpenedNext::new(context::with_export_name(&export, || next.open(true))?);
+            let look = Arc::new(Connection::default());
+            let export = next.default_export(&look, true, false)?;
+            let export = CString::new(export).unwrap_or_default();
+            let below = OpenedNext::new(next.open(look.renamed(export), true)?);
             // SAFETY: ABI callback with a next table whose handle lives until
             // `below` is dropped after the call.
             let r = self.lib.call(|| unsafe { f(&*below.abi) });
@@ -126,17 +131,18 @@ struct Layer {
 }
 
 /// The layer below as a `struct nbdhost_next_exports`, for the duration of
-/// one list_exports or default_export callback.
+/// one list_exports or default_export callback made for `conn`.
 struct ExportsBelow<'a> {
     abi: abi::NextExports,
     next: &'a dyn Backend,
+    conn: &'a Arc<Connection>,
     /// The names default_export returned, kept until the callback ends.
     names: RefCell<Vec<CString>>,
 }
 
 impl<'a> ExportsBelow<'a> {
     /// Boxed, so that `opaque` can point at it.
-    fn new(next: &'a dyn Backend) -> Box<ExportsBelow<'a>> {
+    fn new(next: &'a dyn Backend, conn: &'a Arc<Connection>) -> Box<ExportsBelow<'a>> {
         let mut below = Box::new(ExportsBelow {
             abi: abi::NextExports {
                 struct_size: std::mem::size_of::<abi::NextExports>() as u64,
@@ -145,6 +151,7 @@ impl<'a> ExportsBelow<'a> {
                 default_export: Some(next_default_export),
             },
             next,
+            conn,
             names: RefCell::new(Vec::new()),
         });
         below.abi.opaque = (&*below as *const ExportsBelow).cast_mut().cast();
@@ -172,7 +179,11 @@ unsafe extern "C" fn next_list_exports(
         call::record(Error::new(libc::EINVAL, "list_exports: no export list"));
         return -1;
     };
-    let r = below(|| layer.next.list_exports(readonly != 0, is_tls != 0));
+    let r = below(|| {
+        layer
+            .next
+            .list_exports(layer.conn, readonly != 0, is_tls != 0)
+    });
     report(r, |entries| {
         for e in entries {
             if let Ok(name) = CString::new(e.name) {
@@ -191,7 +202,11 @@ unsafe extern "C" fn next_default_export(
 ) -> *const c_char {
     // SAFETY: filters only receive `this` from a live ExportsBelow.
     let layer = unsafe { ExportsBelow::of(this) };
-    match below(|| layer.next.default_export(readonly != 0, is_tls != 0)) {
+    match below(|| {
+        layer
+            .next
+            .default_export(layer.conn, readonly != 0, is_tls != 0)
+    }) {
         Ok(name) => {
             let name = CString::new(name).unwrap_or_default();
             let ptr = name.as_ptr();
@@ -209,6 +224,9 @@ unsafe extern "C" fn next_default_export(
 /// What `next->open` records while the filter's open runs.
 struct OpenSlot {
     next: Arc<dyn Backend>,
+    /// The connection the filter is being opened for; the layer below is
+    /// opened for it too, under the export name the filter asks for.
+    conn: Arc<Connection>,
     opened: Option<Box<dyn Handle>>,
 }
 
@@ -232,7 +250,8 @@ unsafe extern "C" fn next_open(
         call::record(Error::new(libc::EINVAL, "next->open called twice"));
         return -1;
     }
-    match below(|| context::with_export_name(&name, || slot.next.open(readonly != 0))) {
+    let conn = slot.conn.renamed(CString::new(name).unwrap_or_default());
+    match below(|| slot.next.open(conn, readonly != 0)) {
         Ok(h) => {
             slot.opened = Some(h);
             0
@@ -262,72 +281,86 @@ impl Backend for Layer {
         self.lib.after_fork()
     }
 
-    fn preconnect(&self, readonly: bool) -> Result<()> {
+    fn preconnect(&self, conn: &Arc<Connection>, readonly: bool) -> Result<()> {
         if let Some(f) = fcb!(self.lib, preconnect) {
             // SAFETY: ABI callback taking an int.
-            let r = self.lib.call(|| unsafe { f(c_int::from(readonly)) });
+            let r = self
+                .lib
+                .call_for(conn, || unsafe { f(c_int::from(readonly)) });
             self.lib.check("preconnect", r)?;
         }
-        self.next.preconnect(readonly)
+        self.next.preconnect(conn, readonly)
     }
 
-    fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<ExportEntry>> {
+    fn list_exports(
+        &self,
+        conn: &Arc<Connection>,
+        readonly: bool,
+        is_tls: bool,
+    ) -> Result<Vec<ExportEntry>> {
         let Some(f) = fcb!(self.lib, list_exports) else {
-            return self.next.list_exports(readonly, is_tls);
+            return self.next.list_exports(conn, readonly, is_tls);
         };
-        let below = ExportsBelow::new(&*self.next);
+        let below = ExportsBelow::new(&*self.next, conn);
         let mut list = ExportCollector::default();
         let ptr = list.as_abi();
         // SAFETY: the next table and the list outlive the call, and the
         // filter may use them only during it.
-        let r = self
-            .lib
-            .call(|| unsafe { f(&below.abi, c_int::from(readonly), c_int::from(is_tls), ptr) });
+        let r = self.lib.call_for(conn, || unsafe {
+            f(&below.abi, c_int::from(readonly), c_int::from(is_tls), ptr)
+        });
         self.lib.check("list_exports", r)?;
         Ok(list.into_entries())
     }
 
-    fn default_export(&self, readonly: bool, is_tls: bool) -> Result<String> {
+    fn default_export(
+        &self,
+        conn: &Arc<Connection>,
+        readonly: bool,
+        is_tls: bool,
+    ) -> Result<String> {
         let Some(f) = fcb!(self.lib, default_export) else {
-            return self.next.default_export(readonly, is_tls);
+            return self.next.default_export(conn, readonly, is_tls);
         };
-        let below = ExportsBelow::new(&*self.next);
+        let below = ExportsBelow::new(&*self.next, conn);
         // SAFETY: the next table outlives the call; the result is copied
         // at once.
-        let p = self
-            .lib
-            .call(|| unsafe { f(&below.abi, c_int::from(readonly), c_int::from(is_tls)) });
+        let p = self.lib.call_for(conn, || unsafe {
+            f(&below.abi, c_int::from(readonly), c_int::from(is_tls))
+        });
         layer_string(p).ok_or_else(|| call::take_error("default_export"))
     }
 
-    fn open(&self, readonly: bool) -> Result<Box<dyn Handle>> {
-        let mut slot = OpenSlot {
-            next: self.next.clone(),
-            opened: None,
-        };
+    fn open(&self, conn: Arc<Connection>, readonly: bool) -> Result<Box<dyn Handle>> {
         let Some(f) = fcb!(self.lib, open) else {
-            let next = self.next.open(readonly)?;
+            let next = self.next.open(conn.clone(), readonly)?;
             return Ok(Box::new(FilterHandle::new(
                 self.lib.clone(),
                 std::ptr::null_mut(),
+                conn,
                 next,
             )));
+        };
+        let mut slot = OpenSlot {
+            next: self.next.clone(),
+            conn: conn.clone(),
+            opened: None,
         };
         let opener = abi::NextOpen {
             struct_size: std::mem::size_of::<abi::NextOpen>() as u64,
             opaque: (&mut slot as *mut OpenSlot).cast(),
             open: Some(next_open),
         };
-        let export = context::export_name();
-        // SAFETY: `opener` and `export` outlive the call; the filter may call
-        // `opener.open` during it and not after.
-        let h = self
-            .lib
-            .call(|| unsafe { f(&opener, c_int::from(readonly), export.as_ptr()) });
+        let export = conn.export_name.as_ptr();
+        // SAFETY: `opener` and `export` (in `conn`) outlive the call; the
+        // filter may call `opener.open` during it and not after.
+        let h = self.lib.call_for(&conn, || unsafe {
+            f(&opener, c_int::from(readonly), export)
+        });
         let next = slot.opened.take();
         match (h.is_null(), next) {
             (false, Some(next)) => {
-                let handle = FilterHandle::new(self.lib.clone(), h, next);
+                let handle = FilterHandle::new(self.lib.clone(), h, conn, next);
                 handle.prepare(readonly)?;
                 Ok(Box::new(handle))
             }
@@ -335,7 +368,7 @@ impl Backend for Layer {
             (false, None) => {
                 if let Some(close) = fcb!(self.lib, close) {
                     // SAFETY: closing the handle the filter just returned.
-                    self.lib.call(|| unsafe { close(h) });
+                    self.lib.call_for(&conn, || unsafe { close(h) });
                 }
                 Err(Error::new(
                     libc::EINVAL,
@@ -358,6 +391,9 @@ struct OpenedNext {
 struct FilterHandle {
     lib: Arc<Library<abi::Filter>>,
     handle: *mut c_void,
+    /// The connection it was opened for: every callback on the handle is
+    /// made for it.
+    conn: Arc<Connection>,
     // Declared last: dropped after the filter's close callback has run.
     next: OpenedNext,
 }
@@ -614,11 +650,13 @@ impl FilterHandle {
     fn new(
         lib: Arc<Library<abi::Filter>>,
         handle: *mut c_void,
+        conn: Arc<Connection>,
         next: Box<dyn Handle>,
     ) -> FilterHandle {
         FilterHandle {
             lib,
             handle,
+            conn,
             next: OpenedNext::new(next),
         }
     }
@@ -638,8 +676,9 @@ impl FilterHandle {
         })
     }
 
+    /// Run `f` as a callback on this handle, made for its connection.
     fn call<T>(&self, f: impl FnOnce() -> T) -> T {
-        self.lib.call(f)
+        self.lib.call_for(&self.conn, f)
     }
 
     fn can(&self, cb: Option<abi::FilterHandleFn>, what: &str) -> Option<Result<c_int>> {

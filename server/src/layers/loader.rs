@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use nbdhost_plugin_api::{abi, Error, Result, ThreadModel};
 
-use super::host::{call, names};
+use super::connection::Connection;
+use super::host::{call, context, names};
 use super::instances;
 
 /// Static facts about a plugin or filter, as `--dump-plugin` shows them.
@@ -363,9 +364,17 @@ impl<T: Table> Library<T> {
         self.name
     }
 
-    /// Run `f` as a call into this layer, collecting the error it records.
+    /// Run `f` as a call into this layer made for no connection
+    /// (configuration, start-up, unload), collecting the error it records.
     pub fn call<R>(&self, f: impl FnOnce() -> R) -> R {
-        call::call_layer(self.name, f)
+        context::with_connection(None, || call::call_layer(self.name, f))
+    }
+
+    /// Run `f` as a call into this layer made for `conn`: the host
+    /// functions it calls answer for that connection. Collects the error
+    /// it records.
+    pub fn call_for<R>(&self, conn: &Connection, f: impl FnOnce() -> R) -> R {
+        context::with_connection(Some(conn), || call::call_layer(self.name, f))
     }
 
     /// Check `r` (-1 = failure), collecting the recorded error.

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod chain;
+pub mod connection;
 pub mod execute;
 mod exports;
 mod extents;

@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
 use super::backend::{checked_block_size, write_zeroes, Backend, Handle};
+use super::connection::Connection;
 use super::exports::ExportCollector;
 use super::extents::ExtentCollector;
 use super::host::{call, table};
@@ -138,44 +139,56 @@ impl Backend for Plugin {
         self.lib.after_fork()
     }
 
-    fn preconnect(&self, readonly: bool) -> Result<()> {
+    fn preconnect(&self, conn: &Arc<Connection>, readonly: bool) -> Result<()> {
         let Some(f) = cb!(self.lib, preconnect) else {
             return Ok(());
         };
         // SAFETY: ABI callback taking an int.
-        let r = self.lib.call(|| unsafe { f(c_int::from(readonly)) });
+        let r = self
+            .lib
+            .call_for(conn, || unsafe { f(c_int::from(readonly)) });
         self.lib.check("preconnect", r)
     }
 
-    fn list_exports(&self, readonly: bool, is_tls: bool) -> Result<Vec<ExportEntry>> {
+    fn list_exports(
+        &self,
+        conn: &Arc<Connection>,
+        readonly: bool,
+        is_tls: bool,
+    ) -> Result<Vec<ExportEntry>> {
         let Some(f) = cb!(self.lib, list_exports) else {
             return Ok(vec![ExportEntry {
-                name: self.default_export(readonly, is_tls)?,
+                name: self.default_export(conn, readonly, is_tls)?,
                 description: None,
             }]);
         };
         let mut list = ExportCollector::default();
         let ptr = list.as_abi();
         // SAFETY: `ptr` is the list host_add_export expects and outlives the call.
-        let r = self
-            .lib
-            .call(|| unsafe { f(c_int::from(readonly), c_int::from(is_tls), ptr) });
+        let r = self.lib.call_for(conn, || unsafe {
+            f(c_int::from(readonly), c_int::from(is_tls), ptr)
+        });
         self.lib.check("list_exports", r)?;
         Ok(list.into_entries())
     }
 
-    fn default_export(&self, readonly: bool, is_tls: bool) -> Result<String> {
+    fn default_export(
+        &self,
+        conn: &Arc<Connection>,
+        readonly: bool,
+        is_tls: bool,
+    ) -> Result<String> {
         let Some(f) = cb!(self.lib, default_export) else {
             return Ok(String::new());
         };
         // SAFETY: ABI callback taking two ints; the result is copied at once.
-        let p = self
-            .lib
-            .call(|| unsafe { f(c_int::from(readonly), c_int::from(is_tls)) });
+        let p = self.lib.call_for(conn, || unsafe {
+            f(c_int::from(readonly), c_int::from(is_tls))
+        });
         layer_string(p).ok_or_else(|| call::take_error("default_export"))
     }
 
-    fn open(&self, readonly: bool) -> Result<Box<dyn Handle>> {
+    fn open(&self, conn: Arc<Connection>, readonly: bool) -> Result<Box<dyn Handle>> {
         let Some(f) = cb!(self.lib, open) else {
             return Err(Error::new(
                 libc::EINVAL,
@@ -183,13 +196,16 @@ impl Backend for Plugin {
             ));
         };
         // SAFETY: ABI callback taking an int; returns null on failure.
-        let h = self.lib.call(|| unsafe { f(c_int::from(readonly)) });
+        let h = self
+            .lib
+            .call_for(&conn, || unsafe { f(c_int::from(readonly)) });
         if h.is_null() {
             return Err(call::take_error("open"));
         }
         Ok(Box::new(PluginHandle {
             lib: self.lib.clone(),
             handle: h,
+            conn,
             readonly,
             zero_native: AtomicBool::new(true),
             fua: OnceLock::new(),
@@ -202,6 +218,10 @@ impl Backend for Plugin {
 struct PluginHandle {
     lib: Arc<Library<abi::Plugin>>,
     handle: *mut c_void,
+    /// The connection it was opened for: every callback on the handle is
+    /// made for it, and the export name the plugin read in open stays
+    /// valid until close.
+    conn: Arc<Connection>,
     readonly: bool,
     /// Cleared after the plugin's zero said ENOTSUP, to skip the attempt.
     zero_native: AtomicBool,
@@ -217,6 +237,11 @@ unsafe impl Send for PluginHandle {}
 unsafe impl Sync for PluginHandle {}
 
 impl PluginHandle {
+    /// Run `f` as a callback on this handle, made for its connection.
+    fn call<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.lib.call_for(&self.conn, f)
+    }
+
     /// Call a `can_*`-style callback, or return `absent` if not provided.
     fn ask(
         &self,
@@ -226,7 +251,7 @@ impl PluginHandle {
     ) -> Result<c_int> {
         let Some(f) = f else { return absent() };
         // SAFETY: ABI callback taking our live handle.
-        let r = self.lib.call(|| unsafe { f(self.handle) });
+        let r = self.call(|| unsafe { f(self.handle) });
         if r < 0 {
             Err(call::take_error(what))
         } else {
@@ -243,9 +268,7 @@ impl PluginHandle {
         flags: Flags,
     ) -> Result<()> {
         // SAFETY: ABI callback taking our live handle and plain integers.
-        let r = self
-            .lib
-            .call(|| unsafe { f(self.handle, count, offset, flags.bits()) });
+        let r = self.call(|| unsafe { f(self.handle, count, offset, flags.bits()) });
         self.lib.check(what, r)
     }
 
@@ -279,7 +302,7 @@ impl Drop for PluginHandle {
     fn drop(&mut self) {
         if let Some(f) = cb!(self.lib, close) {
             // SAFETY: each handle is closed exactly once, here.
-            self.lib.call(|| unsafe { f(self.handle) });
+            self.call(|| unsafe { f(self.handle) });
         }
     }
 }
@@ -301,7 +324,7 @@ impl Handle for PluginHandle {
             ));
         };
         // SAFETY: ABI callback taking our live handle.
-        let r = self.lib.call(|| unsafe { f(self.handle) });
+        let r = self.call(|| unsafe { f(self.handle) });
         u64::try_from(r).map_err(|_| call::take_error("get_size"))
     }
 
@@ -311,9 +334,7 @@ impl Handle for PluginHandle {
         };
         let (mut min, mut pref, mut max) = (0u32, 0u32, 0u32);
         // SAFETY: ABI callback writing three u32s into our locals.
-        let r = self
-            .lib
-            .call(|| unsafe { f(self.handle, &mut min, &mut pref, &mut max) });
+        let r = self.call(|| unsafe { f(self.handle, &mut min, &mut pref, &mut max) });
         self.lib.check("block_size", r)?;
         checked_block_size(self.lib.name(), min, pref, max)
     }
@@ -410,7 +431,7 @@ impl Handle for PluginHandle {
             return Ok(None);
         };
         // SAFETY: ABI callback taking our live handle; the string is copied.
-        let p = self.lib.call(|| unsafe { f(self.handle) });
+        let p = self.call(|| unsafe { f(self.handle) });
         Ok(layer_string(p))
     }
 
@@ -419,7 +440,7 @@ impl Handle for PluginHandle {
             return Ok(None);
         };
         // SAFETY: ABI callback taking our live handle; the path is copied.
-        let p = self.lib.call(|| unsafe { f(self.handle) });
+        let p = self.call(|| unsafe { f(self.handle) });
         Ok(layer_path(p))
     }
 
@@ -435,7 +456,7 @@ impl Handle for PluginHandle {
             ));
         };
         // SAFETY: `buf` is writable for its whole length during the call.
-        let r = self.lib.call(|| unsafe {
+        let r = self.call(|| unsafe {
             f(
                 self.handle,
                 buf.as_mut_ptr().cast(),
@@ -453,7 +474,7 @@ impl Handle for PluginHandle {
         };
         let native = self.native_flags(flags)?;
         // SAFETY: `buf` is readable for its whole length during the call.
-        let r = self.lib.call(|| unsafe {
+        let r = self.call(|| unsafe {
             f(
                 self.handle,
                 buf.as_ptr().cast(),
@@ -471,7 +492,7 @@ impl Handle for PluginHandle {
             return Err(Error::errno(libc::EINVAL));
         };
         // SAFETY: ABI callback taking our live handle.
-        let r = self.lib.call(|| unsafe { f(self.handle, flags.bits()) });
+        let r = self.call(|| unsafe { f(self.handle, flags.bits()) });
         self.lib.check("flush", r)
     }
 
@@ -511,9 +532,7 @@ impl Handle for PluginHandle {
         let ptr = c.as_abi();
         // SAFETY: `ptr` is the collector host_add_extent expects; it
         // outlives the call.
-        let r = self
-            .lib
-            .call(|| unsafe { f(self.handle, count, offset, flags.bits(), ptr) });
+        let r = self.call(|| unsafe { f(self.handle, count, offset, flags.bits(), ptr) });
         self.lib.check("extents", r)?;
         if c.extents().is_empty() {
             return Err(Error::new(

@@ -14,7 +14,7 @@ use mio::{Interest, Registry, Token};
 
 use bytes::BytesMut;
 
-use crate::layers::host::connection::{Credentials, Peer};
+use crate::layers::connection::{Credentials, Peer};
 
 /// Send buffer asked for on accepted Unix sockets.
 const UNIX_SEND_BUFFER: usize = 1 << 20;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use super::listen::Stream;
 use super::workers::Open;
-use crate::layers::host::connection::Peer;
+use crate::layers::connection::Peer;
 use crate::session::Done;
 
 /// A connection of one loop: its slab slot and the serial number of the

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use super::exports::Chain;
 use super::mailbox::{ConnRef, Mailbox, Message};
+use crate::layers::connection::Peer;
 use crate::layers::execute::{self, Opened};
-use crate::layers::host::connection::Peer;
 use crate::protocol::handshake::{Answer, Query};
 use crate::session::buffers::PooledBuf;
 use crate::session::{Done, Request, TlsState};

@@ -7,10 +7,10 @@
 //! that take no argument) and [`secret`] (taking over a descriptor the
 //! user named). Each of the other modules is one service, in safe Rust:
 //!
-//! - [`connection`]: what a layer may learn about the connection a call
-//!   is made for, and a disconnect it asked for;
-//! - [`context`]: which connection the call running on this thread is
-//!   for, set around the call by a guard;
+//! - [`context`]: which connection the callback running on this thread
+//!   is made for (the server passes it explicitly, as a
+//!   `layers::connection::Connection`), set around each callback by a
+//!   guard;
 //! - [`call`]: which layer is being called, and the error it recorded;
 //! - [`debug_flags`]: the `-D layer.flag=N` settings;
 //! - [`stdio`]: whether layers may use stdin and stdout;
@@ -21,7 +21,6 @@
 //!   layers.
 
 pub mod call;
-pub mod connection;
 pub mod context;
 pub mod debug_flags;
 pub mod names;

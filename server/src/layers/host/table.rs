@@ -9,14 +9,13 @@
 //! layers are handled, and where most of its `unsafe` is.
 
 use std::ffi::{c_char, c_int, CStr};
-use std::sync::atomic::Ordering;
 
 use nbdhost_plugin_api::{abi, Error};
 use zeroize::Zeroize;
 
-use super::connection::{Peer, DISCONNECT_FORCE, DISCONNECT_GRACEFUL};
 use super::context::current;
 use super::{call, debug_flags, secret, shutdown, size, stdio};
+use crate::layers::connection::{Peer, DISCONNECT_FORCE, DISCONNECT_GRACEFUL};
 use crate::layers::exports::ExportCollector;
 use crate::layers::extents::ExtentCollector;
 
@@ -362,7 +361,7 @@ unsafe extern "C" fn host_disconnect(force: c_int) {
     } else {
         DISCONNECT_GRACEFUL
     };
-    current(|c| c.disconnect.fetch_max(how, Ordering::Relaxed));
+    current(|c| c.ask_disconnect(how));
 }
 
 unsafe extern "C" fn host_connection_id() -> u64 {
