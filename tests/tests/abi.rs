@@ -5,14 +5,15 @@
 //! shorter old-ABI `oldabi`, and `future`, a later major ABI, refused), a
 //! newer minor ABI (accepted), broken plugin structs and shared objects
 //! that are not plugins (refused with a reason), a C filter stacked on a
-//! Rust plugin, and the thread models.
+//! Rust plugin, the thread models, and which connection the host's
+//! `export_name` and `peer_name` answer for in each callback.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nbdhost_tests::{
-    build_c, client, export_size, nbdhost_bin, nbdsh, root, run, run_ok, serial_plugin, Server,
-    TempDir,
+    build_c, client, export_size, free_port, nbdhost_bin, nbdsh, root, run, run_ok, serial_plugin,
+    Server, TempDir,
 };
 
 /// The C example exactly as nbdhost-plugin(3) prints it.
@@ -622,4 +623,62 @@ fn finalize_runs_once_per_connection_with_the_layer_below_still_open() {
     assert!(s.stop().success());
     let text = std::fs::read_to_string(&record).unwrap();
     assert_eq!(text, "finalize 3145728\nfinalize 3145728\n");
+}
+
+/// The `whoami` C plugin (`tests/c/whoami.c`), whose reads say which
+/// export its open and the read itself were made for, and the peer.
+fn whoami_plugin(dir: &TempDir) -> PathBuf {
+    build_c(dir, "whoamiplugin", &root().join("tests/c/whoami.c"), &[])
+}
+
+/// What a read of the `whoami` plugin says, through the export at `uri`.
+fn whoami(uri: &str) -> String {
+    nbdsh(uri, "print(h.pread(256, 0).rstrip(b'\\0').decode())")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_c_plugin_s_pread_sees_its_connection_s_export_name_and_peer() {
+    let dir = TempDir::new("whoami");
+    let so = whoami_plugin(&dir);
+
+    let s = Server::start(&[so.to_str().unwrap()]);
+    let named = format!("nbd+unix:///disk1?socket={}", s.socket.display());
+    assert_eq!(whoami(&named), "open=disk1 pread=disk1 peer=unix");
+    assert_eq!(whoami(&s.uri()), "open= pread= peer=unix");
+    assert!(s.stop().success());
+
+    let port = free_port();
+    let s = Server::start_tcp(
+        &[
+            "-p",
+            &port.to_string(),
+            "-i",
+            "127.0.0.1",
+            so.to_str().unwrap(),
+        ],
+        port,
+    );
+    let uri = format!("nbd://127.0.0.1:{port}/disk2");
+    assert_eq!(whoami(&uri), "open=disk2 pread=disk2 peer=127.0.0.1");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_filter_s_renamed_next_open_shows_the_new_name_to_the_plugin_s_open_and_pread() {
+    let dir = TempDir::new("rename");
+    let plugin = whoami_plugin(&dir);
+    let filter = build_c(&dir, "renamefilter", &root().join("tests/c/rename.c"), &[]);
+    let filter = format!("--filter={}", filter.display());
+    let s = Server::start(&[&filter, plugin.to_str().unwrap()]);
+    let uri = format!("nbd+unix:///disk1?socket={}", s.socket.display());
+    // The plugin sees the name the filter opened it under, in every
+    // callback; the filter, the client's.
+    assert_eq!(whoami(&uri), "open=below-disk1 pread=below-disk1 peer=unix");
+    assert_eq!(
+        nbdsh(&uri, "print(h.get_export_description())").trim(),
+        "filter=disk1"
+    );
+    assert!(s.stop().success());
 }
