@@ -10,7 +10,10 @@
 //!   running work on the chain;
 //! - [`tls`]: GnuTLS credentials and engines over in-memory buffers;
 //! - [`runtime`]: listeners, event loops and the worker pool;
-//! - [`cli`]: the command line;
+//! - [`config`]: the command line and the configuration file, read into
+//!   one settings value;
+//! - [`cli`]: the process's edge: logging, what nbdhost prints about
+//!   itself, building the exports, and the start-up in named steps;
 //! - [`paths`]: the installation directories this build was made for.
 
 pub mod cli;

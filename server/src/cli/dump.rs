@@ -1,6 +1,7 @@
 //! What nbdhost prints about itself instead of serving: `--dump-config`
 //! and `--dump-plugin` (one `key=value` per line as nbdkit prints them),
-//! `--help`, `--version` and the option lists.
+//! `--help`, `--version`, the option lists, and `--check`'s account of a
+//! configuration file.
 //!
 //! Each function returns its text and [`print`] writes it, so that a
 //! reader that goes away (`nbdhost --help | head`) ends the output
@@ -11,10 +12,13 @@ use std::io::Write as _;
 
 use clap::CommandFactory;
 
-use super::args::Cli;
+use super::exports::FileExports;
+use crate::config::command_line::CommandLine;
+use crate::config::file::{self, ConfigFile};
 use crate::layers::{chain, LayerInfo};
 use crate::paths;
 use crate::protocol::export::MAX_PAYLOAD;
+use crate::protocol::handshake::TlsMode;
 use crate::tls::ROOT_CERT_DIR;
 use nbdhost_plugin_api::abi;
 
@@ -27,7 +31,7 @@ pub fn print(text: &str) {
 
 /// `--help`: the server's options.
 pub fn usage() -> String {
-    Cli::command().render_help().to_string()
+    CommandLine::command().render_help().to_string()
 }
 
 /// `--help` with a plugin: one layer's name, path and parameters, in
@@ -52,7 +56,7 @@ pub fn version() -> String {
 /// `--short-options` / `--long-options`: every option, one per line, for
 /// shell completion.
 pub fn options(long: bool) -> String {
-    let cmd = Cli::command();
+    let cmd = CommandLine::command();
     let mut names: Vec<String> = cmd
         .get_arguments()
         .flat_map(|a| -> Vec<String> {
@@ -159,5 +163,113 @@ fn thread_model_name(m: nbdhost_plugin_api::ThreadModel) -> &'static str {
         SerializeAllRequests => "serialize_all_requests",
         SerializeRequests => "serialize_requests",
         Parallel => "parallel",
+    }
+}
+
+pub fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["pass", "secret", "key", "token", "cred", "psk", "cookie"]
+        .iter()
+        .any(|w| k.contains(w))
+}
+
+/// `--check`: the resolved configuration of `config`, whose exports are
+/// `built`: the server arguments the file gives and the command line adds
+/// (`args`), the effective TLS policy, and each export with its layers
+/// found and secrets masked.
+pub fn check(config: &ConfigFile, args: &[String], built: &FileExports) -> String {
+    let (src, file) = (&config.source, &config.file);
+    let quote = |s: &str| format!("{s:?}");
+    let mut out = format!("# {}: valid\n[server]\n", src.path.display());
+    let listen = file::listen(src, &file.server).unwrap_or_default();
+    if !listen.is_empty() {
+        let l: Vec<String> = listen
+            .iter()
+            .map(|l| match l.get_ref() {
+                file::Listen::Tcp(host, port) => {
+                    quote(&format!("{}:{port}", host.as_deref().unwrap_or("")))
+                }
+                file::Listen::Unix(p) => quote(&p.display().to_string()),
+                file::Listen::Vsock(port) => quote(&format!("vsock:{port}")),
+            })
+            .collect();
+        out += &format!("listen = [{}]\n", l.join(", "));
+    }
+    if let Some(d) = &built.default {
+        out += &format!("default-export = {}\n", quote(d));
+    }
+    let tls = match built.tls_mode() {
+        TlsMode::Off => "off",
+        TlsMode::On => "on",
+        TlsMode::Require => "require",
+    };
+    out += &format!("tls = {}\n", quote(tls));
+    let shown: Vec<String> = args.iter().map(|a| quote(a)).collect();
+    out += &format!("arguments = [{}]\n", shown.join(", "));
+    let params = |p: &file::Params| -> String {
+        let items: Vec<String> = p
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret(k.get_ref()) {
+                    quote("(secret)")
+                } else {
+                    let texts = v.get_ref().texts();
+                    quote(&texts.join(","))
+                };
+                format!("{} = {v}", quote(k.get_ref()))
+            })
+            .collect();
+        format!("{{ {} }}", items.join(", "))
+    };
+    for (decl, e) in &built.exports {
+        out += &format!("\n[[export]]\nname = {}\n", quote(&e.name));
+        if let Some(d) = &e.chain.description {
+            out += &format!("description = {}\n", quote(d));
+        }
+        out += &format!("plugin = {}\n", quote(decl.plugin.get_ref()));
+        out += &format!("layer = {}\n", quote(&e.chain.name));
+        if !decl.params.is_empty() {
+            out += &format!("params = {}\n", params(&decl.params));
+        }
+        out += &format!("readonly = {}\n", e.chain.policy.readonly);
+        out += &format!("tls = {}\n", e.access.tls);
+        if !e.access.psk_users.is_empty() {
+            let u: Vec<String> = e.access.psk_users.iter().map(|u| quote(u)).collect();
+            out += &format!("allow-psk = [{}]\n", u.join(", "));
+        }
+        if !e.access.dns.is_empty() {
+            let d: Vec<String> = e.access.dns.iter().map(|d| quote(d)).collect();
+            out += &format!("allow-dn = [{}]\n", d.join(", "));
+        }
+        for f in &decl.filters {
+            out += &format!(
+                "[[export.filters]]\nfilter = {}\nparams = {}\n",
+                quote(f.filter.get_ref()),
+                params(&f.params)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_looking_names_are_masked() {
+        for k in [
+            "passphrase",
+            "password",
+            "key-file",
+            "api_token",
+            "secret",
+            "psk",
+        ] {
+            assert!(is_secret(k), "{k}");
+        }
+        for k in ["file", "size", "offset", "dir"] {
+            assert!(!is_secret(k), "{k}");
+        }
     }
 }

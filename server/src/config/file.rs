@@ -1,15 +1,131 @@
-//! The configuration file as written: TOML read with serde into the
-//! declarations below, every name and value kept with its place in the
-//! file so that an error can point at it. Unknown keys are errors, so a
-//! typo is never silently ignored.
+//! `--config FILE`: many exports from one TOML file, each with its own
+//! chain, TLS policy and users. The file's `[server]` table holds the
+//! command line's long options (the command line, given after them,
+//! overrides them); each `[[export]]` table declares one chain.
+//!
+//! The file is read with serde into the declarations below, every name
+//! and value kept with its place in the file so that an error can point
+//! at it. Unknown keys are errors, so a typo is never silently ignored.
+//! The exports are checked and built where they are served (`cli::exports`),
+//! at start-up and again on SIGHUP.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use clap::{CommandFactory, FromArgMatches};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
+
+use super::command_line::CommandLine;
+use super::{Exports, Settings};
+
+/// A configuration file as read, and the arguments its `[server]` gives.
+pub struct ConfigFile {
+    pub source: Source,
+    pub file: File,
+    /// The `[server]` options as command-line arguments.
+    pub args: Vec<String>,
+}
+
+/// The settings of the command line `argv` with the `[server]` options of
+/// the file at `path` in front of it.
+pub fn settings(argv: &[OsString], path: &Path) -> Result<Settings, Error> {
+    let source = Source::read(path)?;
+    let file = source.parse()?;
+    let cmd = CommandLine::command();
+    let args = server_args(&source, &file.server, &cmd)?;
+    let full: Vec<OsString> = argv
+        .iter()
+        .take(1)
+        .cloned()
+        .chain(args.iter().map(OsString::from))
+        .chain(argv.iter().skip(1).cloned())
+        .collect();
+    let matches = cmd.try_get_matches_from(full).unwrap_or_else(|e| e.exit());
+    let cli = CommandLine::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    Ok(cli.settings(Exports::File(ConfigFile { source, file, args })))
+}
+
+/// Long options a file may not set, and why.
+const NOT_IN_FILE: &[(&str, &str)] = &[
+    ("config", "the file is already given"),
+    ("check", "it is an action of the command line"),
+    ("filter", "each export lists its own filters"),
+    ("dump-config", "it is an action of the command line"),
+    ("dump-plugin", "it is an action of the command line"),
+    ("help", "it is an action of the command line"),
+    ("version", "it is an action of the command line"),
+    ("short-options", "it is an action of the command line"),
+    ("long-options", "it is an action of the command line"),
+    ("single", "serving stdin is for the command line"),
+    ("port", "give listen = [\"HOST:PORT\"]"),
+    ("ipaddr", "give listen = [\"HOST:PORT\"]"),
+    ("unix", "give listen = [\"/path/to/socket\"]"),
+    ("vsock", "give listen = [\"vsock:PORT\"]"),
+];
+
+/// The `[server]` options as command-line arguments, each checked on its
+/// own against `cmd` (nbdhost's parser) so that a bad one is reported at
+/// its place in the file.
+pub fn server_args(
+    src: &Source,
+    server: &Server,
+    cmd: &clap::Command,
+) -> Result<Vec<String>, Error> {
+    let mut out = Vec::new();
+    for (key, value) in server {
+        let k = key.get_ref().as_str();
+        if k == LISTEN || k == DEFAULT_EXPORT {
+            continue;
+        }
+        let Some(arg) = cmd.get_arguments().find(|a| {
+            a.get_long() == Some(k) || a.get_all_aliases().is_some_and(|al| al.contains(&k))
+        }) else {
+            return Err(src.error(
+                Some(key.span()),
+                format!("unknown key '{k}' in [server]: not a long option of nbdhost(1)"),
+            ));
+        };
+        // By the option's own name, so an alias does not slip past.
+        let long = arg.get_long().unwrap_or(k);
+        if let Some((_, why)) = NOT_IN_FILE.iter().find(|(n, _)| *n == long) {
+            return Err(src.error(
+                Some(key.span()),
+                format!("'{k}' cannot be set in [server]: {why}"),
+            ));
+        }
+        let args: Vec<String> = match (arg.get_action().takes_values(), value.get_ref()) {
+            (false, Value::Boolean(true)) => vec![format!("--{k}")],
+            (false, Value::Boolean(false)) => Vec::new(),
+            (false, _) => {
+                return Err(src.error(
+                    Some(value.span()),
+                    format!("'{k}' is a switch: give true or false"),
+                ))
+            }
+            (true, v) => v
+                .texts()
+                .into_iter()
+                .map(|t| format!("--{k}={t}"))
+                .collect(),
+        };
+        let probe = ["nbdhost", "--dump-config"]
+            .into_iter()
+            .map(String::from)
+            .chain(args.iter().cloned());
+        if let Err(e) = cmd.clone().try_get_matches_from(probe) {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let msg = first.trim_start_matches("error: ");
+            return Err(src.error(Some(value.span()), format!("'{k}': {msg}")));
+        }
+        out.extend(args);
+    }
+    Ok(out)
+}
 
 /// The whole file.
 #[derive(Debug, Deserialize, Serialize, Clone, PartialEq)]

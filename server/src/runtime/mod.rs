@@ -31,16 +31,34 @@ use workers::Pool;
 /// The token of every loop's mailbox waker.
 const WAKER: Token = Token(usize::MAX - 1);
 
-/// How the server serves.
+/// How the server serves: where its clients come from, and its threads.
 pub struct Options {
+    pub clients: Clients,
     /// Event loops; more than one only for chains that allow it.
     pub loops: usize,
     /// Most clients served at once.
     pub max_connections: usize,
     /// Worker threads for chains that may block.
     pub threads: usize,
-    /// `-s`: serve one connection on stdin/stdout, then exit.
-    pub stdio: bool,
+}
+
+/// Where clients come from.
+pub enum Clients {
+    /// These listeners (none at all leaves only a layer's shutdown, or a
+    /// signal, to end the server).
+    Listeners(Vec<Listener>),
+    /// `-s`: one connection on standard input and output; its end ends
+    /// the server.
+    Stdio,
+}
+
+/// What ends the server besides a layer's `shutdown`.
+pub struct StopOn {
+    /// SIGINT and SIGTERM (SIGHUP too when there is nothing to reload),
+    /// caught by [`catch_signals`].
+    pub signals: Signals,
+    /// The `--run` command: the server exits with its status.
+    pub run: Option<std::process::Child>,
 }
 
 /// What new connections are served: the exports, and the session settings
@@ -51,9 +69,12 @@ pub struct Serving {
     pub session: Arc<session::Config>,
 }
 
-/// Builds a new [`Serving`] when SIGHUP asks for a reload, or says why
-/// the file was refused (the old configuration then stays).
-pub type Reload = Box<dyn FnMut() -> Result<Serving, String> + Send>;
+/// Where what is served comes from, asked again on SIGHUP.
+pub trait Reload {
+    /// Build a new [`Serving`] from the same source, or say why the
+    /// source was refused (the old one then stays in force).
+    fn reload(&mut self) -> Result<Serving, String>;
+}
 
 /// Why the server stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,19 +167,26 @@ pub fn catch_signals() -> std::io::Result<Signals> {
     Signals::new([SIGINT, SIGTERM, SIGHUP])
 }
 
-/// Serve until a signal, the end of the `-s` connection, or the end of the
-/// `--run` child. Returns once every request has been answered and every
-/// handle closed.
+/// Serve `serving` until a signal, the end of the `-s` connection, or the
+/// end of the `--run` command; on SIGHUP, serve what `reload` builds, or
+/// without one, shut down. Returns once every request has been answered
+/// and every handle closed.
 pub fn serve(
     serving: Serving,
-    mut reload: Option<Reload>,
-    listeners: Vec<Listener>,
+    mut reload: Option<&mut dyn Reload>,
     opts: Options,
-    mut signals: Signals,
-    child: Option<std::process::Child>,
+    stop: StopOn,
 ) -> std::io::Result<Exit> {
+    let StopOn {
+        mut signals,
+        run: child,
+    } = stop;
+    let (listeners, stdio) = match opts.clients {
+        Clients::Listeners(l) => (l, false),
+        Clients::Stdio => (Vec::new(), true),
+    };
     let inline = serving.table.all_inline();
-    let n = if serving.table.one_at_a_time() || opts.stdio {
+    let n = if serving.table.one_at_a_time() || stdio {
         1
     } else {
         opts.loops.max(1)
@@ -227,11 +255,7 @@ pub fn serve(
     })));
     drop(tx);
 
-    let stdio = if opts.stdio {
-        Some(Stream::stdio()?)
-    } else {
-        None
-    };
+    let stdio = if stdio { Some(Stream::stdio()?) } else { None };
     let mut listeners = Some(listeners);
     let mut stdio = Some(stdio);
     let mut threads = Vec::with_capacity(n);
@@ -252,8 +276,8 @@ pub fn serve(
 
     let exit = loop {
         let event = rx.recv();
-        if let (Ok(Event::Signal(SIGHUP)), Some(build)) = (&event, reload.as_mut()) {
-            match build() {
+        if let (Ok(Event::Signal(SIGHUP)), Some(source)) = (&event, reload.as_mut()) {
+            match source.reload() {
                 Ok(new) => {
                     *loops.serving.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
                     log::info!("configuration reloaded");

@@ -1,8 +1,17 @@
-//! The command line, nbdkit-compatible where nbdkit has the same flag.
+//! The command line, nbdkit-compatible where nbdkit has the same flag,
+//! parsed by clap into [`CommandLine`] and turned into [`Settings`].
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Parser;
+
+use super::{
+    Action, Address, Announce, Exports, Family, Limits, Listen, Logging, Process, Protocol,
+    Settings, Tls, DEFAULT_PORT,
+};
+use crate::protocol::export::ExportPolicy;
+use crate::protocol::handshake::TlsMode;
 
 /// Serve a disk over the Network Block Device protocol from a plugin.
 #[derive(Debug, Parser)]
@@ -18,7 +27,7 @@ use clap::Parser;
     args_override_self = true,
     after_help = "Examples:\n  nbdhost memory 1G\n  nbdhost -r file disk.img\n  nbdhost -U - memory 1G --run 'qemu-img info \"$uri\"'\n\nSee nbdhost(1)."
 )]
-pub struct Cli {
+pub struct CommandLine {
     /// Stay in the foreground (by default nbdhost forks once it listens).
     #[arg(short = 'f', long, visible_alias = "no-fork")]
     pub foreground: bool,
@@ -278,61 +287,132 @@ fn count(s: &str) -> Result<usize, String> {
     }
 }
 
-impl Cli {
-    /// The TLS policy: secure when asked once. Credentials without an
-    /// explicit `--tls` mean TLS is required; `--tls=on` is the opt-in to
-    /// serve plain clients as well.
-    pub fn tls_mode(&self) -> crate::protocol::handshake::TlsMode {
-        use crate::protocol::handshake::TlsMode;
-        match self.tls_setting() {
-            Some(m) => m,
-            None if self.tls_psk.is_some() || self.tls_certificates.is_some() => TlsMode::Require,
-            None => TlsMode::Off,
+impl CommandLine {
+    /// The settings these options give, serving `exports`.
+    pub fn settings(self, exports: Exports) -> Settings {
+        Settings {
+            action: self.action(),
+            exports,
+            listen: Listen {
+                address: self.address(),
+                family: if self.ipv4_only {
+                    Family::V4
+                } else if self.ipv6_only {
+                    Family::V6
+                } else {
+                    Family::Any
+                },
+                keepalive: self.keepalive,
+            },
+            tls: Tls {
+                setting: self.tls.as_deref().map(|t| match t {
+                    "on" => TlsMode::On,
+                    "require" => TlsMode::Require,
+                    _ => TlsMode::Off,
+                }),
+                psk: self.tls_psk,
+                certificates: self.tls_certificates,
+                verify_peer: self.tls_verify_peer,
+                priority: self.tls_priority,
+            },
+            protocol: Protocol {
+                oldstyle: self.oldstyle,
+                handshake_mask: self.mask_handshake,
+                no_structured: self.no_sr,
+                handshake_timeout: Some(
+                    self.timeout
+                        .unwrap_or(std::time::Duration::from_secs(self.handshake_timeout)),
+                )
+                .filter(|d| !d.is_zero()),
+            },
+            policy: ExportPolicy {
+                readonly: self.readonly,
+                no_multi_conn: self.no_mc,
+            },
+            limits: Limits {
+                max_connections: self.max_connections,
+                threads: self.threads,
+                loops: self.loops,
+            },
+            process: Process {
+                foreground: self.foreground,
+                user: self.user,
+                group: self.group,
+                pidfile: self.pidfile,
+                exit_with_parent: self.exit_with_parent,
+            },
+            announce: Announce {
+                print_uri: self.print_uri,
+                run: self.run,
+                export_name: self.exportname.unwrap_or_default(),
+            },
+            logging: Logging {
+                verbose: self.verbose,
+                log: self.log,
+                debug: self.debug,
+            },
         }
     }
 
-    /// `--tls` as given, if it was.
-    pub fn tls_setting(&self) -> Option<crate::protocol::handshake::TlsMode> {
-        use crate::protocol::handshake::TlsMode;
-        self.tls.as_deref().map(|t| match t {
-            "on" => TlsMode::On,
-            "require" => TlsMode::Require,
-            _ => TlsMode::Off,
+    /// What these options ask for. With `--config`, only `--dump-config`
+    /// and `--check` are actions: the others are not looked at, and the
+    /// file is served.
+    fn action(&self) -> Action {
+        if self.dump_config {
+            Action::DumpConfig
+        } else if self.config.is_some() {
+            if self.check {
+                Action::Check
+            } else {
+                Action::Serve
+            }
+        } else if self.short_options || self.long_options {
+            Action::ListOptions {
+                long: self.long_options,
+            }
+        } else if self.help {
+            Action::Help
+        } else if self.version {
+            Action::Version
+        } else if self.dump_plugin {
+            Action::DumpPlugin
+        } else {
+            Action::Serve
+        }
+    }
+
+    /// The address these options name.
+    fn address(&self) -> Address {
+        let port = self.port.unwrap_or(DEFAULT_PORT);
+        match &self.unix {
+            _ if self.single => Address::Stdio,
+            Some(p) if p.as_os_str() == "-" => Address::PrivateUnix,
+            Some(p) => Address::Unix(p.clone()),
+            None if self.vsock => Address::Vsock(u32::from(port)),
+            None if self.port.is_none() && self.ipaddr.is_none() => Address::Unnamed,
+            None => Address::Tcp {
+                ipaddr: self.ipaddr.clone(),
+                port,
+            },
+        }
+    }
+}
+
+/// `-D layer.flag=N` settings as a map.
+pub fn debug_flags(flags: &[String]) -> Result<BTreeMap<String, i32>, String> {
+    flags
+        .iter()
+        .map(|d| {
+            let (k, v) = d
+                .split_once('=')
+                .ok_or_else(|| format!("-D {d}: expected PLUGIN.FLAG=N"))?;
+            if !k.contains('.') {
+                return Err(format!("-D {d}: expected PLUGIN.FLAG=N"));
+            }
+            let n = c_int(v).ok_or_else(|| format!("-D {d}: {v} is not a number"))?;
+            Ok((k.to_string(), n))
         })
-    }
-
-    /// How long a client may take over the handshake: `--timeout`, else
-    /// `--handshake-timeout`; `None` for no limit.
-    pub fn handshake_limit(&self) -> Option<std::time::Duration> {
-        let d = self
-            .timeout
-            .unwrap_or(std::time::Duration::from_secs(self.handshake_timeout));
-        (!d.is_zero()).then_some(d)
-    }
-
-    /// How many event loops to run.
-    pub fn loops(&self) -> usize {
-        self.loops.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        })
-    }
-
-    /// `-D layer.flag=N` settings as a map.
-    pub fn debug_flags(&self) -> Result<std::collections::BTreeMap<String, i32>, String> {
-        self.debug
-            .iter()
-            .map(|d| {
-                let (k, v) = d
-                    .split_once('=')
-                    .ok_or_else(|| format!("-D {d}: expected PLUGIN.FLAG=N"))?;
-                if !k.contains('.') {
-                    return Err(format!("-D {d}: expected PLUGIN.FLAG=N"));
-                }
-                let n = c_int(v).ok_or_else(|| format!("-D {d}: {v} is not a number"))?;
-                Ok((k.to_string(), n))
-            })
-            .collect()
-    }
+        .collect()
 }
 
 /// An `int` as C reads one in base 0, as nbdkit reads `-D` values: a
@@ -392,6 +472,16 @@ pub fn plugin_params(
 mod tests {
     use super::*;
 
+    /// The settings of `nbdhost ARGS memory`.
+    fn settings(args: &[&str]) -> Settings {
+        let mut v = vec!["nbdhost"];
+        v.extend_from_slice(args);
+        v.push("memory");
+        CommandLine::try_parse_from(v)
+            .unwrap()
+            .settings(Exports::Plugin(None))
+    }
+
     #[test]
     fn timeouts_take_nbdkit_delays() {
         use std::time::Duration;
@@ -400,12 +490,7 @@ mod tests {
         assert_eq!(delay("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(delay("3s"), Ok(Duration::from_secs(3)));
         assert!(delay("-1").is_err() && delay("soon").is_err());
-        let limit = |v: &[&str]| {
-            let mut a = vec!["nbdhost"];
-            a.extend_from_slice(v);
-            a.push("memory");
-            Cli::try_parse_from(a).unwrap().handshake_limit()
-        };
+        let limit = |v: &[&str]| settings(v).protocol.handshake_timeout;
         assert_eq!(limit(&[]), Some(Duration::from_secs(60)));
         assert_eq!(
             limit(&["--timeout=250ms"]),
@@ -463,27 +548,73 @@ mod tests {
 
     #[test]
     fn cli_parses_nbdkit_style_lines() {
-        let c = Cli::try_parse_from(["nbdhost", "-f", "-r", "-U", "-", "memory", "1G"]).unwrap();
+        let c = CommandLine::try_parse_from(["nbdhost", "-f", "-r", "-U", "-", "memory", "1G"])
+            .unwrap();
         assert_eq!(c.plugin.as_deref(), Some("memory"));
         assert_eq!(c.params, vec!["1G"]);
-        assert!(Cli::try_parse_from(["nbdhost", "-s", "-p", "1", "memory"]).is_err());
-        assert!(Cli::try_parse_from(["nbdhost", "--dump-config"]).is_ok());
+        assert!(CommandLine::try_parse_from(["nbdhost", "-s", "-p", "1", "memory"]).is_err());
+        assert!(CommandLine::try_parse_from(["nbdhost", "--dump-config"]).is_ok());
     }
 
     #[test]
     fn credentials_alone_require_tls() {
         use crate::protocol::handshake::TlsMode;
-        let mode = |args: &[&str]| {
-            let mut v = vec!["nbdhost"];
-            v.extend_from_slice(args);
-            v.push("memory");
-            Cli::try_parse_from(v).unwrap().tls_mode()
-        };
+        let mode = |args: &[&str]| settings(args).tls.mode();
         assert_eq!(mode(&[]), TlsMode::Off);
         assert_eq!(mode(&["--tls-psk=k.psk"]), TlsMode::Require);
         assert_eq!(mode(&["--tls-certificates=/d"]), TlsMode::Require);
         assert_eq!(mode(&["--tls=on", "--tls-psk=k.psk"]), TlsMode::On);
         assert_eq!(mode(&["--tls=off", "--tls-psk=k.psk"]), TlsMode::Off);
-        assert!(Cli::try_parse_from(["nbdhost", "--tls=maybe", "memory"]).is_err());
+        assert!(CommandLine::try_parse_from(["nbdhost", "--tls=maybe", "memory"]).is_err());
+    }
+
+    #[test]
+    fn the_address_is_what_the_options_name_or_unnamed() {
+        let address = |args: &[&str]| settings(args).listen.address;
+        assert_eq!(address(&[]), Address::Unnamed);
+        assert_eq!(address(&["--run", "true"]), Address::Unnamed);
+        assert_eq!(address(&["-s"]), Address::Stdio);
+        assert_eq!(address(&["-U", "-", "-p", "1"]), Address::PrivateUnix);
+        assert_eq!(
+            address(&["-U", "/s", "-p", "1"]),
+            Address::Unix("/s".into())
+        );
+        assert_eq!(address(&["--vsock"]), Address::Vsock(10809));
+        assert_eq!(address(&["--vsock", "-p", "7"]), Address::Vsock(7));
+        assert_eq!(
+            address(&["-i", "::1"]),
+            Address::Tcp {
+                ipaddr: Some("::1".into()),
+                port: 10809
+            }
+        );
+        assert_eq!(
+            address(&["-p", "7"]),
+            Address::Tcp {
+                ipaddr: None,
+                port: 7
+            }
+        );
+    }
+
+    #[test]
+    fn dump_config_comes_before_check_and_help_before_version() {
+        let action = |args: &[&str]| {
+            let mut v = vec!["nbdhost"];
+            v.extend_from_slice(args);
+            CommandLine::try_parse_from(v).unwrap().action()
+        };
+        assert_eq!(action(&["--config=f"]), Action::Serve);
+        assert_eq!(action(&["--config=f", "--check"]), Action::Check);
+        assert_eq!(
+            action(&["--config=f", "--check", "--dump-config"]),
+            Action::DumpConfig
+        );
+        assert_eq!(action(&["--help", "--version", "memory"]), Action::Help);
+        assert_eq!(
+            action(&["--long-options", "--help"]),
+            Action::ListOptions { long: true }
+        );
+        assert_eq!(action(&["--dump-plugin", "memory"]), Action::DumpPlugin);
     }
 }
