@@ -165,6 +165,48 @@ fn the_oldstyle_protocol_is_refused_when_tls_is_required() {
     assert!(err.contains("oldstyle") && err.contains("TLS"), "{err}");
 }
 
+/// After `-u` the PSK file is read as that user, for every handshake:
+/// while it may read the file, PSK clients are served; once it may not,
+/// they are refused (nbdhost(1) says so under `-u`).
+#[test]
+fn the_psk_file_is_read_again_as_the_user_dash_u_names() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: -u needs root");
+        return;
+    }
+    let dir = TempDir::new("psk-user");
+    let keys = psk_file(&dir, &["alice"]);
+    let nobody = |p: &Path| std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    nobody(keys.parent().unwrap());
+    nobody(&keys);
+    let s = Server::start(&[
+        "-u",
+        "nobody",
+        "-g",
+        "nogroup",
+        "--tls-psk",
+        keys.to_str().unwrap(),
+        "memory",
+        "1M",
+    ]);
+    let uri = psk_uri(&s, "alice", &keys);
+    assert_eq!(
+        run_ok(client("nbdinfo").arg("--size").arg(&uri)).trim(),
+        "1048576"
+    );
+    std::os::unix::fs::chown(&keys, Some(0), Some(0)).unwrap();
+    assert!(!run(client("nbdinfo").arg("--size").arg(&uri))
+        .status
+        .success());
+    nobody(&keys);
+    assert_eq!(
+        run_ok(client("nbdinfo").arg("--size").arg(&uri)).trim(),
+        "1048576"
+    );
+    assert!(s.stop().success());
+}
+
 #[test]
 fn readable_key_files_are_refused() {
     let dir = TempDir::new("perm");
