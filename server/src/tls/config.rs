@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use super::{check, cpath, ffi, psk, strerror};
+use super::{check, cpath, ffi, psk, TlsError};
 
 /// What `--tls-*` asked for.
 #[derive(Debug, Clone, Default)]
@@ -32,15 +32,17 @@ unsafe impl Send for TlsConfig {}
 unsafe impl Sync for TlsConfig {}
 
 /// Refuse a secret file others can read; warn if the group can.
-fn check_secret_file(p: &Path) -> Result<(), String> {
-    let md = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+fn check_secret_file(p: &Path) -> Result<(), TlsError> {
+    let md = std::fs::metadata(p).map_err(|error| TlsError::File {
+        path: p.to_path_buf(),
+        error,
+    })?;
     let mode = md.permissions().mode();
     if mode & 0o004 != 0 {
-        return Err(format!(
-            "{} is readable by other users (mode {:o}); run chmod o-rwx on it",
-            p.display(),
-            mode & 0o777
-        ));
+        return Err(TlsError::ReadableByOthers {
+            path: p.to_path_buf(),
+            mode: mode & 0o777,
+        });
     }
     if mode & 0o040 != 0 {
         log::warn!(
@@ -69,7 +71,7 @@ pub fn default_cert_dir() -> PathBuf {
 
 impl TlsConfig {
     /// Load and check credentials. Nothing in an error names key material.
-    pub fn load(opts: &TlsOptions) -> Result<TlsConfig, String> {
+    pub fn load(opts: &TlsOptions) -> Result<TlsConfig, TlsError> {
         static INIT: Once = Once::new();
         // SAFETY: gnutls_global_init is reference-counted and safe to call
         // once at start-up.
@@ -103,7 +105,7 @@ impl TlsConfig {
         if let Some(dir) = cert_dir {
             cfg.cert = Some(load_certificates(&dir, opts.verify_peer)?);
         } else if opts.verify_peer {
-            return Err("--tls-verify-peer needs --tls-certificates".into());
+            return Err(TlsError::VerifyPeerNeedsCertificates);
         }
         let prio = opts.priority.clone().unwrap_or_else(|| {
             if cfg.psk.is_some() {
@@ -112,25 +114,28 @@ impl TlsConfig {
                 "NORMAL".into()
             }
         });
-        let cprio = CString::new(prio.clone()).map_err(|_| "NUL in --tls-priority".to_string())?;
+        let cprio = CString::new(prio.clone()).map_err(|_| TlsError::NulInPriority)?;
         let mut err: *const c_char = std::ptr::null();
         // SAFETY: outputs into our locals; the cache is freed in Drop.
         let r = unsafe { ffi::gnutls_priority_init(&mut cfg.priority, cprio.as_ptr(), &mut err) };
         if r < 0 {
-            return Err(format!("--tls-priority '{prio}': {}", strerror(r)));
+            return Err(TlsError::Priority {
+                priority: prio,
+                code: r,
+            });
         }
         Ok(cfg)
     }
 }
 
-fn load_certificates(dir: &Path, verify_peer: bool) -> Result<ffi::Cred, String> {
+fn load_certificates(dir: &Path, verify_peer: bool) -> Result<ffi::Cred, TlsError> {
     let cert = dir.join("server-cert.pem");
     let key = dir.join("server-key.pem");
     let ca = dir.join("ca-cert.pem");
     let crl = dir.join("ca-crl.pem");
     for f in [&cert, &key] {
         if !f.exists() {
-            return Err(format!("{} not found (see nbdhost-tls(1))", f.display()));
+            return Err(TlsError::NotFound(f.clone()));
         }
     }
     check_secret_file(&key)?;
@@ -140,21 +145,22 @@ fn load_certificates(dir: &Path, verify_peer: bool) -> Result<ffi::Cred, String>
         unsafe { ffi::gnutls_certificate_allocate_credentials(&mut c) },
         "certificate credentials",
     )?;
-    let fail = |msg: String| {
+    let fail = |e: TlsError| {
         // SAFETY: freeing what we just allocated, once.
         unsafe { ffi::gnutls_certificate_free_credentials(c) };
-        msg
+        e
     };
+    let gnutls = |what: String, code| TlsError::Gnutls { what, code };
     if ca.exists() {
         // SAFETY: `c` is live and the path a valid C string.
         let r = unsafe {
             ffi::gnutls_certificate_set_x509_trust_file(c, cpath(&ca)?.as_ptr(), ffi::X509_FMT_PEM)
         };
         if r < 0 {
-            return Err(fail(format!("{}: {}", ca.display(), strerror(r))));
+            return Err(fail(gnutls(ca.display().to_string(), r)));
         }
     } else if verify_peer {
-        return Err(fail(format!("--tls-verify-peer needs {}", ca.display())));
+        return Err(fail(TlsError::VerifyPeerNeedsCa(ca)));
     }
     if crl.exists() {
         // SAFETY: as above.
@@ -162,7 +168,7 @@ fn load_certificates(dir: &Path, verify_peer: bool) -> Result<ffi::Cred, String>
             ffi::gnutls_certificate_set_x509_crl_file(c, cpath(&crl)?.as_ptr(), ffi::X509_FMT_PEM)
         };
         if r < 0 {
-            return Err(fail(format!("{}: {}", crl.display(), strerror(r))));
+            return Err(fail(gnutls(crl.display().to_string(), r)));
         }
     }
     // SAFETY: as above.
@@ -175,11 +181,9 @@ fn load_certificates(dir: &Path, verify_peer: bool) -> Result<ffi::Cred, String>
         )
     };
     if r < 0 {
-        return Err(fail(format!(
-            "{} and {}: {}",
-            cert.display(),
-            key.display(),
-            strerror(r)
+        return Err(fail(gnutls(
+            format!("{} and {}", cert.display(), key.display()),
+            r,
         )));
     }
     Ok(c)

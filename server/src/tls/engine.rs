@@ -8,7 +8,7 @@ use std::ffi::{c_int, c_uint, c_void, CStr};
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::config::TlsConfig;
-use super::{check, ffi, psk, strerror};
+use super::{check, ffi, psk, strerror, TlsError};
 use crate::session::{PeerIdentity, TlsEngine, TlsFactory, TlsHandshake, TlsRead};
 
 /// The largest plaintext a TLS record carries.
@@ -63,7 +63,7 @@ pub struct GnutlsEngine {
 
 impl GnutlsEngine {
     /// A new server session using `cfg`'s credentials.
-    pub fn new(cfg: &TlsConfig) -> Result<GnutlsEngine, String> {
+    pub fn new(cfg: &TlsConfig) -> Result<GnutlsEngine, TlsError> {
         let mut s: ffi::Session = std::ptr::null_mut();
         // SAFETY: initialises our local; freed in Drop.
         check(
@@ -268,7 +268,7 @@ impl TlsEngine for GnutlsEngine {
         // SAFETY: live session; the push function takes everything at once,
         // so uncorking never has to wait.
         let r = unsafe { ffi::gnutls_record_uncork(self.session, 0) };
-        check(r, "TLS").map(drop)
+        check(r, "TLS").map(drop).map_err(String::from)
     }
 
     fn take_output(&mut self) -> Option<Bytes> {

@@ -11,9 +11,81 @@ mod ffi;
 pub mod psk;
 
 use std::ffi::{c_int, CStr, CString};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use config::{default_cert_dir, TlsConfig, TlsOptions, ROOT_CERT_DIR};
+pub use psk::PskFileError;
+
+/// Why the server's TLS credentials could not be set up, or a connection's
+/// TLS session could not start. Its message names files and settings,
+/// never key material.
+#[derive(Debug)]
+pub enum TlsError {
+    /// A GnuTLS call failed while doing `what`.
+    Gnutls { what: String, code: c_int },
+    /// A file could not be read or inspected.
+    File {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// A path cannot be passed to GnuTLS.
+    NulInPath(PathBuf),
+    /// A secret file that users other than its owner's group can read.
+    ReadableByOthers { path: PathBuf, mode: u32 },
+    /// A certificate or key file that is not there.
+    NotFound(PathBuf),
+    /// The PSK file is not in psktool's format.
+    PskFile { path: PathBuf, error: PskFileError },
+    /// A second TLS set-up in one process.
+    ConfiguredTwice,
+    /// `--tls-verify-peer` without `--tls-certificates`.
+    VerifyPeerNeedsCertificates,
+    /// `--tls-verify-peer` without the CA certificate it checks against.
+    VerifyPeerNeedsCa(PathBuf),
+    /// `--tls-priority` contains a NUL byte.
+    NulInPriority,
+    /// GnuTLS refused the `--tls-priority` string.
+    Priority { priority: String, code: c_int },
+}
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsError::Gnutls { what, code } => write!(f, "{what}: {}", strerror(*code)),
+            TlsError::File { path, error } => write!(f, "{}: {error}", path.display()),
+            TlsError::NulInPath(path) => write!(f, "{}: NUL in path", path.display()),
+            TlsError::ReadableByOthers { path, mode } => write!(
+                f,
+                "{} is readable by other users (mode {mode:o}); run chmod o-rwx on it",
+                path.display()
+            ),
+            TlsError::NotFound(path) => {
+                write!(f, "{} not found (see nbdhost-tls(1))", path.display())
+            }
+            TlsError::PskFile { path, error } => write!(f, "{}: {error}", path.display()),
+            TlsError::ConfiguredTwice => f.write_str("TLS configured twice"),
+            TlsError::VerifyPeerNeedsCertificates => {
+                f.write_str("--tls-verify-peer needs --tls-certificates")
+            }
+            TlsError::VerifyPeerNeedsCa(ca) => {
+                write!(f, "--tls-verify-peer needs {}", ca.display())
+            }
+            TlsError::NulInPriority => f.write_str("NUL in --tls-priority"),
+            TlsError::Priority { priority, code } => {
+                write!(f, "--tls-priority '{priority}': {}", strerror(*code))
+            }
+        }
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+/// Start-up reports errors as messages.
+impl From<TlsError> for String {
+    fn from(e: TlsError) -> String {
+        e.to_string()
+    }
+}
 
 fn strerror(code: c_int) -> String {
     // SAFETY: gnutls_strerror returns a static string for any code.
@@ -22,15 +94,17 @@ fn strerror(code: c_int) -> String {
         .into_owned()
 }
 
-fn check(code: c_int, what: &str) -> Result<c_int, String> {
+fn check(code: c_int, what: &str) -> Result<c_int, TlsError> {
     if code < 0 {
-        Err(format!("{what}: {}", strerror(code)))
+        Err(TlsError::Gnutls {
+            what: what.to_string(),
+            code,
+        })
     } else {
         Ok(code)
     }
 }
 
-fn cpath(p: &Path) -> Result<CString, String> {
-    CString::new(p.as_os_str().as_encoded_bytes())
-        .map_err(|_| format!("{}: NUL in path", p.display()))
+fn cpath(p: &Path) -> Result<CString, TlsError> {
+    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| TlsError::NulInPath(p.to_path_buf()))
 }

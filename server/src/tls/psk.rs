@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use zeroize::Zeroize;
 
-use super::ffi;
+use super::{ffi, TlsError};
 
 /// The PSK file of this process. GnuTLS's lookup callback carries no user
 /// pointer of ours, and a process has one TLS set-up.
@@ -40,9 +40,30 @@ fn entries(text: &str) -> impl Iterator<Item = (usize, Option<(&str, Vec<u8>)>)>
         })
 }
 
+/// Why a PSK file's text is not one. It names a line number, never its
+/// content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PskFileError {
+    /// The line with this number (from 1) is not `username:hexkey`.
+    BadLine(usize),
+    /// No line names a user.
+    NoUsers,
+}
+
+impl std::fmt::Display for PskFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PskFileError::BadLine(n) => write!(f, "line {n} is not username:hexkey"),
+            PskFileError::NoUsers => f.write_str("no users"),
+        }
+    }
+}
+
+impl std::error::Error for PskFileError {}
+
 /// Check a PSK file's text: at least one user, and every line well
-/// formed. The error names a line number, never its content.
-pub fn validate(text: &str) -> Result<usize, String> {
+/// formed.
+pub fn validate(text: &str) -> Result<usize, PskFileError> {
     let mut users = 0;
     for (n, entry) in entries(text) {
         match entry {
@@ -50,11 +71,11 @@ pub fn validate(text: &str) -> Result<usize, String> {
                 key.zeroize();
                 users += 1;
             }
-            None => return Err(format!("line {n} is not username:hexkey")),
+            None => return Err(PskFileError::BadLine(n)),
         }
     }
     if users == 0 {
-        return Err("no users".into());
+        return Err(PskFileError::NoUsers);
     }
     Ok(users)
 }
@@ -93,15 +114,20 @@ pub fn first_user(file: &Path) -> Option<String> {
 }
 
 /// Check the PSK file at `file` and make it the one lookups read.
-pub fn install(file: &Path) -> Result<(), String> {
-    let mut text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+pub fn install(file: &Path) -> Result<(), TlsError> {
+    let unreadable = |error| TlsError::File {
+        path: file.to_path_buf(),
+        error,
+    };
+    let mut text = std::fs::read_to_string(file).map_err(unreadable)?;
     let checked = validate(&text);
     text.zeroize();
-    checked.map_err(|e| format!("{}: {e}", file.display()))?;
-    let abs = std::path::absolute(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    PSK_FILE
-        .set(abs)
-        .map_err(|_| "TLS configured twice".to_string())
+    checked.map_err(|error| TlsError::PskFile {
+        path: file.to_path_buf(),
+        error,
+    })?;
+    let abs = std::path::absolute(file).map_err(unreadable)?;
+    PSK_FILE.set(abs).map_err(|_| TlsError::ConfiguredTwice)
 }
 
 /// The user name the last lookup on this thread was for.
@@ -172,9 +198,10 @@ mod tests {
     #[test]
     fn a_bad_line_is_named_by_number_only() {
         let e = validate("alice:0011\nsecretstuff\n").unwrap_err();
-        assert_eq!(e, "line 2 is not username:hexkey");
+        assert_eq!(e.to_string(), "line 2 is not username:hexkey");
         assert!(validate("alice:zz").is_err());
         assert!(validate(":0011").is_err());
-        assert_eq!(validate("\n\n"), Err("no users".into()));
+        assert_eq!(validate("\n\n"), Err(PskFileError::NoUsers));
+        assert_eq!(PskFileError::NoUsers.to_string(), "no users");
     }
 }
