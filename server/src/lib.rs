@@ -9,7 +9,9 @@
 //! - [`layers`]: plugins and filters, their loader, the host services, and
 //!   running work on the chain;
 //! - [`tls`]: GnuTLS credentials and engines over in-memory buffers;
-//! - [`runtime`]: listeners, event loops and the worker pool;
+//! - [`serving`]: the export table, access, routing a query to a chain,
+//!   and the calls run on a chain;
+//! - [`runtime`]: listeners, event loops, mailboxes and the worker pool;
 //! - [`config`]: the command line and the configuration file, read into
 //!   one settings value;
 //! - [`cli`]: the process's edge: logging, what nbdhost prints about
@@ -22,5 +24,6 @@ pub mod layers;
 pub mod paths;
 pub mod protocol;
 pub mod runtime;
+pub mod serving;
 pub mod session;
 pub mod tls;

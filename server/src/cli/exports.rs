@@ -13,7 +13,9 @@ use crate::config::Settings;
 use crate::layers::chain::Layers;
 use crate::protocol::export::ExportPolicy;
 use crate::protocol::handshake::TlsMode;
-use crate::runtime::exports::{Access, Chain, Export, Table};
+use crate::serving::access::Access;
+use crate::serving::chain::Chain;
+use crate::serving::table::{Export, Table};
 
 /// What is served, and where it came from.
 pub enum Exports {

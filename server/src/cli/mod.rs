@@ -17,7 +17,7 @@ use crate::layers::chain::Layers;
 use crate::layers::foreign;
 use crate::layers::host::debug_flags::set_debug_flags;
 use crate::layers::host::stdio::set_stdio_safe;
-use crate::runtime::exports::Chain;
+use crate::serving::chain::Chain;
 use exports::{Exports, FileExports};
 
 /// Run nbdhost with the process's arguments; returns the exit status.

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::exports::{Table, Target, Visibility};
 use super::listen::{Listener, Stream};
 use super::mailbox::{ConnRef, Message};
 use super::workers::{self, Job, JobWork, Lane, Open, STALL};
@@ -24,6 +23,8 @@ use crate::layers::connection::Peer;
 use crate::layers::execute;
 use crate::protocol::handshake::{Answer, Query};
 use crate::protocol::wire::EIO;
+use crate::serving::access::Visibility;
+use crate::serving::table::{Table, Target};
 use crate::session::buffers::BufPool;
 use crate::session::{Done, Outcome, Session, TlsState, Work};
 

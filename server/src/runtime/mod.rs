@@ -8,10 +8,9 @@
 //! the chain dropped, unloading the plugin and filters.
 
 mod event_loop;
-pub mod exports;
 pub mod listen;
 mod mailbox;
-mod workers;
+pub(crate) mod workers;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
@@ -21,9 +20,9 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::layers::host::shutdown;
+use crate::serving::table::Table;
 use crate::session;
 use event_loop::EventLoop;
-use exports::Table;
 use listen::{Listener, Stream};
 use mailbox::{Mailbox, Message};
 use workers::Pool;

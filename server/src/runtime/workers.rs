@@ -20,11 +20,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::exports::Chain;
 use super::mailbox::{ConnRef, Mailbox, Message};
 use crate::layers::connection::Peer;
 use crate::layers::execute::{self, Opened};
 use crate::protocol::handshake::{Answer, Query};
+use crate::serving::chain::Chain;
 use crate::session::buffers::PooledBuf;
 use crate::session::{Done, Request, TlsState};
 
