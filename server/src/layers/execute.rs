@@ -11,13 +11,13 @@ use std::sync::Arc;
 use nbdhost_plugin_api::{Error, Flags, Result, Support};
 
 use super::backend::{write_zeroes, Backend, Handle};
-use super::connection::{Connection, Peer};
+use super::connection::Connection;
 use crate::protocol::export::{ExportInfo, ExportPolicy, Extent, MAX_PAYLOAD};
 use crate::protocol::handshake::{Answer, Query};
 use crate::protocol::request::Command;
 use crate::protocol::wire::{errno_to_nbd, EIO};
 use crate::session::buffers::PooledBuf;
-use crate::session::{Outcome, PeerIdentity, Request, TlsState};
+use crate::session::{Outcome, Request};
 
 /// A connection's open export: the top handle of its chain and the
 /// connection it was opened for.
@@ -67,17 +67,16 @@ fn describe(name: &str, h: &dyn Handle, policy: ExportPolicy) -> Result<ExportIn
     })
 }
 
-/// Answer a handshake query for connection `id`, a client at `peer`. For
-/// an open that is kept for transmission, the opened export comes back
-/// too. With `preconnect`, an open first asks the chain's `preconnect`,
-/// for a chain that could not be asked when the client connected.
+/// Answer a handshake query for the connection `client` (its export name
+/// still empty: an open resolves one). For an open that is kept for
+/// transmission, the opened export comes back too. With `preconnect`, an
+/// open first asks the chain's `preconnect`, for a chain that could not be
+/// asked when the client connected.
 pub fn query(
     backend: &dyn Backend,
     q: Query,
     preconnect: bool,
-    id: u64,
-    peer: Peer,
-    tls: &TlsState,
+    client: Arc<Connection>,
     policy: ExportPolicy,
 ) -> (Answer, Option<Opened>) {
     let failed = |q: &Query| match q {
@@ -87,7 +86,7 @@ pub fn query(
     };
     let fallback = failed(&q);
     catch_unwind(AssertUnwindSafe(|| {
-        run_query(backend, q, preconnect, id, peer, tls, policy)
+        run_query(backend, q, preconnect, client, policy)
     }))
     .unwrap_or_else(|_| {
         log::error!("{}: a handshake query panicked", backend.name());
@@ -99,31 +98,11 @@ fn run_query(
     backend: &dyn Backend,
     q: Query,
     preconnect: bool,
-    id: u64,
-    peer: Peer,
-    tls: &TlsState,
+    client: Arc<Connection>,
     policy: ExportPolicy,
 ) -> (Answer, Option<Opened>) {
     let readonly = policy.readonly;
-    let certificate = match &tls.identity {
-        Some(PeerIdentity::Certificate { subject, issuer }) => CString::new(subject.as_str())
-            .ok()
-            .zip(CString::new(issuer.as_str()).ok()),
-        _ => None,
-    };
-    let identity = tls
-        .identity
-        .as_ref()
-        .and_then(|i| CString::new(i.name()).ok());
-    // The connection before any export is opened for it: its name is
-    // empty until an open resolves one.
-    let client = Arc::new(Connection::new(
-        id,
-        Some(peer),
-        tls.active,
-        identity,
-        certificate,
-    ));
+    let tls = client.is_tls;
     let msg = |e: Error| e.to_string();
     match q {
         Query::Preconnect => {
@@ -131,9 +110,7 @@ fn run_query(
             (Answer::Preconnect(r), None)
         }
         Query::List => {
-            let r = backend
-                .list_exports(&client, readonly, tls.active)
-                .map_err(msg);
+            let r = backend.list_exports(&client, readonly, tls).map_err(msg);
             (Answer::List(r), None)
         }
         Query::Open { name, keep } => {
@@ -144,7 +121,7 @@ fn run_query(
                 }
             }
             let resolved = if name.is_empty() {
-                backend.default_export(&client, readonly, tls.active)
+                backend.default_export(&client, readonly, tls)
             } else {
                 Ok(name)
             };

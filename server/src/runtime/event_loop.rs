@@ -17,16 +17,15 @@ use slab::Slab;
 
 use super::listen::{Listener, Stream};
 use super::mailbox::{ConnRef, Message};
-use super::workers::{self, Job, JobWork, Lane, Open, STALL};
+use super::workers::{Job, Lane, STALL};
 use super::{Loops, WAKER};
 use crate::layers::connection::Peer;
-use crate::layers::execute;
-use crate::protocol::handshake::{Answer, Query};
 use crate::protocol::wire::EIO;
-use crate::serving::access::Visibility;
-use crate::serving::table::{Table, Target};
+use crate::serving::calls::{Call, Open};
+use crate::serving::client::Client;
+use crate::serving::table::Route;
 use crate::session::buffers::BufPool;
-use crate::session::{Done, Outcome, Session, TlsState, Work};
+use crate::session::{Done, Outcome, Session, Work};
 
 const FIRST_CONN: usize = 1 << 20;
 /// How long shutdown waits for in-flight requests before giving up.
@@ -535,104 +534,44 @@ impl Turn<'_> {
         while let Some(w) = c.session.poll_work() {
             any = true;
             match w {
-                Work::Query { query, tls } => self.query(c, query, tls),
+                Work::Query { query, tls } => {
+                    let client = Client {
+                        id: c.session.id(),
+                        peer: c.peer,
+                        tls,
+                    };
+                    match c.serving.table.route(query, client) {
+                        Route::Answered(answer) => {
+                            let opened = None;
+                            self.complete_here(c, Done::Query { answer, opened });
+                        }
+                        Route::Call(call) => self.call(c, call),
+                    }
+                }
                 Work::Request(req) => {
                     let Some(open) = c.session.handle() else {
                         c.session.complete(Done::Request(req, Outcome::Failed(EIO)));
                         continue;
                     };
                     let buf = req.read_len().map(|n| self.bufs.get(n));
-                    if open.chain.inline {
-                        let outcome = execute::request(&open.opened, &req, buf, &open.chain.name);
-                        self.complete_here(c, Done::Request(req, outcome));
-                    } else {
-                        let (lane, open) = (open.chain.lane(&c.lane), open.clone());
-                        self.submit(lane, JobWork::Request { req, open, buf });
-                    }
+                    let open = open.clone();
+                    self.call(c, Call::Request { req, open, buf });
                 }
-                Work::Close(open) => {
-                    if open.chain.inline {
-                        workers::close(open);
-                        self.complete_here(c, Done::Closed);
-                    } else {
-                        let lane = open.chain.lane(&c.lane);
-                        self.submit(lane, JobWork::Close(open));
-                    }
-                }
+                Work::Close(open) => self.call(c, Call::Close(open)),
             }
         }
         any
     }
 
-    /// A handshake query: answered from the export table where it can be,
-    /// otherwise by the chain it concerns, here or on the pool.
-    fn query(&self, c: &mut Conn, query: Query, tls: TlsState) {
-        let table = &c.serving.table;
-        let (chain, query, preconnect) = match (table, query) {
-            (Table::Single(chain), query) => (chain.clone(), query, false),
-            (Table::Named { .. }, Query::Preconnect) => {
-                // A file's exports each run their preconnect on open.
-                let answer = Answer::Preconnect(Ok(()));
-                return self.complete_here(
-                    c,
-                    Done::Query {
-                        answer,
-                        opened: None,
-                    },
-                );
-            }
-            (Table::Named { .. }, Query::List) => {
-                let answer = Answer::List(Ok(table.listing(&tls).unwrap_or_default()));
-                return self.complete_here(
-                    c,
-                    Done::Query {
-                        answer,
-                        opened: None,
-                    },
-                );
-            }
-            (Table::Named { .. }, Query::Open { name, keep }) => match table.resolve(&name, &tls) {
-                Target::Chain { chain, name } => (chain, Query::Open { name, keep }, true),
-                Target::Refused(Visibility::TlsRequired) => {
-                    let answer = Answer::TlsRequired;
-                    return self.complete_here(
-                        c,
-                        Done::Query {
-                            answer,
-                            opened: None,
-                        },
-                    );
-                }
-                Target::Refused(_) => {
-                    log::debug!(
-                        "connection {}: no export '{name}' for this client",
-                        c.session.id()
-                    );
-                    let answer = Answer::Open(Err((libc::ENOENT, format!("no export '{name}'"))));
-                    return self.complete_here(
-                        c,
-                        Done::Query {
-                            answer,
-                            opened: None,
-                        },
-                    );
-                }
-            },
-        };
-        if chain.inline {
-            let done = workers::query_done(&chain, query, preconnect, c.session.id(), c.peer, &tls);
+    /// Run a call on its chain: here when the chain never blocks,
+    /// otherwise on the pool, in the lane its thread model asks for.
+    fn call(&self, c: &mut Conn, call: Call) {
+        if call.chain().inline {
+            let done = call.run();
             self.complete_here(c, done);
         } else {
-            let lane = chain.lane(&c.lane);
-            let work = JobWork::Query {
-                query,
-                chain,
-                preconnect,
-                tls,
-                peer: c.peer,
-                id: c.session.id(),
-            };
-            self.submit(lane, work);
+            let lane = call.chain().lane(&c.lane);
+            self.submit(lane, call);
         }
     }
 
@@ -646,10 +585,10 @@ impl Turn<'_> {
     }
 
     /// Hand work to the worker pool; the result comes back by mail.
-    fn submit(&self, lane: Option<Arc<Lane>>, work: JobWork) {
+    fn submit(&self, lane: Option<Arc<Lane>>, call: Call) {
         let job = Job {
             conn: self.conn,
-            work,
+            call,
             reply: self.loops.mailboxes[self.index].clone(),
         };
         self.in_pool.set(self.in_pool.get() + 1);

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::listen::Stream;
-use super::workers::Open;
 use crate::layers::connection::Peer;
+use crate::serving::calls::Open;
 use crate::session::Done;
 
 /// A connection of one loop: its slab slot and the serial number of the

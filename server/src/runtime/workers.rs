@@ -21,52 +21,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::mailbox::{ConnRef, Mailbox, Message};
-use crate::layers::connection::Peer;
-use crate::layers::execute::{self, Opened};
-use crate::protocol::handshake::{Answer, Query};
-use crate::serving::chain::Chain;
-use crate::session::buffers::PooledBuf;
-use crate::session::{Done, Request, TlsState};
+use crate::serving::calls::Call;
 
-/// A piece of work for the pool.
+/// A piece of work for the pool: a call, and the connection and loop
+/// its result goes back to.
 pub struct Job {
     pub conn: ConnRef,
-    pub work: JobWork,
+    pub call: Call,
     pub reply: Arc<Mailbox>,
-}
-
-/// A connection's open export: its handle, and the chain it came from,
-/// which a reload does not take away while the handle is open.
-pub struct Open {
-    pub opened: Opened,
-    pub chain: Arc<Chain>,
-}
-
-impl std::fmt::Debug for Open {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.opened.fmt(f)
-    }
-}
-
-/// What a job does.
-pub enum JobWork {
-    Query {
-        query: Query,
-        chain: Arc<Chain>,
-        /// Call `preconnect` before an open: an export of a configuration
-        /// file is known only once the client names it.
-        preconnect: bool,
-        tls: TlsState,
-        peer: Peer,
-        /// The connection's number, as the log gives it.
-        id: u64,
-    },
-    Request {
-        req: Request,
-        open: Arc<Open>,
-        buf: Option<PooledBuf>,
-    },
-    Close(Arc<Open>),
 }
 
 /// How long a queued job may wait for a busy worker before another worker
@@ -112,71 +74,8 @@ impl Outbox {
 
 impl Job {
     fn run(self, out: &mut Outbox) {
-        let Job { conn, work, reply } = self;
-        let done = match work {
-            JobWork::Query {
-                query,
-                chain,
-                preconnect,
-                tls,
-                peer,
-                id,
-            } => query_done(&chain, query, preconnect, id, peer, &tls),
-            JobWork::Request { req, open, buf } => {
-                let outcome = execute::request(&open.opened, &req, buf, &open.chain.name);
-                // Before the result is posted: the session's own reference
-                // must be the last one when it closes the handle.
-                drop(open);
-                Done::Request(req, outcome)
-            }
-            JobWork::Close(open) => {
-                close(open);
-                Done::Closed
-            }
-        };
-        out.add(reply, Message::Done(conn, done));
-    }
-}
-
-/// Answer a handshake query on `chain`, on whichever thread runs it.
-pub fn query_done(
-    chain: &Arc<Chain>,
-    query: Query,
-    preconnect: bool,
-    id: u64,
-    peer: Peer,
-    tls: &TlsState,
-) -> Done<Arc<Open>> {
-    let (mut answer, opened) = execute::query(
-        &*chain.backend,
-        query,
-        preconnect,
-        id,
-        peer,
-        tls,
-        chain.policy,
-    );
-    if let Answer::Open(Ok(info)) = &mut answer {
-        if info.description.is_none() {
-            info.description.clone_from(&chain.description);
-        }
-    }
-    Done::Query {
-        answer,
-        opened: opened.map(|opened| {
-            Arc::new(Open {
-                opened,
-                chain: chain.clone(),
-            })
-        }),
-    }
-}
-
-/// Close an opened export whose last reference this is.
-pub fn close(open: Arc<Open>) {
-    match Arc::try_unwrap(open) {
-        Ok(o) => execute::close(o.opened),
-        Err(_) => log::error!("internal error: a handle is still in use when it is closed"),
+        let Job { conn, call, reply } = self;
+        out.add(reply, Message::Done(conn, call.run()));
     }
 }
 

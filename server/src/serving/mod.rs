@@ -5,9 +5,15 @@
 //! between threads and sockets.
 //!
 //! - [`access`]: who may see and open an export (TLS, PSK users, DNs);
+//! - [`client`]: the connection a query is answered for, as one value;
+//! - [`table`]: the exports by name, and routing a query: answered by the
+//!   table, or a call on a chain;
 //! - [`chain`]: one chain as served, and how its thread model runs it;
-//! - [`table`]: the exports by name, and resolving a name to a chain.
+//! - [`calls`]: the calls run on a chain (query, request, close) and
+//!   their results.
 
 pub mod access;
+pub mod calls;
 pub mod chain;
+pub mod client;
 pub mod table;

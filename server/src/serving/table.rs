@@ -5,8 +5,11 @@
 use std::sync::Arc;
 
 use super::access::{Access, Visibility};
+use super::calls::Call;
 use super::chain::Chain;
+use super::client::Client;
 use crate::protocol::export::ExportEntry;
+use crate::protocol::handshake::{Answer, Query};
 use crate::session::TlsState;
 
 /// One named export of a configuration file.
@@ -38,7 +41,54 @@ pub enum Target {
     Refused(Visibility),
 }
 
+/// What a handshake query comes to.
+pub enum Route {
+    /// The table answers it without asking a chain.
+    Answered(Answer),
+    /// This call on a chain answers it.
+    Call(Call),
+}
+
 impl Table {
+    /// What `client`'s `query` comes to: the answer to "what does this
+    /// client get when it asks for this name" (or for the list, or to
+    /// connect), from the table where it can be, otherwise from a chain.
+    pub fn route(&self, query: Query, client: Client) -> Route {
+        let (chain, query, preconnect) = match (self, query) {
+            (Table::Single(chain), query) => (chain.clone(), query, false),
+            // A file's exports each run their preconnect on open.
+            (Table::Named { .. }, Query::Preconnect) => {
+                return Route::Answered(Answer::Preconnect(Ok(())))
+            }
+            (Table::Named { .. }, Query::List) => {
+                let list = self.listing(&client.tls).unwrap_or_default();
+                return Route::Answered(Answer::List(Ok(list)));
+            }
+            (Table::Named { .. }, Query::Open { name, keep }) => {
+                match self.resolve(&name, &client.tls) {
+                    Target::Chain { chain, name } => (chain, Query::Open { name, keep }, true),
+                    Target::Refused(Visibility::TlsRequired) => {
+                        return Route::Answered(Answer::TlsRequired)
+                    }
+                    Target::Refused(_) => {
+                        log::debug!(
+                            "connection {}: no export '{name}' for this client",
+                            client.id
+                        );
+                        let refused = Err((libc::ENOENT, format!("no export '{name}'")));
+                        return Route::Answered(Answer::Open(refused));
+                    }
+                }
+            }
+        };
+        Route::Call(Call::Query {
+            query,
+            chain,
+            preconnect,
+            client,
+        })
+    }
+
     /// Where an open of `name` by a client in `tls` goes.
     pub fn resolve(&self, name: &str, tls: &TlsState) -> Target {
         match self {
