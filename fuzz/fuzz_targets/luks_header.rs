@@ -44,10 +44,14 @@ fuzz_target!(|data: &[u8]| {
     } else {
         luks2_disk(rest)
     };
-    let mut read = |buf: &mut [u8], at: u64| -> Result<(), String> {
-        let start = usize::try_from(at).map_err(|_| "offset".to_string())?;
-        let end = start.checked_add(buf.len()).ok_or("length")?;
-        let src = disk.get(start..end).ok_or("beyond the disk")?;
+    let mut read = |buf: &mut [u8], at: u64| -> std::io::Result<()> {
+        let start = usize::try_from(at).map_err(|_| std::io::Error::other("offset"))?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or_else(|| std::io::Error::other("length"))?;
+        let src = disk
+            .get(start..end)
+            .ok_or_else(|| std::io::Error::other("beyond the disk"))?;
         buf.copy_from_slice(src);
         Ok(())
     };

@@ -9,12 +9,200 @@
 use base64::Engine as _;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::fmt;
 
-use crate::kdf::{Hash, Kdf};
-use crate::sector;
+use crate::kdf::{Hash, Kdf, UnsupportedHash};
+use crate::sector::{self, CipherError};
 
-/// Reads exactly `buf.len()` bytes at a byte offset of the header device.
-pub type ReadAt<'a> = dyn FnMut(&mut [u8], u64) -> Result<(), String> + 'a;
+/// Reads exactly `buf.len()` bytes at a byte offset of the header device;
+/// its error is shown as it is.
+pub type ReadAt<'a> = dyn FnMut(&mut [u8], u64) -> std::io::Result<()> + 'a;
+
+/// Why a header cannot be used: unreadable, not LUKS, damaged, or asking
+/// for something this crate does not serve (which it names).
+#[derive(Debug)]
+pub enum HeaderError {
+    /// The first header bytes could not be read; the reader's error.
+    Read(std::io::Error),
+    /// No LUKS magic at offset 0.
+    NotLuks,
+    /// A LUKS version other than 1 and 2.
+    Version(u16),
+    /// A hash named by the header (digest, KDF or anti-forensic split).
+    Hash(UnsupportedHash),
+    /// The data cipher, with the volume key's length.
+    Cipher(CipherError),
+    /// A LUKS1 key length outside 16 to 64 bytes.
+    Luks1KeyLength(usize),
+    /// A keyslot whose split key material would be empty or too large.
+    Stripes {
+        /// The keyslot.
+        slot: u32,
+        /// Its stripe count.
+        stripes: usize,
+    },
+    /// A keyslot whose Argon2 would take too much memory, or no lanes or
+    /// too many.
+    Argon2Range {
+        /// The keyslot.
+        slot: u32,
+        /// Its memory cost, in KiB.
+        memory_kib: u32,
+        /// Its lanes.
+        lanes: u32,
+    },
+    /// Neither LUKS2 header copy has a valid checksum.
+    NoValidCopy,
+    /// The LUKS2 JSON metadata does not parse.
+    Json(serde_json::Error),
+    /// LUKS2 mandatory requirements (a reencryption in progress).
+    Requirements(Vec<String>),
+    /// More than one LUKS2 data segment (a reencryption in progress?).
+    Segments(usize),
+    /// A LUKS2 data segment of a type other than `crypt`.
+    SegmentType(String),
+    /// LUKS2 integrity protection (dm-integrity).
+    Integrity,
+    /// A LUKS2 data segment without an encryption.
+    NoEncryption,
+    /// A LUKS2 sector size outside 512 to 4096, or not a power of two.
+    SectorSize(u32),
+    /// A LUKS2 data segment size that is neither a number nor `dynamic`.
+    SegmentSize(String),
+    /// A LUKS2 base64 field that does not decode.
+    Base64 {
+        /// Which field: `digest`, `digest salt` or `kdf salt`.
+        field: &'static str,
+        /// The decoder's error.
+        source: base64::DecodeError,
+    },
+    /// A LUKS2 digest too short to tell keys apart, in bytes.
+    DigestTooShort(usize),
+    /// A LUKS2 keyslot whose JSON does not parse.
+    KeyslotJson {
+        /// The keyslot, as the JSON names it.
+        slot: String,
+        /// The parser's error.
+        source: serde_json::Error,
+    },
+    /// A LUKS2 keyslot without an anti-forensic split.
+    NoAf(String),
+    /// A LUKS2 keyslot whose anti-forensic split is not `luks1`.
+    AfType {
+        /// The keyslot, as the JSON names it.
+        slot: String,
+        /// The split's type.
+        kind: String,
+    },
+    /// A LUKS2 keyslot's KDF without one of the values its type needs.
+    KdfMissing {
+        /// The keyslot, as the JSON names it.
+        slot: String,
+        /// The missing value.
+        what: &'static str,
+    },
+    /// A LUKS2 keyslot's KDF of a type other than PBKDF2 and Argon2.
+    KdfType {
+        /// The keyslot, as the JSON names it.
+        slot: String,
+        /// The KDF's type.
+        kind: String,
+    },
+    /// A LUKS2 keyslot's area without an encryption.
+    AreaWithoutEncryption(String),
+    /// A LUKS2 keyslot's area cipher.
+    AreaCipher {
+        /// The keyslot, as the JSON names it.
+        slot: String,
+        /// What is wrong with its cipher.
+        source: CipherError,
+    },
+    /// A LUKS2 keyslot named by something other than a number.
+    KeyslotId(String),
+    /// No LUKS2 keyslot this crate can open.
+    NoUsableKeyslot,
+}
+
+impl fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderError::Read(e) => write!(f, "{e}"),
+            HeaderError::NotLuks => f.write_str("not a LUKS disk (no LUKS magic at offset 0)"),
+            HeaderError::Version(v) => {
+                write!(f, "LUKS version {v} is not supported (1 and 2 are)")
+            }
+            HeaderError::Hash(e) => write!(f, "{e}"),
+            HeaderError::Cipher(e) => write!(f, "{e}"),
+            HeaderError::Luks1KeyLength(n) => {
+                write!(f, "LUKS1 header: implausible key length {n}")
+            }
+            HeaderError::Stripes { slot, stripes } => {
+                write!(f, "keyslot {slot}: implausible stripe count {stripes}")
+            }
+            HeaderError::Argon2Range {
+                slot,
+                memory_kib,
+                lanes,
+            } => write!(
+                f,
+                "keyslot {slot}: argon2 memory {memory_kib} KiB with {lanes} lanes is out of range"
+            ),
+            HeaderError::NoValidCopy => f.write_str("LUKS2 header: no copy with a valid checksum"),
+            HeaderError::Json(e) => write!(f, "LUKS2 JSON metadata: {e}"),
+            HeaderError::Requirements(r) => write!(
+                f,
+                "LUKS2 requirement {} is not supported (a reencryption in progress must be finished with cryptsetup first)",
+                r.join(", ")
+            ),
+            HeaderError::Segments(n) => write!(
+                f,
+                "LUKS2 with {n} data segments (a reencryption in progress?) is not supported"
+            ),
+            HeaderError::SegmentType(t) => write!(f, "LUKS2 segment type {t} is not supported"),
+            HeaderError::Integrity => {
+                f.write_str("LUKS2 integrity protection (dm-integrity) is not supported")
+            }
+            HeaderError::NoEncryption => f.write_str("LUKS2 segment without an encryption"),
+            HeaderError::SectorSize(n) => write!(f, "LUKS2 sector size {n} is not supported"),
+            HeaderError::SegmentSize(s) => write!(f, "LUKS2 segment size {s:?}"),
+            HeaderError::Base64 { field, source } => write!(f, "LUKS2 {field}: {source}"),
+            HeaderError::DigestTooShort(n) => {
+                write!(f, "LUKS2 digest of {n} bytes is too short")
+            }
+            HeaderError::KeyslotJson { slot, source } => write!(f, "LUKS2 keyslot {slot}: {source}"),
+            HeaderError::NoAf(slot) => write!(f, "LUKS2 keyslot {slot} without af"),
+            HeaderError::AfType { slot, kind } => {
+                write!(f, "LUKS2 keyslot {slot}: af type {kind} is not supported")
+            }
+            HeaderError::KdfMissing { slot, what } => {
+                write!(f, "LUKS2 keyslot {slot}: kdf without {what}")
+            }
+            HeaderError::KdfType { slot, kind } => {
+                write!(f, "LUKS2 keyslot {slot}: kdf {kind} is not supported")
+            }
+            HeaderError::AreaWithoutEncryption(slot) => {
+                write!(f, "LUKS2 keyslot {slot}: area without encryption")
+            }
+            HeaderError::AreaCipher { slot, source } => write!(f, "LUKS2 keyslot {slot}: {source}"),
+            HeaderError::KeyslotId(id) => write!(f, "LUKS2 keyslot id {id:?}"),
+            HeaderError::NoUsableKeyslot => f.write_str("LUKS2 header has no usable keyslot"),
+        }
+    }
+}
+
+impl std::error::Error for HeaderError {}
+
+impl From<UnsupportedHash> for HeaderError {
+    fn from(e: UnsupportedHash) -> Self {
+        HeaderError::Hash(e)
+    }
+}
+
+impl From<CipherError> for HeaderError {
+    fn from(e: CipherError) -> Self {
+        HeaderError::Cipher(e)
+    }
+}
 
 const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 const LUKS1_HEADER: usize = 592;
@@ -78,22 +266,24 @@ const MAX_MATERIAL: usize = 4 << 20;
 const MAX_ARGON2_KIB: u32 = 4 << 20;
 
 impl Keyslot {
-    fn checked(self, key_bytes: usize) -> Result<Keyslot, String> {
-        let id = self.id;
+    fn checked(self, key_bytes: usize) -> Result<Keyslot, HeaderError> {
+        let slot = self.id;
         if self.stripes == 0 || key_bytes.saturating_mul(self.stripes) > MAX_MATERIAL {
-            return Err(format!(
-                "keyslot {id}: implausible stripe count {}",
-                self.stripes
-            ));
+            return Err(HeaderError::Stripes {
+                slot,
+                stripes: self.stripes,
+            });
         }
         if let Kdf::Argon2 {
             memory_kib, lanes, ..
         } = self.kdf
         {
             if memory_kib > MAX_ARGON2_KIB || lanes == 0 || lanes > 64 {
-                return Err(format!(
-                    "keyslot {id}: argon2 memory {memory_kib} KiB with {lanes} lanes is out of range"
-                ));
+                return Err(HeaderError::Argon2Range {
+                    slot,
+                    memory_kib,
+                    lanes,
+                });
             }
         }
         Ok(self)
@@ -128,16 +318,16 @@ pub struct Header {
 }
 
 /// Read and parse the header at the start of the device behind `read`.
-pub fn read(read: &mut ReadAt) -> Result<Header, String> {
+pub fn read(read: &mut ReadAt) -> Result<Header, HeaderError> {
     let mut bin = vec![0u8; LUKS2_BINARY];
-    read(&mut bin[..LUKS1_HEADER], 0)?;
+    read(&mut bin[..LUKS1_HEADER], 0).map_err(HeaderError::Read)?;
     if &bin[..6] != MAGIC {
-        return Err("not a LUKS disk (no LUKS magic at offset 0)".into());
+        return Err(HeaderError::NotLuks);
     }
     match be16(&bin, 6) {
         1 => luks1(&bin[..LUKS1_HEADER]),
         2 => luks2(read),
-        v => Err(format!("LUKS version {v} is not supported (1 and 2 are)")),
+        v => Err(HeaderError::Version(v)),
     }
 }
 
@@ -157,12 +347,12 @@ fn field(b: &[u8], at: usize, len: usize) -> String {
     String::from_utf8_lossy(&f[..end]).into_owned()
 }
 
-fn luks1(b: &[u8]) -> Result<Header, String> {
+fn luks1(b: &[u8]) -> Result<Header, HeaderError> {
     let cipher = format!("{}-{}", field(b, 8, 32), field(b, 40, 32));
     let hash = Hash::parse(&field(b, 72, 32))?;
     let key_bytes = be32(b, 108) as usize;
     if !(16..=64).contains(&key_bytes) {
-        return Err(format!("LUKS1 header: implausible key length {key_bytes}"));
+        return Err(HeaderError::Luks1KeyLength(key_bytes));
     }
     sector::check(&cipher, key_bytes)?;
     let digest = Digest {
@@ -191,7 +381,7 @@ fn luks1(b: &[u8]) -> Result<Header, String> {
             })
         })
         .map(|k| k.checked(key_bytes))
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_, HeaderError>>()?;
     Ok(Header {
         version: 1,
         cipher,
@@ -234,7 +424,7 @@ fn luks2_copy(read: &mut ReadAt, at: u64) -> Option<Copy> {
     Some((be64(&bin, 16), at, all))
 }
 
-fn luks2(read: &mut ReadAt) -> Result<Header, String> {
+fn luks2(read: &mut ReadAt) -> Result<Header, HeaderError> {
     let primary = luks2_copy(read, 0);
     let secondary_at = primary
         .as_ref()
@@ -245,14 +435,11 @@ fn luks2(read: &mut ReadAt) -> Result<Header, String> {
         (Some(p), Some(s)) if s.0 > p.0 => s,
         (Some(p), _) => p,
         (None, Some(s)) => s,
-        (None, None) => {
-            return Err("LUKS2 header: no copy with a valid checksum".into());
-        }
+        (None, None) => return Err(HeaderError::NoValidCopy),
     };
     let area = &raw[LUKS2_BINARY..];
     let end = area.iter().position(|&c| c == 0).unwrap_or(area.len());
-    let meta: Metadata =
-        serde_json::from_slice(&area[..end]).map_err(|e| format!("LUKS2 JSON metadata: {e}"))?;
+    let meta: Metadata = serde_json::from_slice(&area[..end]).map_err(HeaderError::Json)?;
     from_metadata(meta, raw, raw_at)
 }
 
@@ -363,46 +550,38 @@ mod opt_text_u64 {
     }
 }
 
-fn b64(s: &str, what: &str) -> Result<Vec<u8>, String> {
+fn b64(s: &str, field: &'static str) -> Result<Vec<u8>, HeaderError> {
     base64::engine::general_purpose::STANDARD
         .decode(s)
-        .map_err(|e| format!("LUKS2 {what}: {e}"))
+        .map_err(|source| HeaderError::Base64 { field, source })
 }
 
-fn from_metadata(meta: Metadata, raw: Vec<u8>, raw_at: u64) -> Result<Header, String> {
+fn from_metadata(meta: Metadata, raw: Vec<u8>, raw_at: u64) -> Result<Header, HeaderError> {
     if let Some(r) = meta.config.requirements {
         if !r.mandatory.is_empty() {
-            return Err(format!(
-                "LUKS2 requirement {} is not supported (a reencryption in progress must be finished with cryptsetup first)",
-                r.mandatory.join(", ")
-            ));
+            return Err(HeaderError::Requirements(r.mandatory));
         }
     }
     if meta.segments.len() != 1 {
-        return Err(format!(
-            "LUKS2 with {} data segments (a reencryption in progress?) is not supported",
-            meta.segments.len()
-        ));
+        return Err(HeaderError::Segments(meta.segments.len()));
     }
     let (seg_id, seg) = meta.segments.into_iter().next().unwrap();
     if seg.kind != "crypt" {
-        return Err(format!("LUKS2 segment type {} is not supported", seg.kind));
+        return Err(HeaderError::SegmentType(seg.kind));
     }
     if seg.integrity.is_some() {
-        return Err("LUKS2 integrity protection (dm-integrity) is not supported".into());
+        return Err(HeaderError::Integrity);
     }
-    let cipher = seg
-        .encryption
-        .ok_or("LUKS2 segment without an encryption")?;
+    let cipher = seg.encryption.ok_or(HeaderError::NoEncryption)?;
     let sector_size = seg.sector_size.unwrap_or(512);
     if !(512..=4096).contains(&sector_size) || !sector_size.is_power_of_two() {
-        return Err(format!("LUKS2 sector size {sector_size} is not supported"));
+        return Err(HeaderError::SectorSize(sector_size));
     }
     let payload_size = match seg.size.as_str() {
         "dynamic" => None,
         s => Some(
             s.parse::<u64>()
-                .map_err(|_| format!("LUKS2 segment size {s:?}"))?,
+                .map_err(|_| HeaderError::SegmentSize(s.to_owned()))?,
         ),
     };
     let digests: Vec<(Vec<String>, Digest)> = meta
@@ -413,10 +592,7 @@ fn from_metadata(meta: Metadata, raw: Vec<u8>, raw_at: u64) -> Result<Header, St
             let value = b64(&d.digest, "digest")?;
             // An empty or short digest would let any passphrase "match".
             if value.len() < 16 {
-                return Err(format!(
-                    "LUKS2 digest of {} bytes is too short",
-                    value.len()
-                ));
+                return Err(HeaderError::DigestTooShort(value.len()));
             }
             Ok((
                 d.keyslots,
@@ -428,7 +604,7 @@ fn from_metadata(meta: Metadata, raw: Vec<u8>, raw_at: u64) -> Result<Header, St
                 },
             ))
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_, HeaderError>>()?;
     let mut key_bytes = None;
     let mut keyslots = Vec::new();
     for (id, k) in meta.keyslots {
@@ -439,20 +615,25 @@ fn from_metadata(meta: Metadata, raw: Vec<u8>, raw_at: u64) -> Result<Header, St
             continue;
         }
         let k: JsonKeyslot =
-            serde_json::from_value(k).map_err(|e| format!("LUKS2 keyslot {id}: {e}"))?;
+            serde_json::from_value(k).map_err(|source| HeaderError::KeyslotJson {
+                slot: id.clone(),
+                source,
+            })?;
         if k.area.kind != "raw" {
             continue;
         }
-        let af =
-            k.af.ok_or_else(|| format!("LUKS2 keyslot {id} without af"))?;
+        let af = k.af.ok_or_else(|| HeaderError::NoAf(id.clone()))?;
         if af.kind != "luks1" {
-            return Err(format!(
-                "LUKS2 keyslot {id}: af type {} is not supported",
-                af.kind
-            ));
+            return Err(HeaderError::AfType {
+                slot: id,
+                kind: af.kind,
+            });
         }
         let salt = b64(&k.kdf.salt, "kdf salt")?;
-        let missing = |what: &str| format!("LUKS2 keyslot {id}: kdf without {what}");
+        let missing = |what: &'static str| HeaderError::KdfMissing {
+            slot: id.clone(),
+            what,
+        };
         let kdf = match k.kdf.kind.as_str() {
             "pbkdf2" => Kdf::Pbkdf2 {
                 hash: Hash::parse(k.kdf.hash.as_deref().ok_or_else(|| missing("hash"))?)?,
@@ -466,19 +647,26 @@ fn from_metadata(meta: Metadata, raw: Vec<u8>, raw_at: u64) -> Result<Header, St
                 lanes: k.kdf.cpus.ok_or_else(|| missing("cpus"))?,
                 salt,
             },
-            other => return Err(format!("LUKS2 keyslot {id}: kdf {other} is not supported")),
+            other => {
+                return Err(HeaderError::KdfType {
+                    slot: id,
+                    kind: other.to_owned(),
+                })
+            }
         };
         let area_cipher = k
             .area
             .encryption
-            .ok_or_else(|| format!("LUKS2 keyslot {id}: area without encryption"))?;
+            .ok_or_else(|| HeaderError::AreaWithoutEncryption(id.clone()))?;
         let area_key_bytes = k.area.key_size.unwrap_or(k.key_size);
-        sector::check(&area_cipher, area_key_bytes)
-            .map_err(|e| format!("LUKS2 keyslot {id}: {e}"))?;
+        sector::check(&area_cipher, area_key_bytes).map_err(|source| HeaderError::AreaCipher {
+            slot: id.clone(),
+            source,
+        })?;
         key_bytes.get_or_insert(k.key_size);
         keyslots.push(
             Keyslot {
-                id: id.parse().map_err(|_| format!("LUKS2 keyslot id {id:?}"))?,
+                id: id.parse().map_err(|_| HeaderError::KeyslotId(id.clone()))?,
                 priority: k.priority.unwrap_or(1),
                 kdf,
                 area_offset: k.area.offset,
@@ -491,7 +679,7 @@ fn from_metadata(meta: Metadata, raw: Vec<u8>, raw_at: u64) -> Result<Header, St
             .checked(k.key_size)?,
         );
     }
-    let key_bytes = key_bytes.ok_or("LUKS2 header has no usable keyslot")?;
+    let key_bytes = key_bytes.ok_or(HeaderError::NoUsableKeyslot)?;
     sector::check(&cipher, key_bytes)?;
     Ok(Header {
         version: 2,
@@ -511,7 +699,7 @@ fn from_metadata(meta: Metadata, raw: Vec<u8>, raw_at: u64) -> Result<Header, St
 mod tests {
     use super::*;
 
-    fn reader(disk: &[u8]) -> impl FnMut(&mut [u8], u64) -> Result<(), String> + '_ {
+    fn reader(disk: &[u8]) -> impl FnMut(&mut [u8], u64) -> std::io::Result<()> + '_ {
         move |buf: &mut [u8], off: u64| {
             let off = off as usize;
             match disk.get(off..off + buf.len()) {
@@ -519,7 +707,7 @@ mod tests {
                     buf.copy_from_slice(src);
                     Ok(())
                 }
-                None => Err("short read".into()),
+                None => Err(std::io::Error::other("short read")),
             }
         }
     }
@@ -558,14 +746,17 @@ mod tests {
     #[test]
     fn unsupported_luks1_ciphers_are_named() {
         let d = luks1_disk("twofish", "xts-plain64");
-        let e = read(&mut reader(&d)).unwrap_err();
+        let e = read(&mut reader(&d)).unwrap_err().to_string();
         assert!(e.contains("twofish-xts-plain64"), "{e}");
     }
 
     #[test]
     fn not_luks_is_said_plainly() {
         let d = vec![0u8; 4096];
-        assert!(read(&mut reader(&d)).unwrap_err().contains("not a LUKS"));
+        assert!(read(&mut reader(&d))
+            .unwrap_err()
+            .to_string()
+            .contains("not a LUKS"));
     }
 
     /// A minimal LUKS2 header around `json`, with a correct checksum.
@@ -624,7 +815,10 @@ mod tests {
         d[5000] ^= 1;
         assert_eq!(read(&mut reader(&d)).unwrap().raw_at, 16384);
         d[16384 + 5000] ^= 1;
-        assert!(read(&mut reader(&d)).unwrap_err().contains("checksum"));
+        assert!(read(&mut reader(&d))
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
     }
 
     #[test]
@@ -633,19 +827,25 @@ mod tests {
             r#""config":{"#,
             r#""config":{"requirements":{"mandatory":["online-reencrypt-v2"]},"#,
         );
-        let e = read(&mut reader(&luks2_disk(&j, 1))).unwrap_err();
+        let e = read(&mut reader(&luks2_disk(&j, 1)))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("online-reencrypt-v2"), "{e}");
         let j = JSON.replace(
             r#""sector_size":4096}"#,
             r#""sector_size":4096,"integrity":{"type":"hmac(sha256)"}}"#,
         );
-        let e = read(&mut reader(&luks2_disk(&j, 1))).unwrap_err();
+        let e = read(&mut reader(&luks2_disk(&j, 1)))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("integrity"), "{e}");
         let j = JSON.replace(
             "aes-xts-plain64\",\"sector",
             "serpent-xts-plain64\",\"sector",
         );
-        let e = read(&mut reader(&luks2_disk(&j, 1))).unwrap_err();
+        let e = read(&mut reader(&luks2_disk(&j, 1)))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("serpent"), "{e}");
     }
 

@@ -2,6 +2,7 @@
 //! passphrase into a keyslot key), and the anti-forensic merge that turns a
 //! decrypted keyslot back into the volume key.
 
+use std::fmt;
 use std::sync::{Arc, Condvar, Mutex};
 
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -10,6 +11,45 @@ use sha2::{Sha256, Sha512};
 use zeroize::Zeroizing;
 
 use crate::xor;
+
+/// A hash name that is none of [`Hash`]'s; it holds the name as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsupportedHash(pub String);
+
+impl fmt::Display for UnsupportedHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "hash {} is not supported (supported: sha1, sha256, sha512)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnsupportedHash {}
+
+/// Why a keyslot key could not be derived (only Argon2 can fail).
+#[derive(Debug)]
+pub enum DeriveError {
+    /// The header's Argon2 parameters are refused by the implementation.
+    Parameters(argon2::Error),
+    /// The threads that compute the lanes could not be started.
+    Threads(rayon::ThreadPoolBuildError),
+    /// Argon2 itself failed.
+    Argon2(argon2::Error),
+}
+
+impl fmt::Display for DeriveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeriveError::Parameters(e) => write!(f, "argon2 parameters: {e}"),
+            DeriveError::Threads(e) => write!(f, "argon2: cannot start threads: {e}"),
+            DeriveError::Argon2(e) => write!(f, "argon2: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DeriveError {}
 
 /// A hash named by a LUKS header (`hash-spec`, `af.hash`, `kdf.hash`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,14 +64,12 @@ pub enum Hash {
 
 impl Hash {
     /// Parse a header's hash name; the error names it and what would do.
-    pub fn parse(name: &str) -> Result<Hash, String> {
+    pub fn parse(name: &str) -> Result<Hash, UnsupportedHash> {
         match name.to_ascii_lowercase().as_str() {
             "sha1" => Ok(Hash::Sha1),
             "sha256" => Ok(Hash::Sha256),
             "sha512" => Ok(Hash::Sha512),
-            _ => Err(format!(
-                "hash {name} is not supported (supported: sha1, sha256, sha512)"
-            )),
+            _ => Err(UnsupportedHash(name.to_owned())),
         }
     }
 
@@ -99,7 +137,7 @@ pub enum Kdf {
 
 impl Kdf {
     /// Derive a `len`-byte key from `passphrase`.
-    pub fn derive(&self, passphrase: &[u8], len: usize) -> Result<Zeroizing<Vec<u8>>, String> {
+    pub fn derive(&self, passphrase: &[u8], len: usize) -> Result<Zeroizing<Vec<u8>>, DeriveError> {
         let mut out = Zeroizing::new(vec![0u8; len]);
         match self {
             Kdf::Pbkdf2 {
@@ -115,7 +153,7 @@ impl Kdf {
                 salt,
             } => {
                 let params = Params::new(*memory_kib, *time, *lanes, Some(len))
-                    .map_err(|e| format!("argon2 parameters: {e}"))?;
+                    .map_err(DeriveError::Parameters)?;
                 let alg = if *id {
                     Algorithm::Argon2id
                 } else {
@@ -124,8 +162,9 @@ impl Kdf {
                 let argon2 = Argon2::new(alg, Version::V0x13, params);
                 on_lanes(*lanes, || {
                     argon2.hash_password_into(passphrase, salt, &mut out)
-                })?
-                .map_err(|e| format!("argon2: {e}"))?;
+                })
+                .map_err(DeriveError::Threads)?
+                .map_err(DeriveError::Argon2)?;
             }
         }
         Ok(out)
@@ -136,7 +175,10 @@ impl Kdf {
 /// cryptsetup does, on a pool of this call's own: its threads have all
 /// exited when this returns, because the server may fork into the
 /// background afterwards and a fork keeps only the calling thread.
-fn on_lanes<R: Send>(lanes: u32, f: impl FnOnce() -> R + Send) -> Result<R, String> {
+fn on_lanes<R: Send>(
+    lanes: u32,
+    f: impl FnOnce() -> R + Send,
+) -> Result<R, rayon::ThreadPoolBuildError> {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let threads = (lanes as usize).clamp(1, cpus);
     let live = Arc::new((Mutex::new(threads), Condvar::new()));
@@ -149,8 +191,7 @@ fn on_lanes<R: Send>(lanes: u32, f: impl FnOnce() -> R + Send) -> Result<R, Stri
             *n.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
             cv.notify_all();
         })
-        .build()
-        .map_err(|e| format!("argon2: cannot start threads: {e}"))?;
+        .build()?;
     let r = pool.install(f);
     drop(pool);
     let (n, cv) = &*live;
@@ -225,7 +266,7 @@ mod tests {
 
     #[test]
     fn unknown_hashes_are_named() {
-        let e = Hash::parse("ripemd160").unwrap_err();
+        let e = Hash::parse("ripemd160").unwrap_err().to_string();
         assert!(e.contains("ripemd160") && e.contains("sha256"));
         assert_eq!(Hash::parse("SHA256"), Ok(Hash::Sha256));
     }

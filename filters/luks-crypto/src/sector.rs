@@ -60,18 +60,54 @@ fn iv_at(first: u64, i: usize, sector_size: usize) -> u64 {
 pub const SUPPORTED: &str =
     "aes-xts-plain64, aes-xts-plain, aes-cbc-essiv:sha256, aes-cbc-plain64, aes-cbc-plain";
 
+/// A cipher this crate does not implement, or not with the key given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CipherError {
+    /// No such cipher and mode here (see [`SUPPORTED`]).
+    Unsupported {
+        /// The cipher, in dm-crypt notation.
+        spec: String,
+    },
+    /// The cipher is here, but not with a key of this length.
+    KeyLength {
+        /// The cipher, in dm-crypt notation.
+        spec: String,
+        /// The key's length, in bits.
+        bits: usize,
+        /// The key lengths the mode takes, in words.
+        takes: &'static str,
+    },
+}
+
+impl std::fmt::Display for CipherError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CipherError::Unsupported { spec } => {
+                write!(f, "cipher {spec} is not supported (supported: {SUPPORTED})")
+            }
+            CipherError::KeyLength { spec, bits, takes } => write!(
+                f,
+                "cipher {spec} with a {bits}-bit key is not supported ({takes})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CipherError {}
+
 /// Build the cipher `spec` with `key`; the error names what is missing.
-pub fn new(spec: &str, key: &[u8]) -> Result<Box<dyn SectorCipher>, String> {
-    let unsupported = || format!("cipher {spec} is not supported (supported: {SUPPORTED})");
+pub fn new(spec: &str, key: &[u8]) -> Result<Box<dyn SectorCipher>, CipherError> {
+    let unsupported = || CipherError::Unsupported {
+        spec: spec.to_owned(),
+    };
     let (alg, mode) = spec.split_once('-').ok_or_else(unsupported)?;
     if alg != "aes" {
         return Err(unsupported());
     }
-    let bad_key = |what: &str| {
-        format!(
-            "cipher {spec} with a {}-bit key is not supported ({what})",
-            key.len() * 8
-        )
+    let bad_key = |takes: &'static str| CipherError::KeyLength {
+        spec: spec.to_owned(),
+        bits: key.len() * 8,
+        takes,
     };
     match mode {
         "xts-plain64" | "xts-plain" => {
@@ -106,7 +142,7 @@ pub fn new(spec: &str, key: &[u8]) -> Result<Box<dyn SectorCipher>, String> {
 
 /// Whether `spec` names a supported cipher for a key of `key_bytes`, without
 /// needing the key.
-pub fn check(spec: &str, key_bytes: usize) -> Result<(), String> {
+pub fn check(spec: &str, key_bytes: usize) -> Result<(), CipherError> {
     new(spec, &vec![0; key_bytes]).map(drop)
 }
 
@@ -292,10 +328,11 @@ mod tests {
 
     #[test]
     fn other_ciphers_and_key_sizes_are_named_in_the_refusal() {
-        let e = check("serpent-xts-plain64", 64).err().unwrap();
+        let e = check("serpent-xts-plain64", 64).err().unwrap().to_string();
         assert!(e.contains("serpent-xts-plain64") && e.contains("aes-xts-plain64"));
         assert!(check("aes-xts-plain64", 48)
             .unwrap_err()
+            .to_string()
             .contains("384-bit"));
         assert!(check("aes-ecb", 32).is_err());
         assert!(check("aes-cbc-essiv:sha1", 32).is_err());

@@ -57,8 +57,10 @@ struct Volume {
     rmw: RwLock<()>,
 }
 
-fn einval(msg: impl Into<String>) -> Error {
-    Error::new(libc::EINVAL, msg)
+/// A configuration or header error, or one of the crypto crate's: all are
+/// `EINVAL` to the server, with their message.
+fn einval(msg: impl std::fmt::Display) -> Error {
+    Error::new(libc::EINVAL, msg.to_string())
 }
 
 #[callbacks]
@@ -120,8 +122,9 @@ header=<FILE>        Detached LUKS header.";
         let file = std::fs::File::open(path)
             .map_err(|e| einval(format!("header {}: {e}", path.display())))?;
         let mut read = |buf: &mut [u8], off: u64| {
-            file.read_exact_at(buf, off)
-                .map_err(|e| format!("header {}: {e}", path.display()))
+            file.read_exact_at(buf, off).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("header {}: {e}", path.display()))
+            })
         };
         self.unlock(&mut read, false)
     }
@@ -137,14 +140,12 @@ header=<FILE>        Detached LUKS header.";
     }
 }
 
-/// Read the layer below, for the header parser.
-fn reader(next: &Next) -> impl FnMut(&mut [u8], u64) -> std::result::Result<(), String> + '_ {
+/// Read the layer below, for the header parser. Its error reads as the
+/// layer's message, or the errno's when it gave none.
+fn reader(next: &Next) -> impl FnMut(&mut [u8], u64) -> std::io::Result<()> + '_ {
     |buf: &mut [u8], off: u64| {
-        next.pread(buf, off, Flags::empty()).map_err(|e| {
-            e.message()
-                .map(str::to_owned)
-                .unwrap_or_else(|| std::io::Error::from_raw_os_error(e.raw_errno()).to_string())
-        })
+        next.pread(buf, off, Flags::empty())
+            .map_err(std::io::Error::other)
     }
 }
 

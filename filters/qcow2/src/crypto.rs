@@ -29,13 +29,13 @@ impl Crypto {
         secret: &[u8],
         log: &mut dyn FnMut(&str),
     ) -> Result<Crypto> {
-        let mut read = |buf: &mut [u8], at: u64| -> std::result::Result<(), String> {
+        let mut read = |buf: &mut [u8], at: u64| -> std::io::Result<()> {
             if at + buf.len() as u64 > length {
-                return Err(format!(
+                return Err(std::io::Error::other(format!(
                     "the LUKS header reads past its {length} bytes in the image"
-                ));
+                )));
             }
-            io.read_at(buf, offset + at).map_err(|e| e.to_string())
+            io.read_at(buf, offset + at).map_err(std::io::Error::other)
         };
         let h = header::read(&mut read).map_err(|e| Error::Invalid(format!("LUKS header: {e}")))?;
         if u64::from(h.sector_size) != SECTOR {
@@ -44,7 +44,8 @@ impl Crypto {
                 h.sector_size
             )));
         }
-        let unlocked = unlock::unlock(&h, secret, None, &mut read, log).map_err(Error::Invalid)?;
+        let unlocked = unlock::unlock(&h, secret, None, &mut read, log)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         log(&format!(
             "qcow2: LUKS{} {} with a {}-bit key from keyslot {}",
             h.version,
@@ -52,7 +53,8 @@ impl Crypto {
             unlocked.key.len() * 8,
             unlocked.slot
         ));
-        let cipher = sector::new(&h.cipher, &unlocked.key).map_err(Error::Unsupported)?;
+        let cipher =
+            sector::new(&h.cipher, &unlocked.key).map_err(|e| Error::Unsupported(e.to_string()))?;
         Ok(Crypto { cipher })
     }
 
