@@ -12,7 +12,7 @@ use partitionfilter::table::{self, Disk};
 struct Bytes<'a>(&'a [u8]);
 
 impl Disk for Bytes<'_> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let start = offset as usize;
         let end = start + buf.len();
         assert!(

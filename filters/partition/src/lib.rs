@@ -79,10 +79,10 @@ pub struct Part {
 struct NextDisk<'a>(&'a Next);
 
 impl Disk for NextDisk<'_> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::result::Result<(), String> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.0
             .pread(buf, offset, Flags::empty())
-            .map_err(|e| format!("reading the partition table at byte {offset}: {e}"))
+            .map_err(std::io::Error::other)
     }
 }
 
@@ -93,7 +93,7 @@ impl Part {
         }
         let size = next.get_size()?;
         let p = table::find(&NextDisk(next), size, self.number)
-            .map_err(|m| Error::new(libc::EINVAL, m))?;
+            .map_err(|e| Error::new(libc::EINVAL, e.to_string()))?;
         host::debug(&format!(
             "{} partition {} at offset {} length {}",
             p.scheme, self.number, p.offset, p.length

@@ -1,6 +1,8 @@
 //! Finding one partition in an MBR or GPT partition table. Sectors are
 //! 512 bytes, as nbdkit and `qemu-nbd -P` assume.
 
+use std::fmt;
+
 /// Sector size the tables are read with.
 pub const SECTOR: u64 = 512;
 
@@ -16,7 +18,179 @@ pub struct Partition {
 /// Random access to the disk being parsed.
 pub trait Disk {
     /// Fill `buf` from `offset`; the caller keeps reads inside the disk.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String>;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+/// Why partition `n` cannot be served: the disk could not be read, has no
+/// table, has a damaged one, or has no such partition.
+#[derive(Debug)]
+pub enum TableError {
+    /// Partition 0 was asked for.
+    NumberedFromOne,
+    /// A disk of this many bytes, too small for a table.
+    TooSmall(u64),
+    /// Reading the table failed.
+    Read {
+        /// Where the read began, in bytes.
+        offset: u64,
+        /// The disk's error.
+        source: std::io::Error,
+    },
+    /// Neither an MBR nor a GPT signature.
+    NoSignature,
+    /// The partition found does not fit in the disk, or is empty.
+    OutsideDisk {
+        /// "MBR" or "GPT".
+        scheme: &'static str,
+        /// The partition.
+        n: u32,
+        /// Its offset, in bytes.
+        offset: u64,
+        /// Its length, in bytes.
+        length: u64,
+        /// The disk's size, in bytes.
+        size: u64,
+    },
+    /// The partition is the table's empty slot or is past its end.
+    NotFound {
+        /// "MBR" or "GPT".
+        scheme: &'static str,
+        /// The partition.
+        n: u32,
+    },
+    /// The MBR partition asked for is the extended partition.
+    Extended(u32),
+    /// A logical MBR partition was asked for, and there is no extended one.
+    NoExtended(u32),
+    /// An EBR (at this byte) outside the disk.
+    EbrOutside(u64),
+    /// A logical partition outside its extended partition.
+    LogicalOutside {
+        /// The partition.
+        n: u32,
+        /// Its offset, in bytes.
+        offset: u64,
+        /// Its length, in bytes.
+        length: u64,
+    },
+    /// An EBR that links back to an earlier byte.
+    LinksBack {
+        /// The EBR, in bytes.
+        from: u64,
+        /// Where it links to, in bytes.
+        to: u64,
+    },
+    /// A GPT partition number past the table's entries.
+    PastEntries {
+        /// The partition.
+        n: u32,
+        /// The number of entries.
+        count: u32,
+    },
+    /// GPT entries smaller than 128 bytes.
+    EntrySize(u64),
+    /// A GPT entry array that does not fit on the disk.
+    EntryArray {
+        /// Its LBA.
+        lba: u64,
+        /// Its number of entries.
+        count: u32,
+        /// The size of an entry, in bytes.
+        entry_size: u64,
+    },
+    /// A GPT partition that ends before it starts.
+    Backwards {
+        /// The partition.
+        n: u32,
+        /// Its first LBA.
+        first: u64,
+        /// Its last LBA.
+        last: u64,
+    },
+    /// A GPT partition whose byte offset or length overflows.
+    GptOutside(u32),
+}
+
+impl fmt::Display for TableError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TableError::NumberedFromOne => f.write_str("partitions are numbered from 1"),
+            TableError::TooSmall(size) => write!(
+                f,
+                "not a partitioned disk: {size} bytes is too small to hold a partition table"
+            ),
+            TableError::Read { offset, source } => {
+                write!(f, "reading the partition table at byte {offset}: {source}")
+            }
+            TableError::NoSignature => {
+                f.write_str("not a partitioned disk (no MBR or GPT signature)")
+            }
+            TableError::OutsideDisk {
+                scheme,
+                n,
+                offset,
+                length,
+                size,
+            } => write!(
+                f,
+                "{scheme} partition {n} (offset {offset}, length {length}) lies outside the disk of {size} bytes"
+            ),
+            TableError::NotFound { scheme, n } => write!(f, "{scheme} partition {n} not found"),
+            TableError::Extended(n) => write!(
+                f,
+                "MBR partition {n} is the extended partition: serve its logical \
+                 partitions (5 and up) instead"
+            ),
+            TableError::NoExtended(n) => write!(
+                f,
+                "MBR partition {n} not found: logical partitions need an extended \
+                 partition, and this disk has none"
+            ),
+            TableError::EbrOutside(at) => write!(
+                f,
+                "invalid MBR logical partition chain: an EBR at byte {at} lies outside the disk"
+            ),
+            TableError::LogicalOutside { n, offset, length } => write!(
+                f,
+                "MBR partition {n} (offset {offset}, length {length}) does not lie \
+                 inside its extended partition"
+            ),
+            TableError::LinksBack { from, to } => write!(
+                f,
+                "invalid MBR logical partition chain: the EBR at byte {from} links back to byte {to}"
+            ),
+            TableError::PastEntries { n, count } => write!(
+                f,
+                "GPT partition {n} not found: the table has {count} entries"
+            ),
+            TableError::EntrySize(size) => write!(
+                f,
+                "invalid GPT: partition entries of {size} bytes (at least 128 expected)"
+            ),
+            TableError::EntryArray {
+                lba,
+                count,
+                entry_size,
+            } => write!(
+                f,
+                "invalid GPT: the partition entry array (LBA {lba}, {count} entries of \
+                 {entry_size} bytes) does not fit on the disk"
+            ),
+            TableError::Backwards { n, first, last } => write!(
+                f,
+                "invalid GPT: partition {n} ends (LBA {last}) before it starts (LBA {first})"
+            ),
+            TableError::GptOutside(n) => write!(f, "invalid GPT: partition {n} lies outside the disk"),
+        }
+    }
+}
+
+impl std::error::Error for TableError {}
+
+/// Read from `disk`, saying where a failed read began.
+fn read(disk: &dyn Disk, buf: &mut [u8], offset: u64) -> Result<(), TableError> {
+    disk.read_at(buf, offset)
+        .map_err(|source| TableError::Read { offset, source })
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {
@@ -28,17 +202,15 @@ fn le64(b: &[u8], at: usize) -> u64 {
 }
 
 /// Find partition `n` (counting from 1) of a disk of `size` bytes.
-pub fn find(disk: &dyn Disk, size: u64, n: u32) -> Result<Partition, String> {
+pub fn find(disk: &dyn Disk, size: u64, n: u32) -> Result<Partition, TableError> {
     if n == 0 {
-        return Err("partitions are numbered from 1".into());
+        return Err(TableError::NumberedFromOne);
     }
     if size < 2 * SECTOR {
-        return Err(format!(
-            "not a partitioned disk: {size} bytes is too small to hold a partition table"
-        ));
+        return Err(TableError::TooSmall(size));
     }
     let mut lba01 = [0u8; 2 * SECTOR as usize];
-    disk.read_at(&mut lba01, 0)?;
+    read(disk, &mut lba01, 0)?;
     let (mbr, gpt) = lba01.split_at(SECTOR as usize);
     // GPT first: its protective MBR also carries the MBR signature. A GPT
     // needs at least the header and a minimal entry array at each end.
@@ -47,14 +219,17 @@ pub fn find(disk: &dyn Disk, size: u64, n: u32) -> Result<Partition, String> {
     } else if mbr[510] == 0x55 && mbr[511] == 0xaa {
         find_mbr(disk, size, mbr, n)?
     } else {
-        return Err("not a partitioned disk (no MBR or GPT signature)".into());
+        return Err(TableError::NoSignature);
     };
     match p.offset.checked_add(p.length) {
         Some(end) if end <= size && p.length > 0 => Ok(p),
-        _ => Err(format!(
-            "{} partition {n} (offset {}, length {}) lies outside the disk of {size} bytes",
-            p.scheme, p.offset, p.length
-        )),
+        _ => Err(TableError::OutsideDisk {
+            scheme: p.scheme,
+            n,
+            offset: p.offset,
+            length: p.length,
+            size,
+        }),
     }
 }
 
@@ -79,18 +254,16 @@ fn is_extended(kind: u8) -> bool {
     matches!(kind, 0x05 | 0x0f | 0x85)
 }
 
-fn find_mbr(disk: &dyn Disk, size: u64, mbr: &[u8], n: u32) -> Result<Partition, String> {
+fn find_mbr(disk: &dyn Disk, size: u64, mbr: &[u8], n: u32) -> Result<Partition, TableError> {
     let bytes = |sectors: u64| sectors * SECTOR;
+    let not_found = TableError::NotFound { scheme: "MBR", n };
     if (1..=4).contains(&n) {
         let e = entry(mbr, n as usize - 1);
         if is_extended(e.kind) && e.sectors > 0 {
-            return Err(format!(
-                "MBR partition {n} is the extended partition: serve its logical \
-                 partitions (5 and up) instead"
-            ));
+            return Err(TableError::Extended(n));
         }
         if e.kind == 0 || e.sectors == 0 {
-            return Err(format!("MBR partition {n} not found"));
+            return Err(not_found);
         }
         return Ok(Partition {
             offset: bytes(e.start.into()),
@@ -102,10 +275,7 @@ fn find_mbr(disk: &dyn Disk, size: u64, mbr: &[u8], n: u32) -> Result<Partition,
         .map(|i| entry(mbr, i))
         .find(|e| is_extended(e.kind) && e.sectors > 0)
     else {
-        return Err(format!(
-            "MBR partition {n} not found: logical partitions need an extended \
-             partition, and this disk has none"
-        ));
+        return Err(TableError::NoExtended(n));
     };
     let ext_start = u64::from(ext.start);
     let ext_end = bytes(ext_start + u64::from(ext.sectors));
@@ -115,24 +285,19 @@ fn find_mbr(disk: &dyn Disk, size: u64, mbr: &[u8], n: u32) -> Result<Partition,
     // end of the disk); tables that link backwards are refused.
     for i in 5.. {
         if ebr < SECTOR || ebr + SECTOR > size {
-            return Err(format!(
-                "invalid MBR logical partition chain: an EBR at byte {ebr} lies outside the disk"
-            ));
+            return Err(TableError::EbrOutside(ebr));
         }
-        disk.read_at(&mut sector, ebr)?;
+        read(disk, &mut sector, ebr)?;
         if i == n {
             let e = entry(&sector, 0);
             if e.kind == 0 || e.sectors == 0 {
-                return Err(format!("MBR partition {n} not found"));
+                return Err(not_found);
             }
             // The logical partition's start counts from its own EBR.
             let offset = ebr + bytes(e.start.into());
             let length = bytes(e.sectors.into());
             if offset <= ebr || offset + length > ext_end {
-                return Err(format!(
-                    "MBR partition {n} (offset {offset}, length {length}) does not lie \
-                     inside its extended partition"
-                ));
+                return Err(TableError::LogicalOutside { n, offset, length });
             }
             return Ok(Partition {
                 offset,
@@ -147,48 +312,44 @@ fn find_mbr(disk: &dyn Disk, size: u64, mbr: &[u8], n: u32) -> Result<Partition,
         }
         let next = bytes(ext_start + u64::from(link.start));
         if next <= ebr {
-            return Err(format!(
-                "invalid MBR logical partition chain: the EBR at byte {ebr} links back to byte {next}"
-            ));
+            return Err(TableError::LinksBack {
+                from: ebr,
+                to: next,
+            });
         }
         ebr = next;
     }
-    Err(format!("MBR partition {n} not found"))
+    Err(not_found)
 }
 
-fn find_gpt(disk: &dyn Disk, size: u64, header: &[u8], n: u32) -> Result<Partition, String> {
+fn find_gpt(disk: &dyn Disk, size: u64, header: &[u8], n: u32) -> Result<Partition, TableError> {
     let entries_lba = le64(header, 72);
     let count = le32(header, 80);
     let entry_size = u64::from(le32(header, 84));
     if n > count {
-        return Err(format!(
-            "GPT partition {n} not found: the table has {count} entries"
-        ));
+        return Err(TableError::PastEntries { n, count });
     }
     if entry_size < 128 {
-        return Err(format!(
-            "invalid GPT: partition entries of {entry_size} bytes (at least 128 expected)"
-        ));
+        return Err(TableError::EntrySize(entry_size));
     }
     let array_start = entries_lba.checked_mul(SECTOR).filter(|&a| a >= 2 * SECTOR);
     let array_end =
         array_start.and_then(|a| a.checked_add(u64::from(count).checked_mul(entry_size)?));
     let (Some(array_start), true) = (array_start, array_end.is_some_and(|end| end <= size)) else {
-        return Err(format!(
-            "invalid GPT: the partition entry array (LBA {entries_lba}, {count} entries of \
-             {entry_size} bytes) does not fit on the disk"
-        ));
+        return Err(TableError::EntryArray {
+            lba: entries_lba,
+            count,
+            entry_size,
+        });
     };
     let mut e = [0u8; 128];
-    disk.read_at(&mut e, array_start + u64::from(n - 1) * entry_size)?;
+    read(disk, &mut e, array_start + u64::from(n - 1) * entry_size)?;
     if e[..16].iter().all(|&b| b == 0) {
-        return Err(format!("GPT partition {n} not found"));
+        return Err(TableError::NotFound { scheme: "GPT", n });
     }
     let (first, last) = (le64(&e, 32), le64(&e, 40));
     if last < first {
-        return Err(format!(
-            "invalid GPT: partition {n} ends (LBA {last}) before it starts (LBA {first})"
-        ));
+        return Err(TableError::Backwards { n, first, last });
     }
     let offset = first.checked_mul(SECTOR);
     let length = (last - first)
@@ -200,7 +361,7 @@ fn find_gpt(disk: &dyn Disk, size: u64, header: &[u8], n: u32) -> Result<Partiti
             length,
             scheme: "GPT",
         }),
-        _ => Err(format!("invalid GPT: partition {n} lies outside the disk")),
+        _ => Err(TableError::GptOutside(n)),
     }
 }
 
@@ -209,7 +370,7 @@ mod tests {
     use super::*;
 
     impl Disk for Vec<u8> {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
             // The parser promises to read inside the disk; hold it to that.
             let o = offset as usize;
             let end = o.checked_add(buf.len()).expect("offset overflow");
@@ -284,26 +445,36 @@ mod tests {
     fn partition_zero_is_an_error() {
         struct Zeroes;
         impl Disk for Zeroes {
-            fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<(), String> {
+            fn read_at(&self, buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
                 buf.fill(0);
                 Ok(())
             }
         }
-        assert!(find(&Zeroes, 1 << 20, 0).unwrap_err().contains("from 1"));
+        assert!(find(&Zeroes, 1 << 20, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("from 1"));
     }
 
     #[test]
     fn mbr_primary_and_logical_partitions() {
         let d = mbr_disk();
         let size = d.len() as u64;
-        assert_eq!(find(&d, size, 1), Ok(part(MIB, MIB, "MBR")));
-        assert_eq!(find(&d, size, 2), Ok(part(2 * MIB, 2 * MIB, "MBR")));
-        assert_eq!(find(&d, size, 5), Ok(part(9 * MIB, 2 * MIB, "MBR")));
-        assert_eq!(find(&d, size, 6), Ok(part(13 * MIB, 3 * MIB, "MBR")));
-        assert_eq!(find(&d, size, 4).unwrap_err(), "MBR partition 4 not found");
-        assert_eq!(find(&d, size, 7).unwrap_err(), "MBR partition 7 not found");
+        assert_eq!(find(&d, size, 1).unwrap(), part(MIB, MIB, "MBR"));
+        assert_eq!(find(&d, size, 2).unwrap(), part(2 * MIB, 2 * MIB, "MBR"));
+        assert_eq!(find(&d, size, 5).unwrap(), part(9 * MIB, 2 * MIB, "MBR"));
+        assert_eq!(find(&d, size, 6).unwrap(), part(13 * MIB, 3 * MIB, "MBR"));
+        assert_eq!(
+            find(&d, size, 4).unwrap_err().to_string(),
+            "MBR partition 4 not found"
+        );
+        assert_eq!(
+            find(&d, size, 7).unwrap_err().to_string(),
+            "MBR partition 7 not found"
+        );
         assert!(find(&d, size, 3)
             .unwrap_err()
+            .to_string()
             .contains("is the extended partition"));
     }
 
@@ -313,20 +484,30 @@ mod tests {
         let size = d.len() as u64;
         // A chain that links backwards is refused rather than followed.
         put_entry(&mut d, 12 * MIB, 1, 0x05, 0, 1);
-        assert!(find(&d, size, 7).unwrap_err().contains("links back"));
+        assert!(find(&d, size, 7)
+            .unwrap_err()
+            .to_string()
+            .contains("links back"));
         // A partition running past the disk's end.
         put_entry(&mut d, 0, 1, 0x83, 4096, 1 << 20);
-        assert!(find(&d, size, 2).unwrap_err().contains("outside the disk"));
+        assert!(find(&d, size, 2)
+            .unwrap_err()
+            .to_string()
+            .contains("outside the disk"));
         // No extended partition: no logical ones.
         put_entry(&mut d, 0, 2, 0, 0, 0);
-        assert!(find(&d, size, 5).unwrap_err().contains("has none"));
+        assert!(find(&d, size, 5)
+            .unwrap_err()
+            .to_string()
+            .contains("has none"));
         d[510] = 0;
         assert_eq!(
-            find(&d, size, 1).unwrap_err(),
+            find(&d, size, 1).unwrap_err().to_string(),
             "not a partitioned disk (no MBR or GPT signature)"
         );
         assert!(find(&vec![0u8; 600], 600, 1)
             .unwrap_err()
+            .to_string()
             .starts_with("not a partitioned disk"));
     }
 
@@ -334,14 +515,20 @@ mod tests {
     fn gpt_partitions() {
         let d = gpt_disk();
         let size = d.len() as u64;
-        assert_eq!(find(&d, size, 1), Ok(part(MIB, MIB, "GPT")));
-        assert_eq!(find(&d, size, 3), Ok(part(2 * MIB, 2 * MIB, "GPT")));
-        assert_eq!(find(&d, size, 2).unwrap_err(), "GPT partition 2 not found");
+        assert_eq!(find(&d, size, 1).unwrap(), part(MIB, MIB, "GPT"));
+        assert_eq!(find(&d, size, 3).unwrap(), part(2 * MIB, 2 * MIB, "GPT"));
         assert_eq!(
-            find(&d, size, 128).unwrap_err(),
+            find(&d, size, 2).unwrap_err().to_string(),
+            "GPT partition 2 not found"
+        );
+        assert_eq!(
+            find(&d, size, 128).unwrap_err().to_string(),
             "GPT partition 128 not found"
         );
-        assert!(find(&d, size, 129).unwrap_err().contains("has 128 entries"));
+        assert!(find(&d, size, 129)
+            .unwrap_err()
+            .to_string()
+            .contains("has 128 entries"));
     }
 
     #[test]
@@ -350,17 +537,29 @@ mod tests {
         let size = d.len() as u64;
         // An entry array that cannot fit on the disk.
         d[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(find(&d, size, 1).unwrap_err().contains("does not fit"));
+        assert!(find(&d, size, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("does not fit"));
         d[512 + 80..512 + 84].copy_from_slice(&128u32.to_le_bytes());
         d[512 + 84..512 + 88].copy_from_slice(&64u32.to_le_bytes());
-        assert!(find(&d, size, 1).unwrap_err().contains("at least 128"));
+        assert!(find(&d, size, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("at least 128"));
         d[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
         // Partition 3 past the end of the disk.
         let at = 1024 + 256;
         d[at + 40..at + 48].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(find(&d, size, 3).unwrap_err().contains("outside the disk"));
+        assert!(find(&d, size, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("outside the disk"));
         d[at + 40..at + 48].copy_from_slice(&10u64.to_le_bytes());
-        assert!(find(&d, size, 3).unwrap_err().contains("before it starts"));
+        assert!(find(&d, size, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("before it starts"));
     }
 
     /// Random damage to the tables is an error or an answer inside the
