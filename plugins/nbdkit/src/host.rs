@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 
 use nbdhost_plugin_api::abi;
 
+use crate::error::LoadError;
+
 static HOST: AtomicPtr<abi::Host> = AtomicPtr::new(std::ptr::null_mut());
 
 /// The oldest host the adapter works with: it needs `log` and the other
@@ -18,15 +20,13 @@ const NEEDED: usize = std::mem::offset_of!(abi::Host, stdio_safe) + std::mem::si
 /// # Safety
 /// `host` must be the table passed to an entry point: valid for the rest
 /// of the process.
-pub unsafe fn set(host: *const abi::Host) -> Result<(), String> {
+pub unsafe fn set(host: *const abi::Host) -> Result<(), LoadError> {
     // SAFETY: the caller passes the server's table.
-    let h = unsafe { host.as_ref() }.ok_or("no host table")?;
+    let h = unsafe { host.as_ref() }.ok_or(LoadError::NoHostTable)?;
     if (h.struct_size as usize) < NEEDED {
-        return Err(format!(
-            "this server offers nbdhost ABI {}.{}; the nbdkit adapter needs 1.5",
-            h.abi_version >> 16,
-            h.abi_version & 0xffff
-        ));
+        return Err(LoadError::HostTooOld {
+            abi_version: h.abi_version,
+        });
     }
     HOST.store(host.cast_mut(), Ordering::Release);
     Ok(())

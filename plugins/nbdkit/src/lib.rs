@@ -12,6 +12,7 @@
 //! See nbdhost-nbdkit-plugin(1) for what is supported.
 
 mod calls;
+mod error;
 mod host;
 mod lists;
 mod nbdkit;
@@ -25,14 +26,16 @@ use std::ffi::{c_char, CStr};
 use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
 use nbdhost_plugin_api::abi;
 
+use error::LoadError;
+
 /// Make this library's symbols (the `nbdkit_*` functions) visible to
 /// objects loaded after it: the server loaded it privately.
-fn publish_own_symbols() -> Result<(), String> {
+fn publish_own_symbols() -> Result<(), LoadError> {
     let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
     let here = nbdhost_plugin_adapter_entry as *const libc::c_void;
     // SAFETY: dladdr fills `info` for an address inside a loaded object.
     if unsafe { libc::dladdr(here, info.as_mut_ptr()) } == 0 {
-        return Err("cannot find the adapter's own file".into());
+        return Err(LoadError::NoOwnFile);
     }
     // SAFETY: filled by the successful dladdr above.
     let fname = unsafe { info.assume_init() }.dli_fname;
@@ -43,40 +46,48 @@ fn publish_own_symbols() -> Result<(), String> {
     // SAFETY: reopening an object that is already loaded runs nothing; it
     // only widens the scope of its symbols.
     let lib = unsafe { Library::open(Some(&path), RTLD_NOW | RTLD_GLOBAL | libc::RTLD_NOLOAD) }
-        .map_err(|e| format!("cannot publish the nbdkit functions: {e}"))?;
+        .map_err(LoadError::Publish)?;
     // Kept open for good: loaded plugins refer to these symbols.
     std::mem::forget(lib);
     Ok(())
 }
 
 /// Load the nbdkit plugin at `path` and describe it to the server.
-fn adapt(path: &str) -> Result<&'static abi::Plugin, String> {
+fn adapt(path: &str) -> Result<&'static abi::Plugin, LoadError> {
     publish_own_symbols()?;
     // As nbdkit loads plugins: language plugins (python) load modules of
     // their own that need the plugin's libraries in the global scope.
     // SAFETY: loading the plugin the user named runs its initialisers.
-    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }
-        .map_err(|e| format!("cannot load nbdkit plugin: {e}"))?;
+    let lib =
+        unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }.map_err(LoadError::Load)?;
     // SAFETY: `plugin_init`'s type is fixed by nbdkit's ABI.
-    let init = unsafe { lib.get::<nbdkit::PluginInit>(b"plugin_init") }
-        .map_err(|_| format!("{path} is not an nbdkit plugin: no symbol plugin_init"))?;
+    let init = unsafe { lib.get::<nbdkit::PluginInit>(b"plugin_init") }.map_err(|_| {
+        LoadError::NoPluginInit {
+            path: path.to_owned(),
+        }
+    })?;
     // SAFETY: nbdkit's entry point takes nothing.
     let raw = unsafe { init() };
     if raw.is_null() {
-        return Err(format!("{path}: plugin_init returned NULL"));
+        return Err(LoadError::InitReturnedNull {
+            path: path.to_owned(),
+        });
     }
     // SAFETY: the first field of every nbdkit plugin struct is its size.
     let size = unsafe { (*raw).struct_size } as usize;
     if size < nbdkit::MIN_STRUCT_SIZE {
-        return Err(format!("{path}: plugin struct too small ({size} bytes)"));
+        return Err(LoadError::StructTooSmall {
+            path: path.to_owned(),
+            size,
+        });
     }
     // SAFETY: checked that the struct reaches the fields `read` needs.
     let p = unsafe { nbdkit::Plugin::read(raw) };
     if !(1..=2).contains(&p.api_version) {
-        return Err(format!(
-            "{path}: nbdkit plugin API version {} is not 1 or 2",
-            p.api_version
-        ));
+        return Err(LoadError::ApiVersion {
+            path: path.to_owned(),
+            version: p.api_version,
+        });
     }
     plugin::install(p, lib)
 }
@@ -96,16 +107,17 @@ pub unsafe extern "C" fn nbdhost_plugin_adapter_entry(
         return fail_entry(&e);
     }
     let Some(path) = host::string(path) else {
-        return fail_entry("no plugin path");
+        return fail_entry(&LoadError::NoPath);
     };
     match std::panic::catch_unwind(|| adapt(&path)) {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => fail_entry(&e),
-        Err(_) => fail_entry("internal error loading the plugin"),
+        Err(_) => fail_entry(&LoadError::Panicked),
     }
 }
 
-fn fail_entry(msg: &str) -> *const abi::Plugin {
-    host::error(libc::EINVAL, Some(&host::c(msg)));
+/// Tell the server why there is no plugin: `EINVAL`, with the message.
+fn fail_entry(e: &LoadError) -> *const abi::Plugin {
+    host::error(libc::EINVAL, Some(&host::c(&e.to_string())));
     std::ptr::null()
 }

@@ -2,6 +2,7 @@
 //! nbdkit's accepted forms and its error wording.
 
 use std::ffi::{c_char, CStr};
+use std::fmt;
 
 /// Why an integer did not parse.
 #[derive(Debug, PartialEq, Eq)]
@@ -62,25 +63,54 @@ pub fn integer(text: &CStr, unsigned: bool) -> Result<i128, IntError> {
     Ok(v)
 }
 
+/// Why a size did not parse; each holds the text (or the suffix) it names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SizeError {
+    /// No digits where the number should start.
+    NoNumber(String),
+    /// A minus sign before a number other than zero.
+    Negative(String),
+    /// A number past `i64`.
+    TooLarge(String),
+    /// What follows the number is not one suffix letter.
+    UnknownSuffix(String),
+    /// The number times its suffix is past `i64`.
+    Overflow(String),
+}
+
+impl fmt::Display for SizeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SizeError::NoNumber(text) => write!(f, "could not parse size string ({text})"),
+            SizeError::Negative(text) => write!(f, "size cannot be negative ({text})"),
+            SizeError::TooLarge(text) => write!(f, "size ({text}) exceeds maximum value"),
+            SizeError::UnknownSuffix(rest) => {
+                write!(f, "could not parse size: unknown suffix '{rest}'")
+            }
+            SizeError::Overflow(text) => write!(f, "overflow computing size ({text})"),
+        }
+    }
+}
+
 /// A size as nbdkit 1.32's `nbdkit_parse_size` reads it: a decimal
 /// integer as `strtoimax` takes it (leading blanks and a sign allowed),
 /// then nothing, or one suffix letter: `b`, `s` (512-byte sectors), or `k`
-/// to `e` for powers of 1024, in either case. The error is nbdkit's
-/// message.
-pub fn size(text: &str) -> Result<i64, String> {
+/// to `e` for powers of 1024, in either case. The error displays as
+/// nbdkit's message.
+pub fn size(text: &str) -> Result<i64, SizeError> {
     let t = text.trim_start();
     let sign = usize::from(t.starts_with(['+', '-']));
     let digits = t[sign..].bytes().take_while(u8::is_ascii_digit).count();
     if digits == 0 {
-        return Err(format!("could not parse size string ({text})"));
+        return Err(SizeError::NoNumber(text.to_owned()));
     }
     let (number, rest) = t.split_at(sign + digits);
     if number.starts_with('-') && number[1..].bytes().any(|b| b != b'0') {
-        return Err(format!("size cannot be negative ({text})"));
+        return Err(SizeError::Negative(text.to_owned()));
     }
     let value = number.trim_start_matches(['+', '-']).parse::<i64>();
     // strtoimax clamps: past the range it is the range's end with ERANGE.
-    let value = value.map_err(|_| format!("size ({text}) exceeds maximum value"))?;
+    let value = value.map_err(|_| SizeError::TooLarge(text.to_owned()))?;
     let mut suffix = rest.chars();
     let scale: i64 = match suffix.next() {
         None => 1,
@@ -88,15 +118,15 @@ pub fn size(text: &str) -> Result<i64, String> {
         Some('s' | 'S') => 512,
         Some(c) => match "kmgtpe".find(c.to_ascii_lowercase()) {
             Some(i) => 1 << (10 * (i + 1)),
-            None => return Err(format!("could not parse size: unknown suffix '{rest}'")),
+            None => return Err(SizeError::UnknownSuffix(rest.to_owned())),
         },
     };
     if suffix.next().is_some() {
-        return Err(format!("could not parse size: unknown suffix '{rest}'"));
+        return Err(SizeError::UnknownSuffix(rest.to_owned()));
     }
     value
         .checked_mul(scale)
-        .ok_or_else(|| format!("overflow computing size ({text})"))
+        .ok_or_else(|| SizeError::Overflow(text.to_owned()))
 }
 
 /// nbdkit's booleans: `1`, `true`, `t`, `yes`, `y`, `on` and their
@@ -185,7 +215,11 @@ mod tests {
                 "size (99999999999999999999) exceeds maximum value",
             ),
         ] {
-            assert_eq!(size(text), Err(why.to_string()), "{text:?}");
+            assert_eq!(
+                size(text).map_err(|e| e.to_string()),
+                Err(why.to_string()),
+                "{text:?}"
+            );
         }
     }
 

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use nbdhost_plugin_api::abi;
 
 use crate::calls::{self, ErrnoPolicy, Interned, Scope};
+use crate::error::LoadError;
 use crate::host;
 use crate::lists::{self, ExportList, ExtentList};
 use crate::nbdkit;
@@ -119,12 +120,12 @@ fn pieces(count: u64, offset: u64, mut f: impl FnMut(u32, u64, usize) -> c_int) 
 pub fn install(
     p: nbdkit::Plugin,
     lib: libloading::os::unix::Library,
-) -> Result<&'static abi::Plugin, String> {
+) -> Result<&'static abi::Plugin, LoadError> {
     let name = host::string(p.name)
         .filter(|n| !n.is_empty())
-        .ok_or("the plugin has no name")?;
+        .ok_or(LoadError::NoName)?;
     if p.open.is_none() || p.get_size.is_none() {
-        return Err(format!("{name}: the plugin must have open and get_size"));
+        return Err(LoadError::NoOpenOrGetSize { name });
     }
     let is_v1 = p.api_version == 1;
     let has_pread = if is_v1 {
@@ -133,7 +134,7 @@ pub fn install(
         p.pread.is_some()
     };
     if !has_pread {
-        return Err(format!("{name}: the plugin must have pread"));
+        return Err(LoadError::NoPread { name });
     }
     let summary = host::string(p.longname)
         .or_else(|| host::string(p.description).map(|d| d.lines().next().unwrap_or("").to_owned()))
@@ -209,9 +210,7 @@ pub fn install(
         table,
         _strings: strings,
     };
-    FOREIGN
-        .set(f)
-        .map_err(|_| "the nbdkit adapter serves one plugin per process".to_string())?;
+    FOREIGN.set(f).map_err(|_| LoadError::SecondPlugin)?;
     Ok(&foreign().table)
 }
 

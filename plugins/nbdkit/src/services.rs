@@ -148,7 +148,7 @@ pub unsafe extern "C" fn nbdkit_parse_size(s: *const c_char) -> i64 {
     match crate::parse::size(&text.to_string_lossy()) {
         Ok(v) => v,
         Err(e) => {
-            fail(libc::EINVAL, &e);
+            fail(libc::EINVAL, &e.to_string());
             -1
         }
     }
