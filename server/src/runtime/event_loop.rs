@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use super::jobs::{Job, Lane};
 use super::listen::{Listener, Stream};
 use super::mailbox::{ConnRef, Message};
-use super::workers::{Job, Lane, STALL};
+use super::workers::STALL;
 use super::{Loops, WAKER};
 use crate::layers::connection::Peer;
 use crate::protocol::wire::EIO;

@@ -8,9 +8,10 @@
 //! the chain dropped, unloading the plugin and filters.
 
 mod event_loop;
+pub(crate) mod jobs;
 pub mod listen;
 mod mailbox;
-pub(crate) mod workers;
+mod workers;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
@@ -89,7 +90,7 @@ pub(crate) struct Loops {
     /// Declared first so it is dropped first: the workers are joined while
     /// the plugin and filters are still loaded, as their threads' exit
     /// handlers (thread-locals) may run code from those libraries.
-    pool: Pool,
+    pool: Pool<jobs::Job>,
     serving: RwLock<Arc<Serving>>,
     mailboxes: Vec<Arc<Mailbox>>,
     /// Connections each loop serves, to place new ones.

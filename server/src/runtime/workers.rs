@@ -1,9 +1,9 @@
 //! The worker pool: threads for calls that may block, and lanes that keep
 //! a thread model's order without parking a worker.
 //!
-//! A job carries one piece of a session's work and the mailbox of the event
-//! loop that owns the session; the result goes back there. Jobs that must
-//! not overlap (a connection's requests under `serialize_requests`, every
+//! The pool knows nothing of what its jobs do: a [`Job`] runs on a worker
+//! and leaves its result in the worker's [`Outbox`], which hands results
+//! over in batches. Jobs that must not overlap (a connection's requests under `serialize_requests`, every
 //! request under `serialize_all_requests`) go through a [`Lane`]: the lane
 //! is queued in the pool, and the worker that takes it runs the lane's next
 //! job, then queues the lane again if more are waiting. No worker ever
@@ -12,101 +12,71 @@
 //! Waking a thread costs more than a fast plugin call (a read from the page
 //! cache), so workers are woken lazily: a job queued while some worker is
 //! awake waits for that worker, and only a job that has waited longer than
-//! [`STALL`] (behind calls that block on a disk, say) wakes another. Each
-//! worker also hands its results to a loop in batches.
+//! [`STALL`] (behind calls that block on a disk, say) wakes another.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::mailbox::{ConnRef, Mailbox, Message};
-use crate::serving::calls::Call;
+/// A piece of work for the pool.
+pub trait Job: Send + 'static {
+    /// Where a worker keeps the results of its jobs until it hands them
+    /// over.
+    type Out: Outbox;
+    /// Run, on a worker, leaving the result in `out`.
+    fn run(self, out: &mut Self::Out);
+}
 
-/// A piece of work for the pool: a call, and the connection and loop
-/// its result goes back to.
-pub struct Job {
-    pub conn: ConnRef,
-    pub call: Call,
-    pub reply: Arc<Mailbox>,
+/// The results of one worker's jobs not yet handed over.
+pub trait Outbox: Default {
+    /// Hand over what is kept if it is enough or old enough.
+    fn flush_if_due(&mut self);
+    /// Hand over everything kept: the worker is about to sleep or exit.
+    fn flush(&mut self);
 }
 
 /// How long a queued job may wait for a busy worker before another worker
 /// is woken for it.
 pub const STALL: Duration = Duration::from_millis(1);
-/// Results a worker keeps back at most before handing them over.
-const BATCH: usize = 32;
-/// How long a worker keeps a result back at most.
-const BATCH_DELAY: Duration = Duration::from_micros(50);
-
-/// Results of one worker not yet handed to their loop.
-struct Outbox {
-    to: Option<Arc<Mailbox>>,
-    messages: Vec<Message>,
-    since: Instant,
-}
-
-impl Outbox {
-    fn add(&mut self, to: Arc<Mailbox>, m: Message) {
-        if !self.to.as_ref().is_some_and(|t| Arc::ptr_eq(t, &to)) {
-            self.flush();
-            self.to = Some(to);
-        }
-        if self.messages.is_empty() {
-            self.since = Instant::now();
-        }
-        self.messages.push(m);
-    }
-
-    /// Hand over what is kept if it is enough or old enough.
-    fn flush_if_due(&mut self) {
-        if self.messages.len() >= BATCH || self.since.elapsed() >= BATCH_DELAY {
-            self.flush();
-        }
-    }
-
-    fn flush(&mut self) {
-        if let Some(to) = &self.to {
-            to.post_all(&mut self.messages);
-        }
-    }
-}
-
-impl Job {
-    fn run(self, out: &mut Outbox) {
-        let Job { conn, call, reply } = self;
-        out.add(reply, Message::Done(conn, call.run()));
-    }
-}
 
 /// Jobs that run one at a time, in order.
-#[derive(Default)]
-pub struct Lane {
-    state: Mutex<LaneState>,
+pub struct Lane<J> {
+    state: Mutex<LaneState<J>>,
 }
 
-#[derive(Default)]
-struct LaneState {
-    jobs: VecDeque<Job>,
+struct LaneState<J> {
+    jobs: VecDeque<J>,
     /// The lane is in the pool's queue or a worker is running its job.
     scheduled: bool,
 }
 
-impl Lane {
-    fn lock(&self) -> MutexGuard<'_, LaneState> {
+impl<J> Default for Lane<J> {
+    fn default() -> Lane<J> {
+        Lane {
+            state: Mutex::new(LaneState {
+                jobs: VecDeque::new(),
+                scheduled: false,
+            }),
+        }
+    }
+}
+
+impl<J> Lane<J> {
+    fn lock(&self) -> MutexGuard<'_, LaneState<J>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-enum Task {
-    Job(Job),
-    Lane(Arc<Lane>),
+enum Task<J> {
+    Job(J),
+    Lane(Arc<Lane<J>>),
 }
 
 /// A task and when it was queued.
-struct Queued {
+struct Queued<J> {
     at: Instant,
-    task: Task,
+    task: Task<J>,
 }
 
 /// A fixed set of threads taking tasks from one queue.
@@ -115,18 +85,18 @@ struct Queued {
 /// pool is usually larger than the machine (blocking plugins want many
 /// threads), and spinning workers steal the CPU from the event loops that
 /// feed them.
-pub struct Pool {
-    shared: Arc<Shared>,
+pub struct Pool<J> {
+    shared: Arc<Shared<J>>,
     threads: Vec<JoinHandle<()>>,
 }
 
-struct Shared {
-    state: Mutex<State>,
+struct Shared<J> {
+    state: Mutex<State<J>>,
     ready: Condvar,
 }
 
-struct State {
-    tasks: VecDeque<Queued>,
+struct State<J> {
+    tasks: VecDeque<Queued<J>>,
     /// Workers waiting on `ready`, including those already woken that have
     /// not run yet.
     idle: usize,
@@ -137,7 +107,7 @@ struct State {
     closed: bool,
 }
 
-impl State {
+impl<J> State<J> {
     /// Whether the front task has waited too long for the awake workers.
     fn stalled(&self, now: Instant) -> bool {
         self.tasks
@@ -159,12 +129,12 @@ impl State {
     }
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<J> Shared<J> {
+    fn lock(&self) -> MutexGuard<'_, State<J>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push(&self, task: Task) {
+    fn push(&self, task: Task<J>) {
         let now = Instant::now();
         let mut st = self.lock();
         st.tasks.push_back(Queued { at: now, task });
@@ -186,9 +156,9 @@ impl Shared {
     }
 }
 
-impl Pool {
+impl<J: Job> Pool<J> {
     /// Start `n` workers (none when all work runs on the event loops).
-    pub fn new(n: usize) -> std::io::Result<Pool> {
+    pub fn new(n: usize) -> std::io::Result<Pool<J>> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 tasks: VecDeque::new(),
@@ -218,7 +188,7 @@ impl Pool {
     }
 
     /// Queue a job, on `lane` if it must wait for the lane's earlier jobs.
-    pub fn submit(&self, job: Job, lane: Option<&Arc<Lane>>) {
+    pub fn submit(&self, job: J, lane: Option<&Arc<Lane<J>>>) {
         let Some(lane) = lane else {
             self.shared.push(Task::Job(job));
             return;
@@ -232,12 +202,8 @@ impl Pool {
     }
 }
 
-fn work(shared: &Shared) {
-    let mut out = Outbox {
-        to: None,
-        messages: Vec::new(),
-        since: Instant::now(),
-    };
+fn work<J: Job>(shared: &Shared<J>) {
+    let mut out = J::Out::default();
     let mut st = shared.lock();
     loop {
         let Some(q) = st.tasks.pop_front() else {
@@ -297,7 +263,7 @@ fn work(shared: &Shared) {
     out.flush();
 }
 
-impl Drop for Pool {
+impl<J> Drop for Pool<J> {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.ready.notify_all();

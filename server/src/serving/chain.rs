@@ -8,7 +8,7 @@ use nbdhost_plugin_api::ThreadModel;
 
 use crate::layers::Backend;
 use crate::protocol::export::ExportPolicy;
-use crate::runtime::workers::Lane;
+use crate::runtime::jobs::Lane;
 
 /// One chain being served, as jobs need it.
 pub struct Chain {
