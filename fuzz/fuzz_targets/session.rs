@@ -22,8 +22,8 @@ use nbdhost::protocol::export::{ExportEntry, ExportInfo, Extent};
 use nbdhost::protocol::handshake::{Answer, HandshakeConfig, Query, TlsMode};
 use nbdhost::session::buffers::BufPool;
 use nbdhost::session::{
-    Config, Done, Limits, Outcome, PeerIdentity, Session, TlsEngine, TlsFactory, TlsHandshake,
-    TlsRead, Work,
+    Config, Done, Limits, Outcome, PeerIdentity, Session, TlsEngine, TlsEngineError, TlsFactory,
+    TlsHandshake, TlsRead, Work,
 };
 
 /// A stand-in for GnuTLS: `HELLO` opens the session, records are the
@@ -37,7 +37,7 @@ struct Fake {
 struct FakeFactory;
 
 impl TlsFactory for FakeFactory {
-    fn start(&self) -> Result<Box<dyn TlsEngine>, String> {
+    fn start(&self) -> Result<Box<dyn TlsEngine>, TlsEngineError> {
         Ok(Box::new(Fake {
             incoming: BytesMut::new(),
             out: Vec::new(),
@@ -50,7 +50,7 @@ impl TlsEngine for Fake {
     fn incoming(&mut self) -> &mut BytesMut {
         &mut self.incoming
     }
-    fn handshake(&mut self) -> Result<TlsHandshake, String> {
+    fn handshake(&mut self) -> Result<TlsHandshake, TlsEngineError> {
         if self.incoming.len() < 5 {
             return Ok(TlsHandshake::InProgress);
         }
@@ -62,7 +62,7 @@ impl TlsEngine for Fake {
         self.ready = true;
         Ok(TlsHandshake::Done)
     }
-    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, String> {
+    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, TlsEngineError> {
         let data = self.incoming.split();
         if data.windows(4).any(|w| w == b"BYE!") {
             return Ok(TlsRead::Closed);
@@ -70,11 +70,11 @@ impl TlsEngine for Fake {
         out.extend(data.iter().map(|b| b ^ 0x5a));
         Ok(TlsRead::Open)
     }
-    fn write(&mut self, data: &[u8]) -> Result<(), String> {
+    fn write(&mut self, data: &[u8]) -> Result<(), TlsEngineError> {
         self.out.extend(data.iter().map(|b| b ^ 0x5a));
         Ok(())
     }
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), TlsEngineError> {
         Ok(())
     }
     fn take_output(&mut self) -> Option<Bytes> {

@@ -35,8 +35,8 @@ use crate::protocol::wire::{ReplyStyle, EIO};
 use output::{Data, OutQueue};
 
 pub use work::{
-    Done, Outcome, PeerIdentity, Request, TlsEngine, TlsFactory, TlsHandshake, TlsRead, TlsState,
-    Work,
+    Done, Outcome, PeerIdentity, Request, TlsEngine, TlsEngineError, TlsFactory, TlsHandshake,
+    TlsRead, TlsState, Work,
 };
 
 /// What one connection may hold at once.
@@ -690,7 +690,7 @@ impl<H> Session<H> {
 
     /// Seal pending plaintext into records, as few as the record size
     /// allows, and queue them for the wire.
-    fn encrypt(&mut self) -> Result<(), String> {
+    fn encrypt(&mut self) -> Result<(), TlsEngineError> {
         let Transport::Established { engine: t, .. } = &mut self.transport else {
             return Ok(());
         };

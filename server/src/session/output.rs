@@ -119,7 +119,7 @@ impl OutQueue {
 
     /// Hand every unwritten piece, in order, to `f` (for encryption), then
     /// forget them all.
-    pub fn drain(&mut self, mut f: impl FnMut(&[u8]) -> Result<(), String>) -> Result<(), String> {
+    pub fn drain<E>(&mut self, mut f: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
         for (i, c) in self.chunks.iter().enumerate() {
             let b = c.bytes(&self.inline);
             f(if i == 0 { &b[self.front_sent..] } else { b })?;

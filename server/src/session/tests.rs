@@ -223,7 +223,7 @@ struct FakeTls {
 struct FakeTlsFactory;
 
 impl TlsFactory for FakeTlsFactory {
-    fn start(&self) -> Result<Box<dyn TlsEngine>, String> {
+    fn start(&self) -> Result<Box<dyn TlsEngine>, TlsEngineError> {
         Ok(Box::new(FakeTls {
             incoming: BytesMut::new(),
             pending: Vec::new(),
@@ -245,7 +245,7 @@ impl TlsEngine for FakeTls {
     fn incoming(&mut self) -> &mut BytesMut {
         &mut self.incoming
     }
-    fn handshake(&mut self) -> Result<TlsHandshake, String> {
+    fn handshake(&mut self) -> Result<TlsHandshake, TlsEngineError> {
         if self.incoming.len() < 5 {
             return Ok(TlsHandshake::InProgress);
         }
@@ -257,15 +257,15 @@ impl TlsEngine for FakeTls {
         self.ready = true;
         Ok(TlsHandshake::Done)
     }
-    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, String> {
+    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, TlsEngineError> {
         out.extend_from_slice(&xor(&self.incoming.split()));
         Ok(TlsRead::Open)
     }
-    fn write(&mut self, data: &[u8]) -> Result<(), String> {
+    fn write(&mut self, data: &[u8]) -> Result<(), TlsEngineError> {
         self.pending.extend_from_slice(&xor(data));
         Ok(())
     }
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), TlsEngineError> {
         if !self.pending.is_empty() {
             self.out.extend_from_slice(RECORD);
             self.out.append(&mut self.pending);

@@ -137,6 +137,12 @@ pub enum TlsRead {
     Closed,
 }
 
+/// Why a TLS engine failed or could not start. The session only logs it
+/// (nothing decides on it), so it is whatever error the engine has:
+/// `tls::TlsError` for GnuTLS. Boxed, so the session knows nothing of the
+/// engine behind it; it is made only on failure.
+pub type TlsEngineError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A server-side TLS engine over in-memory buffers: the session feeds it
 /// ciphertext and takes ciphertext back, and it never touches a socket.
 ///
@@ -146,15 +152,15 @@ pub trait TlsEngine {
     fn incoming(&mut self) -> &mut BytesMut;
     /// Advance the handshake with what has arrived.
     #[must_use = "the handshake may have completed or failed"]
-    fn handshake(&mut self) -> Result<TlsHandshake, String>;
+    fn handshake(&mut self) -> Result<TlsHandshake, TlsEngineError>;
     /// Decrypt what has arrived, appending plaintext to `out`.
     #[must_use = "the client may have closed the TLS session"]
-    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, String>;
+    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, TlsEngineError>;
     /// Encrypt `data`. Output may be held back until [`TlsEngine::flush`]
     /// so that many small writes share full records.
-    fn write(&mut self, data: &[u8]) -> Result<(), String>;
+    fn write(&mut self, data: &[u8]) -> Result<(), TlsEngineError>;
     /// Seal everything written into records.
-    fn flush(&mut self) -> Result<(), String>;
+    fn flush(&mut self) -> Result<(), TlsEngineError>;
     /// Ciphertext to send, if any.
     #[must_use = "the ciphertext taken must be sent"]
     fn take_output(&mut self) -> Option<Bytes>;
@@ -171,5 +177,5 @@ pub trait TlsEngine {
 /// Makes a [`TlsEngine`] for each connection that starts TLS.
 pub trait TlsFactory: Send + Sync {
     /// A new server-side engine.
-    fn start(&self) -> Result<Box<dyn TlsEngine>, String>;
+    fn start(&self) -> Result<Box<dyn TlsEngine>, TlsEngineError>;
 }

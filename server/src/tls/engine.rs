@@ -8,8 +8,8 @@ use std::ffi::{c_int, c_uint, c_void, CStr};
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::config::TlsConfig;
-use super::{check, ffi, psk, strerror, TlsError};
-use crate::session::{PeerIdentity, TlsEngine, TlsFactory, TlsHandshake, TlsRead};
+use super::{check, ffi, psk, TlsError};
+use crate::session::{PeerIdentity, TlsEngine, TlsEngineError, TlsFactory, TlsHandshake, TlsRead};
 
 /// The largest plaintext a TLS record carries.
 const RECORD_MAX: usize = 16 * 1024;
@@ -109,7 +109,7 @@ impl GnutlsEngine {
         Ok(session)
     }
 
-    fn verify(&self) -> Result<(), String> {
+    fn verify(&self) -> Result<(), TlsError> {
         // SAFETY: live session after a completed handshake.
         if !self.verify_peer
             || unsafe { ffi::gnutls_auth_get_type(self.session) } != ffi::CRD_CERTIFICATE
@@ -120,13 +120,13 @@ impl GnutlsEngine {
         // SAFETY: writes one unsigned int into our local.
         let r = unsafe { ffi::gnutls_certificate_verify_peers2(self.session, &mut status) };
         if r < 0 {
-            return Err(format!("client certificate: {}", strerror(r)));
+            return Err(TlsError::Gnutls {
+                what: "client certificate".into(),
+                code: r,
+            });
         }
         if status != 0 {
-            return Err(format!(
-                "client certificate rejected: {}",
-                describe_status(status)
-            ));
+            return Err(TlsError::CertificateRejected(status));
         }
         Ok(())
     }
@@ -177,7 +177,7 @@ impl GnutlsEngine {
 /// Each connection that starts TLS gets a new session over the shared
 /// credentials.
 impl TlsFactory for TlsConfig {
-    fn start(&self) -> Result<Box<dyn TlsEngine>, String> {
+    fn start(&self) -> Result<Box<dyn TlsEngine>, TlsEngineError> {
         Ok(Box::new(GnutlsEngine::new(self)?))
     }
 }
@@ -187,7 +187,7 @@ impl TlsEngine for GnutlsEngine {
         &mut self.io.incoming
     }
 
-    fn handshake(&mut self) -> Result<TlsHandshake, String> {
+    fn handshake(&mut self) -> Result<TlsHandshake, TlsEngineError> {
         psk::take_attempted_user();
         // SAFETY: live session; its transport points at our buffers.
         let r = unsafe { ffi::gnutls_handshake(self.session) };
@@ -203,11 +203,11 @@ impl TlsEngine for GnutlsEngine {
             // A warning (an alert, say): go on.
             // SAFETY: a pure query.
             r if unsafe { ffi::gnutls_error_is_fatal(r) } == 0 => Ok(TlsHandshake::InProgress),
-            r => Err(strerror(r)),
+            r => Err(TlsError::Session(r).into()),
         }
     }
 
-    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, String> {
+    fn read(&mut self, out: &mut BytesMut) -> Result<TlsRead, TlsEngineError> {
         loop {
             out.reserve(RECORD_MAX);
             let spare = out.spare_capacity_mut();
@@ -226,13 +226,13 @@ impl TlsEngine for GnutlsEngine {
                 n => match n as c_int {
                     ffi::E_AGAIN | ffi::E_INTERRUPTED => return Ok(TlsRead::Open),
                     ffi::E_PREMATURE_TERMINATION => return Ok(TlsRead::Closed),
-                    e => return Err(strerror(e)),
+                    e => return Err(TlsError::Session(e).into()),
                 },
             }
         }
     }
 
-    fn write(&mut self, mut data: &[u8]) -> Result<(), String> {
+    fn write(&mut self, mut data: &[u8]) -> Result<(), TlsEngineError> {
         // Small pieces (headers, short replies) are gathered into shared
         // records; a large piece fills records of its own, encrypted
         // straight from the caller's buffer rather than copied first.
@@ -254,21 +254,21 @@ impl TlsEngine for GnutlsEngine {
             let r =
                 unsafe { ffi::gnutls_record_send(self.session, data.as_ptr().cast(), data.len()) };
             if r < 0 {
-                return Err(strerror(r as c_int));
+                return Err(TlsError::Session(r as c_int).into());
             }
             data = &data[r as usize..];
         }
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), TlsEngineError> {
         if !std::mem::take(&mut self.corked) {
             return Ok(());
         }
         // SAFETY: live session; the push function takes everything at once,
         // so uncorking never has to wait.
         let r = unsafe { ffi::gnutls_record_uncork(self.session, 0) };
-        check(r, "TLS").map(drop).map_err(String::from)
+        Ok(check(r, "TLS").map(drop)?)
     }
 
     fn take_output(&mut self) -> Option<Bytes> {
@@ -332,7 +332,7 @@ impl Drop for GnutlsEngine {
 }
 
 /// Name the reasons in a certificate verification status.
-fn describe_status(status: c_uint) -> String {
+pub(super) fn describe_status(status: c_uint) -> String {
     const REASONS: [(c_uint, &str); 7] = [
         (1 << 5, "revoked"),
         (1 << 6, "issuer unknown"),

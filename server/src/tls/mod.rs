@@ -46,6 +46,10 @@ pub enum TlsError {
     NulInPriority,
     /// GnuTLS refused the `--tls-priority` string.
     Priority { priority: String, code: c_int },
+    /// A connection's TLS session failed (handshake, record or alert).
+    Session(c_int),
+    /// The client's certificate did not verify: the status's reasons.
+    CertificateRejected(std::ffi::c_uint),
 }
 
 impl std::fmt::Display for TlsError {
@@ -74,6 +78,12 @@ impl std::fmt::Display for TlsError {
             TlsError::Priority { priority, code } => {
                 write!(f, "--tls-priority '{priority}': {}", strerror(*code))
             }
+            TlsError::Session(code) => f.write_str(&strerror(*code)),
+            TlsError::CertificateRejected(status) => write!(
+                f,
+                "client certificate rejected: {}",
+                engine::describe_status(*status)
+            ),
         }
     }
 }
