@@ -23,6 +23,13 @@ where_config (const char *key, const char *value)
   return finalized ? NBDHOST_CONFIG_TAKEN : -1;
 }
 
+static void
+where_unload (void)
+{
+  free (finalized);
+  finalized = NULL;
+}
+
 static const char *
 where_export_description (const struct nbdhost_next *next, void *handle)
 {
@@ -59,6 +66,7 @@ static struct nbdhost_filter filter = {
   .version = "1.0",
   .description = "name the local file below; note each finalize",
   .thread_model = NBDHOST_THREAD_MODEL_PARALLEL,
+  .unload = where_unload,
   .config = where_config,
   .export_description = where_export_description,
   .finalize = where_finalize,
