@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::jobs::{Job, Lane};
+use super::jobs::{ConnLanes, Job, Lane};
 use super::listen::{Listener, Stream};
 use super::mailbox::{ConnRef, Message};
 use super::workers::STALL;
@@ -59,7 +59,7 @@ struct Conn {
     serving: Arc<super::Serving>,
     /// Where this connection's pool jobs queue when its chain's thread
     /// model says they must not overlap.
-    lane: Arc<Lane>,
+    lanes: ConnLanes,
     /// The last read found the socket empty: wait for the next readiness
     /// event before reading again.
     drained: bool,
@@ -328,7 +328,7 @@ impl EventLoop {
             peer,
             session,
             serving,
-            lane: Arc::new(Lane::default()),
+            lanes: ConnLanes::default(),
             drained: false,
             edgeless,
             touched: false,
@@ -571,7 +571,7 @@ impl Turn<'_> {
             let done = call.run();
             self.complete_here(c, done);
         } else {
-            let lane = call.chain().lane(&c.lane);
+            let lane = c.lanes.lane(call.chain(), &self.loops.lanes);
             self.submit(lane, call);
         }
     }

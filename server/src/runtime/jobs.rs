@@ -1,13 +1,15 @@
 //! What the loops give the worker pool: a call on a chain, with the
-//! connection and the loop its result goes back to; and each worker's
-//! outbox, which hands results to a loop in batches.
+//! connection and the loop its result goes back to; each worker's outbox,
+//! which hands results to a loop in batches; and the lanes that keep a
+//! chain's calls from overlapping when its thread model says so.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::mailbox::{ConnRef, Mailbox, Message};
 use super::workers;
 use crate::serving::calls::Call;
+use crate::serving::chain::{Chain, Lanes};
 
 /// Results a worker keeps back at most before handing them over.
 const BATCH: usize = 32;
@@ -76,3 +78,60 @@ impl workers::Outbox for Outbox {
 
 /// The lane of a connection, or of a chain, for its jobs.
 pub type Lane = workers::Lane<Job>;
+
+/// The lane of each chain whose calls all run one at a time
+/// (`serialize_all_requests` and stricter), shared by every loop: a chain
+/// that a reload keeps keeps its lane.
+#[derive(Default)]
+pub struct ChainLanes {
+    lanes: Mutex<Vec<(Weak<Chain>, Arc<Lane>)>>,
+}
+
+impl ChainLanes {
+    /// The lane of `chain`, made on its first call.
+    fn of(&self, chain: &Arc<Chain>) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        // A chain no one holds any more has no call left to run.
+        lanes.retain(|(c, _)| c.strong_count() > 0);
+        if let Some((_, lane)) = lanes
+            .iter()
+            .find(|(c, _)| std::ptr::eq(c.as_ptr(), Arc::as_ptr(chain)))
+        {
+            return lane.clone();
+        }
+        let lane = Arc::new(Lane::default());
+        lanes.push((Arc::downgrade(chain), lane.clone()));
+        lane
+    }
+}
+
+/// The lanes one connection's calls run in.
+#[derive(Default)]
+pub struct ConnLanes {
+    /// Its own, for `serialize_requests`.
+    own: Arc<Lane>,
+    /// The lane of the chain it last called, if that chain has one, so
+    /// that its requests do not look it up each time.
+    last: Option<(Arc<Chain>, Arc<Lane>)>,
+}
+
+impl ConnLanes {
+    /// The lane a call on `chain` runs in, if its thread model asks for
+    /// one; `shared` holds the chains' own lanes.
+    pub fn lane(&mut self, chain: &Arc<Chain>, shared: &ChainLanes) -> Option<Arc<Lane>> {
+        match chain.lanes {
+            Lanes::None => None,
+            Lanes::PerConnection => Some(self.own.clone()),
+            Lanes::Global => {
+                if let Some((c, lane)) = &self.last {
+                    if Arc::ptr_eq(c, chain) {
+                        return Some(lane.clone());
+                    }
+                }
+                let lane = shared.of(chain);
+                self.last = Some((chain.clone(), lane.clone()));
+                Some(lane)
+            }
+        }
+    }
+}

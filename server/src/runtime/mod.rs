@@ -91,6 +91,8 @@ pub(crate) struct Loops {
     /// the plugin and filters are still loaded, as their threads' exit
     /// handlers (thread-locals) may run code from those libraries.
     pool: Pool<jobs::Job>,
+    /// The lanes of chains whose calls must not overlap at all.
+    lanes: jobs::ChainLanes,
     serving: RwLock<Arc<Serving>>,
     mailboxes: Vec<Arc<Mailbox>>,
     /// Connections each loop serves, to place new ones.
@@ -209,6 +211,7 @@ pub fn serve(
     let (tx, rx) = mpsc::channel();
     let loops = Arc::new(Loops {
         pool: Pool::new(if inline { 0 } else { opts.threads })?,
+        lanes: jobs::ChainLanes::default(),
         serving: RwLock::new(Arc::new(serving)),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         max_connections: opts.max_connections,

@@ -1,6 +1,7 @@
 //! One chain as it is served: its top layer, the policy it is served
 //! under, and how its calls run by its thread model (on the loops or the
-//! pool, and in which lanes).
+//! pool, and which of them must not overlap; the lanes that keep them
+//! apart are the runtime's).
 
 use std::sync::Arc;
 
@@ -8,7 +9,6 @@ use nbdhost_plugin_api::ThreadModel;
 
 use crate::layers::Backend;
 use crate::protocol::export::ExportPolicy;
-use crate::runtime::jobs::Lane;
 
 /// One chain being served, as jobs need it.
 pub struct Chain {
@@ -33,7 +33,7 @@ pub enum Lanes {
     /// One lane per connection (`serialize_requests`).
     PerConnection,
     /// One lane for everything of this chain (`serialize_all_requests`).
-    Global(Arc<Lane>),
+    Global,
 }
 
 impl Chain {
@@ -46,21 +46,12 @@ impl Chain {
             lanes: match model {
                 ThreadModel::Parallel => Lanes::None,
                 ThreadModel::SerializeRequests => Lanes::PerConnection,
-                _ => Lanes::Global(Arc::new(Lane::default())),
+                _ => Lanes::Global,
             },
             one_at_a_time: model == ThreadModel::SerializeConnections,
             backend,
             policy,
             description: None,
-        }
-    }
-
-    /// The lane a job of a connection (whose own lane is `own`) runs in.
-    pub fn lane(&self, own: &Arc<Lane>) -> Option<Arc<Lane>> {
-        match &self.lanes {
-            Lanes::None => None,
-            Lanes::PerConnection => Some(own.clone()),
-            Lanes::Global(l) => Some(l.clone()),
         }
     }
 }
