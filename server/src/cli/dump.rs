@@ -222,7 +222,7 @@ pub fn check(config: &ConfigFile, args: &[String], built: &FileExports) -> Strin
         format!("{{ {} }}", items.join(", "))
     };
     for (decl, e) in &built.exports {
-        out += &format!("\n[[export]]\nname = {}\n", quote(&e.name));
+        out += &format!("\n[[export]]\nname = {}\n", quote(decl.name.get_ref()));
         if let Some(d) = &e.chain.description {
             out += &format!("description = {}\n", quote(d));
         }

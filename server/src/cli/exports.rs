@@ -15,7 +15,7 @@ use crate::protocol::export::ExportPolicy;
 use crate::protocol::handshake::TlsMode;
 use crate::serving::access::Access;
 use crate::serving::chain::Chain;
-use crate::serving::table::{Export, Table};
+use crate::serving::table::{Export, Name, Table};
 
 /// What is served, and where it came from.
 pub enum Exports {
@@ -30,8 +30,8 @@ impl Exports {
     /// The table new connections are served from.
     pub fn table(&self) -> Table {
         match self {
-            Exports::Plugin { chain, .. } => Table::Single(chain.clone()),
-            Exports::File(f) => Table::Named {
+            Exports::Plugin { chain, .. } => Table::every_name(chain.clone()),
+            Exports::File(f) => Table {
                 exports: f.exports.iter().map(|(_, e)| e.clone()).collect(),
                 default: f.default.clone(),
             },
@@ -240,7 +240,7 @@ fn build(
         let export = match kept {
             Some(e) => e,
             None => Arc::new(Export {
-                name: decl.name.get_ref().clone(),
+                name: Name::Only(decl.name.get_ref().clone()),
                 access,
                 chain: Arc::new(chain(src, decl, ctx)?),
             }),

@@ -187,7 +187,8 @@ pub fn serve(
         Clients::Listeners(l) => (l, false),
         Clients::Stdio => (Vec::new(), true),
     };
-    let inline = serving.table.all_inline();
+    // A table that a reload may replace could bring a chain that blocks.
+    let inline = reload.is_none() && serving.table.all_inline();
     let n = if serving.table.one_at_a_time() || stdio {
         1
     } else {

@@ -12,31 +12,54 @@ use crate::protocol::export::ExportEntry;
 use crate::protocol::handshake::{Answer, Query};
 use crate::session::TlsState;
 
-/// One named export of a configuration file.
+/// One export: the names it answers, who may open it, and its chain.
 pub struct Export {
-    pub name: String,
+    pub name: Name,
     pub access: Access,
     pub chain: Arc<Chain>,
 }
 
+/// The names an export answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Name {
+    /// This one, as a configuration file declares it: the table lists it
+    /// and the chain is asked to connect (`preconnect`) once a client
+    /// opens it.
+    Only(String),
+    /// Every name, as the command line's chain does: the chain itself
+    /// is asked to connect, lists its exports, names the default and
+    /// decides what opens.
+    Every,
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Name::Only(n) => f.write_str(n),
+            Name::Every => f.write_str("every name"),
+        }
+    }
+}
+
 /// Everything served.
-pub enum Table {
-    /// The command line's one chain, under every name: the chain itself
-    /// lists its exports, names the default and decides what opens.
-    Single(Arc<Chain>),
-    /// A configuration file's exports.
-    Named {
-        exports: Vec<Arc<Export>>,
-        /// What the empty name opens.
-        default: Option<String>,
-    },
+pub struct Table {
+    /// Looked up in order.
+    pub exports: Vec<Arc<Export>>,
+    /// What the empty name opens, if not what the chain answering every
+    /// name says.
+    pub default: Option<String>,
 }
 
 /// Where an open request goes.
 pub enum Target {
     /// This chain, under the name it should see (the empty name resolved
-    /// to the default export's, for a named export).
-    Chain { chain: Arc<Chain>, name: String },
+    /// to the default export's, for a named export), asking it to connect
+    /// first or not.
+    Chain {
+        chain: Arc<Chain>,
+        name: String,
+        preconnect: bool,
+    },
     /// Refused before any layer is asked.
     Refused(Visibility),
 }
@@ -50,36 +73,54 @@ pub enum Route {
 }
 
 impl Table {
+    /// The command line's table: `chain` under every name.
+    pub fn every_name(chain: Arc<Chain>) -> Table {
+        Table {
+            exports: vec![Arc::new(Export {
+                name: Name::Every,
+                access: Access::default(),
+                chain,
+            })],
+            default: None,
+        }
+    }
+
     /// What `client`'s `query` comes to: the answer to "what does this
     /// client get when it asks for this name" (or for the list, or to
     /// connect), from the table where it can be, otherwise from a chain.
     pub fn route(&self, query: Query, client: Client) -> Route {
-        let (chain, query, preconnect) = match (self, query) {
-            (Table::Single(chain), query) => (chain.clone(), query, false),
-            // A file's exports each run their preconnect on open.
-            (Table::Named { .. }, Query::Preconnect) => {
-                return Route::Answered(Answer::Preconnect(Ok(())))
-            }
-            (Table::Named { .. }, Query::List) => {
-                let list = self.listing(&client.tls).unwrap_or_default();
-                return Route::Answered(Answer::List(Ok(list)));
-            }
-            (Table::Named { .. }, Query::Open { name, keep }) => {
-                match self.resolve(&name, &client.tls) {
-                    Target::Chain { chain, name } => (chain, Query::Open { name, keep }, true),
-                    Target::Refused(Visibility::TlsRequired) => {
-                        return Route::Answered(Answer::TlsRequired)
-                    }
-                    Target::Refused(_) => {
-                        log::debug!(
-                            "connection {}: no export '{name}' for this client",
-                            client.id
-                        );
-                        let refused = Err((libc::ENOENT, format!("no export '{name}'")));
-                        return Route::Answered(Answer::Open(refused));
-                    }
+        let (chain, query, preconnect) = match query {
+            Query::Preconnect | Query::List => match self.every(&client.tls) {
+                // The chain answering every name connects and lists for
+                // itself.
+                Some(chain) => (chain, query, false),
+                // A file's exports each run their preconnect on open.
+                None if query == Query::Preconnect => {
+                    return Route::Answered(Answer::Preconnect(Ok(())))
                 }
-            }
+                None => {
+                    let list = self.listing(&client.tls);
+                    return Route::Answered(Answer::List(Ok(list)));
+                }
+            },
+            Query::Open { name, keep } => match self.resolve(&name, &client.tls) {
+                Target::Chain {
+                    chain,
+                    name,
+                    preconnect,
+                } => (chain, Query::Open { name, keep }, preconnect),
+                Target::Refused(Visibility::TlsRequired) => {
+                    return Route::Answered(Answer::TlsRequired)
+                }
+                Target::Refused(_) => {
+                    log::debug!(
+                        "connection {}: no export '{name}' for this client",
+                        client.id
+                    );
+                    let refused = Err((libc::ENOENT, format!("no export '{name}'")));
+                    return Route::Answered(Answer::Open(refused));
+                }
+            },
         };
         Route::Call(Call::Query {
             query,
@@ -89,72 +130,73 @@ impl Table {
         })
     }
 
+    /// The chain of an export answering every name, if a client in `tls`
+    /// may open it.
+    fn every(&self, tls: &TlsState) -> Option<Arc<Chain>> {
+        self.exports
+            .iter()
+            .find(|e| e.name == Name::Every && e.access.visibility(tls) == Visibility::Open)
+            .map(|e| e.chain.clone())
+    }
+
     /// Where an open of `name` by a client in `tls` goes.
     pub fn resolve(&self, name: &str, tls: &TlsState) -> Target {
-        match self {
-            Table::Single(chain) => Target::Chain {
-                chain: chain.clone(),
-                name: name.to_string(),
-            },
-            Table::Named { exports, default } => {
-                let wanted = match (name, default) {
-                    ("", Some(d)) => d.as_str(),
-                    _ => name,
-                };
-                match exports.iter().find(|e| e.name == wanted) {
-                    Some(e) => match e.access.visibility(tls) {
-                        Visibility::Open => Target::Chain {
-                            chain: e.chain.clone(),
-                            name: e.name.clone(),
-                        },
-                        refused => Target::Refused(refused),
+        let wanted = match (name, &self.default) {
+            ("", Some(d)) => d.as_str(),
+            _ => name,
+        };
+        let found = self.exports.iter().find(|e| match &e.name {
+            Name::Only(n) => n == wanted,
+            Name::Every => true,
+        });
+        match found {
+            Some(e) => match e.access.visibility(tls) {
+                Visibility::Open => match &e.name {
+                    Name::Only(n) => Target::Chain {
+                        chain: e.chain.clone(),
+                        name: n.clone(),
+                        preconnect: true,
                     },
-                    None => Target::Refused(Visibility::Hidden),
-                }
-            }
+                    Name::Every => Target::Chain {
+                        chain: e.chain.clone(),
+                        name: wanted.to_string(),
+                        preconnect: false,
+                    },
+                },
+                refused => Target::Refused(refused),
+            },
+            None => Target::Refused(Visibility::Hidden),
         }
     }
 
-    /// The exports a client in `tls` may list, or `None` for the single
-    /// chain, which lists its own.
-    pub fn listing(&self, tls: &TlsState) -> Option<Vec<ExportEntry>> {
-        let Table::Named { exports, .. } = self else {
-            return None;
-        };
-        Some(
-            exports
-                .iter()
-                .filter(|e| e.access.visibility(tls) == Visibility::Open)
-                .map(|e| ExportEntry {
-                    name: e.name.clone(),
+    /// The exports of one name a client in `tls` may list.
+    pub fn listing(&self, tls: &TlsState) -> Vec<ExportEntry> {
+        self.exports
+            .iter()
+            .filter(|e| e.access.visibility(tls) == Visibility::Open)
+            .filter_map(|e| match &e.name {
+                Name::Only(name) => Some(ExportEntry {
+                    name: name.clone(),
                     description: e.chain.description.clone(),
-                })
-                .collect(),
-        )
+                }),
+                Name::Every => None,
+            })
+            .collect()
     }
 
     /// Whether some chain allows only one connection at a time.
     pub fn one_at_a_time(&self) -> bool {
-        match self {
-            Table::Single(c) => c.one_at_a_time,
-            Table::Named { exports, .. } => exports.iter().any(|e| e.chain.one_at_a_time),
-        }
+        self.exports.iter().any(|e| e.chain.one_at_a_time)
     }
 
     /// Whether every chain runs its calls on the loops, so no worker is
-    /// needed. A file's table may be replaced by one that needs them.
+    /// needed (as long as no reload brings a chain that blocks).
     pub fn all_inline(&self) -> bool {
-        match self {
-            Table::Single(c) => c.inline,
-            Table::Named { .. } => false,
-        }
+        self.exports.iter().all(|e| e.chain.inline)
     }
 
     /// Every chain, for `after_fork`.
     pub fn chains(&self) -> Vec<Arc<Chain>> {
-        match self {
-            Table::Single(c) => vec![c.clone()],
-            Table::Named { exports, .. } => exports.iter().map(|e| e.chain.clone()).collect(),
-        }
+        self.exports.iter().map(|e| e.chain.clone()).collect()
     }
 }
