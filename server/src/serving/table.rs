@@ -200,3 +200,185 @@ impl Table {
         self.exports.iter().map(|e| e.chain.clone()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::backend::{Backend, Handle};
+    use crate::layers::connection::{Connection, Peer};
+    use crate::protocol::export::ExportPolicy;
+    use crate::session::PeerIdentity;
+    use nbdhost_plugin_api::{Error, Result, ThreadModel};
+
+    /// A chain that is never called: routing alone is under test.
+    struct Idle;
+
+    impl Backend for Idle {
+        fn name(&self) -> &str {
+            "idle"
+        }
+        fn thread_model(&self) -> ThreadModel {
+            ThreadModel::Parallel
+        }
+        fn nonblocking(&self) -> bool {
+            true
+        }
+        fn after_fork(&self) -> Result<()> {
+            Ok(())
+        }
+        fn preconnect(&self, _: &Arc<Connection>, _: bool) -> Result<()> {
+            Ok(())
+        }
+        fn list_exports(&self, _: &Arc<Connection>, _: bool, _: bool) -> Result<Vec<ExportEntry>> {
+            Ok(Vec::new())
+        }
+        fn default_export(&self, _: &Arc<Connection>, _: bool, _: bool) -> Result<String> {
+            Ok(String::new())
+        }
+        fn open(&self, _: Arc<Connection>, _: bool) -> Result<Box<dyn Handle>> {
+            Err(Error::new(libc::EIO, "not opened in this test"))
+        }
+    }
+
+    fn chain() -> Arc<Chain> {
+        Arc::new(Chain::new(Arc::new(Idle), ExportPolicy::default()))
+    }
+
+    fn client(tls: TlsState) -> Client {
+        Client {
+            id: 1,
+            peer: Peer::Pipe,
+            tls,
+        }
+    }
+
+    fn alice() -> TlsState {
+        TlsState {
+            active: true,
+            identity: Some(PeerIdentity::Psk("alice".into())),
+        }
+    }
+
+    /// A file's table: "public" for anyone, "secret" for alice over TLS,
+    /// "public" by default.
+    fn file() -> Table {
+        let export = |name: &str, access| {
+            Arc::new(Export {
+                name: Name::Only(name.into()),
+                access,
+                chain: chain(),
+            })
+        };
+        Table {
+            exports: vec![
+                export("public", Access::default()),
+                export(
+                    "secret",
+                    Access {
+                        tls: true,
+                        psk_users: vec!["alice".into()],
+                        dns: vec![],
+                    },
+                ),
+            ],
+            default: Some("public".into()),
+        }
+    }
+
+    fn open(name: &str) -> Query {
+        Query::Open {
+            name: name.into(),
+            keep: true,
+        }
+    }
+
+    /// The call a query routes to: the query the chain gets and whether it
+    /// is asked to connect first.
+    fn called(r: Route) -> (Query, bool) {
+        match r {
+            Route::Call(Call::Query {
+                query, preconnect, ..
+            }) => (query, preconnect),
+            Route::Call(_) => panic!("not a query"),
+            Route::Answered(a) => panic!("answered by the table: {a:?}"),
+        }
+    }
+
+    fn answered(r: Route) -> Answer {
+        match r {
+            Route::Answered(a) => a,
+            Route::Call(_) => panic!("sent to a chain"),
+        }
+    }
+
+    #[test]
+    fn a_file_table_answers_connecting_and_listing_itself() {
+        let t = file();
+        let plain = client(TlsState::default());
+        assert!(matches!(
+            answered(t.route(Query::Preconnect, plain.clone())),
+            Answer::Preconnect(Ok(()))
+        ));
+        let Answer::List(Ok(list)) = answered(t.route(Query::List, plain)) else {
+            panic!("not a list");
+        };
+        let names: Vec<_> = list.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["public"]);
+        let Answer::List(Ok(list)) = answered(t.route(Query::List, client(alice()))) else {
+            panic!("not a list");
+        };
+        assert_eq!(list.len(), 2);
+    }
+
+    #[test]
+    fn a_file_export_opens_under_its_name_after_connecting() {
+        let t = file();
+        let plain = client(TlsState::default());
+        assert_eq!(
+            called(t.route(open(""), plain.clone())),
+            (open("public"), true)
+        );
+        assert_eq!(
+            called(t.route(open("public"), plain)),
+            (open("public"), true)
+        );
+        assert_eq!(
+            called(t.route(open("secret"), client(alice()))),
+            (open("secret"), true)
+        );
+    }
+
+    #[test]
+    fn a_name_kept_for_others_looks_like_no_export() {
+        let t = file();
+        for tls in [
+            TlsState::default(),
+            TlsState {
+                active: true,
+                identity: Some(PeerIdentity::Psk("bob".into())),
+            },
+        ] {
+            let Answer::Open(Err((errno, msg))) = answered(t.route(open("secret"), client(tls)))
+            else {
+                panic!("not refused");
+            };
+            assert_eq!((errno, msg.as_str()), (libc::ENOENT, "no export 'secret'"));
+        }
+    }
+
+    #[test]
+    fn the_command_lines_chain_answers_every_name_itself() {
+        let t = Table::every_name(chain());
+        let plain = client(TlsState::default());
+        assert_eq!(
+            called(t.route(Query::Preconnect, plain.clone())),
+            (Query::Preconnect, false)
+        );
+        assert_eq!(
+            called(t.route(Query::List, plain.clone())),
+            (Query::List, false)
+        );
+        assert_eq!(called(t.route(open(""), plain.clone())), (open(""), false));
+        assert_eq!(called(t.route(open("any"), plain)), (open("any"), false));
+    }
+}
