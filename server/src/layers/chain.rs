@@ -10,8 +10,42 @@ use nbdhost_plugin_api::Error;
 use super::backend::Backend;
 use super::filter::Filter;
 use super::foreign;
+use super::load_error::LoadError;
 use super::loader::{LayerInfo, Origin};
 use super::plugin::Plugin;
+
+/// Why a loaded chain could not be configured or stacked (why it could
+/// not be loaded is a [`LoadError`]). A layer's own error
+/// keeps its errno and message; the message is prefixed with the layer's
+/// name when shown.
+#[derive(Debug)]
+pub enum ChainError {
+    /// A layer refused a parameter, the end of configuration, `get_ready`
+    /// or being stacked.
+    Layer { layer: String, error: Error },
+    /// A filter was given a parameter it does not take.
+    UnknownParameter { filter: String, key: String },
+}
+
+impl std::fmt::Display for ChainError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChainError::Layer { layer, error } => write!(f, "{layer}: {error}"),
+            ChainError::UnknownParameter { filter, key } => {
+                write!(f, "{filter} takes no parameter '{key}'")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ChainError {}
+
+/// Start-up and configuration files report errors as messages.
+impl From<ChainError> for String {
+    fn from(e: ChainError) -> String {
+        e.to_string()
+    }
+}
 
 /// Directories searched for plugins (`kind` = "plugin") or filters given
 /// by short name: `$NBDHOST_PLUGINDIR` or `$NBDHOST_FILTERDIR` if set,
@@ -37,58 +71,61 @@ pub fn layer_dirs(kind: &str) -> Vec<PathBuf> {
 }
 
 /// A path is used as is; a short name is looked up as `lib<name><kind>.so`.
-pub fn resolve(arg: &str, kind: &str) -> Result<PathBuf, String> {
+pub fn resolve(arg: &str, kind: &'static str) -> Result<PathBuf, LoadError> {
     if is_path(arg) {
         return Ok(PathBuf::from(arg));
     }
     check_name(arg, kind)?;
     let file = format!("lib{arg}{kind}.so");
     let dirs = layer_dirs(kind);
-    dirs.iter()
-        .map(|d| d.join(&file))
-        .find(|p| p.exists())
-        .ok_or_else(|| {
-            let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-            format!(
-                "{kind} '{arg}' not found ({file} is not in {}); set NBDHOST_{}DIR or give a path",
-                searched.join(", "),
-                kind.to_uppercase()
-            )
-        })
+    match dirs.iter().map(|d| d.join(&file)).find(|p| p.exists()) {
+        Some(p) => Ok(p),
+        None => Err(LoadError::NotFound {
+            kind,
+            name: arg.to_string(),
+            file,
+            searched: dirs,
+        }),
+    }
 }
 
 fn is_path(arg: &str) -> bool {
     arg.contains('/') || arg.ends_with(".so")
 }
 
-fn check_name(arg: &str, kind: &str) -> Result<(), String> {
+fn check_name(arg: &str, kind: &'static str) -> Result<(), LoadError> {
     if arg
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
         Ok(())
     } else {
-        Err(format!("'{arg}' is neither a {kind} name nor a path"))
+        Err(LoadError::BadName {
+            kind,
+            arg: arg.to_string(),
+        })
     }
 }
 
 /// Where the plugin or filter `arg` (a short name or a path) comes from:
 /// an nbdhost layer of that name or at that path; otherwise nbdkit's layer
 /// of that name, or the nbdkit layer at that path, served by the adapter.
-pub fn locate(arg: &str, kind: &str) -> Result<Origin, String> {
+pub fn locate(arg: &str, kind: &'static str) -> Result<Origin, LoadError> {
     let adapted = |foreign: PathBuf| {
         // libnbdkitplugin.so, or libnbdkitfilter.so: nbdhost ships no
         // filter adapter, as nbdkit's filter ABI is tied to the exact
         // nbdkit release that built each filter; one installed beside the
         // filters is used.
         let adapter = resolve("nbdkit", kind).map_err(|e| {
-            let why = if kind == "filter" {
-                "nbdhost serves nbdkit plugins but not nbdkit filters (see nbdhost-nbdkit-plugin(1))"
-                    .to_string()
+            if kind == "filter" {
+                LoadError::NbdkitFilter(foreign.clone())
             } else {
-                format!("the adapter that serves those is missing: {e}")
-            };
-            format!("{} is an nbdkit {kind}: {why}", foreign.display())
+                LoadError::NoAdapter {
+                    kind,
+                    foreign: foreign.clone(),
+                    error: Box::new(e),
+                }
+            }
         })?;
         Ok(Origin::Adapted { adapter, foreign })
     };
@@ -98,10 +135,12 @@ pub fn locate(arg: &str, kind: &str) -> Result<Origin, String> {
         Err(e) if !is_path(arg) => match foreign::find(arg, kind) {
             Some(path) => adapted(path),
             None => Err(match foreign::nbdkit_dir(kind) {
-                Some(d) => format!(
-                    "{e}; nor is nbdkit-{arg}-{kind}.so in nbdkit's {}",
-                    d.display()
-                ),
+                Some(d) => LoadError::NorInNbdkit {
+                    error: Box::new(e),
+                    name: arg.to_string(),
+                    kind,
+                    nbdkit_dir: d,
+                },
                 None => e,
             }),
         },
@@ -110,8 +149,11 @@ pub fn locate(arg: &str, kind: &str) -> Result<Origin, String> {
 }
 
 /// Prefix an error with the name of the layer that raised it.
-fn named(layer: &str) -> impl Fn(Error) -> String + '_ {
-    move |e| format!("{layer}: {e}")
+fn named(layer: &str) -> impl Fn(Error) -> ChainError + '_ {
+    move |error| ChainError::Layer {
+        layer: layer.to_string(),
+        error,
+    }
 }
 
 /// A plugin and its filters, loaded but not yet configured.
@@ -122,19 +164,27 @@ pub struct Layers {
 }
 
 impl Layers {
-    /// Load the plugin and filters named on the command line.
+    /// Load the plugin and filters named on the command line. The error
+    /// is a message: its caller (`cli::chain`) returns it as it is.
     pub fn load(plugin: &str, filters: &[String]) -> Result<Layers, String> {
+        Layers::load_all(plugin, filters).map_err(String::from)
+    }
+
+    fn load_all(plugin: &str, filters: &[String]) -> Result<Layers, LoadError> {
         let plugin = Plugin::load(&locate(plugin, "plugin")?)?;
         let filters = filters
             .iter()
             .map(|f| Filter::load(&locate(f, "filter")?))
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, LoadError>>()?;
         Ok(Layers { plugin, filters })
     }
 
     /// Load a configuration file's plugin and filters, saying which of
     /// them failed: `None` for the plugin, else the filter's index.
-    pub fn load_each(plugin: &str, filters: &[String]) -> Result<Layers, (Option<usize>, String)> {
+    pub fn load_each(
+        plugin: &str,
+        filters: &[String],
+    ) -> Result<Layers, (Option<usize>, LoadError)> {
         let plugin = locate(plugin, "plugin")
             .and_then(|o| Plugin::load(&o))
             .map_err(|e| (None, e))?;
@@ -151,19 +201,22 @@ impl Layers {
     }
 
     /// Give the plugin one parameter.
-    pub fn config_plugin(&self, key: &str, value: &str) -> Result<(), String> {
+    pub fn config_plugin(&self, key: &str, value: &str) -> Result<(), ChainError> {
         self.plugin
             .config(key, value)
             .map_err(named(&self.plugin.info().name))
     }
 
     /// Give filter `i` one parameter, which must be one it takes.
-    pub fn config_filter(&self, i: usize, key: &str, value: &str) -> Result<(), String> {
+    pub fn config_filter(&self, i: usize, key: &str, value: &str) -> Result<(), ChainError> {
         let f = &self.filters[i];
         let name = &f.info().name;
         match f.config(key, value).map_err(named(name))? {
             true => Ok(()),
-            false => Err(format!("{name} takes no parameter '{key}'")),
+            false => Err(ChainError::UnknownParameter {
+                filter: name.clone(),
+                key: key.to_string(),
+            }),
         }
     }
 
@@ -184,7 +237,7 @@ impl Layers {
 
     /// Pass parameters down the stack: each filter, nearest the client
     /// first, takes the keys it knows; the plugin gets the rest.
-    pub fn config(&self, params: Vec<(String, String)>) -> Result<(), String> {
+    pub fn config(&self, params: Vec<(String, String)>) -> Result<(), ChainError> {
         let name = &self.plugin.info().name;
         for (k, v) in params {
             let mut taken = false;
@@ -203,7 +256,7 @@ impl Layers {
 
     /// Once [`Layers::config`] has passed every parameter: finish
     /// configuration, and stack the filters on the plugin.
-    pub fn configure(self) -> Result<Arc<dyn Backend>, String> {
+    pub fn configure(self) -> Result<Arc<dyn Backend>, ChainError> {
         let Layers { plugin, filters } = self;
         let name = plugin.info().name.clone();
         for f in &filters {

@@ -19,6 +19,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Mutex;
 
+use super::load_error::LoadError;
+
 /// Live loads of each file, by device and inode.
 static LOADED: Mutex<BTreeMap<(u64, u64), usize>> = Mutex::new(BTreeMap::new());
 
@@ -39,15 +41,18 @@ impl Drop for Claim {
     }
 }
 
-fn identity(path: &Path, kind: &str) -> Result<(u64, u64), String> {
-    let md = std::fs::metadata(path)
-        .map_err(|e| format!("cannot load {kind} {}: {e}", path.display()))?;
+fn identity(path: &Path, kind: &'static str) -> Result<(u64, u64), LoadError> {
+    let md = std::fs::metadata(path).map_err(|error| LoadError::Unreadable {
+        kind,
+        path: path.to_path_buf(),
+        error,
+    })?;
     Ok((md.dev(), md.ino()))
 }
 
 /// Count one more load of `path`; returns the claim and whether it is the
 /// only one.
-fn claim(path: &Path, kind: &str) -> Result<(Claim, bool), String> {
+fn claim(path: &Path, kind: &'static str) -> Result<(Claim, bool), LoadError> {
     let id = identity(path, kind)?;
     let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
     let n = loaded.entry(id).or_insert(0);
@@ -57,16 +62,15 @@ fn claim(path: &Path, kind: &str) -> Result<(Claim, bool), String> {
 
 /// Claim `path` for a layer that cannot have two instances, or say why
 /// not.
-pub fn claim_only(path: &Path, kind: &str) -> Result<Claim, String> {
+pub fn claim_only(path: &Path, kind: &'static str) -> Result<Claim, LoadError> {
     let (c, first) = claim(path, kind)?;
     if first {
         Ok(c)
     } else {
-        Err(format!(
-            "{} is already loaded for another export; an nbdkit {kind} keeps its \
-             state in globals, so one process serves it once",
-            path.display()
-        ))
+        Err(LoadError::AlreadyLoaded {
+            kind,
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -90,23 +94,31 @@ impl Loaded {
 
 /// Load the shared object at `path`: the file itself, or a private copy
 /// of it when it is loaded already.
-pub fn open(path: &Path, kind: &str) -> Result<Loaded, String> {
+pub fn open(path: &Path, kind: &'static str) -> Result<Loaded, LoadError> {
     let (c, first) = claim(path, kind)?;
-    let failed = |e: String| format!("cannot load {kind} {}: {e}", path.display());
+    let failed = |error| LoadError::Dlopen {
+        kind,
+        path: path.to_path_buf(),
+        error,
+    };
     let (lib, copy) = if first {
         // SAFETY: loading a layer runs its initialisers; that is the point
         // of it, and the user named this file.
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| failed(e.to_string()))?;
+        let lib = unsafe { libloading::Library::new(path) }.map_err(failed)?;
         (lib, None)
     } else {
-        let copy = private_copy(path).map_err(|e| failed(format!("a private copy: {e}")))?;
+        let copy = private_copy(path).map_err(|error| LoadError::PrivateCopy {
+            kind,
+            path: path.to_path_buf(),
+            error,
+        })?;
         log::debug!(
             "{kind} {} is loaded already: this instance is a private copy",
             path.display()
         );
         let name = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&copy));
         // SAFETY: as above; the copy has the file's bytes.
-        let lib = unsafe { libloading::Library::new(name) }.map_err(|e| failed(e.to_string()))?;
+        let lib = unsafe { libloading::Library::new(name) }.map_err(failed)?;
         (lib, Some(copy))
     };
     Ok(Loaded {

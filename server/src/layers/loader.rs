@@ -15,6 +15,7 @@ use nbdhost_plugin_api::{abi, Error, Result, ThreadModel};
 use super::connection::Connection;
 use super::host::{call, context, names};
 use super::instances;
+use super::load_error::LoadError;
 
 /// Static facts about a plugin or filter, as `--dump-plugin` shows them.
 #[derive(Debug, Clone)]
@@ -196,24 +197,26 @@ pub fn cstring(s: &str) -> Result<CString> {
 
 fn check_header(
     path: &Path,
-    kind: &str,
+    kind: &'static str,
     abi_version: u32,
     struct_size: u64,
     min: usize,
-) -> std::result::Result<(), String> {
-    let shown = path.display();
+) -> std::result::Result<(), LoadError> {
     let major = abi_version >> 16;
     if major != abi::ABI_MAJOR {
-        return Err(format!(
-            "{shown} was built for {kind} ABI {major}.{} but this nbdhost supports ABI {}.x; rebuild the {kind}",
-            abi_version & 0xffff,
-            abi::ABI_MAJOR
-        ));
+        return Err(LoadError::Abi {
+            kind,
+            path: path.to_path_buf(),
+            abi_version,
+            supported: abi::ABI_MAJOR,
+        });
     }
     if (struct_size as usize) < min {
-        return Err(format!(
-            "{shown}: {kind} struct is too small ({struct_size} bytes)"
-        ));
+        return Err(LoadError::TooSmall {
+            kind,
+            path: path.to_path_buf(),
+            struct_size,
+        });
     }
     Ok(())
 }
@@ -229,7 +232,7 @@ pub enum Origin {
 
 impl<T: Table> Library<T> {
     /// Load a layer from where it comes from.
-    pub fn load(origin: &Origin) -> std::result::Result<Library<T>, String> {
+    pub fn load(origin: &Origin) -> std::result::Result<Library<T>, LoadError> {
         match origin {
             Origin::Native(path) => Library::open(path),
             Origin::Adapted { adapter, foreign } => Library::open_adapted(adapter, foreign),
@@ -238,8 +241,8 @@ impl<T: Table> Library<T> {
 
     /// Load the shared object at `path`, check and read its table, and run
     /// its `load` callback.
-    fn open(path: &Path) -> std::result::Result<Library<T>, String> {
-        let (kind, shown) = (T::KIND, path.display());
+    fn open(path: &Path) -> std::result::Result<Library<T>, LoadError> {
+        let kind = T::KIND;
         let lib = instances::open(path, kind)?;
         // SAFETY: the symbol's type is fixed by the ABI headers.
         let entry = unsafe { lib.lib.get::<T::Entry>(T::ENTRY.as_bytes()) }
@@ -247,12 +250,16 @@ impl<T: Table> Library<T> {
             .map_err(|_| {
                 // SAFETY: only looked up, never called.
                 if unsafe { lib.lib.get::<T::AdapterEntry>(T::ADAPTER_ENTRY.as_bytes()) }.is_ok() {
-                    format!(
-                        "{shown} is an adapter that serves another server's {kind}s: \
-                         name one of those instead (see nbdhost-nbdkit-plugin(1))"
-                    )
+                    LoadError::IsAdapter {
+                        kind,
+                        path: path.to_path_buf(),
+                    }
                 } else {
-                    format!("{shown} is not an nbdhost {kind}: no symbol {}", T::ENTRY)
+                    LoadError::NoEntry {
+                        kind,
+                        path: path.to_path_buf(),
+                        symbol: T::ENTRY,
+                    }
                 }
             })?;
         // SAFETY: `entry` is the layer's entry symbol.
@@ -262,31 +269,29 @@ impl<T: Table> Library<T> {
 
     /// Load the adapter at `adapter` and have it describe `foreign`, a
     /// layer written for another server; then as [`Library::open`].
-    fn open_adapted(adapter: &Path, foreign: &Path) -> std::result::Result<Library<T>, String> {
-        let (kind, shown) = (T::KIND, adapter.display());
+    fn open_adapted(adapter: &Path, foreign: &Path) -> std::result::Result<Library<T>, LoadError> {
+        let kind = T::KIND;
         let mut lib = instances::open(adapter, kind)?;
         lib.hold(instances::claim_only(foreign, kind)?);
         // SAFETY: the symbol's type is fixed by the ABI headers.
         let entry = unsafe { lib.lib.get::<T::AdapterEntry>(T::ADAPTER_ENTRY.as_bytes()) }
             .map(|s| *s)
-            .map_err(|_| {
-                format!(
-                    "{shown} is not an nbdhost {kind} adapter: no symbol {}",
-                    T::ADAPTER_ENTRY
-                )
+            .map_err(|_| LoadError::NoAdapterEntry {
+                kind,
+                path: adapter.to_path_buf(),
+                symbol: T::ADAPTER_ENTRY,
             })?;
-        let path = cstring(&foreign.to_string_lossy()).map_err(|e| e.to_string())?;
+        let path = cstring(&foreign.to_string_lossy()).map_err(LoadError::ForeignPath)?;
         // SAFETY: `entry` is the adapter's entry symbol; the path outlives
         // the call.
         let table = call::call_layer("adapter", || unsafe {
             T::call_adapter_entry(entry, path.as_ptr())
         });
         if table.is_null() {
-            return Err(format!(
-                "{}: {}",
-                foreign.display(),
-                call::take_error("loading it")
-            ));
+            return Err(LoadError::Adapter {
+                foreign: foreign.to_path_buf(),
+                error: call::take_error("loading it"),
+            });
         }
         Library::with_table(lib, table, foreign)
     }
@@ -296,12 +301,14 @@ impl<T: Table> Library<T> {
         lib: instances::Loaded,
         table: *const T,
         path: &Path,
-    ) -> std::result::Result<Library<T>, String> {
-        let (kind, shown) = (T::KIND, path.display());
+    ) -> std::result::Result<Library<T>, LoadError> {
+        let kind = T::KIND;
         // SAFETY: the entry point returns null or a struct that lives as
         // long as the library, which this `Library` keeps loaded.
-        let table: &'static T = unsafe { table.as_ref() }
-            .ok_or_else(|| format!("{shown}: {kind} entry point returned NULL"))?;
+        let table: &'static T = unsafe { table.as_ref() }.ok_or_else(|| LoadError::NullTable {
+            kind,
+            path: path.to_path_buf(),
+        })?;
         // Nothing beyond these two fields may be read before they pass.
         check_header(
             path,
@@ -316,13 +323,20 @@ impl<T: Table> Library<T> {
             path: path.to_path_buf(),
             name: name
                 .filter(|n| !n.is_empty())
-                .ok_or_else(|| format!("{shown}: {kind} has no name"))?,
+                .ok_or_else(|| LoadError::NoName {
+                    kind,
+                    path: path.to_path_buf(),
+                })?,
             version: version.unwrap_or_default(),
             description: description.unwrap_or_default(),
             config_help: config_help.unwrap_or_default(),
             magic_config_key: magic,
-            thread_model: thread_model(table.thread_model())
-                .map_err(|e| format!("{shown}: {e}"))?,
+            thread_model: thread_model(table.thread_model()).map_err(|error| {
+                LoadError::ThreadModel {
+                    path: path.to_path_buf(),
+                    error,
+                }
+            })?,
             abi_version: table.abi_version(),
             struct_size: table.struct_size(),
         };
@@ -338,11 +352,10 @@ impl<T: Table> Library<T> {
         if let Some(load) = l.table.common().load {
             // SAFETY: ABI callback with no arguments.
             if l.call(|| unsafe { load() }) != 0 {
-                return Err(format!(
-                    "{}: load failed: {}",
-                    l.name,
-                    call::take_error("load")
-                ));
+                return Err(LoadError::LoadCallback {
+                    name: l.name.to_string(),
+                    error: call::take_error("load"),
+                });
             }
         }
         l.loaded = true;

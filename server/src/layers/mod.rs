@@ -13,8 +13,10 @@ mod filter;
 pub mod foreign;
 pub mod host;
 mod instances;
+mod load_error;
 mod loader;
 mod plugin;
 
 pub use backend::{Backend, Handle};
+pub use load_error::LoadError;
 pub use loader::LayerInfo;

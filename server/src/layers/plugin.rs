@@ -17,6 +17,7 @@ use super::connection::Connection;
 use super::exports::ExportCollector;
 use super::extents::ExtentCollector;
 use super::host::{call, table};
+use super::load_error::LoadError;
 use super::loader::{
     field, layer_path, layer_string, shared_fields, LayerInfo, Library, Origin, Table,
 };
@@ -74,7 +75,7 @@ pub struct Plugin {
 
 impl Plugin {
     /// Load the plugin from where it comes from.
-    pub fn load(origin: &Origin) -> std::result::Result<Plugin, String> {
+    pub fn load(origin: &Origin) -> std::result::Result<Plugin, LoadError> {
         Ok(Plugin {
             lib: Arc::new(Library::load(origin)?),
         })
