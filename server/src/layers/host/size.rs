@@ -1,10 +1,33 @@
 //! Sizes given as parameters (`host->parse_size`), in the forms nbdkit
 //! accepts, so that nbdkit command lines carry over.
 
+/// Why a size could not be parsed; the message quotes the text given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SizeError {
+    /// A suffix that is not a binary multiple or `s`.
+    UnknownSuffix(String),
+    /// The number is not one.
+    Unparsable(String),
+    /// More than an `int64_t` holds.
+    TooLarge(String),
+}
+
+impl std::fmt::Display for SizeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SizeError::UnknownSuffix(s) => write!(f, "could not parse size '{s}': unknown suffix"),
+            SizeError::Unparsable(s) => write!(f, "could not parse size '{s}'"),
+            SizeError::TooLarge(s) => write!(f, "size '{s}' is too large"),
+        }
+    }
+}
+
+impl std::error::Error for SizeError {}
+
 /// Parse a size: a number with an optional binary suffix (`K`, `M`, `G`,
 /// `T`, `P`, `E`, optionally followed by `iB` or `B`), or `s` for 512-byte
 /// sectors. Fractions are allowed with a suffix (`1.5G`).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -20,25 +43,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "t" | "T" => 40,
         "p" | "P" => 50,
         "e" | "E" => 60,
-        _ => return Err(format!("could not parse size '{s}': unknown suffix")),
+        _ => return Err(SizeError::UnknownSuffix(s.to_string())),
     };
-    let bad = || format!("could not parse size '{s}'");
+    let bad = || SizeError::Unparsable(s.to_string());
+    let too_large = || SizeError::TooLarge(s.to_string());
     let value = if num.contains('.') {
         let f: f64 = num.parse().map_err(|_| bad())?;
         let v = f * (1u64 << shift) as f64;
         if !(0.0..9.223372036854776e18).contains(&v) {
-            return Err(format!("size '{s}' is too large"));
+            return Err(too_large());
         }
         v as u64
     } else {
         let n: u64 = num.parse().map_err(|_| bad())?;
         n.checked_shl(shift)
             .filter(|v| v >> shift == n)
-            .ok_or_else(|| format!("size '{s}' is too large"))?
+            .ok_or_else(too_large)?
     };
     // Sizes reach layers as an `int64_t`.
     if value > i64::MAX as u64 {
-        return Err(format!("size '{s}' is too large"));
+        return Err(too_large());
     }
     Ok(value)
 }

@@ -139,7 +139,7 @@ unsafe extern "C" fn host_parse_size(s: *const c_char) -> i64 {
     match size::parse_size(s) {
         Ok(v) => v as i64,
         Err(e) => {
-            call::record(Error::new(libc::EINVAL, e));
+            call::record(Error::new(libc::EINVAL, e.to_string()));
             -1
         }
     }
@@ -171,7 +171,7 @@ unsafe extern "C" fn host_read_secret(value: *const c_char, out: *mut *mut c_cha
             0
         }
         Err(e) => {
-            call::record(Error::new(libc::EINVAL, e));
+            call::record(Error::new(libc::EINVAL, e.to_string()));
             -1
         }
     }
