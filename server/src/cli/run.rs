@@ -26,6 +26,25 @@ pub struct Tls<'a> {
     pub psk: Option<&'a Path>,
 }
 
+/// Why the `--run` command could not be started: the shell could not be.
+#[derive(Debug)]
+pub struct SpawnError(pub std::io::Error);
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "--run: cannot start /bin/sh: {}", self.0)
+    }
+}
+
+impl std::error::Error for SpawnError {}
+
+/// Start-up reports errors as messages.
+impl From<SpawnError> for String {
+    fn from(e: SpawnError) -> String {
+        e.to_string()
+    }
+}
+
 /// Start the `--run` command with the connection details in its
 /// environment, as nbdkit does.
 pub fn spawn(
@@ -33,7 +52,7 @@ pub fn spawn(
     address: &Address,
     export: &str,
     tls: &Tls,
-) -> Result<std::process::Child, String> {
+) -> Result<std::process::Child, SpawnError> {
     let mut c = std::process::Command::new("/bin/sh");
     c.arg("-c").arg(cmd);
     let (unixsocket, port) = match address {
@@ -64,8 +83,7 @@ pub fn spawn(
     if let Some(f) = tls.psk {
         c.env("tls_psk", f);
     }
-    c.spawn()
-        .map_err(|e| format!("--run: cannot start /bin/sh: {e}"))
+    c.spawn().map_err(SpawnError)
 }
 
 /// The NBD URI of `export` at `address`. When TLS is required it says so
