@@ -158,8 +158,31 @@ pub enum Listen {
     Vsock(u32),
 }
 
+/// Why a `listen` address is not one; the message quotes the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenError {
+    /// `vsock:` followed by no port number.
+    VsockPort(String),
+    /// Neither `HOST:PORT`, a path, nor `vsock:PORT`.
+    Address(String),
+    /// `HOST:` followed by no TCP port number.
+    TcpPort(String),
+}
+
+impl std::fmt::Display for ListenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenError::VsockPort(p) => write!(f, "'{p}' is not a vsock port"),
+            ListenError::Address(t) => write!(f, "'{t}' is not HOST:PORT, /path or vsock:PORT"),
+            ListenError::TcpPort(p) => write!(f, "'{p}' is not a TCP port"),
+        }
+    }
+}
+
+impl std::error::Error for ListenError {}
+
 impl Listen {
-    fn parse(text: &str) -> Result<Listen, String> {
+    fn parse(text: &str) -> Result<Listen, ListenError> {
         if text.starts_with('/') {
             return Ok(Listen::Unix(PathBuf::from(text)));
         }
@@ -167,14 +190,14 @@ impl Listen {
             return port
                 .parse()
                 .map(Listen::Vsock)
-                .map_err(|_| format!("'{port}' is not a vsock port"));
+                .map_err(|_| ListenError::VsockPort(port.to_string()));
         }
         let (host, port) = text
             .rsplit_once(':')
-            .ok_or_else(|| format!("'{text}' is not HOST:PORT, /path or vsock:PORT"))?;
+            .ok_or_else(|| ListenError::Address(text.to_string()))?;
         let port: u16 = port
             .parse()
-            .map_err(|_| format!("'{port}' is not a TCP port"))?;
+            .map_err(|_| ListenError::TcpPort(port.to_string()))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         Ok(Listen::Tcp(
             (!host.is_empty()).then(|| host.to_string()),
