@@ -23,7 +23,8 @@ use super::{dump, Settings};
 use crate::config::{self, file};
 use crate::protocol::handshake::{HandshakeConfig, TlsMode};
 use crate::runtime::listen::{self, Family, Listener, PrivateSocket};
-use crate::runtime::{self, Clients, Exit, Reload, Serving, StopOn};
+use crate::runtime::{self, Clients, Exit, Reload, StopOn};
+use crate::serving::Serving;
 use crate::session::{self, Limits, TlsFactory};
 use crate::tls;
 

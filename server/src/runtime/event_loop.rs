@@ -25,6 +25,7 @@ use crate::protocol::wire::EIO;
 use crate::serving::calls::{Call, Open};
 use crate::serving::client::Client;
 use crate::serving::table::Route;
+use crate::serving::Serving;
 use crate::session::buffers::BufPool;
 use crate::session::{Done, Outcome, Session, Work};
 
@@ -56,7 +57,7 @@ struct Conn {
     session: Session<Arc<Open>>,
     /// What the connection is served: the table as it was when it
     /// connected.
-    serving: Arc<super::Serving>,
+    serving: Arc<Serving>,
     /// Where this connection's pool jobs queue when its chain's thread
     /// model says they must not overlap.
     lanes: ConnLanes,

@@ -21,8 +21,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::layers::host::shutdown;
-use crate::serving::table::Table;
-use crate::session;
+use crate::serving::Serving;
 use event_loop::EventLoop;
 use listen::{Listener, Stream};
 use mailbox::{Mailbox, Message};
@@ -59,14 +58,6 @@ pub struct StopOn {
     pub signals: Signals,
     /// The `--run` command: the server exits with its status.
     pub run: Option<std::process::Child>,
-}
-
-/// What new connections are served: the exports, and the session settings
-/// that go with them (the TLS policy depends on the exports). A reload
-/// replaces it; connections keep what they started with.
-pub struct Serving {
-    pub table: Table,
-    pub session: Arc<session::Config>,
 }
 
 /// Where what is served comes from, asked again on SIGHUP.

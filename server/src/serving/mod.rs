@@ -10,10 +10,25 @@
 //!   table, or a call on a chain;
 //! - [`chain`]: one chain as served, and how its thread model runs it;
 //! - [`calls`]: the calls run on a chain (query, request, close) and
-//!   their results.
+//!   their results;
+//! - [`Serving`]: the table and the session settings that go with it, as
+//!   new connections get them (a reload replaces it).
 
 pub mod access;
 pub mod calls;
 pub mod chain;
 pub mod client;
 pub mod table;
+
+use std::sync::Arc;
+
+use crate::session;
+use table::Table;
+
+/// What new connections are served: the exports, and the session settings
+/// that go with them (the TLS policy depends on the exports). A reload
+/// replaces it; connections keep what they started with.
+pub struct Serving {
+    pub table: Table,
+    pub session: Arc<session::Config>,
+}
