@@ -22,7 +22,7 @@ use super::workers::STALL;
 use super::{Loops, WAKER};
 use crate::layers::connection::Peer;
 use crate::protocol::wire::EIO;
-use crate::serving::calls::{Call, Open};
+use crate::serving::calls::{self, Call, Open};
 use crate::serving::client::Client;
 use crate::serving::table::Route;
 use crate::serving::Serving;
@@ -556,8 +556,15 @@ impl Turn<'_> {
                         continue;
                     };
                     let buf = req.read_len().map(|n| self.bufs.get(n));
-                    let open = open.clone();
-                    self.call(c, Call::Request { req, open, buf });
+                    if open.chain.inline {
+                        // The hot path: no call to build and no reference
+                        // to take for a request run right here.
+                        let done = calls::request(open, req, buf);
+                        self.complete_here(c, done);
+                    } else {
+                        let open = open.clone();
+                        self.call(c, Call::Request { req, open, buf });
+                    }
                 }
                 Work::Close(open) => self.call(c, Call::Close(open)),
             }

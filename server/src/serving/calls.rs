@@ -65,11 +65,11 @@ impl Call {
                 client,
             } => query_chain(&chain, query, preconnect, &client),
             Call::Request { req, open, buf } => {
-                let outcome = execute::request(&open.opened, &req, buf, &open.chain.name);
+                let done = request(&open, req, buf);
                 // Before the result is handed over: the session's own
                 // reference must be the last one when it closes the handle.
                 drop(open);
-                Done::Request(req, outcome)
+                done
             }
             Call::Close(open) => {
                 close(open);
@@ -77,6 +77,12 @@ impl Call {
             }
         }
     }
+}
+
+/// Run a request on `open`, here.
+pub fn request(open: &Open, req: Request, buf: Option<PooledBuf>) -> Done<Arc<Open>> {
+    let outcome = execute::request(&open.opened, &req, buf, &open.chain.name);
+    Done::Request(req, outcome)
 }
 
 /// Answer a handshake query on `chain` for `client`.
