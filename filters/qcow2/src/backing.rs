@@ -58,8 +58,6 @@ pub struct Policy {
     pub format: Option<Format>,
     /// Every backing file must lie in this directory (canonical).
     pub dir: Option<PathBuf>,
-    /// The secret of encrypted backing files (the top image's).
-    pub secret: Option<Vec<u8>>,
 }
 
 /// One backing file, open.
@@ -86,6 +84,9 @@ pub struct Chain<'a> {
     pub image_file: Option<&'a Path>,
     /// Take qemu's read locks on the backing files.
     pub locking: bool,
+    /// The secret of encrypted backing files (the top image's), borrowed
+    /// so that no copy outlives the one start-up wipes.
+    pub secret: Option<&'a [u8]>,
     /// Hears the keyslot messages of encrypted backing files.
     pub log: &'a mut dyn FnMut(&str),
     /// Set once a backing file was unlocked with the policy's secret.
@@ -237,7 +238,7 @@ impl Chain<'_> {
                 let crypto = match h.encryption {
                     Encryption::None => None,
                     Encryption::Luks { offset, length } => {
-                        let secret = self.policy.secret.as_deref().ok_or_else(|| {
+                        let secret = self.secret.ok_or_else(|| {
                             Error::Invalid(format!(
                                 "backing file {} is encrypted and no passphrase was given",
                                 path.display()

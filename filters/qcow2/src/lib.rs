@@ -222,13 +222,12 @@ locking=on|off         qemu's image locks on a local file (default on).";
                 Crypto::unlock(&io, offset, length, s, &mut |m| host::debug(m)).map_err(to_abi)?,
             )),
         };
-        let mut policy = self.policy.clone();
-        policy.secret = secret.as_ref().map(|s| s.to_vec());
         let mut chain = Chain {
-            policy: &policy,
+            policy: &self.policy,
             opts: &self.opts,
             image_file: local.as_deref(),
             locking: self.locking.unwrap_or(true),
+            secret: secret.as_deref().map(Vec::as_slice),
             log: &mut |m| host::debug(m),
             used_secret: false,
         };
@@ -237,9 +236,6 @@ locking=on|off         qemu's image locks on a local file (default on).";
             return Err(einval(
                 "passphrase= was given, but neither the image nor its backing files are encrypted",
             ));
-        }
-        if let Some(mut s) = policy.secret.take() {
-            zeroize::Zeroize::zeroize(&mut s);
         }
         describe(&h, local.as_deref(), backing.as_ref());
         *self.shared.fixed.lock().expect("fixed lock") = Some(Fixed {
