@@ -11,7 +11,9 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use nbdhost::protocol::export::{ExportEntry, ExportInfo};
-use nbdhost::protocol::handshake::{Answer, Event, Handshake, HandshakeConfig, Query, TlsMode};
+use nbdhost::protocol::handshake::{
+    Answer, Event, Handshake, HandshakeConfig, Query, Refusal, TlsMode,
+};
 
 /// errno for an export that does not exist.
 const ENOENT: i32 = 2;
@@ -52,7 +54,11 @@ fuzz_target!(|data: &[u8]| {
         no_structured: cfg & 8 != 0,
         tls,
     });
-    let chunk = if cfg & 0x40 != 0 { 1 } else { stream.len().max(1) };
+    let chunk = if cfg & 0x40 != 0 {
+        1
+    } else {
+        stream.len().max(1)
+    };
     let failing_opens = cfg & 0x80 != 0;
     let mut in_tls = false;
     let mut input = BytesMut::new();
@@ -86,7 +92,10 @@ fuzz_target!(|data: &[u8]| {
                         description: None,
                     }])),
                     Query::Open { .. } if failing_opens && answers % 3 == 0 => {
-                        Answer::Open(Err((ENOENT, "no such export".into())))
+                        Answer::Open(Err(Refusal {
+                            errno: ENOENT,
+                            message: "no such export".into(),
+                        }))
                     }
                     // A TLS-only export of a server where TLS is optional.
                     Query::Open { .. } if failing_opens && answers % 3 == 1 => Answer::TlsRequired,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
 use nbdhost::protocol::export::{ExportEntry, ExportInfo, Extent};
-use nbdhost::protocol::handshake::{Answer, HandshakeConfig, Query, TlsMode};
+use nbdhost::protocol::handshake::{Answer, HandshakeConfig, Query, Refusal, TlsMode};
 use nbdhost::session::buffers::BufPool;
 use nbdhost::session::{
     Config, Done, Limits, Outcome, PeerIdentity, Session, TlsEngine, TlsEngineError, TlsFactory,
@@ -143,7 +143,10 @@ impl Driver {
             Work::Query { query, .. } => match query {
                 Query::Preconnect => Done::Query {
                     answer: Answer::Preconnect(if variant % 7 == 6 {
-                        Err("refused".into())
+                        Err(Refusal {
+                            errno: 1,
+                            message: "refused".into(),
+                        })
                     } else {
                         Ok(())
                     }),
@@ -159,7 +162,10 @@ impl Driver {
                 Query::Open { keep, .. } => {
                     if variant % 5 == 4 {
                         Done::Query {
-                            answer: Answer::Open(Err((2, "no such export".into()))),
+                            answer: Answer::Open(Err(Refusal {
+                                errno: 2,
+                                message: "no such export".into(),
+                            })),
                             opened: None,
                         }
                     } else {

@@ -1,13 +1,11 @@
 //! The layer chain: plugins and filters loaded from shared objects through
 //! one loader, stacked into a chain that presents one [`Backend`] to the
-//! protocol, the host services every layer calls back into, and the
-//! running of a session's work on the chain.
+//! protocol, and the host services every layer calls back into.
 
 pub mod backend;
 pub mod chain;
 pub mod connection;
-pub mod execute;
-mod exports;
+mod export_list;
 mod extents;
 mod filter;
 pub mod foreign;

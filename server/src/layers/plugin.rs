@@ -14,7 +14,7 @@ use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
 use super::backend::{checked_block_size, write_zeroes, Backend, Handle};
 use super::connection::Connection;
-use super::exports::ExportCollector;
+use super::export_list::ExportCollector;
 use super::extents::ExtentCollector;
 use super::host::{call, table};
 use super::load_error::LoadError;

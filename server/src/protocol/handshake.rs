@@ -60,13 +60,27 @@ pub enum Query {
     Open { name: String, keep: bool },
 }
 
+/// Why the layers refused a [`Query`]: the errno chooses the option
+/// reply an open gets (`EPERM`/`EACCES` a policy error, `ESHUTDOWN` a
+/// shutdown error), and the message is what the client is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// The result of a [`Query`].
 #[derive(Debug)]
 pub enum Answer {
-    Preconnect(Result<(), String>),
-    List(Result<Vec<ExportEntry>, String>),
-    /// The export, or the errno and message of the failure.
-    Open(Result<ExportInfo, (i32, String)>),
+    Preconnect(Result<(), Refusal>),
+    List(Result<Vec<ExportEntry>, Refusal>),
+    Open(Result<ExportInfo, Refusal>),
     /// The export asked for needs TLS, which the client has not started
     /// (selective TLS: `NBD_REP_ERR_TLS_REQD`).
     TlsRequired,
@@ -489,9 +503,12 @@ impl Handshake {
                         }
                         put_option_reply(out, Opt::List.wire(), OptReply::Ack, &[]);
                     }
-                    Err(e) => {
-                        put_option_reply(out, Opt::List.wire(), OptReply::ErrPlatform, e.as_bytes())
-                    }
+                    Err(e) => put_option_reply(
+                        out,
+                        Opt::List.wire(),
+                        OptReply::ErrPlatform,
+                        e.message.as_bytes(),
+                    ),
                 }
                 Event::NeedInput
             }
@@ -500,7 +517,7 @@ impl Handshake {
                     put_oldstyle_greeting(out, export.size, export.transmission_flags(false));
                     self.finish(export)
                 }
-                Err((_, e)) => Event::Close(format!("cannot open the export: {e}")),
+                Err(e) => Event::Close(format!("cannot open the export: {e}")),
             },
             (State::Waiting(Pending::ExportName), Answer::Open(r)) => match r {
                 Ok(export) => {
@@ -511,7 +528,7 @@ impl Handshake {
                     }
                     self.finish(export)
                 }
-                Err((_, e)) => Event::Close(format!("cannot open export: {e}")),
+                Err(e) => Event::Close(format!("cannot open export: {e}")),
             },
             (State::Waiting(Pending::Info { option, .. }), Answer::TlsRequired) => {
                 put_option_reply(
@@ -544,13 +561,13 @@ impl Handshake {
                         Event::NeedInput
                     }
                 }
-                Err((errno, msg)) => {
+                Err(Refusal { errno, message }) => {
                     let typ = match errno {
                         libc::EPERM | libc::EACCES => OptReply::ErrPolicy,
                         libc::ESHUTDOWN => OptReply::ErrShutdown,
                         _ => OptReply::ErrUnknown,
                     };
-                    put_option_reply(out, option.wire(), typ, msg.as_bytes());
+                    put_option_reply(out, option.wire(), typ, message.as_bytes());
                     Event::NeedInput
                 }
             },

@@ -22,8 +22,10 @@ use super::workers::STALL;
 use super::{Loops, WAKER};
 use crate::layers::connection::Peer;
 use crate::protocol::wire::EIO;
-use crate::serving::calls::{self, Call, Open};
+use crate::serving::calls::Call;
 use crate::serving::client::Client;
+use crate::serving::open::OpenExport;
+use crate::serving::request;
 use crate::serving::table::Route;
 use crate::serving::Serving;
 use crate::session::buffers::BufPool;
@@ -54,7 +56,7 @@ struct Conn {
     serial: u64,
     stream: Stream,
     peer: Peer,
-    session: Session<Arc<Open>>,
+    session: Session<Arc<OpenExport>>,
     /// What the connection is served: the table as it was when it
     /// connected.
     serving: Arc<Serving>,
@@ -559,7 +561,7 @@ impl Turn<'_> {
                     if open.chain.inline {
                         // The hot path: no call to build and no reference
                         // to take for a request run right here.
-                        let done = calls::request(open, req, buf);
+                        let done = request::request(open, req, buf);
                         self.complete_here(c, done);
                     } else {
                         let open = open.clone();
@@ -585,7 +587,7 @@ impl Turn<'_> {
     }
 
     /// Hand the result of work run on this thread to the session.
-    fn complete_here(&self, c: &mut Conn, done: Done<Arc<Open>>) {
+    fn complete_here(&self, c: &mut Conn, done: Done<Arc<OpenExport>>) {
         c.session.complete(done);
         honour_disconnect(c);
         if c.session.unsent() >= WRITE_AT {
@@ -638,7 +640,7 @@ impl Turn<'_> {
 /// Act on a layer's `host->disconnect` once one of the connection's calls
 /// has returned.
 fn honour_disconnect(c: &mut Conn) {
-    match c.session.handle().and_then(|h| h.opened.take_disconnect()) {
+    match c.session.handle().and_then(|h| h.take_disconnect()) {
         Some(true) => c.session.abandon("a layer asked to disconnect at once"),
         Some(false) => {
             log::debug!("connection {}: a layer asked to disconnect", c.session.id());

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use super::listen::Stream;
 use crate::layers::connection::Peer;
-use crate::serving::calls::Open;
+use crate::serving::open::OpenExport;
 use crate::session::Done;
 
 /// A connection of one loop: its slab slot and the serial number of the
@@ -24,7 +24,7 @@ pub struct ConnRef {
 /// A message for an event loop.
 pub enum Message {
     /// Work of this connection finished on a worker.
-    Done(ConnRef, Done<Arc<Open>>),
+    Done(ConnRef, Done<Arc<OpenExport>>),
     /// Serve this new connection.
     Adopt(Stream, Peer),
     /// Stop taking connections and requests; exit once all are finished.

@@ -9,8 +9,8 @@
 //! - [`table`]: the exports by name, and routing a query: answered by the
 //!   table, or a call on a chain;
 //! - [`chain`]: one chain as served, and how its thread model runs it;
-//! - [`calls`]: the calls run on a chain (query, request, close) and
-//!   their results;
+//! - [`calls`]: the calls run on a chain (a [`query`], a [`request`],
+//!   the close of an [`open`] export) and their results;
 //! - [`Serving`]: the table and the session settings that go with it, as
 //!   new connections get them (a reload replaces it).
 
@@ -18,6 +18,9 @@ pub mod access;
 pub mod calls;
 pub mod chain;
 pub mod client;
+pub mod open;
+mod query;
+pub mod request;
 pub mod table;
 
 use std::sync::Arc;

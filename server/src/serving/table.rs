@@ -9,7 +9,7 @@ use super::calls::Call;
 use super::chain::Chain;
 use super::client::Client;
 use crate::protocol::export::ExportEntry;
-use crate::protocol::handshake::{Answer, Query};
+use crate::protocol::handshake::{Answer, Query, Refusal};
 use crate::session::TlsState;
 
 /// One export: the names it answers, who may open it, and its chain.
@@ -117,8 +117,11 @@ impl Table {
                         "connection {}: no export '{name}' for this client",
                         client.id
                     );
-                    let refused = Err((libc::ENOENT, format!("no export '{name}'")));
-                    return Route::Answered(Answer::Open(refused));
+                    let refused = Refusal {
+                        errno: libc::ENOENT,
+                        message: format!("no export '{name}'"),
+                    };
+                    return Route::Answered(Answer::Open(Err(refused)));
                 }
             },
         };
@@ -358,11 +361,16 @@ mod tests {
                 identity: Some(PeerIdentity::Psk("bob".into())),
             },
         ] {
-            let Answer::Open(Err((errno, msg))) = answered(t.route(open("secret"), client(tls)))
-            else {
+            let Answer::Open(Err(refusal)) = answered(t.route(open("secret"), client(tls))) else {
                 panic!("not refused");
             };
-            assert_eq!((errno, msg.as_str()), (libc::ENOENT, "no export 'secret'"));
+            assert_eq!(
+                refusal,
+                Refusal {
+                    errno: libc::ENOENT,
+                    message: "no export 'secret'".into()
+                }
+            );
         }
     }
 

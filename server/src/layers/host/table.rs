@@ -16,7 +16,7 @@ use zeroize::Zeroize;
 use super::context::current;
 use super::{call, debug_flags, secret, shutdown, size, stdio};
 use crate::layers::connection::{Peer, DISCONNECT_FORCE, DISCONNECT_GRACEFUL};
-use crate::layers::exports::ExportCollector;
+use crate::layers::export_list::ExportCollector;
 use crate::layers::extents::ExtentCollector;
 
 /// A C string a layer passed as `&str`, `None` for null; invalid UTF-8 is
