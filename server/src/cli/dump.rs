@@ -12,13 +12,13 @@ use std::io::Write as _;
 
 use clap::CommandFactory;
 
-use super::exports::FileExports;
 use crate::config::command_line::CommandLine;
 use crate::config::file::{self, ConfigFile};
 use crate::layers::{chain, LayerInfo};
 use crate::paths;
 use crate::protocol::export::MAX_PAYLOAD;
 use crate::protocol::handshake::TlsMode;
+use crate::serving::build::FileExports;
 use crate::tls::ROOT_CERT_DIR;
 use nbdhost_plugin_api::abi;
 

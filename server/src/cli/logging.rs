@@ -24,10 +24,36 @@ pub enum Destination {
 /// The log file of `--log=FILE`.
 static FILE: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> = std::sync::OnceLock::new();
 
+/// A `--log` value that cannot be logged to.
+#[derive(Debug)]
+pub enum LogError {
+    /// The file could not be opened for appending.
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    /// Not a destination nbdhost knows.
+    Unknown(String),
+}
+
+impl std::fmt::Display for LogError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogError::Open { path, source } => write!(f, "--log={path}: {source}"),
+            LogError::Unknown(s) => write!(
+                f,
+                "--log={s}: expected stderr, syslog, null, default or an absolute path"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LogError {}
+
 impl Destination {
     /// Parse a `--log` value: `stderr`, `syslog`, `null`, or an absolute
     /// path of a file to append to (opened now); `None` for `default`.
-    pub fn parse(s: &str) -> Result<Option<Destination>, String> {
+    pub fn parse(s: &str) -> Result<Option<Destination>, LogError> {
         match s {
             "default" => Ok(None),
             "stderr" => Ok(Some(Destination::Stderr)),
@@ -38,13 +64,14 @@ impl Destination {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|e| format!("--log={path}: {e}"))?;
+                    .map_err(|e| LogError::Open {
+                        path: path.to_string(),
+                        source: e,
+                    })?;
                 let _ = FILE.set(std::sync::Mutex::new(f));
                 Ok(Some(Destination::File))
             }
-            _ => Err(format!(
-                "--log={s}: expected stderr, syslog, null, default or an absolute path"
-            )),
+            _ => Err(LogError::Unknown(s.to_string())),
         }
     }
 }

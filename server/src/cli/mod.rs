@@ -1,9 +1,9 @@
 //! The command line's edge: read the settings (`config`), set up logging,
 //! do what they ask: print something about nbdhost, or build the exports
-//! ([`exports`]) and serve them ([`start`]).
+//! ([`crate::serving::build`]) and serve them ([`start`]).
 
 mod dump;
-mod exports;
+mod error;
 mod logging;
 mod process;
 mod run;
@@ -17,8 +17,9 @@ use crate::layers::chain::Layers;
 use crate::layers::foreign;
 use crate::layers::host::debug_flags::set_debug_flags;
 use crate::layers::host::stdio::set_stdio_safe;
+use crate::serving::build::{Exports, FileExports};
 use crate::serving::chain::Chain;
-use exports::{Exports, FileExports};
+use error::CliError;
 
 /// Run nbdhost with the process's arguments; returns the exit status.
 pub fn main() -> i32 {
@@ -57,7 +58,7 @@ pub fn main() -> i32 {
 }
 
 /// Do what `settings` ask; returns the exit status.
-fn act(settings: &Settings, explicit_log: Option<logging::Destination>) -> Result<i32, String> {
+fn act(settings: &Settings, explicit_log: Option<logging::Destination>) -> Result<i32, CliError> {
     match settings.action {
         Action::DumpConfig => {
             dump::print(&dump::config());
@@ -80,7 +81,7 @@ fn act(settings: &Settings, explicit_log: Option<logging::Destination>) -> Resul
             None => return Ok(0),
         },
         config::Exports::File(file) => {
-            let built = FileExports::build(file, settings).map_err(|e| e.to_string())?;
+            let built = FileExports::build(file, settings)?;
             set_stdio_safe(false);
             if settings.action == Action::Check {
                 let user: Vec<String> = std::env::args().skip(1).collect();
@@ -109,7 +110,7 @@ fn act(settings: &Settings, explicit_log: Option<logging::Destination>) -> Resul
 fn plugin_chain(
     settings: &Settings,
     plugin: Option<&config::Plugin>,
-) -> Result<Option<Arc<Chain>>, String> {
+) -> Result<Option<Arc<Chain>>, CliError> {
     let Some(plugin) = plugin else {
         // clap demands a plugin unless one of these was given.
         dump::print(&if settings.action == Action::Help {
@@ -134,7 +135,7 @@ fn plugin_chain(
                 params.insert(0, script.display().to_string());
                 Layers::load(&language, &plugin.filters)?
             }
-            None => return Err(e),
+            None => return Err(e.into()),
         },
     };
     // As nbdkit: loaded, so that a missing layer is an error, but not

@@ -70,13 +70,6 @@ impl std::fmt::Display for ProcessError {
 
 impl std::error::Error for ProcessError {}
 
-/// Start-up reports errors as messages.
-impl From<ProcessError> for String {
-    fn from(e: ProcessError) -> String {
-        e.to_string()
-    }
-}
-
 /// Fork into the background once listening: the parent exits at once so
 /// the next shell command can connect; the child continues.
 pub fn daemonize() -> Result<(), ProcessError> {

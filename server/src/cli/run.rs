@@ -38,13 +38,6 @@ impl std::fmt::Display for SpawnError {
 
 impl std::error::Error for SpawnError {}
 
-/// Start-up reports errors as messages.
-impl From<SpawnError> for String {
-    fn from(e: SpawnError) -> String {
-        e.to_string()
-    }
-}
-
 /// Start the `--run` command with the connection details in its
 /// environment, as nbdkit does.
 pub fn spawn(

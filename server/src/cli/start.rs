@@ -15,15 +15,16 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::exports::Exports;
+use super::error::CliError;
 use super::logging;
 use super::process;
 use super::run::{self, Address};
 use super::{dump, Settings};
 use crate::config::{self, file};
 use crate::protocol::handshake::{HandshakeConfig, TlsMode};
-use crate::runtime::listen::{self, Family, Listener, PrivateSocket};
+use crate::runtime::listen::{self, Family, ListenError, Listener, PrivateSocket};
 use crate::runtime::{self, Clients, Exit, Reload, StopOn};
+use crate::serving::build::{Exports, ReloadError};
 use crate::serving::Serving;
 use crate::session::{self, Limits, TlsFactory};
 use crate::tls;
@@ -34,7 +35,7 @@ pub fn start(
     settings: &Settings,
     exports: Exports,
     explicit_log: Option<logging::Destination>,
-) -> Result<i32, String> {
+) -> Result<i32, CliError> {
     let bound = bind(settings)?;
     // A file's Unix sockets are removed however serving ends.
     let declared = bound.declared.clone();
@@ -51,7 +52,7 @@ fn serve(
     exports: Exports,
     bound: Bound,
     explicit_log: Option<logging::Destination>,
-) -> Result<i32, String> {
+) -> Result<i32, CliError> {
     let tls = read_credentials(settings, exports.tls_mode())?;
     announce(settings, &bound, exports.tls_mode())?;
     drop_privileges(&settings.process)?;
@@ -85,7 +86,7 @@ impl Bound {
 /// else a file's `listen` addresses, beside any passed by socket
 /// activation; else socket activation's; else a private socket for
 /// `--run`, or TCP port 10809.
-fn bind(settings: &Settings) -> Result<Bound, String> {
+fn bind(settings: &Settings) -> Result<Bound, CliError> {
     use config::Address as A;
     let family = match settings.listen.family {
         config::Family::Any => Family::Any,
@@ -94,7 +95,7 @@ fn bind(settings: &Settings) -> Result<Bound, String> {
     };
     let address = &settings.listen.address;
     if let (A::Unnamed, config::Exports::File(f)) = (address, &settings.exports) {
-        let wanted = file::listen(&f.source, &f.file.server).map_err(|e| e.to_string())?;
+        let wanted = file::listen(&f.source, &f.file.server)?;
         if !wanted.is_empty() {
             return bind_declared(&f.source, &wanted, family);
         }
@@ -140,14 +141,14 @@ fn bind_declared(
     source: &file::Source,
     wanted: &[toml::Spanned<file::Listen>],
     family: Family,
-) -> Result<Bound, String> {
+) -> Result<Bound, CliError> {
     let mut listeners = match listen::socket_activation() {
         Some(activated) => activated?,
         None => Vec::new(),
     };
     let (mut address, mut declared) = (None, Vec::new());
     for l in wanted {
-        let at = |e: String| source.error(Some(l.span()), e).to_string();
+        let at = |e: ListenError| source.error(Some(l.span()), e);
         let (bound, addr) = match l.get_ref() {
             file::Listen::Unix(p) => {
                 declared.push(p.clone());
@@ -177,12 +178,10 @@ fn bind_declared(
 fn read_credentials(
     settings: &Settings,
     mode: TlsMode,
-) -> Result<Option<Arc<dyn TlsFactory>>, String> {
+) -> Result<Option<Arc<dyn TlsFactory>>, CliError> {
     if settings.protocol.oldstyle && mode == TlsMode::Require {
         // Oldstyle has no STARTTLS: every byte would go in clear.
-        return Err(
-            "the oldstyle protocol (-o) cannot do TLS, which these settings require".into(),
-        );
+        return Err(CliError::OldstyleTls);
     }
     if mode == TlsMode::Off {
         return Ok(None);
@@ -209,12 +208,14 @@ fn run_tls(settings: &Settings, mode: TlsMode) -> run::Tls<'_> {
 /// Step 3: log the listeners (setting `--keepalive` on them) and print
 /// the URI for `--print-uri`, before going to the background, so the
 /// caller reads it.
-fn announce(settings: &Settings, bound: &Bound, mode: TlsMode) -> Result<(), String> {
+fn announce(settings: &Settings, bound: &Bound, mode: TlsMode) -> Result<(), CliError> {
     for l in &bound.listeners {
         log::info!("listening on {}", l.describe());
         if settings.listen.keepalive {
-            l.set_keepalive()
-                .map_err(|e| format!("--keepalive on {}: {e}", l.describe()))?;
+            l.set_keepalive().map_err(|source| CliError::Keepalive {
+                listener: l.describe(),
+                source,
+            })?;
         }
     }
     let a = &settings.announce;
@@ -230,7 +231,7 @@ fn announce(settings: &Settings, bound: &Bound, mode: TlsMode) -> Result<(), Str
 /// that user: the PSK file (every PSK handshake, and `--run`'s URI), and
 /// on SIGHUP the configuration file and what its new exports' layers
 /// open.
-fn drop_privileges(p: &config::Process) -> Result<(), String> {
+fn drop_privileges(p: &config::Process) -> Result<(), CliError> {
     if p.user.is_some() || p.group.is_some() {
         process::change_user(p.user.as_deref(), p.group.as_deref())?;
     }
@@ -245,7 +246,7 @@ fn daemonize(
     settings: &Settings,
     bound: &Bound,
     explicit_log: Option<logging::Destination>,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let foreground = settings.process.foreground
         || settings.stdio()
         || settings.announce.run.is_some()
@@ -261,8 +262,8 @@ fn daemonize(
 /// file, the layers' `after_fork`), start the `--run` command once
 /// everything that can refuse to start has passed, serve until the end,
 /// and clean up.
-fn run(settings: &Settings, bound: Bound, mut served: Served) -> Result<i32, String> {
-    let signals = runtime::catch_signals().map_err(|e| format!("signals: {e}"))?;
+fn run(settings: &Settings, bound: Bound, mut served: Served) -> Result<i32, CliError> {
+    let signals = runtime::catch_signals().map_err(CliError::Signals)?;
     let p = &settings.process;
     if p.exit_with_parent {
         process::exit_with_parent()?;
@@ -271,7 +272,7 @@ fn run(settings: &Settings, bound: Bound, mut served: Served) -> Result<i32, Str
         process::write_pidfile(f)?;
     }
     for chain in served.exports.table().chains() {
-        chain.backend.after_fork().map_err(|e| e.to_string())?;
+        chain.backend.after_fork().map_err(CliError::AfterFork)?;
     }
     let a = &settings.announce;
     let child = match &a.run {
@@ -310,8 +311,7 @@ fn run(settings: &Settings, bound: Bound, mut served: Served) -> Result<i32, Str
         signals,
         run: child,
     };
-    let exit =
-        runtime::serve(serving, reload, opts, stop).map_err(|e| format!("event loop: {e}"))?;
+    let exit = runtime::serve(serving, reload, opts, stop).map_err(CliError::EventLoop)?;
     if let (Address::Unix(path), None) = (&address, &private) {
         let _ = std::fs::remove_file(path);
     }
@@ -361,7 +361,7 @@ impl Served {
 }
 
 impl Reload for Served {
-    fn reload(&mut self) -> Result<Serving, String> {
+    fn reload(&mut self) -> Result<Serving, ReloadError> {
         self.exports.reload()?;
         Ok(self.serving())
     }

@@ -398,18 +398,46 @@ impl CommandLine {
     }
 }
 
+/// An argument that is not in the form its option or place needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArgumentError {
+    /// `-D` without `PLUGIN.FLAG=`.
+    DebugFlag(String),
+    /// `-D`'s value is not a C `int`.
+    DebugValue { flag: String, value: String },
+    /// A bare parameter where only `key=value` can go.
+    BareParameter(String),
+}
+
+impl std::fmt::Display for ArgumentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArgumentError::DebugFlag(d) => write!(f, "-D {d}: expected PLUGIN.FLAG=N"),
+            ArgumentError::DebugValue { flag, value } => {
+                write!(f, "-D {flag}: {value} is not a number")
+            }
+            ArgumentError::BareParameter(p) => {
+                write!(f, "expecting key=value on the command line but got: {p}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ArgumentError {}
+
 /// `-D layer.flag=N` settings as a map.
-pub fn debug_flags(flags: &[String]) -> Result<BTreeMap<String, i32>, String> {
+pub fn debug_flags(flags: &[String]) -> Result<BTreeMap<String, i32>, ArgumentError> {
     flags
         .iter()
         .map(|d| {
             let (k, v) = d
                 .split_once('=')
-                .ok_or_else(|| format!("-D {d}: expected PLUGIN.FLAG=N"))?;
-            if !k.contains('.') {
-                return Err(format!("-D {d}: expected PLUGIN.FLAG=N"));
-            }
-            let n = c_int(v).ok_or_else(|| format!("-D {d}: {v} is not a number"))?;
+                .filter(|(k, _)| k.contains('.'))
+                .ok_or_else(|| ArgumentError::DebugFlag(d.clone()))?;
+            let n = c_int(v).ok_or_else(|| ArgumentError::DebugValue {
+                flag: d.clone(),
+                value: v.to_string(),
+            })?;
             Ok((k.to_string(), n))
         })
         .collect()
@@ -451,7 +479,7 @@ fn is_key(k: &str) -> bool {
 pub fn plugin_params(
     params: &[String],
     magic: Option<&str>,
-) -> Result<Vec<(String, String)>, String> {
+) -> Result<Vec<(String, String)>, ArgumentError> {
     params
         .iter()
         .enumerate()
@@ -460,9 +488,7 @@ pub fn plugin_params(
             _ => match magic {
                 Some(key) => Ok((key.to_string(), p.clone())),
                 None if i == 0 => Ok(("script".to_string(), p.clone())),
-                None => Err(format!(
-                    "expecting key=value on the command line but got: {p}"
-                )),
+                None => Err(ArgumentError::BareParameter(p.clone())),
             },
         })
         .collect()
@@ -524,7 +550,7 @@ mod tests {
             vec![("script".into(), "s.py".into()), ("k".into(), "v".into())]
         );
         let e = plugin_params(&["s.py".into(), "extra".into()], None).unwrap_err();
-        assert!(e.contains("got: extra"), "{e}");
+        assert_eq!(e, ArgumentError::BareParameter("extra".into()));
     }
 
     #[test]

@@ -346,11 +346,11 @@ impl Source {
     }
 
     /// An error at `span` (a byte range of the text).
-    pub fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> Error {
+    pub fn error(&self, span: Option<Range<usize>>, message: impl std::fmt::Display) -> Error {
         Error {
             path: self.path.clone(),
             place: span.map(|s| self.line_col(s.start)),
-            message: message.into(),
+            message: message.to_string(),
         }
     }
 

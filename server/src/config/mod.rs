@@ -240,7 +240,7 @@ impl Settings {
     }
 
     /// `-D layer.flag=N` settings as a map.
-    pub fn debug_flags(&self) -> Result<BTreeMap<String, i32>, String> {
+    pub fn debug_flags(&self) -> Result<BTreeMap<String, i32>, command_line::ArgumentError> {
         command_line::debug_flags(&self.logging.debug)
     }
 

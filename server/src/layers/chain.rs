@@ -40,13 +40,6 @@ impl std::fmt::Display for ChainError {
 
 impl std::error::Error for ChainError {}
 
-/// Start-up and configuration files report errors as messages.
-impl From<ChainError> for String {
-    fn from(e: ChainError) -> String {
-        e.to_string()
-    }
-}
-
 /// Directories searched for plugins (`kind` = "plugin") or filters given
 /// by short name: `$NBDHOST_PLUGINDIR` or `$NBDHOST_FILTERDIR` if set,
 /// otherwise beside the executable, then the installed locations.
@@ -164,13 +157,8 @@ pub struct Layers {
 }
 
 impl Layers {
-    /// Load the plugin and filters named on the command line. The error
-    /// is a message: its caller (`cli::chain`) returns it as it is.
-    pub fn load(plugin: &str, filters: &[String]) -> Result<Layers, String> {
-        Layers::load_all(plugin, filters).map_err(String::from)
-    }
-
-    fn load_all(plugin: &str, filters: &[String]) -> Result<Layers, LoadError> {
+    /// Load the plugin and filters named on the command line.
+    pub fn load(plugin: &str, filters: &[String]) -> Result<Layers, LoadError> {
         let plugin = Plugin::load(&locate(plugin, "plugin")?)?;
         let filters = filters
             .iter()

@@ -19,11 +19,11 @@ use super::extents::ExtentCollector;
 use super::host::{call, table};
 use super::load_error::LoadError;
 use super::loader::{
-    field, layer_path, layer_string, shared_fields, LayerInfo, Library, Origin, Table,
+    field, layer_path, layer_string, shared_fields, LayerInfo, LayerTable, Library, Origin,
 };
 use crate::protocol::export::{ExportEntry, Extent};
 
-impl Table for abi::Filter {
+impl LayerTable for abi::Filter {
     const KIND: &'static str = "filter";
     const ENTRY: &'static str = abi::FILTER_ENTRY;
     type Entry = abi::FilterEntry;
@@ -110,7 +110,7 @@ impl Filter {
             let look = Arc::new(Connection::default());
             let export = next.default_export(&look, true, false)?;
             let export = CString::new(export).unwrap_or_default();
-            let below = OpenedNext::new(next.open(look.renamed(export), true)?);
+            let below = BelowHandle::new(next.open(look.renamed(export), true)?);
             // SAFETY: ABI callback with a next table whose handle lives until
             // `below` is dropped after the call.
             let r = self.lib.call(|| unsafe { f(&*below.abi) });
@@ -223,7 +223,7 @@ unsafe extern "C" fn next_default_export(
 }
 
 /// What `next->open` records while the filter's open runs.
-struct OpenSlot {
+struct NextOpenSlot {
     next: Arc<dyn Backend>,
     /// The connection the filter is being opened for; the layer below is
     /// opened for it too, under the export name the filter asks for.
@@ -236,9 +236,9 @@ unsafe extern "C" fn next_open(
     readonly: c_int,
     export: *const c_char,
 ) -> c_int {
-    // SAFETY: the server builds `this` around an `OpenSlot` that outlives the
+    // SAFETY: the server builds `this` around an `NextOpenSlot` that outlives the
     // filter's open call, the only time this function can run.
-    let slot = unsafe { &mut *(*this).opaque.cast::<OpenSlot>() };
+    let slot = unsafe { &mut *(*this).opaque.cast::<NextOpenSlot>() };
     let name = if export.is_null() {
         String::new()
     } else {
@@ -342,14 +342,14 @@ impl Backend for Layer {
                 next,
             )));
         };
-        let mut slot = OpenSlot {
+        let mut slot = NextOpenSlot {
             next: self.next.clone(),
             conn: conn.clone(),
             opened: None,
         };
         let opener = abi::NextOpen {
             struct_size: std::mem::size_of::<abi::NextOpen>() as u64,
-            opaque: (&mut slot as *mut OpenSlot).cast(),
+            opaque: (&mut slot as *mut NextOpenSlot).cast(),
             open: Some(next_open),
         };
         let export = conn.export_name.as_ptr();
@@ -381,7 +381,7 @@ impl Backend for Layer {
 }
 
 /// An open handle of the layer below, exposed as a `struct nbdhost_next`.
-struct OpenedNext {
+struct BelowHandle {
     /// Boxed so its address is stable, with `opaque` pointing at `handle`.
     abi: Box<abi::Next>,
     handle: Box<Box<dyn Handle>>,
@@ -396,7 +396,7 @@ struct FilterHandle {
     /// made for it.
     conn: Arc<Connection>,
     // Declared last: dropped after the filter's close callback has run.
-    next: OpenedNext,
+    next: BelowHandle,
 }
 
 // SAFETY: the filter handle is an opaque token; the thread model, enforced
@@ -408,7 +408,7 @@ unsafe impl Sync for FilterHandle {}
 /// Recover the next layer's handle from a `struct nbdhost_next`.
 ///
 /// # Safety
-/// `next` must be the `abi` table of a live `OpenedNext`.
+/// `next` must be the `abi` table of a live `BelowHandle`.
 unsafe fn next_of<'a>(next: *const abi::Next) -> &'a dyn Handle {
     // SAFETY: guaranteed by the caller: `opaque` points at the boxed handle.
     unsafe { &**(*next).opaque.cast::<Box<dyn Handle>>() }
@@ -615,8 +615,8 @@ unsafe extern "C" fn next_local_file(next: *const abi::Next) -> *const c_char {
     }
 }
 
-impl OpenedNext {
-    fn new(handle: Box<dyn Handle>) -> OpenedNext {
+impl BelowHandle {
+    fn new(handle: Box<dyn Handle>) -> BelowHandle {
         let handle = Box::new(handle);
         let abi = Box::new(abi::Next {
             struct_size: std::mem::size_of::<abi::Next>() as u64,
@@ -643,7 +643,7 @@ impl OpenedNext {
             cache: Some(next_cache),
             local_file: Some(next_local_file),
         });
-        OpenedNext { abi, handle }
+        BelowHandle { abi, handle }
     }
 }
 
@@ -658,7 +658,7 @@ impl FilterHandle {
             lib,
             handle,
             conn,
-            next: OpenedNext::new(next),
+            next: BelowHandle::new(next),
         }
     }
 

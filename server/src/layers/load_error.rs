@@ -214,9 +214,3 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-/// Start-up and configuration files report errors as messages.
-impl From<LoadError> for String {
-    fn from(e: LoadError) -> String {
-        e.to_string()
-    }
-}

@@ -57,7 +57,7 @@ macro_rules! field {
 }
 pub(crate) use field;
 
-/// The accessors of [`Table`] that read fields both structs have under
+/// The accessors of [`LayerTable`] that read fields both structs have under
 /// the same names, for struct type `$ty`.
 macro_rules! shared_fields {
     ($ty:ty) => {
@@ -102,7 +102,7 @@ pub struct Common {
 }
 
 /// A plugin or filter struct, as its entry point returns it.
-pub trait Table: Sync + 'static {
+pub trait LayerTable: Sync + 'static {
     /// "plugin" or "filter", for messages.
     const KIND: &'static str;
     /// The entry symbol.
@@ -135,7 +135,7 @@ pub trait Table: Sync + 'static {
 }
 
 /// A loaded shared object and its table.
-pub struct Library<T: Table> {
+pub struct Library<T: LayerTable> {
     table: &'static T,
     info: LayerInfo,
     /// Interned, so per-thread layer tracking can hold it.
@@ -230,7 +230,7 @@ pub enum Origin {
     Adapted { adapter: PathBuf, foreign: PathBuf },
 }
 
-impl<T: Table> Library<T> {
+impl<T: LayerTable> Library<T> {
     /// Load a layer from where it comes from.
     pub fn load(origin: &Origin) -> std::result::Result<Library<T>, LoadError> {
         match origin {
@@ -475,7 +475,7 @@ impl<T: Table> Library<T> {
     }
 }
 
-impl<T: Table> Drop for Library<T> {
+impl<T: LayerTable> Drop for Library<T> {
     fn drop(&mut self) {
         if !self.loaded {
             return;

@@ -19,11 +19,11 @@ use super::extents::ExtentCollector;
 use super::host::{call, table};
 use super::load_error::LoadError;
 use super::loader::{
-    field, layer_path, layer_string, shared_fields, LayerInfo, Library, Origin, Table,
+    field, layer_path, layer_string, shared_fields, LayerInfo, LayerTable, Library, Origin,
 };
 use crate::protocol::export::{ExportEntry, Extent};
 
-impl Table for abi::Plugin {
+impl LayerTable for abi::Plugin {
     const KIND: &'static str = "plugin";
     const ENTRY: &'static str = abi::PLUGIN_ENTRY;
     type Entry = abi::PluginEntry;

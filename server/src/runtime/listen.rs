@@ -166,10 +166,56 @@ impl Family {
     }
 }
 
+/// Why a listening socket could not be made.
+#[derive(Debug)]
+pub enum ListenError {
+    /// A host name to listen on did not resolve.
+    Resolve { host: String, source: io::Error },
+    /// Binding or listening on an address failed.
+    Bind { address: String, source: io::Error },
+    /// No address of the family asked for is left to listen on.
+    NoAddress { port: u16 },
+    /// The private socket's directory could not be made in `base`.
+    PrivateDirectory {
+        base: PathBuf,
+        source: Option<io::Error>,
+    },
+    /// A descriptor passed by socket activation is not a usable socket.
+    Activated { fd: RawFd, source: io::Error },
+}
+
+impl std::fmt::Display for ListenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenError::Resolve { host, source } => write!(f, "cannot resolve {host}: {source}"),
+            ListenError::Bind { address, source } => {
+                write!(f, "cannot listen on {address}: {source}")
+            }
+            ListenError::NoAddress { port } => write!(f, "no address to listen on for port {port}"),
+            ListenError::PrivateDirectory {
+                base,
+                source: Some(e),
+            } => write!(
+                f,
+                "cannot create a private socket directory in {}: {e}",
+                base.display()
+            ),
+            ListenError::PrivateDirectory { source: None, .. } => {
+                f.write_str("cannot create a private socket directory")
+            }
+            ListenError::Activated { fd, source } => {
+                write!(f, "socket activation: fd {fd}: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ListenError {}
+
 /// Bind TCP listeners on `port`: on `ipaddr` if given, otherwise on the
 /// IPv4 and IPv6 wildcard addresses (IPv6 may be missing on the host);
 /// only those of `family`.
-pub fn tcp(ipaddr: Option<&str>, port: u16, family: Family) -> Result<Vec<Listener>, String> {
+pub fn tcp(ipaddr: Option<&str>, port: u16, family: Family) -> Result<Vec<Listener>, ListenError> {
     let addrs: Vec<SocketAddr> = match ipaddr {
         Some(a) => {
             let host = a.trim_start_matches('[').trim_end_matches(']');
@@ -177,7 +223,10 @@ pub fn tcp(ipaddr: Option<&str>, port: u16, family: Family) -> Result<Vec<Listen
                 Ok(ip) => vec![SocketAddr::new(ip, port)],
                 Err(_) => (host, port)
                     .to_socket_addrs()
-                    .map_err(|e| format!("cannot resolve {a}: {e}"))?
+                    .map_err(|source| ListenError::Resolve {
+                        host: a.to_string(),
+                        source,
+                    })?
                     .collect(),
             }
         }
@@ -198,18 +247,23 @@ pub fn tcp(ipaddr: Option<&str>, port: u16, family: Family) -> Result<Vec<Listen
             {
                 log::debug!("not listening on {a}: {e}");
             }
-            Err(e) => last_err = Some(format!("cannot listen on {a}: {e}")),
+            Err(source) => {
+                last_err = Some(ListenError::Bind {
+                    address: a.to_string(),
+                    source,
+                })
+            }
         }
     }
     match last_err {
         Some(e) => Err(e),
-        None if out.is_empty() => Err(format!("no address to listen on for port {port}")),
+        None if out.is_empty() => Err(ListenError::NoAddress { port }),
         None => Ok(out),
     }
 }
 
 /// Bind a Unix socket at `path`, replacing a stale socket file.
-pub fn unix(path: &Path) -> Result<Listener, String> {
+pub fn unix(path: &Path) -> Result<Listener, ListenError> {
     if let Ok(md) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if md.file_type().is_socket() {
@@ -218,13 +272,16 @@ pub fn unix(path: &Path) -> Result<Listener, String> {
     }
     UnixListener::bind(path)
         .map(Listener::Unix)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+        .map_err(|source| ListenError::Bind {
+            address: path.display().to_string(),
+            source,
+        })
 }
 
 /// Listen on AF_VSOCK `port` for any context id (`--vsock`), so that
 /// guests reach the host at CID 2 and the host itself at CID 1 where the
 /// kernel has vsock loopback.
-pub fn vsock(port: u32) -> Result<Listener, String> {
+pub fn vsock(port: u32) -> Result<Listener, ListenError> {
     let bind = || -> io::Result<socket2::Socket> {
         let s = socket2::Socket::new(socket2::Domain::VSOCK, socket2::Type::STREAM, None)?;
         s.set_nonblocking(true)?;
@@ -234,7 +291,10 @@ pub fn vsock(port: u32) -> Result<Listener, String> {
     };
     bind()
         .map(Listener::Vsock)
-        .map_err(|e| format!("cannot listen on vsock port {port}: {e}"))
+        .map_err(|source| ListenError::Bind {
+            address: format!("vsock port {port}"),
+            source,
+        })
 }
 
 /// A private directory holding a socket, for `-U -` and `--run`.
@@ -245,7 +305,7 @@ pub struct PrivateSocket {
 
 impl PrivateSocket {
     /// Create a fresh directory only we can enter.
-    pub fn new() -> Result<PrivateSocket, String> {
+    pub fn new() -> Result<PrivateSocket, ListenError> {
         let base = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
         for n in 0..100u32 {
             let dir = base.join(format!("nbdhost{}-{n}", std::process::id()));
@@ -258,14 +318,14 @@ impl PrivateSocket {
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
-                    return Err(format!(
-                        "cannot create a private socket directory in {}: {e}",
-                        base.display()
-                    ))
+                    return Err(ListenError::PrivateDirectory {
+                        base,
+                        source: Some(e),
+                    })
                 }
             }
         }
-        Err("cannot create a private socket directory".into())
+        Err(ListenError::PrivateDirectory { base, source: None })
     }
 }
 
@@ -278,7 +338,7 @@ impl Drop for PrivateSocket {
 
 /// Listeners passed by systemd socket activation (`LISTEN_PID` and
 /// `LISTEN_FDS`), or `None` if we were not socket-activated.
-pub fn socket_activation() -> Option<Result<Vec<Listener>, String>> {
+pub fn socket_activation() -> Option<Result<Vec<Listener>, ListenError>> {
     let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
     if pid != std::process::id() {
         return None;
@@ -294,10 +354,10 @@ pub fn socket_activation() -> Option<Result<Vec<Listener>, String>> {
         let sock = unsafe { socket2::Socket::from_raw_fd(fd) };
         let addr = match sock.local_addr() {
             Ok(a) => a,
-            Err(e) => return Some(Err(format!("socket activation: fd {fd}: {e}"))),
+            Err(source) => return Some(Err(ListenError::Activated { fd, source })),
         };
-        if let Err(e) = sock.set_nonblocking(true) {
-            return Some(Err(format!("socket activation: fd {fd}: {e}")));
+        if let Err(source) = sock.set_nonblocking(true) {
+            return Some(Err(ListenError::Activated { fd, source }));
         }
         if addr.is_unix() {
             out.push(Listener::Unix(UnixListener::from_std(sock.into())));

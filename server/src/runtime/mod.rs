@@ -21,6 +21,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::layers::host::shutdown;
+use crate::serving::build::ReloadError;
 use crate::serving::Serving;
 use event_loop::EventLoop;
 use listen::{Listener, Stream};
@@ -64,7 +65,7 @@ pub struct StopOn {
 pub trait Reload {
     /// Build a new [`Serving`] from the same source, or say why the
     /// source was refused (the old one then stays in force).
-    fn reload(&mut self) -> Result<Serving, String>;
+    fn reload(&mut self) -> Result<Serving, ReloadError>;
 }
 
 /// Why the server stopped.
@@ -90,7 +91,7 @@ pub(crate) struct Loops {
     load: Vec<AtomicUsize>,
     max_connections: usize,
     next_id: AtomicU64,
-    events: Mutex<mpsc::Sender<Event>>,
+    events: Mutex<mpsc::Sender<Wakeup>>,
 }
 
 impl Loops {
@@ -107,12 +108,12 @@ impl Loops {
             .events
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send(Event::StdioDone);
+            .send(Wakeup::StdioDone);
     }
 }
 
 /// What the main thread waits for.
-enum Event {
+enum Wakeup {
     Signal(i32),
     Child(i32),
     StdioDone,
@@ -124,7 +125,7 @@ enum Event {
 /// server outlives its client. SIGTERM is passed on to the command (a
 /// terminal's SIGINT has reached it already, through the process group);
 /// then the command's exit, or a second signal, ends the wait.
-fn wait_for_run(rx: &mpsc::Receiver<Event>, pid: u32, signal: i32) -> Exit {
+fn wait_for_run(rx: &mpsc::Receiver<Wakeup>, pid: u32, signal: i32) -> Exit {
     log::info!("signal {signal} received, waiting for the --run command to exit");
     if signal == SIGTERM {
         if let Ok(pid) = libc::pid_t::try_from(pid) {
@@ -136,15 +137,15 @@ fn wait_for_run(rx: &mpsc::Receiver<Event>, pid: u32, signal: i32) -> Exit {
     }
     loop {
         match rx.recv() {
-            Ok(Event::Child(code)) => {
+            Ok(Wakeup::Child(code)) => {
                 log::debug!("--run command exited with status {code}");
                 return Exit::Child(code);
             }
-            Ok(Event::Signal(s)) => {
+            Ok(Wakeup::Signal(s)) => {
                 log::info!("signal {s} received again, shutting down");
                 return Exit::Normal;
             }
-            Ok(Event::Requested | Event::StdioDone) => {}
+            Ok(Wakeup::Requested | Wakeup::StdioDone) => {}
             Err(_) => return Exit::Normal,
         }
     }
@@ -217,7 +218,7 @@ pub fn serve(
         .name("signals".into())
         .spawn(move || {
             for s in signals.forever() {
-                if signal_tx.send(Event::Signal(s)).is_err() {
+                if signal_tx.send(Wakeup::Signal(s)).is_err() {
                     return;
                 }
             }
@@ -238,7 +239,7 @@ pub fn serve(
                         1
                     }
                 };
-                let _ = tx.send(Event::Child(code));
+                let _ = tx.send(Wakeup::Child(code));
             })?;
     }
     let requested = Mutex::new(tx.clone());
@@ -246,7 +247,7 @@ pub fn serve(
         let _ = requested
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send(Event::Requested);
+            .send(Wakeup::Requested);
     })));
     drop(tx);
 
@@ -271,7 +272,7 @@ pub fn serve(
 
     let exit = loop {
         let event = rx.recv();
-        if let (Ok(Event::Signal(SIGHUP)), Some(source)) = (&event, reload.as_mut()) {
+        if let (Ok(Wakeup::Signal(SIGHUP)), Some(source)) = (&event, reload.as_mut()) {
             match source.reload() {
                 Ok(new) => {
                     *loops.serving.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
@@ -282,22 +283,22 @@ pub fn serve(
             continue;
         }
         break match event {
-            Ok(Event::Signal(s)) => match run_pid {
+            Ok(Wakeup::Signal(s)) => match run_pid {
                 Some(pid) => wait_for_run(&rx, pid, s),
                 None => {
                     log::info!("signal {s} received, shutting down");
                     Exit::Normal
                 }
             },
-            Ok(Event::Child(code)) => {
+            Ok(Wakeup::Child(code)) => {
                 log::debug!("--run command exited with status {code}");
                 Exit::Child(code)
             }
-            Ok(Event::Requested) => {
+            Ok(Wakeup::Requested) => {
                 log::debug!("a layer asked for the shutdown");
                 Exit::Normal
             }
-            Ok(Event::StdioDone) | Err(_) => Exit::Normal,
+            Ok(Wakeup::StdioDone) | Err(_) => Exit::Normal,
         };
     };
     shutdown::on_shutdown_request(None);

@@ -4,6 +4,9 @@
 //! asks for this name" in one place; `runtime` only moves the calls
 //! between threads and sockets.
 //!
+//! - [`build`]: the table built from the settings (the command line's
+//!   one chain, or a configuration file's exports), and built again from
+//!   the same source on a reload;
 //! - [`access`]: who may see and open an export (TLS, PSK users, DNs);
 //! - [`client`]: the connection a query is answered for, as one value;
 //! - [`table`]: the exports by name, and routing a query: answered by the
@@ -15,6 +18,7 @@
 //!   new connections get them (a reload replaces it).
 
 pub mod access;
+pub mod build;
 pub mod calls;
 pub mod chain;
 pub mod client;

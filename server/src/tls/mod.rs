@@ -90,13 +90,6 @@ impl std::fmt::Display for TlsError {
 
 impl std::error::Error for TlsError {}
 
-/// Start-up reports errors as messages.
-impl From<TlsError> for String {
-    fn from(e: TlsError) -> String {
-        e.to_string()
-    }
-}
-
 fn strerror(code: c_int) -> String {
     // SAFETY: gnutls_strerror returns a static string for any code.
     unsafe { CStr::from_ptr(ffi::gnutls_strerror(code)) }

@@ -8,14 +8,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::access::Access;
+use super::chain::Chain;
+use super::table::{Export, Name, Table};
 use crate::config::file::{self, ConfigFile, Error, Source};
 use crate::config::Settings;
 use crate::layers::chain::Layers;
 use crate::protocol::export::ExportPolicy;
 use crate::protocol::handshake::TlsMode;
-use crate::serving::access::Access;
-use crate::serving::chain::Chain;
-use crate::serving::table::{Export, Name, Table};
 
 /// What is served, and where it came from.
 pub enum Exports {
@@ -57,11 +57,40 @@ impl Exports {
     /// what changed. Exports whose declaration is unchanged keep their
     /// chains; new and changed ones are loaded, configured and started
     /// (`after_fork`) as at start-up. On an error nothing changes.
-    pub fn reload(&mut self) -> Result<(), String> {
+    pub fn reload(&mut self) -> Result<(), ReloadError> {
         match self {
             Exports::Plugin { .. } => Ok(()),
             Exports::File(f) => f.reload(),
         }
+    }
+}
+
+/// Why a reload keeps what is served as it was.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The file cannot be read, or declares something it may not.
+    Config(Error),
+    /// A new or changed export's layers refused to start.
+    AfterFork {
+        export: String,
+        source: nbdhost_plugin_api::Error,
+    },
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Config(e) => e.fmt(f),
+            ReloadError::AfterFork { export, source } => write!(f, "export '{export}': {source}"),
+        }
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
+impl From<Error> for ReloadError {
+    fn from(e: Error) -> ReloadError {
+        ReloadError::Config(e)
     }
 }
 
@@ -154,10 +183,10 @@ impl FileExports {
     }
 
     /// See [`Exports::reload`].
-    fn reload(&mut self) -> Result<(), String> {
+    fn reload(&mut self) -> Result<(), ReloadError> {
         let path = &self.path;
-        let source = Source::read(path).map_err(|e| e.to_string())?;
-        let parsed = source.parse().map_err(|e| e.to_string())?;
+        let source = Source::read(path)?;
+        let parsed = source.parse()?;
         if fixed(&parsed.server) != self.server {
             log::warn!(
                 "{}: changes to [server] take effect when the server is restarted",
@@ -165,14 +194,16 @@ impl FileExports {
             );
         }
         self.context.reloading = true;
-        let (exports, default) =
-            build(&source, &parsed, &self.context, &self.exports).map_err(|e| e.to_string())?;
+        let (exports, default) = build(&source, &parsed, &self.context, &self.exports)?;
         for (_, e) in &exports {
             if !self.exports.iter().any(|(_, c)| Arc::ptr_eq(c, e)) {
                 e.chain
                     .backend
                     .after_fork()
-                    .map_err(|err| format!("export '{}': {err}", e.name))?;
+                    .map_err(|source| ReloadError::AfterFork {
+                        export: e.name.to_string(),
+                        source,
+                    })?;
             }
         }
         log::info!(
