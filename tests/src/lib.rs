@@ -317,6 +317,11 @@ pub fn nbdhost_bin() -> PathBuf {
     existing(target_dir().join("nbdhost"))
 }
 
+/// Path of the `nbdhost-keys` binary (tools/keys), built first if need be.
+pub fn keys_bin() -> PathBuf {
+    existing(target_dir().join("nbdhost-keys"))
+}
+
 /// Where the tests find `file`, a plugin or filter: in
 /// `$NBDHOST_TEST_PLUGINDIR` / `…FILTERDIR` (`kind` "plugin" or "filter")
 /// when testing an installed server (see `scripts/check-installed`), and
