@@ -113,6 +113,7 @@ install: build
 		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3 $(DESTDIR)$(MANDIR)/man5 \
 		$(DESTDIR)$(SYSTEMDUNITDIR)
 	install -m 0755 $(OUT)/nbdhost $(DESTDIR)$(BINDIR)/nbdhost
+	install -m 0755 $(OUT)/nbdhost-keys $(DESTDIR)$(BINDIR)/nbdhost-keys
 	for p in $(PLUGINS); do \
 		install -m 0644 $(OUT)/lib$${p}plugin.so $(DESTDIR)$(PLUGINDIR)/ || exit 1; done
 	for f in $(FILTERS); do \
@@ -127,7 +128,7 @@ install: build
 	$(SUBST) systemd/nbdhost.service.in >$(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.service
 
 uninstall:
-	rm -f $(DESTDIR)$(BINDIR)/nbdhost
+	rm -f $(DESTDIR)$(BINDIR)/nbdhost $(DESTDIR)$(BINDIR)/nbdhost-keys
 	rm -rf $(DESTDIR)$(LIBDIR)/nbdhost
 	rm -f $(DESTDIR)$(INCLUDEDIR)/nbdhost-plugin.h $(DESTDIR)$(INCLUDEDIR)/nbdhost-filter.h
 	rm -f $(DESTDIR)$(PKGCONFIGDIR)/nbdhost.pc
