@@ -162,6 +162,44 @@ fn psk_add_makes_a_psktool_file_that_qemu_nbdinfo_and_nbdcopy_use_as_printed() {
 }
 
 #[test]
+fn printed_lines_quote_paths_and_user_names_for_the_shell_qemu_and_uris() {
+    if missing(&["qemu-img", "nbdinfo"]) {
+        return;
+    }
+    let dir = TempDir::new("keys-quote");
+    // A space, a comma (qemu's separator), a quote (the shell's) and a
+    // percent sign (the URI's escape).
+    let kdir = dir.path("a b,c'd%");
+    let file = kdir.join("keys.psk");
+    keys_ok(&["psk", "add", s(&kdir)]);
+    let server = tcp_server(&[
+        "--tls=require",
+        &format!("--tls-psk={}", s(&file)),
+        "memory",
+        "1M",
+    ]);
+    let out = keys_ok(&[
+        "psk",
+        "add",
+        "--user",
+        "back up%",
+        "--port",
+        &port(&server),
+        s(&kdir),
+    ]);
+    let lines = printed_clients(&out);
+    let wanted = ["qemu-img ", "nbdinfo "];
+    for line in lines
+        .iter()
+        .filter(|l| wanted.iter().any(|w| l.starts_with(w)))
+    {
+        let o = sh(line, &dir.0);
+        assert!(o.status.success(), "{line}:\n{}", text(&o));
+    }
+    assert!(server.stop().success());
+}
+
+#[test]
 fn psk_list_prints_the_user_names_only() {
     let dir = TempDir::new("keys-list");
     let k = dir.path("k");
