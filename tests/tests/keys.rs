@@ -189,10 +189,12 @@ fn printed_lines_quote_paths_and_user_names_for_the_shell_qemu_and_uris() {
     ]);
     let lines = printed_clients(&out);
     let wanted = ["qemu-img ", "nbdinfo "];
-    for line in lines
+    let lines: Vec<&String> = lines
         .iter()
         .filter(|l| wanted.iter().any(|w| l.starts_with(w)))
-    {
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for line in lines {
         let o = sh(line, &dir.0);
         assert!(o.status.success(), "{line}:\n{}", text(&o));
     }
