@@ -63,7 +63,8 @@ pub fn create(layout: &Layout, new: &NewCa) -> Result<OffsetDateTime, Error> {
         .map_err(sign_err("CA certificate"))?;
 
     // The key first: a certificate without its key is of no use, a key
-    // without its certificate is harmless and replaced by a rerun.
+    // without its certificate is harmless (a rerun with --force replaces
+    // it).
     let key_pem = keyfile::to_pem(&key, new.passphrase)?;
     files::write_atomic(&layout.ca(CA_KEY), key_pem.as_bytes(), Kind::Secret)?;
     files::write_atomic(&layout.ca(CA_CERT), cert.pem().as_bytes(), Kind::Public)?;

@@ -256,7 +256,7 @@ fn xml(s: &str) -> String {
 
 /// `s` as one word for a POSIX shell: as it is when it needs no quotes,
 /// otherwise in single quotes.
-pub fn sh(s: &str) -> String {
+fn sh(s: &str) -> String {
     let plain = !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./:=,@%+".contains(&b));
