@@ -193,6 +193,11 @@ fn user_ids(user: &str) -> Result<(libc::uid_t, Option<libc::gid_t>), ProcessErr
     Ok((uid, gid))
 }
 
+/// The uid `-u USER` makes the server run as.
+pub fn uid_of(user: &str) -> Result<libc::uid_t, ProcessError> {
+    user_ids(user).map(|(uid, _)| uid)
+}
+
 /// A group's id from its name or number.
 fn group_id(group: &str) -> Result<libc::gid_t, ProcessError> {
     let name = std::ffi::CString::new(group)

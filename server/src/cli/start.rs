@@ -192,6 +192,12 @@ fn read_credentials(
         cert_dir: t.certificates.clone(),
         verify_peer: t.verify_peer,
         priority: t.priority.clone(),
+        run_as: settings
+            .process
+            .user
+            .as_deref()
+            .map(process::uid_of)
+            .transpose()?,
     };
     Ok(Some(Arc::new(tls::TlsConfig::load(&opts)?)))
 }

@@ -1,12 +1,15 @@
-//! The server's TLS credentials and policy, loaded once and shared by
-//! every connection that starts TLS.
+//! The server's TLS credentials and policy, shared by every connection
+//! that starts TLS. The PSK file is read again for every PSK handshake
+//! (`psk`), the certificate directory whenever its files change
+//! (`certificates`).
 
 use std::ffi::{c_char, CString};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Once;
 
-use super::{check, cpath, ffi, psk, TlsError};
+use super::certificates::CertificateDir;
+use super::key_file::{self, KeyOwner};
+use super::{check, ffi, psk, TlsError};
 
 /// What `--tls-*` asked for.
 #[derive(Debug, Clone, Default)]
@@ -15,44 +18,24 @@ pub struct TlsOptions {
     pub cert_dir: Option<PathBuf>,
     pub verify_peer: bool,
     pub priority: Option<String>,
+    /// The user `-u` makes the server run as, who may own key files.
+    pub run_as: Option<u32>,
 }
 
 /// Credentials and policy shared by every TLS connection.
 pub struct TlsConfig {
     pub(super) psk: Option<ffi::Cred>,
-    pub(super) cert: Option<ffi::Cred>,
+    pub(super) certificates: Option<CertificateDir>,
     pub(super) priority: ffi::Priority,
     pub(super) verify_peer: bool,
 }
 
-// SAFETY: GnuTLS credentials and priority caches may be shared by sessions
-// on any thread once set up; nothing here changes them afterwards.
+// SAFETY: GnuTLS PSK credentials and priority caches may be shared by
+// sessions on any thread once set up; nothing here changes them
+// afterwards (the certificate sets are their own, behind a lock).
 unsafe impl Send for TlsConfig {}
 // SAFETY: as above.
 unsafe impl Sync for TlsConfig {}
-
-/// Refuse a secret file others can read; warn if the group can.
-fn check_secret_file(p: &Path) -> Result<(), TlsError> {
-    let md = std::fs::metadata(p).map_err(|error| TlsError::File {
-        path: p.to_path_buf(),
-        error,
-    })?;
-    let mode = md.permissions().mode();
-    if mode & 0o004 != 0 {
-        return Err(TlsError::ReadableByOthers {
-            path: p.to_path_buf(),
-            mode: mode & 0o777,
-        });
-    }
-    if mode & 0o040 != 0 {
-        log::warn!(
-            "{} is readable by its group (mode {:o})",
-            p.display(),
-            mode & 0o777
-        );
-    }
-    Ok(())
-}
 
 /// The default certificate directory for root.
 pub const ROOT_CERT_DIR: &str = "/etc/pki/nbdhost";
@@ -80,12 +63,13 @@ impl TlsConfig {
         });
         let mut cfg = TlsConfig {
             psk: None,
-            cert: None,
+            certificates: None,
             priority: std::ptr::null_mut(),
             verify_peer: opts.verify_peer,
         };
+        let owner = KeyOwner::new(opts.run_as);
         if let Some(file) = &opts.psk_file {
-            check_secret_file(file)?;
+            key_file::check(file, owner)?;
             psk::install(file)?;
             let mut c: ffi::Cred = std::ptr::null_mut();
             // SAFETY: allocation into our local; freed in Drop.
@@ -103,7 +87,7 @@ impl TlsConfig {
             (None, Some(_)) => None,
         };
         if let Some(dir) = cert_dir {
-            cfg.cert = Some(load_certificates(&dir, opts.verify_peer)?);
+            cfg.certificates = Some(CertificateDir::load(&dir, opts.verify_peer, owner)?);
         } else if opts.verify_peer {
             return Err(TlsError::VerifyPeerNeedsCertificates);
         }
@@ -128,67 +112,6 @@ impl TlsConfig {
     }
 }
 
-fn load_certificates(dir: &Path, verify_peer: bool) -> Result<ffi::Cred, TlsError> {
-    let cert = dir.join("server-cert.pem");
-    let key = dir.join("server-key.pem");
-    let ca = dir.join("ca-cert.pem");
-    let crl = dir.join("ca-crl.pem");
-    for f in [&cert, &key] {
-        if !f.exists() {
-            return Err(TlsError::NotFound(f.clone()));
-        }
-    }
-    check_secret_file(&key)?;
-    let mut c: ffi::Cred = std::ptr::null_mut();
-    // SAFETY: allocation into our local.
-    check(
-        unsafe { ffi::gnutls_certificate_allocate_credentials(&mut c) },
-        "certificate credentials",
-    )?;
-    let fail = |e: TlsError| {
-        // SAFETY: freeing what we just allocated, once.
-        unsafe { ffi::gnutls_certificate_free_credentials(c) };
-        e
-    };
-    let gnutls = |what: String, code| TlsError::Gnutls { what, code };
-    if ca.exists() {
-        // SAFETY: `c` is live and the path a valid C string.
-        let r = unsafe {
-            ffi::gnutls_certificate_set_x509_trust_file(c, cpath(&ca)?.as_ptr(), ffi::X509_FMT_PEM)
-        };
-        if r < 0 {
-            return Err(fail(gnutls(ca.display().to_string(), r)));
-        }
-    } else if verify_peer {
-        return Err(fail(TlsError::VerifyPeerNeedsCa(ca)));
-    }
-    if crl.exists() {
-        // SAFETY: as above.
-        let r = unsafe {
-            ffi::gnutls_certificate_set_x509_crl_file(c, cpath(&crl)?.as_ptr(), ffi::X509_FMT_PEM)
-        };
-        if r < 0 {
-            return Err(fail(gnutls(crl.display().to_string(), r)));
-        }
-    }
-    // SAFETY: as above.
-    let r = unsafe {
-        ffi::gnutls_certificate_set_x509_key_file(
-            c,
-            cpath(&cert)?.as_ptr(),
-            cpath(&key)?.as_ptr(),
-            ffi::X509_FMT_PEM,
-        )
-    };
-    if r < 0 {
-        return Err(fail(gnutls(
-            format!("{} and {}", cert.display(), key.display()),
-            r,
-        )));
-    }
-    Ok(c)
-}
-
 impl Drop for TlsConfig {
     fn drop(&mut self) {
         // SAFETY: each object was allocated in `load` and is freed once,
@@ -196,9 +119,6 @@ impl Drop for TlsConfig {
         unsafe {
             if let Some(c) = self.psk {
                 ffi::gnutls_psk_free_server_credentials(c);
-            }
-            if let Some(c) = self.cert {
-                ffi::gnutls_certificate_free_credentials(c);
             }
             if !self.priority.is_null() {
                 ffi::gnutls_priority_deinit(self.priority);

@@ -4,9 +4,11 @@
 //! thread ever blocks on a TLS socket.
 
 use std::ffi::{c_int, c_uint, c_void, CStr};
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use super::certificates::Certificates;
 use super::config::TlsConfig;
 use super::{check, ffi, psk, TlsError};
 use crate::session::{PeerIdentity, TlsEngine, TlsEngineError, TlsFactory, TlsHandshake, TlsRead};
@@ -59,6 +61,9 @@ pub struct GnutlsEngine {
     attempted_user: Option<String>,
     /// Writes are being gathered into full records.
     corked: bool,
+    /// The certificate set the session was started with, kept until the
+    /// session is deinitialised, whatever set later connections get.
+    certificates: Option<Arc<Certificates>>,
 }
 
 impl GnutlsEngine {
@@ -70,19 +75,22 @@ impl GnutlsEngine {
             unsafe { ffi::gnutls_init(&mut s, ffi::SERVER | ffi::NONBLOCK) },
             "gnutls_init",
         )?;
+        let certificates = cfg.certificates.as_ref().map(|d| d.current());
         let session = GnutlsEngine {
             session: s,
-            verify_peer: cfg.verify_peer && cfg.cert.is_some(),
+            verify_peer: cfg.verify_peer && certificates.is_some(),
             attempted_user: None,
             corked: false,
+            certificates,
             io: Box::new(Io {
                 session: s,
                 incoming: BytesMut::new(),
                 outgoing: BytesMut::new(),
             }),
         };
-        // SAFETY: the session is live; the credentials and priority outlive
-        // it (the config is dropped after every connection); the transport
+        // SAFETY: the session is live; the PSK credentials and priority
+        // outlive it (the config is dropped after every connection), and it
+        // holds its certificate set until Drop; the transport
         // pointer is the boxed Io, whose address is stable until Drop.
         unsafe {
             check(ffi::gnutls_priority_set(s, cfg.priority), "priority")?;
@@ -92,9 +100,9 @@ impl GnutlsEngine {
                     "PSK credentials",
                 )?;
             }
-            if let Some(c) = cfg.cert {
+            if let Some(c) = &session.certificates {
                 check(
-                    ffi::gnutls_credentials_set(s, ffi::CRD_CERTIFICATE, c),
+                    ffi::gnutls_credentials_set(s, ffi::CRD_CERTIFICATE, c.cred()),
                     "certificates",
                 )?;
                 if cfg.verify_peer {
@@ -326,20 +334,26 @@ impl TlsEngine for GnutlsEngine {
 
 impl Drop for GnutlsEngine {
     fn drop(&mut self) {
-        // SAFETY: freed once; the transport buffers outlive this call.
+        // SAFETY: freed once; the transport buffers and the certificate
+        // set (fields, dropped after this) outlive this call.
         unsafe { ffi::gnutls_deinit(self.session) };
     }
 }
 
 /// Name the reasons in a certificate verification status.
 pub(super) fn describe_status(status: c_uint) -> String {
-    const REASONS: [(c_uint, &str); 7] = [
+    const REASONS: [(c_uint, &str); 9] = [
         (1 << 5, "revoked"),
         (1 << 6, "issuer unknown"),
         (1 << 7, "issuer is not a CA"),
         (1 << 8, "insecure algorithm"),
         (1 << 9, "not yet valid"),
         (1 << 10, "expired"),
+        (
+            1 << 12,
+            "revocation data superseded (the CRL's next update has passed)",
+        ),
+        (1 << 13, "revocation data issued in the future"),
         (1 << 1, "not trusted"),
     ];
     let reasons: Vec<&str> = REASONS

@@ -7,6 +7,7 @@ pub type Session = *mut c_void;
 pub type Cred = *mut c_void;
 pub type Priority = *mut c_void;
 pub type Crt = *mut c_void;
+pub type Crl = *mut c_void;
 
 #[repr(C)]
 pub struct Datum {
@@ -82,6 +83,12 @@ extern "C" {
     pub fn gnutls_x509_crt_import(crt: Crt, data: *const Datum, fmt: c_int) -> c_int;
     pub fn gnutls_x509_crt_get_dn(crt: Crt, buf: *mut c_char, size: *mut usize) -> c_int;
     pub fn gnutls_x509_crt_get_issuer_dn(crt: Crt, buf: *mut c_char, size: *mut usize) -> c_int;
+    pub fn gnutls_x509_crt_get_activation_time(crt: Crt) -> libc::time_t;
+    pub fn gnutls_x509_crt_get_expiration_time(crt: Crt) -> libc::time_t;
+    pub fn gnutls_x509_crl_init(crl: *mut Crl) -> c_int;
+    pub fn gnutls_x509_crl_deinit(crl: Crl);
+    pub fn gnutls_x509_crl_import(crl: Crl, data: *const Datum, fmt: c_int) -> c_int;
+    pub fn gnutls_x509_crl_get_next_update(crl: Crl) -> libc::time_t;
 
     pub fn gnutls_transport_set_ptr(session: Session, ptr: *mut c_void);
     pub fn gnutls_transport_set_push_function(session: Session, f: PushFn);

@@ -1,13 +1,16 @@
 //! TLS over GnuTLS, terminated once for every plugin.
 //!
-//! The server's credentials are loaded once ([`TlsConfig`]); each
+//! The server's credentials are loaded at start ([`TlsConfig`]) and
+//! followed as their files change; each
 //! connection that sends STARTTLS gets an engine over in-memory buffers, so
 //! encrypted and plain connections share the event loops and their code
 //! path. The GnuTLS functions used are declared by hand in `ffi`.
 
+mod certificates;
 mod config;
 mod engine;
 mod ffi;
+mod key_file;
 pub mod psk;
 
 use std::ffi::{c_int, CStr, CString};
@@ -30,8 +33,18 @@ pub enum TlsError {
     },
     /// A path cannot be passed to GnuTLS.
     NulInPath(PathBuf),
-    /// A secret file that users other than its owner's group can read.
-    ReadableByOthers { path: PathBuf, mode: u32 },
+    /// A key file that gives other users access.
+    OpenToOthers { path: PathBuf, mode: u32 },
+    /// A key file owned by neither root nor the user the server runs as.
+    KeyFileOwner {
+        path: PathBuf,
+        owner: u32,
+        runs_as: u32,
+    },
+    /// The server certificate has expired.
+    Expired { path: PathBuf, on: String },
+    /// The server certificate is not valid yet.
+    NotYetValid { path: PathBuf, from: String },
     /// A certificate or key file that is not there.
     NotFound(PathBuf),
     /// The PSK file is not in psktool's format.
@@ -58,9 +71,31 @@ impl std::fmt::Display for TlsError {
             TlsError::Gnutls { what, code } => write!(f, "{what}: {}", strerror(*code)),
             TlsError::File { path, error } => write!(f, "{}: {error}", path.display()),
             TlsError::NulInPath(path) => write!(f, "{}: NUL in path", path.display()),
-            TlsError::ReadableByOthers { path, mode } => write!(
+            TlsError::OpenToOthers { path, mode } => write!(
                 f,
-                "{} is readable by other users (mode {mode:o}); run chmod o-rwx on it",
+                "{} is {} other users (mode {mode:o}); run chmod o-rwx on it",
+                path.display(),
+                if mode & 0o004 != 0 {
+                    "readable by"
+                } else {
+                    "open to"
+                }
+            ),
+            TlsError::KeyFileOwner {
+                path,
+                owner,
+                runs_as,
+            } => write!(
+                f,
+                "{} is owned by uid {owner}: a key file must belong to root or to the user the server runs as (uid {runs_as})",
+                path.display()
+            ),
+            TlsError::Expired { path, on } => {
+                write!(f, "{}: the server certificate expired on {on}", path.display())
+            }
+            TlsError::NotYetValid { path, from } => write!(
+                f,
+                "{}: the server certificate is not valid until {from}",
                 path.display()
             ),
             TlsError::NotFound(path) => {
