@@ -24,7 +24,8 @@ use error::CliError;
 /// Run nbdhost with the process's arguments; returns the exit status.
 pub fn main() -> i32 {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let settings = match Settings::from_args(&argv) {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    let settings = match Settings::from_args(&argv, credentials.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("nbdhost: error: {e}");

@@ -10,7 +10,7 @@ pub mod file;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -139,7 +139,33 @@ pub struct Tls {
     pub priority: Option<String>,
 }
 
+/// The PSK file's name in a directory of keys, as qemu's
+/// `tls-creds-psk,dir=` and systemd credentials have it.
+pub const PSK_FILE_NAME: &str = "keys.psk";
+
 impl Tls {
+    /// Find the credentials where users keep them: `--tls-psk=DIR` means
+    /// `DIR/keys.psk`; with neither `--tls-psk` nor `--tls-certificates`,
+    /// the credentials systemd passed (`LoadCredential=`) in
+    /// `credentials`: `keys.psk` and, with `server-cert.pem`, the
+    /// directory as the certificate directory.
+    pub fn locate(&mut self, credentials: Option<&Path>) {
+        if let Some(p) = &self.psk {
+            if p.is_dir() {
+                self.psk = Some(p.join(PSK_FILE_NAME));
+            }
+        }
+        if let (None, None, Some(dir)) = (&self.psk, &self.certificates, credentials) {
+            let psk = dir.join(PSK_FILE_NAME);
+            if psk.exists() {
+                self.psk = Some(psk);
+            }
+            if dir.join("server-cert.pem").exists() {
+                self.certificates = Some(dir.to_path_buf());
+            }
+        }
+    }
+
     /// The TLS policy: secure when asked once. Credentials without an
     /// explicit `--tls` mean TLS is required; `--tls=on` is the opt-in to
     /// serve plain clients as well. (A file's exports may relax it: see
@@ -222,21 +248,28 @@ pub struct Logging {
 impl Settings {
     /// The settings of this process's arguments `argv`: the command
     /// line's, with a configuration file's `[server]` options in front of
-    /// them when `--config` names one. A bad command line exits here, as
-    /// clap does (usage on standard error, status 2).
-    pub fn from_args(argv: &[OsString]) -> Result<Settings, file::Error> {
+    /// them when `--config` names one, and TLS credentials found where
+    /// they are kept (see [`Tls::locate`]); `credentials` is systemd's
+    /// `$CREDENTIALS_DIRECTORY`. A bad command line exits here, as clap
+    /// does (usage on standard error, status 2).
+    pub fn from_args(
+        argv: &[OsString],
+        credentials: Option<&Path>,
+    ) -> Result<Settings, file::Error> {
         let cli = CommandLine::parse_from(argv);
-        match cli.config.clone() {
+        let mut settings = match cli.config.clone() {
             None => {
                 let exports = Exports::Plugin(cli.plugin.clone().map(|name| Plugin {
                     name,
                     params: cli.params.clone(),
                     filters: cli.filters.clone(),
                 }));
-                Ok(cli.settings(exports))
+                cli.settings(exports)
             }
-            Some(path) => file::settings(argv, &path),
-        }
+            Some(path) => file::settings(argv, &path)?,
+        };
+        settings.tls.locate(credentials);
+        Ok(settings)
     }
 
     /// `-D layer.flag=N` settings as a map.
