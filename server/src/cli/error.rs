@@ -12,6 +12,7 @@ use crate::layers::LoadError;
 use crate::runtime::listen::ListenError;
 use crate::tls::TlsError;
 
+use super::captive_psk::CaptivePskError;
 use super::logging::LogError;
 use super::process::ProcessError;
 use super::run::SpawnError;
@@ -36,6 +37,7 @@ pub enum CliError {
     },
     Process(ProcessError),
     Spawn(SpawnError),
+    CaptivePsk(CaptivePskError),
     /// A layer's `after_fork` refused to start.
     AfterFork(nbdhost_plugin_api::Error),
     /// The signal handlers could not be installed.
@@ -62,6 +64,7 @@ impl fmt::Display for CliError {
             }
             CliError::Process(e) => e.fmt(f),
             CliError::Spawn(e) => e.fmt(f),
+            CliError::CaptivePsk(e) => e.fmt(f),
             CliError::AfterFork(e) => e.fmt(f),
             CliError::Signals(e) => write!(f, "signals: {e}"),
             CliError::EventLoop(e) => write!(f, "event loop: {e}"),
@@ -92,4 +95,5 @@ from! {
     TlsError => Tls,
     ProcessError => Process,
     SpawnError => Spawn,
+    CaptivePskError => CaptivePsk,
 }

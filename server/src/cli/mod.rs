@@ -2,6 +2,7 @@
 //! do what they ask: print something about nbdhost, or build the exports
 //! ([`crate::serving::build`]) and serve them ([`start`]).
 
+mod captive_psk;
 mod dump;
 mod error;
 mod logging;
@@ -19,6 +20,7 @@ use crate::layers::host::debug_flags::set_debug_flags;
 use crate::layers::host::stdio::set_stdio_safe;
 use crate::serving::build::{Exports, FileExports};
 use crate::serving::chain::Chain;
+use captive_psk::CaptivePsk;
 use error::CliError;
 
 /// Run nbdhost with the process's arguments; returns the exit status.
@@ -49,7 +51,7 @@ pub fn main() -> i32 {
         settings.logging.verbose,
         explicit_log.unwrap_or(logging::Destination::Stderr),
     );
-    match act(&settings, explicit_log) {
+    match act(settings, explicit_log) {
         Ok(code) => code,
         Err(e) => {
             log::error!("{e}");
@@ -59,7 +61,10 @@ pub fn main() -> i32 {
 }
 
 /// Do what `settings` ask; returns the exit status.
-fn act(settings: &Settings, explicit_log: Option<logging::Destination>) -> Result<i32, CliError> {
+fn act(
+    mut settings: Settings,
+    explicit_log: Option<logging::Destination>,
+) -> Result<i32, CliError> {
     match settings.action {
         Action::DumpConfig => {
             dump::print(&dump::config());
@@ -71,6 +76,18 @@ fn act(settings: &Settings, explicit_log: Option<logging::Destination>) -> Resul
         }
         _ => {}
     }
+    // Before the exports are built: a file's exports take TLS as on when
+    // the server has credentials.
+    let captive = if CaptivePsk::wanted(&settings) {
+        let owner = settings.process.user.as_deref().map(process::uid_of);
+        let psk = CaptivePsk::create(owner.transpose()?)?;
+        log::info!("--run: TLS with a one-time PSK, {}", psk.file().display());
+        settings.tls.psk = Some(psk.file());
+        Some(psk)
+    } else {
+        None
+    };
+    let settings = &settings;
     set_debug_flags(settings.debug_flags()?);
     set_stdio_safe(!settings.stdio());
     let exports = match &settings.exports {
@@ -102,7 +119,10 @@ fn act(settings: &Settings, explicit_log: Option<logging::Destination>) -> Resul
             Exports::File(built)
         }
     };
-    start::start(settings, exports, explicit_log)
+    let code = start::start(settings, exports, explicit_log);
+    // The key goes only once the command and the server are done with it.
+    drop(captive);
+    code
 }
 
 /// The command line's plugin with its filters, loaded and configured; or

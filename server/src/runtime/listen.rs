@@ -15,6 +15,7 @@ use mio::{Interest, Registry, Token};
 use bytes::BytesMut;
 
 use crate::layers::connection::{Credentials, Peer};
+use crate::private_dir::{PrivateDir, PrivateDirError};
 
 /// Send buffer asked for on accepted Unix sockets.
 const UNIX_SEND_BUFFER: usize = 1 << 20;
@@ -175,11 +176,8 @@ pub enum ListenError {
     Bind { address: String, source: io::Error },
     /// No address of the family asked for is left to listen on.
     NoAddress { port: u16 },
-    /// The private socket's directory could not be made in `base`.
-    PrivateDirectory {
-        base: PathBuf,
-        source: Option<io::Error>,
-    },
+    /// The private socket's directory could not be made.
+    PrivateDirectory(PrivateDirError),
     /// A descriptor passed by socket activation is not a usable socket.
     Activated { fd: RawFd, source: io::Error },
 }
@@ -192,17 +190,7 @@ impl std::fmt::Display for ListenError {
                 write!(f, "cannot listen on {address}: {source}")
             }
             ListenError::NoAddress { port } => write!(f, "no address to listen on for port {port}"),
-            ListenError::PrivateDirectory {
-                base,
-                source: Some(e),
-            } => write!(
-                f,
-                "cannot create a private socket directory in {}: {e}",
-                base.display()
-            ),
-            ListenError::PrivateDirectory { source: None, .. } => {
-                f.write_str("cannot create a private socket directory")
-            }
+            ListenError::PrivateDirectory(e) => e.fmt(f),
             ListenError::Activated { fd, source } => {
                 write!(f, "socket activation: fd {fd}: {source}")
             }
@@ -297,42 +285,19 @@ pub fn vsock(port: u32) -> Result<Listener, ListenError> {
         })
 }
 
-/// A private directory holding a socket, for `-U -` and `--run`.
+/// A private directory holding a socket, for `-U -` and `--run`; both go
+/// when it is dropped.
 pub struct PrivateSocket {
-    pub dir: PathBuf,
+    pub dir: PrivateDir,
     pub path: PathBuf,
 }
 
 impl PrivateSocket {
-    /// Create a fresh directory only we can enter.
+    /// A socket path in a fresh directory only we can enter.
     pub fn new() -> Result<PrivateSocket, ListenError> {
-        let base = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-        for n in 0..100u32 {
-            let dir = base.join(format!("nbdhost{}-{n}", std::process::id()));
-            let mut b = std::fs::DirBuilder::new();
-            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-            match b.create(&dir) {
-                Ok(()) => {
-                    let path = dir.join("socket");
-                    return Ok(PrivateSocket { dir, path });
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(ListenError::PrivateDirectory {
-                        base,
-                        source: Some(e),
-                    })
-                }
-            }
-        }
-        Err(ListenError::PrivateDirectory { base, source: None })
-    }
-}
-
-impl Drop for PrivateSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_dir(&self.dir);
+        let dir = PrivateDir::new("").map_err(ListenError::PrivateDirectory)?;
+        let path = dir.path().join("socket");
+        Ok(PrivateSocket { dir, path })
     }
 }
 
