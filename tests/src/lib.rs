@@ -322,6 +322,54 @@ pub fn keys_bin() -> PathBuf {
     existing(target_dir().join("nbdhost-keys"))
 }
 
+/// Run nbdhost-keys with `args`; returns its output whatever its status.
+pub fn keys(args: &[&str]) -> Output {
+    run(Command::new(keys_bin()).args(args))
+}
+
+/// Run nbdhost-keys with `args`, which must succeed; returns stdout.
+pub fn keys_ok(args: &[&str]) -> String {
+    run_ok(Command::new(keys_bin()).args(args))
+}
+
+/// A program's stdout and stderr together.
+pub fn output_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Whether `program` can be run: a path that exists, or a name in PATH,
+/// the sbin directories or /usr/bin (where [`client`] looks first).
+pub fn have(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).exists();
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
+        .any(|d| Path::new(d).join(program).is_file());
+    found
+}
+
+/// Say why a test (or its case `what`) does not run, when `programs` are
+/// not all installed; returns whether one is missing.
+pub fn missing(what: &str, programs: &[&str]) -> bool {
+    let absent: Vec<&str> = programs.iter().copied().filter(|p| !have(p)).collect();
+    if absent.is_empty() {
+        return false;
+    }
+    let what = if what.is_empty() {
+        String::new()
+    } else {
+        format!(" {what}")
+    };
+    eprintln!(
+        "SKIP{what}: {} not installed (scripts/install-deps installs it as root)",
+        absent.join(", ")
+    );
+    true
+}
+
 /// Where the tests find `file`, a plugin or filter: in
 /// `$NBDHOST_TEST_PLUGINDIR` / `…FILTERDIR` (`kind` "plugin" or "filter")
 /// when testing an installed server (see `scripts/check-installed`), and

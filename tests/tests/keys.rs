@@ -4,47 +4,11 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use nbdhost_tests::{client, free_port, keys_bin, run, run_ok, Server, TempDir};
-
-/// Whether PROGRAM is in PATH (or /usr/bin, where `client` looks first).
-fn have(program: &str) -> bool {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/bin"])
-        .any(|d| Path::new(d).join(program).is_file());
-    found
-}
-
-/// Say why a test does not run, when PROGRAMS are not all there.
-fn missing(programs: &[&str]) -> bool {
-    let absent: Vec<&str> = programs.iter().copied().filter(|p| !have(p)).collect();
-    if absent.is_empty() {
-        return false;
-    }
-    eprintln!(
-        "SKIP: {} not installed (scripts/install-deps installs it as root)",
-        absent.join(", ")
-    );
-    true
-}
-
-/// Run nbdhost-keys with `args`; returns its output whatever its status.
-fn keys(args: &[&str]) -> Output {
-    run(Command::new(keys_bin()).args(args))
-}
-
-/// Run nbdhost-keys with `args`, which must succeed; returns stdout.
-fn keys_ok(args: &[&str]) -> String {
-    run_ok(Command::new(keys_bin()).args(args))
-}
-
-/// Stdout and stderr together.
-fn text(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
+use nbdhost_tests::{
+    client, free_port, keys, keys_ok, missing, output_text, run, run_ok, Server, TempDir,
+};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -99,7 +63,7 @@ fn psk_keys(file: &Path) -> Vec<String> {
 
 #[test]
 fn psk_add_makes_a_psktool_file_that_qemu_nbdinfo_and_nbdcopy_use_as_printed() {
-    if missing(&["qemu-img", "qemu-nbd", "nbdinfo", "nbdcopy"]) {
+    if missing("", &["qemu-img", "qemu-nbd", "nbdinfo", "nbdcopy"]) {
         return;
     }
     let dir = TempDir::new("keys-psk");
@@ -140,7 +104,7 @@ fn psk_add_makes_a_psktool_file_that_qemu_nbdinfo_and_nbdcopy_use_as_printed() {
     assert_eq!(lines.len(), 4, "{out}");
     for line in &lines {
         let o = sh(line, &dir.0);
-        assert!(o.status.success(), "{line}:\n{}", text(&o));
+        assert!(o.status.success(), "{line}:\n{}", output_text(&o));
     }
     assert_eq!(
         std::fs::metadata(dir.path("disk.img")).unwrap().len(),
@@ -163,7 +127,7 @@ fn psk_add_makes_a_psktool_file_that_qemu_nbdinfo_and_nbdcopy_use_as_printed() {
 
 #[test]
 fn printed_lines_quote_paths_and_user_names_for_the_shell_qemu_and_uris() {
-    if missing(&["qemu-img", "nbdinfo"]) {
+    if missing("", &["qemu-img", "nbdinfo"]) {
         return;
     }
     let dir = TempDir::new("keys-quote");
@@ -196,7 +160,7 @@ fn printed_lines_quote_paths_and_user_names_for_the_shell_qemu_and_uris() {
     assert_eq!(lines.len(), 2, "{out}");
     for line in lines {
         let o = sh(line, &dir.0);
-        assert!(o.status.success(), "{line}:\n{}", text(&o));
+        assert!(o.status.success(), "{line}:\n{}", output_text(&o));
     }
     assert!(server.stop().success());
 }
@@ -216,7 +180,7 @@ fn psk_list_prints_the_user_names_only() {
 
 #[test]
 fn a_removed_psk_user_is_refused_at_the_next_connection() {
-    if missing(&["nbdinfo"]) {
+    if missing("", &["nbdinfo"]) {
         return;
     }
     let dir = TempDir::new("keys-rm");
@@ -245,7 +209,7 @@ fn a_removed_psk_user_is_refused_at_the_next_connection() {
     assert!(run(client("nbdinfo").arg(uri("bob"))).status.success());
     assert_eq!(keys_ok(&["psk", "list", s(&k)]), "bob\n");
     let gone = keys(&["psk", "remove", "--user", "alice", s(&k)]);
-    assert!(!gone.status.success() && text(&gone).contains("no user \"alice\""));
+    assert!(!gone.status.success() && output_text(&gone).contains("no user \"alice\""));
     assert!(server.stop().success());
 }
 
@@ -256,7 +220,11 @@ fn psk_user_names_with_a_colon_or_a_line_break_are_refused() {
     for bad in ["a:b", "a\nb", ""] {
         let out = keys(&["psk", "add", "--user", bad, s(&k)]);
         assert!(!out.status.success(), "{bad:?} accepted");
-        assert!(text(&out).contains("user name"), "{}", text(&out));
+        assert!(
+            output_text(&out).contains("user name"),
+            "{}",
+            output_text(&out)
+        );
     }
     assert!(!k.join("keys.psk").exists());
 }
@@ -281,9 +249,9 @@ fn existing_files_and_users_are_kept_without_force() {
     let before = std::fs::read(&file).unwrap();
     let out = keys(&["psk", "add", s(&k)]);
     assert!(
-        !out.status.success() && text(&out).contains("--force"),
+        !out.status.success() && output_text(&out).contains("--force"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     assert_eq!(std::fs::read(&file).unwrap(), before);
     keys_ok(&["psk", "add", "--force", s(&k)]);
@@ -310,7 +278,9 @@ fn existing_files_and_users_are_kept_without_force() {
     ] {
         let out = keys(&args);
         assert!(!out.status.success(), "{args:?} replaced files");
-        assert!(text(&out).contains("already exist") && text(&out).contains("--force"));
+        assert!(
+            output_text(&out).contains("already exist") && output_text(&out).contains("--force")
+        );
     }
     let after: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
     assert!(before == after, "a file changed without --force");
@@ -383,7 +353,7 @@ fn keys_are_never_printed() {
         vec!["revoke", s(&p), "--name", "c", "--passphrase-file", s(&pw)],
     ];
     for args in &runs {
-        outputs.push(text(&keys(args)));
+        outputs.push(output_text(&keys(args)));
     }
     let all = outputs.join("\n");
     let mut secrets = psk_keys(&k.join("keys.psk"));
@@ -410,7 +380,7 @@ fn keys_are_never_printed() {
 
 #[test]
 fn certtool_verifies_the_server_and_client_chains() {
-    if missing(&["certtool"]) {
+    if missing("", &["certtool"]) {
         return;
     }
     let dir = TempDir::new("keys-chain");
@@ -432,9 +402,9 @@ fn certtool_verifies_the_server_and_client_chains() {
         }
         let o = run(&mut c);
         assert!(
-            o.status.success() && text(&o).contains("Verified"),
+            o.status.success() && output_text(&o).contains("Verified"),
             "{cert}: {}",
-            text(&o)
+            output_text(&o)
         );
     }
     // The copies of the CA certificate are the CA certificate.
@@ -460,7 +430,7 @@ fn certtool_verifies_the_server_and_client_chains() {
 
 #[test]
 fn qemu_checks_the_server_by_its_dns_name_and_ip_and_reads_the_export() {
-    if missing(&["qemu-img"]) {
+    if missing("", &["qemu-img"]) {
         return;
     }
     let dir = TempDir::new("keys-qemu");
@@ -490,24 +460,24 @@ fn qemu_checks_the_server_by_its_dns_name_and_ip_and_reads_the_export() {
     for host in ["localhost", "127.0.0.1"] {
         let o = qemu(host, "");
         assert!(
-            o.status.success() && text(&o).contains("virtual size: 1 MiB"),
+            o.status.success() && output_text(&o).contains("virtual size: 1 MiB"),
             "{host}: {}",
-            text(&o)
+            output_text(&o)
         );
     }
     // A name the certificate does not carry is refused: the name is checked.
     let o = qemu("127.0.0.1", ",tls-hostname=elsewhere.example");
     assert!(
-        !o.status.success() && text(&o).contains("does not match the hostname"),
+        !o.status.success() && output_text(&o).contains("does not match the hostname"),
         "{}",
-        text(&o)
+        output_text(&o)
     );
     assert!(server.stop().success());
 }
 
 #[test]
 fn printed_x509_client_lines_work_as_printed() {
-    if missing(&["qemu-img", "qemu-nbd", "nbdinfo", "nbdcopy"]) {
+    if missing("", &["qemu-img", "qemu-nbd", "nbdinfo", "nbdcopy"]) {
         return;
     }
     let dir = TempDir::new("keys-x509-lines");
@@ -543,7 +513,7 @@ fn printed_x509_client_lines_work_as_printed() {
     for line in &lines {
         assert!(line.contains("localhost"), "{line}");
         let o = sh(line, &dir.0);
-        assert!(o.status.success(), "{line}:\n{}", text(&o));
+        assert!(o.status.success(), "{line}:\n{}", output_text(&o));
     }
     assert_eq!(
         std::fs::metadata(dir.path("disk.img")).unwrap().len(),
@@ -554,7 +524,7 @@ fn printed_x509_client_lines_work_as_printed() {
 
 #[test]
 fn with_verify_peer_a_client_without_a_certificate_is_refused() {
-    if missing(&["nbdinfo"]) {
+    if missing("", &["nbdinfo"]) {
         return;
     }
     let dir = TempDir::new("keys-nocert");
@@ -588,7 +558,7 @@ fn with_verify_peer_a_client_without_a_certificate_is_refused() {
 
 #[test]
 fn an_encrypted_ca_key_signs_with_its_passphrase_and_fails_clearly_without() {
-    if missing(&["certtool"]) {
+    if missing("", &["certtool"]) {
         return;
     }
     let dir = TempDir::new("keys-pass");
@@ -606,22 +576,26 @@ fn an_encrypted_ca_key_signs_with_its_passphrase_and_fails_clearly_without() {
     assert!(
         k("correct horse").status.success(),
         "{}",
-        text(&k("correct horse"))
+        output_text(&k("correct horse"))
     );
     assert!(!k("wrong").status.success());
 
     let out = keys(&["client", s(&p), "--name", "c"]);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("is encrypted: give its passphrase with --passphrase-file"),
+        output_text(&out).contains("is encrypted: give its passphrase with --passphrase-file"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     let bad = dir.path("bad");
     std::fs::write(&bad, "correct horse battery").unwrap();
     let out = keys(&["client", s(&p), "--name", "c", "--passphrase-file", s(&bad)]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("cannot decrypt"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("cannot decrypt"),
+        "{}",
+        output_text(&out)
+    );
     assert!(
         !p.join("clients/c").exists(),
         "nothing issued without the key"
@@ -635,7 +609,7 @@ fn an_encrypted_ca_key_signs_with_its_passphrase_and_fails_clearly_without() {
         "--infile",
         s(&p.join("clients/c/client-cert.pem")),
     ]));
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
 }
 
 /// The serial number certtool reads from a certificate, in its hex.
@@ -649,7 +623,7 @@ fn serial_of(cert: &Path) -> String {
 
 #[test]
 fn revoke_writes_a_crl_that_certtool_reads_and_that_lists_the_serial() {
-    if missing(&["certtool"]) {
+    if missing("", &["certtool"]) {
         return;
     }
     let dir = TempDir::new("keys-crl");
@@ -679,10 +653,14 @@ fn revoke_writes_a_crl_that_certtool_reads_and_that_lists_the_serial() {
         "--infile",
         s(&crl),
     ]));
-    assert!(o.status.success(), "the CA's signature: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "the CA's signature: {}",
+        output_text(&o)
+    );
 
     let verify = |c: &Path| {
-        text(&run(client("certtool").args([
+        output_text(&run(client("certtool").args([
             "--verify",
             "--load-ca-certificate",
             s(&p.join("ca-cert.pem")),
@@ -703,7 +681,7 @@ fn revoke_writes_a_crl_that_certtool_reads_and_that_lists_the_serial() {
     let again = keys_ok(&["revoke", s(&p), "--name", "backup"]);
     assert!(again.contains("revoked already"), "{again}");
     let none = keys(&["revoke", s(&p), "--name", "stranger"]);
-    assert!(!none.status.success() && text(&none).contains("no client certificate named"));
+    assert!(!none.status.success() && output_text(&none).contains("no client certificate named"));
 }
 
 /// nbdhost reads `ca-crl.pem` when it starts (nbdhost(1), -u: the
@@ -711,7 +689,7 @@ fn revoke_writes_a_crl_that_certtool_reads_and_that_lists_the_serial() {
 /// refuses the revoked client and serves the others.
 #[test]
 fn a_server_started_after_revoke_refuses_the_revoked_client() {
-    if missing(&["nbdinfo"]) {
+    if missing("", &["nbdinfo"]) {
         return;
     }
     let dir = TempDir::new("keys-revoked");

@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nbdhost_tests::{client, free_port, pattern, run, run_ok, Server, TempDir};
+use nbdhost_tests::{client, free_port, have, missing, pattern, run, run_ok, Server, TempDir};
 
 /// Plugins of Debian's nbdkit packages that this file does not run, and
 /// why. Printed when the coverage test runs, so a skip is never silent.
@@ -126,32 +126,6 @@ fn nbdkit_so(dir: &Path, name: &str) -> String {
     dir.join(format!("nbdkit-{name}-plugin.so"))
         .display()
         .to_string()
-}
-
-/// Whether PROGRAM can be run (looked up in PATH and the sbin directories).
-fn have(program: &str) -> bool {
-    if program.contains('/') {
-        return Path::new(program).exists();
-    }
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
-        .any(|d| Path::new(d).join(program).is_file());
-    found
-}
-
-/// Say why a test or case does not run, when PROGRAMS are not all there.
-fn missing(what: &str, programs: &[&str]) -> bool {
-    let absent: Vec<&str> = programs.iter().copied().filter(|p| !have(p)).collect();
-    if absent.is_empty() {
-        return false;
-    }
-    eprintln!(
-        "SKIP {what}: {} not installed (scripts/install-deps installs it as root)",
-        absent.join(", ")
-    );
-    true
 }
 
 // ---------------------------------------------------------------------------
