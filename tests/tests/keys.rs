@@ -684,9 +684,9 @@ fn revoke_writes_a_crl_that_certtool_reads_and_that_lists_the_serial() {
     assert!(!none.status.success() && output_text(&none).contains("no client certificate named"));
 }
 
-/// nbdhost reads `ca-crl.pem` when it starts (nbdhost(1), -u: the
-/// certificate files are read once): a server started after `revoke`
-/// refuses the revoked client and serves the others.
+/// The CRL `revoke` writes into the server's directory is the one a
+/// server started afterwards checks clients against (a running server
+/// takes it at the next connection: tls_credentials.rs).
 #[test]
 fn a_server_started_after_revoke_refuses_the_revoked_client() {
     if missing("", &["nbdinfo"]) {

@@ -227,7 +227,7 @@ impl CertificateDir {
                 }
                 Err(e) => {
                     log::error!(
-                        "{dir}: the certificates changed, but {e}; still using the previous ones"
+                        "{dir}: keeping the previous certificates, as the changed ones do not load: {e}"
                     );
                     state.refused = Some(stamps);
                 }

@@ -166,13 +166,13 @@ pub fn revoked(name: &str, r: &Revoked, server_dir: &Path) -> String {
     if r.written.len() > 1 {
         let _ = writeln!(
             s,
-            "nbdhost reads {} when it starts: restart it to refuse the revoked certificate.",
-            server_dir.join(crate::layout::CA_CRL).display()
+            "A running nbdhost serving {} reads it again at the next connection: the revoked certificate is refused from then on.",
+            server_dir.display()
         );
     } else {
         let _ = writeln!(
             s,
-            "Copy {} into the server's --tls-certificates directory and restart it.",
+            "Copy {} into the server's --tls-certificates directory: a running nbdhost reads it at the next connection.",
             r.written[0].display()
         );
     }
