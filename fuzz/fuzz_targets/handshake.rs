@@ -53,6 +53,7 @@ fuzz_target!(|data: &[u8]| {
         handshake_mask: u16::from((cfg >> 1) & 3),
         no_structured: cfg & 8 != 0,
         tls,
+        ..HandshakeConfig::default()
     });
     let chunk = if cfg & 0x40 != 0 {
         1

@@ -243,6 +243,7 @@ fuzz_target!(|data: &[u8]| {
             handshake_mask: 3,
             no_structured: cfg & 16 != 0,
             tls,
+            ..HandshakeConfig::default()
         },
         tls: (tls != TlsMode::Off).then(|| Arc::new(FakeFactory) as Arc<dyn TlsFactory>),
         limits,

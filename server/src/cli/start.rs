@@ -348,6 +348,7 @@ impl Served {
                 handshake_mask: p.handshake_mask,
                 no_structured: p.no_structured,
                 tls: exports.tls_mode(),
+                ..HandshakeConfig::default()
             },
             tls,
             limits: Limits::default(),

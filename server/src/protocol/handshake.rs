@@ -16,15 +16,16 @@ use super::wire::*;
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Longest export name or metadata query, as in the protocol.
 pub const MAX_NAME_LEN: usize = 4096;
-/// Options a client may send before we suspect a loop or an attack.
-const MAX_OPTIONS: u32 = 1024;
+/// Options a client may send before the handshake ends, as nbdkit's
+/// `MAX_NR_OPTIONS`: real clients send a handful (qemu four or five).
+const DEFAULT_MAX_OPTIONS: u32 = 32;
 
 /// The metadata context id of `base:allocation`.
 pub const CONTEXT_BASE_ALLOCATION: u32 = 1;
 const BASE_ALLOCATION: &str = "base:allocation";
 
 /// Server-side settings that shape negotiation.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HandshakeConfig {
     /// `-o`: send the oldstyle greeting and no options.
     pub oldstyle: bool,
@@ -34,6 +35,24 @@ pub struct HandshakeConfig {
     pub no_structured: bool,
     /// `--tls`: whether STARTTLS is offered, and whether it is required.
     pub tls: TlsMode,
+    /// Options a client may send in one handshake, STARTTLS and what came
+    /// before it included; every export of the longest `NBD_OPT_LIST`
+    /// answered earns the client as many again. One more closes the
+    /// connection.
+    pub max_options: u32,
+}
+
+impl Default for HandshakeConfig {
+    /// The command line's defaults: both handshake flags offered, no TLS.
+    fn default() -> Self {
+        HandshakeConfig {
+            oldstyle: false,
+            handshake_mask: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+            no_structured: false,
+            tls: TlsMode::Off,
+            max_options: DEFAULT_MAX_OPTIONS,
+        }
+    }
 }
 
 /// The server's TLS policy (`--tls`).
@@ -144,11 +163,15 @@ enum Pending {
 pub struct Handshake {
     cfg: HandshakeConfig,
     state: State,
+    /// The client set `NBD_FLAG_C_FIXED_NEWSTYLE`.
+    fixed: bool,
     no_zeroes: bool,
     style: ReplyStyle,
     /// Export for which `base:allocation` was selected, if it was.
     meta_export: Option<String>,
     options_seen: u32,
+    /// Exports in the longest list sent in answer to `NBD_OPT_LIST`.
+    listed: u32,
     tls_active: bool,
 }
 
@@ -177,10 +200,12 @@ impl Handshake {
         Handshake {
             cfg,
             state: State::Start,
+            fixed: false,
             no_zeroes: false,
             style: ReplyStyle::Simple,
             meta_export: None,
             options_seen: 0,
+            listed: 0,
             tls_active: false,
         }
     }
@@ -208,13 +233,17 @@ impl Handshake {
                         return Event::NeedInput;
                     }
                     let flags = input.get_u32();
-                    if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+                    // The client flags mirror the server's bit for bit,
+                    // and the protocol says to drop a client that sets one
+                    // the server did not offer.
+                    let offered = u32::from(self.offered());
+                    if flags & !offered != 0 {
                         return Event::Close(format!(
-                            "client sent unknown handshake flags 0x{flags:x}"
+                            "client sent handshake flags 0x{flags:x}, of which only 0x{offered:x} were offered"
                         ));
                     }
-                    self.no_zeroes =
-                        flags & CLIENT_NO_ZEROES != 0 && self.offered() & FLAG_NO_ZEROES != 0;
+                    self.fixed = flags & CLIENT_FIXED_NEWSTYLE != 0;
+                    self.no_zeroes = flags & CLIENT_NO_ZEROES != 0;
                     self.state = State::Options;
                 }
                 State::Discarding(left) => {
@@ -233,9 +262,10 @@ impl Handshake {
                         Err(e) => return Event::Close(format!("client option: {e}")),
                     };
                     self.options_seen += 1;
-                    if self.options_seen > MAX_OPTIONS {
+                    let bound = self.options_bound();
+                    if self.options_seen > bound {
                         return Event::Close(format!(
-                            "client sent more than {MAX_OPTIONS} options"
+                            "client sent more than {bound} options without finishing the handshake"
                         ));
                     }
                     if hdr.length > MAX_OPTION_LEN {
@@ -265,6 +295,17 @@ impl Handshake {
         }
     }
 
+    /// Options this client may send: the configured bound, and as many
+    /// again for each export listed to it, so that a client can walk a
+    /// long list (`nbdinfo --list` asks `NBD_OPT_INFO` and
+    /// `NBD_OPT_LIST_META_CONTEXT` of every export), as nbdkit allows.
+    /// Listing again earns nothing more.
+    fn options_bound(&self) -> u32 {
+        self.cfg
+            .max_options
+            .saturating_mul(self.listed.saturating_add(1))
+    }
+
     fn offered(&self) -> u16 {
         (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES) & self.cfg.handshake_mask
     }
@@ -281,6 +322,18 @@ impl Handshake {
             put_option_reply(out, number, typ, msg.as_bytes())
         };
         let option = Opt::from_wire(number);
+        if !self.fixed && !matches!(option, Some(Opt::ExportName | Opt::Abort)) {
+            // Without fixed newstyle NBD_OPT_EXPORT_NAME is the only valid
+            // option (ABORT ends the session either way), and the server
+            // must act as one without TLS: no STARTTLS, and never
+            // NBD_REP_ERR_TLS_REQD. nbdkit answers NBD_REP_ERR_INVALID too.
+            reply(
+                out,
+                OptReply::ErrInvalid,
+                "the client did not set NBD_FLAG_C_FIXED_NEWSTYLE: only NBD_OPT_EXPORT_NAME is valid",
+            );
+            return None;
+        }
         let tls_required = self.cfg.tls == TlsMode::Require && !self.tls_active;
         if tls_required && !matches!(option, Some(Opt::StartTls | Opt::Abort)) {
             // Nothing about the exports may leak before TLS.
@@ -493,6 +546,8 @@ impl Handshake {
             (State::Waiting(Pending::List), Answer::List(r)) => {
                 match r {
                     Ok(list) => {
+                        let n = u32::try_from(list.len()).unwrap_or(u32::MAX);
+                        self.listed = self.listed.max(n);
                         for e in list {
                             let mut d = Vec::new();
                             put_name(&mut d, &e.name);
@@ -897,5 +952,181 @@ mod tests {
         ));
         assert_eq!(out.len(), 8 + 2 + 124);
         assert_eq!(&out[..8], &512u64.to_be_bytes());
+    }
+
+    /// A machine past the greeting whose client sent `flags`.
+    fn negotiating(cfg: HandshakeConfig, flags: u32) -> (Handshake, Vec<u8>) {
+        let mut h = Handshake::new(cfg);
+        let mut out = Vec::new();
+        let _ = h.receive(&mut BytesMut::new(), &mut out);
+        let _ = h.answer(Answer::Preconnect(Ok(())), &mut out);
+        out.clear();
+        let mut input = BytesMut::new();
+        input.put_u32(flags);
+        assert!(matches!(h.receive(&mut input, &mut out), Event::NeedInput));
+        (h, out)
+    }
+
+    /// Send `n` options the server does not know; the event after them.
+    fn unknown_options(h: &mut Handshake, n: usize, out: &mut Vec<u8>) -> Event {
+        let mut input = BytesMut::new();
+        for _ in 0..n {
+            option(&mut input, 99u32, &[]);
+        }
+        h.receive(&mut input, out)
+    }
+
+    #[test]
+    fn one_option_beyond_the_bound_closes_the_connection() {
+        let cfg = HandshakeConfig {
+            max_options: 4,
+            ..cfg()
+        };
+        let (mut h, mut out) = negotiating(cfg, CLIENT_FIXED_NEWSTYLE);
+        assert!(matches!(
+            unknown_options(&mut h, 4, &mut out),
+            Event::NeedInput
+        ));
+        assert_eq!(
+            replies(&out).len(),
+            4,
+            "every option within the bound is answered"
+        );
+        out.clear();
+        let ev = unknown_options(&mut h, 1, &mut out);
+        let Event::Close(why) = ev else {
+            panic!("{ev:?}")
+        };
+        assert!(why.contains("more than 4 options"), "{why}");
+        assert!(
+            out.is_empty(),
+            "the option beyond the bound is not answered"
+        );
+    }
+
+    #[test]
+    fn options_before_starttls_count_against_the_same_bound() {
+        let cfg = HandshakeConfig {
+            max_options: 3,
+            tls: TlsMode::On,
+            ..cfg()
+        };
+        let (mut h, mut out) = negotiating(cfg, CLIENT_FIXED_NEWSTYLE);
+        assert!(matches!(
+            unknown_options(&mut h, 1, &mut out),
+            Event::NeedInput
+        ));
+        let mut input = BytesMut::new();
+        option(&mut input, Opt::StartTls, &[]);
+        assert!(matches!(h.receive(&mut input, &mut out), Event::StartTls));
+        h.tls_established();
+        assert!(matches!(
+            unknown_options(&mut h, 1, &mut out),
+            Event::NeedInput
+        ));
+        assert!(matches!(
+            unknown_options(&mut h, 1, &mut out),
+            Event::Close(_)
+        ));
+    }
+
+    #[test]
+    fn every_listed_export_earns_the_bound_again() {
+        let cfg = HandshakeConfig {
+            max_options: 2,
+            ..cfg()
+        };
+        let (mut h, mut out) = negotiating(cfg, CLIENT_FIXED_NEWSTYLE);
+        let list = || {
+            ["a", "b", "c"]
+                .map(|name| ExportEntry {
+                    name: name.into(),
+                    description: None,
+                })
+                .to_vec()
+        };
+        let mut input = BytesMut::new();
+        option(&mut input, Opt::List, &[]);
+        assert!(matches!(
+            h.receive(&mut input, &mut out),
+            Event::Query(Query::List)
+        ));
+        assert!(matches!(
+            h.answer(Answer::List(Ok(list())), &mut out),
+            Event::NeedInput
+        ));
+        // Listing again earns nothing more.
+        option(&mut input, Opt::List, &[]);
+        let _ = h.receive(&mut input, &mut out);
+        let _ = h.answer(Answer::List(Ok(list())), &mut out);
+        // 2 * (1 + 3) options in all, two of them the lists.
+        assert!(matches!(
+            unknown_options(&mut h, 6, &mut out),
+            Event::NeedInput
+        ));
+        assert!(matches!(
+            unknown_options(&mut h, 1, &mut out),
+            Event::Close(_)
+        ));
+    }
+
+    #[test]
+    fn starttls_from_a_client_without_fixed_newstyle_is_invalid() {
+        let cfg = HandshakeConfig {
+            tls: TlsMode::Require,
+            ..cfg()
+        };
+        let (mut h, mut out) = negotiating(cfg, CLIENT_NO_ZEROES);
+        let mut input = BytesMut::new();
+        option(&mut input, Opt::StartTls, &[]);
+        // Not NBD_REP_ERR_TLS_REQD either: without fixed newstyle the
+        // server must act as one without TLS.
+        option(&mut input, Opt::List, &[]);
+        assert!(matches!(h.receive(&mut input, &mut out), Event::NeedInput));
+        let r = replies(&out);
+        assert_eq!(
+            r.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
+            [
+                (Opt::StartTls.wire(), OptReply::ErrInvalid),
+                (Opt::List.wire(), OptReply::ErrInvalid)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_client_without_fixed_newstyle_is_served_by_export_name() {
+        let (mut h, mut out) = negotiating(cfg(), 0);
+        let mut input = BytesMut::new();
+        option(&mut input, Opt::ExportName, b"disk");
+        assert!(matches!(
+            h.receive(&mut input, &mut out),
+            Event::Query(Query::Open { keep: true, .. })
+        ));
+        assert!(matches!(
+            h.answer(Answer::Open(Ok(test_export(512))), &mut out),
+            Event::Done(_)
+        ));
+        assert_eq!(out.len(), 8 + 2 + 124, "zeroes, as NO_ZEROES was not set");
+    }
+
+    #[test]
+    fn client_flags_the_server_did_not_offer_close_the_connection() {
+        let only_fixed = HandshakeConfig {
+            handshake_mask: FLAG_FIXED_NEWSTYLE,
+            ..cfg()
+        };
+        for (cfg, flags) in [
+            (only_fixed, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES),
+            (cfg(), CLIENT_FIXED_NEWSTYLE | 1 << 5),
+        ] {
+            let mut h = Handshake::new(cfg);
+            let mut out = Vec::new();
+            let _ = h.receive(&mut BytesMut::new(), &mut out);
+            let _ = h.answer(Answer::Preconnect(Ok(())), &mut out);
+            let mut input = BytesMut::new();
+            input.put_u32(flags);
+            let ev = h.receive(&mut input, &mut out);
+            assert!(matches!(ev, Event::Close(_)), "flags 0x{flags:x}: {ev:?}");
+        }
     }
 }
