@@ -526,6 +526,53 @@ fn a_certificate_expiring_within_30_days_starts_with_a_warning() {
     assert!(server.stop().success());
 }
 
+#[test]
+fn a_crl_past_its_next_update_is_still_used_with_a_warning() {
+    if missing("", &["certtool", "nbdinfo"]) {
+        return;
+    }
+    let dir = TempDir::new("cred-stale-crl");
+    let p = pki(&dir, "pki");
+    for name in ["alice", "bob"] {
+        keys_ok(&["client", s(&p), "--name", name]);
+    }
+    // A CRL revoking alice whose next update was years ago, signed by
+    // certtool with the tool's CA (nbdhost-keys makes no stale CRL).
+    let template = dir.path("crl.template");
+    std::fs::write(
+        &template,
+        "crl_this_update_date = \"2020-01-01 00:00:00 UTC\"\n\
+         crl_next_update_date = \"2021-01-01 00:00:00 UTC\"\ncrl_number = 7\n",
+    )
+    .unwrap();
+    run_ok(client("certtool").args([
+        "--generate-crl",
+        "--load-ca-privkey",
+        s(&p.join("ca-key.pem")),
+        "--load-ca-certificate",
+        s(&p.join("ca-cert.pem")),
+        "--load-certificate",
+        s(&p.join("clients/alice/client-cert.pem")),
+        "--template",
+        s(&template),
+        "--outfile",
+        s(&p.join("server/ca-crl.pem")),
+    ]));
+    let server = tcp_server(&[
+        "--tls-certificates",
+        s(&p.join("server")),
+        "--tls-verify-peer",
+        "memory",
+        "1M",
+    ]);
+    assert!(server
+        .log_text()
+        .contains("ca-crl.pem: the CRL's next update was due on 2021-01-01T00:00:00Z"));
+    assert!(!connects(&x509_uri(&server, &p.join("clients/alice"))));
+    assert!(connects(&x509_uri(&server, &p.join("clients/bob"))));
+    assert!(server.stop().success());
+}
+
 // --- Captive mode -----------------------------------------------------------
 
 #[test]

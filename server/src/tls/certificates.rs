@@ -321,9 +321,9 @@ impl Validity {
     }
 }
 
-/// Warn when a CRL's next update has passed: GnuTLS then reports the
-/// revocation data as superseded, and every client certificate is
-/// refused until a newer CRL is in place.
+/// Warn when a CRL's next update has passed. GnuTLS goes on using it (the
+/// certificates it lists stay refused, and the others are accepted), so
+/// nothing breaks, but revocations made since are missing from it.
 fn warn_stale_crl(path: &Path, now: i64) {
     let Ok(mut pem) = std::fs::read(path) else {
         return;
@@ -350,7 +350,7 @@ fn warn_stale_crl(path: &Path, now: i64) {
     // (time_t)-1: the CRL names no next update.
     if next != -1 && next < now {
         log::warn!(
-            "{}: the CRL's next update was due on {}; until a newer CRL is in place, client certificates are refused as revocation data superseded",
+            "{}: the CRL's next update was due on {}; it is still used, but it may miss revocations since: make a newer one (nbdhost-keys revoke)",
             path.display(),
             date(next)
         );
