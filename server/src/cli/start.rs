@@ -306,6 +306,7 @@ fn run(settings: &Settings, bound: Bound, mut served: Served) -> Result<i32, Cli
         },
         loops: limits.loops(),
         max_connections: limits.max_connections,
+        max_handshakes: limits.max_handshakes,
         threads: limits.threads,
     };
     let serving = served.serving();

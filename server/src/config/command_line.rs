@@ -127,6 +127,11 @@ pub struct CommandLine {
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = connections)]
     pub max_connections: usize,
 
+    /// Most of those clients still in their handshake; more are refused and
+    /// logged.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = connections)]
+    pub max_handshakes: usize,
+
     /// Event loops serving sockets (default: one per CPU).
     #[arg(long, value_name = "N", value_parser = count)]
     pub loops: Option<usize>,
@@ -331,6 +336,7 @@ impl CommandLine {
             },
             limits: Limits {
                 max_connections: self.max_connections,
+                max_handshakes: self.max_handshakes,
                 threads: self.threads,
                 loops: self.loops,
             },

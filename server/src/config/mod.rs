@@ -196,6 +196,8 @@ pub struct Protocol {
 pub struct Limits {
     /// `--max-connections`.
     pub max_connections: usize,
+    /// `--max-handshakes`.
+    pub max_handshakes: usize,
     /// `-t`: worker threads.
     pub threads: usize,
     /// `--loops`, if given.

@@ -76,6 +76,53 @@ struct Conn {
     /// socket, or every reply the client reads would wake the loop again.
     /// Always for stdio, whose output is a descriptor of its own.
     writable: bool,
+    /// Counted in `Loops::handshaking`: placed by a listener and not yet
+    /// past its handshake.
+    handshaking: bool,
+}
+
+/// The limit that refused a new connection.
+#[derive(Clone, Copy)]
+enum Full {
+    /// `--max-connections` clients are connected.
+    Connections,
+    /// `--max-handshakes` clients have not finished their handshake.
+    Handshakes,
+}
+
+/// Refused connections of one kind not yet reported. A flood of refusals
+/// must not flood the log: the first is reported at once, the rest at
+/// most once per [`REFUSAL_REPORT`], with a count.
+#[derive(Default)]
+struct Refusals {
+    count: usize,
+    /// Who was refused last.
+    last: Option<Peer>,
+    reported: Option<Instant>,
+}
+
+impl Refusals {
+    /// One more refusal, of `peer`; what to report now, if it is time.
+    fn refuse(&mut self, peer: Peer, now: Instant) -> Option<(usize, Peer)> {
+        self.count += 1;
+        self.last = Some(peer);
+        self.due(now)
+    }
+
+    /// The refusals not yet reported and the last peer, once it is time to
+    /// report them.
+    fn due(&mut self, now: Instant) -> Option<(usize, Peer)> {
+        let last = self.last?;
+        if self
+            .reported
+            .is_some_and(|t| now.duration_since(t) < REFUSAL_REPORT)
+        {
+            return None;
+        }
+        self.reported = Some(now);
+        self.last = None;
+        Some((std::mem::take(&mut self.count), last))
+    }
 }
 
 /// The state of one event loop thread.
@@ -99,9 +146,10 @@ pub struct EventLoop {
     in_pool: Cell<usize>,
     shutting_down: Option<Instant>,
     last_sweep: Instant,
-    /// Connections refused over `--max-connections` since the last report,
-    /// and when that was.
-    refused: (usize, Option<Instant>),
+    /// Connections refused over `--max-connections`.
+    refused_connections: Refusals,
+    /// Connections refused over `--max-handshakes`.
+    refused_handshakes: Refusals,
 }
 
 impl EventLoop {
@@ -130,7 +178,8 @@ impl EventLoop {
             in_pool: Cell::new(0),
             shutting_down: None,
             last_sweep: Instant::now(),
-            refused: (0, None),
+            refused_connections: Refusals::default(),
+            refused_handshakes: Refusals::default(),
         })
     }
 
@@ -219,7 +268,7 @@ impl EventLoop {
                 }
                 Message::Adopt(stream, peer) => {
                     if self.shutting_down.is_some() {
-                        self.loops.load[self.index].fetch_sub(1, Ordering::Relaxed);
+                        self.loops.release(self.index, true);
                         stream.shutdown();
                     } else {
                         self.adopt(stream, peer);
@@ -258,7 +307,9 @@ impl EventLoop {
     }
 
     /// Give a new connection to the loop serving the fewest, or refuse it
-    /// over `--max-connections`.
+    /// over `--max-connections`, or over `--max-handshakes` (connections
+    /// that have finished their handshake count only against the first,
+    /// so stalled handshakes cannot lock them out).
     fn place(&mut self, stream: Stream, peer: Peer) {
         let live: usize = self
             .loops
@@ -266,17 +317,17 @@ impl EventLoop {
             .iter()
             .map(|l| l.load(Ordering::Relaxed))
             .sum();
-        if live >= self.loops.max_connections {
+        let full = if live >= self.loops.max_connections {
+            Some(Full::Connections)
+        } else if self.loops.handshaking.load(Ordering::Relaxed) >= self.loops.max_handshakes {
+            Some(Full::Handshakes)
+        } else {
+            None
+        };
+        if let Some(full) = full {
             stream.shutdown();
-            self.refused.0 += 1;
-            // A flood of refusals must not flood the log.
-            if self.refused.1.is_none_or(|t| t.elapsed() >= REFUSAL_REPORT) {
-                log::warn!(
-                    "refused {} connection(s), the last from {peer}: {} clients are served already (--max-connections)",
-                    self.refused.0,
-                    self.loops.max_connections
-                );
-                self.refused = (0, Some(Instant::now()));
+            if let Some((n, last)) = self.refusals(full).refuse(peer, Instant::now()) {
+                self.report(full, n, last);
             }
             return;
         }
@@ -284,10 +335,31 @@ impl EventLoop {
             .min_by_key(|&i| self.loops.load[i].load(Ordering::Relaxed))
             .unwrap_or(self.index);
         self.loops.load[target].fetch_add(1, Ordering::Relaxed);
+        self.loops.handshaking.fetch_add(1, Ordering::Relaxed);
         if target == self.index {
             self.adopt(stream, peer);
         } else {
             self.loops.mailboxes[target].post(Message::Adopt(stream, peer));
+        }
+    }
+
+    fn refusals(&mut self, full: Full) -> &mut Refusals {
+        match full {
+            Full::Connections => &mut self.refused_connections,
+            Full::Handshakes => &mut self.refused_handshakes,
+        }
+    }
+
+    fn report(&self, full: Full, n: usize, last: Peer) {
+        match full {
+            Full::Connections => log::warn!(
+                "refused {n} connection(s), the last from {last}: {} clients are served already (--max-connections)",
+                self.loops.max_connections
+            ),
+            Full::Handshakes => log::warn!(
+                "refused {n} connection(s), the last from {last}: {} clients are in their handshake already (--max-handshakes)",
+                self.loops.max_handshakes
+            ),
         }
     }
 
@@ -307,7 +379,7 @@ impl EventLoop {
         {
             log::error!("cannot register a new connection: {e}");
             if !matches!(peer, Peer::Pipe) {
-                self.loops.load[self.index].fetch_sub(1, Ordering::Relaxed);
+                self.loops.release(self.index, true);
             }
             return;
         }
@@ -336,6 +408,7 @@ impl EventLoop {
             edgeless,
             touched: false,
             writable,
+            handshaking: !matches!(peer, Peer::Pipe),
         });
         self.drive(key);
     }
@@ -374,6 +447,10 @@ impl EventLoop {
             self.remove(key);
             return;
         }
+        if c.handshaking && !c.session.in_handshake() {
+            c.handshaking = false;
+            self.loops.handshaking.fetch_sub(1, Ordering::Relaxed);
+        }
         // Ask to hear of room in the socket only while output waits for it.
         let waiting = c.session.poll_transmit().is_some();
         if waiting != c.writable && !matches!(c.peer, Peer::Pipe) {
@@ -401,7 +478,7 @@ impl EventLoop {
         if matches!(c.peer, Peer::Pipe) {
             self.loops.stdio_finished();
         } else {
-            self.loops.load[self.index].fetch_sub(1, Ordering::Relaxed);
+            self.loops.release(self.index, c.handshaking);
         }
         if self.conns.is_empty() && self.loops.serving().table.one_at_a_time() {
             // Connections waiting in the backlog raised no new event.
@@ -426,12 +503,19 @@ impl EventLoop {
     }
 
     /// Once a second, let connections that did nothing since the last
-    /// sweep give back their buffers.
+    /// sweep give back their buffers, and report refusals that the end of
+    /// a flood left unreported.
     fn sweep(&mut self) {
         if self.last_sweep.elapsed() < SWEEP_EVERY {
             return;
         }
-        self.last_sweep = Instant::now();
+        let now = Instant::now();
+        self.last_sweep = now;
+        for full in [Full::Connections, Full::Handshakes] {
+            if let Some((n, last)) = self.refusals(full).due(now) {
+                self.report(full, n, last);
+            }
+        }
         for (_, c) in self.conns.iter_mut() {
             c.session.shrink();
         }
@@ -647,5 +731,23 @@ fn honour_disconnect(c: &mut Conn) {
             c.session.begin_shutdown();
         }
         None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_refusals_is_reported_at_once_then_as_one_count() {
+        let mut r = Refusals::default();
+        let t = Instant::now();
+        let peer = Peer::Unix(None);
+        assert_eq!(r.refuse(peer, t), Some((1, peer)));
+        for ms in 1..1000 {
+            assert_eq!(r.refuse(peer, t + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(r.due(t + REFUSAL_REPORT), Some((999, peer)));
+        assert_eq!(r.due(t + 10 * REFUSAL_REPORT), None, "all were reported");
     }
 }

@@ -13,7 +13,7 @@ pub mod listen;
 mod mailbox;
 mod workers;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 
 use mio::{Poll, Token, Waker};
@@ -38,6 +38,8 @@ pub struct Options {
     pub loops: usize,
     /// Most clients served at once.
     pub max_connections: usize,
+    /// Most of those that may be in their handshake at once.
+    pub max_handshakes: usize,
     /// Worker threads for chains that may block.
     pub threads: usize,
 }
@@ -90,6 +92,10 @@ pub(crate) struct Loops {
     /// Connections each loop serves, to place new ones.
     load: Vec<AtomicUsize>,
     max_connections: usize,
+    /// Connections placed on any loop that have not finished their
+    /// handshake.
+    handshaking: AtomicUsize,
+    max_handshakes: usize,
     next_id: AtomicU64,
     events: Mutex<mpsc::Sender<Wakeup>>,
 }
@@ -101,6 +107,15 @@ impl Loops {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// A connection placed on loop `index` is gone; `in_handshake` if it
+    /// had not finished its handshake.
+    fn release(&self, index: usize, in_handshake: bool) {
+        self.load[index].fetch_sub(1, Ordering::Relaxed);
+        if in_handshake {
+            self.handshaking.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     fn stdio_finished(&self) {
@@ -208,6 +223,8 @@ pub fn serve(
         serving: RwLock::new(Arc::new(serving)),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         max_connections: opts.max_connections,
+        handshaking: AtomicUsize::new(0),
+        max_handshakes: opts.max_handshakes,
         mailboxes,
         next_id: AtomicU64::new(0),
         events: Mutex::new(tx.clone()),
