@@ -169,7 +169,7 @@ pub struct CommandLine {
     #[arg(
         long,
         value_name = "SECS",
-        default_value_t = 60,
+        default_value_t = 10,
         conflicts_with = "timeout"
     )]
     pub handshake_timeout: u64,
@@ -523,7 +523,7 @@ mod tests {
         assert_eq!(delay("3s"), Ok(Duration::from_secs(3)));
         assert!(delay("-1").is_err() && delay("soon").is_err());
         let limit = |v: &[&str]| settings(v).protocol.handshake_timeout;
-        assert_eq!(limit(&[]), Some(Duration::from_secs(60)));
+        assert_eq!(limit(&[]), Some(Duration::from_secs(10)));
         assert_eq!(
             limit(&["--timeout=250ms"]),
             Some(Duration::from_millis(250))
