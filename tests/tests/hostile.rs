@@ -1,6 +1,9 @@
 //! Hostile clients cost only themselves: connections over the limit are
-//! refused, a write that never arrives and 10,000 malformed handshakes and
-//! requests leave the server serving everyone else, and names clients
+//! refused, a flood of stalled handshakes locks out no established client
+//! and only delays new ones, a handshake carries a bounded number of
+//! options, a client without fixed newstyle gets what the protocol
+//! prescribes, a write that never arrives and 10,000 malformed handshakes
+//! and requests leave the server serving everyone else, and names clients
 //! choose cannot forge log lines. (Clients that leave large replies unread
 //! are in lifecycle.rs.) Figures are printed with `--nocapture`.
 
@@ -10,7 +13,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use nbdhost_tests::raw::*;
-use nbdhost_tests::{client, export_size, run_ok, Server, TempDir};
+use nbdhost_tests::tls::psk_file;
+use nbdhost_tests::{client, export_size, run, run_ok, Server, TempDir};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -266,4 +270,208 @@ fn control_characters_in_export_names_are_escaped_in_the_log() {
     );
     assert!(!log.contains('\x1b'), "{log}");
     s.stop();
+}
+
+/// Options a handshake may carry by default (nbdkit's bound too).
+const MAX_OPTIONS: usize = 32;
+
+/// The option reply types in `bytes`, which must hold whole replies.
+fn reply_types(mut bytes: &[u8]) -> Vec<u32> {
+    let mut types = Vec::new();
+    while bytes.len() >= 20 {
+        assert_eq!(bytes[..8], REPLY_MAGIC_OPT.to_be_bytes());
+        types.push(u32::from_be_bytes(bytes[12..16].try_into().unwrap()));
+        let len = u32::from_be_bytes(bytes[16..20].try_into().unwrap()) as usize;
+        bytes = &bytes[20 + len..];
+    }
+    assert!(bytes.is_empty(), "whole replies only");
+    types
+}
+
+#[test]
+fn one_option_beyond_the_bound_closes_the_connection() {
+    let s = Server::start(&["memory", "1M"]);
+    let mut c = RawClient::connect(&s.socket);
+    for _ in 0..MAX_OPTIONS {
+        c.expect_opt(99, &[], REP_ERR_UNSUP);
+    }
+    c.option(99, &[]);
+    assert!(c.wait_closed().is_empty(), "no reply beyond the bound");
+    let (found, log) = s.wait_log(
+        &format!("more than {MAX_OPTIONS} options"),
+        Duration::from_secs(5),
+    );
+    assert!(found, "{log}");
+    assert_eq!(export_size(&s.uri()), "1048576");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn options_pipelined_before_starttls_are_cut_off_at_the_bound() {
+    let dir = TempDir::new("bound");
+    let keys = psk_file(&dir, &["rich"]);
+    let s = Server::start(&["--tls-psk", keys.to_str().unwrap(), "memory", "1M"]);
+    let mut c = RawClient::connect(&s.socket);
+    let flood: Vec<u8> = std::iter::repeat_n(option_bytes(OPT_LIST, &[]), 400)
+        .chain([option_bytes(OPT_STARTTLS, &[])])
+        .flatten()
+        .collect();
+    let _ = c.s.write_all(&flood);
+    assert_eq!(
+        reply_types(&c.wait_closed()),
+        [REP_ERR_TLS_REQD; MAX_OPTIONS],
+        "the options within the bound are answered, the rest never read"
+    );
+    let uri = format!(
+        "nbds+unix://rich@/?socket={}&tls-psk-file={}",
+        s.socket.display(),
+        keys.display()
+    );
+    assert_eq!(export_size(&uri), "1048576");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn starttls_from_a_client_without_fixed_newstyle_is_invalid() {
+    let dir = TempDir::new("nonfixed");
+    let keys = psk_file(&dir, &["rich"]);
+    let s = Server::start(&["--tls-psk", keys.to_str().unwrap(), "memory", "1M"]);
+    let mut c = RawClient::greeted(&s.socket);
+    c.send(&0u32.to_be_bytes());
+    c.expect_opt(OPT_STARTTLS, &[], REP_ERR_INVALID);
+    // Still in clear: TLS needs fixed newstyle.
+    c.expect_opt(OPT_ABORT, &[], REP_ACK);
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_client_without_fixed_newstyle_is_served_by_export_name() {
+    let s = Server::start(&["memory", "1M"]);
+    // libnbd without NBD_FLAG_C_FIXED_NEWSTYLE sends only
+    // NBD_OPT_EXPORT_NAME.
+    let script = format!(
+        "h.set_handshake_flags(0)\n\
+         h.connect_uri({:?})\n\
+         print(h.get_protocol(), h.get_size())",
+        s.uri()
+    );
+    let out = run_ok(client("nbdsh").args(["-c", &script]));
+    assert_eq!(out.trim(), "newstyle 1048576");
+    assert!(s.stop().success());
+}
+
+/// `n` connections that read the greeting, so the server has taken them
+/// on, and then say nothing.
+fn stalled(s: &Server, n: usize) -> Vec<RawClient> {
+    (0..n).map(|_| RawClient::greeted(&s.socket)).collect()
+}
+
+/// Whether a new connection is closed without a greeting.
+fn refused(s: &Server) -> bool {
+    RawClient::connect_only(&s.socket).wait_closed().is_empty()
+}
+
+#[test]
+fn stalled_handshakes_at_the_cap_leave_established_clients_served() {
+    let s = Server::start(&["--max-handshakes=4", "memory", "1M"]);
+    // More established clients than the cap: they count only against
+    // --max-connections.
+    let mut established: Vec<RawClient> = (0..6)
+        .map(|_| {
+            let mut c = RawClient::connect(&s.socket);
+            c.go();
+            c
+        })
+        .collect();
+    let _stalled = stalled(&s, 4);
+    assert!(refused(&s), "the cap is full");
+    for (i, c) in established.iter_mut().enumerate() {
+        let data = vec![i as u8 + 1; 4096];
+        let at = 4096 * i as u64;
+        c.write(1, at, &data);
+        assert_eq!(c.simple(), (0, 1));
+        assert_eq!(c.read_ok(2, at, 4096), data);
+    }
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_client_refused_at_the_handshake_cap_is_admitted_once_stalled_ones_close() {
+    let s = Server::start(&["--max-handshakes=4", "memory", "1M"]);
+    let stalled = stalled(&s, 4);
+    let out = run(client("nbdinfo").arg("--size").arg(s.uri()));
+    assert!(!out.status.success(), "nbdinfo served at the cap");
+    let (found, log) = s.wait_log("(--max-handshakes)", Duration::from_secs(5));
+    assert!(found, "{log}");
+    let t = Instant::now();
+    drop(stalled);
+    // Well within the 10 s timeout: the closes freed the cap.
+    while !run(client("nbdinfo").arg("--size").arg(s.uri()))
+        .status
+        .success()
+    {
+        assert!(t.elapsed() < Duration::from_secs(5), "still refused");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_client_refused_at_the_handshake_cap_is_admitted_once_stalled_ones_time_out() {
+    let s = Server::start(&["--max-handshakes=4", "--timeout=2s", "memory", "1M"]);
+    let mut stalled = stalled(&s, 4);
+    assert!(!run(client("nbdinfo").arg("--size").arg(s.uri()))
+        .status
+        .success());
+    for c in &mut stalled {
+        assert!(c.wait_closed().is_empty(), "dropped without a word");
+    }
+    assert_eq!(export_size(&s.uri()), "1048576");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn refusals_at_the_handshake_cap_are_logged_once_a_second_with_a_count() {
+    let s = Server::start(&["--max-handshakes=2", "memory", "1M"]);
+    let _stalled = stalled(&s, 2);
+    for _ in 0..50 {
+        assert!(refused(&s));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let (st, log) = s.stop_with_log();
+    assert!(st.success(), "{log}");
+    let counts: Vec<usize> = log
+        .lines()
+        .filter(|l| l.contains("(--max-handshakes)"))
+        .map(|l| {
+            let n = l.split("refused ").nth(1).unwrap();
+            n.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(
+        (1..=4).contains(&counts.len()) && counts.iter().sum::<usize>() == 50,
+        "{log}"
+    );
+}
+
+#[test]
+fn nbdinfo_lists_a_hundred_exports() {
+    let dir = TempDir::new("exports");
+    let socket = dir.path("nbd.sock");
+    let mut text = format!("[server]\nlisten = [{:?}]\n", socket.display().to_string());
+    for i in 0..100 {
+        text += &format!(
+            "\n[[export]]\nname = \"disk{i:03}\"\nplugin = \"memory\"\nparams = {{ size = \"1M\" }}\n"
+        );
+    }
+    let file = dir.path("nbdhost.toml");
+    std::fs::write(&file, text).unwrap();
+    let s = Server::start_config(&file, &[], &socket);
+    // One connection: NBD_OPT_LIST, then NBD_OPT_INFO and
+    // NBD_OPT_LIST_META_CONTEXT for every export.
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let out = run_ok(client("nbdinfo").args(["--list", &uri]));
+    let listed = out.lines().filter(|l| l.starts_with("export=")).count();
+    assert_eq!(listed, 100, "{out}");
+    assert!(s.stop().success());
 }
