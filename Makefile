@@ -23,6 +23,9 @@ PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
 SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
 PLUGINDIR = $(LIBDIR)/nbdhost/plugins
 FILTERDIR = $(LIBDIR)/nbdhost/filters
+# nbdhost.service's arguments (NBDHOST_ARGS), where Debian keeps a
+# service's defaults.
+DEFAULTS = $(DESTDIR)$(SYSCONFDIR)/default/nbdhost
 export NBDHOST_PREFIX = $(PREFIX)
 export NBDHOST_BINDIR = $(BINDIR)
 export NBDHOST_SBINDIR = $(SBINDIR)
@@ -111,7 +114,7 @@ install: build
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(PLUGINDIR) $(DESTDIR)$(FILTERDIR) \
 		$(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR) \
 		$(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3 $(DESTDIR)$(MANDIR)/man5 \
-		$(DESTDIR)$(SYSTEMDUNITDIR)
+		$(DESTDIR)$(SYSTEMDUNITDIR) $(DESTDIR)$(SYSCONFDIR)/default
 	install -m 0755 $(OUT)/nbdhost $(DESTDIR)$(BINDIR)/nbdhost
 	install -m 0755 $(OUT)/nbdhost-keys $(DESTDIR)$(BINDIR)/nbdhost-keys
 	for p in $(PLUGINS); do \
@@ -126,6 +129,10 @@ install: build
 	install -m 0644 man/*.5 $(DESTDIR)$(MANDIR)/man5/
 	install -m 0644 systemd/nbdhost.socket $(DESTDIR)$(SYSTEMDUNITDIR)/
 	$(SUBST) systemd/nbdhost.service.in >$(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.service
+	# The service's arguments: a configuration file, so one already there
+	# (the administrator's) is kept.
+	@if [ -e $(DEFAULTS) ]; then echo "install: $(DEFAULTS) is there already: kept"; \
+	else $(SUBST) systemd/nbdhost.default.in >$(DEFAULTS) && chmod 0644 $(DEFAULTS); fi
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/nbdhost $(DESTDIR)$(BINDIR)/nbdhost-keys
@@ -136,6 +143,9 @@ uninstall:
 	for m in man/*.3; do rm -f $(DESTDIR)$(MANDIR)/man3/$$(basename $$m); done
 	for m in man/*.5; do rm -f $(DESTDIR)$(MANDIR)/man5/$$(basename $$m); done
 	rm -f $(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.socket $(DESTDIR)$(SYSTEMDUNITDIR)/nbdhost.service
+	# The service's arguments go only as installed; edited, they stay.
+	@if [ -e $(DEFAULTS) ] && ! $(SUBST) systemd/nbdhost.default.in | cmp -s - $(DEFAULTS); then \
+		echo "uninstall: $(DEFAULTS) was changed: kept"; else rm -f $(DEFAULTS); fi
 
 # A source tarball of HEAD with every crate vendored, which builds with
 # `cargo build --offline --locked` where no registry can be reached.
