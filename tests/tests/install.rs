@@ -3,13 +3,15 @@
 //! tree with nothing but `pkg-config --cflags nbdhost`, a Rust plugin as
 //! its own cargo project on the SDK; the installed binary serves both by
 //! path and its own plugins and filters by short name; the manual pages
-//! are where `man` looks; the systemd units run under socket activation;
-//! and `make uninstall` takes everything away again.
+//! are where `man` looks; the systemd units run under socket activation,
+//! with the TLS credentials their comments show; the defaults file is a
+//! configuration file, kept once changed; and `make uninstall` takes
+//! everything else away again.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nbdhost_tests::{client, root, run, run_ok, TempDir};
+use nbdhost_tests::{client, keys_ok, root, run, run_ok, TempDir};
 
 /// The default prefix, which the debug build the tests use was compiled
 /// with.
@@ -183,31 +185,33 @@ fn installed_files_alone_build_and_serve_plugins() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-#[test]
-fn the_service_unit_serves_under_socket_activation() {
-    if run(Command::new("systemd-socket-activate").arg("--version"))
+/// Whether systemd-socket-activate, which runs a unit's command line as
+/// systemd would under socket activation, is installed.
+fn have_socket_activate() -> bool {
+    let found = run(Command::new("systemd-socket-activate").arg("--version"))
         .status
         .code()
-        .is_none()
-    {
+        .is_some();
+    if !found {
         eprintln!("SKIP: systemd-socket-activate is not installed");
-        return;
     }
-    let dest = TempDir::new("install-unit");
-    make("install", &dest.0);
-    let unit =
-        std::fs::read_to_string(staged(&dest.0, "lib/systemd/system/nbdhost.service")).unwrap();
-    // The unit's command line as systemd would run it, with its default
-    // arguments, from the staged binary.
+    found
+}
+
+/// The installed service's command line as systemd would run it under
+/// socket activation, from the staged binary, with `args` for
+/// `$NBDHOST_ARGS` and `env` in its environment, on 127.0.0.1: the
+/// activator and its port.
+fn activate(
+    dest: &Path,
+    unit: &str,
+    args: &str,
+    env: &[(&str, &Path)],
+) -> (std::process::Child, u16) {
     let exec = unit
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("an ExecStart line");
-    let args = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("Environment=NBDHOST_ARGS="))
-        .expect("default arguments")
-        .trim_matches('"');
     let mut words = exec.split_whitespace();
     assert_eq!(words.next(), Some("/usr/local/bin/nbdhost"));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -216,33 +220,196 @@ fn the_service_unit_serves_under_socket_activation() {
         .unwrap()
         .port();
     let mut cmd = Command::new("systemd-socket-activate");
-    cmd.arg(format!("--listen=127.0.0.1:{port}"))
-        .arg(staged(&dest.0, "bin/nbdhost"));
+    cmd.arg(format!("--listen=127.0.0.1:{port}"));
+    // The activator gives its command only the variables it is told to.
+    for (k, v) in env {
+        cmd.arg(format!("--setenv={k}={}", v.display()));
+    }
+    cmd.arg(staged(dest, "bin/nbdhost"));
     for w in words {
         match w {
             "$NBDHOST_ARGS" => cmd.args(args.split_whitespace()),
             w => cmd.arg(w),
         };
     }
-    let mut activator = cmd
+    let activator = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let uri = format!("nbd://127.0.0.1:{port}/");
+    (activator, port)
+}
+
+/// `nbdinfo --size URI`, tried until it answers (the server starts on
+/// the first connection) or 10 seconds pass.
+fn size_when_served(uri: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let size = loop {
-        let out = run(client("nbdinfo").args(["--size", &uri]));
+    loop {
+        let out = run(client("nbdinfo").args(["--size", uri]));
         if out.status.success() {
             break String::from_utf8_lossy(&out.stdout).trim().to_string();
         }
-        assert!(std::time::Instant::now() < deadline, "never served");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never served: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    }
+}
+
+fn stop(mut activator: std::process::Child) {
     let _ = activator.kill();
     let _ = activator.wait();
+}
+
+#[test]
+fn the_service_unit_serves_under_socket_activation() {
+    if !have_socket_activate() {
+        return;
+    }
+    let dest = TempDir::new("install-unit");
+    make("install", &dest.0);
+    let unit =
+        std::fs::read_to_string(staged(&dest.0, "lib/systemd/system/nbdhost.service")).unwrap();
+    // With its default arguments.
+    let args = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("Environment=NBDHOST_ARGS="))
+        .expect("default arguments")
+        .trim_matches('"');
+    let (activator, port) = activate(&dest.0, &unit, args, &[]);
+    let size = size_when_served(&format!("nbd://127.0.0.1:{port}/"));
+    stop(activator);
     assert_eq!(size, "1073741824");
     assert!(unit.contains("DynamicUser=yes") && unit.contains("ProtectSystem=strict"));
+}
+
+/// The lines of `text` that are `#KEY...` comments, without `#KEY`.
+fn commented<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
+    let key = format!("#{key}");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(key.as_str()))
+        .collect()
+}
+
+/// The installed defaults file's example arguments that `pick` chooses,
+/// with its disk image replaced by `image`.
+fn example_args(defaults: &str, pick: impl Fn(&str) -> bool, image: &Path) -> String {
+    let examples = commented(defaults, "NBDHOST_ARGS=");
+    let found = examples
+        .iter()
+        .map(|a| a.trim_matches('"'))
+        .find(|a| pick(a))
+        .unwrap_or_else(|| panic!("no such example in {examples:?}"));
+    found.replace("/srv/disk.img", image.to_str().unwrap())
+}
+
+#[test]
+fn the_defaults_file_is_installed_and_kept_once_changed() {
+    let dest = TempDir::new("install-defaults");
+    make("install", &dest.0);
+    let file = staged(&dest.0, "etc/default/nbdhost");
+    let shipped = std::fs::read_to_string(&file).unwrap();
+    // Only comments: the unit's own default stands until one is chosen.
+    assert!(
+        shipped.lines().all(|l| l.is_empty() || l.starts_with('#')),
+        "{shipped}"
+    );
+    assert!(commented(&shipped, "NBDHOST_ARGS=").len() >= 3, "{shipped}");
+    let edited = format!("{shipped}NBDHOST_ARGS=\"memory 2G\"\n");
+    std::fs::write(&file, &edited).unwrap();
+    make("install", &dest.0);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), edited);
+    make("uninstall", &dest.0);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), edited);
+    std::fs::write(&file, &shipped).unwrap();
+    make("uninstall", &dest.0);
+    assert!(!file.exists());
+}
+
+/// The credentials directory systemd would make for the unit's
+/// `LoadCredential=` lines whose ids are `ids`: a copy of each file,
+/// read-only, with the keys made under `keys` standing for the unit's
+/// `@SYSCONFDIR@/nbdhost/tls`.
+fn credentials(unit: &str, ids: &[&str], keys: &Path, into: &Path) {
+    std::fs::create_dir_all(into).unwrap();
+    for line in commented(unit, "LoadCredential=") {
+        let (id, path) = line.split_once(':').expect("ID:PATH");
+        if !ids.contains(&id) {
+            continue;
+        }
+        let rel = path
+            .strip_prefix("/usr/local/etc/nbdhost/tls/")
+            .unwrap_or_else(|| panic!("{path} is not in the unit's key directory"));
+        let copy = into.join(id);
+        std::fs::copy(keys.join(rel), &copy).unwrap();
+        std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+            .unwrap();
+    }
+    for id in ids {
+        assert!(
+            into.join(id).exists(),
+            "no LoadCredential={id} line in the unit"
+        );
+    }
+}
+
+#[test]
+fn the_units_tls_examples_serve_psk_and_x509_from_credentials() {
+    if !have_socket_activate() {
+        return;
+    }
+    let dest = TempDir::new("install-tls");
+    let work = TempDir::new("install-tls-work");
+    make("install", &dest.0);
+    let unit =
+        std::fs::read_to_string(staged(&dest.0, "lib/systemd/system/nbdhost.service")).unwrap();
+    let defaults = std::fs::read_to_string(staged(&dest.0, "etc/default/nbdhost")).unwrap();
+    let image = work.path("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+
+    // The keys as the unit's comments say to make them, with a client
+    // and a revoked one, so that the CRL's credential is there too.
+    let keys = work.path("tls");
+    let k = keys.to_str().unwrap();
+    keys_ok(&["psk", "add", k]);
+    keys_ok(&["ca", k]);
+    keys_ok(&["server", k, "--dns", "localhost", "--ip", "127.0.0.1"]);
+    keys_ok(&["client", k, "--name", "backup"]);
+    keys_ok(&["client", k, "--name", "gone"]);
+    keys_ok(&["revoke", k, "--name", "gone"]);
+
+    // TLS-PSK: keys.psk alone.
+    let psk = work.path("psk-credentials");
+    credentials(&unit, &["keys.psk"], &keys, &psk);
+    let args = example_args(&defaults, |a| a == "file /srv/disk.img", &image);
+    let (activator, port) = activate(&dest.0, &unit, &args, &[("CREDENTIALS_DIRECTORY", &psk)]);
+    let size = size_when_served(&format!(
+        "nbds://qemu@127.0.0.1:{port}/?tls-psk-file={k}/keys.psk"
+    ));
+    let plain = run(client("nbdinfo").args(["--size", &format!("nbd://127.0.0.1:{port}/")]));
+    stop(activator);
+    assert_eq!(size, "1048576");
+    assert!(!plain.status.success(), "a plain client was served");
+
+    // X.509 with client certificates: the certificate set and the CRL.
+    let x509 = work.path("x509-credentials");
+    let set = [
+        "server-cert.pem",
+        "server-key.pem",
+        "ca-cert.pem",
+        "ca-crl.pem",
+    ];
+    credentials(&unit, &set, &keys, &x509);
+    let args = example_args(&defaults, |a| a.contains("--tls-verify-peer"), &image);
+    let (activator, port) = activate(&dest.0, &unit, &args, &[("CREDENTIALS_DIRECTORY", &x509)]);
+    let uri = |name: &str| format!("nbds://localhost:{port}/?tls-certificates={k}/clients/{name}");
+    let size = size_when_served(&uri("backup"));
+    let revoked = run(client("nbdinfo").args(["--size", &uri("gone")]));
+    stop(activator);
+    assert_eq!(size, "1048576");
+    assert!(!revoked.status.success(), "a revoked client was served");
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
