@@ -88,6 +88,35 @@ struct nbdhost_next {
    * local_file.  The string stays valid until the next call on this
    * thread. */
   const char *(*local_file) (const struct nbdhost_next *next);
+
+  /* Since ABI 1.9 (check struct_size): start a request on the layer below,
+   * whose result completes req: the filter's own request passed down, when
+   * the filter has nothing to do after it, or a new one from
+   * host->request_then, whose continuation then runs.  The call returns at
+   * once; buf and extents must stay valid until req completes.  Works on
+   * every layer below: one without an asynchronous path runs the request
+   * in the call and completes req before returning. */
+  void (*async_pread) (const struct nbdhost_next *next, void *buf,
+                       uint64_t count, uint64_t offset, uint32_t flags,
+                       struct nbdhost_request *req);
+  void (*async_pwrite) (const struct nbdhost_next *next, const void *buf,
+                        uint64_t count, uint64_t offset, uint32_t flags,
+                        struct nbdhost_request *req);
+  void (*async_flush) (const struct nbdhost_next *next, uint32_t flags,
+                       struct nbdhost_request *req);
+  void (*async_trim) (const struct nbdhost_next *next, uint64_t count,
+                      uint64_t offset, uint32_t flags,
+                      struct nbdhost_request *req);
+  void (*async_zero) (const struct nbdhost_next *next, uint64_t count,
+                      uint64_t offset, uint32_t flags,
+                      struct nbdhost_request *req);
+  void (*async_cache) (const struct nbdhost_next *next, uint64_t count,
+                       uint64_t offset, uint32_t flags,
+                       struct nbdhost_request *req);
+  void (*async_extents) (const struct nbdhost_next *next, uint64_t count,
+                         uint64_t offset, uint32_t flags,
+                         struct nbdhost_extents *extents,
+                         struct nbdhost_request *req);
 };
 
 /* Opens the next layer during a filter's open callback: under a different
@@ -213,6 +242,36 @@ struct nbdhost_filter {
    * to the layer below; a filter whose bytes are not the file's in place
    * (an overlay that keeps writes elsewhere) may answer NULL itself. */
   const char *(*local_file) (const struct nbdhost_next *next, void *handle);
+
+  /* Since ABI 1.9: asynchronous requests, as the plugin's, with the layer
+   * below to pass them to (next->async_*).  A filter with nothing to do
+   * after the layer below answers passes req itself down, so the request
+   * stays asynchronous without a thread or a continuation; one that must
+   * act on the result (decrypt a read, join the pieces of a split) passes
+   * requests from host->request_then and completes req in their
+   * continuations.  NULL: the synchronous callback runs instead (or the
+   * request goes down unchanged when that is NULL too). */
+  void (*async_pread) (const struct nbdhost_next *next, void *handle,
+                       void *buf, uint64_t count, uint64_t offset,
+                       uint32_t flags, struct nbdhost_request *req);
+  void (*async_pwrite) (const struct nbdhost_next *next, void *handle,
+                        const void *buf, uint64_t count, uint64_t offset,
+                        uint32_t flags, struct nbdhost_request *req);
+  void (*async_flush) (const struct nbdhost_next *next, void *handle,
+                       uint32_t flags, struct nbdhost_request *req);
+  void (*async_trim) (const struct nbdhost_next *next, void *handle,
+                      uint64_t count, uint64_t offset, uint32_t flags,
+                      struct nbdhost_request *req);
+  void (*async_zero) (const struct nbdhost_next *next, void *handle,
+                      uint64_t count, uint64_t offset, uint32_t flags,
+                      struct nbdhost_request *req);
+  void (*async_cache) (const struct nbdhost_next *next, void *handle,
+                       uint64_t count, uint64_t offset, uint32_t flags,
+                       struct nbdhost_request *req);
+  void (*async_extents) (const struct nbdhost_next *next, void *handle,
+                         uint64_t count, uint64_t offset, uint32_t flags,
+                         struct nbdhost_extents *extents,
+                         struct nbdhost_request *req);
 };
 
 typedef const struct nbdhost_filter *

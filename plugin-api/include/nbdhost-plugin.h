@@ -30,7 +30,7 @@ extern "C" {
 /* The ABI version is (major << 16) | minor.  A server accepts any plugin
  * whose major equals its own, whatever the minor. */
 #define NBDHOST_ABI_MAJOR 1
-#define NBDHOST_ABI_MINOR 8
+#define NBDHOST_ABI_MINOR 9
 #define NBDHOST_ABI_VERSION ((NBDHOST_ABI_MAJOR << 16) | NBDHOST_ABI_MINOR)
 
 /* Name of the symbol every plugin exports. */
@@ -76,6 +76,10 @@ extern "C" {
 /* Opaque lists the server owns; plugins fill them through host services. */
 struct nbdhost_extents;
 struct nbdhost_exports;
+/* Since ABI 1.9: an asynchronous request in flight, the server's token for
+ * whoever waits for its result (see ASYNCHRONOUS REQUESTS in
+ * nbdhost-plugin(3)).  Never dereference it. */
+struct nbdhost_request;
 
 /* Services the server offers to plugins.  Like struct nbdhost_plugin, it
  * starts with its size and version and only grows at the end: check
@@ -197,6 +201,25 @@ struct nbdhost_host {
   size_t (*exports_count) (const struct nbdhost_exports *exports);
   int (*exports_get) (const struct nbdhost_exports *exports, size_t i,
                       const char **name, const char **description);
+
+  /* Since ABI 1.9.  Complete the asynchronous request req: errnum 0 for
+   * success, else the errno value the client gets; msg, if not NULL, is
+   * logged with the layer's name (it replaces host->error, which records
+   * nothing for a request already started).  Call it exactly once per
+   * request, from any thread, possibly before the callback that started
+   * the request has returned.  A second completion is logged and ignored.
+   * It holds no lock of the server while it runs, and never calls back
+   * into the layer. */
+  void (*complete) (struct nbdhost_request *req, int errnum, const char *msg);
+  /* Since ABI 1.9, for filters: a new request that, once completed by the
+   * layer below it is passed to, calls done (data, errnum) on one of the
+   * server's worker threads, as a callback made for the connection of the
+   * callback that called request_then (so host->export_name and the like
+   * answer in it).  Only inside a filter's callback made for a
+   * connection.  NULL with the error recorded if it cannot be made. */
+  struct nbdhost_request *(*request_then) (void (*done) (void *data,
+                                                          int errnum),
+                                           void *data);
 };
 
 /* A plugin.  Every callback may be NULL; the defaults are those described
@@ -282,6 +305,34 @@ struct nbdhost_plugin {
    * its directory and take qemu's image locks on it.  The string stays
    * valid until the next call on this thread. */
   const char *(*local_file) (void *handle);
+
+  /* Since ABI 1.9: asynchronous requests.  Each starts the request and
+   * returns at once; its result is given later with host->complete (req,
+   * ...), exactly once, from any thread, possibly before the callback
+   * returns.  buf (and extents) stay valid until then, and the handle is
+   * not closed while a request on it is in flight.  A plugin may define
+   * any of them beside, or instead of, the synchronous callbacks; the
+   * server then starts that kind of request this way.  The thread model
+   * governs the starting calls (it never lets two overlap where it
+   * forbids it), not the time requests are in flight.  See
+   * nbdhost-plugin(3). */
+  void (*async_pread) (void *handle, void *buf, uint64_t count,
+                       uint64_t offset, uint32_t flags,
+                       struct nbdhost_request *req);
+  void (*async_pwrite) (void *handle, const void *buf, uint64_t count,
+                        uint64_t offset, uint32_t flags,
+                        struct nbdhost_request *req);
+  void (*async_flush) (void *handle, uint32_t flags,
+                       struct nbdhost_request *req);
+  void (*async_trim) (void *handle, uint64_t count, uint64_t offset,
+                      uint32_t flags, struct nbdhost_request *req);
+  void (*async_zero) (void *handle, uint64_t count, uint64_t offset,
+                      uint32_t flags, struct nbdhost_request *req);
+  void (*async_cache) (void *handle, uint64_t count, uint64_t offset,
+                       uint32_t flags, struct nbdhost_request *req);
+  void (*async_extents) (void *handle, uint64_t count, uint64_t offset,
+                         uint32_t flags, struct nbdhost_extents *extents,
+                         struct nbdhost_request *req);
 };
 
 /* The one symbol a plugin exports.  host stays valid until the plugin is

@@ -8,7 +8,7 @@ use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
 /// Major version of the ABI; a server refuses a plugin with another major.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: grows when fields are appended.
-pub const ABI_MINOR: u32 = 8;
+pub const ABI_MINOR: u32 = 9;
 /// `(major << 16) | minor`, as stored in `abi_version`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 /// Name of the symbol every plugin exports.
@@ -143,7 +143,64 @@ pub struct Host {
             description: *mut *const c_char,
         ) -> c_int,
     >,
+    /// Since ABI 1.9: complete an asynchronous request, once, from any
+    /// thread; `errnum` 0 for success, `msg` (may be null) logged.
+    pub complete:
+        Option<unsafe extern "C" fn(req: *mut Request, errnum: c_int, msg: *const c_char)>,
+    /// Since ABI 1.9, for filters: a new request whose completion calls
+    /// `done(data, errnum)` on a worker thread, for the connection of the
+    /// callback that made it.
+    pub request_then:
+        Option<unsafe extern "C" fn(done: ContinuationFn, data: *mut c_void) -> *mut Request>,
 }
+
+/// Since ABI 1.9: `struct nbdhost_request`, an asynchronous request in
+/// flight. Opaque: the server's token for whoever waits for the result.
+#[repr(C)]
+pub struct Request {
+    _private: [u8; 0],
+}
+
+/// Since ABI 1.9: what a filter's continuation is, for `request_then`.
+pub type ContinuationFn = unsafe extern "C" fn(data: *mut c_void, errnum: c_int);
+
+/// Since ABI 1.9: a plugin's asynchronous read.
+pub type AsyncPreadFn = unsafe extern "C" fn(
+    handle: *mut c_void,
+    buf: *mut c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    req: *mut Request,
+);
+/// Since ABI 1.9: a plugin's asynchronous write.
+pub type AsyncPwriteFn = unsafe extern "C" fn(
+    handle: *mut c_void,
+    buf: *const c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    req: *mut Request,
+);
+/// Since ABI 1.9: a plugin's asynchronous flush.
+pub type AsyncFlushFn = unsafe extern "C" fn(handle: *mut c_void, flags: u32, req: *mut Request);
+/// Since ABI 1.9: a plugin's asynchronous trim, zero or cache.
+pub type AsyncRangeFn = unsafe extern "C" fn(
+    handle: *mut c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    req: *mut Request,
+);
+/// Since ABI 1.9: a plugin's asynchronous extents.
+pub type AsyncExtentsFn = unsafe extern "C" fn(
+    handle: *mut c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    extents: *mut Extents,
+    req: *mut Request,
+);
 
 /// Callback taking only a handle, as the `can_*` family does.
 pub type HandleFn = unsafe extern "C" fn(handle: *mut c_void) -> c_int;
@@ -238,6 +295,15 @@ pub struct Plugin {
     pub dump_plugin: Option<unsafe extern "C" fn()>,
     /// Since ABI 1.8: the local file the handle serves, or null.
     pub local_file: Option<unsafe extern "C" fn(handle: *mut c_void) -> *const c_char>,
+    /// Since ABI 1.9: requests started now and completed later through
+    /// `host->complete`.
+    pub async_pread: Option<AsyncPreadFn>,
+    pub async_pwrite: Option<AsyncPwriteFn>,
+    pub async_flush: Option<AsyncFlushFn>,
+    pub async_trim: Option<AsyncRangeFn>,
+    pub async_zero: Option<AsyncRangeFn>,
+    pub async_cache: Option<AsyncRangeFn>,
+    pub async_extents: Option<AsyncExtentsFn>,
 }
 
 // SAFETY: a `Plugin` is an immutable table of C strings and function
@@ -330,7 +396,93 @@ pub struct Next {
     pub cache: Option<NextRangeFn>,
     /// Since ABI 1.8: the layer below's local file, or null.
     pub local_file: Option<unsafe extern "C" fn(next: *const Next) -> *const c_char>,
+    /// Since ABI 1.9: start a request on the layer below, whose result
+    /// completes `req` (the filter's own, passed down, or a new one from
+    /// `host->request_then`).
+    pub async_pread: Option<NextAsyncPreadFn>,
+    pub async_pwrite: Option<NextAsyncPwriteFn>,
+    pub async_flush: Option<NextAsyncFlushFn>,
+    pub async_trim: Option<NextAsyncRangeFn>,
+    pub async_zero: Option<NextAsyncRangeFn>,
+    pub async_cache: Option<NextAsyncRangeFn>,
+    pub async_extents: Option<NextAsyncExtentsFn>,
 }
+
+/// Since ABI 1.9: `next->async_pread`.
+pub type NextAsyncPreadFn = unsafe extern "C" fn(
+    next: *const Next,
+    buf: *mut c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    req: *mut Request,
+);
+/// Since ABI 1.9: `next->async_pwrite`.
+pub type NextAsyncPwriteFn = unsafe extern "C" fn(
+    next: *const Next,
+    buf: *const c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    req: *mut Request,
+);
+/// Since ABI 1.9: `next->async_flush`.
+pub type NextAsyncFlushFn = unsafe extern "C" fn(next: *const Next, flags: u32, req: *mut Request);
+/// Since ABI 1.9: `next->async_trim`, `_zero` and `_cache`.
+pub type NextAsyncRangeFn =
+    unsafe extern "C" fn(next: *const Next, count: u64, offset: u64, flags: u32, req: *mut Request);
+/// Since ABI 1.9: `next->async_extents`.
+pub type NextAsyncExtentsFn = unsafe extern "C" fn(
+    next: *const Next,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    extents: *mut Extents,
+    req: *mut Request,
+);
+
+/// Since ABI 1.9: a filter's asynchronous read.
+pub type FilterAsyncPreadFn = unsafe extern "C" fn(
+    next: *const Next,
+    handle: *mut c_void,
+    buf: *mut c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    req: *mut Request,
+);
+/// Since ABI 1.9: a filter's asynchronous write.
+pub type FilterAsyncPwriteFn = unsafe extern "C" fn(
+    next: *const Next,
+    handle: *mut c_void,
+    buf: *const c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    req: *mut Request,
+);
+/// Since ABI 1.9: a filter's asynchronous flush.
+pub type FilterAsyncFlushFn =
+    unsafe extern "C" fn(next: *const Next, handle: *mut c_void, flags: u32, req: *mut Request);
+/// Since ABI 1.9: a filter's asynchronous trim, zero or cache.
+pub type FilterAsyncRangeFn = unsafe extern "C" fn(
+    next: *const Next,
+    handle: *mut c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    req: *mut Request,
+);
+/// Since ABI 1.9: a filter's asynchronous extents.
+pub type FilterAsyncExtentsFn = unsafe extern "C" fn(
+    next: *const Next,
+    handle: *mut c_void,
+    count: u64,
+    offset: u64,
+    flags: u32,
+    extents: *mut Extents,
+    req: *mut Request,
+);
 
 /// `struct nbdhost_next_open`: opens the layer below during a filter's open.
 #[repr(C)]
@@ -502,6 +654,16 @@ pub struct Filter {
     /// question down.
     pub local_file:
         Option<unsafe extern "C" fn(next: *const Next, handle: *mut c_void) -> *const c_char>,
+    /// Since ABI 1.9: requests started now, completed later through
+    /// `host->complete`; NULL runs the synchronous callback (or passes the
+    /// request down).
+    pub async_pread: Option<FilterAsyncPreadFn>,
+    pub async_pwrite: Option<FilterAsyncPwriteFn>,
+    pub async_flush: Option<FilterAsyncFlushFn>,
+    pub async_trim: Option<FilterAsyncRangeFn>,
+    pub async_zero: Option<FilterAsyncRangeFn>,
+    pub async_cache: Option<FilterAsyncRangeFn>,
+    pub async_extents: Option<FilterAsyncExtentsFn>,
 }
 
 // SAFETY: as for `Plugin`: an immutable table of 'static strings and

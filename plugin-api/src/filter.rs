@@ -6,9 +6,13 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;
 
 use crate::abi;
+use crate::filter_async::{
+    async_cache, async_extents, async_flush, async_pread, async_pwrite, async_trim, async_zero,
+};
 use crate::host::{self, OwnedExports, OwnedExtents};
 use crate::instance::Instance;
 use crate::plugin::{flags, guard, len, lend, ok, path_bytes, quiet_panics, str_arg, Strings};
+use crate::requests::{ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};
 use crate::{
     BlockSize, Error, Export, ExportList, ExtentList, Flags, Result, Support, ThreadModel,
 };
@@ -143,6 +147,18 @@ fn missing() -> Error {
 }
 
 impl Next {
+    pub(crate) fn from_raw(raw: *const abi::Next) -> Next {
+        Next { raw }
+    }
+
+    pub(crate) fn raw(&self) -> *const abi::Next {
+        self.raw
+    }
+
+    pub(crate) fn table(&self) -> &abi::Next {
+        self.t()
+    }
+
     fn t(&self) -> &abi::Next {
         // SAFETY: `raw` is the server's table, valid during the callback.
         unsafe { &*self.raw }
@@ -464,6 +480,41 @@ pub trait FilterHandle: Send + Sync + 'static {
     fn finalize(&self, _next: &Next) -> Result<()> {
         Ok(())
     }
+
+    /// Since ABI 1.9: start a read and return at once; defined, the
+    /// server starts reads through this filter this way. Pass the request
+    /// down with [`Next::async_pread`] (changing its offset first if need
+    /// be), or with [`Next::async_pread_then`] to act on the data before
+    /// answering. Not defined, reads through the filter run its
+    /// synchronous `pread` on a worker thread.
+    fn async_pread(&self, next: &Next, req: ReadRequest) {
+        next.async_pread(req)
+    }
+    /// Since ABI 1.9: start a write; as [`FilterHandle::async_pread`].
+    fn async_pwrite(&self, next: &Next, req: WriteRequest) {
+        next.async_pwrite(req)
+    }
+    /// Since ABI 1.9: start a flush; as [`FilterHandle::async_pread`].
+    fn async_flush(&self, next: &Next, req: RangeRequest) {
+        next.async_flush(req)
+    }
+    /// Since ABI 1.9: start a trim; as [`FilterHandle::async_pread`].
+    fn async_trim(&self, next: &Next, req: RangeRequest) {
+        next.async_trim(req)
+    }
+    /// Since ABI 1.9: start a zero; as [`FilterHandle::async_pread`].
+    fn async_zero(&self, next: &Next, req: RangeRequest) {
+        next.async_zero(req)
+    }
+    /// Since ABI 1.9: start a cache; as [`FilterHandle::async_pread`].
+    fn async_cache(&self, next: &Next, req: RangeRequest) {
+        next.async_cache(req)
+    }
+    /// Since ABI 1.9: start an extents request; as
+    /// [`FilterHandle::async_pread`].
+    fn async_extents(&self, next: &Next, req: ExtentsRequest) {
+        next.async_extents(req)
+    }
 }
 
 static INSTANCE: Instance = Instance::new();
@@ -473,7 +524,7 @@ static TABLE: OnceLock<abi::Filter> = OnceLock::new();
 ///
 /// # Safety
 /// `h` must come from `open::<F>` and not have been closed.
-unsafe fn handle<'a, F: Filter>(h: *mut c_void) -> &'a F::Handle {
+pub(crate) unsafe fn handle<'a, F: Filter>(h: *mut c_void) -> &'a F::Handle {
     // SAFETY: guaranteed by the caller.
     unsafe { &*(h as *const F::Handle) }
 }
@@ -822,5 +873,12 @@ pub unsafe fn entry<F: Filter>(host: *const abi::Host, strings: Strings) -> *con
         default_export: defined!(F, F, default_export),
         finalize: defined!(F, F::Handle, finalize),
         local_file: defined!(F, F::Handle, local_file),
+        async_pread: defined!(F, F::Handle, async_pread),
+        async_pwrite: defined!(F, F::Handle, async_pwrite),
+        async_flush: defined!(F, F::Handle, async_flush),
+        async_trim: defined!(F, F::Handle, async_trim),
+        async_zero: defined!(F, F::Handle, async_zero),
+        async_cache: defined!(F, F::Handle, async_cache),
+        async_extents: defined!(F, F::Handle, async_extents),
     })
 }

@@ -382,3 +382,38 @@ impl Drop for OwnedExports {
         }
     }
 }
+
+/// Answer an asynchronous request (since ABI 1.9). On a server without
+/// asynchronous requests none was ever started, so there is nothing to
+/// answer.
+pub(crate) fn complete(req: *mut abi::Request, r: Result<()>) {
+    let Some(f) = service!(complete) else {
+        return;
+    };
+    let (errnum, msg) = match &r {
+        Ok(()) => (0, None),
+        Err(e) if e.is_propagated() => (e.raw_errno(), None),
+        Err(e) => (e.raw_errno(), e.message().map(cstring)),
+    };
+    let ptr = msg.as_ref().map_or(std::ptr::null(), |m| m.as_ptr());
+    // SAFETY: `req` is the server's token, completed once (the request
+    // types consume themselves); `ptr` is null or a C string for the call.
+    unsafe { f(req, errnum, ptr) }
+}
+
+/// A request whose completion runs `done(data, errnum)` on a worker
+/// thread (since ABI 1.9).
+pub(crate) fn request_then(
+    done: abi::ContinuationFn,
+    data: *mut std::ffi::c_void,
+) -> Result<*mut abi::Request> {
+    let f = service!(request_then)
+        .ok_or_else(|| Error::new(libc::ENOTSUP, "the server has no asynchronous requests"))?;
+    // SAFETY: a plain call; the server gives `data` back to `done` once.
+    let req = unsafe { f(done, data) };
+    if req.is_null() {
+        Err(Error::from_next(libc::ENOMEM))
+    } else {
+        Ok(req)
+    }
+}

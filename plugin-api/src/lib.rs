@@ -60,9 +60,11 @@ pub mod abi;
 mod callbacks;
 mod error;
 mod filter;
+mod filter_async;
 pub mod host;
 mod instance;
 mod plugin;
+mod requests;
 
 pub use callbacks::Callbacks;
 pub use error::{Error, Result};
@@ -87,6 +89,7 @@ pub use filter::{Filter, FilterHandle, Next, NextExports, NextOpener};
 pub use plugin::{
     BlockSize, Export, ExportList, ExtentList, Flags, Handle, Plugin, Support, ThreadModel,
 };
+pub use requests::{Completion, ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};
 
 #[doc(hidden)]
 pub mod __private {

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use crate::abi;
 use crate::host;
 use crate::instance::Instance;
+use crate::requests::{ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};
 use crate::{Error, Result};
 
 /// How much concurrency the plugin tolerates; the server never exceeds it.
@@ -288,6 +289,51 @@ pub trait Handle: Send + Sync + 'static {
     /// Prefetch a range.
     fn cache(&self, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
         Ok(())
+    }
+
+    /// Since ABI 1.9: start a read and return at once; answer it later,
+    /// from any thread, with [`ReadRequest::complete`]. Defined, the
+    /// server starts every read this way (the synchronous `pread` still
+    /// serves filters that call it). See the asynchronous requests of
+    /// nbdhost-plugin(3): the thread model governs the starting calls, not
+    /// the time requests are in flight.
+    fn async_pread(&self, mut req: ReadRequest) {
+        let (offset, flags) = (req.offset(), req.flags());
+        let r = self.pread(req.buf(), offset, flags);
+        req.complete(r);
+    }
+    /// Since ABI 1.9: start a write; as [`Handle::async_pread`].
+    fn async_pwrite(&self, req: WriteRequest) {
+        let r = self.pwrite(req.buf(), req.offset(), req.flags());
+        req.complete(r);
+    }
+    /// Since ABI 1.9: start a flush; as [`Handle::async_pread`].
+    fn async_flush(&self, req: RangeRequest) {
+        let r = self.flush(req.flags());
+        req.complete(r);
+    }
+    /// Since ABI 1.9: start a trim; as [`Handle::async_pread`].
+    fn async_trim(&self, req: RangeRequest) {
+        let r = self.trim(req.count(), req.offset(), req.flags());
+        req.complete(r);
+    }
+    /// Since ABI 1.9: start a zero; as [`Handle::async_pread`]. `ENOTSUP`
+    /// makes the server write the zeroes.
+    fn async_zero(&self, req: RangeRequest) {
+        let r = self.zero(req.count(), req.offset(), req.flags());
+        req.complete(r);
+    }
+    /// Since ABI 1.9: start a cache; as [`Handle::async_pread`].
+    fn async_cache(&self, req: RangeRequest) {
+        let r = self.cache(req.count(), req.offset(), req.flags());
+        req.complete(r);
+    }
+    /// Since ABI 1.9: start an extents request; as
+    /// [`Handle::async_pread`].
+    fn async_extents(&self, mut req: ExtentsRequest) {
+        let (count, offset, flags) = (req.count(), req.offset(), req.flags());
+        let r = self.extents(count, offset, flags, req.list());
+        req.complete(r);
     }
 }
 
@@ -645,6 +691,93 @@ unsafe extern "C" fn extents<P: Plugin>(
     })
 }
 
+/// Run `start`, which hands its request on; a panic before it did is
+/// answered as the request's failure by the request's own drop, and
+/// never crosses into the server.
+fn starting(start: impl FnOnce()) {
+    guard((), || {
+        start();
+        Ok(())
+    });
+}
+
+unsafe extern "C" fn async_pread<P: Plugin>(
+    h: *mut c_void,
+    buf: *mut c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+    req: *mut abi::Request,
+) {
+    starting(|| {
+        let req = ReadRequest::new(buf, count as usize, offset, flags(f), req);
+        // SAFETY: the server passes a live handle from `open`, and a
+        // writable buffer of `count` bytes until the request completes.
+        unsafe { handle::<P>(h) }.async_pread(req)
+    })
+}
+
+unsafe extern "C" fn async_pwrite<P: Plugin>(
+    h: *mut c_void,
+    buf: *const c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+    req: *mut abi::Request,
+) {
+    starting(|| {
+        let req = WriteRequest::new(buf, count as usize, offset, flags(f), req);
+        // SAFETY: as for async_pread, with a readable buffer.
+        unsafe { handle::<P>(h) }.async_pwrite(req)
+    })
+}
+
+unsafe extern "C" fn async_flush<P: Plugin>(h: *mut c_void, f: u32, req: *mut abi::Request) {
+    starting(|| {
+        let req = RangeRequest::new(0, 0, flags(f), req);
+        // SAFETY: the server passes a live handle from `open`.
+        unsafe { handle::<P>(h) }.async_flush(req)
+    })
+}
+
+macro_rules! async_range_fn {
+    ($name:ident) => {
+        unsafe extern "C" fn $name<P: Plugin>(
+            h: *mut c_void,
+            count: u64,
+            offset: u64,
+            f: u32,
+            req: *mut abi::Request,
+        ) {
+            starting(|| {
+                let req = RangeRequest::new(count, offset, flags(f), req);
+                // SAFETY: the server passes a live handle from `open`.
+                unsafe { handle::<P>(h) }.$name(req)
+            })
+        }
+    };
+}
+
+async_range_fn!(async_trim);
+async_range_fn!(async_zero);
+async_range_fn!(async_cache);
+
+unsafe extern "C" fn async_extents<P: Plugin>(
+    h: *mut c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+    list: *mut abi::Extents,
+    req: *mut abi::Request,
+) {
+    starting(|| {
+        let req = ExtentsRequest::new(count, offset, flags(f), list, req);
+        // SAFETY: the server passes a live handle from `open`, and a list
+        // that lives until the request completes.
+        unsafe { handle::<P>(h) }.async_extents(req)
+    })
+}
+
 /// Build the plugin's C table; called by [`crate::nbdhost_plugin!`].
 ///
 /// # Safety
@@ -701,5 +834,12 @@ pub unsafe fn entry<P: Plugin>(
         after_fork: defined!(P, P, after_fork),
         dump_plugin: None,
         local_file: defined!(P, P::Handle, local_file),
+        async_pread: defined!(P, P::Handle, async_pread),
+        async_pwrite: defined!(P, P::Handle, async_pwrite),
+        async_flush: defined!(P, P::Handle, async_flush),
+        async_trim: defined!(P, P::Handle, async_trim),
+        async_zero: defined!(P, P::Handle, async_zero),
+        async_cache: defined!(P, P::Handle, async_cache),
+        async_extents: defined!(P, P::Handle, async_extents),
     })
 }

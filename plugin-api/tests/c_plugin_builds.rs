@@ -113,6 +113,8 @@ static HOST: abi::Host = abi::Host {
     exports_free: None,
     exports_count: None,
     exports_get: None,
+    complete: None,
+    request_then: None,
 };
 
 /// Compile `examples/<file>` into `lib<name>plugin.so` in `dir`, with the

@@ -170,6 +170,8 @@ fn layouts() -> Vec<Layout> {
             exports_free,
             exports_count,
             exports_get,
+            complete,
+            request_then,
         }
         nbdhost_plugin => abi::Plugin {
             struct_size, abi_version, thread_model,
@@ -209,6 +211,13 @@ fn layouts() -> Vec<Layout> {
             after_fork,
             dump_plugin,
             local_file,
+            async_pread,
+            async_pwrite,
+            async_flush,
+            async_trim,
+            async_zero,
+            async_cache,
+            async_extents,
         }
         nbdhost_next => abi::Next {
             struct_size, opaque,
@@ -233,6 +242,13 @@ fn layouts() -> Vec<Layout> {
             extents,
             cache,
             local_file,
+            async_pread,
+            async_pwrite,
+            async_flush,
+            async_trim,
+            async_zero,
+            async_cache,
+            async_extents,
         }
         nbdhost_next_open => abi::NextOpen { struct_size, opaque, open }
         nbdhost_next_exports => abi::NextExports {
@@ -278,6 +294,13 @@ fn layouts() -> Vec<Layout> {
             default_export,
             finalize,
             local_file,
+            async_pread,
+            async_pwrite,
+            async_flush,
+            async_trim,
+            async_zero,
+            async_cache,
+            async_extents,
         }
     }
 }

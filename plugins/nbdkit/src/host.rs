@@ -69,6 +69,8 @@ pub fn get() -> &'static abi::Host {
         exports_free: None,
         exports_count: None,
         exports_get: None,
+        complete: None,
+        request_then: None,
     };
     let p = HOST.load(Ordering::Acquire);
     // SAFETY: only ever set to the server's table, which outlives us.

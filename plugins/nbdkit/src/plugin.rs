@@ -203,6 +203,13 @@ pub fn install(
         dump_plugin: Some(dump_plugin),
         // nbdkit plugins cannot say which file they serve.
         local_file: None,
+        async_pread: None,
+        async_pwrite: None,
+        async_flush: None,
+        async_trim: None,
+        async_zero: None,
+        async_cache: None,
+        async_extents: None,
     };
     let f = Foreign {
         plugin: p,
