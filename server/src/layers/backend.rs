@@ -9,6 +9,8 @@ use std::sync::Arc;
 use nbdhost_plugin_api::{Error, Flags, Result, Support, ThreadModel};
 
 use super::connection::Connection;
+use super::extents::ExtentCollector;
+use super::inflight::{self, Token};
 use crate::protocol::export::{ExportEntry, Extent};
 
 /// A link of the chain, not opened: global operations, and the calls a
@@ -74,6 +76,123 @@ pub trait Handle: Send + Sync {
     /// The connection is ending: each filter writes back what it kept for
     /// it, top layer first, while every layer is still open.
     fn finalize(&self) -> Result<()>;
+
+    /// Whether this layer starts requests asynchronously (ABI 1.9): the
+    /// request path then starts them with [`Handle::start`] and answers
+    /// them when they complete, instead of waiting for each.
+    fn is_async(&self) -> bool {
+        false
+    }
+
+    /// Start `op`, whose result completes `token` exactly once, here or
+    /// later from any thread; `op`'s buffers stay valid until then. A
+    /// layer without an asynchronous path runs the request here.
+    fn start(&self, op: AsyncOp, token: Token) {
+        let r = run_sync(self, &op);
+        inflight::complete(token, r, "server");
+    }
+}
+
+/// A request on the asynchronous path, with what it was lent: buffers
+/// and an extents list that stay valid until its token completes.
+#[derive(Debug, Clone, Copy)]
+pub enum AsyncOp {
+    Read {
+        buf: *mut u8,
+        len: usize,
+        offset: u64,
+        flags: Flags,
+    },
+    Write {
+        buf: *const u8,
+        len: usize,
+        offset: u64,
+        flags: Flags,
+    },
+    Flush {
+        flags: Flags,
+    },
+    Trim {
+        count: u64,
+        offset: u64,
+        flags: Flags,
+    },
+    Zero {
+        count: u64,
+        offset: u64,
+        flags: Flags,
+    },
+    Cache {
+        count: u64,
+        offset: u64,
+        flags: Flags,
+    },
+    Extents {
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        list: *mut ExtentCollector,
+    },
+}
+
+// SAFETY: what an AsyncOp points at belongs to its request alone until the
+// request completes, on whichever thread that happens.
+unsafe impl Send for AsyncOp {}
+
+/// Run `op` on `h` synchronously, filling its buffer or list.
+pub fn run_sync<H: Handle + ?Sized>(h: &H, op: &AsyncOp) -> Result<()> {
+    match *op {
+        AsyncOp::Read {
+            buf,
+            len,
+            offset,
+            flags,
+        } => {
+            // SAFETY: the op's buffer is writable for `len` bytes until its
+            // request completes, which this call does first.
+            let buf = unsafe { std::slice::from_raw_parts_mut(buf, len) };
+            h.pread(buf, offset, flags)
+        }
+        AsyncOp::Write {
+            buf,
+            len,
+            offset,
+            flags,
+        } => {
+            // SAFETY: as above, readable.
+            let buf = unsafe { std::slice::from_raw_parts(buf, len) };
+            h.pwrite(buf, offset, flags)
+        }
+        AsyncOp::Flush { flags } => h.flush(flags),
+        AsyncOp::Trim {
+            count,
+            offset,
+            flags,
+        } => h.trim(count, offset, flags),
+        AsyncOp::Zero {
+            count,
+            offset,
+            flags,
+        } => h.zero(count, offset, flags),
+        AsyncOp::Cache {
+            count,
+            offset,
+            flags,
+        } => h.cache(count, offset, flags),
+        AsyncOp::Extents {
+            count,
+            offset,
+            flags,
+            list,
+        } => {
+            // SAFETY: the op's list lives until its request completes.
+            let list = unsafe { &mut *list };
+            for e in h.extents(count, offset, flags)? {
+                list.add(e.offset, e.length, e.flags)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Check the block-size constraints a plugin or filter reported, as the

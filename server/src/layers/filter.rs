@@ -12,11 +12,16 @@ use std::sync::Arc;
 
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
-use super::backend::{checked_block_size, Backend, Handle};
+use super::backend::{checked_block_size, AsyncOp, Backend, Handle};
 use super::connection::Connection;
 use super::export_list::ExportCollector;
 use super::extents::ExtentCollector;
+use super::filter_async::{
+    next_async_cache, next_async_extents, next_async_flush, next_async_pread, next_async_pwrite,
+    next_async_trim, next_async_zero, AsyncCallbacks,
+};
 use super::host::{call, table};
+use super::inflight::Token;
 use super::load_error::LoadError;
 use super::loader::{
     field, layer_path, layer_string, shared_fields, LayerInfo, LayerTable, Library, Origin,
@@ -389,7 +394,7 @@ struct BelowHandle {
 
 /// A filter handle over the next layer's handle. It holds its library, so
 /// the filter cannot be unloaded while the handle is open.
-struct FilterHandle {
+pub(super) struct FilterHandle {
     lib: Arc<Library<abi::Filter>>,
     handle: *mut c_void,
     /// The connection it was opened for: every callback on the handle is
@@ -409,7 +414,7 @@ unsafe impl Sync for FilterHandle {}
 ///
 /// # Safety
 /// `next` must be the `abi` table of a live `BelowHandle`.
-unsafe fn next_of<'a>(next: *const abi::Next) -> &'a dyn Handle {
+pub(super) unsafe fn next_of<'a>(next: *const abi::Next) -> &'a dyn Handle {
     // SAFETY: guaranteed by the caller: `opaque` points at the boxed handle.
     unsafe { &**(*next).opaque.cast::<Box<dyn Handle>>() }
 }
@@ -642,6 +647,13 @@ impl BelowHandle {
             extents: Some(next_extents),
             cache: Some(next_cache),
             local_file: Some(next_local_file),
+            async_pread: Some(next_async_pread),
+            async_pwrite: Some(next_async_pwrite),
+            async_flush: Some(next_async_flush),
+            async_trim: Some(next_async_trim),
+            async_zero: Some(next_async_zero),
+            async_cache: Some(next_async_cache),
+            async_extents: Some(next_async_extents),
         });
         BelowHandle { abi, handle }
     }
@@ -678,8 +690,55 @@ impl FilterHandle {
     }
 
     /// Run `f` as a callback on this handle, made for its connection.
-    fn call<T>(&self, f: impl FnOnce() -> T) -> T {
+    pub(super) fn call<T>(&self, f: impl FnOnce() -> T) -> T {
         self.lib.call_for(&self.conn, f)
+    }
+
+    /// The filter's asynchronous callbacks (none past the end of an
+    /// older filter's struct).
+    pub(super) fn async_callbacks(&self) -> AsyncCallbacks {
+        AsyncCallbacks {
+            pread: fcb!(self.lib, async_pread),
+            pwrite: fcb!(self.lib, async_pwrite),
+            flush: fcb!(self.lib, async_flush),
+            trim: fcb!(self.lib, async_trim),
+            zero: fcb!(self.lib, async_zero),
+            cache: fcb!(self.lib, async_cache),
+            extents: fcb!(self.lib, async_extents),
+        }
+    }
+
+    /// Whether the filter has the synchronous callback for `op`'s kind.
+    pub(super) fn has_sync(&self, op: &AsyncOp) -> bool {
+        match op {
+            AsyncOp::Read { .. } => fcb!(self.lib, pread).is_some(),
+            AsyncOp::Write { .. } => fcb!(self.lib, pwrite).is_some(),
+            AsyncOp::Flush { .. } => fcb!(self.lib, flush).is_some(),
+            AsyncOp::Trim { .. } => fcb!(self.lib, trim).is_some(),
+            AsyncOp::Zero { .. } => fcb!(self.lib, zero).is_some(),
+            AsyncOp::Cache { .. } => fcb!(self.lib, cache).is_some(),
+            AsyncOp::Extents { .. } => fcb!(self.lib, extents).is_some(),
+        }
+    }
+
+    /// The layer below's table, as the filter's callbacks get it.
+    pub(super) fn next_table(&self) -> *const abi::Next {
+        &*self.next.abi
+    }
+
+    /// The filter's own handle.
+    pub(super) fn raw_handle(&self) -> *mut c_void {
+        self.handle
+    }
+
+    /// The layer below.
+    pub(super) fn below(&self) -> &dyn Handle {
+        &**self.next.handle
+    }
+
+    /// The filter's name, for messages.
+    pub(super) fn lib_name(&self) -> &'static str {
+        self.lib.name()
     }
 
     fn can(&self, cb: Option<abi::FilterHandleFn>, what: &str) -> Option<Result<c_int>> {
@@ -865,6 +924,14 @@ impl Handle for FilterHandle {
         // the path is copied at once.
         let p = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
         Ok(layer_path(p))
+    }
+
+    fn is_async(&self) -> bool {
+        self.has_async()
+    }
+
+    fn start(&self, op: AsyncOp, token: Token) {
+        self.start_async(op, token);
     }
 
     fn finalize(&self) -> Result<()> {

@@ -9,6 +9,7 @@ use std::ffi::{c_char, c_int, CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 
 use nbdhost_plugin_api::{abi, Error, Result, ThreadModel};
 
@@ -386,7 +387,7 @@ impl<T: LayerTable> Library<T> {
     /// Run `f` as a call into this layer made for `conn`: the host
     /// functions it calls answer for that connection. Collects the error
     /// it records.
-    pub fn call_for<R>(&self, conn: &Connection, f: impl FnOnce() -> R) -> R {
+    pub fn call_for<R>(&self, conn: &Arc<Connection>, f: impl FnOnce() -> R) -> R {
         context::with_connection(Some(conn), || call::call_layer(self.name, f))
     }
 

@@ -6,14 +6,17 @@ pub mod backend;
 pub mod chain;
 pub mod connection;
 mod export_list;
-mod extents;
+pub mod extents;
 mod filter;
+mod filter_async;
 pub mod foreign;
 pub mod host;
+pub mod inflight;
 mod instances;
 mod load_error;
 mod loader;
 mod plugin;
+mod plugin_async;
 
 pub use backend::{Backend, Handle};
 pub use load_error::LoadError;

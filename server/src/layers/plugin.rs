@@ -12,11 +12,12 @@ use std::sync::{Arc, OnceLock};
 
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
-use super::backend::{checked_block_size, write_zeroes, Backend, Handle};
+use super::backend::{checked_block_size, write_zeroes, AsyncOp, Backend, Handle};
 use super::connection::Connection;
 use super::export_list::ExportCollector;
 use super::extents::ExtentCollector;
 use super::host::{call, table};
+use super::inflight::Token;
 use super::load_error::LoadError;
 use super::loader::{
     field, layer_path, layer_string, shared_fields, LayerInfo, LayerTable, Library, Origin,
@@ -66,6 +67,17 @@ macro_rules! cb {
     ($lib:expr, $field:ident) => {
         field!($lib.table(), abi::Plugin, $field).flatten()
     };
+}
+
+/// A plugin's asynchronous callbacks (ABI 1.9).
+pub(super) struct AsyncCallbacks {
+    pub pread: Option<abi::AsyncPreadFn>,
+    pub pwrite: Option<abi::AsyncPwriteFn>,
+    pub flush: Option<abi::AsyncFlushFn>,
+    pub trim: Option<abi::AsyncRangeFn>,
+    pub zero: Option<abi::AsyncRangeFn>,
+    pub cache: Option<abi::AsyncRangeFn>,
+    pub extents: Option<abi::AsyncExtentsFn>,
 }
 
 /// A loaded plugin.
@@ -216,7 +228,7 @@ impl Backend for Plugin {
 
 /// One open plugin handle. It holds its library, so the plugin cannot be
 /// unloaded while the handle is open.
-struct PluginHandle {
+pub(super) struct PluginHandle {
     lib: Arc<Library<abi::Plugin>>,
     handle: *mut c_void,
     /// The connection it was opened for: every callback on the handle is
@@ -239,8 +251,42 @@ unsafe impl Sync for PluginHandle {}
 
 impl PluginHandle {
     /// Run `f` as a callback on this handle, made for its connection.
-    fn call<T>(&self, f: impl FnOnce() -> T) -> T {
+    pub(super) fn call<T>(&self, f: impl FnOnce() -> T) -> T {
         self.lib.call_for(&self.conn, f)
+    }
+
+    /// The plugin's asynchronous callbacks (none past the end of an
+    /// older plugin's struct).
+    pub(super) fn async_callbacks(&self) -> AsyncCallbacks {
+        AsyncCallbacks {
+            pread: cb!(self.lib, async_pread),
+            pwrite: cb!(self.lib, async_pwrite),
+            flush: cb!(self.lib, async_flush),
+            trim: cb!(self.lib, async_trim),
+            zero: cb!(self.lib, async_zero),
+            cache: cb!(self.lib, async_cache),
+            extents: cb!(self.lib, async_extents),
+        }
+    }
+
+    /// The plugin's own handle.
+    pub(super) fn raw_handle(&self) -> *mut c_void {
+        self.handle
+    }
+
+    /// The plugin's name, for messages.
+    pub(super) fn lib_name(&self) -> &'static str {
+        self.lib.name()
+    }
+
+    /// Whether to try the plugin's zero before writing zeroes.
+    pub(super) fn zero_native(&self) -> &AtomicBool {
+        &self.zero_native
+    }
+
+    /// How the plugin handles FUA.
+    pub(super) fn fua_support_now(&self) -> Result<Support> {
+        self.fua_support()
     }
 
     /// Call a `can_*`-style callback, or return `absent` if not provided.
@@ -344,7 +390,7 @@ impl Handle for PluginHandle {
         if self.readonly {
             return Ok(false);
         }
-        let has_pwrite = cb!(self.lib, pwrite).is_some();
+        let has_pwrite = cb!(self.lib, pwrite).is_some() || cb!(self.lib, async_pwrite).is_some();
         Ok(self.ask(cb!(self.lib, can_write), "can_write", || {
             Ok(c_int::from(has_pwrite))
         })? != 0
@@ -352,7 +398,7 @@ impl Handle for PluginHandle {
     }
 
     fn can_flush(&self) -> Result<bool> {
-        let has = cb!(self.lib, flush).is_some();
+        let has = cb!(self.lib, flush).is_some() || cb!(self.lib, async_flush).is_some();
         Ok(self.ask(cb!(self.lib, can_flush), "can_flush", || {
             Ok(c_int::from(has))
         })? != 0
@@ -360,7 +406,7 @@ impl Handle for PluginHandle {
     }
 
     fn can_trim(&self) -> Result<bool> {
-        let has = cb!(self.lib, trim).is_some();
+        let has = cb!(self.lib, trim).is_some() || cb!(self.lib, async_trim).is_some();
         Ok(self.can_write()?
             && self.ask(cb!(self.lib, can_trim), "can_trim", || Ok(c_int::from(has)))? != 0
             && has)
@@ -375,7 +421,7 @@ impl Handle for PluginHandle {
     fn can_fast_zero(&self) -> Result<bool> {
         // Without a zero callback every fast-zero request fails at once with
         // ENOTSUP, which is exactly what the flag asks for.
-        let has_zero = cb!(self.lib, zero).is_some();
+        let has_zero = cb!(self.lib, zero).is_some() || cb!(self.lib, async_zero).is_some();
         Ok(self.can_zero()?
             && self.ask(cb!(self.lib, can_fast_zero), "can_fast_zero", || {
                 Ok(c_int::from(!has_zero))
@@ -401,7 +447,7 @@ impl Handle for PluginHandle {
     }
 
     fn can_cache(&self) -> Result<Support> {
-        let has = cb!(self.lib, cache).is_some();
+        let has = cb!(self.lib, cache).is_some() || cb!(self.lib, async_cache).is_some();
         let v = self.ask(cb!(self.lib, can_cache), "can_cache", || {
             Ok(if has {
                 abi::SUPPORT_NATIVE
@@ -416,7 +462,7 @@ impl Handle for PluginHandle {
     }
 
     fn can_extents(&self) -> Result<bool> {
-        let has = cb!(self.lib, extents).is_some();
+        let has = cb!(self.lib, extents).is_some() || cb!(self.lib, async_extents).is_some();
         Ok(self.ask(cb!(self.lib, can_extents), "can_extents", || {
             Ok(c_int::from(has))
         })? != 0
@@ -449,8 +495,25 @@ impl Handle for PluginHandle {
         Ok(())
     }
 
+    fn is_async(&self) -> bool {
+        self.has_async()
+    }
+
+    fn start(&self, op: AsyncOp, token: Token) {
+        self.start_async(op, token);
+    }
+
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         let Some(f) = cb!(self.lib, pread) else {
+            let op = AsyncOp::Read {
+                buf: buf.as_mut_ptr(),
+                len: buf.len(),
+                offset,
+                flags,
+            };
+            if let Some(r) = self.wait_async(op) {
+                return r;
+            }
             return Err(Error::new(
                 libc::EINVAL,
                 format!("{} has no pread callback", self.lib.name()),
@@ -471,7 +534,15 @@ impl Handle for PluginHandle {
 
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         let Some(f) = cb!(self.lib, pwrite) else {
-            return Err(Error::errno(libc::EROFS));
+            let op = AsyncOp::Write {
+                buf: buf.as_ptr(),
+                len: buf.len(),
+                offset,
+                flags,
+            };
+            return self
+                .wait_async(op)
+                .unwrap_or(Err(Error::errno(libc::EROFS)));
         };
         let native = self.native_flags(flags)?;
         // SAFETY: `buf` is readable for its whole length during the call.
@@ -490,7 +561,9 @@ impl Handle for PluginHandle {
 
     fn flush(&self, flags: Flags) -> Result<()> {
         let Some(f) = cb!(self.lib, flush) else {
-            return Err(Error::errno(libc::EINVAL));
+            return self
+                .wait_async(AsyncOp::Flush { flags })
+                .unwrap_or(Err(Error::errno(libc::EINVAL)));
         };
         // SAFETY: ABI callback taking our live handle.
         let r = self.call(|| unsafe { f(self.handle, flags.bits()) });
@@ -499,7 +572,14 @@ impl Handle for PluginHandle {
 
     fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         let Some(f) = cb!(self.lib, trim) else {
-            return Err(Error::errno(libc::EINVAL));
+            let op = AsyncOp::Trim {
+                count,
+                offset,
+                flags,
+            };
+            return self
+                .wait_async(op)
+                .unwrap_or(Err(Error::errno(libc::EINVAL)));
         };
         self.range(f, "trim", count, offset, self.native_flags(flags)?)?;
         self.fua_flush(flags)
@@ -507,8 +587,18 @@ impl Handle for PluginHandle {
 
     fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         let native = self.native_flags(flags)?;
-        if let Some(f) = cb!(self.lib, zero).filter(|_| self.zero_native.load(Ordering::Relaxed)) {
-            match self.range(f, "zero", count, offset, native) {
+        let native_zero = self.zero_native.load(Ordering::Relaxed);
+        let zeroed = match cb!(self.lib, zero).filter(|_| native_zero) {
+            Some(f) => Some(self.range(f, "zero", count, offset, native)),
+            None if native_zero => self.wait_async(AsyncOp::Zero {
+                count,
+                offset,
+                flags: native,
+            }),
+            None => None,
+        };
+        if let Some(r) = zeroed {
+            match r {
                 Ok(()) => return self.fua_flush(flags),
                 Err(e) if e.raw_errno() == libc::ENOTSUP => {
                     if !flags.contains(Flags::FAST_ZERO) {
@@ -522,19 +612,31 @@ impl Handle for PluginHandle {
     }
 
     fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<Extent>> {
-        let Some(f) = cb!(self.lib, extents) else {
-            return Ok(vec![Extent {
-                offset,
-                length: count,
-                flags: 0,
-            }]);
-        };
         let mut c = ExtentCollector::new(offset);
-        let ptr = c.as_abi();
-        // SAFETY: `ptr` is the collector host_add_extent expects; it
-        // outlives the call.
-        let r = self.call(|| unsafe { f(self.handle, count, offset, flags.bits(), ptr) });
-        self.lib.check("extents", r)?;
+        if let Some(f) = cb!(self.lib, extents) {
+            let ptr = c.as_abi();
+            // SAFETY: `ptr` is the collector host_add_extent expects; it
+            // outlives the call.
+            let r = self.call(|| unsafe { f(self.handle, count, offset, flags.bits(), ptr) });
+            self.lib.check("extents", r)?;
+        } else {
+            let op = AsyncOp::Extents {
+                count,
+                offset,
+                flags,
+                list: &mut c,
+            };
+            match self.wait_async(op) {
+                Some(r) => r?,
+                None => {
+                    return Ok(vec![Extent {
+                        offset,
+                        length: count,
+                        flags: 0,
+                    }])
+                }
+            }
+        }
         if c.extents().is_empty() {
             return Err(Error::new(
                 libc::EIO,
@@ -550,6 +652,14 @@ impl Handle for PluginHandle {
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         match (self.can_cache()?, cb!(self.lib, cache)) {
             (Support::Native, Some(f)) => self.range(f, "cache", count, offset, flags),
+            (Support::Native, None) => {
+                let op = AsyncOp::Cache {
+                    count,
+                    offset,
+                    flags,
+                };
+                self.wait_async(op).unwrap_or(Ok(()))
+            }
             (Support::None, _) => Err(Error::errno(libc::EINVAL)),
             _ => {
                 const CHUNK: u64 = 1 << 20;

@@ -15,14 +15,15 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::jobs::{ConnLanes, Job, Lane};
+use super::jobs::{reply_later, ConnLanes, Job, Lane};
 use super::listen::{Listener, Stream};
 use super::mailbox::{ConnRef, Message};
 use super::workers::STALL;
 use super::{Loops, WAKER};
 use crate::layers::connection::Peer;
+use crate::layers::inflight;
 use crate::protocol::wire::EIO;
-use crate::serving::calls::Call;
+use crate::serving::calls::{Call, Reply};
 use crate::serving::client::Client;
 use crate::serving::open::OpenExport;
 use crate::serving::request;
@@ -560,7 +561,8 @@ impl EventLoop {
         }
         if since > SHUTDOWN_GRACE {
             log::error!(
-                "requests still running after {SHUTDOWN_GRACE:?}; exiting without closing the plugin"
+                "requests still running after {SHUTDOWN_GRACE:?} ({} started asynchronously and not completed); exiting without closing the plugin",
+                inflight::in_flight()
             );
             std::process::exit(1);
         }
@@ -645,8 +647,10 @@ impl Turn<'_> {
                     if open.chain.inline {
                         // The hot path: no call to build and no reference
                         // to take for a request run right here.
-                        let done = request::request(open, req, buf);
-                        self.complete_here(c, done);
+                        let later = || self.reply_later();
+                        if let Some(done) = request::request(open, req, buf, &later) {
+                            self.complete_here(c, done);
+                        }
                     } else {
                         let open = open.clone();
                         self.call(c, Call::Request { req, open, buf });
@@ -662,8 +666,9 @@ impl Turn<'_> {
     /// otherwise on the pool, in the lane its thread model asks for.
     fn call(&self, c: &mut Conn, call: Call) {
         if call.chain().inline {
-            let done = call.run();
-            self.complete_here(c, done);
+            if let Some(done) = call.run(&|| self.reply_later()) {
+                self.complete_here(c, done);
+            }
         } else {
             let lane = c.lanes.lane(call.chain(), &self.loops.lanes);
             self.submit(lane, call);
@@ -677,6 +682,13 @@ impl Turn<'_> {
         if c.session.unsent() >= WRITE_AT {
             self.transmit(c);
         }
+    }
+
+    /// Where a request started here on the asynchronous path replies,
+    /// by mail like the pool's results, and counted as they are.
+    fn reply_later(&self) -> Reply {
+        self.in_pool.set(self.in_pool.get() + 1);
+        reply_later(&self.loops.mailboxes[self.index], self.conn)
     }
 
     /// Hand work to the worker pool; the result comes back by mail.

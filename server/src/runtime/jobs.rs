@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::mailbox::{ConnRef, Mailbox, Message};
 use super::workers;
-use crate::serving::calls::Call;
+use crate::layers::inflight::Task;
+use crate::serving::calls::{Call, Reply};
 use crate::serving::chain::{Chain, Lanes};
 
 /// Results a worker keeps back at most before handing them over.
@@ -28,8 +29,43 @@ impl workers::Job for Job {
 
     fn run(self, out: &mut Outbox) {
         let Job { conn, call, reply } = self;
-        out.add(reply, Message::Done(conn, call.run()));
+        let later = || reply_later(&reply, conn);
+        if let Some(done) = call.run(&later) {
+            out.add(reply, Message::Done(conn, done));
+        }
     }
+}
+
+/// A filter's continuation of a request on the asynchronous path, for
+/// the continuation pool: a pool of its own, so that a worker of the
+/// request pool waiting for an asynchronous layer (a synchronous filter
+/// above one) can never hold up what that layer's request needs to
+/// finish.
+pub struct Continuation(pub Task);
+
+impl workers::Job for Continuation {
+    type Out = Nothing;
+
+    fn run(self, _: &mut Nothing) {
+        (self.0)()
+    }
+}
+
+/// A continuation leaves no result behind: it answers its request itself.
+#[derive(Default)]
+pub struct Nothing;
+
+impl workers::Outbox for Nothing {
+    fn flush_if_due(&mut self) {}
+    fn flush(&mut self) {}
+}
+
+/// Where a request that completes later, on whatever thread, delivers
+/// its result: the mailbox of its connection's loop, which wakes once for
+/// however many arrive together.
+pub fn reply_later(mailbox: &Arc<Mailbox>, conn: ConnRef) -> Reply {
+    let mailbox = mailbox.clone();
+    Box::new(move |done| mailbox.post(Message::Done(conn, done)))
 }
 
 /// Results of one worker not yet handed to their loop.

@@ -21,6 +21,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::layers::host::shutdown;
+use crate::layers::inflight;
 use crate::serving::build::ReloadError;
 use crate::serving::Serving;
 use event_loop::EventLoop;
@@ -79,12 +80,20 @@ pub enum Exit {
     Child(i32),
 }
 
+/// Threads for filters' continuations: as many as the machine has CPUs
+/// (what they run, decrypting say, is CPU work), at least two.
+fn continuation_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+}
+
 /// What the event loops share.
 pub(crate) struct Loops {
     /// Declared first so it is dropped first: the workers are joined while
     /// the plugin and filters are still loaded, as their threads' exit
     /// handlers (thread-locals) may run code from those libraries.
     pool: Pool<jobs::Job>,
+    /// Filters' continuations on the asynchronous path.
+    continuations: Pool<jobs::Continuation>,
     /// The lanes of chains whose calls must not overlap at all.
     lanes: jobs::ChainLanes,
     serving: RwLock<Arc<Serving>>,
@@ -219,6 +228,7 @@ pub fn serve(
     let (tx, rx) = mpsc::channel();
     let loops = Arc::new(Loops {
         pool: Pool::new(if inline { 0 } else { opts.threads })?,
+        continuations: Pool::new(if inline { 0 } else { continuation_threads() })?,
         lanes: jobs::ChainLanes::default(),
         serving: RwLock::new(Arc::new(serving)),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
@@ -229,6 +239,17 @@ pub fn serve(
         next_id: AtomicU64::new(0),
         events: Mutex::new(tx.clone()),
     });
+
+    // Filters' continuations on the asynchronous path run on their pool.
+    // Without one, every chain is non-blocking, its filters promise to be
+    // cheap, and they run where the request below completed.
+    let weak = Arc::downgrade(&loops);
+    inflight::set_executor(Box::new(move |task| match weak.upgrade() {
+        Some(l) if l.continuations.threads() > 0 => {
+            l.continuations.submit(jobs::Continuation(task), None)
+        }
+        _ => task(),
+    }));
 
     let signal_tx = tx.clone();
     std::thread::Builder::new()

@@ -13,6 +13,10 @@ use crate::protocol::handshake::Query;
 use crate::session::buffers::PooledBuf;
 use crate::session::{Done, Request};
 
+/// Where the result of a request started on the asynchronous path goes
+/// once it completes, from whatever thread: the connection's loop.
+pub type Reply = Box<dyn FnOnce(Done<Arc<OpenExport>>) + Send>;
+
 /// One call on a chain.
 pub enum Call {
     /// A handshake query the table sent to `chain`.
@@ -43,17 +47,19 @@ impl Call {
         }
     }
 
-    /// Run the call, here, and say what came of it.
-    pub fn run(self) -> Done<Arc<OpenExport>> {
+    /// Run the call, here, and say what came of it; `None` for a request
+    /// started on the asynchronous path, whose result goes to the
+    /// [`Reply`] that `later` makes.
+    pub fn run(self, later: &dyn Fn() -> Reply) -> Option<Done<Arc<OpenExport>>> {
         match self {
             Call::Query {
                 query,
                 chain,
                 preconnect,
                 client,
-            } => query::query(&chain, query, preconnect, &client),
+            } => Some(query::query(&chain, query, preconnect, &client)),
             Call::Request { req, open, buf } => {
-                let done = request::request(&open, req, buf);
+                let done = request::request(&open, req, buf, later);
                 // Before the result is handed over: the session's own
                 // reference must be the last one when it closes the handle.
                 drop(open);
@@ -61,7 +67,7 @@ impl Call {
             }
             Call::Close(open) => {
                 close(open);
-                Done::Closed
+                Some(Done::Closed)
             }
         }
     }

@@ -25,6 +25,7 @@ pub mod client;
 pub mod open;
 mod query;
 pub mod request;
+mod started;
 pub mod table;
 
 use std::sync::Arc;

@@ -17,6 +17,9 @@ pub struct OpenExport {
     pub(super) conn: Arc<Connection>,
     /// Whether block status asks the chain or reports all data.
     pub(super) can_extents: bool,
+    /// Whether requests are started and answered later (ABI 1.9) rather
+    /// than run to the end where they are read.
+    pub(super) asynchronous: bool,
     pub chain: Arc<Chain>,
 }
 

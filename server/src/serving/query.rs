@@ -132,10 +132,12 @@ fn run_query(
                     if info.description.is_none() {
                         info.description.clone_from(&chain.description);
                     }
+                    let asynchronous = handle.is_async();
                     let open = OpenExport {
                         handle,
                         conn,
                         can_extents: info.can_extents,
+                        asynchronous,
                         chain: chain.clone(),
                     };
                     if keep {

@@ -1,12 +1,15 @@
 //! Running one transmission request on an open export, on whichever
-//! thread runs it; a panic below costs only the request that raised it.
+//! thread runs it (or starting it, on a chain that answers later: see
+//! [`started`]); a panic below costs only the request that raised it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use nbdhost_plugin_api::{Error, Flags, Result};
 
+use super::calls::Reply;
 use super::open::OpenExport;
+use super::started;
 use crate::layers::backend::write_zeroes;
 use crate::protocol::export::Extent;
 use crate::protocol::request::Command;
@@ -14,10 +17,21 @@ use crate::protocol::wire::{errno_to_nbd, EIO};
 use crate::session::buffers::PooledBuf;
 use crate::session::{Done, Outcome, Request};
 
-/// Run `req` on `open`, here, for the connection its handle was opened
-/// for. A read fills `buf`, which the caller supplies with the read's
-/// length.
-pub fn request(open: &OpenExport, req: Request, buf: Option<PooledBuf>) -> Done<Arc<OpenExport>> {
+/// Run `req` on `open`: here, for a chain that answers at once; or, for
+/// one that starts requests asynchronously, started here and answered
+/// later through the [`Reply`] that `later` makes (`None` then). Either
+/// way for the connection its handle was opened for. A read fills `buf`,
+/// which the caller supplies with the read's length.
+pub fn request(
+    open: &Arc<OpenExport>,
+    req: Request,
+    buf: Option<PooledBuf>,
+    later: &dyn Fn() -> Reply,
+) -> Option<Done<Arc<OpenExport>>> {
+    if open.asynchronous {
+        started::start(open, req, buf, later());
+        return None;
+    }
     let outcome =
         catch_unwind(AssertUnwindSafe(|| perform(open, &req, buf))).unwrap_or_else(|_| {
             log::error!(
@@ -27,33 +41,69 @@ pub fn request(open: &OpenExport, req: Request, buf: Option<PooledBuf>) -> Done<
             );
             Outcome::Failed(EIO)
         });
-    Done::Request(req, outcome)
+    Some(Done::Request(req, outcome))
+}
+
+/// The layer flags a request's command asks for.
+pub(super) fn request_flags(command: &Command) -> Flags {
+    let fua = |on: bool| if on { Flags::FUA } else { Flags::empty() };
+    match *command {
+        Command::Write { fua: f, .. } | Command::Trim { fua: f, .. } => fua(f),
+        Command::Zero {
+            fua: f,
+            may_trim,
+            fast,
+            ..
+        } => {
+            let mut flags = fua(f);
+            flags.set(Flags::MAY_TRIM, may_trim);
+            flags.set(Flags::FAST_ZERO, fast);
+            flags
+        }
+        Command::BlockStatus { req_one: true, .. } => Flags::REQ_ONE,
+        _ => Flags::empty(),
+    }
+}
+
+/// Block status of a chain that reports no allocation: all data.
+pub(super) fn unallocated(offset: u64, length: u64) -> Outcome {
+    Outcome::Extents(vec![Extent {
+        offset,
+        length,
+        flags: 0,
+    }])
+}
+
+/// A request's failure, logged with its message (a layer's error that
+/// has one) and answered with its errno.
+pub(super) fn failed(open: &OpenExport, req: &Request, e: Error) -> Outcome {
+    if let Some(m) = e.message() {
+        log::error!(
+            "{}: {} at offset {}: {m}",
+            open.chain.name,
+            req.op().command.name(),
+            req.op().offset
+        );
+    }
+    Outcome::Failed(errno_to_nbd(e.raw_errno()))
 }
 
 fn perform(open: &OpenExport, req: &Request, buf: Option<PooledBuf>) -> Outcome {
     let h = &*open.handle;
     let op = req.op();
     let off = op.offset;
-    let fua = |on: bool| if on { Flags::FUA } else { Flags::empty() };
+    let flags = request_flags(&op.command);
     let r: Result<Outcome> = match &op.command {
         Command::Read { len, .. } => match buf {
             Some(mut buf) if buf.len() == *len as usize => h
-                .pread(buf.as_mut_slice(), off, Flags::empty())
+                .pread(buf.as_mut_slice(), off, flags)
                 .map(|()| Outcome::Data(buf)),
             _ => Err(Error::new(libc::EIO, "internal error: no read buffer")),
         },
-        Command::Write { data, fua: f } => h.pwrite(data, off, fua(*f)).map(|()| Outcome::Done),
-        Command::Flush => h.flush(Flags::empty()).map(|()| Outcome::Done),
-        Command::Trim { len, fua: f } => h.trim(*len, off, fua(*f)).map(|()| Outcome::Done),
-        Command::Zero {
-            len,
-            fua: f,
-            may_trim,
-            fast,
-        } => {
-            let mut flags = fua(*f);
-            flags.set(Flags::MAY_TRIM, *may_trim);
-            flags.set(Flags::FAST_ZERO, *fast);
+        Command::Write { data, .. } => h.pwrite(data, off, flags).map(|()| Outcome::Done),
+        Command::Flush => h.flush(flags).map(|()| Outcome::Done),
+        Command::Trim { len, .. } => h.trim(*len, off, flags).map(|()| Outcome::Done),
+        Command::Zero { len, .. } => {
             // A filter may refuse to zero as well; the protocol only lets a
             // fast-zero request fail that way, so write zeroes through it.
             match h.zero(*len, off, flags) {
@@ -62,32 +112,14 @@ fn perform(open: &OpenExport, req: &Request, buf: Option<PooledBuf>) -> Outcome 
             }
             .map(|()| Outcome::Done)
         }
-        Command::Cache { len } => h.cache(*len, off, Flags::empty()).map(|()| Outcome::Done),
-        Command::BlockStatus { len, req_one } => {
-            let flags = if *req_one {
-                Flags::REQ_ONE
-            } else {
-                Flags::empty()
-            };
+        Command::Cache { len } => h.cache(*len, off, flags).map(|()| Outcome::Done),
+        Command::BlockStatus { len, .. } => {
             if open.can_extents {
                 h.extents(*len, off, flags).map(Outcome::Extents)
             } else {
-                Ok(Outcome::Extents(vec![Extent {
-                    offset: off,
-                    length: *len,
-                    flags: 0,
-                }]))
+                Ok(unallocated(off, *len))
             }
         }
     };
-    r.unwrap_or_else(|e| {
-        if let Some(m) = e.message() {
-            log::error!(
-                "{}: {} at offset {off}: {m}",
-                open.chain.name,
-                op.command.name()
-            );
-        }
-        Outcome::Failed(errno_to_nbd(e.raw_errno()))
-    })
+    r.unwrap_or_else(|e| failed(open, req, e))
 }

@@ -39,7 +39,7 @@ pub fn take_error(what: &str) -> Error {
 }
 
 /// The name of the layer being called ("nbdhost" outside a call).
-pub(super) fn layer() -> &'static str {
+pub(crate) fn layer() -> &'static str {
     LAYER.with(|l| l.get())
 }
 

@@ -12,6 +12,7 @@
 //! reading through that pointer.
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use super::restore::Restore;
 use crate::layers::connection::Connection;
@@ -19,13 +20,13 @@ use crate::layers::connection::Connection;
 thread_local! {
     /// The connection of the callback running on this thread; null
     /// outside one, and in a callback made for no connection.
-    static CONTEXT: Cell<*const Connection> = const { Cell::new(std::ptr::null()) };
+    static CONTEXT: Cell<*const Arc<Connection>> = const { Cell::new(std::ptr::null()) };
 }
 
 /// Run `f`, a call into a layer's callback, for `conn` (`None`: for no
 /// connection, as configuration, start-up and unload are), so that the
 /// host functions it calls answer for that connection.
-pub fn with_connection<T>(conn: Option<&Connection>, f: impl FnOnce() -> T) -> T {
+pub fn with_connection<T>(conn: Option<&Arc<Connection>>, f: impl FnOnce() -> T) -> T {
     let _restore = Restore::set(&CONTEXT, conn.map_or(std::ptr::null(), std::ptr::from_ref));
     f()
 }
@@ -41,7 +42,15 @@ pub(super) fn current<R>(f: impl FnOnce(&Connection) -> R) -> Option<R> {
     // SAFETY: CONTEXT is only non-null inside `with_connection`, whose
     // borrow outlives every call made within it and whose guard takes it
     // out again on every exit, panics included.
-    unsafe { cur.as_ref() }.map(f)
+    unsafe { cur.as_ref() }.map(|c| f(c))
+}
+
+/// The connection the current callback is made for, to keep: for a
+/// continuation, which runs for it later.
+pub(crate) fn current_connection() -> Option<Arc<Connection>> {
+    let cur = CONTEXT.with(|c| c.get());
+    // SAFETY: as in `current`.
+    unsafe { cur.as_ref() }.cloned()
 }
 
 #[cfg(test)]

@@ -8,16 +8,17 @@
 //! -1 or null. So the table is where the host's pointers from and to
 //! layers are handled, and where most of its `unsafe` is.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 
 use nbdhost_plugin_api::{abi, Error};
 use zeroize::Zeroize;
 
-use super::context::current;
+use super::context::{self, current};
 use super::{call, debug_flags, secret, shutdown, size, stdio};
 use crate::layers::connection::{Peer, DISCONNECT_FORCE, DISCONNECT_GRACEFUL};
 use crate::layers::export_list::ExportCollector;
 use crate::layers::extents::ExtentCollector;
+use crate::layers::inflight::{self, Token};
 
 /// A C string a layer passed as `&str`, `None` for null; invalid UTF-8 is
 /// shown as such rather than failing the call.
@@ -31,6 +32,63 @@ fn cstr<'a>(p: *const c_char) -> Option<&'a str> {
             .to_str()
             .unwrap_or("<invalid UTF-8>"),
     )
+}
+
+unsafe extern "C" fn host_complete(req: *mut abi::Request, errnum: c_int, msg: *const c_char) {
+    let r = match (errnum, cstr(msg)) {
+        (0, _) => Ok(()),
+        (e, Some(m)) => Err(Error::new(e, m)),
+        (e, None) => Err(Error::errno(e)),
+    };
+    // Often called on a thread of the layer's own (a client library's
+    // callback thread): a panic in what the completion runs must not
+    // unwind into it.
+    let done =
+        std::panic::catch_unwind(|| inflight::complete(Token::from_ptr(req), r, "host->complete"));
+    if done.is_err() {
+        log::error!("host->complete: completing a request panicked");
+    }
+}
+
+/// The continuation a filter gave `request_then`, with what it runs for.
+struct Continuation {
+    done: abi::ContinuationFn,
+    data: *mut c_void,
+}
+
+// SAFETY: the filter hands `data` to the server for the continuation,
+// which runs it once, on whichever thread completes the request.
+unsafe impl Send for Continuation {}
+
+unsafe extern "C" fn host_request_then(
+    done: abi::ContinuationFn,
+    data: *mut c_void,
+) -> *mut abi::Request {
+    let Some(conn) = context::current_connection() else {
+        call::record(Error::new(
+            libc::EINVAL,
+            "request_then outside a callback made for a connection",
+        ));
+        return std::ptr::null_mut();
+    };
+    let layer = call::layer();
+    let cont = Continuation { done, data };
+    let token = inflight::register(Box::new(move |r| {
+        let errnum = r.err().map_or(0, |e| e.raw_errno());
+        // On the pool: the thread that completed the request below may be
+        // a client library's, which must not run a filter's work.
+        inflight::execute(Box::new(move || {
+            let cont = cont;
+            context::with_connection(Some(&conn), || {
+                call::call_layer(layer, || {
+                    // SAFETY: the filter's continuation with its own data,
+                    // run once, as request_then promised.
+                    unsafe { (cont.done)(cont.data, errnum) }
+                })
+            });
+        }));
+    }));
+    token.as_ptr()
 }
 
 unsafe extern "C" fn host_error(errnum: c_int, msg: *const c_char) {
@@ -408,4 +466,6 @@ pub static HOST: abi::Host = abi::Host {
     exports_free: Some(host_exports_free),
     exports_count: Some(host_exports_count),
     exports_get: Some(host_exports_get),
+    complete: Some(host_complete),
+    request_then: Some(host_request_then),
 };
