@@ -239,7 +239,7 @@ impl Handshake {
                     let offered = u32::from(self.offered());
                     if flags & !offered != 0 {
                         return Event::Close(format!(
-                            "client sent handshake flags 0x{flags:x}, of which only 0x{offered:x} were offered"
+                            "client sent unknown handshake flags 0x{flags:x} (only 0x{offered:x} were offered)"
                         ));
                     }
                     self.fixed = flags & CLIENT_FIXED_NEWSTYLE != 0;
