@@ -1,0 +1,191 @@
+//! Asynchronous requests through the ABI (1.9), with the `async` C test
+//! plugin (`tests/c/async.c`): a RAM disk with no synchronous read or
+//! write at all, whose requests complete on threads of its own, out of
+//! order, inside the call that started them, twice, after the client has
+//! gone, or while the server shuts down. qemu and libnbd judge the data.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nbdhost_tests::{
+    build_c, client, missing, nbdsh, pattern, qemu_io, root, run_ok, Server, TempDir,
+};
+
+/// The `async` plugin, built in `dir`.
+fn async_plugin(dir: &TempDir) -> PathBuf {
+    build_c(dir, "asyncplugin", &root().join("tests/c/async.c"), &[])
+}
+
+/// A server of the `async` plugin with `params`, and `args` before them.
+fn serve(dir: &TempDir, args: &[&str], params: &[&str]) -> Server {
+    let so = async_plugin(dir);
+    let mut all: Vec<&str> = args.to_vec();
+    all.push(so.to_str().unwrap());
+    all.extend_from_slice(params);
+    Server::start(&all)
+}
+
+#[test]
+fn completions_from_the_plugin_s_threads_in_any_order_serve_qemu() {
+    if missing("", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = TempDir::new("async-threads");
+    let s = serve(&dir, &[], &["hold_ms=3"]);
+    let src = dir.path("src.img");
+    std::fs::write(&src, pattern(8 << 20, 7)).unwrap();
+    let uri = s.uri();
+    run_ok(
+        client("qemu-img")
+            .args(["convert", "-n", "-W", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    let cmp = run_ok(
+        client("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    // FUA, which the plugin leaves to the server: a flush after the write.
+    qemu_io(&uri, &["write -f -P 0x44 9M 64k", "read -P 0x44 9M 64k"]);
+    assert!(s.stop().success());
+}
+
+#[test]
+fn completions_inside_the_starting_call_are_answered() {
+    if missing("", &["qemu-io"]) {
+        return;
+    }
+    let dir = TempDir::new("async-inline");
+    let s = serve(&dir, &[], &["mode=inline"]);
+    qemu_io(
+        &s.uri(),
+        &["aio_write -P 0x5a 0 1M", "aio_flush", "read -P 0x5a 0 1M"],
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_second_completion_is_logged_and_ignored() {
+    if missing("", &["qemu-io"]) {
+        return;
+    }
+    let dir = TempDir::new("async-twice");
+    let s = serve(&dir, &[], &["mode=twice"]);
+    qemu_io(&s.uri(), &["write -P 0x21 64k 64k", "read -P 0x21 64k 64k"]);
+    let (seen, log) = s.wait_log("completed twice", Duration::from_secs(5));
+    assert!(seen, "{log}");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn requests_in_flight_do_not_wait_for_worker_threads() {
+    // 32 reads each held up to 300 ms by the plugin, through one worker
+    // thread: waited for one after another they would take seconds.
+    let dir = TempDir::new("async-depth");
+    let s = serve(&dir, &["-t", "1"], &["hold_ms=300"]);
+    let script = "\
+import time
+t = time.monotonic()
+for i in range(32):
+    h.aio_pread(nbd.Buffer(4096), i * 4096)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+print(time.monotonic() - t)
+";
+    let started = Instant::now();
+    let took: f64 = nbdsh(&s.uri(), script).trim().parse().unwrap();
+    assert!(
+        took < 2.0,
+        "32 requests held 300 ms took {took} s ({:?} in all)",
+        started.elapsed()
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_client_that_goes_away_leaves_its_requests_to_complete() {
+    if missing("", &["qemu-io"]) {
+        return;
+    }
+    let dir = TempDir::new("async-gone");
+    let s = serve(&dir, &[], &["hold_ms=400"]);
+    // Start reads and writes, and leave without waiting for any.
+    nbdsh(
+        &s.uri(),
+        "\
+import os
+for i in range(16):
+    h.aio_pread(nbd.Buffer(65536), i * 65536)
+    h.aio_pwrite(b'x' * 65536, (i + 64) * 65536)
+os._exit(0)
+",
+    );
+    // The plugin completes them into buffers nobody waits for; the
+    // server stays up and serves the next client.
+    std::thread::sleep(Duration::from_millis(600));
+    qemu_io(&s.uri(), &["write -P 0x77 0 64k", "read -P 0x77 0 64k"]);
+    let (status, log) = s.stop_with_log();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("error"), "{log}");
+}
+
+#[test]
+fn shutdown_waits_for_requests_in_flight() {
+    let dir = TempDir::new("async-shutdown");
+    let s = serve(&dir, &[], &["hold_ms=800"]);
+    // The client says when its reads are on their way; the server is told
+    // to stop while the plugin still holds them.
+    let mut reader = Command::new("/usr/bin/python3")
+        .args(["-c", SHUTDOWN_READER, &s.uri()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(reader.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "sent");
+    s.sigterm();
+    assert_eq!(lines.next().unwrap().unwrap(), "answered 8");
+    assert!(reader.wait().unwrap().success());
+    let (status, log) = s.stop_with_log();
+    assert!(status.success(), "{log}");
+}
+
+/// Eight reads, "sent" once they are, then "answered N" with how many
+/// completed without error.
+const SHUTDOWN_READER: &str = "\
+import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+cookies = [h.aio_pread(nbd.Buffer(4096), i * 4096) for i in range(8)]
+time.sleep(0.1)
+print('sent', flush=True)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+ok = 0
+for c in cookies:
+    try:
+        ok += h.aio_command_completed(c)
+    except nbd.Error:
+        pass
+print('answered', ok, flush=True)
+";
+
+#[test]
+fn a_synchronous_filter_above_an_asynchronous_plugin_still_serves() {
+    if missing("", &["qemu-io"]) {
+        return;
+    }
+    let dir = TempDir::new("async-syncfilter");
+    let filter = build_c(&dir, "invertfilter", &root().join("tests/c/invert.c"), &[]);
+    let filter = format!("--filter={}", filter.display());
+    let s = serve(&dir, &[&filter], &["hold_ms=3"]);
+    qemu_io(
+        &s.uri(),
+        &["write -P 0x0f 0 256k", "aio_flush", "read -P 0x0f 0 256k"],
+    );
+    assert!(s.stop().success());
+}
