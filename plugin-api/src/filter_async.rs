@@ -175,6 +175,27 @@ impl Next {
         unsafe { self.start_read(buf, len, offset, fl, done) }
     }
 
+    /// Read into `data`, a buffer of the filter's own (whole sectors
+    /// around an unaligned request, say), from the layer below at
+    /// `offset`, then run `then` on a worker thread with the buffer back
+    /// and the result.
+    pub fn async_pread_owned(
+        &self,
+        mut data: Vec<u8>,
+        offset: u64,
+        fl: Flags,
+        then: impl FnOnce(&Next, Vec<u8>, Result<()>) + Send + 'static,
+    ) {
+        let (ptr, len) = (data.as_mut_ptr(), data.len());
+        let below = RawNext(self.raw());
+        let Ok(done) = Completion::then(move |r| then(&below.next(), data, r)) else {
+            return;
+        };
+        // SAFETY: the buffer is `data`'s, which the continuation holds
+        // until `done` completes; a Vec's heap storage does not move.
+        unsafe { self.start_read(ptr, len, offset, fl, done) }
+    }
+
     /// Write `data`, a buffer of the filter's own (encrypted data, say), to
     /// the layer below at `offset`, then run `then` on a worker thread
     /// with the buffer back and the result.

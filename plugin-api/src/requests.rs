@@ -70,7 +70,61 @@ impl Completion {
     pub fn complete(self, r: Result<()>) {
         host::complete(self.into_raw(), r);
     }
+
+    /// This completion with `f` in front: once the request is answered
+    /// below, `f` runs on a worker thread with the result, and what it
+    /// returns answers the request. `None` when no continuation could be
+    /// made: the request has then been answered with the error.
+    fn wrapped(self, f: impl FnOnce(Result<()>) -> Result<()> + Send + 'static) -> Option<Self> {
+        Completion::then(move |r| self.complete(f(r))).ok()
+    }
 }
+
+/// `then` for each request type: the request with a continuation in front
+/// of its answer, for a filter that acts on the result (counts it, times
+/// it) without touching the data.
+macro_rules! then {
+    ($t:ident { $($field:ident),* }) => {
+        impl $t {
+            /// Once the layer below answers this request, run `f` on a
+            /// worker thread with the result; what `f` returns answers the
+            /// request. `None` when no continuation could be made: the
+            /// request has then been answered with the error.
+            pub fn then(
+                self,
+                f: impl FnOnce(Result<()>) -> Result<()> + Send + 'static,
+            ) -> Option<Self> {
+                let $t { done, $($field),* } = self;
+                let done = done.wrapped(f)?;
+                Some($t { done, $($field),* })
+            }
+        }
+    };
+}
+
+then!(ReadRequest {
+    buf,
+    len,
+    offset,
+    flags
+});
+then!(WriteRequest {
+    buf,
+    len,
+    offset,
+    flags
+});
+then!(RangeRequest {
+    count,
+    offset,
+    flags
+});
+then!(ExtentsRequest {
+    count,
+    offset,
+    flags,
+    list
+});
 
 impl Drop for Completion {
     fn drop(&mut self) {

@@ -16,14 +16,14 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 
 use luks_crypto::header::{self, Header, ReadAt};
 use luks_crypto::sector::{self, SectorCipher};
 use luks_crypto::unlock;
 use nbdhost_plugin_api::{
     callbacks, host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle, Flags,
-    Next, NextOpener, Result,
+    Next, NextOpener, ReadRequest, Result, WriteRequest,
 };
 use zeroize::Zeroizing;
 
@@ -55,6 +55,10 @@ struct Volume {
     /// so an unaligned write cannot resurrect the old contents of a sector
     /// that another write changed meanwhile.
     rmw: RwLock<()>,
+    /// Aligned writes started asynchronously and not yet answered: they
+    /// hold no lock while in flight, so a read-modify-write, once it holds
+    /// `rmw` exclusively, waits for this to drain.
+    in_flight: (Mutex<usize>, Condvar),
 }
 
 /// A configuration or header error, or one of the crypto crate's: all are
@@ -197,6 +201,7 @@ impl Luks {
             iv_tweak,
             header: on_disk.then_some((raw_at, raw)),
             rmw: RwLock::new(()),
+            in_flight: (Mutex::new(0), Condvar::new()),
         };
         self.volume
             .set(Arc::new(volume))
@@ -235,6 +240,25 @@ impl Volume {
         Ok(())
     }
 
+    /// Wait until no aligned write is in flight.
+    fn drain_writes(&self) {
+        let (n, cond) = &self.in_flight;
+        let mut n = n.lock().unwrap();
+        while *n > 0 {
+            n = cond.wait(n).unwrap();
+        }
+    }
+
+    /// An aligned write leaves or enters flight.
+    fn flying(&self, delta: isize) {
+        let (n, cond) = &self.in_flight;
+        let mut n = n.lock().unwrap();
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            cond.notify_all();
+        }
+    }
+
     fn write(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         let (start, end) = self.cover(offset, buf.len());
         if start == offset && end - start == buf.len() as u64 {
@@ -244,11 +268,29 @@ impl Volume {
             return next.pwrite(&sectors, self.payload_offset + start, flags);
         }
         let _exclusive = self.rmw.write().unwrap();
+        self.drain_writes();
         let mut sectors = vec![0u8; (end - start) as usize];
         self.read_sectors(next, &mut sectors, start, Flags::empty())?;
         sectors[(offset - start) as usize..][..buf.len()].copy_from_slice(buf);
         self.encrypt(&mut sectors, start);
         next.pwrite(&sectors, self.payload_offset + start, flags)
+    }
+}
+
+/// An aligned write in flight, counted while it lives: dropped with its
+/// continuation, called or not, so the count never sticks.
+struct Flying(Arc<Volume>);
+
+impl Flying {
+    fn new(v: Arc<Volume>) -> Flying {
+        v.flying(1);
+        Flying(v)
+    }
+}
+
+impl Drop for Flying {
+    fn drop(&mut self) {
+        self.0.flying(-1);
     }
 }
 
@@ -335,6 +377,62 @@ impl FilterHandle for Connection {
 
     fn pwrite(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         self.volume.write(next, buf, offset, flags)
+    }
+
+    // On an asynchronous chain no thread waits for the layer below: a read
+    // is decrypted, and a write answered, in a continuation on the
+    // server's worker threads once the layer below has answered.
+    fn async_pread(&self, next: &Next, mut req: ReadRequest) {
+        let v = self.volume.clone();
+        let offset = req.offset();
+        let (start, end) = v.cover(offset, req.len());
+        if start == offset && end - start == req.len() as u64 {
+            req.set_offset(v.payload_offset + start);
+            next.async_pread_then(req, move |_, mut req, r| {
+                if r.is_ok() {
+                    v.decrypt(req.buf(), start);
+                }
+                req.complete(r)
+            });
+            return;
+        }
+        let sectors = vec![0u8; (end - start) as usize];
+        let below = v.payload_offset + start;
+        let flags = req.flags();
+        next.async_pread_owned(sectors, below, flags, move |_, mut sectors, r| {
+            if r.is_ok() {
+                v.decrypt(&mut sectors, start);
+                let at = (offset - start) as usize;
+                let n = req.len();
+                req.buf().copy_from_slice(&sectors[at..][..n]);
+            }
+            req.complete(r)
+        });
+    }
+
+    fn async_pwrite(&self, next: &Next, req: WriteRequest) {
+        let v = self.volume.clone();
+        let offset = req.offset();
+        let (start, end) = v.cover(offset, req.len());
+        if start != offset || end - start != req.len() as u64 {
+            // A read-modify-write waits for the read, under the lock that
+            // keeps other writes out: it runs here, synchronously.
+            let r = v.write(next, req.buf(), offset, req.flags());
+            return req.complete(r);
+        }
+        let flying = {
+            let _shared = v.rmw.read().unwrap();
+            Flying::new(v.clone())
+        };
+        let mut sectors = req.buf().to_vec();
+        v.encrypt(&mut sectors, start);
+        let (below, flags) = (v.payload_offset + start, req.flags());
+        next.async_pwrite_owned(sectors, below, flags, move |_, _, r| {
+            // Answered first, so the write is on the disk (as far as the
+            // layer below says) before a waiting RMW reads it.
+            req.complete(r);
+            drop(flying);
+        });
     }
 
     fn zero(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {

@@ -5,7 +5,7 @@
 
 use nbdhost_plugin_api::{
     callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, Result,
+    NextOpener, RangeRequest, ReadRequest, Result, WriteRequest,
 };
 
 /// Configured window.
@@ -85,6 +85,29 @@ impl FilterHandle for Window {
     }
     fn cache(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
         next.cache(count, offset + self.offset, flags)
+    }
+    // On an asynchronous chain requests only move, and go down as they
+    // are: nothing waits here. (Extents, whose answer must be moved back,
+    // stay synchronous.)
+    fn async_pread(&self, next: &Next, mut req: ReadRequest) {
+        req.set_offset(req.offset() + self.offset);
+        next.async_pread(req)
+    }
+    fn async_pwrite(&self, next: &Next, mut req: WriteRequest) {
+        req.set_offset(req.offset() + self.offset);
+        next.async_pwrite(req)
+    }
+    fn async_trim(&self, next: &Next, mut req: RangeRequest) {
+        req.set_offset(req.offset() + self.offset);
+        next.async_trim(req)
+    }
+    fn async_zero(&self, next: &Next, mut req: RangeRequest) {
+        req.set_offset(req.offset() + self.offset);
+        next.async_zero(req)
+    }
+    fn async_cache(&self, next: &Next, mut req: RangeRequest) {
+        req.set_offset(req.offset() + self.offset);
+        next.async_cache(req)
     }
     fn extents(
         &self,

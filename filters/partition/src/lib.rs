@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use nbdhost_plugin_api::{
     callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, Result,
+    NextOpener, RangeRequest, ReadRequest, Result, WriteRequest,
 };
 
 pub mod table;
@@ -104,6 +104,17 @@ impl Part {
     fn offset(&self, next: &Next) -> Result<u64> {
         Ok(self.get(next)?.offset)
     }
+
+    /// Pass a range request down, moved to the partition.
+    fn moved(&self, next: &Next, mut req: RangeRequest, down: fn(&Next, RangeRequest)) {
+        match self.offset(next) {
+            Ok(o) => {
+                req.set_offset(req.offset() + o);
+                down(next, req)
+            }
+            Err(e) => req.complete(Err(e)),
+        }
+    }
 }
 
 #[callbacks]
@@ -133,6 +144,37 @@ impl FilterHandle for Part {
     }
     fn cache(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
         next.cache(count, offset + self.offset(next)?, flags)
+    }
+    // On an asynchronous chain requests only move, and go down as they
+    // are: nothing waits here. The table was read when the handle was
+    // prepared. (Extents, whose answer must be moved back, stay
+    // synchronous.)
+    fn async_pread(&self, next: &Next, mut req: ReadRequest) {
+        match self.offset(next) {
+            Ok(o) => {
+                req.set_offset(req.offset() + o);
+                next.async_pread(req)
+            }
+            Err(e) => req.complete(Err(e)),
+        }
+    }
+    fn async_pwrite(&self, next: &Next, mut req: WriteRequest) {
+        match self.offset(next) {
+            Ok(o) => {
+                req.set_offset(req.offset() + o);
+                next.async_pwrite(req)
+            }
+            Err(e) => req.complete(Err(e)),
+        }
+    }
+    fn async_trim(&self, next: &Next, req: RangeRequest) {
+        self.moved(next, req, Next::async_trim)
+    }
+    fn async_zero(&self, next: &Next, req: RangeRequest) {
+        self.moved(next, req, Next::async_zero)
+    }
+    fn async_cache(&self, next: &Next, req: RangeRequest) {
+        self.moved(next, req, Next::async_cache)
     }
     fn extents(
         &self,

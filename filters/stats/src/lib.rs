@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use nbdhost_plugin_api::{
     callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, Result,
+    NextOpener, RangeRequest, ReadRequest, Result, WriteRequest,
 };
 
 /// Commands in the order they are printed (nbdkit's order).
@@ -132,12 +132,18 @@ impl Stats {
     ) -> Result<T> {
         let t = Instant::now();
         let r = f();
+        self.count(cmd, count, offset, t, r.is_ok());
+        r
+    }
+
+    /// Count a request started at `t` that has just ended, under `cmd`.
+    fn count(&self, cmd: Cmd, count: u64, offset: u64, t: Instant, ok: bool) {
         let elapsed = t.elapsed();
         let c = &self.cmds[cmd as usize];
-        if r.is_err() {
+        if !ok {
             // Failed requests are kept apart, as nbdkit does not count them.
             c.errors.fetch_add(1, Relaxed);
-            return r;
+            return;
         }
         c.ops.fetch_add(1, Relaxed);
         c.bytes.fetch_add(count, Relaxed);
@@ -147,7 +153,21 @@ impl Stats {
         if let Some(h) = &c.sizes {
             h.record(count, offset);
         }
-        r
+    }
+
+    /// A continuation that counts an asynchronous request started now
+    /// when its answer comes back, and passes the answer on.
+    fn counting(
+        self: &Arc<Self>,
+        cmd: Cmd,
+        count: u64,
+        offset: u64,
+    ) -> impl FnOnce(Result<()>) -> Result<()> + Send + 'static {
+        let (stats, t) = (self.clone(), Instant::now());
+        move |r| {
+            stats.count(cmd, count, offset, t, r.is_ok());
+            r
+        }
     }
 
     /// The report printed at exit.
@@ -447,6 +467,48 @@ impl FilterHandle for StatsHandle {
         self.stats.measure(Cmd::Cache, count, offset, || {
             next.cache(count, offset, flags)
         })
+    }
+    // On an asynchronous chain each request goes down at once and is
+    // counted when its answer comes back, on a worker thread: nothing
+    // waits here. (Extents stay synchronous.)
+    fn async_pread(&self, next: &Next, req: ReadRequest) {
+        let counting = self
+            .stats
+            .counting(Cmd::Read, req.len() as u64, req.offset());
+        if let Some(req) = req.then(counting) {
+            next.async_pread(req)
+        }
+    }
+    fn async_pwrite(&self, next: &Next, req: WriteRequest) {
+        let counting = self
+            .stats
+            .counting(Cmd::Write, req.len() as u64, req.offset());
+        if let Some(req) = req.then(counting) {
+            next.async_pwrite(req)
+        }
+    }
+    fn async_flush(&self, next: &Next, req: RangeRequest) {
+        if let Some(req) = req.then(self.stats.counting(Cmd::Flush, 0, 0)) {
+            next.async_flush(req)
+        }
+    }
+    fn async_trim(&self, next: &Next, req: RangeRequest) {
+        let counting = self.stats.counting(Cmd::Trim, req.count(), req.offset());
+        if let Some(req) = req.then(counting) {
+            next.async_trim(req)
+        }
+    }
+    fn async_zero(&self, next: &Next, req: RangeRequest) {
+        let counting = self.stats.counting(Cmd::Zero, req.count(), req.offset());
+        if let Some(req) = req.then(counting) {
+            next.async_zero(req)
+        }
+    }
+    fn async_cache(&self, next: &Next, req: RangeRequest) {
+        let counting = self.stats.counting(Cmd::Cache, req.count(), req.offset());
+        if let Some(req) = req.then(counting) {
+            next.async_cache(req)
+        }
     }
     fn extents(
         &self,
