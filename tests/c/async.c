@@ -9,12 +9,14 @@
  *   mode=twice   completed twice by the plugin's threads: the server must
  *                ignore the second
  *   hold_ms=N    how long the threads keep each request (default 2)
+ *   file=PATH    the disk's first contents, and its size
  *
  * The data is copied when the request completes, on the plugin's thread,
  * into or out of the buffer the server lent: any buffer freed too early
  * is written after its end of life, which AddressSanitizer reports. */
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -35,6 +37,10 @@ static uint64_t size = 16 << 20;
 static char *disk;
 static int mode_inline, mode_twice;
 static long hold_ms = 2;
+static char *file;
+/* The threads start after the fork: requests made before (a filter's
+ * look at the disk at start-up) are completed in the starting call. */
+static int started;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
@@ -47,6 +53,21 @@ async_config (const char *key, const char *value)
 {
   if (strcmp (key, "size") == 0)
     size = strtoull (value, NULL, 0);
+  else if (strcmp (key, "file") == 0) {
+    FILE *f = fopen (value, "rb");
+    long n;
+
+    if (f == NULL || fseek (f, 0, SEEK_END) != 0 || (n = ftell (f)) < 0) {
+      nbdhost_error (errno, "%s: %m", value);
+      if (f)
+        fclose (f);
+      return -1;
+    }
+    fclose (f);
+    size = (uint64_t) n;
+    free (file);
+    file = strdup (value);
+  }
   else if (strcmp (key, "hold_ms") == 0)
     hold_ms = strtol (value, NULL, 0);
   else if (strcmp (key, "mode") == 0) {
@@ -94,16 +115,33 @@ worker (void *arg)
 }
 
 static int
-async_after_fork (void)
+async_get_ready (void)
 {
-  pthread_t t;
-  int i;
-
   disk = calloc (1, size);
   if (disk == NULL) {
     nbdhost_error (ENOMEM, "no memory for the disk");
     return -1;
   }
+  if (file) {
+    FILE *f = fopen (file, "rb");
+
+    if (f == NULL || fread (disk, 1, size, f) != size) {
+      nbdhost_error (EIO, "%s: cannot read it", file);
+      if (f)
+        fclose (f);
+      return -1;
+    }
+    fclose (f);
+  }
+  return 0;
+}
+
+static int
+async_after_fork (void)
+{
+  pthread_t t;
+  int i;
+
   for (i = 0; i < 4; i++) {
     if (pthread_create (&t, NULL, worker, NULL) != 0) {
       nbdhost_error (errno, "pthread_create");
@@ -111,6 +149,7 @@ async_after_fork (void)
     }
     pthread_detach (t);
   }
+  started = 1;
   return 0;
 }
 
@@ -156,7 +195,7 @@ submit (enum kind kind, void *rbuf, const void *wbuf, uint64_t count,
   }
   *p = (struct pending) { .kind = kind, .rbuf = rbuf, .wbuf = wbuf,
                           .count = count, .offset = offset, .req = req };
-  if (mode_inline) {
+  if (mode_inline || !started) {
     run (p);
     return;
   }
@@ -199,6 +238,7 @@ static struct nbdhost_plugin plugin = {
   .version = "1",
   .thread_model = NBDHOST_THREAD_MODEL_PARALLEL,
   .config = async_config,
+  .get_ready = async_get_ready,
   .after_fork = async_after_fork,
   .open = async_open,
   .get_size = async_get_size,
