@@ -254,6 +254,48 @@ print(''.join(b.to_bytearray().hex() for b in bufs))
     assert!(s.stop().success());
 }
 
+#[test]
+fn blocksize_joins_the_pieces_of_a_read_as_they_come_back() {
+    let dir = TempDir::new("async-blocksize");
+    let data = pattern(4 << 20, 23);
+    let img = dir.path("disk.img");
+    std::fs::write(&img, &data).unwrap();
+    let so = async_plugin(&dir);
+    let s = Server::start(&[
+        "-t",
+        "1",
+        &filter_arg("blocksize"),
+        so.to_str().unwrap(),
+        "minblock=4096",
+        "maxdata=16384",
+        &format!("file={}", img.display()),
+        "hold_ms=200",
+    ]);
+    // Unaligned reads cut into a partial head, whole runs of at most 16
+    // KiB and a partial tail, all held by the plugin in random order.
+    let script = "\
+import time
+reads = [(1000 + i * 70001, 50000) for i in range(8)]
+bufs = [nbd.Buffer(n) for _, n in reads]
+t = time.monotonic()
+for (off, n), b in zip(reads, bufs):
+    h.aio_pread(b, off)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+print(time.monotonic() - t)
+print(''.join(b.to_bytearray().hex() for b in bufs))
+";
+    let out = nbdsh(&s.uri(), script);
+    let mut lines = out.lines();
+    let took: f64 = lines.next().unwrap().parse().unwrap();
+    assert!(took < 2.0, "8 reads of 5 pieces held 200 ms took {took} s");
+    let want: String = (0..8)
+        .map(|i| hex(&data[1000 + i * 70001..][..50000]))
+        .collect();
+    assert!(lines.next().unwrap() == want, "joined data differs");
+    assert!(s.stop().success());
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -4,11 +4,12 @@
 
 #![forbid(unsafe_code)]
 
-use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use nbdhost_plugin_api::{
     callbacks, host, nbdhost_filter, BlockSize, Error, ExtentList, Filter, FilterHandle, Flags,
-    Next, NextOpener, Result, Support,
+    Next, NextOpener, ReadRequest, Result, Support,
 };
 
 pub mod split;
@@ -166,6 +167,43 @@ impl Adapter {
     }
 }
 
+/// The pieces of one asynchronous read, joined: the last to come back
+/// answers the request.
+struct Join {
+    left: AtomicUsize,
+    /// The request until it is answered, and the first failure.
+    state: Mutex<(Option<ReadRequest>, Result<()>)>,
+}
+
+impl Join {
+    /// One piece came back: its bytes and where they go, or its failure.
+    fn piece(&self, r: Result<(&[u8], usize)>) {
+        {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let (req, failed) = &mut *state;
+            match r {
+                Ok((bytes, at)) => {
+                    if let Some(req) = req {
+                        req.buf()[at..][..bytes.len()].copy_from_slice(bytes);
+                    }
+                }
+                Err(e) => {
+                    if failed.is_ok() {
+                        *failed = Err(e);
+                    }
+                }
+            }
+        }
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let result = std::mem::replace(&mut state.1, Ok(()));
+            if let Some(req) = state.0.take() {
+                req.complete(result);
+            }
+        }
+    }
+}
+
 #[callbacks]
 impl FilterHandle for Adapter {
     fn get_size(&self, next: &Next) -> Result<u64> {
@@ -203,6 +241,43 @@ impl FilterHandle for Adapter {
             }
         }
         Ok(())
+    }
+
+    // On an asynchronous chain a read is cut into its pieces, all started
+    // at once, each into a buffer of its own; the last piece to come back
+    // answers the read, in a continuation, whatever order they came in.
+    // (Writes, whose partial blocks take a read-modify-write under a lock,
+    // stay synchronous.)
+    fn async_pread(&self, next: &Next, req: ReadRequest) {
+        let l = match self.limits(next) {
+            Ok(l) => l,
+            Err(e) => return req.complete(Err(e)),
+        };
+        let (offset, flags) = (req.offset(), req.flags());
+        let cut: Vec<Piece> = pieces(&l, offset, req.len() as u64, l.maxdata).collect();
+        if cut.is_empty() {
+            return req.complete(Ok(()));
+        }
+        let join = Arc::new(Join {
+            left: AtomicUsize::new(cut.len()),
+            state: Mutex::new((Some(req), Ok(()))),
+        });
+        for p in cut {
+            // Where the piece is read below, how much of it, and where it
+            // goes in the request's buffer.
+            let (below, size, from, len) = match p {
+                Piece::Whole { offset: o, len } => (o, len, 0, len),
+                Piece::Partial { offset: o, len } => {
+                    (l.down(o), l.minblock.into(), o - l.down(o), len)
+                }
+            };
+            let at = (below + from - offset) as usize;
+            let join = join.clone();
+            let data = vec![0u8; size as usize];
+            next.async_pread_owned(data, below, flags, move |_, data, r| {
+                join.piece(r.map(|()| (&data[from as usize..][..len as usize], at)));
+            });
+        }
     }
 
     fn pwrite(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
