@@ -229,7 +229,7 @@ fn systemd_credentials_owned_by_the_service_user_at_0400_serve_psk_and_x509() {
         .arg(plugin("memory"))
         .arg("1M")
         .stderr(Stdio::piped());
-    let mut child = server.spawn().unwrap();
+    let child = server.spawn().unwrap();
     let up = (0..250).any(|_| {
         std::thread::sleep(Duration::from_millis(20));
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
