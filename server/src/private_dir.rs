@@ -64,6 +64,17 @@ impl PrivateDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Hand the directory and what it holds now to `uid`: the user `-u`
+    /// makes the server run as, who uses them from then on (and the
+    /// `--run` command, which runs as that user too).
+    pub fn give_to(&self, uid: u32) -> io::Result<()> {
+        std::os::unix::fs::chown(&self.path, Some(uid), None)?;
+        for entry in std::fs::read_dir(&self.path)? {
+            std::os::unix::fs::chown(entry?.path(), Some(uid), None)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for PrivateDir {

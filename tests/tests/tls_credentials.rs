@@ -622,3 +622,30 @@ fn run_with_tls_required_and_no_credentials_uses_a_one_time_psk_removed_after() 
     assert!(key.ends_with("keys.psk"), "{}", key.display());
     assert!(!key.exists() && !key.parent().unwrap().exists());
 }
+
+#[test]
+fn run_as_another_user_reaches_its_private_socket_and_one_time_psk() {
+    if !is_root() {
+        eprintln!("SKIP: -u needs root");
+        return;
+    }
+    if missing("", &["nbdinfo"]) {
+        return;
+    }
+    // The command runs as the -u user, as the server does once it has
+    // dropped root: both the socket's directory and the key's are theirs.
+    for tls in [None, Some("--tls=require")] {
+        let mut args = vec!["-u", "nobody", "-g", "nogroup"];
+        args.extend(tls);
+        let memory = plugin("memory");
+        args.extend([
+            "--run",
+            "PATH=/usr/bin:$PATH; nbdinfo --size \"$uri\"",
+            memory.to_str().unwrap(),
+            "1M",
+        ]);
+        let out = run(Command::new(nbdhost_bin()).args(&args).current_dir("/"));
+        assert!(out.status.success(), "{tls:?}: {}", output_text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
+    }
+}

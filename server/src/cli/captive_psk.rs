@@ -77,9 +77,11 @@ impl CaptivePsk {
         getrandom::fill(&mut key).map_err(CaptivePskError::Random)?;
         let mut line = format!("{USER}:{}\n", hex::encode(key));
         key.zeroize();
-        let written = write_private(&file, line.as_bytes(), owner, dir.path());
+        let written = write_private(&file, line.as_bytes());
         line.zeroize();
-        written.map_err(|source| CaptivePskError::Write { path: file, source })?;
+        written
+            .and_then(|()| owner.map_or(Ok(()), |uid| dir.give_to(uid)))
+            .map_err(|source| CaptivePskError::Write { path: file, source })?;
         Ok(CaptivePsk { dir })
     }
 
@@ -89,18 +91,12 @@ impl CaptivePsk {
     }
 }
 
-/// Write `data` to a new file only its owner can read, and hand it and
-/// its directory to `owner`.
-fn write_private(file: &Path, data: &[u8], owner: Option<u32>, dir: &Path) -> std::io::Result<()> {
+/// Write `data` to a new file only its owner can read.
+fn write_private(file: &Path, data: &[u8]) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(file)?;
-    f.write_all(data)?;
-    if let Some(uid) = owner {
-        std::os::unix::fs::chown(file, Some(uid), None)?;
-        std::os::unix::fs::chown(dir, Some(uid), None)?;
-    }
-    Ok(())
+    f.write_all(data)
 }

@@ -30,6 +30,11 @@ pub enum CliError {
     Tls(TlsError),
     /// `-o` with TLS required: oldstyle has no STARTTLS.
     OldstyleTls,
+    /// The private socket could not be handed to the `-u` user.
+    PrivateSocket {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
     /// `--keepalive` could not be set on a listener.
     Keepalive {
         listener: String,
@@ -59,6 +64,13 @@ impl fmt::Display for CliError {
             CliError::OldstyleTls => f.write_str(
                 "the oldstyle protocol (-o) cannot do TLS, which these settings require",
             ),
+            CliError::PrivateSocket { path, source } => {
+                write!(
+                    f,
+                    "{}: cannot give it to the -u user: {source}",
+                    path.display()
+                )
+            }
             CliError::Keepalive { listener, source } => {
                 write!(f, "--keepalive on {listener}: {source}")
             }

@@ -114,6 +114,16 @@ fn bind(settings: &Settings) -> Result<Bound, CliError> {
     if private {
         let p = PrivateSocket::new()?;
         let l = listen::unix(&p.path)?;
+        // The `--run` command runs as the -u user: it must reach the socket.
+        if let Some(user) = &settings.process.user {
+            let uid = process::uid_of(user)?;
+            p.dir
+                .give_to(uid)
+                .map_err(|source| CliError::PrivateSocket {
+                    path: p.path.clone(),
+                    source,
+                })?;
+        }
         let path = p.path.clone();
         return Ok(Bound {
             private: Some(p),

@@ -184,8 +184,9 @@ pub struct CommandLine {
     #[arg(long, value_name = "off|on|require", value_parser = ["off", "on", "require"])]
     pub tls: Option<String>,
 
-    /// PSK file in psktool's username:hexkey format; re-read for every connection.
-    #[arg(long, value_name = "FILE")]
+    /// PSK file in psktool's username:hexkey format, or a directory holding
+    /// it as keys.psk; read again for every PSK handshake.
+    #[arg(long, value_name = "FILE|DIR")]
     pub tls_psk: Option<PathBuf>,
 
     /// Directory with ca-cert.pem, server-cert.pem, server-key.pem and optionally ca-crl.pem.
