@@ -7,32 +7,60 @@
 //! zero-range or hole punching (or the block device's zero-out) and leaves
 //! writing zeroes to the server when none is available; allocation is read
 //! back with `SEEK_DATA`/`SEEK_HOLE`.
+//!
+//! Requests go through io_uring (`aio=io_uring`, [`uring`] and [`ops`])
+//! where the kernel allows it, started on the server's event loops and
+//! answered from the ring's thread; otherwise, or with `aio=threads`, the
+//! same calls are made synchronously ([`file`]) on the server's worker
+//! threads. `cache=none` serves requests of any alignment through bounce
+//! buffers and read-modify-write ([`direct`]).
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+mod direct;
+mod file;
+mod offload;
+mod ops;
+mod uring;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
+use nbdhost_plugin_api::host::{self, LogLevel};
 use nbdhost_plugin_api::{
-    callbacks, host, nbdhost_plugin, BlockSize, Error, ExportList, ExtentList, Flags, Handle,
-    Plugin, Result, Support,
+    callbacks, nbdhost_plugin, BlockSize, Error, ExportList, ExtentList, ExtentsRequest, Flags,
+    Handle, Plugin, RangeRequest, ReadRequest, Result, Support, WriteRequest,
 };
 
-/// Alignment of O_DIRECT transfers: safe for 512- and 4096-byte sectors.
-const DIRECT_ALIGN: usize = 4096;
-/// `BLKGETSIZE64`, `BLKDISCARD` and `BLKZEROOUT` from linux/fs.h.
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-const BLKDISCARD: libc::c_ulong = 0x1277;
-const BLKZEROOUT: libc::c_ulong = 0x127f;
+use direct::{Alignment, BouncePool, RangeLock};
+use file::{errno_of, Aio, Direct, FileState, OpenMode};
+use offload::Offload;
+use ops::Op;
+use uring::Ring;
+
+/// The largest request served in one piece.
+const MAX_REQUEST: u32 = 32 << 20;
 
 /// `f_type` of the file systems whose files live in memory (linux/magic.h).
 const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
 const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
 
-/// Configuration from the command line.
+/// `aio=`: how requests reach the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AioMode {
+    /// io_uring where the kernel allows it (and the file is not in
+    /// memory, where a copy on the event loop is faster), else threads.
+    #[default]
+    Auto,
+    /// io_uring, or refuse to start.
+    IoUring,
+    /// Synchronous calls on the server's worker threads.
+    Threads,
+}
+
+/// Configuration from the command line, and once serving the ring.
 #[derive(Default)]
 pub struct FilePlugin {
     path: Option<PathBuf>,
@@ -40,9 +68,24 @@ pub struct FilePlugin {
     dir: Option<PathBuf>,
     direct: bool,
     advice: Option<libc::c_int>,
+    aio: AioMode,
     /// The file is a regular file on tmpfs or ramfs: every call is a memory
     /// copy that never waits for a device.
     in_memory: bool,
+    /// Decided in `get_ready`: requests go through io_uring.
+    use_ring: AtomicBool,
+    /// Made in `after_fork` when `use_ring`.
+    engine: OnceLock<Engine>,
+    /// What `cache=none` connections to one file share, by device and
+    /// inode.
+    direct_files: Mutex<HashMap<(u64, u64), Weak<Direct>>>,
+}
+
+/// The ring and the offload threads. The ring goes first when dropped:
+/// its requests in flight may still hand work to the offload threads.
+struct Engine {
+    ring: Ring<Op>,
+    offload: Offload,
 }
 
 /// Whether `path`, following symbolic links, is something to serve.
@@ -93,7 +136,9 @@ impl Plugin for FilePlugin {
     const CONFIG_HELP: &'static str = "file=<PATH>     The file or block device to serve.
 dir=<DIR>       Or: serve each file in DIR under its name.
 cache=default|none   none: bypass the page cache (O_DIRECT).
-fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
+fadvise=normal|random|sequential   Access-pattern hint for the kernel.
+aio=auto|io_uring|threads   How requests reach the kernel (default auto:
+                io_uring where available, else worker threads).";
     const MAGIC_CONFIG_KEY: Option<&'static str> = Some("file");
     type Handle = FileHandle;
 
@@ -119,6 +164,19 @@ fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
                         return Err(Error::new(
                             libc::EINVAL,
                             format!("cache={value}: expected default or none"),
+                        ))
+                    }
+                }
+            }
+            "aio" => {
+                self.aio = match value {
+                    "auto" => AioMode::Auto,
+                    "io_uring" | "io-uring" => AioMode::IoUring,
+                    "threads" => AioMode::Threads,
+                    _ => {
+                        return Err(Error::new(
+                            libc::EINVAL,
+                            format!("aio={value}: expected auto, io_uring or threads"),
                         ))
                     }
                 }
@@ -195,8 +253,57 @@ fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
         Ok(())
     }
 
+    fn get_ready(&self) -> Result<()> {
+        // Asked here, before the server forks and asks `nonblocking`; the
+        // ring itself is made after the fork, with its thread.
+        let wanted = match self.aio {
+            AioMode::Threads => false,
+            AioMode::IoUring => true,
+            AioMode::Auto => !self.in_memory,
+        };
+        if !wanted {
+            return Ok(());
+        }
+        match uring::probe(ops::OPCODES) {
+            Ok(()) => {
+                self.use_ring.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) if self.aio == AioMode::IoUring => {
+                Err(Error::new(libc::ENOSYS, format!("aio=io_uring: {e}")))
+            }
+            Err(e) => {
+                host::log(
+                    LogLevel::Info,
+                    &format!("io_uring is not available ({e}): requests run on worker threads"),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn after_fork(&self) -> Result<()> {
+        if !self.ring_wanted() {
+            return Ok(());
+        }
+        let ring = Ring::start(ops::OPCODES)
+            .map_err(|e| Error::new(libc::EIO, format!("io_uring: {e}")))?;
+        let offload = Offload::start()
+            .map_err(|e| Error::new(errno_of(&e), format!("offload threads: {e}")))?;
+        let _ = self.engine.set(Engine { ring, offload });
+        Ok(())
+    }
+
     fn nonblocking(&self) -> bool {
-        self.in_memory
+        // With the ring, starting a request only queues it (or hands a
+        // call io_uring has no operation for to the offload threads), so
+        // it may start on an event loop. A file in memory is a copy.
+        self.in_memory || self.ring_wanted()
+    }
+
+    fn unload(&mut self) {
+        // Stops the ring's and the offload threads once idle.
+        drop(self.engine.take());
     }
 
     fn list_exports(&self, readonly: bool, is_tls: bool, exports: &mut ExportList) -> Result<()> {
@@ -222,188 +329,79 @@ fadvise=normal|random|sequential   Access-pattern hint for the kernel.";
             (None, Some(path)) => path.clone(),
             (None, None) => return Err(Error::new(libc::EINVAL, "not configured")),
         };
-        FileHandle::open(&path, readonly, self.direct, self.advice)
+        let mode = OpenMode {
+            readonly,
+            direct: self.direct,
+            advice: self.advice,
+        };
+        let aio = self.engine.get().map(|e| Aio {
+            ring: e.ring.submitter(),
+            offload: e.offload.runner(),
+        });
+        let (state, writable) =
+            FileState::open(&path, &mode, |f, bdev| self.direct_state(f, bdev), aio)?;
+        Ok(FileHandle {
+            state: Arc::new(state),
+            path,
+            writable,
+        })
+    }
+}
+
+impl FilePlugin {
+    fn ring_wanted(&self) -> bool {
+        self.use_ring.load(Ordering::Relaxed)
+    }
+
+    /// The `cache=none` state of the file `f`, shared with every other
+    /// connection that has it open.
+    fn direct_state(&self, f: &File, block_device: bool) -> Arc<Direct> {
+        let key = f.metadata().map_or((0, 0), |m| (m.dev(), m.ino()));
+        let mut files = self.direct_files.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = files.get(&key).and_then(Weak::upgrade) {
+            return d;
+        }
+        files.retain(|_, w| w.strong_count() > 0);
+        let d = Arc::new(Direct {
+            align: Alignment::of(f, block_device),
+            locks: RangeLock::default(),
+            pool: BouncePool::default(),
+        });
+        files.insert(key, Arc::downgrade(&d));
+        d
     }
 }
 
 /// One connection's open file.
 pub struct FileHandle {
-    file: File,
+    state: Arc<FileState>,
     /// Absolute: `file=` is made absolute at configuration, `dir=` is
     /// canonical.
     path: PathBuf,
     writable: bool,
-    block_device: bool,
-    direct: bool,
-    /// Cleared once the file system says it cannot do these, so that later
-    /// requests skip straight to what works.
-    punch_ok: AtomicBool,
-    zero_range_ok: AtomicBool,
-}
-
-fn errno_of(e: &io::Error) -> i32 {
-    e.raw_os_error().unwrap_or(libc::EIO)
-}
-
-fn last_error() -> io::Error {
-    io::Error::last_os_error()
 }
 
 impl FileHandle {
-    fn open(
-        path: &Path,
-        readonly: bool,
-        direct: bool,
-        advice: Option<libc::c_int>,
-    ) -> Result<FileHandle> {
-        let mut flags = libc::O_CLOEXEC;
-        if direct {
-            flags |= libc::O_DIRECT;
-        }
-        let open = |write: bool| {
-            OpenOptions::new()
-                .read(true)
-                .write(write)
-                .custom_flags(flags)
-                .open(path)
-        };
-        let (file, writable) = if readonly {
-            (open(false), false)
-        } else {
-            match open(true) {
-                Ok(f) => (Ok(f), true),
-                // A file we may only read is served read-only.
-                Err(e) if matches!(errno_of(&e), libc::EACCES | libc::EROFS | libc::EPERM) => {
-                    (open(false), false)
-                }
-                Err(e) => (Err(e), true),
-            }
-        };
-        let file = file.map_err(|e| {
-            let hint = if direct && errno_of(&e) == libc::EINVAL {
-                " (the file system may not support cache=none)"
-            } else {
-                ""
-            };
-            Error::new(errno_of(&e), format!("{}: {e}{hint}", path.display()))
-        })?;
-        let md = file
-            .metadata()
-            .map_err(|e| Error::new(errno_of(&e), format!("{}: {e}", path.display())))?;
-        // Checked again on what was opened: a dir= entry may have changed.
-        let block_device = md.file_type().is_block_device();
-        if !md.is_file() && !block_device {
-            return Err(Error::new(
-                libc::EINVAL,
-                format!("{}: not a regular file or block device", path.display()),
-            ));
-        }
-        if let Some(a) = advice {
-            // SAFETY: posix_fadvise on our own descriptor; advice only.
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, a) };
-        }
-        Ok(FileHandle {
-            file,
-            path: path.to_path_buf(),
-            writable,
-            block_device,
-            direct,
-            punch_ok: AtomicBool::new(!block_device),
-            zero_range_ok: AtomicBool::new(!block_device),
-        })
-    }
-
-    fn fd(&self) -> libc::c_int {
-        self.file.as_raw_fd()
-    }
-
-    /// `fallocate` with `mode` over a range.
-    fn fallocate(&self, mode: libc::c_int, offset: u64, count: u64) -> io::Result<()> {
-        // SAFETY: fallocate on our own descriptor with integer arguments.
-        let r = unsafe {
-            libc::fallocate(self.fd(), mode, offset as libc::off_t, count as libc::off_t)
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(last_error())
-        }
-    }
-
-    /// A block-device range ioctl (`BLKDISCARD`, `BLKZEROOUT`).
-    fn range_ioctl(&self, request: libc::c_ulong, offset: u64, count: u64) -> io::Result<()> {
-        let range: [u64; 2] = [offset, count];
-        // SAFETY: these ioctls read a u64[2] range, which `range` is.
-        let r = unsafe { libc::ioctl(self.fd(), request, range.as_ptr()) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(last_error())
-        }
-    }
-
-    fn fua(&self, flags: Flags) -> Result<()> {
-        if flags.contains(Flags::FUA) {
-            self.file.sync_data()?;
-        }
-        Ok(())
-    }
-
-    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {
-        // SAFETY: lseek on our own descriptor. Data transfers use positioned
-        // I/O, so moving the file offset disturbs no other request.
-        let r = unsafe { libc::lseek(self.fd(), offset as libc::off_t, whence) };
-        if r < 0 {
-            Err(last_error())
-        } else {
-            Ok(r as u64)
-        }
-    }
-}
-
-/// A buffer whose `len` bytes start at a `DIRECT_ALIGN`-aligned address,
-/// as O_DIRECT requires, carved out of a slightly larger vector.
-struct Aligned {
-    buf: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let buf = vec![0u8; len + DIRECT_ALIGN];
-        let start = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
-        Aligned { buf, start, len }
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + self.len]
+    /// Requests go through the ring.
+    fn on_ring(&self) -> bool {
+        self.state.aio.is_some()
     }
 }
 
 #[callbacks]
 impl Handle for FileHandle {
     fn get_size(&self) -> Result<u64> {
-        if self.block_device {
-            let mut size: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 into `size`.
-            if unsafe { libc::ioctl(self.fd(), BLKGETSIZE64, &mut size) } != 0 {
-                return Err(last_error().into());
-            }
-            Ok(size)
-        } else {
-            Ok(self.file.metadata()?.size())
-        }
+        self.state.get_size()
     }
 
     fn block_size(&self) -> Result<Option<BlockSize>> {
-        // With O_DIRECT every transfer must be sector-aligned in offset and
-        // length. Requiring 4 KiB requests of clients (the server enforces
-        // it) avoids read-modify-write here, which would race between
-        // concurrent writes to one block.
-        Ok(self.direct.then_some(BlockSize {
-            minimum: DIRECT_ALIGN as u32,
-            preferred: DIRECT_ALIGN as u32,
-            maximum: 32 << 20,
+        // With O_DIRECT any request is served (unaligned ones through a
+        // bounce buffer, partial blocks by read-modify-write), but aligned
+        // ones are cheaper: say which.
+        Ok(self.state.direct.as_ref().map(|d| BlockSize {
+            minimum: 1,
+            preferred: (d.align.offset as u32).max(4096),
+            maximum: MAX_REQUEST,
         }))
     }
 
@@ -432,14 +430,14 @@ impl Handle for FileHandle {
         Ok(Support::Native)
     }
     fn can_extents(&self) -> Result<bool> {
-        Ok(!self.block_device)
+        Ok(!self.state.block_device)
     }
 
     fn is_rotational(&self) -> Result<bool> {
-        if !self.block_device {
+        if !self.state.block_device {
             return Ok(false);
         }
-        let rdev = self.file.metadata()?.rdev();
+        let rdev = self.state.file.metadata()?.rdev();
         let (major, minor) = (libc::major(rdev), libc::minor(rdev));
         let p = format!("/sys/dev/block/{major}:{minor}/queue/rotational");
         Ok(std::fs::read_to_string(p).is_ok_and(|s| s.trim() == "1"))
@@ -450,145 +448,98 @@ impl Handle for FileHandle {
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
-        let eof = |e: io::Error| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                Error::new(
-                    libc::EIO,
-                    format!("read at {offset}: unexpected end of file"),
-                )
-            } else {
-                e.into()
-            }
-        };
-        if self.direct {
-            // O_DIRECT also needs an aligned buffer in memory.
-            let mut b = Aligned::new(buf.len());
-            self.file.read_exact_at(b.as_mut(), offset).map_err(eof)?;
-            buf.copy_from_slice(b.as_mut());
-            Ok(())
-        } else {
-            self.file.read_exact_at(buf, offset).map_err(eof)
-        }
+        self.state.pread(buf, offset)
     }
 
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
-        if self.direct {
-            let mut b = Aligned::new(buf.len());
-            b.as_mut().copy_from_slice(buf);
-            self.file.write_all_at(b.as_mut(), offset)?;
-        } else {
-            self.file.write_all_at(buf, offset)?;
-        }
-        self.fua(flags)
+        self.state.pwrite(buf, offset, flags)
     }
 
     fn flush(&self, _flags: Flags) -> Result<()> {
-        self.file.sync_data()?;
-        Ok(())
+        self.state.flush()
     }
 
     fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        // Trim is advisory: where the storage cannot discard, do nothing.
-        let r = if self.block_device {
-            self.range_ioctl(BLKDISCARD, offset, count)
-        } else if self.punch_ok.load(Ordering::Relaxed) {
-            self.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                count,
-            )
-        } else {
-            Ok(())
-        };
-        match r {
-            Ok(()) => {}
-            Err(e) if matches!(errno_of(&e), libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL) => {
-                self.punch_ok.store(false, Ordering::Relaxed);
-            }
-            Err(e) => return Err(e.into()),
-        }
-        self.fua(flags)
+        self.state.trim(count, offset, flags)
     }
 
     fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        let unsupported =
-            |e: &io::Error| matches!(errno_of(e), libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL);
-        if self.block_device {
-            return match self.range_ioctl(BLKZEROOUT, offset, count) {
-                Ok(()) => self.fua(flags),
-                Err(e) if unsupported(&e) => Err(Error::errno(libc::ENOTSUP)),
-                Err(e) => Err(e.into()),
-            };
-        }
-        if flags.contains(Flags::MAY_TRIM) && self.punch_ok.load(Ordering::Relaxed) {
-            match self.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                count,
-            ) {
-                Ok(()) => return self.fua(flags),
-                Err(e) if unsupported(&e) => self.punch_ok.store(false, Ordering::Relaxed),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if self.zero_range_ok.load(Ordering::Relaxed) {
-            match self.fallocate(
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                count,
-            ) {
-                Ok(()) => return self.fua(flags),
-                Err(e) if unsupported(&e) => self.zero_range_ok.store(false, Ordering::Relaxed),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        // The server writes zeroes itself, or fails a fast-zero request.
-        Err(Error::errno(libc::ENOTSUP))
+        self.state.zero(count, offset, flags)
     }
 
     fn extents(&self, count: u64, offset: u64, flags: Flags, list: &mut ExtentList) -> Result<()> {
-        let end = offset + count;
-        let mut pos = offset;
-        while pos < end {
-            let data = match self.seek(pos, libc::SEEK_DATA) {
-                Ok(d) => d,
-                // No data from here to the end of the file.
-                Err(e) if errno_of(&e) == libc::ENXIO => end,
-                // No SEEK_DATA support: report data.
-                Err(e) if errno_of(&e) == libc::EINVAL => return list.add(pos, end - pos, 0),
-                Err(e) => return Err(e.into()),
-            };
-            let (run_end, typ) = if data > pos {
-                (data.min(end), EXTENT_HOLE | EXTENT_ZERO)
-            } else {
-                (self.seek(pos, libc::SEEK_HOLE)?.min(end), 0)
-            };
-            list.add(pos, run_end - pos, typ)?;
-            if flags.contains(Flags::REQ_ONE) {
-                break;
-            }
-            pos = run_end;
-        }
-        Ok(())
+        self.state.extents(count, offset, flags, list)
     }
 
     fn cache(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
-        // SAFETY: posix_fadvise on our own descriptor; advice only.
-        let r = unsafe {
-            libc::posix_fadvise(
-                self.fd(),
-                offset as libc::off_t,
-                count as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
-        if r != 0 {
-            return Err(Error::new(
-                r,
-                format!("fadvise: {}", io::Error::from_raw_os_error(r)),
-            ));
+        self.state.cache(count, offset)
+    }
+
+    // Without the ring, each asynchronous call runs its synchronous twin
+    // where the server started it: a worker thread, or the event loop for
+    // a file in memory.
+
+    fn async_pread(&self, mut req: ReadRequest) {
+        if self.on_ring() {
+            return ops::read(&self.state, req);
         }
-        Ok(())
+        let offset = req.offset();
+        let r = self.state.pread(req.buf(), offset);
+        req.complete(r);
+    }
+
+    fn async_pwrite(&self, req: WriteRequest) {
+        if self.on_ring() {
+            return ops::write(&self.state, req);
+        }
+        let r = self.state.pwrite(req.buf(), req.offset(), req.flags());
+        req.complete(r);
+    }
+
+    fn async_flush(&self, req: RangeRequest) {
+        if self.on_ring() {
+            return ops::flush(&self.state, req);
+        }
+        req.complete(self.state.flush());
+    }
+
+    fn async_trim(&self, req: RangeRequest) {
+        match (self.on_ring(), self.state.block_device) {
+            (true, false) => ops::trim_or_zero(&self.state, req, false),
+            (true, true) => ops::offloaded(&self.state, req, false),
+            (false, _) => {
+                let r = self.state.trim(req.count(), req.offset(), req.flags());
+                req.complete(r);
+            }
+        }
+    }
+
+    fn async_zero(&self, req: RangeRequest) {
+        match (self.on_ring(), self.state.block_device) {
+            (true, false) => ops::trim_or_zero(&self.state, req, true),
+            (true, true) => ops::offloaded(&self.state, req, true),
+            (false, _) => {
+                let r = self.state.zero(req.count(), req.offset(), req.flags());
+                req.complete(r);
+            }
+        }
+    }
+
+    fn async_cache(&self, req: RangeRequest) {
+        if self.on_ring() {
+            return ops::cache(&self.state, req);
+        }
+        let r = self.state.cache(req.count(), req.offset());
+        req.complete(r);
+    }
+
+    fn async_extents(&self, mut req: ExtentsRequest) {
+        if self.on_ring() {
+            return ops::extents(&self.state, req);
+        }
+        let (count, offset, flags) = (req.count(), req.offset(), req.flags());
+        let r = self.state.extents(count, offset, flags, req.list());
+        req.complete(r);
     }
 }
 
@@ -613,10 +564,26 @@ mod tests {
         }
     }
 
+    fn open(t: &Temp, readonly: bool, direct: bool) -> FileHandle {
+        let plugin = FilePlugin::default();
+        let mode = OpenMode {
+            readonly,
+            direct,
+            advice: None,
+        };
+        let (state, writable) =
+            FileState::open(&t.0, &mode, |f, b| plugin.direct_state(f, b), None).unwrap();
+        FileHandle {
+            state: Arc::new(state),
+            path: t.0.clone(),
+            writable,
+        }
+    }
+
     #[test]
     fn write_read_and_zero() {
         let t = Temp::new("rw", 1 << 20);
-        let h = FileHandle::open(&t.0, false, false, None).unwrap();
+        let h = open(&t, false, false);
         assert!(h.can_write().unwrap());
         assert_eq!(h.get_size().unwrap(), 1 << 20);
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
@@ -639,15 +606,48 @@ mod tests {
     #[test]
     fn readonly_open_refuses_writes() {
         let t = Temp::new("ro", 4096);
-        let h = FileHandle::open(&t.0, true, false, None).unwrap();
+        let h = open(&t, true, false);
         assert!(!h.can_write().unwrap());
         assert!(h.pwrite(&[1], 0, Flags::empty()).is_err());
     }
 
     #[test]
-    fn aligned_buffers_are_aligned() {
-        let mut a = Aligned::new(8192);
-        assert_eq!(a.as_mut().as_ptr() as usize % DIRECT_ALIGN, 0);
-        assert_eq!(a.as_mut().len(), 8192);
+    fn unaligned_direct_writes_keep_their_neighbours() {
+        // O_DIRECT needs a disk file system: skip where the temporary
+        // directory has none.
+        let t = Temp::new("direct", 1 << 20);
+        let plugin = FilePlugin::default();
+        let mode = OpenMode {
+            readonly: false,
+            direct: true,
+            advice: None,
+        };
+        let Ok((state, _)) = FileState::open(&t.0, &mode, |f, b| plugin.direct_state(f, b), None)
+        else {
+            eprintln!("SKIP: no O_DIRECT in {}", t.0.display());
+            return;
+        };
+        let data: Vec<u8> = (0..(1 << 20) as u32).map(|i| (i * 13 + 5) as u8).collect();
+        std::fs::write(&t.0, &data).unwrap();
+        let mut model = data.clone();
+        for (i, (off, len)) in [
+            (1000, 1000),
+            (4095, 2),
+            (5000, 100_000),
+            (0, 1),
+            (8192, 4096),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let chunk = vec![i as u8 + 1; len];
+            state.pwrite(&chunk, off, Flags::empty()).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&chunk);
+            let mut back = vec![0u8; len + 10];
+            let at = off.saturating_sub(5);
+            state.pread(&mut back, at).unwrap();
+            assert_eq!(back, model[at as usize..at as usize + len + 10]);
+        }
+        assert_eq!(std::fs::read(&t.0).unwrap(), model);
     }
 }
