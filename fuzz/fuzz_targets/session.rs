@@ -1,5 +1,6 @@
 //! A whole connection session driven by arbitrary client bytes and an
-//! arbitrary order of completions, partial writes, hang-ups, shutdowns and
+//! arbitrary order of completions (any piece of work may finish first, as
+//! on the asynchronous path), partial writes, hang-ups, shutdowns and
 //! timeouts, with a stand-in TLS engine so STARTTLS paths are reached.
 //!
 //! Input: one configuration byte, then frames, each a tag byte and its
@@ -284,8 +285,13 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             3 => {
-                if let Some(w) = d.pending.pop_back() {
-                    d.complete(w, variant);
+                // Any one of the pieces of work out, as an asynchronous
+                // layer completes them: in whatever order they finish.
+                if !d.pending.is_empty() {
+                    let i = usize::from(variant) % d.pending.len();
+                    if let Some(w) = d.pending.remove(i) {
+                        d.complete(w, variant);
+                    }
                 }
             }
             4 => d.transmit(usize::from(variant) * 4096 + 1),
