@@ -13,7 +13,7 @@ use std::ffi::c_void;
 
 use crate::abi;
 use crate::filter::{handle, Filter, FilterHandle, Next};
-use crate::plugin::{flags, guard};
+use crate::plugin::{flags, starting};
 use crate::requests::{Completion, ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};
 use crate::{Flags, Result};
 
@@ -267,15 +267,6 @@ impl Next {
             done.into_raw(),
         ));
     }
-}
-
-/// Run `start`, which hands its request on; a panic before it did is
-/// answered by the request's own drop and never crosses into the server.
-fn starting(start: impl FnOnce()) {
-    guard((), || {
-        start();
-        Ok(())
-    });
 }
 
 pub(crate) unsafe extern "C" fn async_pread<F: Filter>(

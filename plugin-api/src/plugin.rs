@@ -694,7 +694,7 @@ unsafe extern "C" fn extents<P: Plugin>(
 /// Run `start`, which hands its request on; a panic before it did is
 /// answered as the request's failure by the request's own drop, and
 /// never crosses into the server.
-fn starting(start: impl FnOnce()) {
+pub(crate) fn starting(start: impl FnOnce()) {
     guard((), || {
         start();
         Ok(())
