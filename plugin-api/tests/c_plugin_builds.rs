@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::mem::{offset_of, size_of};
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 
 use common::TempDir;
 use libloading::Library;
@@ -142,6 +143,11 @@ fn build(dir: &TempDir, name: &str, file: &str) -> PathBuf {
 
 /// dlopen `so` and call its entry point with [`HOST`].
 fn load(so: &Path) -> (Library, *const abi::Plugin) {
+    load_with(so, &HOST)
+}
+
+/// dlopen `so` and call its entry point with `host`.
+fn load_with(so: &Path, host: &'static abi::Host) -> (Library, *const abi::Plugin) {
     // SAFETY: loading runs the shared object's initialisers; it is one of
     // our examples, just compiled.
     let lib =
@@ -150,8 +156,8 @@ fn load(so: &Path) -> (Library, *const abi::Plugin) {
     // `abi::PluginEntry` mirrors (tests/layout.rs holds them together).
     let entry: abi::PluginEntry = *unsafe { lib.get(abi::PLUGIN_ENTRY.as_bytes()) }
         .unwrap_or_else(|e| panic!("{} has no {}: {e}", so.display(), abi::PLUGIN_ENTRY));
-    // SAFETY: HOST is a complete, 'static host table.
-    let table = unsafe { entry(&HOST) };
+    // SAFETY: `host` is a complete, 'static host table.
+    let table = unsafe { entry(host) };
     assert!(
         !table.is_null(),
         "{}: the entry point returned NULL",
@@ -452,5 +458,240 @@ fn future_abi_plugin_declares_the_next_major() {
     // be read to make sure the right file was built.
     assert_eq!(struct_size as usize, size_of::<abi::Plugin>());
     assert_eq!(string(field!(table, name).unwrap()), "future");
+    drop(lib);
+}
+
+// ---------------------------------------------------------------------------
+// casync (examples/cplugin-async.c): asynchronous requests (ABI 1.9),
+// driven through the raw ABI with a host table that records completions.
+
+/// One call of `host->complete`, and the thread that made it.
+struct Completed {
+    errnum: c_int,
+    msg: String,
+    thread: std::thread::ThreadId,
+}
+
+/// Completions by request token, as `host->complete` received them.
+static COMPLETED: Mutex<Vec<(usize, Completed)>> = Mutex::new(Vec::new());
+static COMPLETED_CHANGED: Condvar = Condvar::new();
+/// What the plugin logged with `host->log`.
+static LOGGED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// A C string the ABI passed (NULL as empty), copied out.
+fn c_text(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: the ABI passes NUL-terminated strings valid for the call.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// `host->complete`: record it, from whichever thread calls.
+unsafe extern "C" fn host_complete(req: *mut abi::Request, errnum: c_int, msg: *const c_char) {
+    let c = Completed {
+        errnum,
+        msg: c_text(msg),
+        thread: std::thread::current().id(),
+    };
+    COMPLETED.lock().unwrap().push((req.addr(), c));
+    COMPLETED_CHANGED.notify_all();
+}
+
+/// `host->log`.
+unsafe extern "C" fn host_log(_level: c_int, msg: *const c_char) {
+    LOGGED.lock().unwrap().push(c_text(msg));
+}
+
+/// `host->connection_id`, `export_name` and `debug_flag`: what a callback
+/// made for connection 7 to export "disk", with `-D casync.trace=1`,
+/// would be told.
+unsafe extern "C" fn host_connection_id() -> u64 {
+    7
+}
+
+unsafe extern "C" fn host_export_name() -> *const c_char {
+    c"disk".as_ptr()
+}
+
+unsafe extern "C" fn host_debug_flag(name: *const c_char) -> c_int {
+    c_int::from(c_text(name) == "trace")
+}
+
+/// The host table of a 1.9 server, with the services casync uses.
+static ASYNC_HOST: abi::Host = abi::Host {
+    log: Some(host_log),
+    connection_id: Some(host_connection_id),
+    export_name: Some(host_export_name),
+    debug_flag: Some(host_debug_flag),
+    complete: Some(host_complete),
+    ..HOST
+};
+
+/// The host table of a 1.8 server: it ends before `complete`.
+static HOST_1_8: abi::Host = abi::Host {
+    struct_size: offset_of!(abi::Host, complete) as u64,
+    abi_version: (abi::ABI_MAJOR << 16) | 8,
+    ..HOST
+};
+
+/// A request token: the plugin passes it back and never reads it.
+fn token(n: usize) -> *mut abi::Request {
+    std::ptr::without_provenance_mut(n)
+}
+
+/// The completion of request `n`, taken from the record: waited for up
+/// to 10 s when `wait`, else it must be there already.
+fn completion(n: usize, wait: bool) -> Completed {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut done = COMPLETED.lock().unwrap();
+    loop {
+        if let Some(i) = done.iter().position(|(r, _)| *r == n) {
+            return done.remove(i).1;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(wait && !left.is_zero(), "request {n} was not completed");
+        done = COMPLETED_CHANGED.wait_timeout(done, left).unwrap().0;
+    }
+}
+
+/// How many completions request `n` has had and not been taken.
+fn completions_left(n: usize) -> usize {
+    COMPLETED
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(r, _)| *r == n)
+        .count()
+}
+
+#[test]
+fn casync_refuses_a_server_older_than_1_9_in_load() {
+    let dir = TempDir::new("casync-old");
+    let so = build(&dir, "casyncold", "cplugin-async.c");
+    let (lib, table) = load_with(&so, &HOST_1_8);
+    // SAFETY: the plugin's struct is as long as abi::Plugin (it is built
+    // against these headers) and lives as long as `lib`.
+    let load = unsafe { &*table }.load.expect("load");
+    take_errors();
+    // SAFETY: ABI callback with no arguments.
+    assert_eq!(unsafe { load() }, -1);
+    let errors = take_errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, libc::ENOTSUP);
+    assert!(errors[0].1.contains("ABI 1.9"), "{errors:?}");
+    drop(lib);
+}
+
+#[test]
+fn casync_completes_in_the_starting_call_then_on_its_own_thread() {
+    let dir = TempDir::new("casync");
+    let so = build(&dir, "casync", "cplugin-async.c");
+    let (lib, table) = load_with(&so, &ASYNC_HOST);
+    // SAFETY: as in the test above.
+    let t: &abi::Plugin = unsafe { &*table };
+    assert_eq!(t.struct_size, size_of::<abi::Plugin>() as u64);
+    assert_eq!(string(t.name), "casync");
+    // Asynchronous only: nothing synchronous to read or write with.
+    assert!(t.pread.is_none() && t.pwrite.is_none());
+    let async_pread = t.async_pread.expect("async_pread");
+    let async_pwrite = t.async_pwrite.expect("async_pwrite");
+    let async_zero = t.async_zero.expect("async_zero");
+    let async_trim = t.async_trim.expect("async_trim");
+    let me = std::thread::current().id();
+
+    // SAFETY (this block): ABI callbacks in the order the server makes
+    // them, each once.
+    unsafe {
+        assert_eq!(t.load.expect("load")(), 0);
+        let (k, v) = (c"size", c"1M");
+        assert_eq!(t.config.expect("config")(k.as_ptr(), v.as_ptr()), 0);
+        assert_eq!(t.get_ready.expect("get_ready")(), 0);
+        assert_eq!(t.capabilities.expect("capabilities")(), abi::NONBLOCKING);
+    }
+    assert_eq!(take_errors(), []);
+
+    // Opened before after_fork (as for a filter's startup): no thread
+    // yet, so the request is answered inside the call that started it.
+    // SAFETY: ABI callback; readonly = 0.
+    let h = unsafe { t.open.expect("open")(0) };
+    assert!(!h.is_null());
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    // SAFETY: `data` outlives the request, which completes in the call.
+    unsafe { async_pwrite(h, data.as_ptr().cast(), 8192, 4096, 0, token(1)) };
+    let c = completion(1, false);
+    assert_eq!((c.errnum, c.thread), (0, me), "{}", c.msg);
+
+    // SAFETY: ABI callback, once, after get_ready.
+    assert_eq!(unsafe { t.after_fork.expect("after_fork")() }, 0);
+
+    // Now the plugin's thread answers: the buffer must stay put until
+    // then, which waiting for the completion here ensures.
+    let mut back = vec![0u8; 8192];
+    // SAFETY: `back` lives until the completion is waited for below.
+    unsafe { async_pread(h, back.as_mut_ptr().cast(), 8192, 4096, 0, token(2)) };
+    let c = completion(2, true);
+    assert_eq!(c.errnum, 0, "{}", c.msg);
+    assert_ne!(c.thread, me, "completed on the plugin's own thread");
+    assert_eq!(back, data, "async_pwrite then async_pread round-trip");
+
+    // Zero and trim, then many reads in flight at once, each answered
+    // exactly once.
+    // SAFETY: plain ranges inside the disk.
+    unsafe {
+        async_zero(h, 1024, 4096, 0, token(3));
+        async_trim(h, 1024, 8192, 0, token(4));
+    }
+    assert_eq!(completion(3, true).errnum, 0);
+    assert_eq!(completion(4, true).errnum, 0);
+    let mut bufs = vec![vec![0xffu8; 4096]; 16];
+    for (i, b) in bufs.iter_mut().enumerate() {
+        // SAFETY: every buffer lives until all sixteen are completed.
+        unsafe {
+            async_pread(
+                h,
+                b.as_mut_ptr().cast(),
+                4096,
+                4096 * i as u64,
+                0,
+                token(10 + i),
+            )
+        };
+    }
+    for i in 0..16 {
+        assert_eq!(completion(10 + i, true).errnum, 0);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    for i in 0..16 {
+        assert_eq!(
+            completions_left(10 + i),
+            0,
+            "request {} completed twice",
+            10 + i
+        );
+    }
+    assert!(
+        bufs[0].iter().all(|&b| b == 0),
+        "a new disk reads as zeroes"
+    );
+    assert!(bufs[1][..1024].iter().all(|&b| b == 0), "zeroed");
+    assert_eq!(bufs[1][1024..], data[1024..4096]);
+    assert!(bufs[2][..1024].iter().all(|&b| b == 0), "trimmed");
+    assert_eq!(bufs[2][1024..], data[5120..]);
+
+    // What open saved answers on the plugin's thread.
+    let logged = LOGGED.lock().unwrap().join("\n");
+    assert!(
+        logged.contains("casync: connection 7 (export \"disk\"): read of 8192 bytes at 4096"),
+        "{logged}"
+    );
+
+    // SAFETY: nothing is in flight on `h`; unload (which stops the
+    // plugin's thread) comes last, before the library goes.
+    unsafe {
+        t.close.expect("close")(h);
+        t.unload.expect("unload")();
+    }
+    assert_eq!(take_errors(), []);
     drop(lib);
 }
