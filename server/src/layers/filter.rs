@@ -12,16 +12,16 @@ use std::sync::Arc;
 
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
-use super::backend::{checked_block_size, AsyncOp, Backend, Handle};
+use super::backend::{checked_block_size, run_sync, AsyncOp, Backend, Handle};
 use super::connection::Connection;
 use super::export_list::ExportCollector;
 use super::extents::ExtentCollector;
 use super::filter_async::{
     next_async_cache, next_async_extents, next_async_flush, next_async_pread, next_async_pwrite,
-    next_async_trim, next_async_zero, AsyncCallbacks,
+    next_async_trim, next_async_zero, next_of, AsyncCallbacks,
 };
 use super::host::{call, table};
-use super::inflight::Token;
+use super::inflight::{self, Token};
 use super::load_error::LoadError;
 use super::loader::{
     field, layer_path, layer_string, shared_fields, LayerInfo, LayerTable, Library, Origin,
@@ -410,15 +410,6 @@ unsafe impl Send for FilterHandle {}
 // SAFETY: as for Send.
 unsafe impl Sync for FilterHandle {}
 
-/// Recover the next layer's handle from a `struct nbdhost_next`.
-///
-/// # Safety
-/// `next` must be the `abi` table of a live `BelowHandle`.
-pub(super) unsafe fn next_of<'a>(next: *const abi::Next) -> &'a dyn Handle {
-    // SAFETY: guaranteed by the caller: `opaque` points at the boxed handle.
-    unsafe { &**(*next).opaque.cast::<Box<dyn Handle>>() }
-}
-
 /// Run a call on the layer below for a filter. A panic in the server's own
 /// code there must not unwind into the filter's frames (across the C ABI it
 /// would abort the server): it becomes an EIO for this request.
@@ -794,6 +785,94 @@ macro_rules! can_bool {
             }
         }
     };
+}
+
+/// A filter's asynchronous requests: started with the filter's `async_*`
+/// callback, else its synchronous one on the starting thread, else passed
+/// down unchanged, so a filter that only changes what clients are told
+/// never makes a chain synchronous.
+impl FilterHandle {
+    /// Whether requests through this handle can be started without
+    /// waiting: the filter starts some itself, or passes them to a layer
+    /// that does.
+    pub(super) fn has_async(&self) -> bool {
+        self.async_callbacks().any() || self.below().is_async()
+    }
+
+    /// Start `op` for `token`: with the filter's asynchronous callback,
+    /// else its synchronous one here, else down unchanged.
+    pub(super) fn start_async(&self, op: AsyncOp, token: Token) {
+        let t = self.async_callbacks();
+        let (next, h, req) = (self.next_table(), self.raw_handle(), token.as_ptr());
+        // SAFETY (each call): the filter's callback with our next table and
+        // its handle; the buffers and list stay valid, and the handle open,
+        // until `token` completes.
+        let started = match op {
+            AsyncOp::Read {
+                buf,
+                len,
+                offset,
+                flags,
+            } => t.pread.map(|f| {
+                self.call(|| unsafe {
+                    f(next, h, buf.cast(), len as u64, offset, flags.bits(), req)
+                })
+            }),
+            AsyncOp::Write {
+                buf,
+                len,
+                offset,
+                flags,
+            } => t.pwrite.map(|f| {
+                self.call(|| unsafe {
+                    f(next, h, buf.cast(), len as u64, offset, flags.bits(), req)
+                })
+            }),
+            AsyncOp::Flush { flags } => t
+                .flush
+                .map(|f| self.call(|| unsafe { f(next, h, flags.bits(), req) })),
+            AsyncOp::Trim {
+                count,
+                offset,
+                flags,
+            }
+            | AsyncOp::Zero {
+                count,
+                offset,
+                flags,
+            }
+            | AsyncOp::Cache {
+                count,
+                offset,
+                flags,
+            } => {
+                let f = match op {
+                    AsyncOp::Trim { .. } => t.trim,
+                    AsyncOp::Zero { .. } => t.zero,
+                    _ => t.cache,
+                };
+                f.map(|f| self.call(|| unsafe { f(next, h, count, offset, flags.bits(), req) }))
+            }
+            AsyncOp::Extents {
+                count,
+                offset,
+                flags,
+                list,
+            } => t.extents.map(|f| {
+                let list = list.cast::<abi::Extents>();
+                self.call(|| unsafe { f(next, h, count, offset, flags.bits(), list, req) })
+            }),
+        };
+        if started.is_some() {
+            return;
+        }
+        if self.has_sync(&op) {
+            let r = run_sync(self, &op);
+            inflight::complete(token, r, self.lib_name());
+        } else {
+            self.below().start(op, token);
+        }
+    }
 }
 
 impl Handle for FilterHandle {

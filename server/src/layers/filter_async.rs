@@ -1,6 +1,6 @@
-//! Asynchronous requests through a filter (ABI 1.9): starting them with
-//! the filter's `async_*` callbacks, and the `next->async_*` calls a
-//! filter makes on the layer below.
+//! The asynchronous side of a filter's tables (ABI 1.9): the filter's
+//! `async_*` callbacks, and the `next->async_*` calls it makes on the
+//! layer below, behind the `struct nbdhost_next` the server gives it.
 //!
 //! A filter without a callback for a request passes it down unchanged, so
 //! a filter that only changes what clients are told (its `can_*` answers,
@@ -12,8 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use nbdhost_plugin_api::{abi, Error, Flags};
 
-use super::backend::{run_sync, AsyncOp};
-use super::filter::{next_of, FilterHandle};
+use super::backend::{AsyncOp, Handle};
 use super::inflight::{self, Token};
 
 /// A filter's asynchronous callbacks (ABI 1.9).
@@ -28,7 +27,8 @@ pub(super) struct AsyncCallbacks {
 }
 
 impl AsyncCallbacks {
-    fn any(&self) -> bool {
+    /// Whether the filter starts any kind of request itself.
+    pub(super) fn any(&self) -> bool {
         self.pread.is_some()
             || self.pwrite.is_some()
             || self.flush.is_some()
@@ -39,88 +39,13 @@ impl AsyncCallbacks {
     }
 }
 
-impl FilterHandle {
-    /// Whether requests through this handle can be started without
-    /// waiting: the filter starts some itself, or passes them to a layer
-    /// that does.
-    pub(super) fn has_async(&self) -> bool {
-        self.async_callbacks().any() || self.below().is_async()
-    }
-
-    /// Start `op` for `token`: with the filter's asynchronous callback,
-    /// else its synchronous one here, else down unchanged.
-    pub(super) fn start_async(&self, op: AsyncOp, token: Token) {
-        let t = self.async_callbacks();
-        let (next, h, req) = (self.next_table(), self.raw_handle(), token.as_ptr());
-        // SAFETY (each call): the filter's callback with our next table and
-        // its handle; the buffers and list stay valid, and the handle open,
-        // until `token` completes.
-        let started = match op {
-            AsyncOp::Read {
-                buf,
-                len,
-                offset,
-                flags,
-            } => t.pread.map(|f| {
-                self.call(|| unsafe {
-                    f(next, h, buf.cast(), len as u64, offset, flags.bits(), req)
-                })
-            }),
-            AsyncOp::Write {
-                buf,
-                len,
-                offset,
-                flags,
-            } => t.pwrite.map(|f| {
-                self.call(|| unsafe {
-                    f(next, h, buf.cast(), len as u64, offset, flags.bits(), req)
-                })
-            }),
-            AsyncOp::Flush { flags } => t
-                .flush
-                .map(|f| self.call(|| unsafe { f(next, h, flags.bits(), req) })),
-            AsyncOp::Trim {
-                count,
-                offset,
-                flags,
-            }
-            | AsyncOp::Zero {
-                count,
-                offset,
-                flags,
-            }
-            | AsyncOp::Cache {
-                count,
-                offset,
-                flags,
-            } => {
-                let f = match op {
-                    AsyncOp::Trim { .. } => t.trim,
-                    AsyncOp::Zero { .. } => t.zero,
-                    _ => t.cache,
-                };
-                f.map(|f| self.call(|| unsafe { f(next, h, count, offset, flags.bits(), req) }))
-            }
-            AsyncOp::Extents {
-                count,
-                offset,
-                flags,
-                list,
-            } => t.extents.map(|f| {
-                let list = list.cast::<abi::Extents>();
-                self.call(|| unsafe { f(next, h, count, offset, flags.bits(), list, req) })
-            }),
-        };
-        if started.is_some() {
-            return;
-        }
-        if self.has_sync(&op) {
-            let r = run_sync(self, &op);
-            inflight::complete(token, r, self.lib_name());
-        } else {
-            self.below().start(op, token);
-        }
-    }
+/// Recover the next layer's handle from a `struct nbdhost_next`.
+///
+/// # Safety
+/// `next` must be the `abi` table of a live `BelowHandle`.
+pub(super) unsafe fn next_of<'a>(next: *const abi::Next) -> &'a dyn Handle {
+    // SAFETY: guaranteed by the caller: `opaque` points at the boxed handle.
+    unsafe { &**(*next).opaque.cast::<Box<dyn Handle>>() }
 }
 
 /// `next->async_*`: start `op` on the layer below for `req`. A panic in

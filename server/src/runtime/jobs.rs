@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use super::mailbox::{ConnRef, Mailbox, Message};
 use super::workers;
 use crate::layers::inflight::Task;
-use crate::serving::calls::{Call, Reply};
+use crate::serving::calls::Call;
 use crate::serving::chain::{Chain, Lanes};
+use crate::serving::started::Reply;
 
 /// Results a worker keeps back at most before handing them over.
 const BATCH: usize = 32;

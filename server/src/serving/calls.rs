@@ -8,14 +8,11 @@ use std::sync::Arc;
 use super::chain::Chain;
 use super::client::Client;
 use super::open::OpenExport;
+use super::started::Reply;
 use super::{query, request};
 use crate::protocol::handshake::Query;
 use crate::session::buffers::PooledBuf;
 use crate::session::{Done, Request};
-
-/// Where the result of a request started on the asynchronous path goes
-/// once it completes, from whatever thread: the connection's loop.
-pub type Reply = Box<dyn FnOnce(Done<Arc<OpenExport>>) + Send>;
 
 /// One call on a chain.
 pub enum Call {

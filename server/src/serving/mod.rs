@@ -13,7 +13,9 @@
 //!   table, or a call on a chain;
 //! - [`chain`]: one chain as served, and how its thread model runs it;
 //! - [`calls`]: the calls run on a chain (a [`query`], a [`request`],
-//!   the close of an [`open`] export) and their results;
+//!   the close of an [`open`] export) and their results; a request on a
+//!   chain that answers later is [`started`] and answered on completion,
+//!   both paths answering through [`outcome`];
 //! - [`Serving`]: the table and the session settings that go with it, as
 //!   new connections get them (a reload replaces it).
 
@@ -23,9 +25,10 @@ pub mod calls;
 pub mod chain;
 pub mod client;
 pub mod open;
+mod outcome;
 mod query;
 pub mod request;
-mod started;
+pub mod started;
 pub mod table;
 
 use std::sync::Arc;

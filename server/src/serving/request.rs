@@ -5,15 +5,14 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use nbdhost_plugin_api::{Error, Flags, Result};
+use nbdhost_plugin_api::{Error, Result};
 
-use super::calls::Reply;
 use super::open::OpenExport;
-use super::started;
+use super::outcome::{failed, request_flags, unallocated};
+use super::started::{self, Reply};
 use crate::layers::backend::write_zeroes;
-use crate::protocol::export::Extent;
 use crate::protocol::request::Command;
-use crate::protocol::wire::{errno_to_nbd, EIO};
+use crate::protocol::wire::EIO;
 use crate::session::buffers::PooledBuf;
 use crate::session::{Done, Outcome, Request};
 
@@ -42,50 +41,6 @@ pub fn request(
             Outcome::Failed(EIO)
         });
     Some(Done::Request(req, outcome))
-}
-
-/// The layer flags a request's command asks for.
-pub(super) fn request_flags(command: &Command) -> Flags {
-    let fua = |on: bool| if on { Flags::FUA } else { Flags::empty() };
-    match *command {
-        Command::Write { fua: f, .. } | Command::Trim { fua: f, .. } => fua(f),
-        Command::Zero {
-            fua: f,
-            may_trim,
-            fast,
-            ..
-        } => {
-            let mut flags = fua(f);
-            flags.set(Flags::MAY_TRIM, may_trim);
-            flags.set(Flags::FAST_ZERO, fast);
-            flags
-        }
-        Command::BlockStatus { req_one: true, .. } => Flags::REQ_ONE,
-        _ => Flags::empty(),
-    }
-}
-
-/// Block status of a chain that reports no allocation: all data.
-pub(super) fn unallocated(offset: u64, length: u64) -> Outcome {
-    Outcome::Extents(vec![Extent {
-        offset,
-        length,
-        flags: 0,
-    }])
-}
-
-/// A request's failure, logged with its message (a layer's error that
-/// has one) and answered with its errno.
-pub(super) fn failed(open: &OpenExport, req: &Request, e: Error) -> Outcome {
-    if let Some(m) = e.message() {
-        log::error!(
-            "{}: {} at offset {}: {m}",
-            open.chain.name,
-            req.op().command.name(),
-            req.op().offset
-        );
-    }
-    Outcome::Failed(errno_to_nbd(e.raw_errno()))
 }
 
 fn perform(open: &OpenExport, req: &Request, buf: Option<PooledBuf>) -> Outcome {

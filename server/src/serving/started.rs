@@ -14,9 +14,8 @@ use std::sync::Arc;
 
 use nbdhost_plugin_api::{Error, Result};
 
-use super::calls::Reply;
 use super::open::OpenExport;
-use super::request::{failed, request_flags, unallocated};
+use super::outcome::{failed, request_flags, unallocated};
 use crate::layers::backend::{write_zeroes, AsyncOp};
 use crate::layers::extents::ExtentCollector;
 use crate::layers::inflight;
@@ -24,6 +23,10 @@ use crate::protocol::request::Command;
 use crate::protocol::wire::EIO;
 use crate::session::buffers::PooledBuf;
 use crate::session::{Done, Outcome, Request};
+
+/// Where the result of a request started on the asynchronous path goes
+/// once it completes, from whatever thread: the connection's loop.
+pub type Reply = Box<dyn FnOnce(Done<Arc<OpenExport>>) + Send>;
 
 /// What a request keeps until it completes.
 struct Kept {
