@@ -6,12 +6,10 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;
 
 use crate::abi;
-use crate::filter_async::{
-    async_cache, async_extents, async_flush, async_pread, async_pwrite, async_trim, async_zero,
-};
+use crate::boundary::{guard, quiet_panics, starting};
 use crate::host::{self, OwnedExports, OwnedExtents};
 use crate::instance::Instance;
-use crate::plugin::{flags, guard, len, lend, ok, path_bytes, quiet_panics, str_arg, Strings};
+use crate::plugin::{flags, len, lend, ok, path_bytes, str_arg, Strings};
 use crate::requests::{ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};
 use crate::{
     BlockSize, Error, Export, ExportList, ExtentList, Flags, Result, Support, ThreadModel,
@@ -817,6 +815,92 @@ unsafe extern "C" fn extents<F: Filter>(
         ok(with_handle::<F, _>(next, h, |h, n| {
             h.extents(n, count, offset, flags(f), &mut list)
         }))
+    })
+}
+
+unsafe extern "C" fn async_pread<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+    buf: *mut c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+    req: *mut abi::Request,
+) {
+    starting(|| {
+        let req = ReadRequest::new(buf, count as usize, offset, flags(f), req);
+        // SAFETY: the server passes a live handle from `open` and its next
+        // table, and a writable buffer until the request completes.
+        unsafe { handle::<F>(h) }.async_pread(&Next::from_raw(next), req)
+    })
+}
+
+unsafe extern "C" fn async_pwrite<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+    buf: *const c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+    req: *mut abi::Request,
+) {
+    starting(|| {
+        let req = WriteRequest::new(buf, count as usize, offset, flags(f), req);
+        // SAFETY: as for async_pread, with a readable buffer.
+        unsafe { handle::<F>(h) }.async_pwrite(&Next::from_raw(next), req)
+    })
+}
+
+unsafe extern "C" fn async_flush<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+    f: u32,
+    req: *mut abi::Request,
+) {
+    starting(|| {
+        let req = RangeRequest::new(0, 0, flags(f), req);
+        // SAFETY: the server passes a live handle and its next table.
+        unsafe { handle::<F>(h) }.async_flush(&Next::from_raw(next), req)
+    })
+}
+
+macro_rules! async_range_fn {
+    ($name:ident) => {
+        unsafe extern "C" fn $name<F: Filter>(
+            next: *const abi::Next,
+            h: *mut c_void,
+            count: u64,
+            offset: u64,
+            f: u32,
+            req: *mut abi::Request,
+        ) {
+            starting(|| {
+                let req = RangeRequest::new(count, offset, flags(f), req);
+                // SAFETY: the server passes a live handle and its next table.
+                unsafe { handle::<F>(h) }.$name(&Next::from_raw(next), req)
+            })
+        }
+    };
+}
+
+async_range_fn!(async_trim);
+async_range_fn!(async_zero);
+async_range_fn!(async_cache);
+
+unsafe extern "C" fn async_extents<F: Filter>(
+    next: *const abi::Next,
+    h: *mut c_void,
+    count: u64,
+    offset: u64,
+    f: u32,
+    list: *mut abi::Extents,
+    req: *mut abi::Request,
+) {
+    starting(|| {
+        let req = ExtentsRequest::new(count, offset, flags(f), list, req);
+        // SAFETY: the server passes a live handle, its next table, and a
+        // list that lives until the request completes.
+        unsafe { handle::<F>(h) }.async_extents(&Next::from_raw(next), req)
     })
 }
 

@@ -1,6 +1,5 @@
 //! Asynchronous requests through a filter (since ABI 1.9): the layer
-//! below started without waiting ([`Next::async_pread`] and the rest), and
-//! the trampolines of [`crate::FilterHandle`]'s asynchronous methods.
+//! below started without waiting ([`Next::async_pread`] and the rest).
 //!
 //! A filter that has nothing to do after the layer below answers passes
 //! the request itself down, so it stays asynchronous at no cost. One that
@@ -9,11 +8,8 @@
 //! threads (never on a client library's callback thread), with the
 //! request handed back to answer.
 
-use std::ffi::c_void;
-
 use crate::abi;
-use crate::filter::{handle, Filter, FilterHandle, Next};
-use crate::plugin::{flags, starting};
+use crate::filter::Next;
 use crate::requests::{Completion, ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};
 use crate::{Flags, Result};
 
@@ -267,90 +263,4 @@ impl Next {
             done.into_raw(),
         ));
     }
-}
-
-pub(crate) unsafe extern "C" fn async_pread<F: Filter>(
-    next: *const abi::Next,
-    h: *mut c_void,
-    buf: *mut c_void,
-    count: u64,
-    offset: u64,
-    f: u32,
-    req: *mut abi::Request,
-) {
-    starting(|| {
-        let req = ReadRequest::new(buf, count as usize, offset, flags(f), req);
-        // SAFETY: the server passes a live handle from `open` and its next
-        // table, and a writable buffer until the request completes.
-        unsafe { handle::<F>(h) }.async_pread(&Next::from_raw(next), req)
-    })
-}
-
-pub(crate) unsafe extern "C" fn async_pwrite<F: Filter>(
-    next: *const abi::Next,
-    h: *mut c_void,
-    buf: *const c_void,
-    count: u64,
-    offset: u64,
-    f: u32,
-    req: *mut abi::Request,
-) {
-    starting(|| {
-        let req = WriteRequest::new(buf, count as usize, offset, flags(f), req);
-        // SAFETY: as for async_pread, with a readable buffer.
-        unsafe { handle::<F>(h) }.async_pwrite(&Next::from_raw(next), req)
-    })
-}
-
-pub(crate) unsafe extern "C" fn async_flush<F: Filter>(
-    next: *const abi::Next,
-    h: *mut c_void,
-    f: u32,
-    req: *mut abi::Request,
-) {
-    starting(|| {
-        let req = RangeRequest::new(0, 0, flags(f), req);
-        // SAFETY: the server passes a live handle and its next table.
-        unsafe { handle::<F>(h) }.async_flush(&Next::from_raw(next), req)
-    })
-}
-
-macro_rules! async_range_fn {
-    ($name:ident) => {
-        pub(crate) unsafe extern "C" fn $name<F: Filter>(
-            next: *const abi::Next,
-            h: *mut c_void,
-            count: u64,
-            offset: u64,
-            f: u32,
-            req: *mut abi::Request,
-        ) {
-            starting(|| {
-                let req = RangeRequest::new(count, offset, flags(f), req);
-                // SAFETY: the server passes a live handle and its next table.
-                unsafe { handle::<F>(h) }.$name(&Next::from_raw(next), req)
-            })
-        }
-    };
-}
-
-async_range_fn!(async_trim);
-async_range_fn!(async_zero);
-async_range_fn!(async_cache);
-
-pub(crate) unsafe extern "C" fn async_extents<F: Filter>(
-    next: *const abi::Next,
-    h: *mut c_void,
-    count: u64,
-    offset: u64,
-    f: u32,
-    list: *mut abi::Extents,
-    req: *mut abi::Request,
-) {
-    starting(|| {
-        let req = ExtentsRequest::new(count, offset, flags(f), list, req);
-        // SAFETY: the server passes a live handle, its next table, and a
-        // list that lives until the request completes.
-        unsafe { handle::<F>(h) }.async_extents(&Next::from_raw(next), req)
-    })
 }

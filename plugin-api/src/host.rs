@@ -6,6 +6,15 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use crate::abi;
 use crate::{Error, Result};
 
+/// One export as a layer lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Export {
+    /// The name a client opens it by.
+    pub name: String,
+    /// What `nbdinfo --list` shows beside the name.
+    pub description: Option<String>,
+}
+
 static HOST: AtomicPtr<abi::Host> = AtomicPtr::new(std::ptr::null_mut());
 
 pub(crate) fn install(host: *const abi::Host) {
@@ -348,7 +357,7 @@ impl OwnedExports {
         Ok(OwnedExports(p))
     }
 
-    pub(crate) fn to_vec(&self) -> Vec<crate::Export> {
+    pub(crate) fn to_vec(&self) -> Vec<Export> {
         let (Some(count), Some(get)) = (service!(exports_count), service!(exports_get)) else {
             return Vec::new();
         };
@@ -365,7 +374,7 @@ impl OwnedExports {
                 // which is after this copy.
                 let text =
                     |p: *const c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-                Some(crate::Export {
+                Some(Export {
                     name: text(name),
                     description: (!desc.is_null()).then(|| text(desc)),
                 })

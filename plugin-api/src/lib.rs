@@ -57,7 +57,9 @@ macro_rules! defined {
 }
 
 pub mod abi;
+mod boundary;
 mod callbacks;
+mod data;
 mod error;
 mod filter;
 mod filter_async;
@@ -85,10 +87,10 @@ pub mod errno {
         EPERM, EROFS, ESHUTDOWN,
     };
 }
+pub use data::{BlockSize, ExportList, ExtentList, Flags, Support};
 pub use filter::{Filter, FilterHandle, Next, NextExports, NextOpener};
-pub use plugin::{
-    BlockSize, Export, ExportList, ExtentList, Flags, Handle, Plugin, Support, ThreadModel,
-};
+pub use host::Export;
+pub use plugin::{Handle, Plugin, ThreadModel};
 pub use requests::{Completion, ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};
 
 #[doc(hidden)]

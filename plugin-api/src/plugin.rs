@@ -2,10 +2,11 @@
 //! through the C ABI.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
 use crate::abi;
+use crate::boundary::{guard, quiet_panics, starting};
+use crate::data::{BlockSize, ExportList, ExtentList, Flags, Support};
 use crate::host;
 use crate::instance::Instance;
 use crate::requests::{ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};
@@ -23,94 +24,6 @@ pub enum ThreadModel {
     SerializeRequests = abi::THREAD_MODEL_SERIALIZE_REQUESTS,
     /// Any number of requests in parallel.
     Parallel = abi::THREAD_MODEL_PARALLEL,
-}
-
-bitflags::bitflags! {
-    /// Flags passed with data requests.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub struct Flags: u32 {
-        /// zero: the range may be deallocated rather than written.
-        const MAY_TRIM = abi::FLAG_MAY_TRIM;
-        /// write, trim, zero: persist before returning.
-        const FUA = abi::FLAG_FUA;
-        /// extents: one extent is enough.
-        const REQ_ONE = abi::FLAG_REQ_ONE;
-        /// zero: fail with `ENOTSUP` unless faster than writing zeroes.
-        const FAST_ZERO = abi::FLAG_FAST_ZERO;
-    }
-}
-
-/// Answer of `can_fua` and `can_cache`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i32)]
-pub enum Support {
-    /// Not supported: not advertised to clients.
-    None = abi::SUPPORT_NONE,
-    /// Advertised; the server emulates it (flush after write, read to cache).
-    Emulate = abi::SUPPORT_EMULATE,
-    /// Advertised and handled by the plugin itself.
-    Native = abi::SUPPORT_NATIVE,
-}
-
-/// Block-size constraints of an export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockSize {
-    /// Smallest request alignment (a power of two, 1 to 64 KiB).
-    pub minimum: u32,
-    /// Preferred request size (a power of two, at least `minimum`).
-    pub preferred: u32,
-    /// Largest request the plugin accepts.
-    pub maximum: u32,
-}
-
-/// The extent list an `extents` call fills.
-pub struct ExtentList {
-    raw: *mut abi::Extents,
-}
-
-impl ExtentList {
-    pub(crate) fn from_raw(raw: *mut abi::Extents) -> Self {
-        ExtentList { raw }
-    }
-
-    pub(crate) fn raw(&mut self) -> *mut abi::Extents {
-        self.raw
-    }
-
-    /// Append an extent. Extents must be contiguous and in order; `typ` is a
-    /// combination of [`abi::EXTENT_HOLE`] and [`abi::EXTENT_ZERO`].
-    pub fn add(&mut self, offset: u64, length: u64, typ: u32) -> Result<()> {
-        host::add_extent(self.raw, offset, length, typ)
-    }
-}
-
-/// The export list a `list_exports` call fills.
-pub struct ExportList {
-    raw: *mut abi::Exports,
-}
-
-impl ExportList {
-    pub(crate) fn from_raw(raw: *mut abi::Exports) -> Self {
-        ExportList { raw }
-    }
-
-    pub(crate) fn raw(&mut self) -> *mut abi::Exports {
-        self.raw
-    }
-
-    /// Append an export with an optional description.
-    pub fn add(&mut self, name: &str, description: Option<&str>) -> Result<()> {
-        host::add_export(self.raw, name, description)
-    }
-}
-
-/// One export as a layer lists it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Export {
-    /// The name a client opens it by.
-    pub name: String,
-    /// What `nbdinfo --list` shows beside the name.
-    pub description: Option<String>,
 }
 
 /// A plugin: global state, configured from the command line before any
@@ -340,52 +253,6 @@ pub trait Handle: Send + Sync + 'static {
 static INSTANCE: Instance = Instance::new();
 static TABLE: OnceLock<abi::Plugin> = OnceLock::new();
 
-thread_local! {
-    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Replace this plugin's panic hook (a cdylib has its own copy of std, so
-/// the server's is untouched): instead of printing a backtrace, remember
-/// where the panic happened for the one log line the server writes.
-pub(crate) fn quiet_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
-            let at = info
-                .location()
-                .map(|l| format!("{}:{}", l.file(), l.line()));
-            PANIC_AT.with(|p| *p.borrow_mut() = at);
-        }));
-    });
-}
-
-/// Run `f`, turning an error or a panic into a recorded host error and
-/// `failed`. Panics must not unwind into the server's C frames.
-pub(crate) fn guard<T>(failed: T, f: impl FnOnce() -> Result<T>) -> T {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            host::report(&e);
-            failed
-        }
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            let at = PANIC_AT
-                .with(|p| p.borrow_mut().take())
-                .map_or(String::new(), |l| format!(" at {l}"));
-            host::report(&Error::new(
-                libc::EIO,
-                format!("plugin panicked{at}: {what}"),
-            ));
-            failed
-        }
-    }
-}
-
 /// Borrow the handle behind a pointer that `open` produced.
 ///
 /// # Safety
@@ -479,7 +346,7 @@ unsafe extern "C" fn list_exports<P: Plugin>(
     exports: *mut abi::Exports,
 ) -> c_int {
     guard(-1, || {
-        let mut list = ExportList { raw: exports };
+        let mut list = ExportList::from_raw(exports);
         ok(INSTANCE.with::<P, _>(|p| p.list_exports(readonly != 0, is_tls != 0, &mut list)))
     })
 }
@@ -685,20 +552,10 @@ unsafe extern "C" fn extents<P: Plugin>(
     list: *mut abi::Extents,
 ) -> c_int {
     guard(-1, || {
-        let mut list = ExtentList { raw: list };
+        let mut list = ExtentList::from_raw(list);
         // SAFETY: the server passes a live handle from `open`.
         ok(unsafe { handle::<P>(h) }.extents(count, offset, flags(f), &mut list))
     })
-}
-
-/// Run `start`, which hands its request on; a panic before it did is
-/// answered as the request's failure by the request's own drop, and
-/// never crosses into the server.
-pub(crate) fn starting(start: impl FnOnce()) {
-    guard((), || {
-        start();
-        Ok(())
-    });
 }
 
 unsafe extern "C" fn async_pread<P: Plugin>(

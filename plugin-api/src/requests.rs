@@ -11,8 +11,8 @@
 use std::ffi::{c_int, c_void};
 
 use crate::abi;
+use crate::data::{ExtentList, Flags};
 use crate::host;
-use crate::plugin::{ExtentList, Flags};
 use crate::{Error, Result};
 
 /// The answer of one asynchronous request, to give exactly once.
@@ -49,7 +49,7 @@ impl Completion {
             } else {
                 Err(Error::from_next(errnum))
             };
-            crate::plugin::guard((), || {
+            crate::boundary::guard((), || {
                 then(r);
                 Ok(())
             });
