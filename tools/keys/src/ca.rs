@@ -12,9 +12,9 @@ use zeroize::Zeroizing;
 use crate::error::{io, Error};
 use crate::files::{self, Kind};
 use crate::index::Index;
-use crate::issue::{self, Validity};
 use crate::keyfile::{self, Passphrase};
 use crate::layout::{Layout, CA_CERT, CA_CRL, CA_KEY};
+use crate::validity::{self, Validity};
 
 /// What `nbdhost-keys ca` makes.
 pub struct NewCa<'a> {
@@ -57,7 +57,7 @@ pub fn create(layout: &Layout, new: &NewCa) -> Result<OffsetDateTime, Error> {
     let (not_before, not_after) = new.validity.window()?;
     params.not_before = not_before;
     params.not_after = not_after;
-    params.serial_number = Some(issue::serial()?);
+    params.serial_number = Some(validity::serial()?);
     let cert = params
         .self_signed(&*key)
         .map_err(sign_err("CA certificate"))?;

@@ -11,9 +11,10 @@ use crate::ca::{sign_err, Ca};
 use crate::error::Error;
 use crate::files::{self, Kind};
 use crate::index::Index;
-use crate::issue::{self, Validity};
+use crate::issue;
 use crate::keyfile::Passphrase;
 use crate::layout::{Layout, CA_CRL};
+use crate::validity::Validity;
 
 /// As for certificates: a CRL "issued in the future" by a peer's clock
 /// is not used.

@@ -15,6 +15,7 @@ mod keyfile;
 mod layout;
 mod psk;
 mod random;
+mod validity;
 
 use std::process::ExitCode;
 
@@ -73,7 +74,7 @@ fn run(command: Command) -> Result<String, Error> {
             let passphrase = key.read()?;
             let new = ca::NewCa {
                 name: &name,
-                validity: issue::Validity { days },
+                validity: validity::Validity { days },
                 passphrase: passphrase.as_ref(),
                 force,
             };
@@ -96,7 +97,7 @@ fn run(command: Command) -> Result<String, Error> {
             let layout = Layout::new(&dir)?;
             let passphrase = key.read()?;
             let req = issue::Request {
-                validity: issue::Validity { days },
+                validity: validity::Validity { days },
                 passphrase: passphrase.as_ref(),
                 force,
             };
@@ -118,7 +119,7 @@ fn run(command: Command) -> Result<String, Error> {
             let layout = Layout::new(&dir)?;
             let passphrase = key.read()?;
             let req = issue::Request {
-                validity: issue::Validity { days },
+                validity: validity::Validity { days },
                 passphrase: passphrase.as_ref(),
                 force,
             };
@@ -138,7 +139,7 @@ fn run(command: Command) -> Result<String, Error> {
         } => {
             let layout = Layout::new(&dir)?;
             let passphrase = key.read()?;
-            let validity = days.map(|days| issue::Validity { days });
+            let validity = days.map(|days| validity::Validity { days });
             let r = crl::revoke(&layout, &name, passphrase.as_ref(), validity)?;
             Ok(commands::revoked(&name, &r, &layout.server_dir()))
         }
