@@ -1,7 +1,22 @@
 //! The binding to librados and librbd: exactly the calls the plugin makes,
 //! declared from `rados/librados.h` and `rbd/librbd.h` (Ceph 16 and
-//! later keep these signatures), and safe types over them. The only
-//! `unsafe` code of the crate is here.
+//! later keep these signatures; `rbd_aio_write_zeroes` is the newest, from
+//! Ceph 15), and safe types over them. The only `unsafe` code of the crate
+//! is here.
+//!
+//! ## Asynchronous calls
+//!
+//! [`Image::aio_read`] and its siblings start librbd's `rbd_aio_*` calls
+//! and return; librbd calls back, on a thread of its own, when the call
+//! has ended. What the call reads into or writes from (a request's
+//! buffer, [`ReadInto`] and [`WriteFrom`]) is held, with the function to
+//! run at the end, until then, so no buffer is given back while librbd
+//! may still use it. One request may take several calls (a write and the
+//! flush FUA asks for, a large trim in pieces): [`Parts`] answers it once,
+//! when the last has ended, with the first error. The callback runs on
+//! librbd's completion thread, which every image of the process shares:
+//! it reads the result, releases the completion and calls the end
+//! function, and never unwinds into librbd.
 //!
 //! Thread safety, which the `Send`/`Sync` claims below rest on: a
 //! `rados_t` after `rados_connect`, an ioctx that is no longer being
@@ -21,7 +36,10 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nbdhost_plugin_api::{ReadRequest, WriteRequest};
 
 type RadosT = *mut c_void;
 type IoctxT = *mut c_void;
@@ -105,6 +123,25 @@ extern "C" {
         op_flags: c_int,
     ) -> isize;
     fn rbd_flush(image: ImageT) -> c_int;
+    fn rbd_aio_read(image: ImageT, off: u64, len: usize, buf: *mut c_char, c: CompletionT)
+        -> c_int;
+    fn rbd_aio_write(
+        image: ImageT,
+        off: u64,
+        len: usize,
+        buf: *const c_char,
+        c: CompletionT,
+    ) -> c_int;
+    fn rbd_aio_flush(image: ImageT, c: CompletionT) -> c_int;
+    fn rbd_aio_discard(image: ImageT, off: u64, len: u64, c: CompletionT) -> c_int;
+    fn rbd_aio_write_zeroes(
+        image: ImageT,
+        off: u64,
+        len: usize,
+        c: CompletionT,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> c_int;
     fn rbd_discard(image: ImageT, ofs: u64, len: u64) -> c_int;
     fn rbd_write_zeroes(
         image: ImageT,
@@ -469,6 +506,332 @@ impl Image {
     }
 }
 
+/// Memory librbd reads into: a read request's buffer.
+///
+/// # Safety
+/// [`ReadInto::ptr`] must give the same address, writable for
+/// [`ReadInto::len`] bytes, for as long as the value lives, wherever the
+/// value itself is moved.
+pub unsafe trait ReadInto: Send + 'static {
+    fn ptr(&mut self) -> *mut u8;
+    fn len(&self) -> usize;
+}
+
+// SAFETY: the server lends the buffer to the request until it completes
+// (ABI 1.9), and completing it consumes the request; the pointer is the
+// server's, not the request's, so moving the request does not move it.
+unsafe impl ReadInto for ReadRequest {
+    fn ptr(&mut self) -> *mut u8 {
+        self.as_mut_ptr()
+    }
+    fn len(&self) -> usize {
+        ReadRequest::len(self)
+    }
+}
+
+/// Memory librbd writes from: a write request's data.
+///
+/// # Safety
+/// As [`ReadInto`], readable rather than writable.
+pub unsafe trait WriteFrom: Send + 'static {
+    fn ptr(&self) -> *const u8;
+    fn len(&self) -> usize;
+}
+
+// SAFETY: as for ReadRequest.
+unsafe impl WriteFrom for WriteRequest {
+    fn ptr(&self) -> *const u8 {
+        self.as_ptr()
+    }
+    fn len(&self) -> usize {
+        WriteRequest::len(self)
+    }
+}
+
+/// Several librbd calls answered as one: what they hold (`H`, a request)
+/// and the function (`F`) that the last of them to end runs, with the
+/// first error any of them had.
+pub struct Parts<H, F> {
+    left: AtomicUsize,
+    /// The first errno, 0 while none.
+    error: AtomicI32,
+    end: Mutex<Option<(H, F)>>,
+}
+
+impl<H, F: FnOnce(H, Result<()>)> Parts<H, F> {
+    pub fn new(n: usize, held: H, then: F) -> Arc<Self> {
+        Arc::new(Parts {
+            left: AtomicUsize::new(n),
+            error: AtomicI32::new(0),
+            end: Mutex::new(Some((held, then))),
+        })
+    }
+
+    /// `n` of the calls ended (or will never start) with `r`; the last
+    /// one runs the end function.
+    pub fn end(&self, n: usize, r: Result<()>) {
+        if n == 0 {
+            return;
+        }
+        if let Err(e) = r {
+            let e = if e.0 == 0 { libc_eio() } else { e.0 };
+            let _ = self
+                .error
+                .compare_exchange(0, e, Ordering::AcqRel, Ordering::Acquire);
+        }
+        if self.left.fetch_sub(n, Ordering::AcqRel) != n {
+            return;
+        }
+        let taken = self.end.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((held, then)) = taken {
+            let r = match self.error.load(Ordering::Acquire) {
+                0 => Ok(()),
+                e => Err(Errno(e)),
+            };
+            then(held, r);
+        }
+    }
+}
+
+/// One asynchronous call in flight: what librbd hands its callback.
+struct Part<H, F> {
+    parts: Arc<Parts<H, F>>,
+    /// Keeps the image open while librbd works on it.
+    image: Arc<Image>,
+    /// What librbd must return for the call to have succeeded (a read's
+    /// length); `None`: anything not negative.
+    expect: Option<usize>,
+}
+
+/// librbd's result as the plugin's.
+fn outcome(r: isize, expect: Option<usize>) -> Result<()> {
+    let n = check(r as i64)?;
+    match expect {
+        Some(len) if n != len as u64 => Err(Errno(libc_eio())),
+        _ => Ok(()),
+    }
+}
+
+/// Let go of a call's hold on the image without closing it here: an
+/// image must never be closed on librbd's own completion thread (the
+/// close waits for that thread). The handle that started the call holds
+/// the image while it is in flight, so this is only ever the last hold if
+/// the server closed the handle early; the image is then left open.
+fn let_go(image: Arc<Image>) {
+    if Arc::strong_count(&image) == 1 {
+        std::mem::forget(image);
+    }
+}
+
+/// librbd's completion callback, for a [`Part`] of type `Part<H, F>`.
+unsafe extern "C" fn ended<H, F>(c: CompletionT, arg: *mut c_void)
+where
+    H: Send + 'static,
+    F: FnOnce(H, Result<()>) + Send + 'static,
+{
+    // SAFETY: `c` is the completion this callback was made for; it is
+    // live until it is released here, once.
+    let r = unsafe { rbd_aio_get_return_value(c) };
+    // SAFETY: as above; librbd keeps its own reference while it calls us.
+    unsafe { rbd_aio_release(c) };
+    // SAFETY: `arg` is the Box that `launch` leaked for this completion,
+    // which librbd gives back exactly once, here.
+    let part = unsafe { Box::from_raw(arg.cast::<Part<H, F>>()) };
+    // A panic must not unwind into librbd's thread. Were one to happen in
+    // the end function, the request it held answers EIO as it is dropped.
+    let _ = catch_unwind(AssertUnwindSafe(move || {
+        let Part {
+            parts,
+            image,
+            expect,
+        } = *part;
+        // Before the request is answered: until then the handle, and with
+        // it a hold on the image, stays.
+        let_go(image);
+        parts.end(1, outcome(r, expect));
+    }));
+}
+
+impl Image {
+    /// Start one call of a request: `issue` starts it on the raw image
+    /// with a completion whose callback ends one part of `parts`.
+    /// `false` if it did not start (that part has then ended, with the
+    /// error).
+    fn launch<H, F>(
+        self: &Arc<Self>,
+        parts: &Arc<Parts<H, F>>,
+        expect: Option<usize>,
+        issue: impl FnOnce(ImageT, CompletionT) -> c_int,
+    ) -> bool
+    where
+        H: Send + 'static,
+        F: FnOnce(H, Result<()>) + Send + 'static,
+    {
+        let part = Box::into_raw(Box::new(Part {
+            parts: parts.clone(),
+            image: self.clone(),
+            expect,
+        }));
+        let mut c: CompletionT = std::ptr::null_mut();
+        // SAFETY: the callback's argument is `part`, which lives until the
+        // callback takes it back; an out-pointer for the completion.
+        let r = unsafe { rbd_aio_create_completion(part.cast(), Some(ended::<H, F>), &mut c) };
+        if r < 0 {
+            // SAFETY: librbd did not take `part`: it is still ours.
+            let part = unsafe { Box::from_raw(part) };
+            part.parts.end(1, check(r.into()).map(drop));
+            return false;
+        }
+        let r = issue(self.raw, c);
+        if r < 0 {
+            // SAFETY: a call that fails to start never calls back, so the
+            // completion and `part` are still ours, each freed once.
+            unsafe { rbd_aio_release(c) };
+            // SAFETY: as above.
+            let part = unsafe { Box::from_raw(part) };
+            let Part { parts, image, .. } = *part;
+            drop(image);
+            parts.end(1, check(r.into()).map(drop));
+            return false;
+        }
+        true
+    }
+
+    /// Read `buf.len()` bytes at `offset` into `buf`; `then(buf, result)`
+    /// runs once librbd is done with the buffer, on librbd's thread (or on
+    /// this one, if the read could not start).
+    pub fn aio_read<B, F>(self: &Arc<Self>, offset: u64, mut buf: B, then: F)
+    where
+        B: ReadInto,
+        F: FnOnce(B, Result<()>) + Send + 'static,
+    {
+        let (ptr, len) = (buf.ptr(), buf.len());
+        let parts = Parts::new(1, buf, then);
+        self.launch(&parts, Some(len), |image, c| {
+            // SAFETY: an open image; `ptr` is writable for `len` bytes
+            // until `then` takes `buf` back, after this read has ended.
+            unsafe { rbd_aio_read(image, offset, len, ptr.cast(), c) }
+        });
+    }
+
+    /// Write `buf` at `offset`, then, with `flush`, flush (FUA through a
+    /// cache): the flush, started right after the write, waits for it
+    /// (librbd's flushes wait for every write started before them; in
+    /// librbd 16 that is its `FlushTracker`). `then` as for
+    /// [`Image::aio_read`].
+    pub fn aio_write<B, F>(self: &Arc<Self>, offset: u64, buf: B, flush: bool, then: F)
+    where
+        B: WriteFrom,
+        F: FnOnce(B, Result<()>) + Send + 'static,
+    {
+        let (ptr, len) = (buf.ptr(), buf.len());
+        let parts = Parts::new(1 + usize::from(flush), buf, then);
+        let started = self.launch(&parts, None, |image, c| {
+            // SAFETY: an open image; `ptr` is readable for `len` bytes
+            // until `then` takes `buf` back, after this write has ended.
+            unsafe { rbd_aio_write(image, offset, len, ptr.cast(), c) }
+        });
+        if flush {
+            self.then_flush(&parts, started);
+        }
+    }
+
+    /// The flush of a request's last part, if the parts before started
+    /// (else it never starts).
+    fn then_flush<H, F>(self: &Arc<Self>, parts: &Arc<Parts<H, F>>, started: bool)
+    where
+        H: Send + 'static,
+        F: FnOnce(H, Result<()>) + Send + 'static,
+    {
+        if !started {
+            parts.end(1, Ok(()));
+            return;
+        }
+        self.launch(parts, None, |image, c| {
+            // SAFETY: an open image and a fresh completion.
+            unsafe { rbd_aio_flush(image, c) }
+        });
+    }
+
+    /// Wait until every write acknowledged so far is on the OSDs; `held`
+    /// (the request) is given back to `then`.
+    pub fn aio_flush<H, F>(self: &Arc<Self>, held: H, then: F)
+    where
+        H: Send + 'static,
+        F: FnOnce(H, Result<()>) + Send + 'static,
+    {
+        let parts = Parts::new(1, held, then);
+        self.then_flush(&parts, true);
+    }
+
+    /// [`Image::discard`], asynchronously, then a flush with `flush`.
+    pub fn aio_discard<H, F>(self: &Arc<Self>, offset: u64, len: u64, flush: bool, held: H, then: F)
+    where
+        H: Send + 'static,
+        F: FnOnce(H, Result<()>) + Send + 'static,
+    {
+        self.aio_ranges(offset, len, flush, held, then, |image, o, l, c| {
+            // SAFETY: an open image; l ≤ RANGE_CHUNK < INT_MAX.
+            unsafe { rbd_aio_discard(image, o, l, c) }
+        })
+    }
+
+    /// [`Image::write_zeroes`], asynchronously, then a flush with `flush`.
+    pub fn aio_write_zeroes<H, F>(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        thick: bool,
+        flush: bool,
+        held: H,
+        then: F,
+    ) where
+        H: Send + 'static,
+        F: FnOnce(H, Result<()>) + Send + 'static,
+    {
+        let flags = if thick {
+            WRITE_ZEROES_FLAG_THICK_PROVISION
+        } else {
+            0
+        };
+        self.aio_ranges(offset, len, flush, held, then, |image, o, l, c| {
+            // SAFETY: an open image; l ≤ RANGE_CHUNK fits in size_t.
+            unsafe { rbd_aio_write_zeroes(image, o, l as usize, c, flags, 0) }
+        })
+    }
+
+    /// A range call over `[offset, offset+len)` in pieces of at most
+    /// [`RANGE_CHUNK`], all in flight at once, then a flush with `flush`.
+    fn aio_ranges<H, F>(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        flush: bool,
+        held: H,
+        then: F,
+        issue: impl Fn(ImageT, u64, u64, CompletionT) -> c_int,
+    ) where
+        H: Send + 'static,
+        F: FnOnce(H, Result<()>) + Send + 'static,
+    {
+        let pieces = pieces(offset, len);
+        let n = pieces.clone().count();
+        let parts = Parts::new(n + usize::from(flush), held, then);
+        let mut started = 0;
+        for (o, l) in pieces {
+            if !self.launch(&parts, None, |image, c| issue(image, o, l, c)) {
+                // The rest never start.
+                parts.end(n - started - 1, Ok(()));
+                break;
+            }
+            started += 1;
+        }
+        if flush {
+            self.then_flush(&parts, started == n);
+        }
+    }
+}
+
 /// How [`Image::close_within`] ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Closed {
@@ -537,18 +900,26 @@ impl Drop for Image {
     }
 }
 
-/// Run `f` over `[offset, offset+len)` in pieces of at most
-/// [`RANGE_CHUNK`], aligned to it.
-fn chunked(offset: u64, len: u64, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
-    let end = offset + len;
+/// `[offset, offset+len)` in pieces of at most [`RANGE_CHUNK`], aligned
+/// to it.
+fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + Clone {
+    let end = offset.saturating_add(len);
     let mut pos = offset;
-    while pos < end {
-        let next = ((pos / RANGE_CHUNK) + 1) * RANGE_CHUNK;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let next = (pos / RANGE_CHUNK + 1).saturating_mul(RANGE_CHUNK);
         let n = next.min(end) - pos;
-        f(pos, n)?;
+        let piece = (pos, n);
         pos += n;
-    }
-    Ok(())
+        Some(piece)
+    })
+}
+
+/// Run `f` over [`pieces`] of `[offset, offset+len)`, one after another.
+fn chunked(offset: u64, len: u64, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    pieces(offset, len).try_for_each(|(o, l)| f(o, l))
 }
 
 #[cfg(test)]
@@ -570,6 +941,71 @@ mod tests {
                 (RANGE_CHUNK, RANGE_CHUNK),
                 (2 * RANGE_CHUNK, 10)
             ]
+        );
+    }
+
+    #[test]
+    fn an_empty_range_has_no_pieces() {
+        assert_eq!(pieces(5, 0).count(), 0);
+        assert_eq!(
+            pieces(u64::MAX - 1, 10).collect::<Vec<_>>(),
+            [(u64::MAX - 1, 1)]
+        );
+    }
+
+    /// What an end function was called with.
+    type Seen = Arc<Mutex<Vec<(u8, Result<()>)>>>;
+    type End = Box<dyn FnOnce(u8, Result<()>) + Send>;
+
+    /// Parts whose end function records its calls.
+    fn recorded(n: usize) -> (Arc<Parts<u8, End>>, Seen) {
+        let seen = Seen::default();
+        let s = seen.clone();
+        let end: End = Box::new(move |h, r| s.lock().unwrap().push((h, r)));
+        (Parts::new(n, 7u8, end), seen)
+    }
+
+    #[test]
+    fn the_last_part_answers_once_with_the_first_error() {
+        let (parts, seen) = recorded(3);
+        parts.end(1, Ok(()));
+        parts.end(1, Err(Errno(libc::ETIMEDOUT)));
+        assert!(seen.lock().unwrap().is_empty());
+        parts.end(1, Err(Errno(libc::EPERM)));
+        assert_eq!(*seen.lock().unwrap(), [(7, Err(Errno(libc::ETIMEDOUT)))]);
+    }
+
+    #[test]
+    fn parts_that_never_start_end_together() {
+        let (parts, seen) = recorded(4);
+        parts.end(1, Err(Errno(libc::EIO)));
+        parts.end(0, Ok(()));
+        assert!(seen.lock().unwrap().is_empty());
+        parts.end(3, Ok(()));
+        assert_eq!(*seen.lock().unwrap(), [(7, Err(Errno(libc::EIO)))]);
+    }
+
+    #[test]
+    fn parts_ending_on_many_threads_answer_once() {
+        let (parts, seen) = recorded(64);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let p = parts.clone();
+                std::thread::spawn(move || (0..8).for_each(|_| p.end(1, Ok(()))))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(*seen.lock().unwrap(), [(7, Ok(()))]);
+    }
+
+    #[test]
+    fn a_short_read_is_an_error_and_a_write_s_count_is_not_checked() {
+        assert_eq!(outcome(4096, Some(4096)), Ok(()));
+        assert_eq!(outcome(100, Some(4096)), Err(Errno(libc::EIO)));
+        assert_eq!(outcome(0, None), Ok(()));
+        assert_eq!(
+            outcome(-(libc::ETIMEDOUT as isize), None),
+            Err(Errno(libc::ETIMEDOUT))
         );
     }
 }

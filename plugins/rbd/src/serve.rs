@@ -17,8 +17,8 @@
 //! calls on one handle at once (see `ffi`), and sharing is what makes the
 //! handle right for NBD:
 //!
-//! - librbd's cache (`rbd_cache`, writearound by default and writeback
-//!   if configured) belongs to a handle. Handles of their own would let a
+//! - librbd's cache (off unless the configuration chooses writeback or
+//!   writethrough; see `no_write_around`) belongs to a handle. Handles of their own would let a
 //!   write acknowledged on one connection sit in that handle's cache while
 //!   a flush on another connection flushed only its own; with one handle a
 //!   flush on any connection covers every connection's writes, which is
@@ -34,17 +34,31 @@
 //! Other processes (other nbdhost servers on other hosts) have handles of
 //! their own: librbd hands the exclusive lock between them on demand, and
 //! a flush on one makes its writes visible to reads on the others (reads
-//! are not cached with the default cache policy; see the man page for
-//! `writeback`).
+//! are not cached unless the configuration asks for a cache; see the man
+//! page for `writeback`).
 //!
 //! ## Requests
 //!
-//! Reads and writes are librbd's synchronous calls on the worker pool
-//! (thread model parallel, so one connection's requests run at once on
-//! as many workers). librbd implements each synchronous call as its
-//! asynchronous one plus a wait on a completion, and the ABI has no
-//! asynchronous path to hand a completion to, so the `rbd_aio_*` calls
-//! would only move the same wait into this crate.
+//! Reads, writes, flushes, trims and zeroes are started with librbd's
+//! asynchronous calls (`rbd_aio_*`, the plugin's `async_*` callbacks) and
+//! answered from librbd's completion callback, so the number in flight
+//! is bounded by the connection's byte budget rather than by `-t`. The
+//! starting calls still run on the worker pool (the plugin does not
+//! declare itself non-blocking): starting one can wait, for librbd's
+//! throttles or for the exclusive lock to come back from another client,
+//! and nothing may wait on an event loop. A worker returns as soon as the
+//! call is started.
+//!
+//! Without a cache, librbd answers a write once the OSDs have it, so FUA
+//! needs nothing more. With a cache the configuration chose, FUA is a
+//! flush started right after the write (or trim, or zero), which librbd
+//! orders after it (a flush waits for every write started before it);
+//! librados' FUA op flag is honoured by the write-around cache but not by
+//! the writeback one, so it is not relied on.
+//!
+//! The synchronous callbacks stay, on librbd's synchronous calls, for
+//! filters above that call the plugin synchronously, and for extents,
+//! which librbd has only synchronously (`rbd_diff_iterate2`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -52,8 +66,8 @@ use std::time::{Duration, Instant};
 
 use nbdhost_plugin_api::abi::{EXTENT_HOLE, EXTENT_ZERO};
 use nbdhost_plugin_api::{
-    callbacks, host, BlockSize, Error, ExportList, ExtentList, Flags, Handle, Plugin, Result,
-    Support,
+    callbacks, host, BlockSize, Error, ExportList, ExtentList, Flags, Handle, Plugin, RangeRequest,
+    ReadRequest, Result, Support, WriteRequest,
 };
 
 use crate::config::{Config, ImageSpec, DEFAULT_TIMEOUT, HELP};
@@ -84,6 +98,9 @@ struct State {
     /// The shared handles by image spec and read-only-ness, opened on
     /// first use and kept until unload.
     images: Mutex<HashMap<(String, bool), Arc<Image>>>,
+    /// Whether librbd answers a write only once the OSDs have it (no
+    /// cache): FUA then needs no flush.
+    durable_writes: bool,
 }
 
 /// Why a call failed, in words, for the log: the errno's text plus what
@@ -210,6 +227,7 @@ impl Rbd {
                 .map_err(|e| fail("keyring=", e))?;
         }
         let timeout = set_timeouts(&mut cluster, c.timeout)?;
+        let durable_writes = no_write_around(&mut cluster)?;
         host::debug(&format!(
             "connecting to cluster {cluster_name} as {client} (timeout {timeout} s)"
         ));
@@ -250,6 +268,7 @@ impl Rbd {
             timeout,
             pool: Arc::new(pool),
             images: Mutex::new(HashMap::new()),
+            durable_writes,
         };
         let spec = &state.spec;
         if spec.is_pool() {
@@ -299,6 +318,38 @@ fn set_timeouts(cluster: &mut Cluster, explicit: Option<u32>) -> Result<u32> {
         }
     }
     Ok(t)
+}
+
+/// Turn librbd's write-around cache off, unless the configuration chose
+/// another cache policy; returns whether writes are then answered only
+/// once the OSDs have them (no cache at all).
+///
+/// Write-around (librbd's default: `rbd_cache=true`,
+/// `rbd_cache_policy=writearound`) answers a write at once and sends it
+/// on; a write that then fails is to be reported by the next flush. In
+/// librbd 16 it is not, whenever the flush reaches the cache after the
+/// writes have ended, which is the usual order (the flush first waits for
+/// the writes in flight): with the cluster gone, writes time out and the
+/// flush after them succeeds. Timeouts, which the plugin sets, are what
+/// make writes fail rather than wait. So that a flush (or FUA) never
+/// acknowledges a lost write, the cache is off: writes are answered when
+/// the OSDs have them, as `rbd_cache=false` does, and reads were not
+/// cached under write-around anyway. `writeback` or `writethrough` in
+/// the configuration is left alone (and FUA is a write and a flush).
+fn no_write_around(cluster: &mut Cluster) -> Result<bool> {
+    let get = |option: &str| cluster.get(option).unwrap_or_default();
+    let (cache, policy) = (get("rbd_cache"), get("rbd_cache_policy"));
+    if cache == "false" {
+        return Ok(true);
+    }
+    if policy != "writearound" {
+        host::debug(&format!("rbd_cache_policy={policy}, as configured"));
+        return Ok(false);
+    }
+    cluster
+        .set("rbd_cache", "false")
+        .map_err(|e| Error::new(libc::EINVAL, format!("setting rbd_cache: {e}")))?;
+    Ok(true)
 }
 
 #[callbacks]
@@ -379,12 +430,15 @@ impl Plugin for Rbd {
             // first, so zeroing one is not guaranteed fast.
             has_parent: image.has_parent(),
             image,
-            name: spec.display(),
-            client: st.client.clone(),
-            timeout: st.timeout,
+            who: Arc::new(Who {
+                name: spec.display(),
+                client: st.client.clone(),
+                timeout: st.timeout,
+            }),
             size,
             object_size,
             read_only,
+            durable_writes: st.durable_writes,
         })
     }
 
@@ -440,16 +494,25 @@ impl Plugin for Rbd {
 /// One connection: the shared image handle and what was read at open.
 pub struct RbdHandle {
     image: Arc<Image>,
-    name: String,
-    client: String,
-    timeout: u32,
+    who: Arc<Who>,
     size: u64,
     object_size: u64,
     read_only: bool,
     has_parent: bool,
+    /// See [`State::durable_writes`].
+    durable_writes: bool,
 }
 
-impl RbdHandle {
+/// What an error message names: the image, and the client and timeout
+/// for the cause. Shared with the requests in flight, which fail on
+/// librbd's thread.
+struct Who {
+    name: String,
+    client: String,
+    timeout: u32,
+}
+
+impl Who {
     fn error(&self, what: impl std::fmt::Display, e: Errno) -> Error {
         Error::new(
             client_errno(e),
@@ -460,9 +523,31 @@ impl RbdHandle {
             ),
         )
     }
+}
+
+impl RbdHandle {
+    fn error(&self, what: impl std::fmt::Display, e: Errno) -> Error {
+        self.who.error(what, e)
+    }
+
+    /// Whether a zero with `flags` writes zeroes (thick) rather than
+    /// deallocating; `ENOTSUP` for a fast zero that would not be fast.
+    fn refuse_zero(&self, flags: Flags) -> Result<bool> {
+        let thick = !flags.contains(Flags::MAY_TRIM);
+        if flags.contains(Flags::FAST_ZERO) && (thick || self.has_parent) {
+            return Err(Error::errno(libc::ENOTSUP));
+        }
+        Ok(thick)
+    }
+
+    /// Whether a request with `flags` needs a flush after it: FUA, when
+    /// librbd may answer writes before the OSDs have them.
+    fn flush_after(&self, flags: Flags) -> bool {
+        flags.contains(Flags::FUA) && !self.durable_writes
+    }
 
     fn fua(&self, flags: Flags) -> Result<()> {
-        if flags.contains(Flags::FUA) {
+        if self.flush_after(flags) {
             self.flush(Flags::empty())?;
         }
         Ok(())
@@ -517,7 +602,7 @@ impl Handle for RbdHandle {
         Ok(true)
     }
     fn export_description(&self) -> Option<String> {
-        Some(format!("rbd image {}", self.name))
+        Some(format!("rbd image {}", self.who.name))
     }
 
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
@@ -556,14 +641,79 @@ impl Handle for RbdHandle {
     /// then. A clone's zeroing may copy its parent's data first, so a fast
     /// zero is refused on a clone too.
     fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        let thick = !flags.contains(Flags::MAY_TRIM);
-        if flags.contains(Flags::FAST_ZERO) && (thick || self.has_parent) {
-            return Err(Error::errno(libc::ENOTSUP));
-        }
+        let thick = self.refuse_zero(flags)?;
         self.image
             .write_zeroes(offset, count, thick)
             .map_err(|e| self.error(format_args!("zeroing {count} bytes at {offset} in"), e))?;
         self.fua(flags)
+    }
+
+    /// `rbd_aio_read`, answered from librbd's callback.
+    fn async_pread(&self, req: ReadRequest) {
+        let who = self.who.clone();
+        let offset = req.offset();
+        self.image.aio_read(offset, req, move |req, r| {
+            let r = r.map_err(|e| {
+                who.error(
+                    format_args!("read of {} bytes at {offset} from", req.len()),
+                    e,
+                )
+            });
+            req.complete(r);
+        });
+    }
+
+    /// `rbd_aio_write`, and with FUA `rbd_aio_flush` after it.
+    fn async_pwrite(&self, req: WriteRequest) {
+        let who = self.who.clone();
+        let (offset, fua) = (req.offset(), self.flush_after(req.flags()));
+        self.image.aio_write(offset, req, fua, move |req, r| {
+            let r = r.map_err(|e| {
+                who.error(
+                    format_args!("write of {} bytes at {offset} to", req.len()),
+                    e,
+                )
+            });
+            req.complete(r);
+        });
+    }
+
+    fn async_flush(&self, req: RangeRequest) {
+        let who = self.who.clone();
+        self.image.aio_flush(req, move |req, r| {
+            req.complete(r.map_err(|e| who.error("flush of", e)));
+        });
+    }
+
+    fn async_trim(&self, req: RangeRequest) {
+        let who = self.who.clone();
+        let (count, offset) = (req.count(), req.offset());
+        let fua = self.flush_after(req.flags());
+        self.image
+            .aio_discard(offset, count, fua, req, move |req, r| {
+                let r = r.map_err(|e| {
+                    who.error(format_args!("discard of {count} bytes at {offset} in"), e)
+                });
+                req.complete(r);
+            });
+    }
+
+    /// As `zero`, with `rbd_aio_write_zeroes`.
+    fn async_zero(&self, req: RangeRequest) {
+        let thick = match self.refuse_zero(req.flags()) {
+            Ok(thick) => thick,
+            Err(e) => return req.complete(Err(e)),
+        };
+        let who = self.who.clone();
+        let (count, offset) = (req.count(), req.offset());
+        let fua = self.flush_after(req.flags());
+        self.image
+            .aio_write_zeroes(offset, count, thick, fua, req, move |req, r| {
+                let r = r.map_err(|e| {
+                    who.error(format_args!("zeroing {count} bytes at {offset} in"), e)
+                });
+                req.complete(r);
+            });
     }
 
     /// Allocation from `rbd_diff_iterate2` from the beginning of time
