@@ -657,3 +657,295 @@ fn qcow2_image_in_rbd_reads_and_writes_as_qemu() {
         expected.to_str().unwrap(),
     ]));
 }
+
+/// A copy of the cluster's configuration whose clients hold each reply
+/// from an OSD for up to `max` seconds (librados' own fault injection,
+/// `ms_inject_delay_*`): requests in flight together wait at the same
+/// time, requests one after another add their waits up.
+fn delayed_conf(c: &Cluster, dir: &TempDir, max: f64) -> PathBuf {
+    let mut conf = std::fs::read_to_string(&c.conf).unwrap();
+    conf.push_str(&format!(
+        "\n[client]\nms inject delay type = osd\nms inject delay max = {max}\n\
+         ms inject delay probability = 1\n"
+    ));
+    let p = dir.path("delayed.conf");
+    std::fs::write(&p, conf).unwrap();
+    p
+}
+
+/// nbdsh helpers: `cb(what)` is a completion callback that records a
+/// failed request in `failed` (and retires it), `wait(s)` waits for every
+/// request in flight, giving up after `s` seconds.
+const AIO: &str = "\
+import random, sys, time
+failed = []
+def cb(what):
+    def f(err):
+        if err.value:
+            failed.append((what, err.value))
+        return 1
+    return f
+def wait(limit):
+    end = time.monotonic() + limit
+    while h.aio_in_flight() > 0:
+        if time.monotonic() > end:
+            print('requests still in flight after', limit, 's', flush=True)
+            sys.exit(1)
+        h.poll(1000)
+";
+
+#[test]
+fn many_requests_in_flight_on_one_worker_overlap_and_reach_the_image() {
+    let Some(c) = cluster("many_requests_in_flight_on_one_worker_overlap_and_reach_the_image")
+    else {
+        return;
+    };
+    let dir = TempDir::new("rbd-depth");
+    let data = pattern(16 * MIB, 11);
+    let src = file_with(&dir, "src.img", &data);
+    create(c, "depth", data.len());
+    // One worker thread, and every OSD reply held up to 200 ms: the
+    // synchronous calls would take about 100 ms per request, one after
+    // another.
+    let conf = format!("conf={}", delayed_conf(c, &dir, 0.2).display());
+    let s = c.serve(&["-t", "1"], "rbd/depth", &[&conf]);
+    // 256 writes of 64 KiB in a shuffled order, all sent at once, one in
+    // eight with FUA; then 64 reads of 4 KiB at once.
+    let script = format!(
+        "{AIO}\
+src = open({src:?}, 'rb').read()
+offs = list(range(0, len(src), 65536))
+random.Random(1).shuffle(offs)
+bufs = [nbd.Buffer.from_bytearray(bytearray(src[o:o + 65536])) for o in offs]
+t = time.monotonic()
+for n, (b, o) in enumerate(zip(bufs, offs)):
+    h.aio_pwrite(b, o, completion=cb('write'), flags=nbd.CMD_FLAG_FUA if n % 8 == 0 else 0)
+wait(120)
+print('writes', time.monotonic() - t)
+h.flush()
+reads = random.Random(2).sample(range(0, len(src), 4096), 64)
+rbufs = [nbd.Buffer(4096) for _ in reads]
+t = time.monotonic()
+for b, o in zip(rbufs, reads):
+    h.aio_pread(b, o, completion=cb('read'))
+wait(60)
+print('reads', time.monotonic() - t)
+print('failed', failed)
+print('wrong', [o for b, o in zip(rbufs, reads) if b.to_bytearray() != src[o:o + 4096]])
+",
+        src = src.display().to_string()
+    );
+    let out = nbdsh(&s.uri(), &script);
+    assert!(out.contains("failed []"), "{out}");
+    assert!(out.contains("wrong []"), "{out}");
+    let reads: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("reads "))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    // 64 waits of up to 200 ms: about 6.4 s one at a time.
+    assert!(reads < 3.0, "64 reads in flight took {reads} s: {out}");
+    // What the cluster holds, as Ceph's own tool exports it.
+    let exported = dir.path("exported.img");
+    c.rbd(&["export", "rbd/depth", exported.to_str().unwrap()]);
+    let cmp = run_ok(
+        client("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(&exported),
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn qemu_img_convert_and_compare_through_one_worker() {
+    let Some(c) = cluster("qemu_img_convert_and_compare_through_one_worker") else {
+        return;
+    };
+    let dir = TempDir::new("rbd-compare");
+    let mut data = pattern(40 * MIB, 12);
+    data[9 * MIB..21 * MIB].fill(0);
+    data[30 * MIB + 4096..30 * MIB + 8192].fill(0);
+    let src = file_with(&dir, "src.img", &data);
+    create(c, "compared", data.len());
+    let s = c.serve(&["-t", "1"], "rbd/compared", &[]);
+    // Out-of-order writes from 16 coroutines, zero runs as zero requests.
+    run_ok(
+        client("qemu-img")
+            .args(["convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(s.uri()),
+    );
+    let compare = |a: &dyn AsRef<std::ffi::OsStr>, b: &dyn AsRef<std::ffi::OsStr>| {
+        let out = run_ok(
+            client("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "raw"])
+                .arg(a)
+                .arg(b),
+        );
+        assert!(out.contains("Images are identical"), "{out}");
+    };
+    compare(&src, &s.uri());
+    let exported = dir.path("exported.img");
+    c.rbd(&["export", "rbd/compared", exported.to_str().unwrap()]);
+    assert!(read(&exported) == data, "rbd export differs");
+    // A change made through the plugin, seen by qemu-img compare and rbd.
+    qemu_io(&s.uri(), &["write -P 0x3c 20M 3M", "flush"]);
+    data[20 * MIB..23 * MIB].fill(0x3c);
+    let changed = file_with(&dir, "changed.img", &data);
+    compare(&changed, &s.uri());
+    c.rbd(&[
+        "export",
+        "rbd/compared",
+        dir.path("again.img").to_str().unwrap(),
+    ]);
+    compare(&changed, &dir.path("again.img"));
+    assert!(s.stop().success());
+}
+
+/// An nbdsh script running in the background, its output lines as they
+/// come.
+struct Background {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Background {
+    fn start(uri: &str, script: &str) -> Background {
+        use std::io::BufRead;
+        let mut child = client("nbdsh")
+            .arg("-u")
+            .arg(uri)
+            .arg("-c")
+            .arg(script)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Background { child, lines }
+    }
+
+    /// The next line, within `limit`.
+    fn line(&self, limit: Duration) -> String {
+        self.lines
+            .recv_timeout(limit)
+            .unwrap_or_else(|e| panic!("no output from nbdsh within {limit:?}: {e}"))
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Wait for the script to end, within `limit`.
+    fn finish(mut self, limit: Duration) -> std::process::ExitStatus {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!("nbdsh still running after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Start 64 requests at once (32 reads, 16 writes with FUA, 15 without,
+/// and a flush after them), say so, then wait for them and print how many
+/// reads, FUA writes and other writes failed, and with which errors.
+/// Every write must fail: librbd's write-around cache, which the plugin
+/// turns off, would acknowledge the writes without FUA at once and then
+/// lose their failure (the flush after them succeeded). The flush may
+/// succeed: the writes before it have failed themselves.
+const SIXTY_FOUR: &str = "\
+wbufs = [nbd.Buffer.from_bytearray(bytearray([i]) * 4096) for i in range(32)]
+for i in range(32):
+    h.aio_pread(nbd.Buffer(4096), i * 131072, completion=cb('read'))
+    if i < 16:
+        h.aio_pwrite(wbufs[i], i * 131072 + 65536, completion=cb('fua'), flags=nbd.CMD_FLAG_FUA)
+    elif i < 31:
+        h.aio_pwrite(wbufs[i], i * 131072 + 65536, completion=cb('write'))
+h.aio_flush(completion=cb('flush'))
+print('issued', h.aio_in_flight(), flush=True)
+wait(90)
+kinds = {}
+for k, _ in failed:
+    kinds[k] = kinds.get(k, 0) + 1
+print('failed', kinds.get('read', 0), kinds.get('fua', 0), kinds.get('write', 0),
+      sorted(set(e for _, e in failed)), flush=True)
+";
+
+#[test]
+fn a_cluster_stopped_under_many_requests_in_flight_fails_them_and_the_server_stops() {
+    let name = "a_cluster_stopped_under_many_requests_in_flight_fails_them_and_the_server_stops";
+    if cluster(name).is_none() {
+        return;
+    }
+    if std::env::var_os("NBDHOST_TEST_ASAN").is_some() {
+        // As a_stopped_cluster_gives_errors_not_a_hang_and_the_server_stops.
+        eprintln!("SKIP under make asan: librados's leak at cluster loss cannot be suppressed");
+        return;
+    }
+    // A private cluster, since this one is taken down.
+    let dir = std::env::temp_dir().join(format!("nbdhost-ceph-inflight-{}", std::process::id()));
+    let c = Cluster::start(dir.clone());
+    create(&c, "frozen", 8 * MIB);
+    let s = c.serve(&["-t", "1"], "rbd/frozen", &["timeout=5"]);
+    // The exclusive lock is taken while the cluster answers.
+    qemu_io(&s.uri(), &["write -P 7 0 1M", "flush"]);
+    // Freeze the OSD, so that what it has not answered stays in flight,
+    // start 64 requests on the one worker, and take the cluster down
+    // under them.
+    let osd: i32 = std::fs::read_to_string(dir.join("run/osd.0.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: signalling the test cluster's own OSD.
+    unsafe { libc::kill(osd, libc::SIGSTOP) };
+    let t = Instant::now();
+    let mut bg = Background::start(&s.uri(), &format!("{AIO}{SIXTY_FOUR}"));
+    let issued = bg.line(Duration::from_secs(30));
+    assert_eq!(issued, "issued 64");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(bg.running(), "the requests ended with the OSD frozen");
+    c.stop();
+    let failed = bg.line(Duration::from_secs(60));
+    assert_eq!(failed, "failed 32 16 15 [5]", "every read and write: EIO");
+    assert!(bg.finish(Duration::from_secs(10)).success());
+    assert!(
+        t.elapsed() < Duration::from_secs(40),
+        "took {:?}",
+        t.elapsed()
+    );
+    // With the cluster gone, 64 more, and the server told to stop while
+    // they are in flight: it answers them and exits cleanly.
+    let bg = Background::start(&s.uri(), &format!("{AIO}{SIXTY_FOUR}"));
+    assert_eq!(bg.line(Duration::from_secs(30)), "issued 64");
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let (st, log) = s.stop_with_log();
+    assert!(st.success(), "{st}: {log}");
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "stopping took {:?}",
+        t.elapsed()
+    );
+    let failed = bg.line(Duration::from_secs(10));
+    assert_eq!(failed, "failed 32 16 15 [5]", "{log}");
+    bg.finish(Duration::from_secs(10));
+    assert!(log.contains("did not answer within 5 s"), "{log}");
+}
