@@ -21,6 +21,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -378,7 +379,81 @@ impl<P: Pending> Driver<P> {
                 continue;
             };
             self.free.push(slot);
-            pending.complete(cqe.result(), &self.submitter);
+            // A panic must not end the thread every request depends on;
+            // the request it abandons is answered with EIO when dropped.
+            let submitter = &self.submitter;
+            let res = cqe.result();
+            let _ = catch_unwind(AssertUnwindSafe(|| pending.complete(res, submitter)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use std::sync::mpsc::Sender;
+
+    /// A read of one byte of a file into its own buffer, reporting the
+    /// byte it read.
+    struct ReadByte {
+        buf: Box<[u8; 1]>,
+        done: Sender<(i32, u8)>,
+    }
+
+    impl Pending for ReadByte {
+        fn complete(self, res: i32, _ring: &Submitter<Self>) {
+            let _ = self.done.send((res, self.buf[0]));
+        }
+    }
+
+    #[test]
+    fn reads_from_many_threads_beyond_the_ring_all_complete() {
+        let path = std::env::temp_dir().join(format!("nbdhost-uring-{}", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&(0..=255u8).collect::<Vec<_>>()).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        let ring = match Ring::<ReadByte>::start(&[]) {
+            Ok(r) => r,
+            Err(e) => return eprintln!("SKIP: no io_uring here: {e}"),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let per_thread = Ring::<ReadByte>::IN_FLIGHT;
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (sub, tx, file) = (ring.submitter(), tx.clone(), file.clone());
+                std::thread::spawn(move || {
+                    for i in 0..per_thread {
+                        let mut p = ReadByte {
+                            buf: Box::new([0]),
+                            done: tx.clone(),
+                        };
+                        let at = (i % 256) as u64;
+                        let fd = types::Fd(file.as_raw_fd());
+                        let e = opcode::Read::new(fd, p.buf.as_mut_ptr(), 1)
+                            .offset(at)
+                            .build();
+                        sub.submit(e, p);
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        drop(tx);
+        let mut n = 0;
+        let mut sum = 0u64;
+        for (res, byte) in rx {
+            assert_eq!(res, 1);
+            sum += u64::from(byte);
+            n += 1;
+        }
+        assert_eq!(n, 3 * per_thread);
+        let want: u64 = (0..per_thread as u64).map(|i| i % 256).sum::<u64>() * 3;
+        assert_eq!(sum, want);
+        let mut check = [0u8; 1];
+        file.read_exact_at(&mut check, 7).unwrap();
+        assert_eq!(check[0], 7);
+        drop(ring);
     }
 }
