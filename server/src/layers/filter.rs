@@ -699,6 +699,23 @@ impl FilterHandle {
         }
     }
 
+    /// A synchronous call of a filter that has only the asynchronous
+    /// callback for it: started, and waited for here, so the filter is not
+    /// skipped. `None` when it has neither: the call goes down unchanged.
+    fn wait_async(&self, op: AsyncOp) -> Option<Result<()>> {
+        let t = self.async_callbacks();
+        let has = match op {
+            AsyncOp::Read { .. } => t.pread.is_some(),
+            AsyncOp::Write { .. } => t.pwrite.is_some(),
+            AsyncOp::Flush { .. } => t.flush.is_some(),
+            AsyncOp::Trim { .. } => t.trim.is_some(),
+            AsyncOp::Zero { .. } => t.zero.is_some(),
+            AsyncOp::Cache { .. } => t.cache.is_some(),
+            AsyncOp::Extents { .. } => t.extents.is_some(),
+        };
+        has.then(|| inflight::wait(|token| self.start_async(op, token)))
+    }
+
     /// Whether the filter has the synchronous callback for `op`'s kind.
     pub(super) fn has_sync(&self, op: &AsyncOp) -> bool {
         match op {
@@ -930,7 +947,15 @@ impl Handle for FilterHandle {
 
     fn pread(&self, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         let Some(f) = fcb!(self.lib, pread) else {
-            return self.next.handle.pread(buf, offset, flags);
+            let op = AsyncOp::Read {
+                buf: buf.as_mut_ptr(),
+                len: buf.len(),
+                offset,
+                flags,
+            };
+            return self
+                .wait_async(op)
+                .unwrap_or_else(|| self.next.handle.pread(buf, offset, flags));
         };
         let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u64);
         // SAFETY: `buf` is writable for its length during the call.
@@ -949,7 +974,15 @@ impl Handle for FilterHandle {
 
     fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         let Some(f) = fcb!(self.lib, pwrite) else {
-            return self.next.handle.pwrite(buf, offset, flags);
+            let op = AsyncOp::Write {
+                buf: buf.as_ptr(),
+                len: buf.len(),
+                offset,
+                flags,
+            };
+            return self
+                .wait_async(op)
+                .unwrap_or_else(|| self.next.handle.pwrite(buf, offset, flags));
         };
         // SAFETY: `buf` is readable for its length during the call.
         let r = self.call(|| unsafe {
@@ -967,7 +1000,9 @@ impl Handle for FilterHandle {
 
     fn flush(&self, flags: Flags) -> Result<()> {
         let Some(f) = fcb!(self.lib, flush) else {
-            return self.next.handle.flush(flags);
+            return self
+                .wait_async(AsyncOp::Flush { flags })
+                .unwrap_or_else(|| self.next.handle.flush(flags));
         };
         // SAFETY: ABI callback with our next table and the filter's handle.
         let r = self.call(|| unsafe { f(&*self.next.abi, self.handle, flags.bits()) });
@@ -977,21 +1012,45 @@ impl Handle for FilterHandle {
     fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         match fcb!(self.lib, trim) {
             Some(f) => self.range(f, "trim", count, offset, flags),
-            None => self.next.handle.trim(count, offset, flags),
+            None => {
+                let op = AsyncOp::Trim {
+                    count,
+                    offset,
+                    flags,
+                };
+                self.wait_async(op)
+                    .unwrap_or_else(|| self.next.handle.trim(count, offset, flags))
+            }
         }
     }
 
     fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         match fcb!(self.lib, zero) {
             Some(f) => self.range(f, "zero", count, offset, flags),
-            None => self.next.handle.zero(count, offset, flags),
+            None => {
+                let op = AsyncOp::Zero {
+                    count,
+                    offset,
+                    flags,
+                };
+                self.wait_async(op)
+                    .unwrap_or_else(|| self.next.handle.zero(count, offset, flags))
+            }
         }
     }
 
     fn cache(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         match fcb!(self.lib, cache) {
             Some(f) => self.range(f, "cache", count, offset, flags),
-            None => self.next.handle.cache(count, offset, flags),
+            None => {
+                let op = AsyncOp::Cache {
+                    count,
+                    offset,
+                    flags,
+                };
+                self.wait_async(op)
+                    .unwrap_or_else(|| self.next.handle.cache(count, offset, flags))
+            }
         }
     }
 
@@ -1029,7 +1088,17 @@ impl Handle for FilterHandle {
 
     fn extents(&self, count: u64, offset: u64, flags: Flags) -> Result<Vec<Extent>> {
         let Some(f) = fcb!(self.lib, extents) else {
-            return self.next.handle.extents(count, offset, flags);
+            let mut c = ExtentCollector::new(offset);
+            let op = AsyncOp::Extents {
+                count,
+                offset,
+                flags,
+                list: &mut c,
+            };
+            return match self.wait_async(op) {
+                Some(r) => r.map(|()| c.into_extents()),
+                None => self.next.handle.extents(count, offset, flags),
+            };
         };
         let mut c = ExtentCollector::new(offset);
         let list = c.as_abi();

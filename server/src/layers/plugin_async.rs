@@ -198,16 +198,16 @@ impl PluginHandle {
         let me = HandlePtr(self);
         let inner = inflight::register(Box::new(move |r| match r {
             Err(e) => inflight::complete(token, Err(e), "server"),
-            Ok(()) => {
+            // On the pool: never a call into the plugin from inside its own
+            // `complete`.
+            Ok(()) => inflight::execute(Box::new(move || {
                 // SAFETY: `token` is still in flight, so the handle is open.
                 let h = unsafe { me.get() };
-                h.start_async(
-                    AsyncOp::Flush {
-                        flags: Flags::empty(),
-                    },
-                    token,
-                );
-            }
+                let flush = AsyncOp::Flush {
+                    flags: Flags::empty(),
+                };
+                h.start_async(flush, token);
+            })),
         }));
         (flags - Flags::FUA, inner)
     }

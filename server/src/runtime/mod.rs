@@ -80,8 +80,10 @@ pub enum Exit {
     Child(i32),
 }
 
-/// Threads for filters' continuations: as many as the machine has CPUs
-/// (what they run, decrypting say, is CPU work), at least two.
+/// Threads for continuations: as many as the machine has CPUs (what they
+/// run, decrypting say, is CPU work), at least two. They are made even
+/// when every chain runs on the loops, since an asynchronous plugin's
+/// completions may still need them (a flush after a write with FUA).
 fn continuation_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
 }
@@ -228,7 +230,7 @@ pub fn serve(
     let (tx, rx) = mpsc::channel();
     let loops = Arc::new(Loops {
         pool: Pool::new(if inline { 0 } else { opts.threads })?,
-        continuations: Pool::new(if inline { 0 } else { continuation_threads() })?,
+        continuations: Pool::new(continuation_threads())?,
         lanes: jobs::ChainLanes::default(),
         serving: RwLock::new(Arc::new(serving)),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
@@ -240,15 +242,13 @@ pub fn serve(
         events: Mutex::new(tx.clone()),
     });
 
-    // Filters' continuations on the asynchronous path run on their pool.
-    // Without one, every chain is non-blocking, its filters promise to be
-    // cheap, and they run where the request below completed.
+    // Continuations on the asynchronous path (a filter's, the server's
+    // own after a plugin's completion) run on their pool, never inside the
+    // `complete` that a plugin's or a client library's thread called.
     let weak = Arc::downgrade(&loops);
     inflight::set_executor(Box::new(move |task| match weak.upgrade() {
-        Some(l) if l.continuations.threads() > 0 => {
-            l.continuations.submit(jobs::Continuation(task), None)
-        }
-        _ => task(),
+        Some(l) => l.continuations.submit(jobs::Continuation(task), None),
+        None => task(),
     }));
 
     let signal_tx = tx.clone();

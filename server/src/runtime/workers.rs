@@ -187,11 +187,6 @@ impl<J: Job> Pool<J> {
         self.shared.nudge();
     }
 
-    /// How many workers there are (none when all work runs on the loops).
-    pub fn threads(&self) -> usize {
-        self.threads.len()
-    }
-
     /// Queue a job, on `lane` if it must wait for the lane's earlier jobs.
     pub fn submit(&self, job: J, lane: Option<&Arc<Lane<J>>>) {
         let Some(lane) = lane else {

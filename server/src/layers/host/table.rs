@@ -74,9 +74,17 @@ unsafe extern "C" fn host_request_then(
     let layer = call::layer();
     let cont = Continuation { done, data };
     let token = inflight::register(Box::new(move |r| {
+        // The continuation gets only the errno: the message of the layer
+        // below is logged here, as a synchronous caller would see it.
+        if let Err(e) = &r {
+            if let Some(m) = e.message() {
+                log::error!("{layer}: the layer below failed: {m}");
+            }
+        }
         let errnum = r.err().map_or(0, |e| e.raw_errno());
         // On the pool: the thread that completed the request below may be
-        // a client library's, which must not run a filter's work.
+        // a client library's, which must not run a filter's work, and it
+        // is inside `complete`.
         inflight::execute(Box::new(move || {
             let cont = cont;
             context::with_connection(Some(&conn), || {
