@@ -95,6 +95,7 @@ pub struct Span {
 }
 
 impl Span {
+    /// Bytes in the span.
     pub fn len(&self) -> usize {
         (self.end - self.start) as usize
     }
@@ -111,6 +112,7 @@ pub struct Ends {
 }
 
 impl Ends {
+    /// The partial ends of `span`, the aligned cover of the write.
     pub fn of(align: &Alignment, span: Span, offset: u64, len: usize) -> Ends {
         let head = offset != span.start;
         let end = offset + len as u64;
@@ -147,10 +149,12 @@ impl Bounce {
         self.buf.len() - BOUNCE_ALIGN
     }
 
+    /// The bytes asked for (fewer than the capacity).
     pub fn as_slice(&self) -> &[u8] {
         &self.buf[self.start..self.start + self.len]
     }
 
+    /// The bytes asked for, to fill.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.buf[self.start..self.start + self.len]
     }

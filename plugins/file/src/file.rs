@@ -24,6 +24,7 @@ use crate::uring::Submitter;
 const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
+/// The errno of `e`, `EIO` if it has none.
 pub fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
@@ -66,6 +67,8 @@ impl Waiter {
     }
 }
 
+/// A thread waiting in [`FileState::pwrite`] (and the others) for a
+/// lease.
 pub struct Parked {
     thread: Thread,
     granted: AtomicBool,
@@ -182,10 +185,12 @@ impl FileState {
         Ok((state, writable))
     }
 
+    /// The descriptor, for io_uring entries.
     pub fn fd(&self) -> libc::c_int {
         self.file.as_raw_fd()
     }
 
+    /// The size now (a block device asks the kernel).
     pub fn get_size(&self) -> Result<u64> {
         if self.block_device {
             /// `BLKGETSIZE64` from linux/fs.h.
@@ -235,6 +240,8 @@ impl FileState {
         }
     }
 
+    /// Read `buf.len()` bytes at `offset`, through a bounce buffer when
+    /// `O_DIRECT` cannot take `buf` as it is.
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let Some(d) = self.direct.as_deref() else {
             return self.file.read_exact_at(buf, offset).map_err(eof(offset));
@@ -254,6 +261,8 @@ impl FileState {
         Ok(())
     }
 
+    /// Write `buf` at `offset` (with `cache=none`, under a lease, by
+    /// read-modify-write where partial blocks need it), then FUA.
     pub fn pwrite(&self, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
         match self.direct.as_deref() {
             None => self.file.write_all_at(buf, offset)?,
@@ -299,6 +308,7 @@ impl FileState {
         Ok(())
     }
 
+    /// `fdatasync` if `flags` ask for FUA.
     pub fn fua(&self, flags: Flags) -> Result<()> {
         if flags.contains(Flags::FUA) {
             self.file.sync_data()?;
@@ -306,6 +316,7 @@ impl FileState {
         Ok(())
     }
 
+    /// `fdatasync`.
     pub fn flush(&self) -> Result<()> {
         self.file.sync_data()?;
         Ok(())
@@ -349,6 +360,7 @@ impl FileState {
         r
     }
 
+    /// Punch a hole (discard on a block device), where the storage can.
     pub fn trim(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         // Trim is advisory: where the storage cannot discard, do nothing.
         let r = self.leased(count, offset, || {
@@ -374,6 +386,8 @@ impl FileState {
         self.fua(flags)
     }
 
+    /// Zero by a fast means, or fail with `ENOTSUP` so the server writes
+    /// zeroes.
     pub fn zero(&self, count: u64, offset: u64, flags: Flags) -> Result<()> {
         let zeroed = self.leased(count, offset, || self.zero_range(count, offset, flags))?;
         if !zeroed {
@@ -438,6 +452,7 @@ impl FileState {
         }
     }
 
+    /// Allocation of the range, from `SEEK_DATA` and `SEEK_HOLE`.
     pub fn extents(
         &self,
         count: u64,
@@ -470,6 +485,7 @@ impl FileState {
         Ok(())
     }
 
+    /// `POSIX_FADV_WILLNEED` over the range.
     pub fn cache(&self, count: u64, offset: u64) -> Result<()> {
         // SAFETY: posix_fadvise on our own descriptor; advice only.
         let r = unsafe {

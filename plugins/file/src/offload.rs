@@ -27,6 +27,7 @@ pub struct Runner {
 impl Offload {
     const THREADS: usize = 2;
 
+    /// Start the threads.
     pub fn start() -> std::io::Result<Offload> {
         let (tx, rx) = channel::<Task>();
         let rx = Arc::new(Mutex::new(rx));
@@ -44,6 +45,7 @@ impl Offload {
         })
     }
 
+    /// A handle that gives them work.
     pub fn runner(&self) -> Runner {
         Runner {
             tx: self.tx.clone().expect("running"),

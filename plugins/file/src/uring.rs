@@ -240,6 +240,7 @@ impl<P: Pending> Ring<P> {
         }
     }
 
+    /// A handle that starts requests on the ring.
     pub fn submitter(&self) -> Submitter<P> {
         self.submitter.clone()
     }
