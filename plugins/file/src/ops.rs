@@ -432,14 +432,7 @@ impl Op {
             }
             Work::Range(g) => {
                 release(g.lease);
-                let not_supported = matches!(&r, Err(e) if e.raw_errno() == libc::ENOTSUP);
-                match (&file.aio, not_supported) {
-                    // The server may write the zeroes itself right where
-                    // this is answered, with synchronous writes that could
-                    // wait for a lease only the ring thread gives back.
-                    (Some(aio), true) => aio.offload.run(move || g.req.complete(r)),
-                    _ => g.req.complete(r),
-                }
+                g.req.complete(r);
             }
         }
     }
