@@ -196,7 +196,13 @@ fn fua_writes_and_flushes_are_answered_after_fdatasync() {
     let img = dir.path("disk.img");
     sparse_file(&img, 1 << 20);
     let p = plugin("file");
-    check_fua_and_flush_order(&dir, &[p.to_str().unwrap(), img.to_str().unwrap()]);
+    // strace sees the synchronous path's system calls; through io_uring
+    // there are none to see (tests/file_uring.rs checks that path's
+    // ordering with cachestat).
+    check_fua_and_flush_order(
+        &dir,
+        &[p.to_str().unwrap(), img.to_str().unwrap(), "aio=threads"],
+    );
 }
 
 #[test]
@@ -212,6 +218,7 @@ fn fua_writes_and_flushes_through_luks_are_answered_after_fdatasync() {
             p.to_str().unwrap(),
             img.to_str().unwrap(),
             &pass,
+            "aio=threads",
         ],
     );
 }
