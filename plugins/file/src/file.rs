@@ -17,7 +17,6 @@ use nbdhost_plugin_api::{Error, ExtentList, Flags, Result};
 
 use crate::direct::{Alignment, BouncePool, Ends, Lease, RangeLock, Span};
 use crate::offload::Runner;
-use crate::ops::Op;
 use crate::uring::Submitter;
 
 /// `BLKDISCARD` and `BLKZEROOUT` from linux/fs.h.
@@ -38,23 +37,34 @@ pub fn unsupported(errno: i32) -> bool {
     matches!(errno, libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL)
 }
 
+/// A request that waits for a lease without holding up a thread, and
+/// starts when it is granted: on the ring, `ops::Op`.
+///
+/// The types here are generic over it rather than naming `ops::Op`,
+/// which is built on them: so `ops` imports this module and not the
+/// other way round.
+pub trait Start {
+    /// Go on now that the lease is granted.
+    fn start(self);
+}
+
 /// What `cache=none` shares between every connection to one file: its
 /// alignment, the leases of its writes, and bounce buffers.
-pub struct Direct {
+pub struct Direct<O> {
     pub align: Alignment,
-    pub locks: RangeLock<Waiter>,
+    pub locks: RangeLock<Waiter<O>>,
     pub pool: BouncePool,
 }
 
 /// Who waits for a lease of a [`Direct`] file.
-pub enum Waiter {
+pub enum Waiter<O> {
     /// A thread in a synchronous call, parked until `granted`.
     Thread(Arc<Parked>),
     /// A request started on the ring, started for real when granted.
-    Op(Op),
+    Op(O),
 }
 
-impl Waiter {
+impl<O: Start> Waiter<O> {
     /// The lease is granted: go on.
     pub fn go(self) {
         match self {
@@ -75,14 +85,13 @@ pub struct Parked {
 }
 
 /// The ring and threads a file's asynchronous requests use.
-#[derive(Clone)]
-pub struct Aio {
-    pub ring: Submitter<Op>,
+pub struct Aio<O> {
+    pub ring: Submitter<O>,
     pub offload: Runner,
 }
 
 /// An open file, shared by its handle and the requests in flight on it.
-pub struct FileState {
+pub struct FileState<O> {
     pub file: File,
     /// `cache=none` on a file whose size is not a multiple of its
     /// alignment: the same file without `O_DIRECT`, for writes that reach
@@ -92,8 +101,8 @@ pub struct FileState {
     /// The size when opened.
     pub size: u64,
     pub block_device: bool,
-    pub direct: Option<Arc<Direct>>,
-    pub aio: Option<Aio>,
+    pub direct: Option<Arc<Direct<O>>>,
+    pub aio: Option<Aio<O>>,
     /// Cleared once the file system says it cannot do these, so that later
     /// requests skip straight to what works.
     pub punch_ok: AtomicBool,
@@ -107,15 +116,15 @@ pub struct OpenMode {
     pub advice: Option<libc::c_int>,
 }
 
-impl FileState {
+impl<O: Start> FileState<O> {
     /// Open `path`; `direct_for` gives the shared `cache=none` state of
     /// the file opened (by device and inode).
     pub fn open(
         path: &Path,
         mode: &OpenMode,
-        direct_for: impl FnOnce(&File, bool) -> Arc<Direct>,
-        aio: Option<Aio>,
-    ) -> Result<(FileState, bool)> {
+        direct_for: impl FnOnce(&File, bool) -> Arc<Direct<O>>,
+        aio: Option<Aio<O>>,
+    ) -> Result<(Self, bool)> {
         let mut flags = libc::O_CLOEXEC;
         if mode.direct {
             flags |= libc::O_DIRECT;
@@ -162,7 +171,7 @@ impl FileState {
             // SAFETY: posix_fadvise on our own descriptor; advice only.
             unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, a) };
         }
-        let mut state = FileState {
+        let mut state = Self {
             file,
             tail: None,
             size: 0,
@@ -209,7 +218,7 @@ impl FileState {
     /// The lease a write-type request of `count` bytes at `offset` takes
     /// on a `cache=none` file, exclusive when it must read-modify-write,
     /// and whether it goes to the tail file.
-    pub fn lease(&self, d: &Direct, offset: u64, count: u64, rmw: bool) -> Lease {
+    pub fn lease(&self, d: &Direct<O>, offset: u64, count: u64, rmw: bool) -> Lease {
         let a = d.align.offset;
         let span = Span {
             start: offset / a * a,
@@ -228,7 +237,7 @@ impl FileState {
     }
 
     /// Take `lease`, waiting here if need be.
-    fn hold(&self, d: &Direct, lease: Lease) {
+    fn hold(&self, d: &Direct<O>, lease: Lease) {
         let me = Arc::new(Parked {
             thread: std::thread::current(),
             granted: AtomicBool::new(false),
@@ -279,7 +288,7 @@ impl FileState {
     }
 
     /// A write to a `cache=none` file, under `lease`.
-    fn pwrite_direct(&self, d: &Direct, lease: Lease, buf: &[u8], offset: u64) -> Result<()> {
+    fn pwrite_direct(&self, d: &Direct<O>, lease: Lease, buf: &[u8], offset: u64) -> Result<()> {
         let span = lease.span;
         if let Some(t) = self.tail.as_ref().filter(|_| self.reaches_tail(span)) {
             return Ok(t.write_all_at(buf, offset)?);

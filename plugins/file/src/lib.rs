@@ -35,10 +35,15 @@ use nbdhost_plugin_api::{
 };
 
 use direct::{Alignment, BouncePool, RangeLock};
-use file::{errno_of, Aio, Direct, FileState, OpenMode};
+use file::{errno_of, Aio, OpenMode};
 use offload::Offload;
 use ops::Op;
 use uring::Ring;
+
+/// An open file and its `cache=none` state, where what waits for a lease
+/// without a thread of its own is a request on the ring, an [`Op`].
+type FileState = file::FileState<Op>;
+type Direct = file::Direct<Op>;
 
 /// The largest request served in one piece.
 const MAX_REQUEST: u32 = 32 << 20;

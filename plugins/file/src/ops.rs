@@ -17,7 +17,7 @@ use io_uring::{opcode, squeue, types};
 use nbdhost_plugin_api::{Error, ExtentsRequest, Flags, RangeRequest, ReadRequest, WriteRequest};
 
 use crate::direct::{Bounce, Ends, Lease, Span};
-use crate::file::{unsupported, Direct, FileState, Waiter};
+use crate::file::{unsupported, Direct, FileState, Start, Waiter};
 use crate::uring::{Opcodes, Pending, Submitter};
 
 /// The operations requests use, checked when the ring is made.
@@ -36,7 +36,7 @@ const CHUNK: usize = 1 << 30;
 /// A request in flight on the ring, with the file it is for (kept open
 /// until it completes).
 pub struct Op {
-    file: Arc<FileState>,
+    file: Arc<FileState<Op>>,
     work: Work,
 }
 
@@ -110,7 +110,7 @@ fn errno_error(errno: i32, what: std::fmt::Arguments) -> Error {
 }
 
 /// Start a read.
-pub fn read(file: &Arc<FileState>, mut req: ReadRequest) {
+pub fn read(file: &Arc<FileState<Op>>, mut req: ReadRequest) {
     let (addr, offset, len) = (req.as_mut_ptr() as usize, req.offset(), req.len());
     let bounce = file.direct.as_deref().and_then(|d| {
         (!d.align.fits(addr, offset, len)).then(|| {
@@ -127,7 +127,7 @@ pub fn read(file: &Arc<FileState>, mut req: ReadRequest) {
 }
 
 /// Start a write.
-pub fn write(file: &Arc<FileState>, req: WriteRequest) {
+pub fn write(file: &Arc<FileState<Op>>, req: WriteRequest) {
     let (offset, len) = (req.offset(), req.len());
     let mut w = Writing {
         lease: None,
@@ -163,7 +163,7 @@ pub fn write(file: &Arc<FileState>, req: WriteRequest) {
 }
 
 /// Start a flush.
-pub fn flush(file: &Arc<FileState>, req: RangeRequest) {
+pub fn flush(file: &Arc<FileState<Op>>, req: RangeRequest) {
     let r = Ranging {
         req,
         zero: false,
@@ -175,7 +175,7 @@ pub fn flush(file: &Arc<FileState>, req: RangeRequest) {
 
 /// Start a trim or zero of a regular file (a block device's go to the
 /// offload threads).
-pub fn trim_or_zero(file: &Arc<FileState>, req: RangeRequest, zero: bool) {
+pub fn trim_or_zero(file: &Arc<FileState<Op>>, req: RangeRequest, zero: bool) {
     let punch = file.punch_ok.load(Ordering::Relaxed);
     let stage = if !zero {
         if punch {
@@ -205,7 +205,7 @@ pub fn trim_or_zero(file: &Arc<FileState>, req: RangeRequest, zero: bool) {
 }
 
 /// Start a cache request.
-pub fn cache(file: &Arc<FileState>, req: RangeRequest) {
+pub fn cache(file: &Arc<FileState<Op>>, req: RangeRequest) {
     let r = Ranging {
         req,
         zero: false,
@@ -216,7 +216,7 @@ pub fn cache(file: &Arc<FileState>, req: RangeRequest) {
 }
 
 /// Run an extents request on the offload threads.
-pub fn extents(file: &Arc<FileState>, mut req: ExtentsRequest) {
+pub fn extents(file: &Arc<FileState<Op>>, mut req: ExtentsRequest) {
     let Some(aio) = &file.aio else {
         return req.complete(Err(Error::errno(libc::EIO)));
     };
@@ -229,7 +229,7 @@ pub fn extents(file: &Arc<FileState>, mut req: ExtentsRequest) {
 }
 
 /// Run a block device's trim or zero on the offload threads.
-pub fn offloaded(file: &Arc<FileState>, req: RangeRequest, zero: bool) {
+pub fn offloaded(file: &Arc<FileState<Op>>, req: RangeRequest, zero: bool) {
     let Some(aio) = &file.aio else {
         return req.complete(Err(Error::errno(libc::EIO)));
     };
@@ -266,7 +266,7 @@ impl Writing {
 }
 
 impl Op {
-    fn new(file: &Arc<FileState>, work: Work) -> Op {
+    fn new(file: &Arc<FileState<Op>>, work: Work) -> Op {
         Op {
             file: file.clone(),
             work,
@@ -275,20 +275,9 @@ impl Op {
 
     /// Start once `lease` is granted: now, or when the write holding it
     /// up completes.
-    fn leased(self, d: &Direct, lease: Lease) {
+    fn leased(self, d: &Direct<Op>, lease: Lease) {
         if let Some(Waiter::Op(op)) = d.locks.acquire(lease, Waiter::Op(self)) {
             op.start();
-        }
-    }
-
-    /// Submit the first entry (or answer at once when none is needed).
-    pub fn start(self) {
-        match &self.file.aio {
-            Some(aio) => {
-                let ring = aio.ring.clone();
-                self.proceed(&ring);
-            }
-            None => self.end(Err(Error::errno(libc::EIO))),
         }
     }
 
@@ -434,6 +423,19 @@ impl Op {
                 release(g.lease);
                 g.req.complete(r);
             }
+        }
+    }
+}
+
+impl Start for Op {
+    /// Submit the first entry (or answer at once when none is needed).
+    fn start(self) {
+        match &self.file.aio {
+            Some(aio) => {
+                let ring = aio.ring.clone();
+                self.proceed(&ring);
+            }
+            None => self.end(Err(Error::errno(libc::EIO))),
         }
     }
 }
