@@ -676,20 +676,23 @@ impl Image {
         // SAFETY: the callback's argument is `part`, which lives until the
         // callback takes it back; an out-pointer for the completion.
         let r = unsafe { rbd_aio_create_completion(part.cast(), Some(ended::<H, F>), &mut c) };
+        let r = if r < 0 {
+            r
+        } else {
+            let r = issue(self.raw, c);
+            if r < 0 {
+                // SAFETY: a call that fails to start never calls back, so
+                // the completion is still ours, released once.
+                unsafe { rbd_aio_release(c) };
+            }
+            r
+        };
         if r < 0 {
-            // SAFETY: librbd did not take `part`: it is still ours.
-            let part = unsafe { Box::from_raw(part) };
-            part.parts.end(1, check(r.into()).map(drop));
-            return false;
-        }
-        let r = issue(self.raw, c);
-        if r < 0 {
-            // SAFETY: a call that fails to start never calls back, so the
-            // completion and `part` are still ours, each freed once.
-            unsafe { rbd_aio_release(c) };
-            // SAFETY: as above.
+            // SAFETY: librbd did not take `part` (no completion was made,
+            // or the call did not start): it is still ours, freed once.
             let part = unsafe { Box::from_raw(part) };
             let Part { parts, image, .. } = *part;
+            // Before the request is answered, as in `ended`.
             drop(image);
             parts.end(1, check(r.into()).map(drop));
             return false;
