@@ -648,8 +648,10 @@ impl Turn<'_> {
                     if open.chain.inline {
                         // The hot path: no call to build and no reference
                         // to take for a request run right here.
-                        let later = || self.reply_later();
-                        if let Some(done) = request::request(open, req, buf, &later) {
+                        if open.asynchronous() {
+                            request::start(open, req, buf, self.reply_later());
+                        } else {
+                            let done = request::run(open, req, buf);
                             self.complete_here(c, done);
                         }
                     } else {
@@ -667,9 +669,7 @@ impl Turn<'_> {
     /// otherwise on the pool, in the lane its thread model asks for.
     fn call(&self, c: &mut Conn, call: Call) {
         if call.chain().inline {
-            if let Some(done) = call.run(&|| self.reply_later()) {
-                self.complete_here(c, done);
-            }
+            call.run(&|| self.reply_later(), |done| self.complete_here(c, done));
         } else {
             let lane = c.lanes.lane(call.chain(), &self.loops.lanes);
             self.submit(lane, call);

@@ -31,9 +31,7 @@ impl workers::Job for Job {
     fn run(self, out: &mut Outbox) {
         let Job { conn, call, reply } = self;
         let later = || reply_later(&reply, conn);
-        if let Some(done) = call.run(&later) {
-            out.add(reply, Message::Done(conn, done));
-        }
+        call.run(&later, |done| out.add(&reply, Message::Done(conn, done)));
     }
 }
 
@@ -87,10 +85,10 @@ impl Default for Outbox {
 }
 
 impl Outbox {
-    fn add(&mut self, to: Arc<Mailbox>, m: Message) {
-        if !self.to.as_ref().is_some_and(|t| Arc::ptr_eq(t, &to)) {
+    fn add(&mut self, to: &Arc<Mailbox>, m: Message) {
+        if !self.to.as_ref().is_some_and(|t| Arc::ptr_eq(t, to)) {
             workers::Outbox::flush(self);
-            self.to = Some(to);
+            self.to = Some(to.clone());
         }
         if self.messages.is_empty() {
             self.since = Instant::now();

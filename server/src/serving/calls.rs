@@ -44,27 +44,32 @@ impl Call {
         }
     }
 
-    /// Run the call, here, and say what came of it; `None` for a request
-    /// started on the asynchronous path, whose result goes to the
-    /// [`Reply`] that `later` makes.
-    pub fn run(self, later: &dyn Fn() -> Reply) -> Option<Done<Arc<OpenExport>>> {
+    /// Run the call, here, and hand what came of it to `done`; a request
+    /// started on the asynchronous path hands it later to the [`Reply`]
+    /// that `later` makes instead. (A sink rather than a returned
+    /// `Option`: the result, a request and its outcome, is not moved once
+    /// more on the pool's path for every request.)
+    pub fn run(self, later: &dyn Fn() -> Reply, done: impl FnOnce(Done<Arc<OpenExport>>)) {
         match self {
             Call::Query {
                 query,
                 chain,
                 preconnect,
                 client,
-            } => Some(query::query(&chain, query, preconnect, &client)),
+            } => done(query::query(&chain, query, preconnect, &client)),
             Call::Request { req, open, buf } => {
-                let done = request::request(&open, req, buf, later);
+                if open.asynchronous() {
+                    return request::start(&open, req, buf, later());
+                }
+                let result = request::run(&open, req, buf);
                 // Before the result is handed over: the session's own
                 // reference must be the last one when it closes the handle.
                 drop(open);
-                done
+                done(result)
             }
             Call::Close(open) => {
                 close(open);
-                Some(Done::Closed)
+                done(Done::Closed)
             }
         }
     }

@@ -33,6 +33,11 @@ impl std::fmt::Debug for OpenExport {
 }
 
 impl OpenExport {
+    /// Whether requests are started and answered later.
+    pub fn asynchronous(&self) -> bool {
+        self.asynchronous
+    }
+
     /// What a layer asked with `host->disconnect` since the last look:
     /// `Some(true)` to close at once, `Some(false)` once the running
     /// requests are answered.

@@ -16,21 +16,15 @@ use crate::protocol::wire::EIO;
 use crate::session::buffers::PooledBuf;
 use crate::session::{Done, Outcome, Request};
 
-/// Run `req` on `open`: here, for a chain that answers at once; or, for
-/// one that starts requests asynchronously, started here and answered
-/// later through the [`Reply`] that `later` makes (`None` then). Either
-/// way for the connection its handle was opened for. A read fills `buf`,
-/// which the caller supplies with the read's length.
-pub fn request(
-    open: &Arc<OpenExport>,
-    req: Request,
-    buf: Option<PooledBuf>,
-    later: &dyn Fn() -> Reply,
-) -> Option<Done<Arc<OpenExport>>> {
-    if open.asynchronous {
-        started::start(open, req, buf, later());
-        return None;
-    }
+/// Start `req` on `open`'s chain, which answers later through `reply`.
+pub fn start(open: &Arc<OpenExport>, req: Request, buf: Option<PooledBuf>, reply: Reply) {
+    started::start(open, req, buf, reply);
+}
+
+/// Run `req` on `open` here, on a chain that answers at once. The event
+/// loop's path for inline chains calls it directly: the hot path, where
+/// even the move of the result through an `Option` shows.
+pub fn run(open: &OpenExport, req: Request, buf: Option<PooledBuf>) -> Done<Arc<OpenExport>> {
     let outcome =
         catch_unwind(AssertUnwindSafe(|| perform(open, &req, buf))).unwrap_or_else(|_| {
             log::error!(
@@ -40,7 +34,7 @@ pub fn request(
             );
             Outcome::Failed(EIO)
         });
-    Some(Done::Request(req, outcome))
+    Done::Request(req, outcome)
 }
 
 fn perform(open: &OpenExport, req: &Request, buf: Option<PooledBuf>) -> Outcome {
