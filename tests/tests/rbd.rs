@@ -759,6 +759,67 @@ print('wrong', [o for b, o in zip(rbufs, reads) if b.to_bytearray() != src[o:o +
 }
 
 #[test]
+fn luks_over_offset_over_rbd_stays_asynchronous_end_to_end() {
+    let Some(c) = cluster("luks_over_offset_over_rbd_stays_asynchronous_end_to_end") else {
+        return;
+    };
+    let dir = TempDir::new("rbd-async-chain");
+    let pw = dir.path("pw");
+    std::fs::write(&pw, "an asynchronous chain").unwrap();
+    let data = pattern(8 * MIB, 13);
+    let luks = dir.path("luks.img");
+    luks2_encrypted_in_place(&luks, &data, &pw, &[]);
+    // The volume starts 1 MiB into the image, behind the offset filter.
+    let mut bytes = vec![0x5au8; MIB];
+    bytes.extend(read(&luks));
+    let img = file_with(&dir, "image.img", &bytes);
+    c.rbd(&["import", img.to_str().unwrap(), "rbd/chain"]);
+    // One worker thread, every OSD reply held up to 200 ms: 64 reads
+    // waited for one after another would take about 6.4 s.
+    let conf = format!("conf={}", delayed_conf(c, &dir, 0.2).display());
+    let pass = format!("passphrase=+{}", pw.display());
+    let (luks_f, offset_f) = (filter_arg("luks"), filter_arg("offset"));
+    let s = c.serve(
+        &["-t", "1", &luks_f, &offset_f],
+        "rbd/chain",
+        &[&conf, &pass, "offset=1M"],
+    );
+    let script = format!(
+        "{AIO}\
+reads = random.Random(3).sample(range(0, {len} - 4096, 4096), 64)
+bufs = [nbd.Buffer(4096) for _ in reads]
+t = time.monotonic()
+for b, o in zip(bufs, reads):
+    h.aio_pread(b, o, completion=cb('read'))
+wait(60)
+print('reads', time.monotonic() - t)
+print('failed', failed)
+print('at', reads)
+print('data', ''.join(b.to_bytearray().hex() for b in bufs))
+",
+        len = data.len()
+    );
+    let out = nbdsh(&s.uri(), &script);
+    assert!(out.contains("failed []"), "{out}");
+    let field = |name: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{out}"))
+            .to_string()
+    };
+    let took: f64 = field("reads").parse().unwrap();
+    assert!(took < 3.0, "64 reads through luks and offset took {took} s");
+    let at: Vec<usize> = field("at")
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(", ")
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let want: String = at.iter().map(|&o| hex(&data[o..o + 4096])).collect();
+    assert!(field("data") == want, "decrypted data differs");
+    assert!(s.stop().success());
+}
+
+#[test]
 fn qemu_img_convert_and_compare_through_one_worker() {
     let Some(c) = cluster("qemu_img_convert_and_compare_through_one_worker") else {
         return;
