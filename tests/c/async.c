@@ -42,6 +42,13 @@ static char *file;
  * look at the disk at start-up) are completed in the starting call. */
 static int started;
 
+/* The plugin's threads, stopped and joined at unload (after the server
+ * has waited for every request in flight), so none outlives the library
+ * and nothing it allocated leaks. */
+#define THREADS 4
+static pthread_t threads[THREADS];
+static int stopping;
+
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
 static struct pending **queue;
@@ -102,8 +109,12 @@ worker (void *arg)
     size_t i;
 
     pthread_mutex_lock (&lock);
-    while (queued == 0)
+    while (queued == 0 && !stopping)
       pthread_cond_wait (&cond, &lock);
+    if (queued == 0) {
+      pthread_mutex_unlock (&lock);
+      return NULL;
+    }
     i = (size_t) rand_r (&seed) % queued;
     p = queue[i];
     queue[i] = queue[--queued];
@@ -139,18 +150,32 @@ async_get_ready (void)
 static int
 async_after_fork (void)
 {
-  pthread_t t;
   int i;
 
-  for (i = 0; i < 4; i++) {
-    if (pthread_create (&t, NULL, worker, NULL) != 0) {
+  for (i = 0; i < THREADS; i++) {
+    if (pthread_create (&threads[i], NULL, worker, NULL) != 0) {
       nbdhost_error (errno, "pthread_create");
       return -1;
     }
-    pthread_detach (t);
+    started = i + 1;
   }
-  started = 1;
   return 0;
+}
+
+static void
+async_unload (void)
+{
+  int i;
+
+  pthread_mutex_lock (&lock);
+  stopping = 1;
+  pthread_cond_broadcast (&cond);
+  pthread_mutex_unlock (&lock);
+  for (i = 0; i < started; i++)
+    pthread_join (threads[i], NULL);
+  free (queue);
+  free (disk);
+  free (file);
 }
 
 static void *
@@ -238,6 +263,7 @@ static struct nbdhost_plugin plugin = {
   .version = "1",
   .thread_model = NBDHOST_THREAD_MODEL_PARALLEL,
   .config = async_config,
+  .unload = async_unload,
   .get_ready = async_get_ready,
   .after_fork = async_after_fork,
   .open = async_open,
