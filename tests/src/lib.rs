@@ -332,6 +332,24 @@ pub fn keys_ok(args: &[&str]) -> String {
     run_ok(Command::new(keys_bin()).args(args))
 }
 
+/// qemu-img writes `src` into the export at `uri` (`convert -n -W`, many
+/// requests of many sizes in flight) and `compare` finds them identical.
+pub fn convert_and_compare(src: &Path, uri: &str) {
+    run_ok(
+        client("qemu-img")
+            .args(["convert", "-n", "-W", "-f", "raw", "-O", "raw"])
+            .arg(src)
+            .arg(uri),
+    );
+    let cmp = run_ok(
+        client("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(src)
+            .arg(uri),
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}
+
 /// A program's stdout and stderr together.
 pub fn output_text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nbdhost_tests::{
-    build_c, client, filter_arg, missing, pattern, qemu_io, root, run_ok, Server, TempDir,
+    build_c, convert_and_compare, filter_arg, missing, pattern, qemu_io, root, run_ok, Server,
+    TempDir,
 };
 
 /// `casync`, built in `dir` as its header comment says.
@@ -92,19 +93,7 @@ fn serve_and_check(dir: &TempDir, so: &Path, name: &str, args: &[&str], params: 
     // Many requests of many sizes: a whole image through, and compared.
     let src = dir.path("src.img");
     std::fs::write(&src, pattern(8 << 20, 19)).unwrap();
-    run_ok(
-        client("qemu-img")
-            .args(["convert", "-n", "-W", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(&uri),
-    );
-    let cmp = run_ok(
-        client("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&src)
-            .arg(&uri),
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    convert_and_compare(&src, &uri);
     let (status, log) = s.stop_with_log();
     assert!(status.success(), "{log}");
     assert!(!log.contains("panicked"), "{log}");

@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbdhost_tests::{
-    build_c, client, filter_arg, luks2_encrypted_in_place, missing, nbdsh, pattern, qemu_io, root,
-    run_ok, Server, TempDir,
+    build_c, convert_and_compare, filter_arg, luks2_encrypted_in_place, missing, nbdsh, pattern,
+    qemu_io, root, Server, TempDir,
 };
 
 /// The `async` plugin, built in `dir`.
@@ -38,19 +38,7 @@ fn completions_from_the_plugin_s_threads_in_any_order_serve_qemu() {
     let src = dir.path("src.img");
     std::fs::write(&src, pattern(8 << 20, 7)).unwrap();
     let uri = s.uri();
-    run_ok(
-        client("qemu-img")
-            .args(["convert", "-n", "-W", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(&uri),
-    );
-    let cmp = run_ok(
-        client("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&src)
-            .arg(&uri),
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    convert_and_compare(&src, &uri);
     // FUA, which the plugin leaves to the server: a flush after the write.
     qemu_io(&uri, &["write -f -P 0x44 9M 64k", "read -P 0x44 9M 64k"]);
     assert!(s.stop().success());
