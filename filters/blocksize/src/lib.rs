@@ -267,9 +267,7 @@ impl FilterHandle for Adapter {
             // goes in the request's buffer.
             let (below, size, from, len) = match p {
                 Piece::Whole { offset: o, len } => (o, len, 0, len),
-                Piece::Partial { offset: o, len } => {
-                    (l.down(o), l.minblock.into(), o - l.down(o), len)
-                }
+                Piece::Partial { offset: o, len } => (l.down(o), l.minblock, o - l.down(o), len),
             };
             let at = (below + from - offset) as usize;
             let join = join.clone();
