@@ -46,6 +46,18 @@ fn tcp_server(args: &[&str]) -> Server {
     Server::start_tcp(&all, port)
 }
 
+/// A TCP server of a 1 MiB memory disk over TLS with the certificates of
+/// the PKI at `p`, requiring and verifying client certificates.
+fn verifying_server(p: &Path) -> Server {
+    tcp_server(&[
+        "--tls=require",
+        &format!("--tls-certificates={}", s(&p.join("server"))),
+        "--tls-verify-peer",
+        "memory",
+        "1M",
+    ])
+}
+
 fn port(s: &Server) -> String {
     s.port.unwrap().to_string()
 }
@@ -435,13 +447,7 @@ fn qemu_checks_the_server_by_its_dns_name_and_ip_and_reads_the_export() {
     }
     let dir = TempDir::new("keys-qemu");
     let p = pki(&dir);
-    let server = tcp_server(&[
-        "--tls=require",
-        &format!("--tls-certificates={}", s(&p.join("server"))),
-        "--tls-verify-peer",
-        "memory",
-        "1M",
-    ]);
+    let server = verifying_server(&p);
     let qemu = |host: &str, extra: &str| {
         run(client("qemu-img").args([
             "info",
@@ -488,13 +494,7 @@ fn printed_x509_client_lines_work_as_printed() {
         out.contains(&format!("--tls-certificates={}", s(&p.join("server")))),
         "{out}"
     );
-    let server = tcp_server(&[
-        "--tls=require",
-        &format!("--tls-certificates={}", s(&p.join("server"))),
-        "--tls-verify-peer",
-        "memory",
-        "1M",
-    ]);
+    let server = verifying_server(&p);
     // The host comes from the server certificate's name.
     let out = keys_ok(&[
         "client",
@@ -529,13 +529,7 @@ fn with_verify_peer_a_client_without_a_certificate_is_refused() {
     }
     let dir = TempDir::new("keys-nocert");
     let p = pki(&dir);
-    let server = tcp_server(&[
-        "--tls=require",
-        &format!("--tls-certificates={}", s(&p.join("server"))),
-        "--tls-verify-peer",
-        "memory",
-        "1M",
-    ]);
+    let server = verifying_server(&p);
     // Trusts the server, but has no certificate of its own.
     let anon = dir.path("anon");
     std::fs::create_dir(&anon).unwrap();
@@ -696,13 +690,7 @@ fn a_server_started_after_revoke_refuses_the_revoked_client() {
     let p = pki(&dir);
     keys_ok(&["client", s(&p), "--name", "other"]);
     keys_ok(&["revoke", s(&p), "--name", "backup"]);
-    let server = tcp_server(&[
-        "--tls=require",
-        &format!("--tls-certificates={}", s(&p.join("server"))),
-        "--tls-verify-peer",
-        "memory",
-        "1M",
-    ]);
+    let server = verifying_server(&p);
     let uri = |name: &str| {
         format!(
             "nbds://localhost:{}/?tls-certificates={}",
