@@ -62,6 +62,10 @@ extern "C" {
 /* Capability bits returned by the capabilities callback of struct
  * nbdhost_plugin and struct nbdhost_filter (since ABI 1.4). */
 #define NBDHOST_NONBLOCKING (1 << 0) /* no callback ever waits */
+/* Since ABI 1.9, for plugins: as configured, the async_* callbacks are
+ * not to be used; the server starts requests with the synchronous ones
+ * (a plugin that can do either, configured for threads). */
+#define NBDHOST_SYNCHRONOUS (1 << 1)
 
 /* Levels of host->log (since ABI 1.5). */
 #define NBDHOST_LOG_ERROR   0

@@ -46,6 +46,9 @@ pub const SUPPORT_NATIVE: c_int = 2;
 /// [`Filter::capabilities`] return (since ABI 1.4): no callback ever waits,
 /// so the server may call them on its event loops.
 pub const NONBLOCKING: u64 = 1 << 0;
+/// `NBDHOST_SYNCHRONOUS` (since ABI 1.9, for plugins): as configured, the
+/// plugin's `async_*` callbacks are not to be used.
+pub const SYNCHRONOUS: u64 = 1 << 1;
 
 /// `NBDHOST_LOG_ERROR`, a level of [`Host::log`] (since ABI 1.5).
 pub const LOG_ERROR: c_int = 0;

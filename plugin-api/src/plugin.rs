@@ -79,6 +79,14 @@ pub trait Plugin: Default + Send + Sync + 'static {
     fn nonblocking(&self) -> bool {
         false
     }
+    /// Asked once after [`Plugin::get_ready`] (since ABI 1.9): whether, as
+    /// configured, the handles' `async_*` methods are to be used. A plugin
+    /// that can serve either way answers `false` when configured for
+    /// threads: the server then starts every request with the synchronous
+    /// methods, as it would for a plugin without asynchronous ones.
+    fn asynchronous(&self) -> bool {
+        true
+    }
     /// A client connected; refuse it by returning an error.
     fn preconnect(&self, _readonly: bool) -> Result<()> {
         Ok(())
@@ -329,8 +337,16 @@ unsafe extern "C" fn get_ready<P: Plugin>() -> c_int {
 
 unsafe extern "C" fn capabilities<P: Plugin>() -> u64 {
     guard(0, || {
-        let nonblocking = INSTANCE.with::<P, _>(|p| Ok(p.nonblocking()))?;
-        Ok(if nonblocking { abi::NONBLOCKING } else { 0 })
+        let (nonblocking, asynchronous) =
+            INSTANCE.with::<P, _>(|p| Ok((p.nonblocking(), p.asynchronous())))?;
+        let mut caps = 0;
+        if nonblocking {
+            caps |= abi::NONBLOCKING;
+        }
+        if !asynchronous {
+            caps |= abi::SYNCHRONOUS;
+        }
+        Ok(caps)
     })
 }
 
@@ -686,7 +702,8 @@ pub unsafe fn entry<P: Plugin>(
         zero: defined!(P, P::Handle, zero),
         extents: defined!(P, P::Handle, extents),
         cache: defined!(P, P::Handle, cache),
-        capabilities: defined!(P, P, nonblocking, capabilities),
+        capabilities: (P::CALLBACKS.has("nonblocking") || P::CALLBACKS.has("asynchronous"))
+            .then_some(capabilities::<P> as _),
         configured_thread_model: None,
         after_fork: defined!(P, P, after_fork),
         dump_plugin: None,

@@ -325,6 +325,7 @@ fn constants() -> Vec<(&'static str, i64)> {
         NBDHOST_CACHE_EMULATE => abi::SUPPORT_EMULATE,
         NBDHOST_CACHE_NATIVE => abi::SUPPORT_NATIVE,
         NBDHOST_NONBLOCKING => abi::NONBLOCKING,
+        NBDHOST_SYNCHRONOUS => abi::SYNCHRONOUS,
         NBDHOST_LOG_ERROR => abi::LOG_ERROR,
         NBDHOST_LOG_WARNING => abi::LOG_WARNING,
         NBDHOST_LOG_INFO => abi::LOG_INFO,

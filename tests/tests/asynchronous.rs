@@ -287,3 +287,26 @@ print(''.join(b.to_bytearray().hex() for b in bufs))
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// The export description of the `either` plugin serving at `uri`: how
+/// many synchronous and asynchronous calls it has had.
+fn calls(uri: &str) -> String {
+    nbdsh(uri, "print(h.get_export_description())")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_plugin_that_says_synchronous_is_called_synchronously_only() {
+    if missing("", &["qemu-io"]) {
+        return;
+    }
+    let dir = TempDir::new("async-either");
+    let so = build_c(&dir, "eitherplugin", &root().join("tests/c/either.c"), &[]);
+    for (sync, want) in [("1", "sync 2 async 0"), ("0", "sync 0 async 2")] {
+        let s = Server::start(&[so.to_str().unwrap(), &format!("sync={sync}")]);
+        qemu_io(&s.uri(), &["write -P 0x3c 0 4k", "read -P 0x3c 0 4k"]);
+        assert_eq!(calls(&s.uri()), want, "sync={sync}");
+        assert!(s.stop().success());
+    }
+}

@@ -299,6 +299,14 @@ aio=auto|io_uring|threads   How requests reach the kernel (default auto:
         Ok(())
     }
 
+    fn asynchronous(&self) -> bool {
+        // Without the ring (aio=threads, a file in memory, or io_uring
+        // refused) the asynchronous methods would only do the synchronous
+        // work in the starting call: the server's synchronous path is
+        // cheaper for that (its results go back in batches).
+        self.ring_wanted()
+    }
+
     fn nonblocking(&self) -> bool {
         // With the ring, starting a request only queues it (or hands a
         // call io_uring has no operation for to the offload threads), so

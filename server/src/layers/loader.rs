@@ -144,6 +144,8 @@ pub struct Library<T: LayerTable> {
     loaded: bool,
     /// What the layer said of its calls once ready: they never wait.
     nonblocking: AtomicBool,
+    /// The layer asked that its asynchronous callbacks not be used.
+    synchronous: AtomicBool,
     /// The thread model as configured: the struct's, or stricter once the
     /// layer has said so after `config_complete`.
     thread_model: AtomicU32,
@@ -347,6 +349,7 @@ impl<T: LayerTable> Library<T> {
             info,
             loaded: false,
             nonblocking: AtomicBool::new(false),
+            synchronous: AtomicBool::new(false),
             thread_model: AtomicU32::new(table.thread_model()),
             _lib: lib,
         };
@@ -466,6 +469,8 @@ impl<T: LayerTable> Library<T> {
             let caps = self.call(|| unsafe { f() });
             self.nonblocking
                 .store(caps & abi::NONBLOCKING != 0, Ordering::Relaxed);
+            self.synchronous
+                .store(caps & abi::SYNCHRONOUS != 0, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -473,6 +478,12 @@ impl<T: LayerTable> Library<T> {
     /// Whether the layer, as configured, never waits in a call.
     pub fn nonblocking(&self) -> bool {
         self.nonblocking.load(Ordering::Relaxed)
+    }
+
+    /// Whether the layer, as configured, asks that its asynchronous
+    /// callbacks not be used (ABI 1.9).
+    pub fn synchronous(&self) -> bool {
+        self.synchronous.load(Ordering::Relaxed)
     }
 }
 

@@ -256,8 +256,20 @@ impl PluginHandle {
     }
 
     /// The plugin's asynchronous callbacks (none past the end of an
-    /// older plugin's struct).
+    /// older plugin's struct, and none when, as configured, it asks that
+    /// they not be used).
     pub(super) fn async_callbacks(&self) -> AsyncCallbacks {
+        if self.lib.synchronous() {
+            return AsyncCallbacks {
+                pread: None,
+                pwrite: None,
+                flush: None,
+                trim: None,
+                zero: None,
+                cache: None,
+                extents: None,
+            };
+        }
         AsyncCallbacks {
             pread: cb!(self.lib, async_pread),
             pwrite: cb!(self.lib, async_pwrite),
