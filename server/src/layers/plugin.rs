@@ -70,6 +70,7 @@ macro_rules! cb {
 }
 
 /// A plugin's asynchronous callbacks (ABI 1.9).
+#[derive(Default)]
 pub(super) struct AsyncCallbacks {
     pub pread: Option<abi::AsyncPreadFn>,
     pub pwrite: Option<abi::AsyncPwriteFn>,
@@ -260,15 +261,7 @@ impl PluginHandle {
     /// they not be used).
     pub(super) fn async_callbacks(&self) -> AsyncCallbacks {
         if self.lib.synchronous() {
-            return AsyncCallbacks {
-                pread: None,
-                pwrite: None,
-                flush: None,
-                trim: None,
-                zero: None,
-                cache: None,
-                extents: None,
-            };
+            return AsyncCallbacks::default();
         }
         AsyncCallbacks {
             pread: cb!(self.lib, async_pread),
