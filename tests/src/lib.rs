@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 pub mod raw;
 pub mod tls;
+pub mod twin;
 
 /// Directory holding the `nbdhost` and plugin shared objects the tests
 /// run: `$NBDHOST_TEST_BINDIR` if set (`make asan` points it at
@@ -460,26 +461,43 @@ impl Server {
     /// Start `nbdhost -f -U <private socket> ARGS...` and wait until it
     /// accepts connections. Its stderr goes to `self.log`.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_program(&nbdhost_bin(), args)
+    }
+
+    /// Start `PROGRAM -f -U <private socket> ARGS...`, where PROGRAM is
+    /// `nbdhost` or a server with its command line (`nbdkit`), and wait
+    /// until it accepts connections.
+    pub fn start_program(program: &Path, args: &[&str]) -> Server {
         let dir = TempDir::new("srv");
         let socket = dir.path("nbd.sock");
         let mut all = vec!["-U".to_string(), socket.display().to_string()];
         all.extend(args.iter().map(|a| a.to_string()));
-        let mut s = Server::spawn(dir, &all, socket, None);
+        let mut s = Server::spawn_program(program, dir, &all, socket, None);
         s.wait_ready();
         s
     }
 
     /// Run `nbdhost -f ARGS...` with its stderr in `dir/server.log`.
     fn spawn(dir: TempDir, args: &[String], socket: PathBuf, port: Option<u16>) -> Server {
+        Server::spawn_program(&nbdhost_bin(), dir, args, socket, port)
+    }
+
+    fn spawn_program(
+        program: &Path,
+        dir: TempDir,
+        args: &[String],
+        socket: PathBuf,
+        port: Option<u16>,
+    ) -> Server {
         let log = dir.path("server.log");
-        let child = Command::new(nbdhost_bin())
+        let child = Command::new(program)
             .arg("-f")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
-            .expect("start nbdhost");
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         Server {
             child: Some(child),
             socket,
@@ -539,11 +557,11 @@ impl Server {
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("nbdhost exited early ({st}): {}", self.log_text());
+                panic!("server exited early ({st}): {}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("nbdhost did not listen within 60 s: {}", self.log_text());
+        panic!("server did not listen within 60 s: {}", self.log_text());
     }
 
     /// The `nbd+unix://` URI of the default export.
