@@ -250,6 +250,26 @@ pub fn sleep(d: std::time::Duration) -> Result<()> {
     }
 }
 
+/// Ask the server to shut down, as a signal would: it stops accepting
+/// clients and exits. Callable from any thread, a filter's own included
+/// (since ABI 1.5; an older server ignores it).
+pub fn shutdown() {
+    if let Some(f) = service!(shutdown) {
+        // SAFETY: a plain call without arguments.
+        unsafe { f() }
+    }
+}
+
+/// Ask the server to drop the current connection once the callback
+/// returns: at once with `force`, otherwise after the requests in
+/// flight are answered (since ABI 1.5; an older server ignores it).
+pub fn disconnect(force: bool) {
+    if let Some(f) = service!(disconnect) {
+        // SAFETY: a plain call with an integer.
+        unsafe { f(i32::from(force)) }
+    }
+}
+
 /// The value of debug flag `name` (`-D plugin.name=N`), or 0.
 pub fn debug_flag(name: &str) -> i32 {
     let Some(f) = service!(debug_flag) else {
