@@ -354,6 +354,14 @@ pub trait Filter: Default + Send + Sync + 'static {
     fn nonblocking(&self) -> bool {
         false
     }
+    /// Asked once, right after [`Filter::config_complete`]: the thread
+    /// model the filter tolerates as configured (ABI 1.5's
+    /// `configured_thread_model`). Only a model stricter than
+    /// [`Filter::THREAD_MODEL`] counts. Not defined, the constant alone
+    /// applies.
+    fn thread_model(&self) -> ThreadModel {
+        Self::THREAD_MODEL
+    }
     /// A client connected; refuse it by returning an error.
     fn preconnect(&self, _readonly: bool) -> Result<()> {
         Ok(())
@@ -587,6 +595,13 @@ unsafe extern "C" fn capabilities<F: Filter>() -> u64 {
     guard(0, || {
         let nonblocking = INSTANCE.with::<F, _>(|f| Ok(f.nonblocking()))?;
         Ok(if nonblocking { abi::NONBLOCKING } else { 0 })
+    })
+}
+
+unsafe extern "C" fn configured_thread_model<F: Filter>() -> c_int {
+    guard(-1, || {
+        let model = INSTANCE.with::<F, _>(|f| Ok(f.thread_model()))?;
+        Ok(model as c_int)
     })
 }
 
@@ -950,7 +965,7 @@ pub unsafe fn entry<F: Filter>(host: *const abi::Host, strings: Strings) -> *con
         cache: defined!(F, F::Handle, cache),
         startup: defined!(F, F, startup),
         capabilities: defined!(F, F, nonblocking, capabilities),
-        configured_thread_model: None,
+        configured_thread_model: defined!(F, F, thread_model, configured_thread_model),
         after_fork: defined!(F, F, after_fork),
         prepare: defined!(F, F::Handle, prepare),
         list_exports: defined!(F, F, list_exports),
