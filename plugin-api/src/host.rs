@@ -209,6 +209,86 @@ pub fn peer_name() -> Option<std::net::SocketAddr> {
     }
 }
 
+/// How the current connection's client reached the server, with what
+/// the socket says about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// TCP, from this address.
+    Inet(std::net::SocketAddr),
+    /// A Unix-domain socket (its peer address is always unnamed).
+    Unix,
+    /// AF_VSOCK, from this context ID and port.
+    Vsock { cid: u32, port: u32 },
+}
+
+/// The current connection's peer, whatever its address family; `None`
+/// outside a connection, for standard input (`-s`), or for a family the
+/// SDK does not know. ([`peer_name`] answers only for IP peers.)
+pub fn peer() -> Option<Peer> {
+    let f = service!(peer_name)?;
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `ss` and `len` describe a writable buffer of that size.
+    if unsafe { f((&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+        return None;
+    }
+    match ss.ss_family as i32 {
+        libc::AF_UNIX => Some(Peer::Unix),
+        libc::AF_VSOCK => {
+            // SAFETY: the family says the storage holds a sockaddr_vm.
+            let vm = unsafe { &*(&ss as *const _ as *const libc::sockaddr_vm) };
+            Some(Peer::Vsock {
+                cid: vm.svm_cid,
+                port: vm.svm_port,
+            })
+        }
+        _ => peer_name().map(Peer::Inet),
+    }
+}
+
+/// A Unix-socket client's process, user and group, as the kernel gave
+/// them when it connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub pid: i64,
+    pub uid: i64,
+    pub gid: i64,
+}
+
+/// The current connection's peer credentials; an error for a client that
+/// is not on a Unix socket, or with a server older than ABI 1.5.
+pub fn peer_credentials() -> Result<Credentials> {
+    let f = service!(peer_credentials)
+        .ok_or_else(|| Error::new(libc::ENOTSUP, "the server has no peer credentials"))?;
+    let (mut pid, mut uid, mut gid) = (-1i64, -1i64, -1i64);
+    // SAFETY: three writable places of the types the service fills.
+    match unsafe { f(&mut pid, &mut uid, &mut gid) } {
+        0 => Ok(Credentials { pid, uid, gid }),
+        _ => Err(Error::from_next(last_errno())),
+    }
+}
+
+fn owned(p: *const c_char) -> Option<String> {
+    // SAFETY: the host returns null or a C string valid for the
+    // connection; checked non-null first.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// The subject DN of the client certificate the server verified
+/// (`--tls-verify-peer`), or `None`.
+pub fn peer_tls_dn() -> Option<String> {
+    // SAFETY: a plain query of the current connection.
+    owned(unsafe { service!(peer_tls_dn)?() })
+}
+
+/// The issuer DN of the client certificate the server verified, or
+/// `None`.
+pub fn peer_tls_issuer_dn() -> Option<String> {
+    // SAFETY: a plain query of the current connection.
+    owned(unsafe { service!(peer_tls_issuer_dn)?() })
+}
+
 /// The number of the connection the current call is made for (1, 2, ...
 /// in the order the server accepted them, as its log numbers them), or
 /// `None` outside a connection or with a server older than ABI 1.6.
