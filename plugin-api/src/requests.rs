@@ -196,6 +196,13 @@ impl ReadRequest {
         self.offset = offset;
     }
 
+    /// Keep only the first `len` bytes (no more than [`ReadRequest::len`]):
+    /// the layer below reads no further. The filter fills the rest first
+    /// (zeroes past a disk's end, say): it is out of reach afterwards.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     pub fn flags(&self) -> Flags {
         self.flags
     }
@@ -281,6 +288,12 @@ impl WriteRequest {
         self.flags
     }
 
+    /// Keep only the first `len` bytes (no more than
+    /// [`WriteRequest::len`]): the layer below writes no further.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Change the flags passed down (a filter dropping FUA it handles).
     pub fn set_flags(&mut self, flags: Flags) {
         self.flags = flags;
@@ -332,6 +345,12 @@ impl RangeRequest {
     /// Act elsewhere: a filter mapping the request onto the layer below.
     pub fn set_offset(&mut self, offset: u64) {
         self.offset = offset;
+    }
+
+    /// Keep only the first `count` bytes of the range (no more than
+    /// [`RangeRequest::count`]): the layer below acts no further.
+    pub fn truncate(&mut self, count: u64) {
+        self.count = self.count.min(count);
     }
 
     pub fn flags(&self) -> Flags {

@@ -284,6 +284,72 @@ print(''.join(b.to_bytearray().hex() for b in bufs))
     assert!(s.stop().success());
 }
 
+#[test]
+fn truncate_over_an_asynchronous_plugin_stays_asynchronous_and_zeroes_past_the_end() {
+    let dir = TempDir::new("async-truncate");
+    let data = pattern(1 << 20, 29);
+    let img = dir.path("disk.img");
+    std::fs::write(&img, &data).unwrap();
+    let so = async_plugin(&dir);
+    let s = Server::start(&[
+        "-t",
+        "1",
+        &filter_arg("truncate"),
+        so.to_str().unwrap(),
+        "truncate=2M",
+        &format!("file={}", img.display()),
+        "hold_ms=300",
+    ]);
+    // 63 reads held up to 300 ms through one worker thread, some across
+    // the real end (1 MiB) and some wholly past it: none waits for
+    // another, and the part past the end reads as zeroes.
+    let script = "\
+import time
+reads = [(i * 32768 - 2048, 4096) for i in range(1, 64)]
+bufs = [nbd.Buffer(n) for _, n in reads]
+t = time.monotonic()
+for (off, n), b in zip(reads, bufs):
+    h.aio_pread(b, off)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+print(time.monotonic() - t)
+print(''.join(b.to_bytearray().hex() for b in bufs))
+";
+    let out = nbdsh(&s.uri(), script);
+    let mut lines = out.lines();
+    let took: f64 = lines.next().unwrap().parse().unwrap();
+    assert!(took < 2.0, "63 reads held 300 ms took {took} s");
+    let mut disk = data.clone();
+    disk.resize(2 << 20, 0);
+    let want: String = (1..64)
+        .map(|i| hex(&disk[i * 32768 - 2048..][..4096]))
+        .collect();
+    assert!(
+        lines.next().unwrap() == want,
+        "data past the real end is not zero"
+    );
+    // Zeroes may be written past the end, nothing else; a write across
+    // the end changes the real part.
+    qemu_io(
+        &s.uri(),
+        &[
+            "aio_write -z 1536k 4k",
+            "aio_write -P 0x5a 1044480 4096",
+            "aio_flush",
+            "read -P 0x5a 1044480 4096",
+        ],
+    );
+    assert!(
+        nbdsh(
+            &s.uri(),
+            "try:\n    h.pwrite(b'x' * 512, 1 << 20)\n    print('written')\nexcept nbd.Error as e:\n    print(e.errno)"
+        )
+        .trim()
+            == "ENOSPC"
+    );
+    assert!(s.stop().success());
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

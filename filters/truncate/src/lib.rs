@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use nbdhost_plugin_api::{
     abi, callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, Result,
+    NextOpener, RangeRequest, ReadRequest, Result, WriteRequest,
 };
 
 /// Configured size changes, applied in this order: `truncate`, then
@@ -114,6 +114,51 @@ impl Resized {
         let real = self.sizes(next)?.real;
         Ok(count.min(real.saturating_sub(offset)))
     }
+
+    /// How many bytes of a write of `buf` at `offset` go to the real
+    /// disk. The rest must be zeroes: checked before anything is written,
+    /// so that a refused request changes nothing.
+    fn write_below(&self, next: &Next, buf: &[u8], offset: u64) -> Result<usize> {
+        let n = self.below(next, buf.len() as u64, offset)? as usize;
+        if buf[n..].iter().any(|&b| b != 0) {
+            return Err(Error::new(
+                libc::ENOSPC,
+                format!(
+                    "write beyond the end of the underlying disk ({} bytes)",
+                    self.sizes(next)?.real
+                ),
+            ));
+        }
+        Ok(n)
+    }
+
+    /// How many bytes of a zero request go to the real disk.
+    fn zero_below(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<u64> {
+        let n = self.below(next, count, offset)?;
+        // We advertise fast zero whatever the disk below can do.
+        if n > 0 && flags.contains(Flags::FAST_ZERO) && !next.can_fast_zero()? {
+            return Err(Error::errno(libc::ENOTSUP));
+        }
+        Ok(n)
+    }
+
+    /// Pass a trim, zero or cache down for its part on the real disk
+    /// (`below`), answering at once when there is none.
+    fn range_down(
+        next: &Next,
+        mut req: RangeRequest,
+        below: Result<u64>,
+        start: fn(&Next, RangeRequest),
+    ) {
+        match below {
+            Err(e) => req.complete(Err(e)),
+            Ok(0) => req.complete(Ok(())),
+            Ok(n) => {
+                req.truncate(n);
+                start(next, req)
+            }
+        }
+    }
 }
 
 #[callbacks]
@@ -147,23 +192,10 @@ impl FilterHandle for Resized {
     }
 
     fn pwrite(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
-        let n = self.below(next, buf.len() as u64, offset)? as usize;
-        let (head, tail) = buf.split_at(n);
-        // Check before writing anything, so a refused request changes
-        // nothing.
-        if tail.iter().any(|&b| b != 0) {
-            return Err(Error::new(
-                libc::ENOSPC,
-                format!(
-                    "write beyond the end of the underlying disk ({} bytes)",
-                    self.sizes(next)?.real
-                ),
-            ));
+        match self.write_below(next, buf, offset)? {
+            0 => Ok(()),
+            n => next.pwrite(&buf[..n], offset, flags),
         }
-        if !head.is_empty() {
-            next.pwrite(head, offset, flags)?;
-        }
-        Ok(())
     }
 
     fn trim(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
@@ -174,15 +206,9 @@ impl FilterHandle for Resized {
     }
 
     fn zero(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        match self.below(next, count, offset)? {
+        match self.zero_below(next, count, offset, flags)? {
             0 => Ok(()),
-            n => {
-                // We advertise fast zero whatever the disk below can do.
-                if flags.contains(Flags::FAST_ZERO) && !next.can_fast_zero()? {
-                    return Err(Error::errno(libc::ENOTSUP));
-                }
-                next.zero(n, offset, flags)
-            }
+            n => next.zero(n, offset, flags),
         }
     }
 
@@ -191,6 +217,47 @@ impl FilterHandle for Resized {
             0 => Ok(()),
             n => next.cache(n, offset, flags),
         }
+    }
+
+    // On an asynchronous chain a request goes down cut to the real disk;
+    // a read's part past it is zeroed first, here.
+    fn async_pread(&self, next: &Next, mut req: ReadRequest) {
+        let n = match self.below(next, req.len() as u64, req.offset()) {
+            Ok(n) => n as usize,
+            Err(e) => return req.complete(Err(e)),
+        };
+        req.buf()[n..].fill(0);
+        if n == 0 {
+            return req.complete(Ok(()));
+        }
+        req.truncate(n);
+        next.async_pread(req)
+    }
+
+    fn async_pwrite(&self, next: &Next, mut req: WriteRequest) {
+        match self.write_below(next, req.buf(), req.offset()) {
+            Err(e) => req.complete(Err(e)),
+            Ok(0) => req.complete(Ok(())),
+            Ok(n) => {
+                req.truncate(n);
+                next.async_pwrite(req)
+            }
+        }
+    }
+
+    fn async_trim(&self, next: &Next, req: RangeRequest) {
+        let below = self.below(next, req.count(), req.offset());
+        Resized::range_down(next, req, below, Next::async_trim)
+    }
+
+    fn async_zero(&self, next: &Next, req: RangeRequest) {
+        let below = self.zero_below(next, req.count(), req.offset(), req.flags());
+        Resized::range_down(next, req, below, Next::async_zero)
+    }
+
+    fn async_cache(&self, next: &Next, req: RangeRequest) {
+        let below = self.below(next, req.count(), req.offset());
+        Resized::range_down(next, req, below, Next::async_cache)
     }
 
     fn extents(
