@@ -357,6 +357,12 @@ impl RangeRequest {
         self.flags
     }
 
+    /// Change the flags passed down (a filter adding or dropping FUA, or
+    /// dropping `MAY_TRIM` from a zero).
+    pub fn set_flags(&mut self, flags: Flags) {
+        self.flags = flags;
+    }
+
     /// Answer the request.
     pub fn complete(self, r: Result<()>) {
         self.done.complete(r);
