@@ -8,7 +8,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use nbdhost_plugin_api::{
@@ -18,6 +17,7 @@ use nbdhost_plugin_api::{
 
 mod overlay;
 
+use block_cache::OnRead;
 use overlay::{Overlay, State};
 
 /// Default block size, as nbdkit's cow filter.
@@ -25,41 +25,6 @@ const DEFAULT_BLOCK: u64 = 64 * 1024;
 /// Most blocks one block-status request looks at; answering less than
 /// asked is allowed, and it bounds the work of a huge request.
 const MAX_STATUS_BLOCKS: u64 = 1 << 16;
-
-/// `cow-on-read`: whether reads copy unchanged blocks into the overlay.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-enum OnRead {
-    #[default]
-    Never,
-    Always,
-    /// While this file exists, so the behaviour can be switched while
-    /// the server runs.
-    WhileExists(PathBuf),
-}
-
-impl OnRead {
-    fn parse(value: &str) -> Result<OnRead> {
-        if value.starts_with('/') {
-            return Ok(OnRead::WhileExists(PathBuf::from(value)));
-        }
-        match host::parse_bool("cow-on-read", value) {
-            Ok(true) => Ok(OnRead::Always),
-            Ok(false) => Ok(OnRead::Never),
-            Err(_) => Err(Error::new(
-                libc::EINVAL,
-                format!("cow-on-read={value}: expected true, false or an absolute path"),
-            )),
-        }
-    }
-
-    fn now(&self) -> bool {
-        match self {
-            OnRead::Never => false,
-            OnRead::Always => true,
-            OnRead::WhileExists(p) => Path::new(p).exists(),
-        }
-    }
-}
 
 /// Configuration and the overlay every connection shares: all clients
 /// see the same changed disk, so multi-conn is safe.
@@ -85,7 +50,7 @@ cow-on-cache=false|true  Copy what is cached into the overlay.";
         match key {
             "cow-block-size" => {}
             "cow-on-read" => {
-                self.on_read = Arc::new(OnRead::parse(value)?);
+                self.on_read = Arc::new(OnRead::parse(key, value)?);
                 return Ok(true);
             }
             "cow-on-cache" => {
@@ -106,21 +71,9 @@ cow-on-cache=false|true  Copy what is cached into the overlay.";
     }
 
     fn get_ready(&self) -> Result<()> {
-        // Same default as nbdkit: /var/tmp is meant for large files and
-        // is often not a small RAM-backed file system as /tmp may be.
-        let dir = std::env::var_os("TMPDIR")
-            .filter(|d| !d.is_empty())
-            .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+        let (file, dir) = block_cache::scratch_file_or_error("cow", "overlay")?;
         let block = self.block.unwrap_or(DEFAULT_BLOCK);
-        let ov = Overlay::new(&dir, block).map_err(|e| {
-            Error::new(
-                e.raw_os_error().unwrap_or(libc::EIO),
-                format!(
-                    "cannot create the overlay in {} (set TMPDIR to change): {e}",
-                    dir.display()
-                ),
-            )
-        })?;
+        let ov = Overlay::new(file, block);
         host::debug(&format!(
             "overlay in {} with {block}-byte blocks",
             dir.display()

@@ -1,10 +1,8 @@
 //! The overlay: a sparse temporary file holding changed blocks, and the
 //! state of every block, shared by all connections.
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, MutexGuard};
 
 use nbdhost_plugin_api::Result;
@@ -60,44 +58,6 @@ pub struct Overlay {
     stripes: Vec<Mutex<()>>,
 }
 
-/// Create an unlinked temporary file in `dir`: it vanishes when the
-/// server exits, however it exits.
-fn temp_file(dir: &Path) -> io::Result<File> {
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(true).mode(0o600);
-    match opts
-        .clone()
-        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-        .open(dir)
-    {
-        Ok(f) => return Ok(f),
-        // File systems without O_TMPFILE: create a named file and unlink
-        // it at once.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {}
-        Err(e) => return Err(e),
-    }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    for i in 0u32.. {
-        let path = dir.join(format!("nbdhost-cow-{}-{stamp}-{i}", std::process::id()));
-        match opts
-            .clone()
-            .create_new(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-        {
-            Ok(f) => {
-                std::fs::remove_file(&path)?;
-                return Ok(f);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    unreachable!("u32 names ran out")
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere cannot leave a half-made change behind in these
     // (single-byte states, or no data at all), so poisoning is moot.
@@ -105,14 +65,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Overlay {
-    /// An empty overlay of `block`-byte blocks in a temporary file in `dir`.
-    pub fn new(dir: &Path, block: u64) -> io::Result<Overlay> {
-        Ok(Overlay {
-            file: temp_file(dir)?,
+    /// An empty overlay of `block`-byte blocks in `file`, an empty
+    /// scratch file.
+    pub fn new(file: File, block: u64) -> Overlay {
+        Overlay {
+            file,
             block,
             states: Mutex::new(Vec::new()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-        })
+        }
     }
 
     /// The block size.
@@ -339,7 +300,8 @@ mod tests {
     }
 
     fn overlay(size: u64) -> Overlay {
-        let o = Overlay::new(&std::env::temp_dir(), BS).unwrap();
+        let file = block_cache::scratch_file(&std::env::temp_dir(), "cow").unwrap();
+        let o = Overlay::new(file, BS);
         o.grow(size).unwrap();
         o
     }
