@@ -1,0 +1,231 @@
+//! The shaping and testing filters nbdkit users stack on a plugin (issue
+//! 21): protect, driven by real clients and compared with nbdkit's own
+//! filters on the command lines of their man pages.
+
+use std::path::{Path, PathBuf};
+
+use nbdhost_tests::{client, nbdsh, pattern, run, run_ok, twin::same_as_nbdkit, Server, TempDir};
+
+const K: usize = 1024;
+
+fn write_file(dir: &TempDir, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.path(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn serve(args: &[&str]) -> Server {
+    Server::start(args)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Python for nbdsh: `attempt(what, f, *args)` runs `h.f(*args)` and
+/// prints `what: ok` or `what: ERRNO`.
+const ATTEMPT: &str = "
+def attempt(what, f, *args):
+    try:
+        f(*args)
+        print(what + ': ok')
+    except nbd.Error as e:
+        print(what + ': ' + (e.errno or 'error'))
+";
+
+/// Run `script` after [`ATTEMPT`] against `uri`.
+fn attempts(uri: &str, script: &str) -> String {
+    nbdsh(uri, &format!("{ATTEMPT}\n{script}"))
+}
+
+// ---- protect ----
+
+/// What writes to a disk protected by `protect=0-0x1bd` give: inside,
+/// changing and unchanged; the partition table after it; zeroes.
+const BOOT_SECTOR_WRITES: &str = "
+b = h.pread(1024, 0)
+attempt('change boot code', h.pwrite, b'x' * 16, 0)
+attempt('rewrite boot code as it is', h.pwrite, b[:0x1be], 0)
+attempt('change partition table', h.pwrite, b'y' * 16, 0x1be)
+attempt('change across both', h.pwrite, b'z' * 16, 0x1b0)
+attempt('zero after them', h.zero, 512, 512)
+attempt('zero boot code', h.zero, 512, 0)
+attempt('trim boot code', h.trim, 16, 0x100)
+print(h.pread(0x1be, 0) == b[:0x1be])
+";
+
+#[test]
+fn protect_refuses_changes_to_a_range_with_eperm_and_allows_the_rest() {
+    let dir = TempDir::new("protect");
+    let img = write_file(&dir, "disk.img", &pattern(64 * K, 1));
+    for plugin in [&["file", path(&img)][..], &["memory", "64K"]] {
+        let mut args = vec!["--filter=protect"];
+        args.extend(plugin);
+        args.push("protect=0-0x1bd");
+        let s = serve(&args);
+        let seen = attempts(&s.uri(), BOOT_SECTOR_WRITES);
+        if plugin[0] == "memory" {
+            // Zeroes in a protected range of zeroes change nothing.
+            assert!(seen.contains("zero boot code: ok"), "{seen}");
+            continue;
+        }
+        assert_eq!(
+            seen,
+            "change boot code: EPERM\n\
+             rewrite boot code as it is: ok\n\
+             change partition table: ok\n\
+             change across both: EPERM\n\
+             zero after them: ok\n\
+             zero boot code: EPERM\n\
+             trim boot code: EPERM\n\
+             True\n"
+        );
+    }
+}
+
+#[test]
+fn protect_a_refused_write_changes_nothing_even_outside_the_range() {
+    let dir = TempDir::new("protect");
+    let orig = pattern(64 * K, 2);
+    let img = write_file(&dir, "disk.img", &orig);
+    let s = serve(&["--filter=protect", "file", path(&img), "protect=4096-8191"]);
+    let seen = attempts(&s.uri(), "attempt('w', h.pwrite, b'q' * 8192, 0)");
+    assert_eq!(seen, "w: EPERM\n");
+    drop(s);
+    assert_eq!(std::fs::read(&img).unwrap(), orig);
+}
+
+#[test]
+fn protect_complement_leaves_only_the_range_writable() {
+    let dir = TempDir::new("protect");
+    let img = write_file(&dir, "disk.img", &pattern(64 * K, 3));
+    let s = serve(&[
+        "--filter=protect",
+        "file",
+        path(&img),
+        "protect=~0x1000-0x1fff",
+    ]);
+    let seen = attempts(
+        &s.uri(),
+        "attempt('before', h.pwrite, b'a', 0xfff)\n\
+         attempt('first', h.pwrite, b'a', 0x1000)\n\
+         attempt('last', h.pwrite, b'a' * 4096, 0x1000)\n\
+         attempt('after', h.pwrite, b'a', 0x2000)\n",
+    );
+    assert_eq!(seen, "before: EPERM\nfirst: ok\nlast: ok\nafter: EPERM\n");
+}
+
+#[test]
+fn protect_several_ranges_and_open_ends() {
+    let s = serve(&[
+        "--filter=protect",
+        "memory",
+        "1M",
+        "protect=-0x0ff",
+        "protect=0x300-0x3ff",
+        "protect=0xf0000-",
+    ]);
+    let seen = attempts(
+        &s.uri(),
+        "attempt('start', h.pwrite, b'a', 0)\n\
+         attempt('between', h.pwrite, b'a' * 0x200, 0x100)\n\
+         attempt('second', h.pwrite, b'a', 0x3ff)\n\
+         attempt('tail', h.pwrite, b'a', 0xfffff)\n\
+         attempt('tail zeroes', h.pwrite, bytes(16), 0xf0000)\n",
+    );
+    assert_eq!(
+        seen,
+        "start: EPERM\nbetween: ok\nsecond: EPERM\ntail: EPERM\ntail zeroes: ok\n"
+    );
+}
+
+#[test]
+fn protect_refuses_a_range_it_cannot_parse() {
+    for bad in ["protect=100", "protect=20-10", "protect=1K-2K"] {
+        let out = run(
+            client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args([
+                "--filter=protect",
+                "memory",
+                "1M",
+                bad,
+                "--run",
+                "true",
+            ]),
+        );
+        assert!(!out.status.success(), "{bad} was accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("protect"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn protect_copies_in_and_out_around_the_protected_range() {
+    // qemu-img and nbdcopy write whole buffers: a copy of the disk onto
+    // itself passes, a copy of other data is refused.
+    let dir = TempDir::new("protect");
+    let orig = pattern(256 * K, 4);
+    let img = write_file(&dir, "disk.img", &orig);
+    let same = write_file(&dir, "same.img", &orig);
+    let other = write_file(&dir, "other.img", &pattern(256 * K, 5));
+    let s = serve(&["--filter=protect", "file", path(&img), "protect=0-511"]);
+    run_ok(client("nbdcopy").arg(&same).arg(s.uri()));
+    let out = run(client("qemu-img")
+        .args(["convert", "-n", "-O", "raw"])
+        .arg(&other)
+        .arg(s.uri()));
+    assert!(
+        !out.status.success(),
+        "the copy over the boot sector passed"
+    );
+    assert_eq!(std::fs::read(&img).unwrap()[..512], orig[..512]);
+}
+
+#[test]
+fn protect_synopsis_and_examples_are_the_same_as_nbdkit() {
+    let dir = TempDir::new("protect");
+    let orig = pattern(64 * K, 6);
+    let lines: [&[&str]; 3] = [
+        &[
+            "--filter=protect",
+            "memory",
+            "64K",
+            "protect=0x100-0x1ff",
+            "protect=0x400-0x7ff",
+        ],
+        &["--filter=protect", "file", "disk.img", "protect=0-0x1bd"],
+        // The partition of the example is 2048-4095 sectors of 512 bytes
+        // on a 4 MiB disk.
+        &[
+            "--filter=protect",
+            "file",
+            "disk.img",
+            "protect=~1048576-2097151",
+        ],
+    ];
+    let script = "
+attempt('boot code', h.pwrite, b'x' * 16, 0)
+attempt('table', h.pwrite, b'y' * 16, 0x1be)
+attempt('window', h.pwrite, b'w' * 16, 0x300)
+attempt('partition', h.pwrite, b'p' * 512, 1048576)
+attempt('partition end', h.pwrite, b'p' * 512, 2097152 - 512)
+attempt('past partition', h.pwrite, b'p' * 512, 2097152)
+";
+    for args in lines {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("disk.img", path(&dir.path("disk.img"))))
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let size = if args[1] == "file" { 4 << 20 } else { 64 * K };
+        same_as_nbdkit(&args, |uri| {
+            let mut disk = orig.clone();
+            disk.resize(size, 0);
+            std::fs::write(dir.path("disk.img"), &disk).unwrap();
+            let seen = attempts(uri, script.trim_start());
+            seen + &format!("{:?}", std::fs::read(dir.path("disk.img")).unwrap() == disk)
+        });
+    }
+}
