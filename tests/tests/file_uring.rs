@@ -9,6 +9,7 @@
 //! `io_uring_setup`), and which path each setting takes.
 
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -333,6 +334,43 @@ fn cache_none_serves_a_file_whose_last_block_is_partial() {
         model[size - 5500..size - 500].fill(0x23);
         assert!(now == model, "{aio}: other data than written");
     }
+}
+
+#[test]
+fn reads_partly_in_the_page_cache_are_whole() {
+    // A read first takes what the page cache holds where it starts, and
+    // the ring reads the rest: every second 16 KiB of the file is evicted,
+    // so that the reads below start in the cache and go on outside it, or
+    // the other way round.
+    let Some(dir) = DiskDir::new("cached") else {
+        return;
+    };
+    let data = pattern(4 << 20, 31);
+    let img = dir.path("disk.img");
+    std::fs::write(&img, &data).unwrap();
+    let f = std::fs::File::open(&img).unwrap();
+    f.sync_all().unwrap();
+    for chunk in (16 << 10..4 << 20).step_by(32 << 10) {
+        // SAFETY: advice on our own descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), chunk, 16 << 10, libc::POSIX_FADV_DONTNEED) };
+    }
+    let s = Server::start(&["-r", "file", &file_arg(&img), "aio=io_uring"]);
+    assert!(has_ring(&s));
+    let got = dir.path("got");
+    let script = format!(
+        "with open('{}', 'wb') as out:\n    for i in range(160):\n        out.write(h.pread(40000, i * 24576 + 1000))",
+        got.display()
+    );
+    nbdsh(&s.uri(), &script);
+    let want: Vec<u8> = (0..160)
+        .flat_map(|i| &data[i * 24576 + 1000..][..40000])
+        .copied()
+        .collect();
+    assert!(
+        std::fs::read(&got).unwrap() == want,
+        "reads differ from the file"
+    );
+    assert!(s.stop().success());
 }
 
 /// `cachestat(2)` (Linux 6.5): dirty and under-writeback pages of a

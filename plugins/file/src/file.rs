@@ -107,6 +107,10 @@ pub struct FileState<O> {
     /// requests skip straight to what works.
     pub punch_ok: AtomicBool,
     pub zero_range_ok: AtomicBool,
+    /// Reads through the page cache may first try `RWF_NOWAIT` where they
+    /// start (see [`FileState::read_cached`]); cleared once the file
+    /// system refuses the flag.
+    pub nowait_ok: AtomicBool,
 }
 
 /// How a file is to be opened.
@@ -180,6 +184,7 @@ impl<O: Start> FileState<O> {
             aio,
             punch_ok: AtomicBool::new(!block_device),
             zero_range_ok: AtomicBool::new(!block_device),
+            nowait_ok: AtomicBool::new(!mode.direct),
         };
         state.size = state.get_size()?;
         if mode.direct {
@@ -247,6 +252,32 @@ impl<O: Start> FileState<O> {
                 std::thread::park();
             }
         }
+    }
+
+    /// Read what of `buf` the page cache already holds at `offset`,
+    /// without waiting for storage (`preadv2` with `RWF_NOWAIT`): how many
+    /// bytes, or `None` when nothing could be read that way. Served from
+    /// memory, a read needs no trip through the ring and back.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> Option<usize> {
+        if !self.nowait_ok.load(Ordering::Relaxed) {
+            return None;
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over `buf`, writable for its length, on our
+        // own descriptor.
+        let n =
+            unsafe { libc::preadv2(self.fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+        if n > 0 {
+            return Some(n as usize);
+        }
+        if n < 0 && last_error().raw_os_error() != Some(libc::EAGAIN) {
+            // EOPNOTSUPP or EINVAL: this file system cannot do it.
+            self.nowait_ok.store(false, Ordering::Relaxed);
+        }
+        None
     }
 
     /// Read `buf.len()` bytes at `offset`, through a bounce buffer when

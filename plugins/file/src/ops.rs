@@ -33,6 +33,11 @@ pub const OPCODES: &Opcodes = &[
 /// further entries (lengths in an entry are 32 bits).
 const CHUNK: usize = 1 << 30;
 
+/// The longest read first tried from the page cache where it starts (an
+/// event loop, often): longer copies would hold the loop up, and go to
+/// the ring, whose thread tries the page cache first as well.
+const NOWAIT_MAX: usize = 128 << 10;
+
 /// A request in flight on the ring, with the file it is for (kept open
 /// until it completes).
 pub struct Op {
@@ -118,11 +123,15 @@ pub fn read(file: &Arc<FileState<Op>>, mut req: ReadRequest) {
             (span, d.pool.get(span.len()))
         })
     });
-    let r = Reading {
-        req,
-        bounce,
-        done: 0,
-    };
+    let mut done = 0;
+    if bounce.is_none() && len <= NOWAIT_MAX {
+        match file.read_cached(req.buf(), offset) {
+            Some(n) if n == len => return req.complete(Ok(())),
+            Some(n) => done = n,
+            None => {}
+        }
+    }
+    let r = Reading { req, bounce, done };
     Op::new(file, Work::Read(r)).start();
 }
 
