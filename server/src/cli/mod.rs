@@ -25,6 +25,7 @@ use error::CliError;
 
 /// Run nbdhost with the process's arguments; returns the exit status.
 pub fn main() -> i32 {
+    process::default_sigpipe();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
     let settings = match Settings::from_args(&argv, credentials.as_deref()) {

@@ -105,6 +105,27 @@ pub fn daemonize() -> Result<(), ProcessError> {
     }
 }
 
+/// Give SIGPIPE its default action back. Rust's runtime ignores it
+/// before `main`, and what a plugin starts while it is configured
+/// (nbdkit's data plugin runs `<(COMMAND)` through a shell) would inherit
+/// that: a writer whose reader has gone would then never be stopped.
+pub fn default_sigpipe() {
+    set_sigpipe(libc::SIG_DFL);
+}
+
+/// Ignore SIGPIPE from now on, as nbdkit does once it starts serving: a
+/// client that goes away must cost only its own connection (a write to
+/// its socket fails with EPIPE instead).
+pub fn ignore_sigpipe() {
+    set_sigpipe(libc::SIG_IGN);
+}
+
+fn set_sigpipe(action: libc::sighandler_t) {
+    // SAFETY: SIG_DFL and SIG_IGN are not handlers: nothing of ours runs
+    // in signal context.
+    unsafe { libc::signal(libc::SIGPIPE, action) };
+}
+
 /// Ask the kernel to send SIGTERM when the parent exits.
 pub fn exit_with_parent() -> Result<(), ProcessError> {
     // SAFETY: prctl with integer arguments affects only this process.

@@ -280,6 +280,7 @@ fn daemonize(
 /// and clean up.
 fn run(settings: &Settings, bound: Bound, mut served: Served) -> Result<i32, CliError> {
     let signals = runtime::catch_signals().map_err(CliError::Signals)?;
+    process::ignore_sigpipe();
     let p = &settings.process;
     if p.exit_with_parent {
         process::exit_with_parent()?;

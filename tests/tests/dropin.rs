@@ -1,0 +1,59 @@
+//! What a user who replaces nbdkit with nbdhost runs into (issue 21's
+//! "defects a drop-in user hits"): signals and `--run`, SIGPIPE for what
+//! plugins start while configured, over-size writes, export descriptions,
+//! `-D` flags, and finding nbdkit's plugins when nbdhost is installed as
+//! `nbdkit`. Each test is one behaviour, checked with a real client where
+//! a client shows it.
+
+use std::process::{Command, Output};
+
+use nbdhost_tests::{client, missing, nbdhost_bin, run};
+
+/// `nbdhost ARGS... --run SCRIPT` under `timeout SECS`, so that a server
+/// that hangs fails the test instead of stalling it.
+fn run_within(secs: u32, args: &[&str], script: &str) -> Output {
+    let mut c = client("timeout");
+    c.arg(secs.to_string())
+        .arg(nbdhost_bin())
+        .args(["-U", "-"])
+        .args(args)
+        .arg("--run")
+        .arg(script);
+    run(&mut c)
+}
+
+#[test]
+fn a_command_nbdkits_data_plugin_starts_while_configured_stops_on_sigpipe() {
+    if missing("nbdkit's data plugin", &["nbdkit", "nbdinfo"]) {
+        return;
+    }
+    // The data plugin reads ten bytes and closes the pipe: the writer
+    // must be stopped by SIGPIPE, or the plugin waits for it for ever.
+    let out = run_within(
+        30,
+        &["data", "<(while :; do printf x; done)[:10]"],
+        "nbdinfo --size \"$uri\"",
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10");
+}
+
+#[test]
+fn the_server_still_ignores_sigpipe_once_serving() {
+    let out = run(Command::new(nbdhost_bin()).args([
+        "-U",
+        "-",
+        "null",
+        "--run",
+        "grep SigIgn /proc/$PPID/status",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mask = u64::from_str_radix(text.trim().trim_start_matches("SigIgn:").trim(), 16)
+        .unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    assert_ne!(mask & (1 << (libc::SIGPIPE - 1)), 0, "{text}");
+}
