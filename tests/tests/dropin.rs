@@ -7,7 +7,7 @@
 
 use std::process::{Command, Output};
 
-use nbdhost_tests::{client, missing, nbdhost_bin, run};
+use nbdhost_tests::{client, filter_arg, missing, nbdhost_bin, qemu_io, run, Server, TempDir};
 
 /// `nbdhost ARGS... --run SCRIPT` under `timeout SECS`, so that a server
 /// that hangs fails the test instead of stalling it.
@@ -56,4 +56,30 @@ fn the_server_still_ignores_sigpipe_once_serving() {
     let mask = u64::from_str_radix(text.trim().trim_start_matches("SigIgn:").trim(), 16)
         .unwrap_or_else(|e| panic!("{text:?}: {e}"));
     assert_ne!(mask & (1 << (libc::SIGPIPE - 1)), 0, "{text}");
+}
+
+#[test]
+fn log_script_reads_the_extents_of_a_block_status_reply_as_a_bash_array() {
+    let dir = TempDir::new("logscript-extents");
+    let out = dir.path("extents");
+    // nbdkit's log filter sets `extents=(offset length "type" ...)`.
+    let script = format!(
+        "if [ \"$act\" = Extents ] && [ \"$type\" = LEAVE ]; then echo \"${{#extents[@]}}\" >> {}; fi",
+        out.display()
+    );
+    let s = Server::start(&[
+        &filter_arg("log"),
+        "memory",
+        "1M",
+        &format!("logscript={script}"),
+    ]);
+    qemu_io(&s.uri(), &["write 0 64k", "map"]);
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    // Three words (offset, length, type) per extent.
+    let counts: Vec<usize> = text.lines().filter_map(|l| l.parse().ok()).collect();
+    assert!(
+        !counts.is_empty() && counts.iter().all(|n| n % 3 == 0 && *n > 0),
+        "no extents seen by the script: {text:?}"
+    );
 }

@@ -114,8 +114,9 @@ impl Sink {
     }
 }
 
-/// Run the log script with the entry as shell variables before it, as
-/// nbdkit does: `act`, `connection`, `type`, `id`, then the entry's own
+/// Run the log script with bash, as nbdkit does (an Extents entry sets a
+/// bash array, which a POSIX sh such as dash refuses), with the entry as
+/// shell variables before it: `act`, `connection`, `type`, `id`, then the entry's own
 /// `key=value` arguments (already shell-quoted). Its status is ignored:
 /// a script cannot change or stop a request.
 fn run_script(script: &str, e: &Entry) {
@@ -134,10 +135,10 @@ fn run_script(script: &str, e: &Entry) {
     }
     let _ = writeln!(text, "{}", e.args);
     text.push_str(script);
-    match Command::new("/bin/sh").arg("-c").arg(&text).status() {
+    match Command::new("/bin/bash").arg("-c").arg(&text).status() {
         Ok(st) if st.success() => {}
         Ok(st) => host::debug(&format!("logscript: {st}")),
-        Err(err) => host::debug(&format!("logscript: cannot run /bin/sh: {err}")),
+        Err(err) => host::debug(&format!("logscript: cannot run /bin/bash: {err}")),
     }
 }
 
