@@ -83,3 +83,33 @@ fn log_script_reads_the_extents_of_a_block_status_reply_as_a_bash_array() {
         "no extents seen by the script: {text:?}"
     );
 }
+
+#[test]
+fn a_debug_flag_without_a_layer_name_or_a_flag_name_is_refused() {
+    for flag in [".x=1", "p.=1"] {
+        let out =
+            run(Command::new(nbdhost_bin()).args(["-U", "-", "-D", flag, "null", "--run", "true"]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "-D {flag}: {err}");
+        assert!(err.contains("PLUGIN.FLAG=N"), "-D {flag}: {err}");
+    }
+}
+
+#[test]
+fn a_debug_flag_naming_no_loaded_layer_is_warned_about() {
+    let out = run(Command::new(nbdhost_bin()).args([
+        "-U",
+        "-",
+        "-D",
+        "nosuch.flag=1",
+        "-D",
+        "null.flag=1",
+        "null",
+        "--run",
+        "true",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("-D nosuch.flag was not used"), "{err}");
+    assert!(!err.contains("-D null.flag was not used"), "{err}");
+}

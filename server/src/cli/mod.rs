@@ -16,7 +16,7 @@ use crate::config::command_line::plugin_params;
 use crate::config::{self, Action, Settings};
 use crate::layers::chain::Layers;
 use crate::layers::foreign;
-use crate::layers::host::debug_flags::set_debug_flags;
+use crate::layers::host::debug_flags::{self, set_debug_flags};
 use crate::layers::host::stdio::set_stdio_safe;
 use crate::serving::build::{Exports, FileExports};
 use crate::serving::chain::Chain;
@@ -160,6 +160,12 @@ fn plugin_chain(
             None => return Err(e.into()),
         },
     };
+    let names: Vec<&str> = layers
+        .filter_infos()
+        .chain([layers.plugin_info()])
+        .map(|i| i.name.as_str())
+        .collect();
+    debug_flags::warn_unused(&names);
     // As nbdkit: loaded, so that a missing layer is an error, but not
     // configured.
     if settings.action == Action::Help {

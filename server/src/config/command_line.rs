@@ -439,7 +439,11 @@ pub fn debug_flags(flags: &[String]) -> Result<BTreeMap<String, i32>, ArgumentEr
         .map(|d| {
             let (k, v) = d
                 .split_once('=')
-                .filter(|(k, _)| k.contains('.'))
+                .filter(|(k, _)| {
+                    // nbdkit's rule: a layer's name and a flag's, neither empty.
+                    k.split_once('.')
+                        .is_some_and(|(layer, flag)| !layer.is_empty() && !flag.is_empty())
+                })
                 .ok_or_else(|| ArgumentError::DebugFlag(d.clone()))?;
             let n = c_int(v).ok_or_else(|| ArgumentError::DebugValue {
                 flag: d.clone(),

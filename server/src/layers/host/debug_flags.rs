@@ -35,6 +35,22 @@ pub fn set_debug_flags(flags: BTreeMap<String, i32>) {
     let _ = DEBUG_FLAGS.set(flags);
 }
 
+/// Warn about each `-D` flag that names none of the `loaded` layers, as
+/// nbdkit warns about a flag nothing used: a misspelt layer name would
+/// otherwise be ignored without a word.
+pub fn warn_unused(loaded: &[&str]) {
+    for f in DEBUG_FLAGS.get().into_iter().flatten() {
+        if !loaded.contains(&f.layer.as_str()) {
+            log::warn!(
+                "debug flag -D {}.{} was not used: no layer is called {}",
+                f.layer,
+                f.flag.to_string_lossy(),
+                f.layer
+            );
+        }
+    }
+}
+
 /// The debug flags set for the layer being called, in name order.
 fn layer_debug_flags() -> impl Iterator<Item = &'static DebugFlag> {
     let layer = call::layer();
