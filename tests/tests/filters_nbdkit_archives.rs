@@ -1,0 +1,704 @@
+//! The xz, gzip and tar filters over archives made by the real tools
+//! (`xz --block-size`, `gzip`, `tar`): every byte served is checked
+//! against the file that was archived, and each command line of the
+//! SYNOPSIS and EXAMPLES of nbdkit's man pages for these filters is
+//! served by nbdkit and by nbdhost and must look the same to a client.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::Hasher;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nbdhost_tests::{client, missing, nbdsh, pattern, run, run_ok, twin, Server, TempDir};
+
+const K: usize = 1024;
+const M: usize = 1024 * 1024;
+
+/// A disk of `len` bytes that compresses (runs of a repeated pattern
+/// between stretches of noise), so blocks differ in compressed length.
+fn disk(dir: &TempDir, name: &str, len: usize, seed: u64) -> PathBuf {
+    let noise = pattern(len, seed);
+    let data: Vec<u8> = noise
+        .iter()
+        .enumerate()
+        .map(|(i, b)| if (i / (40 * K)) % 2 == 0 { b } else { &0x5a })
+        .copied()
+        .collect();
+    let p = dir.path(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// Run a tool that makes an archive, in `dir`.
+fn tool(dir: &TempDir, program: &str, args: &[&str]) {
+    run_ok(Command::new(program).current_dir(&dir.0).args(args));
+}
+
+/// `xz -k` with blocks of `block_size` bytes; returns the `.xz` path.
+fn xz(dir: &TempDir, file: &Path, block_size: &str) -> PathBuf {
+    let name = file.file_name().unwrap().to_str().unwrap();
+    tool(
+        dir,
+        "xz",
+        &["-k", "-f", &format!("--block-size={block_size}"), name],
+    );
+    dir.path(&format!("{name}.xz"))
+}
+
+/// `gzip -k`; returns the `.gz` path.
+fn gzip(dir: &TempDir, file: &Path) -> PathBuf {
+    let name = file.file_name().unwrap().to_str().unwrap();
+    tool(dir, "gzip", &["-k", "-f", name]);
+    dir.path(&format!("{name}.gz"))
+}
+
+fn start(args: &[&str]) -> Server {
+    Server::start(args)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// qemu-img finds the export at `uri` identical to `reference`.
+fn assert_serves(uri: &str, reference: &Path) {
+    let out = run_ok(
+        client("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(reference)
+            .arg(uri),
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+}
+
+/// The whole export at `uri`, read by nbdcopy.
+fn contents(uri: &str) -> Vec<u8> {
+    let out = run(client("nbdcopy").args([uri, "-"]));
+    assert!(out.status.success(), "{out:?}");
+    out.stdout
+}
+
+/// What a client sees of an export: its size, whether it is read-only,
+/// and a digest of every byte (nbdcopy).
+fn fingerprint(uri: &str) -> String {
+    let size = run_ok(client("nbdinfo").args(["--size", uri]));
+    let readonly = run(client("nbdinfo").args(["--is", "readonly", uri]))
+        .status
+        .success();
+    let mut h = DefaultHasher::new();
+    h.write(&contents(uri));
+    format!(
+        "size {} read-only {readonly} digest {:x}",
+        size.trim(),
+        h.finish()
+    )
+}
+
+/// Whether nbdinfo can open the export at all: `Err` with its message
+/// when the server refused it.
+fn opens(uri: &str) -> Result<String, String> {
+    let out = run(client("nbdinfo").args(["--size", uri]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(text.trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn have_tools(tools: &[&str]) -> bool {
+    !missing("", tools)
+}
+
+/// nbdsh reads `len` bytes at each offset and compares them with the
+/// same bytes of `reference`.
+fn reads_match(uri: &str, reference: &Path, reads: &[(usize, usize)]) {
+    let script = format!(
+        "ref = open({:?}, 'rb').read()\n\
+         for off, n in {reads:?}:\n    assert h.pread(n, off) == ref[off:off+n], (off, n)\n",
+        path(reference)
+    );
+    nbdsh(uri, &script);
+}
+
+// ---- xz ----
+
+#[test]
+fn xz_serves_the_uncompressed_disk_of_a_file_with_many_blocks() {
+    if !have_tools(&["xz", "qemu-img"]) {
+        return;
+    }
+    let dir = TempDir::new("xz-blocks");
+    let img = disk(&dir, "disk.img", 3 * M, 1);
+    let xzf = xz(&dir, &img, "64KiB");
+    let s = start(&["--filter=xz", "file", path(&xzf)]);
+    assert_eq!(opens(&s.uri()).unwrap(), (3 * M).to_string());
+    assert_serves(&s.uri(), &img);
+}
+
+#[test]
+fn xz_reads_across_block_boundaries_at_any_offset() {
+    if !have_tools(&["xz", "nbdsh"]) {
+        return;
+    }
+    let dir = TempDir::new("xz-cross");
+    let img = disk(&dir, "disk.img", M, 2);
+    let xzf = xz(&dir, &img, "64KiB");
+    let s = start(&["--filter=xz", "file", path(&xzf)]);
+    reads_match(
+        &s.uri(),
+        &img,
+        &[
+            (64 * K - 1, 2),
+            (3, 200 * K),
+            (M - 7, 7),
+            (0, M),
+            (500 * K + 13, 64 * K),
+        ],
+    );
+}
+
+#[test]
+fn xz_with_a_cache_of_one_block_still_reads_every_byte() {
+    if !have_tools(&["xz", "nbdsh"]) {
+        return;
+    }
+    let dir = TempDir::new("xz-depth");
+    let img = disk(&dir, "disk.img", 512 * K, 3);
+    let xzf = xz(&dir, &img, "32KiB");
+    let s = start(&["--filter=xz", "file", path(&xzf), "xz-max-depth=1"]);
+    reads_match(
+        &s.uri(),
+        &img,
+        &[
+            (0, 10),
+            (300 * K, 10),
+            (5, 10),
+            (300 * K + 5, 40 * K),
+            (0, 512 * K),
+        ],
+    );
+}
+
+#[test]
+fn xz_serves_concatenated_streams_one_after_the_other() {
+    if !have_tools(&["xz", "qemu-img"]) {
+        return;
+    }
+    let dir = TempDir::new("xz-streams");
+    let a = disk(&dir, "a", 300 * K, 4);
+    let b = disk(&dir, "b", 200 * K, 5);
+    let mut joined = std::fs::read(xz(&dir, &a, "64KiB")).unwrap();
+    // Stream padding between streams is allowed and skipped.
+    joined.extend([0u8; 8]);
+    joined.extend(std::fs::read(xz(&dir, &b, "64KiB")).unwrap());
+    let both = dir.path("both.xz");
+    std::fs::write(&both, joined).unwrap();
+    let mut reference = std::fs::read(&a).unwrap();
+    reference.extend(std::fs::read(&b).unwrap());
+    let plain = dir.path("both");
+    std::fs::write(&plain, reference).unwrap();
+    let s = start(&["--filter=xz", "file", path(&both)]);
+    assert_serves(&s.uri(), &plain);
+}
+
+#[test]
+fn xz_refuses_a_file_whose_largest_block_exceeds_xz_max_block() {
+    if !have_tools(&["xz"]) {
+        return;
+    }
+    let dir = TempDir::new("xz-maxblock");
+    let img = disk(&dir, "disk.img", 2 * M, 6);
+    let xzf = xz(&dir, &img, "2MiB");
+    let s = start(&["--filter=xz", "file", path(&xzf), "xz-max-block=1M"]);
+    assert!(opens(&s.uri()).is_err());
+    assert!(s.log_text().contains("xz-max-block"), "{}", s.log_text());
+    let s = start(&["--filter=xz", "file", path(&xzf), "xz-max-block=2M"]);
+    assert_eq!(opens(&s.uri()).unwrap(), (2 * M).to_string());
+}
+
+#[test]
+fn xz_refuses_a_file_that_is_not_xz() {
+    let dir = TempDir::new("xz-notxz");
+    let img = disk(&dir, "disk.img", 64 * K, 7);
+    let s = start(&["--filter=xz", "file", path(&img)]);
+    assert!(opens(&s.uri()).is_err());
+    assert!(s.log_text().contains("not an xz file"), "{}", s.log_text());
+}
+
+#[test]
+fn xz_fails_the_read_of_a_corrupt_block_and_serves_the_others() {
+    if !have_tools(&["xz", "nbdsh"]) {
+        return;
+    }
+    let dir = TempDir::new("xz-corrupt");
+    let img = disk(&dir, "disk.img", 256 * K, 8);
+    let xzf = xz(&dir, &img, "64KiB");
+    let mut bytes = std::fs::read(&xzf).unwrap();
+    // The first block starts after the 12-byte stream header; its data
+    // is noise that xz could not compress, so this byte is in it.
+    bytes[12 + 1000] ^= 0xff;
+    std::fs::write(&xzf, bytes).unwrap();
+    let s = start(&["--filter=xz", "file", path(&xzf)]);
+    let script = format!(
+        "ref = open({:?}, 'rb').read()\n\
+         try:\n    h.pread(512, 0)\n    raise SystemExit('corrupt block was served')\n\
+         except nbd.Error as e:\n    print('refused', e.errno)\n\
+         assert h.pread(512, 128*1024) == ref[128*1024:128*1024+512]\n",
+        path(&img)
+    );
+    let out = nbdsh(&s.uri(), &script);
+    assert!(out.contains("refused"), "{out}");
+}
+
+#[test]
+fn xz_export_is_read_only() {
+    if !have_tools(&["xz", "nbdsh"]) {
+        return;
+    }
+    let dir = TempDir::new("xz-ro");
+    let img = disk(&dir, "disk.img", 128 * K, 9);
+    let xzf = xz(&dir, &img, "64KiB");
+    let s = start(&["--filter=xz", "file", path(&xzf)]);
+    let out = nbdsh(
+        &s.uri(),
+        "print(h.is_read_only())\n\
+         try:\n    h.pwrite(b'x' * 512, 0)\n    print('written')\n\
+         except nbd.Error:\n    print('refused')\n",
+    );
+    assert_eq!(out, "True\nrefused\n");
+}
+
+// ---- gzip ----
+
+#[test]
+fn gzip_serves_the_uncompressed_disk() {
+    if !have_tools(&["gzip", "qemu-img"]) {
+        return;
+    }
+    let dir = TempDir::new("gz-serve");
+    let img = disk(&dir, "disk.img", 3 * M, 10);
+    let gz = gzip(&dir, &img);
+    let s = start(&["--filter=gzip", "file", path(&gz)]);
+    assert_eq!(opens(&s.uri()).unwrap(), (3 * M).to_string());
+    assert_serves(&s.uri(), &img);
+    // A later connection reads the copy the first one made.
+    assert_serves(&s.uri(), &img);
+}
+
+#[test]
+fn gzip_reads_at_any_offset() {
+    if !have_tools(&["gzip", "nbdsh"]) {
+        return;
+    }
+    let dir = TempDir::new("gz-reads");
+    let img = disk(&dir, "disk.img", M, 11);
+    let gz = gzip(&dir, &img);
+    let s = start(&["--filter=gzip", "file", path(&gz)]);
+    reads_match(&s.uri(), &img, &[(M - 3, 3), (1, 100 * K), (777 * K, 5)]);
+}
+
+#[test]
+fn gzip_refuses_a_truncated_file() {
+    if !have_tools(&["gzip"]) {
+        return;
+    }
+    let dir = TempDir::new("gz-short");
+    let img = disk(&dir, "disk.img", 512 * K, 12);
+    let gz = gzip(&dir, &img);
+    let bytes = std::fs::read(&gz).unwrap();
+    std::fs::write(&gz, &bytes[..bytes.len() / 2]).unwrap();
+    let s = start(&["--filter=gzip", "file", path(&gz)]);
+    assert!(opens(&s.uri()).is_err());
+}
+
+#[test]
+fn gzip_serves_only_the_first_member_like_nbdkit() {
+    if !have_tools(&["gzip"]) {
+        return;
+    }
+    let dir = TempDir::new("gz-members");
+    let a = disk(&dir, "a", 100 * K, 13);
+    let b = disk(&dir, "b", 50 * K, 14);
+    let mut joined = std::fs::read(gzip(&dir, &a)).unwrap();
+    joined.extend(std::fs::read(gzip(&dir, &b)).unwrap());
+    let both = dir.path("both.gz");
+    std::fs::write(&both, joined).unwrap();
+    let seen = twin::same_as_nbdkit(&["--filter=gzip", "file", path(&both)], fingerprint);
+    if seen.is_none() {
+        let s = start(&["--filter=gzip", "file", path(&both)]);
+        assert_eq!(opens(&s.uri()).unwrap(), (100 * K).to_string());
+    }
+}
+
+#[test]
+fn gzip_export_is_read_only() {
+    if !have_tools(&["gzip", "nbdsh"]) {
+        return;
+    }
+    let dir = TempDir::new("gz-ro");
+    let img = disk(&dir, "disk.img", 64 * K, 15);
+    let gz = gzip(&dir, &img);
+    let s = start(&["--filter=gzip", "file", path(&gz)]);
+    let out = nbdsh(&s.uri(), "print(h.is_read_only())");
+    assert_eq!(out, "True\n");
+}
+
+// ---- tar ----
+
+/// A tar archive in `dir` holding `first` (64 KiB), then `entry`
+/// (`len` bytes, returned as the reference file), then `last`, made with
+/// `tar cf` in `format`.
+fn tarball(dir: &TempDir, format: &str, entry: &str, len: usize) -> (PathBuf, PathBuf) {
+    disk(dir, "first", 64 * K, 20);
+    if let Some(parent) = Path::new(entry).parent() {
+        std::fs::create_dir_all(dir.path(parent.to_str().unwrap())).unwrap();
+    }
+    let reference = disk(dir, entry, len, 21);
+    disk(dir, "last", 3 * K + 5, 22);
+    tool(
+        dir,
+        "tar",
+        &[
+            "cf",
+            "archive.tar",
+            &format!("--format={format}"),
+            "first",
+            entry,
+            "last",
+        ],
+    );
+    (dir.path("archive.tar"), reference)
+}
+
+/// The bytes of `member` that `tar xOf` extracts from `archive`.
+fn extracted(archive: &Path, member: &str) -> Vec<u8> {
+    let out = run(Command::new("tar").arg("xOf").arg(archive).arg(member));
+    assert!(out.status.success(), "{out:?}");
+    out.stdout
+}
+
+#[test]
+fn tar_serves_one_entry_of_a_ustar_archive() {
+    if !have_tools(&["tar", "qemu-img"]) {
+        return;
+    }
+    let dir = TempDir::new("tar-ustar");
+    let (archive, reference) = tarball(&dir, "ustar", "disk.img", M + 1000);
+    let s = start(&["file", path(&archive), "--filter=tar", "tar-entry=disk.img"]);
+    assert_eq!(opens(&s.uri()).unwrap(), (M + 1000).to_string());
+    assert_serves(&s.uri(), &reference);
+}
+
+#[test]
+fn tar_finds_an_entry_with_a_gnu_long_name() {
+    if !have_tools(&["tar", "qemu-img"]) {
+        return;
+    }
+    let dir = TempDir::new("tar-gnu");
+    let name = format!("{}/disk.img", "d".repeat(120));
+    let (archive, reference) = tarball(&dir, "gnu", &name, 200 * K);
+    let s = start(&[
+        "file",
+        path(&archive),
+        "--filter=tar",
+        &format!("tar-entry={name}"),
+    ]);
+    assert_serves(&s.uri(), &reference);
+}
+
+#[test]
+fn tar_finds_an_entry_with_a_pax_long_name() {
+    if !have_tools(&["tar", "qemu-img"]) {
+        return;
+    }
+    let dir = TempDir::new("tar-pax");
+    let name = format!("{}/disk.img", "p".repeat(150));
+    let (archive, reference) = tarball(&dir, "pax", &name, 100 * K + 1);
+    let s = start(&[
+        "file",
+        path(&archive),
+        "--filter=tar",
+        &format!("tar-entry={name}"),
+    ]);
+    assert_serves(&s.uri(), &reference);
+}
+
+#[test]
+fn tar_writes_go_to_the_entry_in_place_and_nowhere_else() {
+    if !have_tools(&["tar", "qemu-io"]) {
+        return;
+    }
+    let dir = TempDir::new("tar-write");
+    let (archive, reference) = tarball(&dir, "gnu", "disk.img", 256 * K);
+    let before_first = extracted(&archive, "first");
+    let before_last = extracted(&archive, "last");
+    let archive_len = std::fs::metadata(&archive).unwrap().len();
+    {
+        let s = start(&["file", path(&archive), "--filter=tar", "tar-entry=disk.img"]);
+        nbdhost_tests::qemu_io(
+            &s.uri(),
+            &["write -P 0xab 1000 70000", "write -z 200k 4k", "flush"],
+        );
+    }
+    let mut expected = std::fs::read(&reference).unwrap();
+    expected[1000..71000].fill(0xab);
+    expected[200 * K..204 * K].fill(0);
+    assert!(extracted(&archive, "disk.img") == expected);
+    assert!(extracted(&archive, "first") == before_first);
+    assert!(extracted(&archive, "last") == before_last);
+    assert_eq!(std::fs::metadata(&archive).unwrap().len(), archive_len);
+}
+
+#[test]
+fn tar_export_is_read_only_with_r() {
+    if !have_tools(&["tar", "nbdsh"]) {
+        return;
+    }
+    let dir = TempDir::new("tar-ro");
+    let (archive, _) = tarball(&dir, "gnu", "disk.img", 64 * K);
+    let s = start(&[
+        "-r",
+        "file",
+        path(&archive),
+        "--filter=tar",
+        "tar-entry=disk.img",
+    ]);
+    assert_eq!(nbdsh(&s.uri(), "print(h.is_read_only())"), "True\n");
+}
+
+#[test]
+fn tar_refuses_an_entry_that_is_not_in_the_archive() {
+    if !have_tools(&["tar"]) {
+        return;
+    }
+    let dir = TempDir::new("tar-missing");
+    let (archive, _) = tarball(&dir, "gnu", "disk.img", 64 * K);
+    let s = start(&["file", path(&archive), "--filter=tar", "tar-entry=disk.im"]);
+    assert!(opens(&s.uri()).is_err());
+    assert!(
+        s.log_text().contains("not in the archive"),
+        "{}",
+        s.log_text()
+    );
+}
+
+#[test]
+fn tar_requires_tar_entry() {
+    let out = run(Command::new(nbdhost_tests::nbdhost_bin()).args([
+        "-f",
+        "--filter=tar",
+        "memory",
+        "1M",
+    ]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tar-entry"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn tar_limit_refuses_an_entry_whose_header_lies_beyond_it() {
+    if !have_tools(&["tar"]) {
+        return;
+    }
+    let dir = TempDir::new("tar-limit");
+    // "first" takes the header at 0 and 64 KiB of data: the entry's
+    // header starts at 64 KiB + 512.
+    let (archive, _) = tarball(&dir, "gnu", "disk.img", 64 * K);
+    let far = start(&[
+        "file",
+        path(&archive),
+        "--filter=tar",
+        "tar-entry=disk.img",
+        "tar-limit=64K",
+    ]);
+    assert!(opens(&far.uri()).is_err());
+    let near = start(&[
+        "file",
+        path(&archive),
+        "--filter=tar",
+        "tar-entry=disk.img",
+        "tar-limit=65K",
+    ]);
+    assert_eq!(opens(&near.uri()).unwrap(), (64 * K).to_string());
+}
+
+// ---- nbdkit's SYNOPSIS and EXAMPLES, served by both ----
+//
+// Where nbdkit's page reads from https://example.com with the curl
+// plugin, the same curl plugin reads a file:// URL of a local archive.
+
+/// Archives for the examples: `disk.img` in `name.xz`, `name.gz`, and a
+/// tar holding `some/disk.img`, `disk.img` and an OVA-like set of files.
+struct Examples {
+    dir: TempDir,
+}
+
+impl Examples {
+    fn new() -> Option<Examples> {
+        if !have_tools(&["xz", "gzip", "tar", "nbdcopy", "nbdkit"]) {
+            return None;
+        }
+        let dir = TempDir::new("archive-examples");
+        let img = disk(&dir, "disk.img", 600 * K, 30);
+        xz(&dir, &img, "64KiB");
+        gzip(&dir, &img);
+        std::fs::create_dir_all(dir.path("some")).unwrap();
+        std::fs::copy(&img, dir.path("some/disk.img")).unwrap();
+        tool(
+            &dir,
+            "tar",
+            &["cf", "file.tar", "some/disk.img", "disk.img"],
+        );
+        tool(&dir, "xz", &["-k", "-f", "--block-size=64KiB", "file.tar"]);
+        tool(&dir, "gzip", &["-k", "-f", "file.tar"]);
+        std::fs::write(dir.path("rhel.ovf"), "<Envelope/>\n").unwrap();
+        disk(&dir, "rhel-disk1.vmdk", 100 * K, 31);
+        std::fs::write(dir.path("rhel.mf"), "SHA1(rhel.ovf)= 0\n").unwrap();
+        tool(
+            &dir,
+            "tar",
+            &["cf", "rhel.ova", "rhel.ovf", "rhel-disk1.vmdk", "rhel.mf"],
+        );
+        Some(Examples { dir })
+    }
+
+    fn file(&self, name: &str) -> String {
+        path(&self.dir.path(name)).to_owned()
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("file://{}", self.file(name))
+    }
+
+    /// Serve `args` with both servers; both see `disk.img` (or the vmdk).
+    fn same(&self, args: &[&str], reference: &str) {
+        let Some(seen) = twin::same_as_nbdkit(args, fingerprint) else {
+            return;
+        };
+        let s = start(args);
+        assert_eq!(seen, fingerprint(&s.uri()));
+        assert!(contents(&s.uri()) == std::fs::read(self.dir.path(reference)).unwrap());
+    }
+}
+
+#[test]
+fn nbdkit_xz_synopsis_file() {
+    let Some(e) = Examples::new() else { return };
+    e.same(&["--filter=xz", "file", &e.file("disk.img.xz")], "disk.img");
+}
+
+#[test]
+fn nbdkit_xz_synopsis_curl() {
+    let Some(e) = Examples::new() else { return };
+    e.same(&["--filter=xz", "curl", &e.url("disk.img.xz")], "disk.img");
+}
+
+#[test]
+fn nbdkit_gzip_synopsis_file() {
+    let Some(e) = Examples::new() else { return };
+    e.same(
+        &["file", "--filter=gzip", &e.file("disk.img.gz")],
+        "disk.img",
+    );
+}
+
+#[test]
+fn nbdkit_gzip_example_curl() {
+    let Some(e) = Examples::new() else { return };
+    e.same(
+        &["curl", "--filter=gzip", &e.url("disk.img.gz")],
+        "disk.img",
+    );
+}
+
+#[test]
+fn nbdkit_gzip_example_tar_over_gzip_over_curl() {
+    let Some(e) = Examples::new() else { return };
+    e.same(
+        &[
+            "curl",
+            "--filter=tar",
+            "--filter=gzip",
+            &e.url("file.tar.gz"),
+            "tar-entry=disk.img",
+        ],
+        "disk.img",
+    );
+}
+
+#[test]
+fn nbdkit_tar_synopsis_and_example_file() {
+    let Some(e) = Examples::new() else { return };
+    e.same(
+        &[
+            "file",
+            &e.file("file.tar"),
+            "--filter=tar",
+            "tar-entry=some/disk.img",
+        ],
+        "disk.img",
+    );
+}
+
+#[test]
+fn nbdkit_tar_example_ova_read_only() {
+    let Some(e) = Examples::new() else { return };
+    e.same(
+        &[
+            "-r",
+            "file",
+            &e.file("rhel.ova"),
+            "--filter=tar",
+            "tar-entry=rhel-disk1.vmdk",
+        ],
+        "rhel-disk1.vmdk",
+    );
+}
+
+#[test]
+fn nbdkit_tar_example_curl() {
+    let Some(e) = Examples::new() else { return };
+    e.same(
+        &[
+            "-r",
+            "curl",
+            &e.url("file.tar"),
+            "--filter=tar",
+            "tar-entry=disk.img",
+        ],
+        "disk.img",
+    );
+}
+
+#[test]
+fn nbdkit_tar_example_over_gzip() {
+    let Some(e) = Examples::new() else { return };
+    e.same(
+        &[
+            "file",
+            &e.file("file.tar.gz"),
+            "--filter=tar",
+            "tar-entry=disk.img",
+            "--filter=gzip",
+        ],
+        "disk.img",
+    );
+}
+
+#[test]
+fn nbdkit_tar_example_over_xz() {
+    let Some(e) = Examples::new() else { return };
+    e.same(
+        &[
+            "file",
+            &e.file("file.tar.xz"),
+            "--filter=tar",
+            "tar-entry=disk.img",
+            "--filter=xz",
+        ],
+        "disk.img",
+    );
+}
