@@ -63,13 +63,15 @@ pub fn layer_dirs(kind: &str) -> Vec<PathBuf> {
     dirs
 }
 
-/// A path is used as is; a short name is looked up as `lib<name><kind>.so`.
+/// A path is used as is; a short name is looked up as `lib<name><kind>.so`,
+/// the name's hyphens dropped as Cargo drops them from a library's name
+/// (`blocksize-policy` is `libblocksizepolicyfilter.so`).
 pub fn resolve(arg: &str, kind: &'static str) -> Result<PathBuf, LoadError> {
     if is_path(arg) {
         return Ok(PathBuf::from(arg));
     }
     check_name(arg, kind)?;
-    let file = format!("lib{arg}{kind}.so");
+    let file = format!("lib{}{kind}.so", arg.replace('-', ""));
     let dirs = layer_dirs(kind);
     match dirs.iter().map(|d| d.join(&file)).find(|p| p.exists()) {
         Some(p) => Ok(p),
