@@ -1,5 +1,5 @@
 //! The shaping and testing filters nbdkit users stack on a plugin (issue
-//! 21): protect, driven by real clients and compared with nbdkit's own
+//! 21): protect, blocksize-policy, driven by real clients and compared with nbdkit's own
 //! filters on the command lines of their man pages.
 
 use std::path::{Path, PathBuf};
@@ -226,6 +226,229 @@ attempt('past partition', h.pwrite, b'p' * 512, 2097152)
             std::fs::write(dir.path("disk.img"), &disk).unwrap();
             let seen = attempts(uri, script.trim_start());
             seen + &format!("{:?}", std::fs::read(dir.path("disk.img")).unwrap() == disk)
+        });
+    }
+}
+
+// ---- blocksize-policy ----
+
+/// An eval plugin (through the nbdkit adapter) advertising `block_size`
+/// (`MIN PREF MAX`, or nothing), 64 MiB of zeroes, with
+/// `--filter=blocksize-policy` and `params`.
+fn policy_args<'a>(block_size: Option<&'a str>, params: &[&'a str]) -> Vec<String> {
+    let mut v = vec![
+        "--filter=blocksize-policy".to_string(),
+        "eval".into(),
+        "get_size=echo 64M".into(),
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none".into(),
+        "pwrite=cat >/dev/null".into(),
+    ];
+    if let Some(b) = block_size {
+        v.push(format!("block_size=echo {b}"));
+    }
+    v.extend(params.iter().map(|p| p.to_string()));
+    v
+}
+
+fn serve_owned(args: &[String]) -> Server {
+    serve(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The three block sizes a client is told, as `MIN PREF MAX`.
+fn block_sizes(uri: &str) -> String {
+    nbdsh(
+        uri,
+        "print(h.get_block_size(nbd.SIZE_MINIMUM), h.get_block_size(nbd.SIZE_PREFERRED), \
+         h.get_block_size(nbd.SIZE_MAXIMUM))",
+    )
+    .trim()
+    .to_owned()
+}
+
+/// Reads of these `(count, offset)`, with libnbd's own checks off so
+/// that the requests reach the server.
+fn reads(uri: &str, which: &[(u64, u64)]) -> String {
+    let mut script = String::from(
+        "h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN & ~nbd.STRICT_BOUNDS)\n",
+    );
+    for (count, offset) in which {
+        script += &format!("attempt('read {count} at {offset}', h.pread, {count}, {offset})\n");
+    }
+    attempts(uri, &script)
+}
+
+#[test]
+fn blocksize_policy_advertises_the_layer_below_when_given_nothing() {
+    let s = serve_owned(&policy_args(Some("64K 128K 32M"), &[]));
+    assert_eq!(block_sizes(&s.uri()), "65536 131072 33554432");
+}
+
+#[test]
+fn blocksize_policy_replaces_only_the_sizes_it_is_given() {
+    for (param, want) in [
+        ("blocksize-minimum=1", "1 131072 33554432"),
+        ("blocksize-preferred=64K", "65536 65536 33554432"),
+        ("blocksize-maximum=1M", "65536 131072 1048576"),
+    ] {
+        let s = serve_owned(&policy_args(Some("64K 128K 32M"), &[param]));
+        assert_eq!(block_sizes(&s.uri()), want, "{param}");
+    }
+}
+
+#[test]
+fn blocksize_policy_fills_in_defaults_over_a_layer_without_constraints() {
+    // nbdkit's maximum is 4294967295 here; nbdhost's server advertises
+    // no more than its largest request, 32 MiB.
+    let s = serve_owned(&policy_args(None, &["blocksize-preferred=32K"]));
+    assert_eq!(block_sizes(&s.uri()), "1 32768 33554432");
+    let s = serve_owned(&policy_args(
+        None,
+        &[
+            "blocksize-minimum=1",
+            "blocksize-preferred=4K",
+            "blocksize-maximum=1M",
+        ],
+    ));
+    assert_eq!(block_sizes(&s.uri()), "1 4096 1048576");
+}
+
+#[test]
+fn blocksize_policy_error_refuses_requests_that_break_the_constraints() {
+    let s = serve_owned(&policy_args(
+        Some("512 4096 1M"),
+        &["blocksize-error-policy=error"],
+    ));
+    let seen = reads(
+        &s.uri(),
+        &[
+            (512, 0),
+            (512, 4096),
+            (1 << 20, 0),
+            (768, 0),
+            (512, 768),
+            (256, 0),
+            (2 << 20, 0),
+        ],
+    );
+    assert_eq!(
+        seen,
+        "read 512 at 0: ok\n\
+         read 512 at 4096: ok\n\
+         read 1048576 at 0: ok\n\
+         read 768 at 0: EINVAL\n\
+         read 512 at 768: EINVAL\n\
+         read 256 at 0: EINVAL\n\
+         read 2097152 at 0: EINVAL\n"
+    );
+    assert!(
+        s.log_text().contains("is larger than maximum size"),
+        "{}",
+        s.log_text()
+    );
+}
+
+#[test]
+fn blocksize_policy_allow_passes_an_oversize_request_down() {
+    let s = serve_owned(&policy_args(Some("512 4096 1M"), &[]));
+    assert_eq!(reads(&s.uri(), &[(2 << 20, 0)]), "read 2097152 at 0: ok\n");
+}
+
+#[test]
+fn blocksize_policy_write_disconnect_drops_a_client_writing_too_much() {
+    let s = serve_owned(&policy_args(
+        None,
+        &["blocksize-minimum=512", "blocksize-write-disconnect=64K"],
+    ));
+    assert_eq!(block_sizes(&s.uri()), "512 4096 65536");
+    let seen = attempts(
+        &s.uri(),
+        "h.set_strict_mode(0)\n\
+         attempt('64K', h.pwrite, bytes(65536), 0)\n\
+         attempt('128K', h.pwrite, bytes(131072), 0)\n\
+         print(h.aio_is_closed() or h.aio_is_dead())\n",
+    );
+    // Dropped at once: the write gets no reply.
+    assert_eq!(seen, "64K: ok\n128K: ENOTCONN\nTrue\n");
+    assert!(s.log_text().contains("oversize write"), "{}", s.log_text());
+}
+
+#[test]
+fn blocksize_policy_refuses_bad_parameters() {
+    for bad in [
+        "blocksize-minimum=3",
+        "blocksize-minimum=128K",
+        "blocksize-preferred=256",
+        "blocksize-error-policy=maybe",
+        "blocksize-maximum=8G",
+    ] {
+        let out = run(
+            client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args([
+                "--filter=blocksize-policy",
+                "memory",
+                "1M",
+                bad,
+                "--run",
+                "true",
+            ]),
+        );
+        assert!(!out.status.success(), "{bad} was accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("blocksize"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn blocksize_policy_synopsis_and_examples_are_the_same_as_nbdkit() {
+    let aligned: &[(u64, u64)] = &[(64 << 10, 0), (4 << 20, 0), (64 << 10, 128 << 10)];
+    // The unaligned requests only with `error`: nbdhost's server refuses
+    // them itself whatever the policy (see the man page).
+    let unaligned: &[(u64, u64)] = &[(512, 0), (64 << 10, 512), (8 << 20, 0)];
+    let lines: [(&[&str], &[(u64, u64)]); 4] = [
+        (&["memory", "1G", "blocksize-preferred=32K"], aligned),
+        (
+            &[
+                "memory",
+                "1G",
+                "blocksize-error-policy=error",
+                "blocksize-minimum=64K",
+                "blocksize-preferred=64K",
+                "blocksize-maximum=4M",
+            ],
+            unaligned,
+        ),
+        (
+            &[
+                "memory",
+                "1G",
+                "blocksize-error-policy=allow",
+                "blocksize-maximum=1M",
+            ],
+            aligned,
+        ),
+        // Beside the blocksize filter, as the man page combines them.
+        (
+            &[
+                "--filter=blocksize",
+                "memory",
+                "1G",
+                "blocksize-error-policy=allow",
+                "blocksize-minimum=64K",
+                "minblock=64K",
+            ],
+            aligned,
+        ),
+    ];
+    for (rest, requests) in lines {
+        let mut args = vec!["--filter=blocksize-policy"];
+        args.extend(rest);
+        same_as_nbdkit(&args, |uri| {
+            // nbdkit advertises 4294967295 for "no limit", nbdhost's
+            // server its largest request, 32 MiB: the same to a client.
+            let sizes = block_sizes(uri).replace(" 4294967295", " 33554432");
+            sizes + "\n" + &reads(uri, requests)
         });
     }
 }
