@@ -400,13 +400,16 @@ fn blocksize_policy_refuses_bad_parameters() {
     }
 }
 
+/// Reads as `(count, offset)`.
+type Requests<'a> = &'a [(u64, u64)];
+
 #[test]
 fn blocksize_policy_synopsis_and_examples_are_the_same_as_nbdkit() {
-    let aligned: &[(u64, u64)] = &[(64 << 10, 0), (4 << 20, 0), (64 << 10, 128 << 10)];
+    let aligned: Requests = &[(64 << 10, 0), (4 << 20, 0), (64 << 10, 128 << 10)];
     // The unaligned requests only with `error`: nbdhost's server refuses
     // them itself whatever the policy (see the man page).
-    let unaligned: &[(u64, u64)] = &[(512, 0), (64 << 10, 512), (8 << 20, 0)];
-    let lines: [(&[&str], &[(u64, u64)]); 4] = [
+    let unaligned: Requests = &[(512, 0), (64 << 10, 512), (8 << 20, 0)];
+    let lines: [(&[&str], Requests); 4] = [
         (&["memory", "1G", "blocksize-preferred=32K"], aligned),
         (
             &[
