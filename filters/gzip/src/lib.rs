@@ -27,28 +27,12 @@ struct Disk {
     size: u64,
 }
 
-/// Where the decompressed copy lives: `$TMPDIR`, else `/var/tmp` (the
-/// disk may be larger than a memory-backed `/tmp`).
-fn temporary_dir() -> PathBuf {
-    std::env::var_os("TMPDIR")
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from)
-}
-
-/// Decompress the gzip file below into a new temporary file. Only the
-/// first gzip member is read, and anything after it ignored, as nbdkit
-/// does.
+/// Decompress the gzip file below into a new unlinked file in `$TMPDIR`
+/// or `/var/tmp` (the disk may be larger than a memory-backed /tmp).
+/// Only the first gzip member is read, and anything after it ignored, as
+/// nbdkit does.
 fn decompress(next: &Next) -> Result<Disk> {
-    let dir = temporary_dir();
-    let file = tempfile::tempfile_in(&dir).map_err(|e| {
-        Error::new(
-            e.raw_os_error().unwrap_or(libc::EIO),
-            format!(
-                "gzip: cannot create a temporary file in {}: {e}",
-                dir.display()
-            ),
-        )
-    })?;
+    let (file, _) = block_cache::scratch_file_or_error("gzip", "decompressed copy")?;
     let compressed = BufReader::with_capacity(READ_SIZE, NextReader::new(next)?);
     let mut decoder = GzDecoder::new(compressed);
     let mut out = BufWriter::with_capacity(READ_SIZE, &file);
