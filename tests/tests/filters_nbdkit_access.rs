@@ -1,5 +1,5 @@
 //! The access filters nbdkit users stack on a public port (issue 21):
-//! limit and ip, driven by real clients from loopback addresses and Unix
+//! limit, ip and tls-fallback, driven by real clients from loopback addresses and Unix
 //! sockets only, and compared with nbdkit's own filters on the command
 //! lines of their man pages.
 
@@ -366,4 +366,160 @@ fn ip_examples_with_addresses_do_what_nbdkits_man_page_says() {
     ]);
     assert_eq!(connect_one(&s.uri()), "refused\n");
     assert!(s.log_text().contains(RESTRICTED), "{}", s.log_text());
+}
+
+/// The default message of tls-fallback, as a plain client reads it.
+const README: &str =
+    "This NBD server requires TLS authentication before it will serve useful data.\n";
+
+/// The size, read-only flag and 512 bytes a client sees at `uri` (NULs
+/// shown as `.`), or the error it gets.
+fn tls_view(uri: &str) -> String {
+    let script = format!(
+        "h = nbd.NBD()\n\
+         h.set_uri_allow_local_file(True)\n\
+         h.connect_uri({uri:?})\n\
+         print(h.get_size(), h.is_read_only())\n\
+         print(h.pread(512, 0).decode().replace('\\0', '.'), end='')\n"
+    );
+    run_ok(client("nbdsh").arg("-c").arg(script))
+}
+
+/// `uri` (a twin's nbd+unix URI) with TLS as `alice` with `keys`.
+fn with_psk(uri: &str, keys: &std::path::Path) -> String {
+    format!(
+        "{}&tls-psk-file={}",
+        uri.replace("nbd+unix:///", "nbds+unix://alice@/"),
+        keys.display()
+    )
+}
+
+/// nbdhost with --tls=on and a PSK file for `alice`, tls-fallback over a
+/// 1 MiB memory disk, and `extra`; the server, its keys.
+fn fallback_server(dir: &TempDir, extra: &[&str]) -> (Server, std::path::PathBuf) {
+    let keys = nbdhost_tests::tls::psk_file(dir, &["alice"]);
+    let psk = format!("--tls-psk={}", keys.display());
+    let mut args = vec!["--tls=on", &psk, "--filter=tls-fallback", "memory", "1M"];
+    args.extend_from_slice(extra);
+    (Server::start(&args), keys)
+}
+
+fn padded(text: &str) -> String {
+    format!("{text}{}", ".".repeat(512 - text.len()))
+}
+
+#[test]
+fn tls_fallback_serves_plain_clients_the_message_read_only() {
+    let dir = TempDir::new("tlsfb");
+    let (s, _) = fallback_server(&dir, &[]);
+    assert_eq!(tls_view(&s.uri()), format!("512 True\n{}", padded(README)));
+}
+
+#[test]
+fn tls_fallback_ignores_the_export_name_of_a_plain_client() {
+    let dir = TempDir::new("tlsfb");
+    let (s, _) = fallback_server(&dir, &[]);
+    let uri = s.uri().replace("nbd+unix:///", "nbd+unix:///secret-disk");
+    assert_eq!(tls_view(&uri), format!("512 True\n{}", padded(README)));
+}
+
+#[test]
+fn tls_fallback_serves_tls_clients_the_disk_below() {
+    let dir = TempDir::new("tlsfb");
+    let (s, keys) = fallback_server(&dir, &[]);
+    let uri = with_psk(&s.uri(), &keys);
+    assert_eq!(
+        tls_view(&uri),
+        format!("1048576 False\n{}", ".".repeat(512))
+    );
+    run_ok(client("nbdsh").args([
+        "-c",
+        "h.set_uri_allow_local_file(True)",
+        "-u",
+        &uri,
+        "-c",
+        "h.pwrite(b'x' * 512, 0); assert h.pread(512, 0) == b'x' * 512",
+    ]));
+}
+
+#[test]
+fn tls_fallback_tlsreadme_is_cut_or_padded_to_512_bytes() {
+    let dir = TempDir::new("tlsfb");
+    let (s, _) = fallback_server(&dir, &["tlsreadme=Ask the administrator for a key."]);
+    assert_eq!(
+        tls_view(&s.uri()),
+        format!("512 True\n{}", padded("Ask the administrator for a key."))
+    );
+    let long = "y".repeat(600);
+    let (s, _) = fallback_server(&dir, &[&format!("tlsreadme={long}")]);
+    assert_eq!(tls_view(&s.uri()), format!("512 True\n{}", &long[..512]));
+}
+
+#[test]
+fn tls_fallback_lists_one_unnamed_export_to_plain_clients() {
+    if nbdhost_tests::missing("(nbdkit's eval plugin)", &["nbdkit"]) {
+        return;
+    }
+    let dir = TempDir::new("tlsfb");
+    let keys = nbdhost_tests::tls::psk_file(&dir, &["alice"]);
+    let psk = format!("--tls-psk={}", keys.display());
+    // nbdkit's eval plugin, through the adapter, lists two exports.
+    let s = Server::start(&[
+        "--tls=on",
+        &psk,
+        "--filter=tls-fallback",
+        "eval",
+        "list_exports=printf 'one\\ntwo\\n'",
+        "get_size=echo 1048576",
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+    ]);
+    let names = |uri: &str| {
+        run_ok(client("nbdinfo").args(["--list", "--json", uri]))
+            .lines()
+            .filter(|l| l.contains("\"export-name\""))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(names(&s.uri()), r#""export-name": "","#);
+    assert_eq!(
+        names(&with_psk(&s.uri(), &keys)),
+        "\"export-name\": \"one\",\n\"export-name\": \"two\","
+    );
+}
+
+#[test]
+fn tls_fallback_is_never_reached_when_tls_is_required() {
+    let dir = TempDir::new("tlsfb");
+    let keys = nbdhost_tests::tls::psk_file(&dir, &["alice"]);
+    let psk = format!("--tls-psk={}", keys.display());
+    let s = Server::start(&[&psk, "--filter=tls-fallback", "memory", "1M"]);
+    let out = run(client("nbdinfo").arg("--size").arg(s.uri()));
+    assert!(!out.status.success());
+    assert_eq!(
+        run_ok(
+            client("nbdinfo")
+                .arg("--size")
+                .arg(with_psk(&s.uri(), &keys))
+        )
+        .trim(),
+        "1048576"
+    );
+}
+
+// nbdkit-tls-fallback-filter(1)'s SYNOPSIS, with and without tlsreadme=,
+// served by both with the same PSK file, seen by a plain client and by a
+// TLS one.
+#[test]
+fn tls_fallback_synopsis_is_the_same_as_nbdkit() {
+    let dir = TempDir::new("tlsfb");
+    let keys = nbdhost_tests::tls::psk_file(&dir, &["alice"]);
+    let psk = format!("--tls-psk={}", keys.display());
+    for extra in [None, Some("tlsreadme=Ask the administrator for a key.")] {
+        let mut args = vec!["--tls=on", &psk, "--filter=tls-fallback", "memory", "1M"];
+        args.extend(extra);
+        same_as_nbdkit(&args, |uri| {
+            format!("{}\n{}", tls_view(uri), tls_view(&with_psk(uri, &keys)))
+        });
+    }
 }
