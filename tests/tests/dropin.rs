@@ -7,7 +7,9 @@
 
 use std::process::{Command, Output};
 
-use nbdhost_tests::{client, filter_arg, missing, nbdhost_bin, qemu_io, run, Server, TempDir};
+use nbdhost_tests::{
+    client, filter_arg, missing, nbdhost_bin, qemu_io, run, run_ok, Server, TempDir,
+};
 
 /// `nbdhost ARGS... --run SCRIPT` under `timeout SECS`, so that a server
 /// that hangs fails the test instead of stalling it.
@@ -112,4 +114,68 @@ fn a_debug_flag_naming_no_loaded_layer_is_warned_about() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("-D nosuch.flag was not used"), "{err}");
     assert!(!err.contains("-D null.flag was not used"), "{err}");
+}
+
+/// A script for nbdkit's sh plugin (through the adapter) that serves a
+/// 1 KiB disk and answers the extra methods in `extra`, a `case` arm
+/// list; every other method is "missing".
+fn sh_plugin(dir: &TempDir, extra: &str) -> String {
+    let path = dir.path("plugin.sh");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/bash\ncase \"$1\" in\n{extra}\n  get_size) echo 1024 ;;\n  pread) head -c \"$3\" /dev/zero ;;\n  open) echo \"$3\" ;;\n  *) exit 2 ;;\nesac\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
+/// What `nbdinfo --list` prints (or fails with) for a server of `args`.
+fn listing(s: &Server) -> (bool, String) {
+    let out = run(client("nbdinfo").arg("--list").arg(s.uri()));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn an_export_description_longer_than_4096_bytes_fails_the_listing_cleanly() {
+    let long = format!("exportdesc=fixed:{}", "d".repeat(5000));
+    let s = Server::start(&[&filter_arg("exportname"), "memory", "1M", &long]);
+    let (ok, text) = listing(&s);
+    // As nbdkit: the layer's list is refused, and the client gets an
+    // error reply, not a description libnbd cannot parse.
+    assert!(!ok, "{text}");
+    assert!(text.contains("server replied with error"), "{text}");
+    let (_, log) = s.stop_with_log();
+    assert!(log.contains("cannot list exports"), "{log}");
+}
+
+#[test]
+fn an_export_description_longer_than_4096_bytes_is_not_advertised_at_go() {
+    if missing("nbdkit's sh plugin", &["nbdkit", "nbdsh"]) {
+        return;
+    }
+    let dir = TempDir::new("longdesc");
+    let script = sh_plugin(
+        &dir,
+        "  export_description) head -c 5000 /dev/zero | tr '\\0' e ;;",
+    );
+    let s = Server::start(&["sh", &script]);
+    let script = format!(
+        "h.set_full_info(True)\n\
+         h.connect_uri({:?})\n\
+         try:\n    print(len(h.get_export_description()))\n\
+         except nbd.Error:\n    print('none')",
+        s.uri()
+    );
+    let out = run_ok(client("nbdsh").arg("-c").arg(script));
+    assert_eq!(out.trim(), "none");
 }

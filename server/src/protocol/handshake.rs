@@ -16,6 +16,14 @@ use super::wire::*;
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Longest export name or metadata query, as in the protocol.
 pub const MAX_NAME_LEN: usize = 4096;
+
+/// An export's description if it fits in an NBD string; one that does
+/// not is left out, as nbdkit leaves it out (a client such as libnbd
+/// rejects the whole reply otherwise).
+fn fitting(description: Option<&str>) -> Option<&str> {
+    description.filter(|d| d.len() <= MAX_NAME_LEN)
+}
+
 /// Options a client may send before the handshake ends, as nbdkit's
 /// `MAX_NR_OPTIONS`: real clients send a handful (qemu four or five).
 const DEFAULT_MAX_OPTIONS: u32 = 32;
@@ -551,7 +559,7 @@ impl Handshake {
                         for e in list {
                             let mut d = Vec::new();
                             put_name(&mut d, &e.name);
-                            if let Some(desc) = &e.description {
+                            if let Some(desc) = fitting(e.description.as_deref()) {
                                 d.put_slice(desc.as_bytes());
                             }
                             put_option_reply(out, Opt::List.wire(), OptReply::Server, &d);
@@ -656,10 +664,10 @@ impl Handshake {
             });
             put_option_reply(out, option.wire(), OptReply::Info, &d);
         }
-        if let Some(desc) = &e.description {
+        if let Some(desc) = fitting(e.description.as_deref()) {
             let mut d = Vec::new();
             d.put_u16(InfoType::Description.wire());
-            d.put_slice(&desc.as_bytes()[..desc.len().min(MAX_NAME_LEN)]);
+            d.put_slice(desc.as_bytes());
             put_option_reply(out, option.wire(), OptReply::Info, &d);
         }
         let mut d = Vec::with_capacity(14);

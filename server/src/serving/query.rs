@@ -100,6 +100,7 @@ fn run_query(
         Query::List => {
             let r = backend
                 .list_exports(&client, readonly, tls)
+                .inspect_err(|e| log::warn!("{}: cannot list exports: {e}", chain.name))
                 .map_err(Refusal::from);
             (Answer::List(r), None)
         }

@@ -19,6 +19,7 @@ use crate::layers::connection::{Peer, DISCONNECT_FORCE, DISCONNECT_GRACEFUL};
 use crate::layers::export_list::ExportCollector;
 use crate::layers::extents::ExtentCollector;
 use crate::layers::inflight::{self, Token};
+use crate::protocol::handshake::MAX_NAME_LEN;
 
 /// A C string a layer passed as `&str`, `None` for null; invalid UTF-8 is
 /// shown as such rather than failing the call.
@@ -141,13 +142,6 @@ unsafe extern "C" fn host_add_export(
         call::record(Error::new(libc::EINVAL, "export name is NULL"));
         return -1;
     };
-    if text.len() > 4096 {
-        call::record(Error::new(libc::EINVAL, "export name too long"));
-        return -1;
-    }
-    // SAFETY: every export list handed to a layer is an `ExportCollector`
-    // that lives for the duration of the call (or until exports_free).
-    let list = unsafe { &mut *list.cast::<ExportCollector>() };
     // SAFETY: `name` was just read as a NUL-terminated string; `desc` is
     // one too, or null.
     let (name, desc) = unsafe {
@@ -156,6 +150,22 @@ unsafe extern "C" fn host_add_export(
             desc.as_ref().map(|d| CStr::from_ptr(d)),
         )
     };
+    // Both go on the wire as NBD strings, which the protocol caps; nbdkit
+    // refuses either when too long, so the listing fails as a whole.
+    if text.len() > MAX_NAME_LEN {
+        call::record(Error::new(libc::EINVAL, "export name too long"));
+        return -1;
+    }
+    if desc.is_some_and(|d| d.to_bytes().len() > MAX_NAME_LEN) {
+        call::record(Error::new(
+            libc::EINVAL,
+            format!("export description of '{text}' too long (over {MAX_NAME_LEN} bytes)"),
+        ));
+        return -1;
+    }
+    // SAFETY: every export list handed to a layer is an `ExportCollector`
+    // that lives for the duration of the call (or until exports_free).
+    let list = unsafe { &mut *list.cast::<ExportCollector>() };
     list.add(name, desc);
     0
 }
