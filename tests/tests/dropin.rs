@@ -179,3 +179,21 @@ fn an_export_description_longer_than_4096_bytes_is_not_advertised_at_go() {
     let out = run_ok(client("nbdsh").arg("-c").arg(script));
     assert_eq!(out.trim(), "none");
 }
+
+#[test]
+fn a_failing_default_export_without_list_exports_lists_nothing_and_logs_why() {
+    if missing("nbdkit's sh plugin", &["nbdkit", "nbdinfo"]) {
+        return;
+    }
+    let dir = TempDir::new("nodefault");
+    let script = sh_plugin(
+        &dir,
+        "  default_export) echo 'no default here' >&2; exit 1 ;;",
+    );
+    let s = Server::start(&["sh", &script]);
+    let (ok, text) = listing(&s);
+    assert!(ok, "{text}");
+    assert!(!text.contains("export="), "{text}");
+    let (_, log) = s.stop_with_log();
+    assert!(log.contains("no default here"), "{log}");
+}

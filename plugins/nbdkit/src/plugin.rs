@@ -363,19 +363,23 @@ unsafe extern "C" fn list_exports(readonly: c_int, is_tls: c_int, to: *mut abi::
 }
 
 /// The plugin's default export name, as `nbdkit_use_default_export` and
-/// the server ask for it; "" without a `default_export` callback.
-fn default_export_name(readonly: c_int, is_tls: c_int) -> Option<CString> {
+/// the server ask for it; "" without a `default_export` callback. With
+/// `record`, a failure is recorded for the server as the plugin reported
+/// it; without, what the plugin said is logged at once.
+fn default_export_name(readonly: c_int, is_tls: c_int, record: bool) -> Option<CString> {
     let Some(f) = plugin().default_export else {
         return Some(CString::default());
     };
     // SAFETY: a callback taking two ints; the result is copied at once.
-    let p = global(|| unsafe { f(readonly, is_tls) }, |p| p.is_null());
+    let p = global(|| unsafe { f(readonly, is_tls) }, |p| record && p.is_null());
     // SAFETY: checked non-null; the plugin's string lives through the call.
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_owned())
 }
 
 /// See nbdkit_use_default_export(3): list the name the plugin's
-/// `default_export` gives.
+/// `default_export` gives. As in nbdkit, a default export that cannot be
+/// named is left out of the list (which may then be empty) rather than
+/// failing it, and the plugin's message is logged.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nbdkit_use_default_export(list: *mut c_void) -> c_int {
     // SAFETY: plugins only have the lists the adapter gave them.
@@ -383,9 +387,15 @@ pub unsafe extern "C" fn nbdkit_use_default_export(list: *mut c_void) -> c_int {
         calls::report(c"nbdkit_use_default_export: no export list");
         return -1;
     };
-    match default_export_name(l.readonly, l.is_tls) {
+    match default_export_name(l.readonly, l.is_tls, false) {
         Some(name) => l.add(name.as_ptr(), std::ptr::null()),
-        None => -1,
+        None => {
+            host::log(
+                abi::LOG_WARNING,
+                c"default_export failed: the default export is left out of the list",
+            );
+            0
+        }
     }
 }
 
@@ -395,7 +405,7 @@ unsafe extern "C" fn default_export(readonly: c_int, is_tls: c_int) -> *const c_
         /// server copies it as soon as the callback returns.
         static LAST: std::cell::RefCell<Option<CString>> = const { std::cell::RefCell::new(None) };
     }
-    match default_export_name(readonly, is_tls) {
+    match default_export_name(readonly, is_tls, true) {
         Some(name) => LAST.with(|l| l.borrow_mut().insert(name).as_ptr()),
         None => std::ptr::null(),
     }

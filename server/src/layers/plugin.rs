@@ -171,10 +171,18 @@ impl Backend for Plugin {
         is_tls: bool,
     ) -> Result<Vec<ExportEntry>> {
         let Some(f) = cb!(self.lib, list_exports) else {
-            return Ok(vec![ExportEntry {
-                name: self.default_export(conn, readonly, is_tls)?,
-                description: None,
-            }]);
+            // As nbdkit: a default export that cannot be named is left
+            // out, and the list is empty rather than an error.
+            return Ok(match self.default_export(conn, readonly, is_tls) {
+                Ok(name) => vec![ExportEntry {
+                    name,
+                    description: None,
+                }],
+                Err(e) => {
+                    log::warn!("{}: default_export: {e}; nothing to list", self.info().name);
+                    Vec::new()
+                }
+            });
         };
         let mut list = ExportCollector::default();
         let ptr = list.as_abi();
