@@ -1,5 +1,5 @@
 //! The shaping and testing filters nbdkit users stack on a plugin (issue
-//! 21): protect, blocksize-policy, driven by real clients and compared with nbdkit's own
+//! 21): protect, blocksize-policy, extentlist, driven by real clients and compared with nbdkit's own
 //! filters on the command lines of their man pages.
 
 use std::path::{Path, PathBuf};
@@ -453,5 +453,91 @@ fn blocksize_policy_synopsis_and_examples_are_the_same_as_nbdkit() {
             let sizes = block_sizes(uri).replace(" 4294967295", " 33554432");
             sizes + "\n" + &reads(uri, requests)
         });
+    }
+}
+
+// ---- extentlist ----
+
+/// `nbdinfo --map` and `qemu-img map` of `uri`, as one text.
+fn maps(uri: &str) -> String {
+    let nbdinfo = run_ok(client("nbdinfo").arg("--map").arg(uri));
+    let qemu = run_ok(
+        client("qemu-img")
+            .args(["map", "-f", "raw", "--output=json"])
+            .arg(uri),
+    );
+    nbdinfo + &qemu
+}
+
+/// The lists nbdkit's own test gives, and some with types and order of
+/// their own, each with the disk sizes it is read over.
+const EXTENT_LISTS: &[(&str, &[&str])] = &[
+    ("", &["0", "1M"]),
+    ("0 1M\n", &["0", "1M", "3M"]),
+    ("1M 1M\n", &["1M", "3M"]),
+    ("1024K 512K\n", &["1M", "2M"]),
+    ("0 512K\n1M 512K\n", &["3M"]),
+    ("2M 1M hole,zero\n0 1M zero\n1M\t1M 0\n", &["4M"]),
+    ("0 64K 3\n64K 64K 1\n128K 64K 2\n", &["256K"]),
+];
+
+#[test]
+fn extentlist_synopsis_is_the_same_as_nbdkit_for_its_lists() {
+    let dir = TempDir::new("extentlist");
+    let list = dir.path("extents");
+    for (text, sizes) in EXTENT_LISTS {
+        std::fs::write(&list, text).unwrap();
+        for size in *sizes {
+            let size = format!("size={size}");
+            let param = format!("extentlist={}", path(&list));
+            same_as_nbdkit(&["-r", "--filter=extentlist", "null", &size, &param], maps);
+        }
+    }
+}
+
+#[test]
+fn extentlist_replaces_the_extents_of_the_layer_below_and_keeps_its_data() {
+    let dir = TempDir::new("extentlist");
+    let data = pattern(256 * K, 7);
+    let img = write_file(&dir, "disk.img", &data);
+    let list = write_file(&dir, "extents", b"64K 64K\n");
+    let param = format!("extentlist={}", path(&list));
+    let s = serve(&["-r", "--filter=extentlist", "file", path(&img), &param]);
+    assert_eq!(
+        run_ok(client("nbdinfo").arg("--map").arg(s.uri())),
+        "         0       65536    3  hole,zero\n     \
+         65536       65536    0  data\n    \
+         131072      131072    3  hole,zero\n"
+    );
+    let out = dir.path("copy.img");
+    run_ok(client("nbdcopy").arg(s.uri()).arg(&out));
+    let copy = std::fs::read(&out).unwrap();
+    // Only block status changes: reads still go down, holes included.
+    assert_eq!(copy, data);
+}
+
+#[test]
+fn extentlist_refuses_a_missing_or_overlapping_list() {
+    let dir = TempDir::new("extentlist");
+    let overlapping = write_file(&dir, "overlapping", b"0 10\n5 10\n");
+    let bad = write_file(&dir, "bad", b"0\n");
+    let nowhere = dir.path("nowhere");
+    for param in [None, Some(&overlapping), Some(&bad), Some(&nowhere)] {
+        let mut args = vec![
+            "--filter=extentlist".to_string(),
+            "memory".into(),
+            "1M".into(),
+        ];
+        if let Some(p) = param {
+            args.push(format!("extentlist={}", p.display()));
+        }
+        args.extend(["--run".into(), "true".into()]);
+        let out = run(client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args(&args));
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("extentlist"),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
