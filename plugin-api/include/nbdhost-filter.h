@@ -117,6 +117,47 @@ struct nbdhost_next {
                          uint64_t offset, uint32_t flags,
                          struct nbdhost_extents *extents,
                          struct nbdhost_request *req);
+
+  /* Since ABI 1.10 (check struct_size before calling).  These four belong
+   * to the filter's handle whose next this is: call them from its
+   * callbacks, from the continuations of its requests and timers, or from
+   * its background jobs; never after its close.
+   *
+   * reopen: finalize the layer below and open it again, for the same
+   * connection and export name, read-only if readonly is non-zero; every
+   * later call through next, on any thread, goes to the new handle.  The
+   * old handle is not closed now, because a request started on it may
+   * still be in flight: it is closed with the filter's handle.  Returns 0,
+   * or -1 with the error recorded (next then still reaches the old
+   * handle). */
+  int (*reopen) (const struct nbdhost_next *next, int readonly);
+  /* after: a timer that holds no thread.  done (data, errnum) runs once,
+   * as a callback made for this connection: on a worker thread nsec
+   * nanoseconds from now with errnum 0; at once, with ESHUTDOWN, when the
+   * server begins shutting down first; or, if the filter's handle closes
+   * first, on the closing thread before the filter's close, with
+   * ECANCELED (done must then only free data).  A timer whose
+   * continuation completes a request in flight is never cancelled: the
+   * request keeps the handle open.  Returns 0, or -1 with the error
+   * recorded, and then done never runs. */
+  int (*after) (const struct nbdhost_next *next, uint64_t nsec,
+                void (*done) (void *data, int errnum), void *data);
+  /* background: run job (next, data) once, on a thread of its own, as a
+   * callback made for this connection but outside any request; it may
+   * call every synchronous callback of next.  The filter's handle is not
+   * closed while a job runs (close waits for it), so a long job polls
+   * next->closing and returns once it says 1.  Refused with ENOTSUP
+   * unless every layer below is NBDHOST_THREAD_MODEL_PARALLEL, since the
+   * job's calls overlap the connection's requests, and with EINVAL outside
+   * a client connection's callbacks (startup).  Returns 0, or -1 with the
+   * error recorded, and then job never runs. */
+  int (*background) (const struct nbdhost_next *next,
+                     void (*job) (const struct nbdhost_next *next,
+                                  void *data),
+                     void *data);
+  /* closing: 1 once the filter's handle is closing or the server is
+   * shutting down, else 0. */
+  int (*closing) (const struct nbdhost_next *next);
 };
 
 /* Opens the next layer during a filter's open callback: under a different

@@ -30,7 +30,7 @@ extern "C" {
 /* The ABI version is (major << 16) | minor.  A server accepts any plugin
  * whose major equals its own, whatever the minor. */
 #define NBDHOST_ABI_MAJOR 1
-#define NBDHOST_ABI_MINOR 9
+#define NBDHOST_ABI_MINOR 10
 #define NBDHOST_ABI_VERSION ((NBDHOST_ABI_MAJOR << 16) | NBDHOST_ABI_MINOR)
 
 /* Name of the symbol every plugin exports. */

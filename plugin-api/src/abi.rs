@@ -8,7 +8,7 @@ use libc::{c_char, c_int, c_void, sockaddr, socklen_t};
 /// Major version of the ABI; a server refuses a plugin with another major.
 pub const ABI_MAJOR: u32 = 1;
 /// Minor version: grows when fields are appended.
-pub const ABI_MINOR: u32 = 9;
+pub const ABI_MINOR: u32 = 10;
 /// `(major << 16) | minor`, as stored in `abi_version`.
 pub const ABI_VERSION: u32 = (ABI_MAJOR << 16) | ABI_MINOR;
 /// Name of the symbol every plugin exports.
@@ -409,7 +409,35 @@ pub struct Next {
     pub async_zero: Option<NextAsyncRangeFn>,
     pub async_cache: Option<NextAsyncRangeFn>,
     pub async_extents: Option<NextAsyncExtentsFn>,
+    /// Since ABI 1.10: finalize the layer below and open it again for the
+    /// same connection and export; calls through this table then go to the
+    /// new handle. The old one is closed with the filter's handle.
+    pub reopen: Option<unsafe extern "C" fn(next: *const Next, readonly: c_int) -> c_int>,
+    /// Since ABI 1.10: run `done(data, errnum)` once on a worker thread
+    /// after `nsec` nanoseconds, holding no thread meanwhile; `errnum` is
+    /// `ESHUTDOWN` when shutdown cut the wait short, `ECANCELED` when the
+    /// handle closed first. 0, or -1 (error recorded; `done` never runs).
+    pub after: Option<
+        unsafe extern "C" fn(
+            next: *const Next,
+            nsec: u64,
+            done: ContinuationFn,
+            data: *mut c_void,
+        ) -> c_int,
+    >,
+    /// Since ABI 1.10: run `job(next, data)` once on a thread of its own,
+    /// with the layer below open until it returns; the filter's close
+    /// waits for it. 0, or -1 (error recorded; `job` never runs).
+    pub background: Option<
+        unsafe extern "C" fn(next: *const Next, job: BackgroundFn, data: *mut c_void) -> c_int,
+    >,
+    /// Since ABI 1.10: 1 once the handle is closing or the server shutting
+    /// down (a background job should return soon), else 0.
+    pub closing: Option<NextFn>,
 }
+
+/// Since ABI 1.10: a job for `next->background`.
+pub type BackgroundFn = unsafe extern "C" fn(next: *const Next, data: *mut c_void);
 
 /// Since ABI 1.9: `next->async_pread`.
 pub type NextAsyncPreadFn = unsafe extern "C" fn(

@@ -63,6 +63,7 @@ mod data;
 mod error;
 mod filter;
 mod filter_async;
+mod next_services;
 pub mod host;
 mod instance;
 mod plugin;
@@ -88,7 +89,7 @@ pub mod errno {
     };
 }
 pub use data::{BlockSize, ExportList, ExtentList, Flags, Support};
-pub use filter::{Filter, FilterHandle, Next, NextExports, NextOpener};
+pub use filter::{Filter, FilterHandle, Next, NextExports, NextOpener, SharedNext};
 pub use host::Export;
 pub use plugin::{Handle, Plugin, ThreadModel};
 pub use requests::{Completion, ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};

@@ -249,6 +249,10 @@ fn layouts() -> Vec<Layout> {
             async_zero,
             async_cache,
             async_extents,
+            reopen,
+            after,
+            background,
+            closing,
         }
         nbdhost_next_open => abi::NextOpen { struct_size, opaque, open }
         nbdhost_next_exports => abi::NextExports {

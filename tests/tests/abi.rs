@@ -121,7 +121,8 @@ fn a_c_filter_stacks_on_a_rust_plugin() {
 /// Eight reads in flight on each of two connections at once.
 const CONCURRENT_READS: &str = r#"
 bufs = [nbd.Buffer(512) for _ in range(8)]
-cookies = [h.aio_pread(b, i * 512) for i, b in enumerate(bufs)]
+for i, b in enumerate(bufs):
+    h.aio_pread(b, i * 512)
 while h.aio_in_flight() > 0:
     h.poll(-1)
 for c in cookies:
@@ -681,4 +682,106 @@ fn a_filter_s_renamed_next_open_shows_the_new_name_to_the_plugin_s_open_and_prea
         "filter=disk1"
     );
     assert!(s.stop().success());
+}
+
+/// `--filter=` the `later` C filter (`tests/c/later.c`), which uses the
+/// ABI 1.10 services of the layer below: timers, reopen, background jobs.
+fn later_filter(dir: &TempDir) -> String {
+    let so = build_c(dir, "laterfilter", &root().join("tests/c/later.c"), &[]);
+    format!("--filter={}", so.display())
+}
+
+#[test]
+fn requests_waiting_on_a_filter_s_timers_hold_no_thread() {
+    let dir = TempDir::new("later-timer");
+    let filter = later_filter(&dir);
+    // One worker thread, eight reads each delayed 300 ms: were a thread
+    // held for each wait they would take 2.4 s.
+    let s = Server::start(&["-t", "1", &filter, "memory", "1M", "delay_ms=300"]);
+    let script = "
+import time
+t = time.monotonic()
+bufs = [nbd.Buffer(512) for _ in range(8)]
+for i, b in enumerate(bufs):
+    h.aio_pread(b, i * 512)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+print(round(time.monotonic() - t, 2))
+";
+    let elapsed: f64 = nbdsh(&s.uri(), script).trim().parse().unwrap();
+    assert!(
+        (0.3..1.5).contains(&elapsed),
+        "8 delayed reads took {elapsed} s"
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn a_filter_s_reopen_and_background_job_end_before_its_close() {
+    let dir = TempDir::new("later-reopen");
+    let filter = later_filter(&dir);
+    let record = dir.path("record");
+    let arg = format!("record={}", record.display());
+    let s = Server::start(&[&filter, "memory", "1M", &arg]);
+    let written = nbdsh(
+        &s.uri(),
+        "h.pwrite(b'hello background', 0); h.flush(); print(h.pread(16, 0).decode())",
+    );
+    // The reopened memory plugin still serves the same disk.
+    assert_eq!(written.trim(), "hello background");
+    // A new connection's background job read the first bytes below.
+    let seen = nbdsh(&s.uri(), "print(h.get_export_description())");
+    assert_eq!(seen.trim(), "hello background");
+    assert!(s.stop().success());
+
+    let events = std::fs::read_to_string(&record).unwrap();
+    let lines: Vec<&str> = events.lines().collect();
+    assert_eq!(
+        lines.iter().filter(|l| **l == "reopen").count(),
+        1,
+        "{events}"
+    );
+    assert!(lines.contains(&"close"), "{events}");
+    for (i, l) in lines.iter().enumerate() {
+        if *l == "close" {
+            assert_eq!(
+                lines[i - 1],
+                "job end",
+                "the close waited for its job: {events}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_background_job_is_refused_over_a_layer_that_serializes_requests() {
+    let dir = TempDir::new("later-serial");
+    let filter = later_filter(&dir);
+    let plugin = serial_plugin(&dir, "SERIALIZE_REQUESTS");
+    let s = Server::start(&[&filter, plugin.to_str().unwrap()]);
+    let out = Command::new("nbdinfo").arg(s.uri()).output().unwrap();
+    assert!(!out.status.success(), "the open fails with the job refused");
+    let (status, log) = s.stop_with_log();
+    assert!(status.success());
+    assert!(log.contains("does not allow overlapping calls"), "{log}");
+}
+
+#[test]
+fn shutdown_fires_a_filter_s_timers_at_once() {
+    let dir = TempDir::new("later-shutdown");
+    let filter = later_filter(&dir);
+    // An hour's delay: only the shutdown can end it.
+    let s = Server::start(&[&filter, "memory", "1M", "delay_ms=3600000"]);
+    let mut reader = Command::new("nbdsh")
+        .args(["-u", &s.uri(), "-c", "h.pread(512, 0)"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let t = std::time::Instant::now();
+    let status = s.stop();
+    assert!(status.success());
+    assert!(t.elapsed().as_secs() < 5, "the server waited for the timer");
+    assert!(!reader.wait().unwrap().success(), "the read failed");
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use nbdhost_plugin_api::{abi, Error, Flags, Result, Support, ThreadModel};
 
 use super::backend::{checked_block_size, run_sync, AsyncOp, Backend, Handle};
+use super::below::{next_after, next_background, next_closing, next_reopen, Below, Opener};
 use super::connection::Connection;
 use super::export_list::ExportCollector;
 use super::extents::ExtentCollector;
@@ -115,11 +116,19 @@ impl Filter {
             let look = Arc::new(Connection::default());
             let export = next.default_export(&look, true, false)?;
             let export = CString::new(export).unwrap_or_default();
-            let below = BelowHandle::new(next.open(look.renamed(export), true)?);
+            let conn = look.renamed(export);
+            let opened = next.open(conn.clone(), true)?;
+            let below = BelowHandle::new(
+                opened,
+                Opener {
+                    backend: next.clone(),
+                    conn,
+                },
+            );
             // SAFETY: ABI callback with a next table whose handle lives until
             // `below` is dropped after the call.
             let r = self.lib.call(|| unsafe { f(&*below.abi) });
-            let finalized = below.handle.finalize();
+            let finalized = below.below.handle().finalize();
             self.lib.check("startup", r)?;
             finalized?;
         }
@@ -233,7 +242,8 @@ struct NextOpenSlot {
     /// The connection the filter is being opened for; the layer below is
     /// opened for it too, under the export name the filter asks for.
     conn: Arc<Connection>,
-    opened: Option<Box<dyn Handle>>,
+    /// The handle opened, and the connection it was opened for.
+    opened: Option<(Box<dyn Handle>, Arc<Connection>)>,
 }
 
 unsafe extern "C" fn next_open(
@@ -257,9 +267,9 @@ unsafe extern "C" fn next_open(
         return -1;
     }
     let conn = slot.conn.renamed(CString::new(name).unwrap_or_default());
-    match below(|| slot.next.open(conn, readonly != 0)) {
+    match below(|| slot.next.open(conn.clone(), readonly != 0)) {
         Ok(h) => {
-            slot.opened = Some(h);
+            slot.opened = Some((h, conn));
             0
         }
         Err(e) => {
@@ -340,11 +350,16 @@ impl Backend for Layer {
     fn open(&self, conn: Arc<Connection>, readonly: bool) -> Result<Box<dyn Handle>> {
         let Some(f) = fcb!(self.lib, open) else {
             let next = self.next.open(conn.clone(), readonly)?;
+            let opener = Opener {
+                backend: self.next.clone(),
+                conn: conn.clone(),
+            };
             return Ok(Box::new(FilterHandle::new(
                 self.lib.clone(),
                 std::ptr::null_mut(),
                 conn,
                 next,
+                opener,
             )));
         };
         let mut slot = NextOpenSlot {
@@ -365,8 +380,12 @@ impl Backend for Layer {
         });
         let next = slot.opened.take();
         match (h.is_null(), next) {
-            (false, Some(next)) => {
-                let handle = FilterHandle::new(self.lib.clone(), h, conn, next);
+            (false, Some((next, below_conn))) => {
+                let opener = Opener {
+                    backend: self.next.clone(),
+                    conn: below_conn,
+                };
+                let handle = FilterHandle::new(self.lib.clone(), h, conn, next, opener);
                 handle.prepare(readonly)?;
                 Ok(Box::new(handle))
             }
@@ -387,9 +406,9 @@ impl Backend for Layer {
 
 /// An open handle of the layer below, exposed as a `struct nbdhost_next`.
 struct BelowHandle {
-    /// Boxed so its address is stable, with `opaque` pointing at `handle`.
+    /// Boxed so its address is stable, with `opaque` pointing at `below`.
     abi: Box<abi::Next>,
-    handle: Box<Box<dyn Handle>>,
+    below: Box<Below>,
 }
 
 /// A filter handle over the next layer's handle. It holds its library, so
@@ -612,11 +631,11 @@ unsafe extern "C" fn next_local_file(next: *const abi::Next) -> *const c_char {
 }
 
 impl BelowHandle {
-    fn new(handle: Box<dyn Handle>) -> BelowHandle {
-        let handle = Box::new(handle);
+    fn new(handle: Box<dyn Handle>, opener: Opener) -> BelowHandle {
+        let below = Box::new(Below::new(handle, opener));
         let abi = Box::new(abi::Next {
             struct_size: std::mem::size_of::<abi::Next>() as u64,
-            opaque: (&*handle as *const Box<dyn Handle>).cast_mut().cast(),
+            opaque: (&*below as *const Below).cast_mut().cast(),
             get_size: Some(next_get_size),
             block_size: Some(next_block_size),
             can_write: Some(next_can_write),
@@ -645,8 +664,12 @@ impl BelowHandle {
             async_zero: Some(next_async_zero),
             async_cache: Some(next_async_cache),
             async_extents: Some(next_async_extents),
+            reopen: Some(next_reopen),
+            after: Some(next_after),
+            background: Some(next_background),
+            closing: Some(next_closing),
         });
-        BelowHandle { abi, handle }
+        BelowHandle { abi, below }
     }
 }
 
@@ -656,12 +679,13 @@ impl FilterHandle {
         handle: *mut c_void,
         conn: Arc<Connection>,
         next: Box<dyn Handle>,
+        opener: Opener,
     ) -> FilterHandle {
         FilterHandle {
             lib,
             handle,
             conn,
-            next: BelowHandle::new(next),
+            next: BelowHandle::new(next, opener),
         }
     }
 
@@ -741,7 +765,7 @@ impl FilterHandle {
 
     /// The layer below.
     pub(super) fn below(&self) -> &dyn Handle {
-        &**self.next.handle
+        self.next.below.handle()
     }
 
     /// The filter's name, for messages.
@@ -777,6 +801,9 @@ impl FilterHandle {
 
 impl Drop for FilterHandle {
     fn drop(&mut self) {
+        // Before the filter's close: its timers and background jobs may
+        // use the handle and the layer below.
+        self.next.below.quiesce();
         if let Some(close) = fcb!(self.lib, close) {
             // SAFETY: each filter handle is closed exactly once, here, before
             // the next layer's handle it may refer to.
@@ -798,7 +825,7 @@ macro_rules! can_bool {
         fn $method(&self) -> Result<bool> {
             match self.can(fcb!(self.lib, $method), stringify!($method)) {
                 Some(r) => r.map(|v| v != 0),
-                None => self.next.handle.$method(),
+                None => self.next.below.handle().$method(),
             }
         }
     };
@@ -895,7 +922,7 @@ impl FilterHandle {
 impl Handle for FilterHandle {
     fn get_size(&self) -> Result<u64> {
         let Some(f) = fcb!(self.lib, get_size) else {
-            return self.next.handle.get_size();
+            return self.next.below.handle().get_size();
         };
         // SAFETY: ABI callback with our next table and the filter's handle.
         let r = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
@@ -904,7 +931,7 @@ impl Handle for FilterHandle {
 
     fn block_size(&self) -> Result<Option<(u32, u32, u32)>> {
         let Some(f) = fcb!(self.lib, block_size) else {
-            return self.next.handle.block_size();
+            return self.next.below.handle().block_size();
         };
         let (mut a, mut b, mut c) = (0u32, 0u32, 0u32);
         // SAFETY: ABI callback writing three u32s into our locals.
@@ -925,20 +952,20 @@ impl Handle for FilterHandle {
     fn can_fua(&self) -> Result<Support> {
         match self.can(fcb!(self.lib, can_fua), "can_fua") {
             Some(r) => r.map(support),
-            None => self.next.handle.can_fua(),
+            None => self.next.below.handle().can_fua(),
         }
     }
 
     fn can_cache(&self) -> Result<Support> {
         match self.can(fcb!(self.lib, can_cache), "can_cache") {
             Some(r) => r.map(support),
-            None => self.next.handle.can_cache(),
+            None => self.next.below.handle().can_cache(),
         }
     }
 
     fn export_description(&self) -> Result<Option<String>> {
         let Some(f) = fcb!(self.lib, export_description) else {
-            return self.next.handle.export_description();
+            return self.next.below.handle().export_description();
         };
         // SAFETY: ABI callback; the string is copied at once.
         let p = self.call(|| unsafe { f(&*self.next.abi, self.handle) });
@@ -955,7 +982,7 @@ impl Handle for FilterHandle {
             };
             return self
                 .wait_async(op)
-                .unwrap_or_else(|| self.next.handle.pread(buf, offset, flags));
+                .unwrap_or_else(|| self.next.below.handle().pread(buf, offset, flags));
         };
         let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u64);
         // SAFETY: `buf` is writable for its length during the call.
@@ -982,7 +1009,7 @@ impl Handle for FilterHandle {
             };
             return self
                 .wait_async(op)
-                .unwrap_or_else(|| self.next.handle.pwrite(buf, offset, flags));
+                .unwrap_or_else(|| self.next.below.handle().pwrite(buf, offset, flags));
         };
         // SAFETY: `buf` is readable for its length during the call.
         let r = self.call(|| unsafe {
@@ -1002,7 +1029,7 @@ impl Handle for FilterHandle {
         let Some(f) = fcb!(self.lib, flush) else {
             return self
                 .wait_async(AsyncOp::Flush { flags })
-                .unwrap_or_else(|| self.next.handle.flush(flags));
+                .unwrap_or_else(|| self.next.below.handle().flush(flags));
         };
         // SAFETY: ABI callback with our next table and the filter's handle.
         let r = self.call(|| unsafe { f(&*self.next.abi, self.handle, flags.bits()) });
@@ -1019,7 +1046,7 @@ impl Handle for FilterHandle {
                     flags,
                 };
                 self.wait_async(op)
-                    .unwrap_or_else(|| self.next.handle.trim(count, offset, flags))
+                    .unwrap_or_else(|| self.next.below.handle().trim(count, offset, flags))
             }
         }
     }
@@ -1034,7 +1061,7 @@ impl Handle for FilterHandle {
                     flags,
                 };
                 self.wait_async(op)
-                    .unwrap_or_else(|| self.next.handle.zero(count, offset, flags))
+                    .unwrap_or_else(|| self.next.below.handle().zero(count, offset, flags))
             }
         }
     }
@@ -1049,14 +1076,14 @@ impl Handle for FilterHandle {
                     flags,
                 };
                 self.wait_async(op)
-                    .unwrap_or_else(|| self.next.handle.cache(count, offset, flags))
+                    .unwrap_or_else(|| self.next.below.handle().cache(count, offset, flags))
             }
         }
     }
 
     fn local_file(&self) -> Result<Option<std::path::PathBuf>> {
         let Some(f) = fcb!(self.lib, local_file) else {
-            return self.next.handle.local_file();
+            return self.next.below.handle().local_file();
         };
         // SAFETY: ABI callback with our next table and the filter's handle;
         // the path is copied at once.
@@ -1082,7 +1109,7 @@ impl Handle for FilterHandle {
             None => Ok(()),
         };
         // The layers below write back theirs even when this one failed.
-        let below = self.next.handle.finalize();
+        let below = self.next.below.handle().finalize();
         mine.and(below)
     }
 
@@ -1097,7 +1124,7 @@ impl Handle for FilterHandle {
             };
             return match self.wait_async(op) {
                 Some(r) => r.map(|()| c.into_extents()),
-                None => self.next.handle.extents(count, offset, flags),
+                None => self.next.below.handle().extents(count, offset, flags),
             };
         };
         let mut c = ExtentCollector::new(offset);

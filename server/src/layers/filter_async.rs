@@ -44,8 +44,8 @@ impl AsyncCallbacks {
 /// # Safety
 /// `next` must be the `abi` table of a live `BelowHandle`.
 pub(super) unsafe fn next_of<'a>(next: *const abi::Next) -> &'a dyn Handle {
-    // SAFETY: guaranteed by the caller: `opaque` points at the boxed handle.
-    unsafe { &**(*next).opaque.cast::<Box<dyn Handle>>() }
+    // SAFETY: guaranteed by the caller.
+    unsafe { super::below::below_of(next) }.handle()
 }
 
 /// `next->async_*`: start `op` on the layer below for `req`. A panic in

@@ -3,6 +3,7 @@
 //! protocol, and the host services every layer calls back into.
 
 pub mod backend;
+mod below;
 pub mod chain;
 pub mod connection;
 mod export_list;

@@ -16,6 +16,8 @@
 //! - [`stdio`]: whether layers may use stdin and stdout;
 //! - [`shutdown`]: a layer asking the server to stop, and the server's
 //!   shutdown cutting layers' sleeps short;
+//! - [`timer`]: deadlines that hold no thread (`next->after`), fired
+//!   early by shutdown;
 //! - [`names`]: layer names kept for the life of the process;
 //! - [`size`] and [`secret`]: the parameter forms the host parses for
 //!   layers.
@@ -30,3 +32,4 @@ pub mod shutdown;
 pub mod size;
 pub mod stdio;
 pub mod table;
+pub mod timer;

@@ -1,7 +1,7 @@
 //! Shutdown as layers see it, both ways: a layer may ask the server to
 //! shut down (`host->shutdown`), and the server's shutdown cuts short
-//! every sleep a layer is in (`host->nanosleep`), so that no layer holds
-//! the exit up.
+//! every sleep a layer is in (`host->nanosleep`) and fires its timers
+//! (`next->after`), so that no layer holds the exit up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -52,6 +52,12 @@ static SHUTDOWN: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
 pub fn begin_shutdown() {
     *SHUTDOWN.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
     SHUTDOWN.1.notify_all();
+    super::timer::fire_all_early();
+}
+
+/// Whether the server has begun shutting down.
+pub fn shutting_down() -> bool {
+    *SHUTDOWN.0.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Sleep `sec` seconds and `nsec` nanoseconds, or until the server begins

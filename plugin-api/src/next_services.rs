@@ -1,0 +1,167 @@
+//! What a filter may do with the layer below besides calling it (since
+//! ABI 1.10): open it again ([`Next::reopen`]), wait without holding a
+//! thread ([`Next::after`]), and use it from a thread of its own
+//! ([`Next::background`], [`Next::closing`]).
+//!
+//! All four belong to the filter's handle whose `next` they are called
+//! on: from its callbacks, from the continuations of its requests or
+//! timers, or from its background jobs. The server keeps that handle,
+//! and the layer below, open for as long as any of those can run: a
+//! timer not yet due when the handle closes runs at the close with
+//! `ECANCELED`, and the close waits for running jobs. On a server older
+//! than 1.10 each fails with `ENOTSUP` (and `closing` says `false`).
+
+use std::ffi::{c_int, c_void};
+use std::time::Duration;
+
+use crate::abi;
+use crate::filter::Next;
+use crate::host;
+use crate::{Error, Result};
+
+/// The layer below's table, carried to a timer's continuation or a job's
+/// thread; see the module's text for how long the server keeps it valid.
+#[derive(Clone, Copy)]
+struct RawNext(*const abi::Next);
+
+// SAFETY: the server's next table may be called from any thread it runs
+// this handle's continuations and jobs on.
+unsafe impl Send for RawNext {}
+
+macro_rules! service {
+    ($next:expr, $field:ident) => {{
+        let t: &abi::Next = $next;
+        let end = std::mem::offset_of!(abi::Next, $field) + std::mem::size_of::<usize>();
+        if t.struct_size as usize >= end {
+            t.$field
+        } else {
+            None
+        }
+    }};
+}
+
+fn unsupported(what: &str) -> Error {
+    Error::new(
+        libc::ENOTSUP,
+        format!("{what}: the server is older than ABI 1.10"),
+    )
+}
+
+fn result(r: c_int) -> Result<()> {
+    if r < 0 {
+        Err(Error::from_next(host::last_errno()))
+    } else {
+        Ok(())
+    }
+}
+
+impl Next {
+    /// Finalize the layer below and open it again, for the same connection
+    /// and export, read-only if `readonly`: what a filter does to recover
+    /// from a layer whose connection broke (the retry filter). Every later
+    /// call through this `Next`, on any thread, goes to the new handle.
+    ///
+    /// The old handle is not closed now, since a request started on it
+    /// may still be in flight: the server closes it with this filter's
+    /// handle. On failure the layer below stays the old handle, unless its
+    /// finalize succeeded and only the open failed; reopening again is
+    /// the way out either way.
+    pub fn reopen(&self, readonly: bool) -> Result<()> {
+        let f = service!(self.table(), reopen).ok_or_else(|| unsupported("reopen"))?;
+        // SAFETY: ABI call with the server's next table.
+        result(unsafe { f(self.raw(), c_int::from(readonly)) })
+    }
+
+    /// Run `then` after `delay` without holding any thread meanwhile, on
+    /// one of the server's worker threads, as a callback made for this
+    /// connection: a back-off before retrying a request. `then` gets
+    /// `Ok(())` when the delay has passed; an error with `ESHUTDOWN` when
+    /// the server began shutting down first (at once, so a long delay
+    /// never holds the exit up); or, only for a timer that was not set for
+    /// a request in flight, `ECANCELED` when the handle closes first (it
+    /// then runs on the closing thread and must not start requests).
+    ///
+    /// A request passed into `then` keeps the handle open until it is
+    /// answered, so a timer set to retry it is never cancelled. When the
+    /// timer cannot be set the error is returned and `then` is dropped
+    /// without running (a request it owns is answered with an error by its
+    /// drop).
+    pub fn after(
+        &self,
+        delay: Duration,
+        then: impl FnOnce(&Next, Result<()>) + Send + 'static,
+    ) -> Result<()> {
+        type Then = Box<dyn FnOnce(&Next, Result<()>) + Send>;
+        unsafe extern "C" fn fire(data: *mut c_void, errnum: c_int) {
+            // SAFETY: `data` is the box made below, given back exactly once.
+            let (next, then) = *unsafe { Box::from_raw(data.cast::<(RawNext, Then)>()) };
+            let r = if errnum == 0 {
+                Ok(())
+            } else {
+                Err(Error::from_next(errnum))
+            };
+            crate::boundary::guard((), || {
+                then(&Next::from_raw(next.0), r);
+                Ok(())
+            });
+        }
+        let f = service!(self.table(), after).ok_or_else(|| unsupported("after"))?;
+        let nsec = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
+        let then: Then = Box::new(then);
+        let data = Box::into_raw(Box::new((RawNext(self.raw()), then))).cast::<c_void>();
+        // SAFETY: ABI call with the server's table; `fire` takes `data`
+        // back exactly once if the call succeeds.
+        let r = result(unsafe { f(self.raw(), nsec, fire, data) });
+        if r.is_err() {
+            // SAFETY: the server did not take `data`: free it here.
+            drop(unsafe { Box::from_raw(data.cast::<(RawNext, Then)>()) });
+        }
+        r
+    }
+
+    /// Run `job` once on a thread of its own, outside any request, with
+    /// the layer below open until it returns (this filter's handle is not
+    /// closed while it runs): prefetching (readahead) or reading the
+    /// whole disk ahead of the client (scan). The job may call every
+    /// synchronous method of the `Next` it is given, beside the
+    /// connection's requests; a long job checks [`Next::closing`] between
+    /// calls and returns once it says `true`, since the close waits for
+    /// it.
+    ///
+    /// Refused with `ENOTSUP` unless every layer below allows calls to
+    /// overlap (thread model `Parallel`), and outside the callbacks of a
+    /// client's connection (no thread may start before the server
+    /// serves). When refused, `job` is dropped without running.
+    pub fn background(&self, job: impl FnOnce(&Next) + Send + 'static) -> Result<()> {
+        type Job = Box<dyn FnOnce(&Next) + Send>;
+        unsafe extern "C" fn run(next: *const abi::Next, data: *mut c_void) {
+            // SAFETY: `data` is the box made below, given back exactly once.
+            let job = *unsafe { Box::from_raw(data.cast::<Job>()) };
+            crate::boundary::guard((), || {
+                job(&Next::from_raw(next));
+                Ok(())
+            });
+        }
+        let f = service!(self.table(), background).ok_or_else(|| unsupported("background"))?;
+        let job: Job = Box::new(job);
+        let data = Box::into_raw(Box::new(job)).cast::<c_void>();
+        // SAFETY: ABI call with the server's table; `run` takes `data`
+        // back exactly once if the call succeeds.
+        let r = result(unsafe { f(self.raw(), run, data) });
+        if r.is_err() {
+            // SAFETY: the server did not take `data`: free it here.
+            drop(unsafe { Box::from_raw(data.cast::<Job>()) });
+        }
+        r
+    }
+
+    /// Whether this filter's handle is closing or the server shutting
+    /// down: a background job should return soon.
+    pub fn closing(&self) -> bool {
+        match service!(self.table(), closing) {
+            // SAFETY: ABI call with the server's next table.
+            Some(f) => (unsafe { f(self.raw()) }) > 0,
+            None => false,
+        }
+    }
+}
