@@ -1,5 +1,5 @@
 //! The shaping and testing filters nbdkit users stack on a plugin (issue
-//! 21): protect, blocksize-policy, extentlist, driven by real clients and compared with nbdkit's own
+//! 21): protect, blocksize-policy, extentlist, ddrescue, driven by real clients and compared with nbdkit's own
 //! filters on the command lines of their man pages.
 
 use std::path::{Path, PathBuf};
@@ -539,5 +539,107 @@ fn extentlist_refuses_a_missing_or_overlapping_list() {
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+// ---- ddrescue ----
+
+/// A mapfile as GNU ddrescue writes one: comments, its state line, then
+/// blocks rescued (`+`), bad (`-`) and not tried (`?`, `/`).
+const MAPFILE: &str = "# Mapfile. Created by GNU ddrescue version 1.27
+# Command line: ddrescue /dev/sdb disk.img disk.map
+# Start time:   2026-12-07 10:00:00
+# current_pos  current_status  current_pass
+0x00000400     +               1
+#      pos        size  status
+0x00000000  0x00000200  +
+0x00000200  0x00000200  -
+0x00000400  0x00000200  +
+0x00000600  0x0000FA00  ?
+0x00010000  0x00010000  +
+";
+
+/// What reading each 512-byte sector of the first 64K, then a read
+/// across two areas, and a large read give; and what a client is told
+/// about writing and caching.
+const DDRESCUE_READS: &str = "
+for s in [0, 1, 2, 3, 127, 128, 129, 255]:
+    attempt('sector %d' % s, h.pread, 512, s * 512)
+attempt('across', h.pread, 1024, 0)
+attempt('rescued 64K', h.pread, 65536, 65536)
+print('read-only', h.is_read_only(), 'cache', h.can_cache())
+";
+
+#[test]
+fn ddrescue_fails_reads_outside_the_rescued_areas_with_eio() {
+    let dir = TempDir::new("ddrescue");
+    let img = write_file(&dir, "disk.img", &pattern(128 * K, 8));
+    let map = write_file(&dir, "disk.map", MAPFILE.as_bytes());
+    let param = format!("ddrescue-mapfile={}", path(&map));
+    let s = serve(&["--filter=ddrescue", "file", path(&img), &param]);
+    assert_eq!(
+        attempts(&s.uri(), DDRESCUE_READS),
+        "sector 0: ok\nsector 1: EIO\nsector 2: ok\nsector 3: EIO\n\
+         sector 127: EIO\nsector 128: ok\nsector 129: ok\nsector 255: ok\n\
+         across: EIO\nrescued 64K: ok\nread-only True cache False\n"
+    );
+}
+
+#[test]
+fn ddrescue_reads_the_rescued_data_unchanged() {
+    let dir = TempDir::new("ddrescue");
+    let data = pattern(128 * K, 9);
+    let img = write_file(&dir, "disk.img", &data);
+    let map = write_file(&dir, "disk.map", MAPFILE.as_bytes());
+    let param = format!("ddrescue-mapfile={}", path(&map));
+    let s = serve(&["--filter=ddrescue", "file", path(&img), &param]);
+    let out = dir.path("tail.img");
+    nbdsh(
+        &s.uri(),
+        &format!("open({:?}, 'wb').write(h.pread(65536, 65536))", path(&out)),
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == data[64 * K..],
+        "the rescued data differs"
+    );
+}
+
+#[test]
+fn ddrescue_refuses_a_missing_mapfile() {
+    let out = run(
+        client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args([
+            "--filter=ddrescue",
+            "memory",
+            "1M",
+            "ddrescue-mapfile=/nonexistent/disk.map",
+            "--run",
+            "true",
+        ]),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("disk.map"));
+}
+
+#[test]
+fn ddrescue_synopsis_and_example_are_the_same_as_nbdkit() {
+    let dir = TempDir::new("ddrescue");
+    let img = write_file(&dir, "disk.img", &pattern(128 * K, 10));
+    let map = write_file(&dir, "disk.map", MAPFILE.as_bytes());
+    let param = format!("ddrescue-mapfile={}", path(&map));
+    let file = format!("file={}", path(&img));
+    let lines: [&[&str]; 3] = [
+        // nbdkit's own test: a data plugin over the first area.
+        &[
+            "--filter=ddrescue",
+            "data",
+            "size=128K",
+            "@0 \"ddrescue\"*64",
+            &param,
+        ],
+        &["--filter=ddrescue", "file", &file, &param],
+        &["--filter=ddrescue", "file", path(&img), &param],
+    ];
+    for args in lines {
+        same_as_nbdkit(args, |uri| attempts(uri, DDRESCUE_READS));
     }
 }
