@@ -252,6 +252,30 @@ fn xz_fails_the_read_of_a_corrupt_block_and_serves_the_others() {
 }
 
 #[test]
+fn xz_and_gzip_answer_cache_requests_past_the_compressed_size() {
+    if !have_tools(&["xz", "gzip", "nbdsh"]) {
+        return;
+    }
+    let dir = TempDir::new("xz-cache");
+    // Zeroes compress to almost nothing: the disk's end lies far past
+    // the end of the compressed file.
+    let img = dir.path("zeroes.img");
+    std::fs::write(&img, vec![0u8; 2 * M]).unwrap();
+    for (filter, compressed) in [
+        ("--filter=xz", xz(&dir, &img, "256KiB")),
+        ("--filter=gzip", gzip(&dir, &img)),
+    ] {
+        let s = start(&[filter, "file", path(&compressed)]);
+        let out = nbdsh(
+            &s.uri(),
+            "h.cache(4096, 2*1024*1024 - 4096)\nh.cache(1024*1024, 512*1024)\n\
+             assert h.pread(4096, 2*1024*1024 - 4096) == bytes(4096)\nprint('ok')",
+        );
+        assert_eq!(out, "ok\n", "{filter}");
+    }
+}
+
+#[test]
 fn xz_export_is_read_only() {
     if !have_tools(&["xz", "nbdsh"]) {
         return;

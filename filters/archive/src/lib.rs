@@ -182,8 +182,8 @@ pub mod read_only {
         Ok(false)
     }
 
-    /// A cache request is served by reading, which decompresses the
-    /// blocks it covers into the connection's cache.
+    /// Cache requests are answered by the filter itself (it must define
+    /// `cache`, or they would reach the layer below at the wrong offsets).
     pub fn can_cache() -> Result<Support> {
         Ok(Support::Emulate)
     }

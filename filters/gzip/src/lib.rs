@@ -108,6 +108,12 @@ impl FilterHandle for Uncompressed {
     fn local_file(&self, _next: &Next) -> Result<Option<PathBuf>> {
         Ok(None)
     }
+    // Defined so that a cache request never reaches the layer below,
+    // whose offsets are the compressed file's; the whole disk is already
+    // in the local copy.
+    fn cache(&self, _next: &Next, _count: u64, _offset: u64, _flags: Flags) -> Result<()> {
+        self.disk().map(drop)
+    }
     fn pread(&self, _next: &Next, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
         self.disk()?
             .file

@@ -84,6 +84,33 @@ pub struct Uncompressed {
 }
 
 impl Uncompressed {
+    /// Decompress (or find cached) each block holding the `count` bytes
+    /// at `offset`, in order, handing `each` the block and where in it the
+    /// range starts; `each` says how many of the range's bytes it used.
+    fn each_block(
+        &self,
+        next: &Next,
+        count: u64,
+        offset: u64,
+        mut each: impl FnMut(&[u8], usize) -> u64,
+    ) -> Result<()> {
+        let index = self.index()?;
+        let reader = NextReader::new(next)?;
+        let mut done = 0;
+        while done < count {
+            let at = offset + done;
+            let number = index
+                .block_at(at)
+                .ok_or_else(|| Error::new(libc::EIO, format!("xz: offset {at} is past the end")))?;
+            let data = self
+                .cache
+                .get(number as u64, || index::decompress(&reader, index, number))
+                .map_err(xz_error)?;
+            done += each(&data, (at - index.blocks[number].offset) as usize);
+        }
+        Ok(())
+    }
+
     fn index(&self) -> Result<&Index> {
         self.index
             .get()
@@ -131,24 +158,21 @@ impl FilterHandle for Uncompressed {
         Ok(None)
     }
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
-        let index = self.index()?;
-        let reader = NextReader::new(next)?;
         let mut done = 0;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let number = index
-                .block_at(at)
-                .ok_or_else(|| Error::new(libc::EIO, format!("xz: offset {at} is past the end")))?;
-            let data = self
-                .cache
-                .get(number as u64, || index::decompress(&reader, index, number))
-                .map_err(xz_error)?;
-            let start = (at - index.blocks[number].offset) as usize;
+        self.each_block(next, buf.len() as u64, offset, |data, start| {
             let n = (data.len() - start).min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&data[start..start + n]);
             done += n;
-        }
-        Ok(())
+            n as u64
+        })
+    }
+    // Defined so that a cache request never reaches the layer below,
+    // whose offsets are the compressed file's: it decompresses the blocks
+    // into the connection's cache instead.
+    fn cache(&self, next: &Next, count: u64, offset: u64, _flags: Flags) -> Result<()> {
+        self.each_block(next, count, offset, |data, start| {
+            (data.len() - start) as u64
+        })
     }
 }
 
