@@ -197,3 +197,21 @@ fn a_failing_default_export_without_list_exports_lists_nothing_and_logs_why() {
     let (_, log) = s.stop_with_log();
     assert!(log.contains("no default here"), "{log}");
 }
+
+#[test]
+fn a_write_beyond_the_maximum_from_libnbd_is_refused_and_the_connection_goes_on() {
+    let s = Server::start(&["memory", "1M"]);
+    // libnbd checks the size only in strict mode; with it off it sends
+    // the 33 MiB payload and waits for the reply after sending it all.
+    let script = format!(
+        "import errno\n\
+         h.set_strict_mode(0)\n\
+         h.connect_uri({:?})\n\
+         try:\n    h.pwrite(b'x' * (33 << 20), 0)\n    print('written')\n\
+         except nbd.Error as e:\n    print(errno.errorcode.get(e.errno, e.errno))\n\
+         print(bytes(h.pread(4, 0)))",
+        s.uri()
+    );
+    let out = run_ok(client("nbdsh").arg("-c").arg(script));
+    assert_eq!(out, "EOVERFLOW\nb'\\x00\\x00\\x00\\x00'\n");
+}

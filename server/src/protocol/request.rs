@@ -95,9 +95,16 @@ pub struct Decoder {
     session: Negotiated,
     /// Payload of a refused oversized write still to be skipped.
     discard: u64,
+    /// The reply to that write, sent once its payload is skipped: a client
+    /// such as libnbd matches a reply only to a request it has finished
+    /// sending.
+    refused: Option<ReplyHeader>,
 }
 
 type Refusal = (u32, &'static str);
+
+/// How much of a refused payload is asked for at a time.
+const DISCARD_PIECE: u64 = 256 * 1024;
 
 impl Decoder {
     /// A decoder for what negotiation settled.
@@ -105,6 +112,7 @@ impl Decoder {
         Decoder {
             session,
             discard: 0,
+            refused: None,
         }
     }
 
@@ -120,15 +128,17 @@ impl Decoder {
     /// Look at the front of `buf`: is a request complete, and what would it
     /// cost to take it on?
     pub fn front(&self, buf: &[u8]) -> Front {
-        if self.discard > buf.len() as u64 {
-            // Skipping a refused payload takes all of it first.
-            let left = self.discard - buf.len() as u64;
-            return Front::Incomplete {
-                wanted: left.min(u64::from(MAX_PAYLOAD)) as usize,
-            };
-        }
         if self.discard > 0 {
-            return Front::Complete { cost: 0 };
+            // A refused payload is skipped piece by piece as it arrives,
+            // never held whole: what has arrived is taken at once, and
+            // no more than a piece is asked for.
+            return if buf.is_empty() {
+                Front::Incomplete {
+                    wanted: self.discard.min(DISCARD_PIECE) as usize,
+                }
+            } else {
+                Front::Complete { cost: 0 }
+            };
         }
         let ext = self.extended();
         let req = match peek_request(buf, ext) {
@@ -169,6 +179,9 @@ impl Decoder {
             if self.discard > 0 {
                 return Decoded::NeedMore;
             }
+            if let Some(reply) = self.refused.take() {
+                return Decoded::Rejected(reply, EOVERFLOW, "request payload too large");
+            }
         }
         let ext = self.extended();
         let req = match peek_request(buf, ext) {
@@ -187,11 +200,13 @@ impl Decoder {
             if payload > u64::from(u32::MAX) {
                 return Decoded::Fatal(format!("request payload of {payload} bytes is too large"));
             }
-            // Skip the payload as it arrives rather than buffering it, so
-            // the client can go on after the error.
+            // Skip the payload as it arrives rather than buffering it, and
+            // answer once it is all read, so the client can go on after
+            // the error.
             buf.advance(hlen);
             self.discard = payload;
-            return Decoded::Rejected(reply, EOVERFLOW, "request payload too large");
+            self.refused = Some(reply);
+            return self.next(buf);
         }
         if buf.len() < hlen + payload as usize {
             return Decoded::NeedMore;
@@ -401,17 +416,30 @@ mod tests {
         let mut d = decoder(ReplyStyle::Simple);
         let mut b = BytesMut::new();
         request(&mut b, 0, Cmd::Write, 0, MAX_PAYLOAD + 1);
-        assert_eq!(rejected_errno(d.next(&mut b)), EOVERFLOW);
         b.put_bytes(7, 1000);
         assert_eq!(
             d.front(&b),
-            Front::Incomplete {
-                wanted: MAX_PAYLOAD as usize + 1 - 1000
-            },
-            "the rest of the payload is wanted, to be skipped"
+            Front::Complete { cost: 0 },
+            "what has arrived is taken, to be skipped"
         );
         assert!(matches!(d.next(&mut b), Decoded::NeedMore));
         assert!(b.is_empty());
+        assert_eq!(
+            d.front(&b),
+            Front::Incomplete {
+                wanted: DISCARD_PIECE as usize
+            },
+            "more is wanted, a piece at a time"
+        );
+        b.put_bytes(7, MAX_PAYLOAD as usize - 1000);
+        assert!(matches!(d.next(&mut b), Decoded::NeedMore));
+        assert!(b.is_empty(), "skipped in pieces, never held whole");
+        b.put_bytes(7, 1);
+        assert_eq!(
+            rejected_errno(d.next(&mut b)),
+            EOVERFLOW,
+            "answered once the last byte is read"
+        );
     }
 
     #[test]
