@@ -1,7 +1,9 @@
 //! What a filter may do with the layer below besides calling it (since
 //! ABI 1.10): open it again ([`Next::reopen`]), wait without holding a
 //! thread ([`Next::after`]), and use it from a thread of its own
-//! ([`Next::background`], [`Next::closing`]).
+//! ([`Next::background`], [`Next::closing`]); and the `_then` forms of
+//! the asynchronous calls that give the request itself back with the
+//! layer below's answer, to pass it down again (a retry).
 //!
 //! All four belong to the filter's handle whose `next` they are called
 //! on: from its callbacks, from the continuations of its requests or
@@ -17,6 +19,7 @@ use std::time::Duration;
 use crate::abi;
 use crate::filter::Next;
 use crate::host;
+use crate::requests::{Completion, RangeRequest, WriteRequest};
 use crate::{Error, Result};
 
 /// The layer below's table, carried to a timer's continuation or a job's
@@ -27,6 +30,16 @@ struct RawNext(*const abi::Next);
 // SAFETY: the server's next table may be called from any thread it runs
 // this handle's continuations and jobs on.
 unsafe impl Send for RawNext {}
+
+impl RawNext {
+    fn next(self) -> Next {
+        Next::from_raw(self.0)
+    }
+}
+
+/// What a `_then` continuation is given: the layer below, the request
+/// back, and the layer below's answer.
+type Then<R> = Box<dyn FnOnce(&Next, R, Result<()>) + Send>;
 
 macro_rules! service {
     ($next:expr, $field:ident) => {{
@@ -163,5 +176,84 @@ impl Next {
             Some(f) => (unsafe { f(self.raw()) }) > 0,
             None => false,
         }
+    }
+}
+
+impl Next {
+    /// Pass `req` to the layer below, then run `then` on a worker thread
+    /// with the request back and the result: to answer it, or to pass it
+    /// down again. As [`Next::async_pread_then`], for writes.
+    pub fn async_pwrite_then(
+        &self,
+        req: WriteRequest,
+        then: impl FnOnce(&Next, WriteRequest, Result<()>) + Send + 'static,
+    ) {
+        let (buf, len, offset, fl) = (req.as_ptr(), req.len(), req.offset(), req.flags());
+        let below = RawNext(self.raw());
+        let then: Then<WriteRequest> = Box::new(then);
+        // Should no continuation be possible, dropping it drops `req`,
+        // which answers the request with an error.
+        let Ok(done) = Completion::then(move |r| then(&below.next(), req, r)) else {
+            return;
+        };
+        // The data is `req`'s, which the continuation holds until `done`
+        // completes.
+        self.async_pwrite(WriteRequest::new(
+            buf.cast(),
+            len,
+            offset,
+            fl,
+            done.into_raw(),
+        ));
+    }
+
+    /// As [`Next::async_pwrite_then`], for a flush.
+    pub fn async_flush_req_then(
+        &self,
+        req: RangeRequest,
+        then: impl FnOnce(&Next, RangeRequest, Result<()>) + Send + 'static,
+    ) {
+        self.range_then(req, Box::new(then), Next::async_flush)
+    }
+
+    /// As [`Next::async_pwrite_then`], for a trim.
+    pub fn async_trim_then(
+        &self,
+        req: RangeRequest,
+        then: impl FnOnce(&Next, RangeRequest, Result<()>) + Send + 'static,
+    ) {
+        self.range_then(req, Box::new(then), Next::async_trim)
+    }
+
+    /// As [`Next::async_pwrite_then`], for a zero.
+    pub fn async_zero_then(
+        &self,
+        req: RangeRequest,
+        then: impl FnOnce(&Next, RangeRequest, Result<()>) + Send + 'static,
+    ) {
+        self.range_then(req, Box::new(then), Next::async_zero)
+    }
+
+    /// As [`Next::async_pwrite_then`], for a cache request.
+    pub fn async_cache_then(
+        &self,
+        req: RangeRequest,
+        then: impl FnOnce(&Next, RangeRequest, Result<()>) + Send + 'static,
+    ) {
+        self.range_then(req, Box::new(then), Next::async_cache)
+    }
+
+    fn range_then(
+        &self,
+        req: RangeRequest,
+        then: Then<RangeRequest>,
+        start: fn(&Next, RangeRequest),
+    ) {
+        let (count, offset, fl) = (req.count(), req.offset(), req.flags());
+        let below = RawNext(self.raw());
+        let Ok(done) = Completion::then(move |r| then(&below.next(), req, r)) else {
+            return;
+        };
+        start(self, RangeRequest::new(count, offset, fl, done.into_raw()));
     }
 }
