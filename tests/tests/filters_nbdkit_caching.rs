@@ -5,6 +5,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nbdhost_tests::{
     client, nbdhost_bin, nbdsh, pattern, qemu_io, run_ok, twin::same_as_nbdkit, Server, TempDir,
@@ -60,6 +61,19 @@ impl Logged {
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Server::start(&args)
+    }
+
+    /// Plugin parameters that make it cache natively (`native`) or not,
+    /// logging each cache request after sleeping `delay` seconds.
+    fn cache(&self, native: bool, delay: &str) -> [String; 2] {
+        let answer = if native { "native" } else { "none" };
+        [
+            format!("can_cache=echo {answer}"),
+            format!(
+                "cache=sleep {delay}; echo \"cache $3 $4\" >> {}",
+                path(&self.log)
+            ),
+        ]
     }
 
     /// The reads logged since the last call (and the rest forgotten).
@@ -443,5 +457,317 @@ fn cache_synopsis_and_examples_are_the_same_as_nbdkit() {
     ];
     for args in lines {
         same_as_nbdkit(args, cache_view);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// readahead
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn of_kind<'a>(log: &'a [String], kind: &str) -> Vec<&'a str> {
+    log.iter()
+        .filter(|l| l.starts_with(kind))
+        .map(String::as_str)
+        .collect()
+}
+
+#[test]
+fn readahead_prefetches_the_window_after_each_read() {
+    // As nbdkit's test-readahead.sh: ten 512-byte reads in a row, each
+    // followed by a 32K prefetch of what comes after it.
+    let dir = TempDir::new("ra");
+    let disk = Logged::new(&dir, &[0u8; M]);
+    let cache = disk.cache(true, "0");
+    let s = disk.start(&["readahead"], &strs(&cache));
+    let reads = "for i in range(0, 512 * 10, 512):\n    h.pread(512, i)\n";
+    nbdsh(
+        &s.uri(),
+        &(reads.to_owned() + &hold_until(&disk.log, "cache", 10)),
+    );
+    let log = disk.take();
+    let mut caches = of_kind(&log, "cache");
+    caches.sort_by_key(|l| l.split(' ').nth(2).unwrap().parse::<u64>().unwrap());
+    let want: Vec<String> = (1..=10)
+        .map(|i| format!("cache 32768 {}", i * 512))
+        .collect();
+    assert_eq!(caches, want);
+    assert_eq!(of_kind(&log, "pread").len(), 10);
+}
+
+#[test]
+fn readahead_warns_and_does_nothing_over_a_layer_that_does_not_cache() {
+    let dir = TempDir::new("ra-none");
+    let disk = Logged::new(&dir, &pattern(256 * K, 8));
+    let cache = disk.cache(false, "0");
+    let s = disk.start(&["readahead"], &strs(&cache));
+    let got = nbdsh(
+        &s.uri(),
+        "print(h.pread(4096, 0) == h.pread(8192, 0)[:4096])",
+    );
+    assert_eq!(got.trim(), "True");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(of_kind(&disk.take(), "cache").is_empty());
+    let (_, log) = s.stop_with_log();
+    assert!(log.contains("try adding --filter=cache"), "{log}");
+}
+
+#[test]
+fn readahead_warns_and_does_nothing_over_a_plugin_that_serializes_requests() {
+    let dir = TempDir::new("ra-serial");
+    let disk = Logged::new(&dir, &[0u8; 256 * K]);
+    let mut args = vec!["--filter=readahead".to_string()];
+    args.extend(
+        disk.args
+            .iter()
+            .filter(|a| !a.starts_with("thread_model="))
+            .cloned(),
+    );
+    args.extend(disk.cache(true, "0"));
+    args.push("thread_model=echo serialize_requests".to_string());
+    let s = Server::start(&strs(&args));
+    nbdsh(&s.uri(), "h.pread(4096, 0)\nh.pread(4096, 4096)");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(of_kind(&disk.take(), "cache").is_empty());
+    let (_, log) = s.stop_with_log();
+    assert!(
+        log.contains("readahead: no background prefetching"),
+        "{log}"
+    );
+}
+
+#[test]
+fn readahead_over_the_cache_filter_serves_sequential_reads_from_prefetched_blocks() {
+    let dir = TempDir::new("ra-cache");
+    let disk = Logged::new(&dir, &pattern(M, 9));
+    let want = run_ok(std::process::Command::new("sha256sum").arg(path(&disk.img)));
+    let script = "import hashlib, time
+d = hashlib.sha256()
+for i in range(0, 1024 * 1024, 4096):
+    d.update(h.pread(4096, i))
+    time.sleep(0.002)
+print(d.hexdigest())";
+    let mut reads = Vec::new();
+    for filters in [&["cache"][..], &["readahead", "cache"][..]] {
+        let s = disk.start(filters, &[]);
+        let got = nbdsh(&s.uri(), script);
+        assert_eq!(got.trim(), want.split_whitespace().next().unwrap());
+        drop(s);
+        reads.push(of_kind(&disk.take(), "pread").len());
+    }
+    // 256 client reads of 4K: without readahead each reaches the plugin;
+    // with it, the prefetches fetch each 64K block once, ahead of them.
+    assert_eq!(reads[0], 256);
+    assert!(reads[1] < 64, "{} reads reached the plugin", reads[1]);
+}
+
+#[test]
+fn readahead_copies_the_same_disk_as_without_it() {
+    // As nbdkit's test-readahead-copy.sh, with the data plugin's sparse
+    // layout made small.
+    let dir = TempDir::new("ra-copy");
+    let data = "1 @0x10001 2 @0x100020 3 @0x1000301 4 @0x1800000 5";
+    let mut copies = Vec::new();
+    for filters in [&["--filter=readahead"][..], &[][..]] {
+        let mut args = filters.to_vec();
+        args.extend(["data", data]);
+        let s = Server::start(&args);
+        let out = dir.path(&format!("copy{}.img", copies.len()));
+        run_ok(client("nbdcopy").arg(s.uri()).arg(path(&out)));
+        copies.push(std::fs::read(&out).unwrap());
+    }
+    assert!(copies[0] == copies[1]);
+}
+
+/// An nbdsh script that holds its connection until `log` holds `n`
+/// requests of `kind` (or 10 s pass), so a background job can finish.
+fn hold_until(log: &Path, kind: &str, n: usize) -> String {
+    format!(
+        "import time
+t = time.time()
+while open('{}').read().count('{kind}') < {n} and time.time() - t < 10:
+    time.sleep(0.05)",
+        path(log)
+    )
+}
+
+/// Sequential reads over the whole disk, and the flags a client sees.
+fn sequential_view(uri: &str) -> String {
+    nbdsh(
+        uri,
+        "import hashlib
+d = hashlib.sha256()
+size = h.get_size()
+for i in range(0, size, 65536):
+    d.update(h.pread(min(65536, size - i), i))
+print(size, h.can_cache(), h.is_read_only(), d.hexdigest())",
+    )
+}
+
+#[test]
+fn readahead_synopsis_is_the_same_as_nbdkit() {
+    let lines: [&[&str]; 3] = [
+        &["--filter=readahead", "pattern", "1M"],
+        &["--filter=readahead", "--filter=cache", "pattern", "1M"],
+        &[
+            "--filter=readahead",
+            "--filter=cow",
+            "pattern",
+            "1M",
+            "cow-on-cache=true",
+        ],
+    ];
+    for args in lines {
+        same_as_nbdkit(args, sequential_view);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// scan
+
+/// Wait for the prefetch a closed connection's job had under way: the
+/// client does not wait for the server's side of the close.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn cache_offsets(log: &[String]) -> Vec<u64> {
+    of_kind(log, "cache")
+        .iter()
+        .map(|l| l.split(' ').nth(2).unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn scan_caches_the_whole_disk_in_order_from_connect() {
+    let dir = TempDir::new("scan");
+    let disk = Logged::new(&dir, &[0u8; M]);
+    let cache = disk.cache(true, "0");
+    let mut args = strs(&cache);
+    args.push("scan-size=64K");
+    let s = disk.start(&["scan"], &args);
+    // Connected and idle: the scan alone reads the disk.
+    nbdsh(&s.uri(), &hold_until(&disk.log, "cache", 16));
+    let log = disk.take();
+    let want: Vec<u64> = (0..16).map(|i| i * 65536).collect();
+    assert_eq!(cache_offsets(&log), want);
+    assert!(of_kind(&log, "cache")
+        .iter()
+        .all(|l| l.starts_with("cache 65536 ")));
+}
+
+#[test]
+fn scan_skips_ahead_of_a_read_beyond_it_unless_told_not_to() {
+    let dir = TempDir::new("scan-ahead");
+    let disk = Logged::new(&dir, &[0u8; M]);
+    // Each prefetch takes a while, so the client's read overtakes them.
+    let cache = disk.cache(true, "0.05");
+    let script = "h.pread(4096, 524288)\nimport time\ntime.sleep(1.5)";
+    for (ahead, skipped) in [("true", true), ("false", false)] {
+        let mut args = strs(&cache);
+        args.extend(["scan-size=64K", "scan-clock=false"]);
+        let a = format!("scan-ahead={ahead}");
+        args.push(&a);
+        let s = disk.start(&["scan"], &args);
+        nbdsh(&s.uri(), script);
+        drop(s);
+        settle();
+        let offsets = cache_offsets(&disk.take());
+        let jumped = offsets.windows(2).any(|w| w[1] > w[0] + 65536);
+        assert_eq!(jumped, skipped, "scan-ahead={ahead}: {offsets:?}");
+        assert!(offsets.contains(&0), "{offsets:?}");
+    }
+}
+
+#[test]
+fn scan_resumes_where_the_last_connection_stopped_with_scan_clock() {
+    let dir = TempDir::new("scan-clock");
+    let disk = Logged::new(&dir, &[0u8; M]);
+    let cache = disk.cache(true, "0.05");
+    for (clock, resumes) in [("true", true), ("false", false)] {
+        let mut args = strs(&cache);
+        args.push("scan-size=64K");
+        let c = format!("scan-clock={clock}");
+        args.push(&c);
+        let s = disk.start(&["scan"], &args);
+        nbdsh(&s.uri(), "import time\ntime.sleep(0.4)");
+        settle();
+        let first = cache_offsets(&disk.take());
+        assert!(!first.is_empty() && first.len() < 16, "{first:?}");
+        nbdsh(&s.uri(), "import time\ntime.sleep(0.2)");
+        settle();
+        let second = cache_offsets(&disk.take());
+        assert_eq!(
+            second[0] > 0,
+            resumes,
+            "scan-clock={clock}: {first:?} then {second:?}"
+        );
+    }
+}
+
+#[test]
+fn scan_scans_only_the_default_export() {
+    let dir = TempDir::new("scan-export");
+    let disk = Logged::new(&dir, &[0u8; 256 * K]);
+    let cache = disk.cache(true, "0");
+    let s = disk.start(&["scan"], &strs(&cache));
+    let uri = format!("nbd+unix:///other?socket={}", s.socket.display());
+    nbdsh(&uri, "import time\ntime.sleep(0.3)");
+    assert!(cache_offsets(&disk.take()).is_empty());
+    let (_, log) = s.stop_with_log();
+    assert!(log.contains("not the default export"), "{log}");
+}
+
+#[test]
+fn scan_refuses_a_scan_size_that_is_not_a_power_of_2_from_512_to_32m() {
+    for size in ["256", "3000", "64M"] {
+        let out = nbdhost_tests::run(
+            std::process::Command::new(nbdhost_bin())
+                .args(["--filter=scan", "memory", "1M"])
+                .arg(format!("scan-size={size}"))
+                .args(["--run", "true"]),
+        );
+        assert!(!out.status.success(), "scan-size={size} accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("scan-size"));
+    }
+}
+
+#[test]
+fn scan_copy_and_info_as_in_nbdkit_tests() {
+    // nbdkit's test-scan-copy.sh and test-scan-info.sh, made small.
+    let s = Server::start(&["sparse-random", "1M", "--filter=scan"]);
+    run_ok(client("nbdcopy").arg(s.uri()).arg(s.uri()));
+    drop(s);
+    for size in ["1", "1M", "64M"] {
+        let s = Server::start(&["memory", size, "--filter=scan"]);
+        run_ok(client("nbdinfo").arg(s.uri()));
+    }
+}
+
+#[test]
+fn scan_synopsis_is_the_same_as_nbdkit() {
+    let lines: [&[&str]; 3] = [
+        &[
+            "--filter=scan",
+            "pattern",
+            "1M",
+            "scan-ahead=false",
+            "scan-clock=false",
+            "scan-forever=true",
+            "scan-size=64K",
+        ],
+        &["--filter=scan", "--filter=cache", "pattern", "1M"],
+        &[
+            "--filter=scan",
+            "--filter=cow",
+            "pattern",
+            "1M",
+            "cow-on-cache=true",
+        ],
+    ];
+    for args in lines {
+        same_as_nbdkit(args, sequential_view);
     }
 }
