@@ -726,3 +726,325 @@ fn nbdkit_tar_example_over_xz() {
         "disk.img",
     );
 }
+
+// ---- ext2 ----
+
+/// A file system of type `fs_type` (ext2, ext3, ext4) made by `mke2fs
+/// -d` from a tree holding `/disks/disk.raw` (`len` bytes, returned as the
+/// reference) and `/disks/other.raw`.
+fn file_system(dir: &TempDir, fs_type: &str, len: usize) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir.path("root/disks")).unwrap();
+    let reference = disk(dir, "root/disks/disk.raw", len, 40);
+    disk(dir, "root/disks/other.raw", 100 * K, 41);
+    let img = dir.path(&format!("{fs_type}.img"));
+    run_ok(
+        client("mke2fs")
+            .args(["-q", "-F", "-t", fs_type, "-d"])
+            .arg(dir.path("root"))
+            .arg(&img)
+            .arg("16M"),
+    );
+    (img, reference)
+}
+
+/// The bytes of `path` in the file system image `img`, as debugfs dumps
+/// them.
+fn dumped(dir: &TempDir, img: &Path, path: &str) -> Vec<u8> {
+    let out = dir.path("dumped");
+    let _ = std::fs::remove_file(&out);
+    run_ok(
+        client("debugfs")
+            .arg("-R")
+            .arg(format!("dump {path} {}", out.display()))
+            .arg(img),
+    );
+    std::fs::read(out).unwrap()
+}
+
+/// e2fsck finds nothing to fix in `img`.
+fn assert_clean(img: &Path) {
+    let out = run(client("e2fsck").args(["-f", "-n"]).arg(img));
+    assert!(out.status.success(), "e2fsck: {out:?}");
+}
+
+/// What a client sees, read with plain reads (nbdsh): nbdkit 1.32's ext2
+/// filter passes block status through to the file system image at the
+/// file's offsets, so a copy that trusts it (nbdcopy, qemu-img convert)
+/// would read holes that are not there.
+fn read_fingerprint(uri: &str) -> String {
+    nbdsh(
+        uri,
+        "import hashlib\n\
+         size = h.get_size()\n\
+         d = hashlib.sha256()\n\
+         off = 0\n\
+         while off < size:\n    n = min(1 << 20, size - off)\n    d.update(h.pread(n, off))\n    off += n\n\
+         print(size, h.is_read_only(), d.hexdigest())",
+    )
+}
+
+fn have_e2fs() -> bool {
+    have_tools(&["mke2fs", "debugfs", "e2fsck", "nbdsh"])
+}
+
+#[test]
+fn ext2_serves_a_file_inside_ext2_ext3_and_ext4() {
+    if !have_e2fs() {
+        return;
+    }
+    for fs_type in ["ext2", "ext3", "ext4"] {
+        let dir = TempDir::new("ext2-types");
+        let (img, reference) = file_system(&dir, fs_type, 2 * M + 3000);
+        let s = start(&[
+            "--filter=ext2",
+            "file",
+            path(&img),
+            "ext2file=/disks/disk.raw",
+        ]);
+        assert_eq!(opens(&s.uri()).unwrap(), (2 * M + 3000).to_string());
+        reads_match(
+            &s.uri(),
+            &reference,
+            &[(0, 2 * M + 3000), (4095, 2), (M + 17, 300 * K)],
+        );
+    }
+}
+
+#[test]
+fn ext2_writes_go_into_the_file_and_leave_the_file_system_consistent() {
+    if !have_e2fs() || !have_tools(&["qemu-io"]) {
+        return;
+    }
+    let dir = TempDir::new("ext2-write");
+    let (img, reference) = file_system(&dir, "ext4", M);
+    let other = dumped(&dir, &img, "/disks/other.raw");
+    {
+        let s = start(&[
+            "--filter=ext2",
+            "file",
+            path(&img),
+            "ext2file=/disks/disk.raw",
+        ]);
+        nbdhost_tests::qemu_io(
+            &s.uri(),
+            &[
+                "write -P 0xcd 5000 100000",
+                "write -z 600k 8k",
+                "write -f -P 0x11 1040380 8196",
+                "flush",
+                "read -P 0xcd 5000 100000",
+            ],
+        );
+    }
+    let mut expected = std::fs::read(&reference).unwrap();
+    expected[5000..105000].fill(0xcd);
+    expected[600 * K..608 * K].fill(0);
+    expected[1040380..].fill(0x11);
+    assert!(dumped(&dir, &img, "/disks/disk.raw") == expected);
+    assert!(dumped(&dir, &img, "/disks/other.raw") == other);
+    assert_clean(&img);
+}
+
+#[test]
+fn ext2_with_r_serves_the_file_read_only() {
+    if !have_e2fs() {
+        return;
+    }
+    let dir = TempDir::new("ext2-ro");
+    let (img, _) = file_system(&dir, "ext4", 64 * K);
+    let s = start(&[
+        "-r",
+        "--filter=ext2",
+        "file",
+        path(&img),
+        "ext2file=/disks/disk.raw",
+    ]);
+    assert_eq!(nbdsh(&s.uri(), "print(h.is_read_only())"), "True\n");
+}
+
+#[test]
+fn ext2_refuses_a_missing_file_and_a_directory() {
+    if !have_e2fs() {
+        return;
+    }
+    let dir = TempDir::new("ext2-missing");
+    let (img, _) = file_system(&dir, "ext4", 64 * K);
+    for (file, why) in [("/disks/nope", "namei"), ("/disks", "regular file")] {
+        let s = start(&[
+            "--filter=ext2",
+            "file",
+            path(&img),
+            &format!("ext2file={file}"),
+        ]);
+        assert!(opens(&s.uri()).is_err(), "{file}");
+        assert!(s.log_text().contains(why), "{file}: {}", s.log_text());
+    }
+}
+
+#[test]
+fn ext2file_must_be_absolute() {
+    let out = run(Command::new(nbdhost_tests::nbdhost_bin()).args([
+        "-f",
+        "--filter=ext2",
+        "memory",
+        "1M",
+        "ext2file=disks/disk.raw",
+    ]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("absolute"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn ext2file_exportname_serves_the_file_the_client_names_and_lists_none() {
+    if !have_e2fs() {
+        return;
+    }
+    let dir = TempDir::new("ext2-export");
+    let (img, reference) = file_system(&dir, "ext4", 200 * K);
+    let s = start(&["--filter=ext2", "file", path(&img), "ext2file=exportname"]);
+    let named = |name: &str| {
+        s.uri()
+            .replacen("nbd+unix:///", &format!("nbd+unix:///{name}"), 1)
+    };
+    reads_match(&named("disks/disk.raw"), &reference, &[(0, 200 * K)]);
+    assert_eq!(
+        opens(&named("disks/other.raw")).unwrap(),
+        (100 * K).to_string()
+    );
+    assert!(opens(&s.uri()).is_err(), "the empty name names no file");
+    let list = run_ok(client("nbdinfo").args(["--list", "--json", &s.uri()]));
+    assert!(
+        list.contains("\"exports\": [\n  ]") || list.contains("\"exports\": []"),
+        "{list}"
+    );
+}
+
+/// `img` as partition 1 (from sector 2048) of a disk with an MBR
+/// partition table, written by hand as the partition filter reads it.
+fn partitioned(dir: &TempDir, img: &Path) -> PathBuf {
+    let fs = std::fs::read(img).unwrap();
+    let sectors = (fs.len() / 512) as u32;
+    let mut disk = vec![0u8; 2048 * 512];
+    let entry = &mut disk[446..462];
+    entry[4] = 0x83;
+    entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    entry[12..16].copy_from_slice(&sectors.to_le_bytes());
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk.extend(fs);
+    let p = dir.path("partitioned.img");
+    std::fs::write(&p, disk).unwrap();
+    p
+}
+
+/// nbdkit and nbdhost serve `args` alike (by plain reads), and what
+/// nbdhost serves at `export` is `reference`.
+fn same_ext2(args: &[&str], export: &str, reference: &Path) {
+    let at = |uri: &str| uri.replacen("nbd+unix:///", &format!("nbd+unix:///{export}"), 1);
+    if missing("(comparison with nbdkit)", &["nbdkit"]) {
+        return;
+    }
+    twin::same_as_nbdkit(args, |uri| read_fingerprint(&at(uri)));
+    let s = start(args);
+    reads_match(
+        &at(&s.uri()),
+        reference,
+        &[(0, std::fs::metadata(reference).unwrap().len() as usize)],
+    );
+}
+
+#[test]
+fn nbdkit_ext2_synopsis_file() {
+    if !have_e2fs() {
+        return;
+    }
+    let dir = TempDir::new("ext2-synopsis");
+    let (img, reference) = file_system(&dir, "ext4", 300 * K);
+    let fs = dir.path("fs.img");
+    std::fs::rename(&img, &fs).unwrap();
+    same_ext2(
+        &[
+            "--filter=ext2",
+            "file",
+            path(&fs),
+            "ext2file=/disks/disk.raw",
+        ],
+        "",
+        &reference,
+    );
+}
+
+#[test]
+fn nbdkit_ext2_synopsis_partition_exportname() {
+    if !have_e2fs() {
+        return;
+    }
+    let dir = TempDir::new("ext2-partition");
+    let (img, reference) = file_system(&dir, "ext4", 300 * K);
+    let fs = partitioned(&dir, &img);
+    same_ext2(
+        &[
+            "--filter=ext2",
+            "--filter=partition",
+            "file",
+            path(&fs),
+            "partition=1",
+            "ext2file=exportname",
+        ],
+        "disks/disk.raw",
+        &reference,
+    );
+}
+
+#[test]
+fn nbdkit_ext2_description_partition_path() {
+    if !have_e2fs() {
+        return;
+    }
+    let dir = TempDir::new("ext2-partition-path");
+    let (img, reference) = file_system(&dir, "ext4", 300 * K);
+    let fs = partitioned(&dir, &img);
+    same_ext2(
+        &[
+            "--filter=ext2",
+            "--filter=partition",
+            "file",
+            path(&fs),
+            "partition=1",
+            "ext2file=/disks/disk.raw",
+        ],
+        "",
+        &reference,
+    );
+}
+
+#[test]
+fn ext2_serves_one_connection_at_a_time() {
+    if !have_e2fs() {
+        return;
+    }
+    let dir = TempDir::new("ext2-serial");
+    let (img, _) = file_system(&dir, "ext4", 64 * K);
+    let s = start(&[
+        "--filter=ext2",
+        "file",
+        path(&img),
+        "ext2file=/disks/disk.raw",
+    ]);
+    let mut first = client("nbdsh")
+        .args(["-u", &s.uri(), "-c", "import time; time.sleep(2)"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    assert_eq!(opens(&s.uri()).unwrap(), (64 * K).to_string());
+    let waited = started.elapsed();
+    assert!(first.wait().unwrap().success());
+    assert!(
+        waited >= std::time::Duration::from_millis(1000),
+        "the second connection was served after {waited:?}, while the first was open"
+    );
+}
