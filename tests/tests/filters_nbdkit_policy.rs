@@ -1,10 +1,16 @@
 //! The shaping and testing filters nbdkit users stack on a plugin (issue
-//! 21): protect, blocksize-policy, extentlist, ddrescue, driven by real clients and compared with nbdkit's own
+//! 21): protect, blocksize-policy, extentlist, ddrescue, exitlast and
+//! exitwhen, driven by real clients and compared with nbdkit's own
 //! filters on the command lines of their man pages.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
-use nbdhost_tests::{client, nbdsh, pattern, run, run_ok, twin::same_as_nbdkit, Server, TempDir};
+use nbdhost_tests::{
+    client, export_size, nbdsh, pattern, run, run_ok, twin::same_as_nbdkit, Server, TempDir,
+};
 
 const K: usize = 1024;
 
@@ -642,4 +648,292 @@ fn ddrescue_synopsis_and_example_are_the_same_as_nbdkit() {
     for args in lines {
         same_as_nbdkit(args, |uri| attempts(uri, DDRESCUE_READS));
     }
+}
+
+// ---- exitlast ----
+
+/// Wait up to `timeout` for the server to exit; its status if it did.
+fn exited(s: &mut Server, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a client can connect to `uri` now.
+fn connects(uri: &str) -> bool {
+    run(client("nbdinfo").arg("--size").arg(uri))
+        .status
+        .success()
+}
+
+/// An nbdsh that stays connected to `uri` until its stdin is closed.
+fn hold(uri: &str) -> std::process::Child {
+    let mut c = client("nbdsh")
+        .arg("-u")
+        .arg(uri)
+        .arg("-c")
+        .arg("import sys; print(h.get_size(), flush=True); sys.stdin.read()")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(!line.is_empty(), "nbdsh did not connect");
+    c
+}
+
+fn release(mut c: std::process::Child) {
+    drop(c.stdin.take());
+    c.wait().unwrap();
+}
+
+#[test]
+fn exitlast_does_not_exit_before_the_first_client() {
+    let mut s = serve(&["--filter=exitlast", "memory", "1M"]);
+    assert_eq!(exited(&mut s, Duration::from_millis(500)), None);
+    assert!(connects(&s.uri()));
+}
+
+#[test]
+fn exitlast_exits_cleanly_once_the_last_client_has_gone() {
+    let mut s = serve(&["--filter=exitlast", "memory", "1M"]);
+    let first = hold(&s.uri());
+    // A second client comes and goes: the first is still there.
+    assert!(connects(&s.uri()));
+    assert_eq!(exited(&mut s, Duration::from_millis(500)), None);
+    release(first);
+    let st = exited(&mut s, Duration::from_secs(10)).expect("the server did not exit");
+    assert!(st.success(), "{st}: {}", s.log_text());
+}
+
+#[test]
+fn exitlast_synopsis_is_the_same_as_nbdkit() {
+    same_as_nbdkit(&["--filter=exitlast", "memory", "1M"], |uri| {
+        let size = export_size(uri);
+        // Give the server time to go.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while connects(uri) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        format!("{size}, then {}", connects(uri))
+    });
+}
+
+// ---- exitwhen ----
+
+/// Serve a memory disk with the exitwhen filter and `params`, polling
+/// every second when idle.
+fn exitwhen(params: &[&str]) -> Server {
+    let mut args = vec!["--filter=exitwhen", "memory", "1M", "exit-when-poll=1"];
+    args.extend(params);
+    serve(&args)
+}
+
+/// Once the event has happened while a client is connected: new clients
+/// are refused, the server waits for the one connected, then exits
+/// cleanly.
+fn refuses_then_exits_after_the_last_client(s: &mut Server, held: std::process::Child) {
+    assert!(
+        !connects(&s.uri()),
+        "a new client was served after the event"
+    );
+    assert_eq!(
+        exited(s, Duration::from_millis(1500)),
+        None,
+        "exited with a client"
+    );
+    release(held);
+    let st = exited(s, Duration::from_secs(10)).expect("the server did not exit");
+    assert!(st.success(), "{st}: {}", s.log_text());
+}
+
+#[test]
+fn exitwhen_file_created_while_idle_exits_at_the_next_poll() {
+    let dir = TempDir::new("exitwhen");
+    let stop = dir.path("stop");
+    let mut s = exitwhen(&[&format!("exit-when-file-created={}", path(&stop))]);
+    assert!(connects(&s.uri()));
+    assert_eq!(exited(&mut s, Duration::from_millis(1500)), None);
+    std::fs::write(&stop, "").unwrap();
+    let st = exited(&mut s, Duration::from_secs(10)).expect("the server did not exit");
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn exitwhen_file_created_with_a_client_waits_for_it_and_refuses_others() {
+    let dir = TempDir::new("exitwhen");
+    let stop = dir.path("stop");
+    let mut s = exitwhen(&[&format!("exit-when-file-created={}", path(&stop))]);
+    let held = hold(&s.uri());
+    std::fs::write(&stop, "").unwrap();
+    refuses_then_exits_after_the_last_client(&mut s, held);
+}
+
+#[test]
+fn exitwhen_file_already_created_exits_before_serving() {
+    let dir = TempDir::new("exitwhen");
+    let stop = write_file(&dir, "stop", b"");
+    let t = Instant::now();
+    let out = run(
+        client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args([
+            "-f",
+            "-U",
+            path(&dir.path("sock")),
+            "--filter=exitwhen",
+            "memory",
+            "1M",
+            &format!("exit-when-file-created={}", path(&stop)),
+        ]),
+    );
+    assert!(out.status.success(), "{:?}", out);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(!dir.path("sock").exists());
+}
+
+#[test]
+fn exitwhen_file_deleted_exits() {
+    let dir = TempDir::new("exitwhen");
+    let keep = write_file(&dir, "keep", b"");
+    let mut s = exitwhen(&[&format!("exit-when-file-deleted={}", path(&keep))]);
+    let held = hold(&s.uri());
+    std::fs::remove_file(&keep).unwrap();
+    refuses_then_exits_after_the_last_client(&mut s, held);
+}
+
+#[test]
+fn exitwhen_process_exits_exits_once_the_process_has_gone() {
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let mut s = exitwhen(&[&format!("exit-when-process-exits={}", sleeper.id())]);
+    assert!(connects(&s.uri()));
+    assert_eq!(exited(&mut s, Duration::from_millis(1500)), None);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    let st = exited(&mut s, Duration::from_secs(10)).expect("the server did not exit");
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn exitwhen_script_exits_when_it_says_88_and_only_then() {
+    let dir = TempDir::new("exitwhen");
+    let flag = dir.path("flag");
+    let script = format!(
+        "exit-when-script=if test -f {0}; then exit $(cat {0}); else exit 0; fi",
+        path(&flag)
+    );
+    let mut s = exitwhen(&[&script]);
+    assert!(connects(&s.uri()));
+    // Another failing status is logged and changes nothing.
+    std::fs::write(&flag, "3").unwrap();
+    assert!(connects(&s.uri()));
+    assert_eq!(exited(&mut s, Duration::from_millis(1500)), None);
+    let held = hold(&s.uri());
+    std::fs::write(&flag, "88").unwrap();
+    refuses_then_exits_after_the_last_client(&mut s, held);
+}
+
+#[test]
+fn exitwhen_pipe_closed_exits_when_the_writer_closes_it() {
+    let dir = TempDir::new("exitwhen");
+    let sock = dir.path("sock");
+    let (reader, writer) = std::io::pipe().unwrap();
+    // The read end is the server's standard input, descriptor 0.
+    let mut server = client(nbdhost_tests::nbdhost_bin().to_str().unwrap())
+        .args(["-f", "-U", path(&sock), "--filter=exitwhen", "memory", "1M"])
+        .args(["exit-when-pipe-closed=0", "exit-when-poll=1"])
+        .stdin(reader)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let uri = format!("nbd+unix:///?socket={}", path(&sock));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !connects(&uri) {
+        assert!(Instant::now() < deadline, "the server did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "exited with the pipe open"
+    );
+    drop(writer);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        if let Some(st) = server.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = server.kill();
+            panic!("the server did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success(), "{st}");
+}
+
+#[test]
+fn exitwhen_refuses_a_process_that_does_not_exist() {
+    let out = run(
+        client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args([
+            "--filter=exitwhen",
+            "memory",
+            "1M",
+            "exit-when-process-exits=999999999",
+            "--run",
+            "true",
+        ]),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exit-when-process-exits"));
+}
+
+#[test]
+fn exitwhen_synopsis_and_examples_are_the_same_as_nbdkit() {
+    let dir = TempDir::new("exitwhen");
+    let stop = dir.path("stop");
+    let created = format!("exit-when-file-created={}", path(&stop));
+    // The first example: serve until the file is created, then refuse new
+    // clients and exit once the connected one has gone.
+    same_as_nbdkit(&["--filter=exitwhen", "memory", "1G", &created], |uri| {
+        let size = export_size(uri);
+        let held = hold(uri);
+        std::fs::write(&stop, "").unwrap();
+        let refused = !connects(uri);
+        release(held);
+        // Ready for the other server's run (that it exits is
+        // exitwhen_file_created_with_a_client_waits_for_it_and_refuses_others).
+        std::fs::remove_file(&stop).unwrap();
+        format!("{size}, refused after the event: {refused}")
+    });
+    // The second: serve while the process lives (that it exits after is
+    // exitwhen_process_exits_exits_once_the_process_has_gone).
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = format!("exit-when-process-exits={}", sleeper.id());
+    same_as_nbdkit(&["--filter=exitwhen", "memory", "1G", &pid], |uri| {
+        format!("{}, {}", export_size(uri), connects(uri))
+    });
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
+#[test]
+fn exitwhen_polling_thread_does_not_hold_up_a_signalled_shutdown() {
+    let dir = TempDir::new("exitwhen");
+    let never = format!("exit-when-file-created={}", path(&dir.path("never")));
+    // The default poll: a minute between checks.
+    let s = serve(&["--filter=exitwhen", "memory", "1M", &never]);
+    assert!(connects(&s.uri()));
+    let t = Instant::now();
+    let st = s.stop();
+    assert!(st.success(), "{st}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
