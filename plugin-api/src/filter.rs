@@ -21,6 +21,37 @@ pub struct Next {
     raw: *const abi::Next,
 }
 
+/// One handle's layer below, kept so that a callback made for another
+/// connection of the same export may call it: the multi-conn filter
+/// flushes every connection's when one client flushes. Made by
+/// [`Next::share`]; see `THE NEXT LAYER` in nbdhost-filter(3) for the
+/// rules.
+#[derive(Clone, Copy)]
+pub struct SharedNext {
+    raw: *const abi::Next,
+}
+
+// SAFETY: the server's next table may be called from any thread that runs
+// a callback of the filter; how long it stays valid is the holder's to
+// keep (see `SharedNext::get`).
+unsafe impl Send for SharedNext {}
+// SAFETY: as for Send; the value is a pointer only read.
+unsafe impl Sync for SharedNext {}
+
+impl SharedNext {
+    /// The layer below of the handle this was shared from.
+    ///
+    /// # Safety
+    /// That handle must still be open (its filter's close callback has not
+    /// returned): drop every copy in `finalize` or when the handle is
+    /// dropped. And a call through it must not overlap the handle's own
+    /// calls below unless every layer below allows overlapping calls
+    /// (thread model `Parallel`): the caller keeps them apart otherwise.
+    pub unsafe fn get(&self) -> Next {
+        Next { raw: self.raw }
+    }
+}
+
 /// Opens the layer below during [`Filter::open`].
 pub struct NextOpener {
     raw: *const abi::NextOpen,
@@ -160,6 +191,12 @@ impl Next {
     fn t(&self) -> &abi::Next {
         // SAFETY: `raw` is the server's table, valid during the callback.
         unsafe { &*self.raw }
+    }
+
+    /// Keep this handle's layer below for callbacks made for other
+    /// connections (see [`SharedNext`]).
+    pub fn share(&self) -> SharedNext {
+        SharedNext { raw: self.raw }
     }
 
     /// Size of the next layer.
