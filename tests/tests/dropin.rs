@@ -8,7 +8,7 @@
 use std::process::{Command, Output};
 
 use nbdhost_tests::{
-    client, filter_arg, missing, nbdhost_bin, qemu_io, run, run_ok, Server, TempDir,
+    client, filter_arg, missing, nbdhost_bin, qemu_io, run, run_ok, twin, Server, TempDir,
 };
 
 /// `nbdhost ARGS... --run SCRIPT` under `timeout SECS`, so that a server
@@ -214,4 +214,63 @@ fn a_write_beyond_the_maximum_from_libnbd_is_refused_and_the_connection_goes_on(
     );
     let out = run_ok(client("nbdsh").arg("-c").arg(script));
     assert_eq!(out, "EOVERFLOW\nb'\\x00\\x00\\x00\\x00'\n");
+}
+
+/// What a client opening `name` at `uri` is told (canonical name and
+/// description), or why it was refused.
+fn opened_as(uri: &str, name: &str) -> String {
+    let script = format!(
+        "h.set_full_info(True)\n\
+         h.set_export_name({name:?})\n\
+         try:\n    h.connect_uri({uri:?})\n    \
+         try:\n        d = h.get_export_description()\n    except nbd.Error:\n        d = None\n    \
+         print('open', repr(h.get_canonical_export_name()), d)\n\
+         except nbd.Error as e:\n    print('refused', e.errno)"
+    );
+    run_ok(client("nbdsh").arg("-c").arg(script))
+}
+
+/// A script for nbdkit's sh plugin whose exports describe themselves.
+fn described_exports(dir: &TempDir) -> String {
+    sh_plugin(
+        dir,
+        "  default_export) echo a ;;\n  export_description) echo \"below-$3\" ;;",
+    )
+}
+
+#[test]
+fn exportname_exportdesc_is_the_description_a_connecting_client_gets() {
+    let dir = TempDir::new("exportdesc");
+    let script = described_exports(&dir);
+    for desc in ["exportdesc=fixed:hello", "exportdesc=script:echo hi-$name"] {
+        let args = ["--filter=exportname", "sh", &script, "exportname=a", desc];
+        let seen = twin::same_as_nbdkit(&args, |uri| opened_as(uri, "a"));
+        if let Some(seen) = seen {
+            assert!(!seen.contains("below"), "{desc}: {seen}");
+        }
+    }
+}
+
+#[test]
+fn exportname_strict_refuses_the_empty_name_unless_it_is_listed() {
+    let dir = TempDir::new("exportstrict");
+    let script = described_exports(&dir);
+    for (extra, want) in [
+        (None, "refused"),
+        (Some("exportname="), "open ''"),
+        (Some("default-export=a"), "refused"),
+    ] {
+        let mut args = vec![
+            "--filter=exportname",
+            "sh",
+            &script,
+            "exportname-strict=true",
+            "exportname=a",
+        ];
+        args.extend(extra);
+        let seen = twin::same_as_nbdkit(&args, |uri| opened_as(uri, ""));
+        if let Some(seen) = seen {
+            assert!(seen.starts_with(want), "{extra:?}: {seen}");
+        }
+    }
 }

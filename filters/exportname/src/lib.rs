@@ -6,8 +6,9 @@
 
 use std::process::Command;
 
+use nbdhost_plugin_api::host::{self, LogLevel};
 use nbdhost_plugin_api::{
-    callbacks, errno, nbdhost_filter, Error, ExportList, Filter, FilterHandle, NextExports,
+    callbacks, errno, nbdhost_filter, Error, ExportList, Filter, FilterHandle, Next, NextExports,
     NextOpener, Result,
 };
 
@@ -27,8 +28,9 @@ enum ListMode {
     Explicit,
 }
 
-/// The descriptions shown beside the names.
-#[derive(Default)]
+/// The descriptions shown beside the names and given to a client that
+/// opens an export.
+#[derive(Clone, Default)]
 enum Description {
     /// The layer below's.
     #[default]
@@ -55,9 +57,11 @@ fn einval(msg: String) -> Error {
     Error::new(errno::EINVAL, msg)
 }
 
-impl ExportName {
-    fn describe(&self, name: &str, below: Option<String>) -> Result<Option<String>> {
-        Ok(match &self.description {
+impl Description {
+    /// The description of export `name`, whose description below is
+    /// `below`.
+    fn of(&self, name: &str, below: Option<String>) -> Result<Option<String>> {
+        Ok(match self {
             Description::Keep => below,
             Description::None => None,
             Description::Fixed(text) => Some(text.clone()),
@@ -93,8 +97,8 @@ exportdesc=<DESC>       keep|none|fixed:STRING|script:SCRIPT: the descriptions."
     type Handle = Opened;
 
     fn nonblocking(&self) -> bool {
-        // A description script runs only when listing, which the server
-        // does off the event loops anyway; everything else is a lookup.
+        // A description script runs when listing and when a client asks
+        // for an export's description; everything else is a lookup.
         !matches!(self.description, Description::Script(_))
     }
 
@@ -163,13 +167,25 @@ exportdesc=<DESC>       keep|none|fixed:STRING|script:SCRIPT: the descriptions."
             ListMode::Explicit => self.names.iter().map(|n| (n.clone(), None)).collect(),
         };
         for (name, below) in listed {
-            let description = self.describe(&name, below)?;
+            let description = self.description.of(&name, below)?;
             exports.add(&name, description.as_deref())?;
         }
         Ok(())
     }
 
     fn default_export(&self, next: &NextExports, readonly: bool, is_tls: bool) -> Result<String> {
+        if self.strict {
+            // As nbdkit: strictly, the empty name opens nothing unless it
+            // is one of the names (`exportname=` with no value), and then
+            // it is itself unless `default-export=` says otherwise.
+            if !self.names.iter().any(String::is_empty) {
+                return Err(Error::new(
+                    errno::ENOENT,
+                    "default export (\"\") not permitted: exportname-strict=true without exportname=",
+                ));
+            }
+            return Ok(self.default_name.clone());
+        }
         if self.default_name.is_empty() {
             next.default_export(readonly, is_tls)
         } else {
@@ -185,14 +201,34 @@ exportdesc=<DESC>       keep|none|fixed:STRING|script:SCRIPT: the descriptions."
             ));
         }
         next.open(readonly, export_name)?;
-        Ok(Opened)
+        Ok(Opened {
+            name: export_name.to_string(),
+            description: self.description.clone(),
+        })
     }
 }
 
-/// A connection, which this filter leaves alone once it is open.
-pub struct Opened;
+/// A connection: its export's description is the filter's, as in the
+/// listing; everything else passes through.
+pub struct Opened {
+    name: String,
+    description: Description,
+}
 
 #[callbacks]
-impl FilterHandle for Opened {}
+impl FilterHandle for Opened {
+    fn export_description(&self, next: &Next) -> Result<Option<String>> {
+        let below = match self.description {
+            Description::Keep => next.export_description()?,
+            _ => None,
+        };
+        // As nbdkit: a script that fails costs the client the
+        // description, not the export.
+        Ok(self.description.of(&self.name, below).unwrap_or_else(|e| {
+            host::log(LogLevel::Error, &e.to_string());
+            None
+        }))
+    }
+}
 
 nbdhost_filter!(ExportName);
