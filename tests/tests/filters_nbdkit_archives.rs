@@ -1034,11 +1034,24 @@ fn ext2_serves_one_connection_at_a_time() {
         path(&img),
         "ext2file=/disks/disk.raw",
     ]);
+    // The first client says when it is connected, then holds on.
     let mut first = client("nbdsh")
-        .args(["-u", &s.uri(), "-c", "import time; time.sleep(2)"])
+        .args([
+            "-u",
+            &s.uri(),
+            "-c",
+            "import sys, time\nprint('open', flush=True)\ntime.sleep(2)",
+        ])
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(first.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "open\n");
     let started = std::time::Instant::now();
     assert_eq!(opens(&s.uri()).unwrap(), (64 * K).to_string());
     let waited = started.elapsed();
