@@ -1,5 +1,5 @@
 //! The access filters nbdkit users stack on a public port (issue 21):
-//! limit, ip and tls-fallback, driven by real clients from loopback addresses and Unix
+//! limit, ip, tls-fallback and multi-conn, driven by real clients from loopback addresses and Unix
 //! sockets only, and compared with nbdkit's own filters on the command
 //! lines of their man pages.
 
@@ -522,4 +522,279 @@ fn tls_fallback_synopsis_is_the_same_as_nbdkit() {
             format!("{}\n{}", tls_view(uri), tls_view(&with_psk(uri, &keys)))
         });
     }
+}
+
+/// nbdkit's eval plugin (through the adapter) as a layer with a cache per
+/// connection: each connection's handle is a fresh name, each flush
+/// appends its handle's name to `log`; multi-conn is offered only when
+/// `multi_conn`.
+fn per_connection_layer(log: &std::path::Path, multi_conn: bool) -> Vec<String> {
+    [
+        "eval",
+        "open=mktemp -u conn.XXXXXX",
+        "get_size=echo 1048576",
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+        "pwrite=cat >/dev/null",
+        "can_write=exit 0",
+        "can_flush=exit 0",
+        "can_fua=echo native",
+        if multi_conn {
+            "can_multi_conn=exit 0"
+        } else {
+            "can_multi_conn=exit 3"
+        },
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("flush=echo $2 >> {}", log.display())])
+    .collect()
+}
+
+/// Connections `a` and `b` to `uri` (`b` to export `b_name`), then
+/// `steps` (Python with `a` and `b`); what it printed, then how many
+/// flushes reached the layer below and on how many connections.
+fn two_connections(uri: &str, log: &std::path::Path, b_name: &str, steps: &str) -> String {
+    std::fs::write(log, "").unwrap();
+    let b_uri = uri.replace("nbd+unix:///", &format!("nbd+unix:///{b_name}"));
+    let script = format!(
+        "a = nbd.NBD()\n\
+         a.connect_uri({uri:?})\n\
+         b = nbd.NBD()\n\
+         b.connect_uri({b_uri:?})\n\
+         {steps}\n"
+    );
+    let printed = run_ok(client("nbdsh").arg("-c").arg(script));
+    let text = std::fs::read_to_string(log).unwrap();
+    let mut conns: Vec<&str> = text.lines().collect();
+    let flushes = conns.len();
+    conns.sort_unstable();
+    conns.dedup();
+    format!("{printed}flushes: {flushes} on {}", conns.len())
+}
+
+/// Serve the per-connection layer (with or without its own multi-conn)
+/// under `--filter=multi-conn` with `params`, run `steps` on two
+/// connections, and say what was seen (`None` without nbdkit).
+fn multi_conn(params: &[&str], layer_has_it: bool, steps: &str) -> Option<String> {
+    if nbdhost_tests::missing("(nbdkit's eval plugin)", &["nbdkit"]) {
+        return None;
+    }
+    let dir = TempDir::new("mc");
+    let log = dir.path("flushes");
+    let layer = per_connection_layer(&log, layer_has_it);
+    let mut args = vec!["--filter=multi-conn"];
+    args.extend(layer.iter().map(String::as_str));
+    args.extend_from_slice(params);
+    let s = Server::start(&args);
+    Some(two_connections(&s.uri(), &log, "", steps))
+}
+
+/// A write and flush on `a` after a read on `b`, as a client relying on
+/// multi-conn would do before reading on `b` again.
+const WRITE_HERE_FLUSH_THERE: &str = "print('multi-conn', a.can_multi_conn())\n\
+     b.pread(512, 0)\n\
+     a.pwrite(b'x' * 512, 0)\n\
+     a.flush()";
+
+#[test]
+fn multi_conn_auto_emulates_for_a_layer_without_it() {
+    if let Some(out) = multi_conn(&[], false, WRITE_HERE_FLUSH_THERE) {
+        assert_eq!(out, "multi-conn True\nflushes: 2 on 2");
+    }
+}
+
+#[test]
+fn multi_conn_auto_leaves_a_layer_with_it_alone() {
+    if let Some(out) = multi_conn(&[], true, WRITE_HERE_FLUSH_THERE) {
+        assert_eq!(out, "multi-conn True\nflushes: 1 on 1");
+    }
+}
+
+#[test]
+fn multi_conn_modes_advertise_and_flush_as_nbdkits_man_page_says() {
+    for (mode, seen) in [
+        ("emulate", "multi-conn True\nflushes: 2 on 2"),
+        ("plugin", "multi-conn False\nflushes: 1 on 1"),
+        ("disable", "multi-conn False\nflushes: 1 on 1"),
+        ("unsafe", "multi-conn True\nflushes: 1 on 1"),
+    ] {
+        let param = format!("multi-conn-mode={mode}");
+        let Some(out) = multi_conn(&[&param], false, WRITE_HERE_FLUSH_THERE) else {
+            return;
+        };
+        assert_eq!(out, seen, "{mode}");
+    }
+}
+
+#[test]
+fn multi_conn_emulation_skips_connections_with_nothing_to_flush() {
+    // b neither wrote nor read: only a is flushed.
+    let steps = "a.pwrite(b'x' * 512, 0)\na.flush()";
+    if let Some(out) = multi_conn(&["multi-conn-mode=emulate"], false, steps) {
+        assert_eq!(out, "flushes: 1 on 1");
+    }
+    // Nothing written anywhere: no flush reaches the layer below.
+    let steps = "b.pread(512, 0)\na.flush()";
+    if let Some(out) = multi_conn(&["multi-conn-mode=emulate"], false, steps) {
+        assert_eq!(out, "flushes: 0 on 0");
+    }
+}
+
+#[test]
+fn multi_conn_fast_tracking_flushes_every_connection_once_any_wrote() {
+    let steps = "a.pwrite(b'x' * 512, 0)\na.flush()\nb.flush()";
+    let params = ["multi-conn-mode=emulate", "multi-conn-track-dirty=fast"];
+    if let Some(out) = multi_conn(&params, false, steps) {
+        // The first flush covers both; the second finds nothing to do.
+        assert_eq!(out, "flushes: 2 on 2");
+    }
+}
+
+#[test]
+fn multi_conn_tracking_off_passes_every_flush_to_every_connection() {
+    let steps = "a.flush()\nb.flush()";
+    let params = ["multi-conn-mode=emulate", "multi-conn-track-dirty=off"];
+    if let Some(out) = multi_conn(&params, false, steps) {
+        assert_eq!(out, "flushes: 4 on 2");
+    }
+}
+
+#[test]
+fn multi_conn_plugin_mode_skips_a_flush_when_nothing_was_written() {
+    let steps = "b.pread(512, 0)\na.flush()\na.pwrite(b'x' * 512, 0)\nb.flush()";
+    let params = ["multi-conn-mode=plugin"];
+    if let Some(out) = multi_conn(&params, true, steps) {
+        assert_eq!(out, "flushes: 1 on 1");
+    }
+}
+
+#[test]
+fn multi_conn_fua_writes_become_a_flush_of_every_connection() {
+    let steps = "b.pread(512, 0)\na.pwrite(b'x' * 512, 0, nbd.CMD_FLAG_FUA)";
+    if let Some(out) = multi_conn(&["multi-conn-mode=emulate"], false, steps) {
+        assert_eq!(out, "flushes: 2 on 2");
+    }
+}
+
+#[test]
+fn multi_conn_exportname_keeps_emulation_to_one_export_name() {
+    if nbdhost_tests::missing("(nbdkit's eval plugin)", &["nbdkit"]) {
+        return;
+    }
+    let dir = TempDir::new("mc");
+    let log = dir.path("flushes");
+    let layer = per_connection_layer(&log, false);
+    for (by_name, seen) in [("true", "flushes: 1 on 1"), ("false", "flushes: 2 on 2")] {
+        let param = format!("multi-conn-exportname={by_name}");
+        let mut args = vec!["--filter=multi-conn"];
+        args.extend(layer.iter().map(String::as_str));
+        args.extend(["multi-conn-track-dirty=off", &param]);
+        let s = Server::start(&args);
+        assert_eq!(
+            two_connections(&s.uri(), &log, "other", "a.flush()"),
+            seen,
+            "{by_name}"
+        );
+    }
+}
+
+#[test]
+fn multi_conn_emulation_refuses_a_layer_that_cannot_flush() {
+    if nbdhost_tests::missing("(nbdkit's eval plugin)", &["nbdkit"]) {
+        return;
+    }
+    let s = Server::start(&[
+        "--filter=multi-conn",
+        "eval",
+        "get_size=echo 1048576",
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+        "can_flush=exit 3",
+        "multi-conn-mode=emulate",
+    ]);
+    assert_eq!(connect_one(&s.uri()), "refused\n");
+    assert!(
+        s.log_text()
+            .contains("emulating multi-conn requires working flush"),
+        "{}",
+        s.log_text()
+    );
+}
+
+#[test]
+fn multi_conn_keeps_data_consistent_for_nbdcopy_over_many_connections() {
+    let dir = TempDir::new("mc");
+    let src = dir.path("src.img");
+    std::fs::write(&src, nbdhost_tests::pattern(4 << 20, 21)).unwrap();
+    let s = Server::start(&[
+        "--filter=multi-conn",
+        "memory",
+        "4M",
+        "multi-conn-mode=emulate",
+    ]);
+    run_ok(
+        client("nbdcopy")
+            .args(["--connections=4", "--flush"])
+            .arg(&src)
+            .arg(s.uri()),
+    );
+    let back = dir.path("back.img");
+    run_ok(client("nbdcopy").arg(s.uri()).arg(&back));
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&src).unwrap());
+}
+
+// nbdkit-multi-conn-filter(1)'s SYNOPSIS with every parameter, and its
+// first example, whose vddk plugin is not installed: the per-connection
+// eval layer, which lacks multi-conn as vddk does, stands in for it.
+#[test]
+fn multi_conn_synopsis_and_vddk_example_are_the_same_as_nbdkit() {
+    let dir = TempDir::new("mc");
+    let log = dir.path("flushes");
+    let layer = per_connection_layer(&log, false);
+    for params in [
+        vec![],
+        vec![
+            "multi-conn-mode=emulate",
+            "multi-conn-track-dirty=fast",
+            "multi-conn-exportname=true",
+        ],
+        vec!["multi-conn-mode=disable", "multi-conn-track-dirty=off"],
+    ] {
+        let mut args = vec!["--filter=multi-conn"];
+        args.extend(layer.iter().map(String::as_str));
+        args.extend(params);
+        same_as_nbdkit(&args, |uri| {
+            two_connections(uri, &log, "", WRITE_HERE_FLUSH_THERE)
+        });
+    }
+}
+
+// The second example, with each server's own file plugin.
+#[test]
+fn multi_conn_file_example_is_the_same_as_nbdkit() {
+    let dir = TempDir::new("mc");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let img = disk.to_str().unwrap();
+    same_as_nbdkit(
+        &[
+            "--filter=multi-conn",
+            "file",
+            "multi-conn-mode=plugin",
+            "multi-conn-track-dirty=fast",
+            img,
+        ],
+        |uri| {
+            let script = format!(
+                "a = nbd.NBD()\n\
+                 a.connect_uri({uri:?})\n\
+                 b = nbd.NBD()\n\
+                 b.connect_uri({uri:?})\n\
+                 print('multi-conn', a.can_multi_conn())\n\
+                 a.pwrite(b'y' * 512, 4096)\n\
+                 b.flush()\n\
+                 print(b.pread(512, 4096) == b'y' * 512)\n"
+            );
+            run_ok(client("nbdsh").arg("-c").arg(script))
+        },
+    );
 }
