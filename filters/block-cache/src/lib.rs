@@ -1,6 +1,7 @@
 //! What nbdhost's block-caching filters (`cow`, `cache`) share: the
 //! unlinked scratch file their blocks live in, the directory it goes in,
-//! and the `…-on-read=false|true|/PATH` switch.
+//! the `…-on-read=false|true|/PATH` switch, and the block size they
+//! advertise.
 
 #![forbid(unsafe_code)]
 
@@ -9,7 +10,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use nbdhost_plugin_api::{host, Error, Result};
+use nbdhost_plugin_api::{host, BlockSize, Error, Result};
 
 /// The directory for scratch files: `$TMPDIR`, else `/var/tmp`, as
 /// nbdkit's filters do, since /var/tmp is meant for large files and is
@@ -113,6 +114,25 @@ impl OnRead {
             OnRead::Always => true,
             OnRead::WhileExists(p) => p.exists(),
         }
+    }
+}
+
+/// The block-size constraints of a layer that keeps `block`-byte blocks
+/// over a layer constrained by `below`: it prefers whole blocks wherever
+/// the layer below takes requests that large, and otherwise keeps the
+/// constraints below.
+pub fn prefer_blocks(below: Option<BlockSize>, block: u32) -> BlockSize {
+    match below {
+        None => BlockSize {
+            minimum: 1,
+            preferred: block,
+            maximum: u32::MAX,
+        },
+        Some(b) if b.maximum >= block => BlockSize {
+            preferred: b.preferred.max(block),
+            ..b
+        },
+        Some(b) => b,
     }
 }
 

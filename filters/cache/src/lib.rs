@@ -225,18 +225,7 @@ impl FilterHandle for Layer {
 
     fn block_size(&self, next: &Next) -> Result<Option<BlockSize>> {
         let block = self.store.block() as u32;
-        Ok(Some(match next.block_size()? {
-            None => BlockSize {
-                minimum: 1,
-                preferred: block,
-                maximum: u32::MAX,
-            },
-            Some(b) if b.maximum >= block => BlockSize {
-                preferred: b.preferred.max(block),
-                ..b
-            },
-            Some(b) => b,
-        }))
+        Ok(Some(block_cache::prefer_blocks(next.block_size()?, block)))
     }
 
     fn can_cache(&self, _next: &Next) -> Result<Support> {
