@@ -335,7 +335,7 @@ fn allocated_under(pid: u32, tmp: &Path) -> Vec<u64> {
 
 #[test]
 fn cache_file_is_unlinked_in_tmpdir_and_bounded_by_cache_max_size() {
-    // As nbdkit's test-cache-max-size.sh, made small: 6M written and read
+    // As nbdkit's test-cache-max-size.sh, made small: 4M written and 6M read
     // through a cache of at most 1M, in writeback, so evicted blocks are
     // dirty and must reach the file before they go.
     let dir = TempDir::new("cache-max");
