@@ -44,6 +44,17 @@ fn attempts(uri: &str, script: &str) -> String {
     nbdsh(uri, &format!("{ATTEMPT}\n{script}"))
 }
 
+/// Start nbdhost with `args`, a command line it must refuse, saying
+/// `needle`.
+fn refused(args: &[&str], needle: &str) {
+    let out = run(client(nbdhost_tests::nbdhost_bin().to_str().unwrap())
+        .args(args)
+        .args(["--run", "true"]));
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} was accepted");
+    assert!(said.contains(needle), "{args:?}: {said}");
+}
+
 // ---- protect ----
 
 /// What writes to a disk protected by `protect=0-0x1bd` give: inside,
@@ -148,22 +159,7 @@ fn protect_several_ranges_and_open_ends() {
 #[test]
 fn protect_refuses_a_range_it_cannot_parse() {
     for bad in ["protect=100", "protect=20-10", "protect=1K-2K"] {
-        let out = run(
-            client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args([
-                "--filter=protect",
-                "memory",
-                "1M",
-                bad,
-                "--run",
-                "true",
-            ]),
-        );
-        assert!(!out.status.success(), "{bad} was accepted");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("protect"),
-            "{bad}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        refused(&["--filter=protect", "memory", "1M", bad], "protect");
     }
 }
 
@@ -387,21 +383,9 @@ fn blocksize_policy_refuses_bad_parameters() {
         "blocksize-error-policy=maybe",
         "blocksize-maximum=8G",
     ] {
-        let out = run(
-            client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args([
-                "--filter=blocksize-policy",
-                "memory",
-                "1M",
-                bad,
-                "--run",
-                "true",
-            ]),
-        );
-        assert!(!out.status.success(), "{bad} was accepted");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("blocksize"),
-            "{bad}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        refused(
+            &["--filter=blocksize-policy", "memory", "1M", bad],
+            "blocksize",
         );
     }
 }
@@ -528,22 +512,12 @@ fn extentlist_refuses_a_missing_or_overlapping_list() {
     let overlapping = write_file(&dir, "overlapping", b"0 10\n5 10\n");
     let bad = write_file(&dir, "bad", b"0\n");
     let nowhere = dir.path("nowhere");
-    for param in [None, Some(&overlapping), Some(&bad), Some(&nowhere)] {
-        let mut args = vec![
-            "--filter=extentlist".to_string(),
-            "memory".into(),
-            "1M".into(),
-        ];
-        if let Some(p) = param {
-            args.push(format!("extentlist={}", p.display()));
-        }
-        args.extend(["--run".into(), "true".into()]);
-        let out = run(client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args(&args));
-        assert!(!out.status.success(), "{args:?} was accepted");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("extentlist"),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+    refused(&["--filter=extentlist", "memory", "1M"], "extentlist");
+    for list in [&overlapping, &bad, &nowhere] {
+        let param = format!("extentlist={}", path(list));
+        refused(
+            &["--filter=extentlist", "memory", "1M", &param],
+            "extentlist",
         );
     }
 }
@@ -612,18 +586,8 @@ fn ddrescue_reads_the_rescued_data_unchanged() {
 
 #[test]
 fn ddrescue_refuses_a_missing_mapfile() {
-    let out = run(
-        client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args([
-            "--filter=ddrescue",
-            "memory",
-            "1M",
-            "ddrescue-mapfile=/nonexistent/disk.map",
-            "--run",
-            "true",
-        ]),
-    );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("disk.map"));
+    let param = "ddrescue-mapfile=/nonexistent/disk.map";
+    refused(&["--filter=ddrescue", "memory", "1M", param], "disk.map");
 }
 
 #[test]
@@ -882,18 +846,11 @@ fn exitwhen_pipe_closed_exits_when_the_writer_closes_it() {
 
 #[test]
 fn exitwhen_refuses_a_process_that_does_not_exist() {
-    let out = run(
-        client(nbdhost_tests::nbdhost_bin().to_str().unwrap()).args([
-            "--filter=exitwhen",
-            "memory",
-            "1M",
-            "exit-when-process-exits=999999999",
-            "--run",
-            "true",
-        ]),
+    let param = "exit-when-process-exits=999999999";
+    refused(
+        &["--filter=exitwhen", "memory", "1M", param],
+        "exit-when-process-exits",
     );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("exit-when-process-exits"));
 }
 
 #[test]

@@ -264,6 +264,32 @@ impl Policed {
     }
 }
 
+/// An asynchronous request this filter may refuse.
+trait Refusable {
+    fn refuse(self, e: Error);
+}
+
+macro_rules! refusable {
+    ($($t:ty),*) => {
+        $(impl Refusable for $t {
+            fn refuse(self, e: Error) {
+                self.complete(Err(e))
+            }
+        })*
+    };
+}
+
+refusable!(ReadRequest, WriteRequest, RangeRequest, ExtentsRequest);
+
+/// Pass `req` down if it was admitted, otherwise answer it with the
+/// reason.
+fn gate<R: Refusable>(checked: Result<()>, next: &Next, req: R, pass: fn(&Next, R)) {
+    match checked {
+        Ok(()) => pass(next, req),
+        Err(e) => req.refuse(e),
+    }
+}
+
 #[callbacks]
 impl FilterHandle for Policed {
     fn prepare(&self, next: &Next, _readonly: bool) -> Result<()> {
@@ -314,45 +340,33 @@ impl FilterHandle for Policed {
     // Requests are only checked: on an asynchronous chain they go down
     // as they are, or are answered at once.
     fn async_pread(&self, next: &Next, req: ReadRequest) {
-        match self.admit(next, Kind::Data("pread"), req.len() as u64, req.offset()) {
-            Ok(()) => next.async_pread(req),
-            Err(e) => req.complete(Err(e)),
-        }
+        let checked = self.admit(next, Kind::Data("pread"), req.len() as u64, req.offset());
+        gate(checked, next, req, |n, r| n.async_pread(r))
     }
 
     fn async_pwrite(&self, next: &Next, req: WriteRequest) {
-        match self.admit_write(next, req.len() as u64, req.offset()) {
-            Ok(()) => next.async_pwrite(req),
-            Err(e) => req.complete(Err(e)),
-        }
+        let checked = self.admit_write(next, req.len() as u64, req.offset());
+        gate(checked, next, req, |n, r| n.async_pwrite(r))
     }
 
     fn async_trim(&self, next: &Next, req: RangeRequest) {
-        match self.admit(next, Kind::Range("trim"), req.count(), req.offset()) {
-            Ok(()) => next.async_trim(req),
-            Err(e) => req.complete(Err(e)),
-        }
+        let checked = self.admit(next, Kind::Range("trim"), req.count(), req.offset());
+        gate(checked, next, req, |n, r| n.async_trim(r))
     }
 
     fn async_zero(&self, next: &Next, req: RangeRequest) {
-        match self.admit(next, Kind::Range("zero"), req.count(), req.offset()) {
-            Ok(()) => next.async_zero(req),
-            Err(e) => req.complete(Err(e)),
-        }
+        let checked = self.admit(next, Kind::Range("zero"), req.count(), req.offset());
+        gate(checked, next, req, |n, r| n.async_zero(r))
     }
 
     fn async_cache(&self, next: &Next, req: RangeRequest) {
-        match self.admit(next, Kind::Range("cache"), req.count(), req.offset()) {
-            Ok(()) => next.async_cache(req),
-            Err(e) => req.complete(Err(e)),
-        }
+        let checked = self.admit(next, Kind::Range("cache"), req.count(), req.offset());
+        gate(checked, next, req, |n, r| n.async_cache(r))
     }
 
     fn async_extents(&self, next: &Next, req: ExtentsRequest) {
-        match self.admit(next, Kind::Range("extents"), req.count(), req.offset()) {
-            Ok(()) => next.async_extents(req),
-            Err(e) => req.complete(Err(e)),
-        }
+        let checked = self.admit(next, Kind::Range("extents"), req.count(), req.offset());
+        gate(checked, next, req, |n, r| n.async_extents(r))
     }
 }
 
