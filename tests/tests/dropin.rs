@@ -274,3 +274,24 @@ fn exportname_strict_refuses_the_empty_name_unless_it_is_listed() {
         }
     }
 }
+
+#[test]
+fn blocksize_combines_extents_shorter_than_a_block_from_below() {
+    if missing("nbdkit's eval plugin", &["nbdkit", "nbdinfo"]) {
+        return;
+    }
+    // Each answer from below is one 512-byte hole, an eighth of a block.
+    let args = [
+        "--filter=blocksize",
+        "eval",
+        "get_size=echo 16384",
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+        "can_extents=exit 0",
+        "extents=echo $4 512 hole,zero",
+        "minblock=4K",
+    ];
+    let map = twin::same_as_nbdkit(&args, |uri| run_ok(client("nbdinfo").arg("--map").arg(uri)));
+    if let Some(map) = map {
+        assert!(map.contains("hole,zero") && !map.contains("data"), "{map}");
+    }
+}

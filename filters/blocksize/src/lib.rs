@@ -379,7 +379,21 @@ impl FilterHandle for Adapter {
         let l = self.limits(next)?;
         let start = l.down(offset);
         let len = (l.up(offset + count) - start).min(l.maxlen);
-        let below = next.extents(len, start, flags)?;
+        let mut below = next.extents(len, start, flags)?;
+        // A layer below may answer with less than one block: ask for the
+        // rest of the first block, as nbdkit does, so that its type is
+        // what all of it shares rather than a guess of data.
+        let block_end = start + l.minblock;
+        while let Some(end) = below.last().map(|&(o, n, _)| o + n) {
+            if end >= block_end {
+                break;
+            }
+            let more = next.extents(block_end - end, end, flags)?;
+            if more.is_empty() {
+                break;
+            }
+            below.extend(more);
+        }
         for (o, n, t) in align(&below, l.minblock) {
             list.add(o, n, t)?;
         }
