@@ -40,8 +40,9 @@ CARGO_PROFILE = $(if $(filter release,$(PROFILE)),--release,)
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 PLUGINS = $(notdir $(wildcard plugins/*))
 # Only the crates that build a shared object: filters/ also holds library
-# crates that filters share (luks-crypto).
-FILTERS = $(patsubst filters/%/Cargo.toml,%,$(shell grep -l '"cdylib"' filters/*/Cargo.toml))
+# crates that filters share (luks-crypto). Named as Cargo names their
+# libraries, without hyphens (blocksize-policy: libblocksizepolicyfilter.so).
+FILTERS = $(subst -,,$(patsubst filters/%/Cargo.toml,%,$(shell grep -l '"cdylib"' filters/*/Cargo.toml)))
 SUBST = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@BINDIR@|$(BINDIR)|g' \
 	-e 's|@LIBDIR@|$(LIBDIR)|g' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|g' \
 	-e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@PLUGINDIR@|$(PLUGINDIR)|g' \
