@@ -680,6 +680,30 @@ fn exitlast_exits_cleanly_once_the_last_client_has_gone() {
     assert!(st.success(), "{st}: {}", s.log_text());
 }
 
+/// A qcow2 image for a filter that opens the layer below at start-up.
+fn qcow2_image(dir: &TempDir) -> PathBuf {
+    let img = dir.path("disk.qcow2");
+    run_ok(
+        client("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("1M"),
+    );
+    img
+}
+
+#[test]
+fn exitlast_under_a_filter_that_looks_at_start_up_waits_for_a_real_client() {
+    // qcow2 opens the layers below once at start-up, for no client.
+    let dir = TempDir::new("exitlast");
+    let img = qcow2_image(&dir);
+    let mut s = serve(&["--filter=qcow2", "--filter=exitlast", "file", path(&img)]);
+    assert_eq!(exited(&mut s, Duration::from_millis(500)), None);
+    assert_eq!(export_size(&s.uri()), "1048576");
+    let st = exited(&mut s, Duration::from_secs(10)).expect("the server did not exit");
+    assert!(st.success(), "{st}");
+}
+
 #[test]
 fn exitlast_synopsis_is_the_same_as_nbdkit() {
     same_as_nbdkit(&["--filter=exitlast", "memory", "1M"], |uri| {
@@ -851,6 +875,25 @@ fn exitwhen_refuses_a_process_that_does_not_exist() {
         &["--filter=exitwhen", "memory", "1M", param],
         "exit-when-process-exits",
     );
+}
+
+#[test]
+fn exitwhen_under_a_filter_that_looks_at_start_up_counts_only_clients() {
+    let dir = TempDir::new("exitwhen");
+    let img = qcow2_image(&dir);
+    let stop = dir.path("stop");
+    let created = format!("exit-when-file-created={}", path(&stop));
+    let args = [
+        "--filter=qcow2",
+        "--filter=exitwhen",
+        "file",
+        path(&img),
+        &created,
+    ];
+    let mut s = serve(&args);
+    let held = hold(&s.uri());
+    std::fs::write(&stop, "").unwrap();
+    refuses_then_exits_after_the_last_client(&mut s, held);
 }
 
 #[test]

@@ -29,16 +29,21 @@ impl Filter for ExitLast {
 
     fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Connection> {
         next.open(readonly, export_name)?;
-        self.open.fetch_add(1, Ordering::AcqRel);
+        // The look a filter above takes at start-up (Filter::startup) is
+        // made for no client, and is not one.
+        let client = host::connection_id().is_some();
+        if client {
+            self.open.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(Connection {
-            open: self.open.clone(),
+            open: client.then(|| self.open.clone()),
         })
     }
 }
 
-/// One open connection, counted until it closes.
+/// One open connection, counted until it closes (`None`: not a client's).
 pub struct Connection {
-    open: Arc<AtomicUsize>,
+    open: Option<Arc<AtomicUsize>>,
 }
 
 #[callbacks]
@@ -46,7 +51,10 @@ impl FilterHandle for Connection {}
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let Some(open) = &self.open else {
+            return;
+        };
+        if open.fetch_sub(1, Ordering::AcqRel) == 1 {
             host::debug("exitlast: exiting on last client connection");
             host::shutdown();
         }

@@ -338,9 +338,14 @@ exit-when-poll=SECS              Seconds between checks when idle (default 60)."
 
     fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Connection> {
         next.open(readonly, export_name)?;
-        self.watch.lock().connections += 1;
+        // The look a filter above takes at start-up (Filter::startup) is
+        // made for no client, and is not one.
+        let client = host::connection_id().is_some();
+        if client {
+            self.watch.lock().connections += 1;
+        }
         Ok(Connection {
-            watch: self.watch.clone(),
+            watch: client.then(|| self.watch.clone()),
         })
     }
 
@@ -357,9 +362,9 @@ exit-when-poll=SECS              Seconds between checks when idle (default 60)."
     }
 }
 
-/// One open connection, counted until it closes.
+/// One open connection, counted until it closes (`None`: not a client's).
 pub struct Connection {
-    watch: Arc<Watch>,
+    watch: Option<Arc<Watch>>,
 }
 
 #[callbacks]
@@ -367,8 +372,11 @@ impl FilterHandle for Connection {}
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        let mut state = self.watch.lock();
-        self.watch.check(&mut state);
+        let Some(watch) = &self.watch else {
+            return;
+        };
+        let mut state = watch.lock();
+        watch.check(&mut state);
         state.connections -= 1;
         if state.connections == 0 && state.exiting {
             host::debug("exitwhen: exiting on last client connection");
