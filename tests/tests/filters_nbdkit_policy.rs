@@ -618,9 +618,14 @@ fn ddrescue_synopsis_and_example_are_the_same_as_nbdkit() {
 
 /// Wait up to `timeout` for the server to exit; its status if it did.
 fn exited(s: &mut Server, timeout: Duration) -> Option<ExitStatus> {
+    child_exited(s.child.as_mut().unwrap(), timeout)
+}
+
+/// Wait up to `timeout` for `child` to exit; its status if it did.
+fn child_exited(child: &mut std::process::Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
+        if let Some(st) = child.try_wait().unwrap() {
             return Some(st);
         }
         if Instant::now() > deadline {
@@ -848,23 +853,12 @@ fn exitwhen_pipe_closed_exits_when_the_writer_closes_it() {
         assert!(Instant::now() < deadline, "the server did not listen");
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        server.try_wait().unwrap().is_none(),
-        "exited with the pipe open"
-    );
+    let early = child_exited(&mut server, Duration::from_millis(1500));
+    assert_eq!(early, None, "exited with the pipe open");
     drop(writer);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let st = loop {
-        if let Some(st) = server.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = server.kill();
-            panic!("the server did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let st = child_exited(&mut server, Duration::from_secs(10));
+    let _ = server.kill();
+    let st = st.expect("the server did not exit");
     assert!(st.success(), "{st}");
 }
 

@@ -133,8 +133,8 @@ impl Config {
     }
 }
 
-#[derive(Default)]
 /// The filter's configuration, shared by every connection.
+#[derive(Default)]
 pub struct BlocksizePolicy {
     config: Config,
 }
