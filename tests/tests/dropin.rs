@@ -295,3 +295,33 @@ fn blocksize_combines_extents_shorter_than_a_block_from_below() {
         assert!(map.contains("hole,zero") && !map.contains("data"), "{map}");
     }
 }
+
+#[test]
+fn memory_allocator_zstd_and_malloc_mlock_serve_as_nbdkits_do() {
+    if missing("qemu-io", &["qemu-io", "nbdsh"]) {
+        return;
+    }
+    for allocator in ["allocator=zstd", "allocator=malloc,mlock=true"] {
+        let args = ["memory", "1M", allocator];
+        twin::same_as_nbdkit(&args, |uri| {
+            let writes = qemu_io(
+                uri,
+                &[
+                    "write -P 0x33 0 64k",
+                    "write -P 0x44 100k 1000",
+                    "write -z 16k 4k",
+                    "read -P 0x33 0 16k",
+                    "read -P 0 16k 4k",
+                    "read -P 0x44 100k 1000",
+                ],
+            );
+            assert!(!writes.contains("fail"), "{allocator}: {writes}");
+            // The content, not the map: nbdkit's pages are smaller.
+            run_ok(
+                client("nbdsh").arg("-u").arg(uri).arg("-c").arg(
+                    "import hashlib; print(hashlib.sha256(h.pread(h.get_size(), 0)).hexdigest())",
+                ),
+            )
+        });
+    }
+}

@@ -10,9 +10,12 @@
 //! throughout, as nbdkit's malloc allocator does: block status reports
 //! data everywhere and trim or zero clears pages in place. Pages are still
 //! allocated on first write, since the kernel would do the same to one
-//! large allocation.
+//! large allocation, except with `mlock=true`, which allocates every page
+//! at start and locks it in RAM. `allocator=zstd` is the sparse store
+//! with each page compressed by zstd.
 
-#![forbid(unsafe_code)]
+// The one exception is mlock(2), at the edge with the kernel.
+#![deny(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -27,11 +30,26 @@ const SHARDS: usize = 64;
 
 type Page = Box<[u8]>;
 
+/// nbdkit's `allocator=` values: how pages are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Allocator {
+    /// Holes where unwritten; whole pages are given back.
+    #[default]
+    Sparse,
+    /// Never a hole, and pages are never given back; with `mlock`, all
+    /// allocated at start and locked in RAM.
+    Malloc { mlock: bool },
+    /// As sparse, with each page kept compressed by zstd.
+    Zstd,
+}
+
 /// The disk shared by every connection.
 struct Store {
     size: u64,
     /// `allocator=malloc`: never a hole, and pages are never given back.
     dense: bool,
+    /// `allocator=zstd`: a page holds its contents compressed.
+    compressed: bool,
     shards: Vec<RwLock<BTreeMap<u64, Page>>>,
 }
 
@@ -58,33 +76,103 @@ fn pieces(offset: u64, count: u64) -> impl Iterator<Item = Piece> {
     })
 }
 
+/// Lock `page` in RAM, so that it is never swapped out.
+#[allow(unsafe_code)]
+fn lock_in_ram(page: &[u8]) -> std::io::Result<()> {
+    // SAFETY: mlock only reads the address range, which `page` owns for
+    // the duration of the call; the lock ends when the memory is freed.
+    match unsafe { libc::mlock(page.as_ptr().cast(), page.len()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+fn zstd_error(e: std::io::Error) -> Error {
+    Error::new(libc::EIO, format!("zstd: {e}"))
+}
+
 impl Store {
-    fn new(size: u64, dense: bool) -> Self {
-        Store {
+    fn new(size: u64, allocator: Allocator) -> Result<Self> {
+        let mut store = Store {
             size,
-            dense,
+            dense: matches!(allocator, Allocator::Malloc { .. }),
+            compressed: allocator == Allocator::Zstd,
             shards: (0..SHARDS).map(|_| RwLock::new(BTreeMap::new())).collect(),
+        };
+        if allocator == (Allocator::Malloc { mlock: true }) {
+            // As nbdkit: the whole disk, allocated now and locked in RAM.
+            for page in 0..size.div_ceil(PAGE as u64) {
+                let p = vec![0u8; PAGE].into_boxed_slice();
+                lock_in_ram(&p).map_err(|e| {
+                    Error::new(
+                        e.raw_os_error().unwrap_or(libc::ENOMEM),
+                        format!("allocator=malloc,mlock=true: mlock: {e} (see ulimit -l)"),
+                    )
+                })?;
+                store.shards[(page % SHARDS as u64) as usize]
+                    .get_mut()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(page, p);
+            }
         }
+        Ok(store)
+    }
+
+    /// The contents of a compressed page.
+    fn load(&self, page: &Page, out: &mut [u8; PAGE]) -> Result<()> {
+        let n = zstd::bulk::decompress_to_buffer(page, &mut out[..]).map_err(zstd_error)?;
+        out[n..].fill(0);
+        Ok(())
+    }
+
+    /// `data` as a compressed page.
+    fn keep(&self, data: &[u8; PAGE]) -> Result<Page> {
+        Ok(zstd::bulk::compress(&data[..], 0)
+            .map_err(zstd_error)?
+            .into_boxed_slice())
+    }
+
+    /// Change part of a compressed page: decompress it (or start from
+    /// zeroes), let `f` change it, and store it compressed again.
+    fn rewrite(
+        &self,
+        shard: &mut BTreeMap<u64, Page>,
+        page: u64,
+        f: impl FnOnce(&mut [u8; PAGE]),
+    ) -> Result<()> {
+        let mut buf = Box::new([0u8; PAGE]);
+        if let Some(old) = shard.get(&page) {
+            self.load(old, &mut buf)?;
+        }
+        f(&mut buf);
+        shard.insert(page, self.keep(&buf)?);
+        Ok(())
     }
 
     fn shard(&self, page: u64) -> &RwLock<BTreeMap<u64, Page>> {
         &self.shards[(page % SHARDS as u64) as usize]
     }
 
-    fn read(&self, buf: &mut [u8], offset: u64) {
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0;
+        let mut plain = self.compressed.then(|| Box::new([0u8; PAGE]));
         for p in pieces(offset, buf.len() as u64) {
             let dst = &mut buf[done..done + p.len];
             let shard = self.shard(p.page).read().unwrap_or_else(|e| e.into_inner());
-            match shard.get(&p.page) {
-                Some(page) => dst.copy_from_slice(&page[p.start..p.start + p.len]),
-                None => dst.fill(0),
+            match (shard.get(&p.page), plain.as_mut()) {
+                (Some(page), Some(plain)) => {
+                    self.load(page, plain)?;
+                    dst.copy_from_slice(&plain[p.start..p.start + p.len]);
+                }
+                (Some(page), None) => dst.copy_from_slice(&page[p.start..p.start + p.len]),
+                (None, _) => dst.fill(0),
             }
             done += p.len;
         }
+        Ok(())
     }
 
-    fn write(&self, buf: &[u8], offset: u64) {
+    fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         let mut done = 0;
         for p in pieces(offset, buf.len() as u64) {
             let src = &buf[done..done + p.len];
@@ -92,16 +180,23 @@ impl Store {
                 .shard(p.page)
                 .write()
                 .unwrap_or_else(|e| e.into_inner());
-            let page = shard
-                .entry(p.page)
-                .or_insert_with(|| vec![0u8; PAGE].into_boxed_slice());
-            page[p.start..p.start + p.len].copy_from_slice(src);
+            if self.compressed {
+                self.rewrite(&mut shard, p.page, |page| {
+                    page[p.start..p.start + p.len].copy_from_slice(src);
+                })?;
+            } else {
+                let page = shard
+                    .entry(p.page)
+                    .or_insert_with(|| vec![0u8; PAGE].into_boxed_slice());
+                page[p.start..p.start + p.len].copy_from_slice(src);
+            }
             done += p.len;
         }
+        Ok(())
     }
 
     /// Zero a range: whole pages are freed, partial ones cleared in place.
-    fn zero(&self, count: u64, offset: u64) {
+    fn zero(&self, count: u64, offset: u64) -> Result<()> {
         for p in pieces(offset, count) {
             let mut shard = self
                 .shard(p.page)
@@ -109,10 +204,17 @@ impl Store {
                 .unwrap_or_else(|e| e.into_inner());
             if p.len == PAGE && !self.dense {
                 shard.remove(&p.page);
+            } else if self.compressed {
+                if shard.contains_key(&p.page) {
+                    self.rewrite(&mut shard, p.page, |page| {
+                        page[p.start..p.start + p.len].fill(0);
+                    })?;
+                }
             } else if let Some(page) = shard.get_mut(&p.page) {
                 page[p.start..p.start + p.len].fill(0);
             }
         }
+        Ok(())
     }
 
     fn is_allocated(&self, page: u64) -> bool {
@@ -136,45 +238,39 @@ impl Store {
 #[derive(Default)]
 pub struct Memory {
     size: Option<u64>,
-    dense: bool,
+    allocator: Allocator,
     store: Option<Arc<Store>>,
 }
 
-/// nbdkit's `allocator=` values: whether the store is dense.
-fn allocator(value: &str) -> Result<bool> {
+/// nbdkit's `allocator=` values, with their options (`mlock=` for
+/// malloc, as nbdkit takes it).
+fn allocator(value: &str) -> Result<Allocator> {
     let (name, options) = value.split_once(',').unwrap_or((value, ""));
-    let dense = match name {
-        "sparse" => false,
-        "malloc" => true,
-        "zstd" => return Err(Error::new(
-            libc::ENOTSUP,
-            "allocator=zstd is not supported here (nbdkit's memory plugin, given by path, has it)",
-        )),
+    let mut chosen = match name {
+        "sparse" => Allocator::Sparse,
+        "malloc" => Allocator::Malloc { mlock: false },
+        "zstd" => Allocator::Zstd,
         _ => {
             return Err(Error::new(
                 libc::EINVAL,
-                format!("unknown allocator '{name}' (sparse or malloc)"),
+                format!("unknown allocator '{name}' (sparse, malloc or zstd)"),
             ))
         }
     };
     for o in options.split(',').filter(|o| !o.is_empty()) {
-        match o {
-            "mlock=false" => {}
-            "mlock=true" => {
-                return Err(Error::new(
-                    libc::ENOTSUP,
-                    "allocator=malloc,mlock=true is not supported here",
-                ))
+        match (o.split_once('='), &mut chosen) {
+            (Some(("mlock", v)), Allocator::Malloc { mlock }) => {
+                *mlock = host::parse_bool("mlock", v)?;
             }
             _ => {
                 return Err(Error::new(
                     libc::EINVAL,
-                    format!("unknown allocator option '{o}'"),
+                    format!("allocator={name}: unknown option '{o}'"),
                 ))
             }
         }
     }
-    Ok(dense)
+    Ok(chosen)
 }
 
 #[callbacks]
@@ -182,7 +278,8 @@ impl Plugin for Memory {
     const NAME: &'static str = "memory";
     const DESCRIPTION: &'static str = "sparse RAM disk shared by all connections";
     const CONFIG_HELP: &'static str = "size=<SIZE>  (required) Size of the disk, e.g. 1G.\n\
-allocator=sparse|malloc  Holes where unwritten (the default), or allocated throughout.";
+allocator=sparse|malloc[,mlock=true]|zstd  Holes where unwritten (the default),
+                     allocated throughout (and locked in RAM), or compressed.";
     const MAGIC_CONFIG_KEY: Option<&'static str> = Some("size");
     type Handle = MemoryHandle;
 
@@ -198,7 +295,7 @@ allocator=sparse|malloc  Holes where unwritten (the default), or allocated throu
                 Ok(())
             }
             "allocator" => {
-                self.dense = allocator(value)?;
+                self.allocator = allocator(value)?;
                 Ok(())
             }
             _ => Err(Error::new(
@@ -213,7 +310,7 @@ allocator=sparse|malloc  Holes where unwritten (the default), or allocated throu
             .size
             .ok_or_else(|| Error::new(libc::EINVAL, "size parameter is required"))?;
         i64::try_from(size).map_err(|_| Error::new(libc::EINVAL, "size is larger than 2^63-1"))?;
-        self.store = Some(Arc::new(Store::new(size, self.dense)));
+        self.store = Some(Arc::new(Store::new(size, self.allocator)?));
         Ok(())
     }
 
@@ -261,23 +358,19 @@ impl Handle for MemoryHandle {
         Ok(true)
     }
     fn pread(&self, buf: &mut [u8], offset: u64, _flags: Flags) -> Result<()> {
-        self.store.read(buf, offset);
-        Ok(())
+        self.store.read(buf, offset)
     }
     fn pwrite(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
-        self.store.write(buf, offset);
-        Ok(())
+        self.store.write(buf, offset)
     }
     fn flush(&self, _flags: Flags) -> Result<()> {
         Ok(())
     }
     fn trim(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
-        self.store.zero(count, offset);
-        Ok(())
+        self.store.zero(count, offset)
     }
     fn zero(&self, count: u64, offset: u64, _flags: Flags) -> Result<()> {
-        self.store.zero(count, offset);
-        Ok(())
+        self.store.zero(count, offset)
     }
     fn extents(&self, count: u64, offset: u64, flags: Flags, list: &mut ExtentList) -> Result<()> {
         let end = offset + count;
@@ -331,42 +424,68 @@ mod tests {
 
     #[test]
     fn write_read_zero_roundtrip() {
-        let s = Store::new(1 << 30, false);
-        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
-        s.write(&data, 12345);
-        let mut back = vec![0u8; data.len()];
-        s.read(&mut back, 12345);
-        assert_eq!(back, data);
-        s.zero(PAGE as u64 * 2, PAGE as u64);
-        assert!(!s.is_allocated(1) && !s.is_allocated(2));
-        s.read(&mut back, 12345);
-        assert!(back[(PAGE - 12345)..(3 * PAGE - 12345)]
-            .iter()
-            .all(|&b| b == 0));
-        assert_eq!(s.next_allocated(1), Some(3));
+        for a in [Allocator::Sparse, Allocator::Zstd] {
+            let s = Store::new(1 << 30, a).unwrap();
+            let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+            s.write(&data, 12345).unwrap();
+            let mut back = vec![0u8; data.len()];
+            s.read(&mut back, 12345).unwrap();
+            assert_eq!(back, data, "{a:?}");
+            s.zero(PAGE as u64 * 2, PAGE as u64).unwrap();
+            assert!(!s.is_allocated(1) && !s.is_allocated(2));
+            s.read(&mut back, 12345).unwrap();
+            assert!(back[(PAGE - 12345)..(3 * PAGE - 12345)]
+                .iter()
+                .all(|&b| b == 0));
+            assert_eq!(s.next_allocated(1), Some(3));
+        }
+    }
+
+    #[test]
+    fn a_zstd_page_is_kept_compressed() {
+        let s = Store::new(1 << 20, Allocator::Zstd).unwrap();
+        s.write(&[7; PAGE], 0).unwrap();
+        s.zero(100, 10).unwrap();
+        let shard = s.shard(0).read().unwrap();
+        assert!(shard[&0].len() < PAGE / 100, "{} bytes", shard[&0].len());
+        drop(shard);
+        let mut back = vec![1u8; PAGE];
+        s.read(&mut back, 0).unwrap();
+        assert!(back[10..110].iter().all(|&b| b == 0));
+        assert!(back[..10].iter().chain(&back[110..]).all(|&b| b == 7));
     }
 
     #[test]
     fn a_dense_store_keeps_zeroed_pages() {
-        let s = Store::new(1 << 20, true);
-        s.write(&[1; PAGE], 0);
-        s.zero(PAGE as u64, 0);
+        let s = Store::new(1 << 20, Allocator::Malloc { mlock: false }).unwrap();
+        s.write(&[1; PAGE], 0).unwrap();
+        s.zero(PAGE as u64, 0).unwrap();
         assert!(s.is_allocated(0));
         let mut back = vec![1u8; PAGE];
-        s.read(&mut back, 0);
+        s.read(&mut back, 0).unwrap();
         assert!(back.iter().all(|&b| b == 0));
     }
 
     #[test]
-    fn allocators_take_nbdkit_names_and_refuse_what_is_missing() {
-        assert!(!allocator("sparse").unwrap());
-        assert!(allocator("malloc").unwrap());
-        assert!(allocator("malloc,mlock=false").unwrap());
+    fn allocators_take_nbdkit_names_and_options() {
+        assert_eq!(allocator("sparse").unwrap(), Allocator::Sparse);
+        assert_eq!(allocator("zstd").unwrap(), Allocator::Zstd);
         assert_eq!(
-            allocator("malloc,mlock=true").unwrap_err().raw_errno(),
-            libc::ENOTSUP
+            allocator("malloc").unwrap(),
+            Allocator::Malloc { mlock: false }
         );
-        assert_eq!(allocator("zstd").unwrap_err().raw_errno(), libc::ENOTSUP);
+        assert_eq!(
+            allocator("malloc,mlock=false").unwrap(),
+            Allocator::Malloc { mlock: false }
+        );
+        assert_eq!(
+            allocator("malloc,mlock=true").unwrap(),
+            Allocator::Malloc { mlock: true }
+        );
+        assert_eq!(
+            allocator("zstd,mlock=true").unwrap_err().raw_errno(),
+            libc::EINVAL
+        );
         assert_eq!(allocator("slab").unwrap_err().raw_errno(), libc::EINVAL);
     }
 }
