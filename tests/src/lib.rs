@@ -411,9 +411,11 @@ pub fn plugin(name: &str) -> PathBuf {
     existing(layer_path("plugin", &format!("lib{name}plugin.so")))
 }
 
-/// Path of an in-tree filter (`offset` → `liboffsetfilter.so`).
+/// Path of an in-tree filter (`offset` → `liboffsetfilter.so`,
+/// `blocksize-policy` → `libblocksizepolicyfilter.so`).
 pub fn filter(name: &str) -> PathBuf {
-    existing(layer_path("filter", &format!("lib{name}filter.so")))
+    let file = format!("lib{}filter.so", name.replace('-', ""));
+    existing(layer_path("filter", &file))
 }
 
 /// The `--filter=PATH` option for an in-tree filter.
