@@ -55,7 +55,7 @@ impl Ip {
             let m = r.matches(c, fnmatch);
             if debug {
                 let verdict = if m { "yes" } else { "no" };
-                host::debug(&format!("ip: match client with {which} {r:?} => {verdict}"));
+                host::debug(&format!("match client with {which} {r:?} => {verdict}"));
             }
             m
         })
@@ -68,7 +68,7 @@ impl Ip {
         let debug = host::debug_flag("rules") != 0;
         let c = this_client(self.late);
         if debug {
-            host::debug(&format!("ip: client is {c:?}"));
+            host::debug(&format!("client is {c:?}"));
         }
         // A client whose origin is unknown (standard input, an unknown
         // family) matches only `all`; with no address to go on, fail
