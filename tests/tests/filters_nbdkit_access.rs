@@ -798,3 +798,27 @@ fn multi_conn_file_example_is_the_same_as_nbdkit() {
         },
     );
 }
+
+#[test]
+fn ip_rules_debug_flag_logs_each_rule_tried() {
+    let s = Server::start(&[
+        "-v",
+        "-D",
+        "ip.rules=1",
+        "--filter=ip",
+        "memory",
+        "1M",
+        "allow=anyipv4",
+        "deny=anyunix",
+    ]);
+    assert_eq!(connect_one(&s.uri()), "refused\n");
+    let log = s.log_text();
+    assert!(
+        log.contains("match client with allow AnyIpv4 => no"),
+        "{log}"
+    );
+    assert!(
+        log.contains("match client with deny AnyUnix => yes"),
+        "{log}"
+    );
+}
