@@ -63,9 +63,9 @@ mod data;
 mod error;
 mod filter;
 mod filter_async;
-mod next_services;
 pub mod host;
 mod instance;
+mod next_services;
 mod plugin;
 mod requests;
 
@@ -91,6 +91,7 @@ pub mod errno {
 pub use data::{BlockSize, ExportList, ExtentList, Flags, Support};
 pub use filter::{Filter, FilterHandle, Next, NextExports, NextOpener, SharedNext};
 pub use host::Export;
+pub use next_services::{InFlight, Parked};
 pub use plugin::{Handle, Plugin, ThreadModel};
 pub use requests::{Completion, ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};
 

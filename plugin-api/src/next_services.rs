@@ -3,7 +3,9 @@
 //! thread ([`Next::after`]), and use it from a thread of its own
 //! ([`Next::background`], [`Next::closing`]); and the `_then` forms of
 //! the asynchronous calls that give the request itself back with the
-//! layer below's answer, to pass it down again (a retry).
+//! layer below's answer, to pass it down again (a retry); and
+//! [`Parked`], a request set aside with its layer below, to start later
+//! from any thread (a pause).
 //!
 //! All four belong to the filter's handle whose `next` they are called
 //! on: from its callbacks, from the continuations of its requests or
@@ -19,7 +21,7 @@ use std::time::Duration;
 use crate::abi;
 use crate::filter::Next;
 use crate::host;
-use crate::requests::{Completion, RangeRequest, WriteRequest};
+use crate::requests::{Completion, ExtentsRequest, RangeRequest, ReadRequest, WriteRequest};
 use crate::{Error, Result};
 
 /// The layer below's table, carried to a timer's continuation or a job's
@@ -255,5 +257,51 @@ impl Next {
             return;
         };
         start(self, RangeRequest::new(count, offset, fl, done.into_raw()));
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A client's request in flight, which keeps its handle (and so the
+/// layer below it) open until it is answered.
+pub trait InFlight: sealed::Sealed + Send + 'static {}
+
+macro_rules! in_flight {
+    ($($t:ty),*) => {
+        $(
+            impl sealed::Sealed for $t {}
+            impl InFlight for $t {}
+        )*
+    };
+}
+
+in_flight!(ReadRequest, WriteRequest, RangeRequest, ExtentsRequest);
+
+/// A request set aside together with the layer below it is for, to be
+/// started later from any thread: what the pause filter keeps while
+/// requests are held. Safe because the request, not yet answered, keeps
+/// the handle and its layer below open.
+pub struct Parked<R: InFlight> {
+    next: RawNext,
+    req: R,
+}
+
+impl Next {
+    /// Set `req` aside with this layer below, to start later with
+    /// [`Parked::resume`].
+    pub fn park<R: InFlight>(&self, req: R) -> Parked<R> {
+        Parked {
+            next: RawNext(self.raw()),
+            req,
+        }
+    }
+}
+
+impl<R: InFlight> Parked<R> {
+    /// Take the request back, with the layer below to pass it to.
+    pub fn resume(self, f: impl FnOnce(&Next, R)) {
+        f(&self.next.next(), self.req)
     }
 }

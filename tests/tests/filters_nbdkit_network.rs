@@ -6,6 +6,9 @@
 //! test-retry*.sh do; delays are a tenth of a second, except where the
 //! same command line is served by nbdkit too, which takes whole seconds.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nbdhost_tests::twin::same_as_nbdkit;
@@ -437,4 +440,204 @@ fn retry_request_recovers_from_one_failure_as_nbdkit_does() {
     if let Some(seen) = seen {
         assert_eq!(seen, "ok reads=2 opens=1");
     }
+}
+
+// ---- pause ----
+
+/// Send `commands` on the pause control socket at `ctl` and read one
+/// answer byte for each command that is not white space.
+fn control(ctl: &Path, commands: &str) -> String {
+    let mut s = UnixStream::connect(ctl).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(commands.as_bytes()).unwrap();
+    let want = commands.chars().filter(|c| !c.is_whitespace()).count();
+    let mut answer = vec![0u8; want];
+    s.read_exact(&mut answer).unwrap();
+    String::from_utf8(answer).unwrap()
+}
+
+/// Start an nbdsh script in the background.
+fn background_nbdsh(uri: &str, script: &str) -> std::process::Child {
+    client("nbdsh")
+        .args(["-u", uri, "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn output(child: std::process::Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn pause_server(dir: &TempDir, extra: &[&str]) -> (Server, PathBuf) {
+    let ctl = dir.path("ctl");
+    let arg = format!("pause-control={}", ctl.display());
+    let mut args = vec!["--filter=pause"];
+    args.extend_from_slice(extra);
+    args.push(&arg);
+    (Server::start(&args), ctl)
+}
+
+#[test]
+fn pause_holds_requests_until_resumed() {
+    let dir = TempDir::new("pause-hold");
+    let (s, ctl) = pause_server(&dir, &["memory", "1M"]);
+    assert_eq!(control(&ctl, "p"), "P");
+    let reader = background_nbdsh(
+        &s.uri(),
+        "import time\nt = time.monotonic()\nh.pread(512, 0)\nprint(time.monotonic() - t)",
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(control(&ctl, "r"), "R");
+    let waited: f64 = output(reader).parse().unwrap();
+    assert!(waited >= 0.5, "the read went through after {waited} s");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn pause_answers_once_the_running_requests_are_answered() {
+    let dir = TempDir::new("pause-drain");
+    let (s, ctl) = pause_server(&dir, &["--filter=delay", "memory", "1M", "rdelay=800ms"]);
+    let reader = background_nbdsh(&s.uri(), "h.pread(512, 0)\nprint('read')");
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    assert_eq!(control(&ctl, "p"), "P");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "P came before the running read was answered"
+    );
+    assert_eq!(output(reader), "read");
+    assert_eq!(control(&ctl, "r"), "R");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn pause_control_ignores_white_space_and_answers_x_to_the_unknown() {
+    let dir = TempDir::new("pause-protocol");
+    let (s, ctl) = pause_server(&dir, &["memory", "1M"]);
+    assert_eq!(control(&ctl, "p\n"), "P");
+    assert_eq!(control(&ctl, "rzr pp?r"), "RXRPPXR");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn pause_held_requests_hold_no_thread_and_leave_queries_alone() {
+    let dir = TempDir::new("pause-threads");
+    // A plugin that blocks, so requests reach the filter on the pool's
+    // one worker thread.
+    let (s, ctl) = pause_server(
+        &dir,
+        &[
+            "-t",
+            "1",
+            "eval",
+            "get_size=echo 1048576",
+            "pread=head -c $3 /dev/zero",
+        ],
+    );
+    assert_eq!(control(&ctl, "p"), "P");
+    let script = "
+bufs = [nbd.Buffer(512) for _ in range(8)]
+for i, b in enumerate(bufs):
+    h.aio_pread(b, i * 512)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+print('all read')
+";
+    let readers = background_nbdsh(&s.uri(), script);
+    std::thread::sleep(Duration::from_millis(300));
+    // With the one worker's requests held, a new client still connects
+    // and is told the size.
+    assert_eq!(nbdhost_tests::export_size(&s.uri()), "1048576");
+    assert_eq!(control(&ctl, "r"), "R");
+    assert_eq!(output(readers), "all read");
+    assert!(s.stop().success());
+}
+
+#[test]
+fn pause_without_a_control_socket_is_refused() {
+    let out = run(
+        std::process::Command::new(nbdhost_tests::nbdhost_bin()).args([
+            "-U",
+            "-",
+            "--filter=pause",
+            "memory",
+            "1M",
+            "--run",
+            "true",
+        ]),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pause-control socket was not set"), "{err}");
+}
+
+#[test]
+fn pause_shutdown_lets_held_requests_go_and_removes_the_socket() {
+    let dir = TempDir::new("pause-shutdown");
+    let (s, ctl) = pause_server(&dir, &["memory", "1M"]);
+    assert_eq!(control(&ctl, "p"), "P");
+    let reader = background_nbdsh(&s.uri(), "h.pread(512, 0)");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    assert!(s.stop().success());
+    assert!(t.elapsed() < Duration::from_secs(5), "shutdown waited");
+    let _ = reader.wait_with_output();
+    assert!(!ctl.exists(), "the control socket was removed");
+}
+
+/// nbdkit's SYNOPSIS, with the memory plugin as PLUGIN: the same answers
+/// on the control socket and the same disk.
+#[test]
+fn pause_synopsis_is_served_as_nbdkit_serves_it() {
+    let dir = TempDir::new("pause-synopsis");
+    let ctl = dir.path("ctl");
+    let arg = format!("pause-control={}", ctl.display());
+    let args = ["--filter=pause", "memory", "1M", &arg];
+    same_as_nbdkit(&args, |uri| {
+        let answers = control(&ctl, "p\nr x");
+        let size = nbdhost_tests::export_size(uri);
+        format!("{answers} {size}")
+    });
+}
+
+/// nbdkit's EXAMPLE: a copy through pause and rate is paused and resumed
+/// with `echo p` and `echo r` on the socket (here from the test, and a
+/// local 4 MiB file for BIG_FILE.ISO), and completes with every byte.
+#[test]
+fn pause_example_copy_paused_and_resumed_is_the_same_as_nbdkit() {
+    let dir = TempDir::new("pause-example");
+    let iso = dir.path("big.iso");
+    std::fs::write(&iso, pattern(4 << 20, 9)).unwrap();
+    let iso_s = iso.display().to_string();
+    let ctl = dir.path("sock");
+    let arg = format!("pause-control={}", ctl.display());
+    let out = dir.path("out");
+    let args = [
+        "--filter=pause",
+        "--filter=rate",
+        "file",
+        &iso_s,
+        "rate=10M",
+        &arg,
+    ];
+    same_as_nbdkit(&args, |uri| {
+        let _ = std::fs::remove_file(&out);
+        let copy = client("qemu-img")
+            .args(["convert", "-f", "raw", uri, "-O", "raw"])
+            .arg(&out)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut answers = control(&ctl, "p\n");
+        std::thread::sleep(Duration::from_millis(300));
+        answers += &control(&ctl, "r\n");
+        let copy = copy.wait_with_output().unwrap();
+        assert!(copy.status.success());
+        let same = std::fs::read(&out).unwrap() == std::fs::read(&iso).unwrap();
+        format!("{answers} copied intact: {same}")
+    });
 }
