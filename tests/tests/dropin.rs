@@ -325,3 +325,44 @@ fn memory_allocator_zstd_and_malloc_mlock_serve_as_nbdkits_do() {
         });
     }
 }
+
+#[test]
+fn installed_as_nbdkit_nbdhost_still_finds_nbdkits_plugins() {
+    if missing("nbdkit's plugins", &["nbdkit", "nbdinfo"]) {
+        return;
+    }
+    // A drop-in install: nbdhost under the name nbdkit, first in PATH.
+    let dir = TempDir::new("as-nbdkit");
+    let nbdkit = dir.path("nbdkit");
+    std::os::unix::fs::symlink(nbdhost_bin(), &nbdkit).unwrap();
+    let path = format!(
+        "{}:/usr/bin:{}",
+        dir.0.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for (args, size) in [
+        (&["data", "raw=hello"][..], "5"),
+        (
+            &["eval", "get_size=echo 12345", "pread=exit 1"][..],
+            "12345",
+        ),
+    ] {
+        let out = run(Command::new(&nbdkit)
+            .env("PATH", &path)
+            .env_remove("NBDHOST_NBDKIT_PLUGINDIR")
+            .env_remove("NBDHOST_NBDKIT_FILTERDIR")
+            .args(["-U", "-"])
+            .args(args)
+            .args(["--run", "nbdinfo --size \"$uri\""]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            size,
+            "{args:?}"
+        );
+    }
+    // And the server that answered was nbdhost.
+    let version = run(Command::new(&nbdkit).env("PATH", &path).arg("--version"));
+    assert!(String::from_utf8_lossy(&version.stdout).contains("nbdhost"));
+}

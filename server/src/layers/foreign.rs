@@ -6,7 +6,6 @@
 //! server is nbdkit-specific.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use object::{Object, ObjectSymbol};
 
@@ -36,8 +35,10 @@ pub fn is_nbdkit(path: &Path, kind: &str) -> bool {
 }
 
 /// nbdkit's directory for `kind`: `$NBDHOST_NBDKIT_PLUGINDIR` (or
-/// `…FILTERDIR`) if set, else the one fixed when nbdhost was built, else
-/// what the installed nbdkit reports with `--dump-config`.
+/// `…FILTERDIR`) if set, else the one fixed when nbdhost was built
+/// (`build.rs`: pkg-config's `nbdkit` module), else the first of the
+/// distributions' directories that exists. Never `nbdkit --dump-config`:
+/// where nbdhost is installed as `nbdkit`, that would ask nbdhost.
 pub fn nbdkit_dir(kind: &str) -> Option<PathBuf> {
     let var = format!("NBDHOST_NBDKIT_{}DIR", kind.to_uppercase());
     if let Some(d) = std::env::var_os(&var) {
@@ -48,29 +49,25 @@ pub fn nbdkit_dir(kind: &str) -> Option<PathBuf> {
     } else {
         option_env!("NBDHOST_NBDKIT_PLUGINDIR")
     };
-    if let Some(d) = built {
-        return Some(PathBuf::from(d));
-    }
-    let key = format!("{kind}dir=");
-    nbdkit_config()
-        .lines()
-        .find_map(|l| l.strip_prefix(&key))
+    built
         .map(PathBuf::from)
+        .into_iter()
+        .chain(distribution_dirs(kind))
+        .find(|d| d.is_dir())
 }
 
-/// `nbdkit --dump-config`, asked once; empty without nbdkit.
-fn nbdkit_config() -> &'static str {
-    static CONFIG: OnceLock<String> = OnceLock::new();
-    CONFIG.get_or_init(|| {
-        std::process::Command::new("nbdkit")
-            .arg("--dump-config")
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    })
+/// Where distributions install nbdkit's `kind`s: Debian's multiarch
+/// directory, then Fedora's and others' `lib64`, then plain `lib`.
+fn distribution_dirs(kind: &str) -> impl Iterator<Item = PathBuf> {
+    let multiarch = format!("/usr/lib/{}-linux-gnu", std::env::consts::ARCH);
+    [
+        multiarch.as_str(),
+        "/usr/lib64",
+        "/usr/lib",
+        "/usr/local/lib",
+    ]
+    .map(|lib| Path::new(lib).join("nbdkit").join(format!("{kind}s")))
+    .into_iter()
 }
 
 /// An nbdkit script plugin installed under a short name: an executable
