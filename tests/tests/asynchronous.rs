@@ -209,24 +209,11 @@ fn luks_over_offset_over_an_asynchronous_plugin_stays_asynchronous_end_to_end() 
     ]);
     // 32 reads each held up to 300 ms, decrypted as they come back, with
     // one worker thread: nothing in the chain waits for the plugin.
-    let script = "\
-import time
-bufs = [nbd.Buffer(4096) for i in range(32)]
-t = time.monotonic()
-for i, b in enumerate(bufs):
-    h.aio_pread(b, i * 65536)
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-took = time.monotonic() - t
-print(took)
-print(''.join(b.to_bytearray().hex() for b in bufs))
-";
-    let out = nbdsh(&s.uri(), script);
-    let mut lines = out.lines();
-    let took: f64 = lines.next().unwrap().parse().unwrap();
+    let reads: Vec<(u64, usize)> = (0..32).map(|i| (i * 65536, 4096)).collect();
+    let (took, got) = held_reads(&s.uri(), &reads);
     assert!(took < 2.0, "32 reads held 300 ms took {took} s");
     let want: String = (0..32).map(|i| hex(&data[i * 65536..][..4096])).collect();
-    assert!(lines.next().unwrap() == want, "decrypted data differs");
+    assert!(got == want, "decrypted data differs");
     // Writes, aligned (encrypted and passed down asynchronously) and not
     // (a read-modify-write), read back.
     qemu_io(
@@ -261,26 +248,13 @@ fn blocksize_joins_the_pieces_of_a_read_as_they_come_back() {
     ]);
     // Unaligned reads cut into a partial head, whole runs of at most 16
     // KiB and a partial tail, all held by the plugin in random order.
-    let script = "\
-import time
-reads = [(1000 + i * 70001, 50000) for i in range(8)]
-bufs = [nbd.Buffer(n) for _, n in reads]
-t = time.monotonic()
-for (off, n), b in zip(reads, bufs):
-    h.aio_pread(b, off)
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-print(time.monotonic() - t)
-print(''.join(b.to_bytearray().hex() for b in bufs))
-";
-    let out = nbdsh(&s.uri(), script);
-    let mut lines = out.lines();
-    let took: f64 = lines.next().unwrap().parse().unwrap();
+    let reads: Vec<(u64, usize)> = (0..8).map(|i| (1000 + i * 70001, 50000)).collect();
+    let (took, got) = held_reads(&s.uri(), &reads);
     assert!(took < 2.0, "8 reads of 5 pieces held 200 ms took {took} s");
     let want: String = (0..8)
         .map(|i| hex(&data[1000 + i * 70001..][..50000]))
         .collect();
-    assert!(lines.next().unwrap() == want, "joined data differs");
+    assert!(got == want, "joined data differs");
     assert!(s.stop().success());
 }
 
@@ -303,31 +277,15 @@ fn truncate_over_an_asynchronous_plugin_stays_asynchronous_and_zeroes_past_the_e
     // 63 reads held up to 300 ms through one worker thread, some across
     // the real end (1 MiB) and some wholly past it: none waits for
     // another, and the part past the end reads as zeroes.
-    let script = "\
-import time
-reads = [(i * 32768 - 2048, 4096) for i in range(1, 64)]
-bufs = [nbd.Buffer(n) for _, n in reads]
-t = time.monotonic()
-for (off, n), b in zip(reads, bufs):
-    h.aio_pread(b, off)
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-print(time.monotonic() - t)
-print(''.join(b.to_bytearray().hex() for b in bufs))
-";
-    let out = nbdsh(&s.uri(), script);
-    let mut lines = out.lines();
-    let took: f64 = lines.next().unwrap().parse().unwrap();
+    let reads: Vec<(u64, usize)> = (1..64).map(|i| (i * 32768 - 2048, 4096)).collect();
+    let (took, got) = held_reads(&s.uri(), &reads);
     assert!(took < 2.0, "63 reads held 300 ms took {took} s");
     let mut disk = data.clone();
     disk.resize(2 << 20, 0);
     let want: String = (1..64)
         .map(|i| hex(&disk[i * 32768 - 2048..][..4096]))
         .collect();
-    assert!(
-        lines.next().unwrap() == want,
-        "data past the real end is not zero"
-    );
+    assert!(got == want, "data past the real end is not zero");
     // Zeroes may be written past the end, nothing else; a write across
     // the end changes the real part.
     qemu_io(
@@ -348,6 +306,31 @@ print(''.join(b.to_bytearray().hex() for b in bufs))
             == "ENOSPC"
     );
     assert!(s.stop().success());
+}
+
+/// Start `reads` (offset, length) at once with libnbd, wait for all:
+/// how many seconds that took, and the data read, in hex.
+fn held_reads(uri: &str, reads: &[(u64, usize)]) -> (f64, String) {
+    let list: Vec<String> = reads.iter().map(|(o, n)| format!("({o}, {n})")).collect();
+    let script = format!(
+        "\
+import time
+reads = [{}]
+bufs = [nbd.Buffer(n) for _, n in reads]
+t = time.monotonic()
+for (off, n), b in zip(reads, bufs):
+    h.aio_pread(b, off)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+print(time.monotonic() - t)
+print(''.join(b.to_bytearray().hex() for b in bufs))
+",
+        list.join(", ")
+    );
+    let out = nbdsh(uri, &script);
+    let mut lines = out.lines();
+    let took = lines.next().unwrap().parse().unwrap();
+    (took, lines.next().unwrap_or_default().to_owned())
 }
 
 fn hex(b: &[u8]) -> String {
