@@ -12,7 +12,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbdhost_plugin_api::{host, Error, Next, RangeRequest, ReadRequest, Result, WriteRequest};
+use nbdhost_plugin_api::{
+    callbacks, host, Error, ExtentList, FilterHandle, Flags, Next, RangeRequest, ReadRequest,
+    Result, WriteRequest,
+};
 
 /// How often and how long to wait: nbdkit's `retries`, `retry-delay` and
 /// `retry-exponential`.
@@ -243,6 +246,65 @@ pub fn run_sync<T>(
         if let Err(e) = strategy.recover(next, mark) {
             host::debug(&format!("{what}: could not recover: {e}"));
         }
+    }
+}
+
+/// A connection's handle of a retrying filter: every request goes
+/// through [`start`] (block status through [`run_sync`]).
+pub struct Retrying {
+    backoff: Backoff,
+    strategy: Arc<dyn Strategy>,
+}
+
+impl Retrying {
+    /// Retry as `backoff` says, with `strategy` around the tries.
+    pub fn new(backoff: Backoff, strategy: Arc<dyn Strategy>) -> Retrying {
+        Retrying { backoff, strategy }
+    }
+
+    fn start(&self, next: &Next, req: Req) {
+        start(next, req, self.backoff, self.strategy.clone())
+    }
+}
+
+#[callbacks]
+impl FilterHandle for Retrying {
+    fn async_pread(&self, next: &Next, req: ReadRequest) {
+        self.start(next, Req::Read(req))
+    }
+    fn async_pwrite(&self, next: &Next, req: WriteRequest) {
+        self.start(next, Req::Write(req))
+    }
+    fn async_flush(&self, next: &Next, req: RangeRequest) {
+        self.start(next, Req::Flush(req))
+    }
+    fn async_trim(&self, next: &Next, req: RangeRequest) {
+        self.start(next, Req::Trim(req))
+    }
+    fn async_zero(&self, next: &Next, req: RangeRequest) {
+        self.start(next, Req::Zero(req))
+    }
+    fn async_cache(&self, next: &Next, req: RangeRequest) {
+        self.start(next, Req::Cache(req))
+    }
+    // An extents answer is collected whole before it is passed on, so a
+    // failed try leaves nothing half-added: block status stays
+    // synchronous.
+    fn extents(
+        &self,
+        next: &Next,
+        count: u64,
+        offset: u64,
+        flags: Flags,
+        list: &mut ExtentList,
+    ) -> Result<()> {
+        let extents = run_sync("extents", next, self.backoff, &*self.strategy, false, |n| {
+            n.extents(count, offset, flags)
+        })?;
+        for (o, len, typ) in extents {
+            list.add(o, len, typ)?;
+        }
+        Ok(())
     }
 }
 

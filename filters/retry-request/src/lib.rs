@@ -9,11 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbdhost_plugin_api::{
-    callbacks, host, nbdhost_filter, ExtentList, Filter, FilterHandle, Flags, Next, NextOpener,
-    RangeRequest, ReadRequest, Result, WriteRequest,
-};
-use retry_common::{parse_delay, parse_retries, run_sync, start, Backoff, Req, Strategy};
+use nbdhost_plugin_api::{callbacks, host, nbdhost_filter, Filter, NextOpener, Result};
+use retry_common::{parse_delay, parse_retries, Backoff, Retrying, Strategy};
 
 /// The parameters.
 pub struct RetryRequest {
@@ -47,7 +44,7 @@ impl Filter for RetryRequest {
         "retry-request-retries=<N>   Retries of a failed request (default 2).
 retry-request-delay=<SECS>  Seconds between tries (default 2; 0.1 or 100ms too).
 retry-request-open=<BOOL>   Retry opening the layer below too (default true).";
-    type Handle = Tries;
+    type Handle = Retrying;
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         match key {
@@ -59,7 +56,7 @@ retry-request-open=<BOOL>   Retry opening the layer below too (default true).";
         Ok(true)
     }
 
-    fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Tries> {
+    fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Retrying> {
         let mut tried = 0;
         loop {
             match next.open(readonly, export_name) {
@@ -74,62 +71,7 @@ retry-request-open=<BOOL>   Retry opening the layer below too (default true).";
                 Err(e) => return Err(e),
             }
         }
-        Ok(Tries {
-            backoff: self.backoff,
-            strategy: Arc::new(SameHandle),
-        })
-    }
-}
-
-/// One connection's tries.
-pub struct Tries {
-    backoff: Backoff,
-    strategy: Arc<SameHandle>,
-}
-
-impl Tries {
-    fn start(&self, next: &Next, req: Req) {
-        start(next, req, self.backoff, self.strategy.clone())
-    }
-}
-
-#[callbacks]
-impl FilterHandle for Tries {
-    fn async_pread(&self, next: &Next, req: ReadRequest) {
-        self.start(next, Req::Read(req))
-    }
-    fn async_pwrite(&self, next: &Next, req: WriteRequest) {
-        self.start(next, Req::Write(req))
-    }
-    fn async_flush(&self, next: &Next, req: RangeRequest) {
-        self.start(next, Req::Flush(req))
-    }
-    fn async_trim(&self, next: &Next, req: RangeRequest) {
-        self.start(next, Req::Trim(req))
-    }
-    fn async_zero(&self, next: &Next, req: RangeRequest) {
-        self.start(next, Req::Zero(req))
-    }
-    fn async_cache(&self, next: &Next, req: RangeRequest) {
-        self.start(next, Req::Cache(req))
-    }
-    // An extents answer is collected whole before it is passed on, so a
-    // failed try leaves nothing half-added: this one stays synchronous.
-    fn extents(
-        &self,
-        next: &Next,
-        count: u64,
-        offset: u64,
-        flags: Flags,
-        list: &mut ExtentList,
-    ) -> Result<()> {
-        let extents = run_sync("extents", next, self.backoff, &*self.strategy, false, |n| {
-            n.extents(count, offset, flags)
-        })?;
-        for (o, len, typ) in extents {
-            list.add(o, len, typ)?;
-        }
-        Ok(())
+        Ok(Retrying::new(self.backoff, Arc::new(SameHandle)))
     }
 }
 

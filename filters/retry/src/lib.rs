@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nbdhost_plugin_api::{
-    callbacks, errno, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, RangeRequest, ReadRequest, Result, ThreadModel, WriteRequest,
+    callbacks, errno, host, nbdhost_filter, Error, Filter, Next, NextOpener, Result, ThreadModel,
 };
-use retry_common::{parse_delay, parse_retries, run_sync, start, Backoff, Check, Req, Strategy};
+use retry_common::{parse_delay, parse_retries, Backoff, Check, Retrying, Strategy};
 
 /// The parameters.
 pub struct Retry {
@@ -46,7 +45,7 @@ retry-readonly=<BOOL>     Reopen read-only after the first failure (default no).
     // As nbdkit's: a reopen is never made while another synchronous call
     // of the connection runs.
     const THREAD_MODEL: ThreadModel = ThreadModel::SerializeRequests;
-    type Handle = Reopening;
+    type Handle = Retrying;
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         match key {
@@ -59,19 +58,17 @@ retry-readonly=<BOOL>     Reopen read-only after the first failure (default no).
         Ok(true)
     }
 
-    fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Reopening> {
+    fn open(&self, next: &NextOpener, readonly: bool, export_name: &str) -> Result<Retrying> {
         next.open(readonly, export_name)?;
-        Ok(Reopening {
-            backoff: self.backoff,
-            below: Arc::new(Below {
-                readonly,
-                readonly_after_failure: self.readonly_after_failure,
-                state: Mutex::new(State {
-                    generation: 0,
-                    open: true,
-                }),
+        let below = Below {
+            readonly,
+            readonly_after_failure: self.readonly_after_failure,
+            state: Mutex::new(State {
+                generation: 0,
+                open: true,
             }),
-        })
+        };
+        Ok(Retrying::new(self.backoff, Arc::new(below)))
     }
 }
 
@@ -130,58 +127,6 @@ impl Strategy for Below {
         let r = next.reopen(readonly);
         s.open = r.is_ok();
         r
-    }
-}
-
-/// One connection's handle.
-pub struct Reopening {
-    backoff: Backoff,
-    below: Arc<Below>,
-}
-
-impl Reopening {
-    fn start(&self, next: &Next, req: Req) {
-        start(next, req, self.backoff, self.below.clone())
-    }
-}
-
-#[callbacks]
-impl FilterHandle for Reopening {
-    fn async_pread(&self, next: &Next, req: ReadRequest) {
-        self.start(next, Req::Read(req))
-    }
-    fn async_pwrite(&self, next: &Next, req: WriteRequest) {
-        self.start(next, Req::Write(req))
-    }
-    fn async_flush(&self, next: &Next, req: RangeRequest) {
-        self.start(next, Req::Flush(req))
-    }
-    fn async_trim(&self, next: &Next, req: RangeRequest) {
-        self.start(next, Req::Trim(req))
-    }
-    fn async_zero(&self, next: &Next, req: RangeRequest) {
-        self.start(next, Req::Zero(req))
-    }
-    fn async_cache(&self, next: &Next, req: RangeRequest) {
-        self.start(next, Req::Cache(req))
-    }
-    // Collected whole before it is passed on, so a failed try leaves
-    // nothing half-added: extents stay synchronous.
-    fn extents(
-        &self,
-        next: &Next,
-        count: u64,
-        offset: u64,
-        flags: Flags,
-        list: &mut ExtentList,
-    ) -> Result<()> {
-        let extents = run_sync("extents", next, self.backoff, &*self.below, false, |n| {
-            n.extents(count, offset, flags)
-        })?;
-        for (o, len, typ) in extents {
-            list.add(o, len, typ)?;
-        }
-        Ok(())
     }
 }
 
