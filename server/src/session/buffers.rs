@@ -6,6 +6,10 @@
 //! their pool when dropped, from whichever thread drops them. Larger reads
 //! are rare and get a buffer of their own. What a pool keeps is bounded in
 //! bytes.
+//!
+//! Every buffer starts on a page boundary, so that a plugin reading with
+//! `O_DIRECT` (the file plugin's `cache=none`) can read into it as it is,
+//! without a bounce buffer and a copy.
 
 use std::sync::{Arc, Mutex};
 
@@ -26,7 +30,8 @@ struct Inner {
 }
 
 struct State {
-    free: [Vec<Vec<u8>>; CLASSES],
+    /// Idle buffers of each class, with where their aligned bytes start.
+    free: [Vec<(Vec<u8>, usize)>; CLASSES],
     kept: usize,
 }
 
@@ -37,6 +42,19 @@ fn class_of(len: usize) -> Option<usize> {
 
 fn class_size(class: usize) -> usize {
     1 << (class + MIN_CLASS)
+}
+
+/// The alignment of every buffer's first byte.
+const PAGE: usize = 4096;
+
+/// Storage for `size` bytes starting on a page boundary: the vector and
+/// where in it they start. Over-allocating by a page keeps this safe code;
+/// should the platform not say where the boundary is, the bytes start at
+/// the beginning, unaligned, which is correct, only slower for `O_DIRECT`.
+fn page_aligned(size: usize) -> (Vec<u8>, usize) {
+    let data = vec![0; size + PAGE];
+    let start = data.as_ptr().align_offset(PAGE);
+    (data, if start < PAGE { start } else { 0 })
 }
 
 impl BufPool {
@@ -57,8 +75,10 @@ impl BufPool {
     /// previous user left (zeroes when new): callers overwrite all of it.
     pub fn get(&self, len: usize) -> PooledBuf {
         let Some(class) = class_of(len) else {
+            let (data, start) = page_aligned(len);
             return PooledBuf {
-                data: vec![0; len],
+                data,
+                start,
                 len,
                 home: None,
             };
@@ -66,13 +86,15 @@ impl BufPool {
         let reused = {
             let mut st = self.inner.lock();
             let v = st.free[class].pop();
-            if let Some(v) = &v {
+            if let Some((v, _)) = &v {
                 st.kept -= v.len();
             }
             v
         };
+        let (data, start) = reused.unwrap_or_else(|| page_aligned(class_size(class)));
         PooledBuf {
-            data: reused.unwrap_or_else(|| vec![0; class_size(class)]),
+            data,
+            start,
             len,
             home: Some(self.inner.clone()),
         }
@@ -93,6 +115,8 @@ impl Inner {
 /// A buffer from a [`BufPool`]; it returns there when dropped.
 pub struct PooledBuf {
     data: Vec<u8>,
+    /// Where the page-aligned bytes start in `data`.
+    start: usize,
     len: usize,
     home: Option<Arc<Inner>>,
 }
@@ -100,12 +124,12 @@ pub struct PooledBuf {
 impl PooledBuf {
     /// The buffer's bytes.
     pub fn as_slice(&self) -> &[u8] {
-        &self.data[..self.len]
+        &self.data[self.start..][..self.len]
     }
 
     /// The buffer's bytes, to fill.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
+        &mut self.data[self.start..][..self.len]
     }
 
     /// Length in bytes.
@@ -135,11 +159,13 @@ impl Drop for PooledBuf {
     fn drop(&mut self) {
         let Some(home) = self.home.take() else { return };
         let size = self.data.len();
-        let Some(class) = class_of(size) else { return };
+        let Some(class) = class_of(size - PAGE) else {
+            return;
+        };
         let mut st = home.lock();
         if st.kept + size <= home.limit {
             st.kept += size;
-            st.free[class].push(std::mem::take(&mut self.data));
+            st.free[class].push((std::mem::take(&mut self.data), self.start));
         }
     }
 }
@@ -166,7 +192,18 @@ mod tests {
         let pool = BufPool::new(64 * 1024);
         let bufs: Vec<_> = (0..100).map(|_| pool.get(4096)).collect();
         drop(bufs);
-        assert_eq!(pool.kept(), 64 * 1024);
+        assert!(pool.kept() <= 64 * 1024);
+        assert!(pool.kept() > 56 * 1024);
+    }
+
+    #[test]
+    fn buffers_start_on_a_page_boundary() {
+        let pool = BufPool::new(1 << 20);
+        for len in [1, 512, 4096, 5000, 1 << 20, 3 << 20] {
+            let b = pool.get(len);
+            assert_eq!(b.as_slice().as_ptr() as usize % PAGE, 0, "{len} bytes");
+            assert_eq!(b.len(), len);
+        }
     }
 
     #[test]
