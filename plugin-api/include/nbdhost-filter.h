@@ -136,10 +136,12 @@ struct nbdhost_next {
    * nanoseconds from now with errnum 0; at once, with ESHUTDOWN, when the
    * server begins shutting down first; or, if the filter's handle closes
    * first, on the closing thread before the filter's close, with
-   * ECANCELED (done must then only free data).  A timer whose
-   * continuation completes a request in flight is never cancelled: the
-   * request keeps the handle open.  Returns 0, or -1 with the error
-   * recorded, and then done never runs. */
+   * ECANCELED (done must then only free data).  done may run before
+   * after returns (a short delay, a shutdown): data is handed over with
+   * the call, not touched after it.  A timer whose continuation completes
+   * a request in flight is never cancelled: the request keeps the handle
+   * open.  Returns 0, or -1 with the error recorded, and then done never
+   * runs. */
   int (*after) (const struct nbdhost_next *next, uint64_t nsec,
                 void (*done) (void *data, int errnum), void *data);
   /* background: run job (next, data) once, on a thread of its own, as a
