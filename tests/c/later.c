@@ -5,9 +5,10 @@
  * - A flush first reopens the layer below (next->reopen).
  * - prepare starts a background job (next->background) that reads the
  *   first 16 bytes of the layer below, then waits for next->closing.
- *   The export description is what it read.
- * - Events are appended to record=: "reopen", "job end" and "close", so a
- *   test sees that the close waited for the job. */
+ *   The export description is what it read.  prepare also sets an hour's
+ *   timer for no request, which only the close (or a shutdown) ends.
+ * - Events are appended to record=: "reopen", "job end", "timer ..." and
+ *   "close", so a test sees what the close waited for and cancelled. */
 #include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -100,9 +101,18 @@ job (const struct nbdhost_next *next, void *data)
   note ("job end");
 }
 
+static void
+linger (void *data, int errnum)
+{
+  note (errnum == ECANCELED ? "timer ECANCELED"
+        : errnum == ESHUTDOWN ? "timer ESHUTDOWN" : "timer fired");
+}
+
 static int
 later_prepare (const struct nbdhost_next *next, void *handle, int readonly)
 {
+  if (next->after (next, 3600 * UINT64_C (1000000000), linger, NULL) == -1)
+    return -1;
   return next->background (next, job, handle);
 }
 
