@@ -121,8 +121,7 @@ fn a_c_filter_stacks_on_a_rust_plugin() {
 /// Eight reads in flight on each of two connections at once.
 const CONCURRENT_READS: &str = r#"
 bufs = [nbd.Buffer(512) for _ in range(8)]
-for i, b in enumerate(bufs):
-    h.aio_pread(b, i * 512)
+cookies = [h.aio_pread(b, i * 512) for i, b in enumerate(bufs)]
 while h.aio_in_flight() > 0:
     h.poll(-1)
 for c in cookies:
