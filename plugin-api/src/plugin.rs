@@ -87,6 +87,12 @@ pub trait Plugin: Default + Send + Sync + 'static {
     fn asynchronous(&self) -> bool {
         true
     }
+    /// Lines of its own for `--dump-plugin`, as `(key, value)`, printed
+    /// as `key=value` after the server's (what the plugin was built with,
+    /// say).
+    fn dump_plugin(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
     /// A client connected; refuse it by returning an error.
     fn preconnect(&self, _readonly: bool) -> Result<()> {
         Ok(())
@@ -329,6 +335,22 @@ unsafe extern "C" fn config_complete<P: Plugin>() -> c_int {
 
 unsafe extern "C" fn after_fork<P: Plugin>() -> c_int {
     guard(-1, || ok(INSTANCE.with::<P, _>(|x| x.after_fork())))
+}
+
+unsafe extern "C" fn dump_plugin<P: Plugin>() {
+    guard((), || {
+        use std::io::Write;
+        let lines = INSTANCE.with::<P, _>(|p| Ok(p.dump_plugin()))?;
+        let mut out = std::io::stdout().lock();
+        for (key, value) in lines {
+            // stdout gone (a closed pipe) leaves nothing to report to.
+            let _ = writeln!(out, "{key}={value}");
+        }
+        // This plugin's stdout is its own buffer, not the server's: out
+        // before the server prints what follows.
+        let _ = out.flush();
+        Ok(())
+    })
 }
 
 unsafe extern "C" fn get_ready<P: Plugin>() -> c_int {
@@ -706,7 +728,7 @@ pub unsafe fn entry<P: Plugin>(
             .then_some(capabilities::<P> as _),
         configured_thread_model: None,
         after_fork: defined!(P, P, after_fork),
-        dump_plugin: None,
+        dump_plugin: defined!(P, P, dump_plugin),
         local_file: defined!(P, P::Handle, local_file),
         async_pread: defined!(P, P::Handle, async_pread),
         async_pwrite: defined!(P, P::Handle, async_pwrite),

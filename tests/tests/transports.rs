@@ -245,6 +245,19 @@ fn command_line_answers() {
 }
 
 #[test]
+fn dump_plugin_lists_the_memory_plugins_allocators_after_the_servers_lines() {
+    // Scripts written for nbdkit probe for these (nbdkit's own tests
+    // skip what the memory plugin lacks), and a piped stdout keeps the
+    // plugin's lines after the server's.
+    let dump = run_ok(Command::new(nbdhost_bin()).args(["--dump-plugin", "memory"]));
+    let lines: Vec<&str> = dump.lines().collect();
+    let at = |l: &str| lines.iter().position(|x| *x == l);
+    let name = at("name=memory").expect("name line");
+    assert!(at("mlock=yes").is_some_and(|i| i > name), "{dump}");
+    assert!(at("zstd=yes").is_some_and(|i| i > name), "{dump}");
+}
+
+#[test]
 fn version_with_a_plugin_loads_it_and_its_filters() {
     let bin = nbdhost_bin();
     let v = env!("CARGO_PKG_VERSION");

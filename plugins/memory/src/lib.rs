@@ -288,6 +288,15 @@ allocator=sparse|malloc[,mlock=true]|zstd  Holes where unwritten (the default),
         true
     }
 
+    /// The allocators beyond the default, as nbdkit's memory plugin
+    /// lists them, so that scripts probing for them find them.
+    fn dump_plugin(&self) -> Vec<(String, String)> {
+        vec![
+            ("mlock".into(), "yes".into()),
+            ("zstd".into(), "yes".into()),
+        ]
+    }
+
     fn config(&mut self, key: &str, value: &str) -> Result<()> {
         match key {
             "size" => {
