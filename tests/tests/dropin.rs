@@ -47,13 +47,16 @@ fn a_command_nbdkits_data_plugin_starts_while_configured_stops_on_sigpipe() {
 
 #[test]
 fn the_server_still_ignores_sigpipe_once_serving() {
-    let out = run(Command::new(nbdhost_bin()).args([
-        "-U",
-        "-",
-        "null",
-        "--run",
-        "grep SigIgn /proc/$PPID/status",
-    ]));
+    let dir = TempDir::new("sigpipe");
+    let pidfile = dir.path("server.pid");
+    let out = run(Command::new(nbdhost_bin())
+        .args(["-U", "-", "-P"])
+        .arg(&pidfile)
+        .args(["null", "--run"])
+        .arg(format!(
+            "grep SigIgn /proc/$(cat {})/status",
+            pidfile.display()
+        )));
     let text = String::from_utf8_lossy(&out.stdout);
     let mask = u64::from_str_radix(text.trim().trim_start_matches("SigIgn:").trim(), 16)
         .unwrap_or_else(|e| panic!("{text:?}: {e}"));
@@ -365,4 +368,104 @@ fn installed_as_nbdkit_nbdhost_still_finds_nbdkits_plugins() {
     // And the server that answered was nbdhost.
     let version = run(Command::new(&nbdkit).env("PATH", &path).arg("--version"));
     assert!(String::from_utf8_lossy(&version.stdout).contains("nbdhost"));
+}
+
+/// `nbdhost -U - memory 1M --run SCRIPT` started in the background, with
+/// its stderr in `dir/server.log`.
+fn run_in_background(dir: &TempDir, script: &str) -> std::process::Child {
+    Command::new(nbdhost_bin())
+        .args(["-U", "-", "-P"])
+        .arg(dir.path("server.pid"))
+        .args(["memory", "1M", "--run", script])
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path("server.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// The command for [`run_in_background`]: after a second, record the
+/// export's size as a client sees it in `dir/size`, and any SIGTERM it
+/// gets in `dir/term`; exit with status 7.
+fn slow_command(dir: &TempDir) -> String {
+    format!(
+        "trap 'echo got >> {term}' TERM; sleep 1; nbdinfo --size \"$uri\" > {size}; exit 7",
+        term = dir.path("term").display(),
+        size = dir.path("size").display()
+    )
+}
+
+/// Wait up to ten seconds for `f` to hold.
+fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn on_sigterm_run_waits_for_the_command_leaves_it_alone_and_exits_with_its_status() {
+    if missing("--run with a client", &["nbdinfo"]) {
+        return;
+    }
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        let dir = TempDir::new("run-term");
+        let mut server = run_in_background(&dir, &slow_command(&dir));
+        assert!(eventually(|| dir.path("server.pid").exists()));
+        // SAFETY: signalling the process we started.
+        unsafe { libc::kill(server.id() as i32, signal) };
+        let status = server.wait().unwrap();
+        let log = std::fs::read_to_string(dir.path("server.log")).unwrap_or_default();
+        assert_eq!(status.code(), Some(7), "signal {signal}: {log}");
+        let size = std::fs::read_to_string(dir.path("size")).unwrap_or_default();
+        assert_eq!(size.trim(), "1048576", "signal {signal}: still served");
+        assert!(
+            !dir.path("term").exists(),
+            "signal {signal}: command signalled"
+        );
+    }
+}
+
+#[test]
+fn on_sigusr1_run_exits_at_once_and_the_command_keeps_its_server_until_it_ends() {
+    if missing("--run with a client", &["nbdinfo"]) {
+        return;
+    }
+    let dir = TempDir::new("run-usr1");
+    let mut server = run_in_background(&dir, &slow_command(&dir));
+    assert!(eventually(|| dir.path("server.pid").exists()));
+    // The serving process's: it removes the file when it exits.
+    let mut pid = 0;
+    assert!(eventually(|| {
+        let text = std::fs::read_to_string(dir.path("server.pid")).unwrap_or_default();
+        text.trim().parse().map(|p| pid = p).is_ok()
+    }));
+    // SAFETY: signalling the process we started.
+    unsafe { libc::kill(server.id() as i32, libc::SIGUSR1) };
+    let status = server.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGUSR1), "as nbdkit's");
+    // The command, left running, is still served, and the server it is
+    // served by goes when it does.
+    assert!(eventually(
+        || std::fs::read_to_string(dir.path("size")).is_ok_and(|s| s.trim() == "1048576")
+    ));
+    // Gone, or a zombie its new parent has not reaped yet.
+    assert!(eventually(|| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+            st.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    }));
 }

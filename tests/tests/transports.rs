@@ -69,31 +69,6 @@ fn run_with_private_socket_sets_variables_and_exit_status() {
 }
 
 #[test]
-fn sigterm_is_passed_to_the_run_command_and_waits_for_it() {
-    let dir = TempDir::new("run-sigterm");
-    let (ready, done) = (dir.path("ready"), dir.path("done"));
-    let cmd = format!(
-        "trap 'sleep 0.3; touch {}; exit 7' TERM; touch {}; while :; do sleep 0.05; done",
-        done.display(),
-        ready.display()
-    );
-    let mut server = Command::new(nbdhost_bin())
-        .args(["memory", "1M", "--run", &cmd])
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "the --run command never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let pid = server.id().to_string();
-    run_ok(Command::new("kill").args(["-TERM", &pid]));
-    let st = server.wait().unwrap();
-    assert!(done.exists(), "nbdhost exited before its --run command");
-    assert_eq!(st.code(), Some(7), "the command's status is nbdhost's");
-}
-
-#[test]
 fn single_connection_on_stdin_stdout() {
     let bin = nbdhost_bin();
     let script = format!(

@@ -12,10 +12,10 @@ use crate::layers::LoadError;
 use crate::runtime::listen::ListenError;
 use crate::tls::TlsError;
 
+use super::captive::ForkError;
 use super::captive_psk::CaptivePskError;
 use super::logging::LogError;
 use super::process::ProcessError;
-use super::run::SpawnError;
 
 /// One failed step of reading the settings, building the exports or
 /// serving them.
@@ -41,7 +41,7 @@ pub enum CliError {
         source: io::Error,
     },
     Process(ProcessError),
-    Spawn(SpawnError),
+    Fork(ForkError),
     CaptivePsk(CaptivePskError),
     /// A layer's `after_fork` refused to start.
     AfterFork(nbdhost_plugin_api::Error),
@@ -75,7 +75,7 @@ impl fmt::Display for CliError {
                 write!(f, "--keepalive on {listener}: {source}")
             }
             CliError::Process(e) => e.fmt(f),
-            CliError::Spawn(e) => e.fmt(f),
+            CliError::Fork(e) => e.fmt(f),
             CliError::CaptivePsk(e) => e.fmt(f),
             CliError::AfterFork(e) => e.fmt(f),
             CliError::Signals(e) => write!(f, "signals: {e}"),
@@ -106,6 +106,6 @@ from! {
     ListenError => Listen,
     TlsError => Tls,
     ProcessError => Process,
-    SpawnError => Spawn,
+    ForkError => Fork,
     CaptivePskError => CaptivePsk,
 }

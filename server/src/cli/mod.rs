@@ -2,6 +2,7 @@
 //! do what they ask: print something about nbdhost, or build the exports
 //! ([`crate::serving::build`]) and serve them ([`start`]).
 
+mod captive;
 mod captive_psk;
 mod dump;
 mod error;

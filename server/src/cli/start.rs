@@ -15,6 +15,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::captive;
 use super::error::CliError;
 use super::logging;
 use super::process;
@@ -274,31 +275,39 @@ fn daemonize(
     Ok(())
 }
 
-/// Step 6: get ready to serve (signals, `--exit-with-parent`, the pid
-/// file, the layers' `after_fork`), start the `--run` command once
-/// everything that can refuse to start has passed, serve until the end,
-/// and clean up.
+/// Step 6: get ready to serve (`--exit-with-parent`; with `--run`, fork,
+/// see [`captive`]; signals, the pid file, the layers' `after_fork`),
+/// have the `--run` command started once everything that can refuse to
+/// start has passed, serve until the end, and clean up.
 fn run(settings: &Settings, bound: Bound, mut served: Served) -> Result<i32, CliError> {
-    let signals = runtime::catch_signals().map_err(CliError::Signals)?;
-    process::ignore_sigpipe();
     let p = &settings.process;
     if p.exit_with_parent {
         process::exit_with_parent()?;
     }
+    let a = &settings.announce;
+    // Before anything catches signals or starts a thread: from here on
+    // this process serves, and its parent runs the command.
+    let captive = match &a.run {
+        Some(cmd) => {
+            let tls = run_tls(settings, served.exports.tls_mode());
+            Some(captive::fork(|| {
+                run::spawn(cmd, &bound.address, &a.export_name, &tls)
+            })?)
+        }
+        None => None,
+    };
+    let signals = runtime::catch_signals().map_err(CliError::Signals)?;
+    process::ignore_sigpipe();
     if let Some(f) = &p.pidfile {
         process::write_pidfile(f)?;
     }
     for chain in served.exports.table().chains() {
         chain.backend.after_fork().map_err(CliError::AfterFork)?;
     }
-    let a = &settings.announce;
-    let child = match &a.run {
-        Some(cmd) => Some(run::spawn(
-            cmd,
-            &bound.address,
-            &a.export_name,
-            &run_tls(settings, served.exports.tls_mode()),
-        )?),
+    let child = match captive.map(captive::Serving::ready) {
+        // The parent could not start the command, and said why.
+        Some(None) => return Ok(1),
+        Some(Some(wait)) => Some(wait),
         None => None,
     };
     let limits = &settings.limits;

@@ -60,9 +60,13 @@ pub struct StopOn {
     /// SIGINT and SIGTERM (SIGHUP too when there is nothing to reload),
     /// caught by [`catch_signals`].
     pub signals: Signals,
-    /// The `--run` command: the server exits with its status.
-    pub run: Option<std::process::Child>,
+    /// The `--run` command: blocks until it has exited and gives the
+    /// status the server exits with.
+    pub run: Option<RunCommand>,
 }
+
+/// Waits for the `--run` command to end; returns the status to exit with.
+pub type RunCommand = Box<dyn FnOnce() -> i32 + Send>;
 
 /// Where what is served comes from, asked again on SIGHUP.
 pub trait Reload {
@@ -148,19 +152,11 @@ enum Wakeup {
 }
 
 /// A signal arrived while the `--run` command runs: as with nbdkit, the
-/// server outlives its client. SIGTERM is passed on to the command (a
-/// terminal's SIGINT has reached it already, through the process group);
-/// then the command's exit, or a second signal, ends the wait.
-fn wait_for_run(rx: &mpsc::Receiver<Wakeup>, pid: u32, signal: i32) -> Exit {
+/// server outlives its client, and leaves it alone (a terminal's SIGINT
+/// has reached it already, through the process group); the command's
+/// exit, or a second signal, ends the wait.
+fn wait_for_run(rx: &mpsc::Receiver<Wakeup>, signal: i32) -> Exit {
     log::info!("signal {signal} received, waiting for the --run command to exit");
-    if signal == SIGTERM {
-        if let Ok(pid) = libc::pid_t::try_from(pid) {
-            // SAFETY: kill touches no memory of ours. (Had the "run"
-            // thread reaped the command a moment ago, Linux hands out pids
-            // cyclically, so the number is not yet anyone else's.)
-            unsafe { libc::kill(pid, SIGTERM) };
-        }
-    }
     loop {
         match rx.recv() {
             Ok(Wakeup::Child(code)) => {
@@ -261,23 +257,13 @@ pub fn serve(
                 }
             }
         })?;
-    let run_pid = child.as_ref().map(std::process::Child::id);
-    if let Some(mut child) = child {
+    let running = child.is_some();
+    if let Some(wait) = child {
         let tx = tx.clone();
         std::thread::Builder::new()
             .name("run".into())
             .spawn(move || {
-                let code = match child.wait() {
-                    Ok(st) => st.code().unwrap_or_else(|| {
-                        use std::os::unix::process::ExitStatusExt;
-                        128 + st.signal().unwrap_or(0)
-                    }),
-                    Err(e) => {
-                        log::error!("--run: cannot wait for the command: {e}");
-                        1
-                    }
-                };
-                let _ = tx.send(Wakeup::Child(code));
+                let _ = tx.send(Wakeup::Child(wait()));
             })?;
     }
     let requested = Mutex::new(tx.clone());
@@ -321,13 +307,11 @@ pub fn serve(
             continue;
         }
         break match event {
-            Ok(Wakeup::Signal(s)) => match run_pid {
-                Some(pid) => wait_for_run(&rx, pid, s),
-                None => {
-                    log::info!("signal {s} received, shutting down");
-                    Exit::Normal
-                }
-            },
+            Ok(Wakeup::Signal(s)) if running => wait_for_run(&rx, s),
+            Ok(Wakeup::Signal(s)) => {
+                log::info!("signal {s} received, shutting down");
+                Exit::Normal
+            }
             Ok(Wakeup::Child(code)) => {
                 log::debug!("--run command exited with status {code}");
                 Exit::Child(code)
