@@ -284,6 +284,7 @@ fn run(settings: &Settings, bound: Bound, mut served: Served) -> Result<i32, Cli
     if p.exit_with_parent {
         process::exit_with_parent()?;
     }
+    process::ignore_sigpipe();
     let a = &settings.announce;
     // Before anything catches signals or starts a thread: from here on
     // this process serves, and its parent runs the command.
@@ -297,7 +298,6 @@ fn run(settings: &Settings, bound: Bound, mut served: Served) -> Result<i32, Cli
         None => None,
     };
     let signals = runtime::catch_signals().map_err(CliError::Signals)?;
-    process::ignore_sigpipe();
     if let Some(f) = &p.pidfile {
         process::write_pidfile(f)?;
     }
