@@ -469,3 +469,26 @@ fn on_sigusr1_run_exits_at_once_and_the_command_keeps_its_server_until_it_ends()
         })
     }));
 }
+
+#[test]
+fn a_debug_flag_naming_no_layer_of_a_configuration_file_is_warned_about() {
+    let dir = TempDir::new("dflags-config");
+    let socket = dir.path("nbd.sock");
+    let file = dir.path("nbdhost.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = [\"{}\"]\n\n[[export]]\nname = \"disk\"\nplugin = \"memory\"\nparams = {{ size = \"1M\" }}\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let s = Server::start_config(
+        &file,
+        &["-D", "nosuch.flag=1", "-D", "memory.flag=1"],
+        &socket,
+    );
+    let (_, log) = s.stop_with_log();
+    assert!(log.contains("-D nosuch.flag was not used"), "{log}");
+    assert!(!log.contains("-D memory.flag was not used"), "{log}");
+}

@@ -121,6 +121,7 @@ fn act(
             Exports::File(built)
         }
     };
+    debug_flags::warn_unused();
     let code = start::start(settings, exports, explicit_log);
     // The key goes only once the command and the server are done with it.
     drop(captive);
@@ -161,12 +162,12 @@ fn plugin_chain(
             None => return Err(e.into()),
         },
     };
-    let names: Vec<&str> = layers
-        .filter_infos()
-        .chain([layers.plugin_info()])
-        .map(|i| i.name.as_str())
-        .collect();
-    debug_flags::warn_unused(&names);
+    debug_flags::loaded(
+        layers
+            .filter_infos()
+            .chain([layers.plugin_info()])
+            .map(|i| i.name.as_str()),
+    );
     // As nbdkit: loaded, so that a missing layer is an error, but not
     // configured.
     if settings.action == Action::Help {

@@ -14,6 +14,7 @@ use super::table::{Export, Name, Table};
 use crate::config::file::{self, ConfigFile, Error, Source};
 use crate::config::Settings;
 use crate::layers::chain::Layers;
+use crate::layers::host::debug_flags;
 use crate::protocol::export::ExportPolicy;
 use crate::protocol::handshake::TlsMode;
 
@@ -344,6 +345,12 @@ fn chain(src: &Source, decl: &file::Export, ctx: &Context) -> Result<Chain, Erro
         };
         src.error(Some(span), e)
     })?;
+    debug_flags::loaded(
+        layers
+            .filter_infos()
+            .chain([layers.plugin_info()])
+            .map(|i| i.name.as_str()),
+    );
     let descriptor = |k: &toml::Spanned<String>, text: &str| -> Result<(), Error> {
         let fd = text
             .strip_prefix('-')

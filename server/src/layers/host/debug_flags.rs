@@ -1,9 +1,9 @@
 //! The `-D layer.flag=N` settings, as each layer asks for its own with
 //! `host->debug_flag` and `host->debug_flag_name`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use super::call;
 
@@ -35,12 +35,22 @@ pub fn set_debug_flags(flags: BTreeMap<String, i32>) {
     let _ = DEBUG_FLAGS.set(flags);
 }
 
-/// Warn about each `-D` flag that names none of the `loaded` layers, as
-/// nbdkit warns about a flag nothing used: a misspelt layer name would
-/// otherwise be ignored without a word.
-pub fn warn_unused(loaded: &[&str]) {
+/// The names of the layers loaded so far, for [`warn_unused`].
+static LOADED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// Layers called `names` are loaded: their `-D` flags are used.
+pub fn loaded<'a>(names: impl IntoIterator<Item = &'a str>) {
+    let mut set = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    set.extend(names.into_iter().map(str::to_owned));
+}
+
+/// Warn about each `-D` flag that names none of the layers [`loaded`] so
+/// far, as nbdkit warns about a flag nothing used: a misspelt layer name
+/// would otherwise be ignored without a word.
+pub fn warn_unused() {
+    let set = LOADED.lock().unwrap_or_else(|e| e.into_inner());
     for f in DEBUG_FLAGS.get().into_iter().flatten() {
-        if !loaded.contains(&f.layer.as_str()) {
+        if !set.contains(&f.layer) {
             log::warn!(
                 "debug flag -D {}.{} was not used: no layer is called {}",
                 f.layer,
