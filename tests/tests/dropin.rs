@@ -8,7 +8,8 @@
 use std::process::{Command, Output};
 
 use nbdhost_tests::{
-    client, filter_arg, missing, nbdhost_bin, qemu_io, run, run_ok, twin, Server, TempDir,
+    build_c, client, filter_arg, missing, nbdhost_bin, qemu_io, root, run, run_ok, twin, Server,
+    TempDir,
 };
 
 /// `nbdhost ARGS... --run SCRIPT` under `timeout SECS`, so that a server
@@ -491,4 +492,16 @@ fn a_debug_flag_naming_no_layer_of_a_configuration_file_is_warned_about() {
     let (_, log) = s.stop_with_log();
     assert!(log.contains("-D nosuch.flag was not used"), "{log}");
     assert!(!log.contains("-D memory.flag was not used"), "{log}");
+}
+
+#[test]
+fn a_native_plugin_without_list_exports_whose_default_export_fails_lists_nothing() {
+    let dir = TempDir::new("nodefault-native");
+    let so = build_c(&dir, "nodefault", &root().join("tests/c/nodefault.c"), &[]);
+    let s = Server::start(&[so.to_str().unwrap()]);
+    let (ok, text) = listing(&s);
+    assert!(ok, "{text}");
+    assert!(!text.contains("export="), "{text}");
+    let (_, log) = s.stop_with_log();
+    assert!(log.contains("no default export here"), "{log}");
 }
