@@ -266,13 +266,22 @@ mod sealed {
 
 /// A client's request in flight, which keeps its handle (and so the
 /// layer below it) open until it is answered.
-pub trait InFlight: sealed::Sealed + Send + 'static {}
+pub trait InFlight: sealed::Sealed + Send + 'static {
+    /// Answer the request (each type's own `complete`), for code that
+    /// holds any of them: a filter that may fail a request it would
+    /// otherwise pass down.
+    fn complete(self, r: Result<()>);
+}
 
 macro_rules! in_flight {
     ($($t:ty),*) => {
         $(
             impl sealed::Sealed for $t {}
-            impl InFlight for $t {}
+            impl InFlight for $t {
+                fn complete(self, r: Result<()>) {
+                    <$t>::complete(self, r)
+                }
+            }
         )*
     };
 }

@@ -308,6 +308,43 @@ fn truncate_over_an_asynchronous_plugin_stays_asynchronous_and_zeroes_past_the_e
     assert!(s.stop().success());
 }
 
+#[test]
+fn delay_over_an_asynchronous_plugin_waits_on_timers_not_threads() {
+    // 32 reads each delayed 300 ms by the filter, with one worker thread:
+    // held on timers, they wait together.
+    let dir = TempDir::new("async-delay");
+    let s = serve(
+        &dir,
+        &["-t", "1", &filter_arg("delay")],
+        &["rdelay=300ms", "hold_ms=0"],
+    );
+    let reads: Vec<(u64, usize)> = (0..32).map(|i| (i * 65536, 4096)).collect();
+    let (took, _) = held_reads(&s.uri(), &reads);
+    assert!(
+        (0.3..2.0).contains(&took),
+        "32 reads delayed 300 ms took {took} s"
+    );
+    assert!(s.stop().success());
+}
+
+#[test]
+fn error_over_an_asynchronous_plugin_fails_or_passes_requests_without_waiting() {
+    // Writes fail as injected; 32 reads held up to 300 ms by the plugin
+    // pass through the filter with one worker thread, all at once.
+    let dir = TempDir::new("async-error");
+    let s = serve(
+        &dir,
+        &["-t", "1", &filter_arg("error")],
+        &["error-pwrite=ENOSPC", "error-pwrite-rate=1", "hold_ms=300"],
+    );
+    let reads: Vec<(u64, usize)> = (0..32).map(|i| (i * 65536, 4096)).collect();
+    let (took, _) = held_reads(&s.uri(), &reads);
+    assert!(took < 2.0, "32 reads held 300 ms took {took} s");
+    let write = "try:\n    h.pwrite(b'x' * 512, 0)\n    print('written')\nexcept nbd.Error as e:\n    print(e.errno)";
+    assert_eq!(nbdsh(&s.uri(), write).trim(), "ENOSPC");
+    assert!(s.stop().success());
+}
+
 /// Start `reads` (offset, length) at once with libnbd, wait for all:
 /// how many seconds that took, and the data read, in hex.
 fn held_reads(uri: &str, reads: &[(u64, usize)]) -> (f64, String) {

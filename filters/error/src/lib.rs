@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use nbdhost_plugin_api::{
-    callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, Result,
+    callbacks, host, nbdhost_filter, Error, ExtentList, ExtentsRequest, Filter, FilterHandle,
+    Flags, InFlight, Next, NextOpener, RangeRequest, ReadRequest, Result, WriteRequest,
 };
 
 /// The commands errors can be injected into, as named in parameters.
@@ -237,6 +237,15 @@ impl ErrorHandle {
             format!("injecting {} error into {name}", errno_name(s.errno)),
         ))
     }
+
+    /// Fail `req` here, or pass it down with `start`: on an asynchronous
+    /// chain the filter holds nothing up.
+    fn pass<R: InFlight>(&self, cmd: Cmd, next: &Next, req: R, start: fn(&Next, R)) {
+        match self.check(cmd) {
+            Ok(()) => start(next, req),
+            Err(e) => req.complete(Err(e)),
+        }
+    }
 }
 
 #[callbacks]
@@ -275,6 +284,28 @@ impl FilterHandle for ErrorHandle {
     ) -> Result<()> {
         self.check(Cmd::Extents)?;
         next.extents_into(count, offset, flags, list)
+    }
+
+    fn async_pread(&self, next: &Next, req: ReadRequest) {
+        self.pass(Cmd::Pread, next, req, Next::async_pread)
+    }
+    fn async_pwrite(&self, next: &Next, req: WriteRequest) {
+        self.pass(Cmd::Pwrite, next, req, Next::async_pwrite)
+    }
+    fn async_flush(&self, next: &Next, req: RangeRequest) {
+        self.pass(Cmd::Flush, next, req, Next::async_flush)
+    }
+    fn async_trim(&self, next: &Next, req: RangeRequest) {
+        self.pass(Cmd::Trim, next, req, Next::async_trim)
+    }
+    fn async_zero(&self, next: &Next, req: RangeRequest) {
+        self.pass(Cmd::Zero, next, req, Next::async_zero)
+    }
+    fn async_cache(&self, next: &Next, req: RangeRequest) {
+        self.pass(Cmd::Cache, next, req, Next::async_cache)
+    }
+    fn async_extents(&self, next: &Next, req: ExtentsRequest) {
+        self.pass(Cmd::Extents, next, req, Next::async_extents)
     }
 }
 
