@@ -134,6 +134,23 @@ impl Next {
         r
     }
 
+    /// Start `req` with `start` (`Next::async_pread` and the rest) once
+    /// `delay` has passed, holding no thread meanwhile: a request held
+    /// back on purpose (a delay, a rate limit). At shutdown the timer
+    /// fires at once and the request fails with `ESHUTDOWN`; should no
+    /// timer be possible, the request is answered with an error.
+    pub fn start_after<R: InFlight>(&self, delay: Duration, req: R, start: fn(&Next, R)) {
+        if delay.is_zero() {
+            return start(self, req);
+        }
+        // When the timer cannot be set, the closure is dropped, and the
+        // request with it, which answers it.
+        let _ = self.after(delay, move |next, r| match r {
+            Ok(()) => start(next, req),
+            Err(e) => req.complete(Err(e)),
+        });
+    }
+
     /// Run `job` once on a thread of its own, outside any request, with
     /// the layer below open until it returns (this filter's handle is not
     /// closed while it runs): prefetching (readahead) or reading the

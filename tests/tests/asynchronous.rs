@@ -345,6 +345,36 @@ fn error_over_an_asynchronous_plugin_fails_or_passes_requests_without_waiting() 
     assert!(s.stop().success());
 }
 
+#[test]
+fn rate_over_an_asynchronous_plugin_holds_no_thread_while_reads_wait() {
+    // 32 reads of 64 KiB at 4 Mbit/s wait about 4 s in all on the read
+    // bucket; a write, from its own bucket, meanwhile passes at once even
+    // with one worker thread, which no waiting read holds.
+    let dir = TempDir::new("async-rate");
+    let s = serve(
+        &dir,
+        &["-t", "1", &filter_arg("rate")],
+        &["rate=4M", "burstiness=0.1", "hold_ms=0"],
+    );
+    let script = "\
+import time
+for i in range(32):
+    h.aio_pread(nbd.Buffer(65536), i * 65536)
+time.sleep(0.2)
+t = time.monotonic()
+h.pwrite(b'w' * 512, 0)
+print(time.monotonic() - t)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+";
+    let took: f64 = nbdsh(&s.uri(), script).trim().parse().unwrap();
+    assert!(
+        took < 1.0,
+        "a write behind rate-limited reads took {took} s"
+    );
+    assert!(s.stop().success());
+}
+
 /// Start `reads` (offset, length) at once with libnbd, wait for all:
 /// how many seconds that took, and the data read, in hex.
 fn held_reads(uri: &str, reads: &[(u64, usize)]) -> (f64, String) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nbdhost_plugin_api::{
     callbacks, host, nbdhost_filter, Error, ExtentList, ExtentsRequest, Filter, FilterHandle,
-    Flags, InFlight, Next, NextOpener, RangeRequest, ReadRequest, Result, WriteRequest,
+    Flags, Next, NextOpener, RangeRequest, ReadRequest, Result, WriteRequest,
 };
 
 /// Delays as given: `wdelay` covers write, zero and trim unless those have
@@ -159,21 +159,6 @@ pub struct DelayHandle {
     delays: Arc<Delays>,
 }
 
-/// Pass `req` down with `start` once `d` has passed, holding no thread
-/// meanwhile (a timer of the server's). At shutdown the timer fires at
-/// once and the request fails with `ESHUTDOWN`, as the synchronous wait
-/// does; should no timer be possible, the request, dropped with it, is
-/// answered with an error.
-fn later<R: InFlight>(next: &Next, d: Duration, req: R, start: fn(&Next, R)) {
-    if d.is_zero() {
-        return start(next, req);
-    }
-    let _ = next.after(d, move |next, r| match r {
-        Ok(()) => start(next, req),
-        Err(e) => req.complete(Err(e)),
-    });
-}
-
 impl Drop for DelayHandle {
     fn drop(&mut self) {
         // The SDK has no hook for a graceful disconnect alone (nbdkit's
@@ -222,25 +207,25 @@ impl FilterHandle for DelayHandle {
     }
 
     fn async_pread(&self, next: &Next, req: ReadRequest) {
-        later(next, self.delays.read, req, Next::async_pread)
+        next.start_after(self.delays.read, req, Next::async_pread)
     }
     fn async_pwrite(&self, next: &Next, req: WriteRequest) {
-        later(next, self.delays.write, req, Next::async_pwrite)
+        next.start_after(self.delays.write, req, Next::async_pwrite)
     }
     fn async_trim(&self, next: &Next, req: RangeRequest) {
-        later(next, self.delays.trim, req, Next::async_trim)
+        next.start_after(self.delays.trim, req, Next::async_trim)
     }
     fn async_zero(&self, next: &Next, req: RangeRequest) {
         if req.flags().contains(Flags::FAST_ZERO) && !self.delays.fast_zero {
             return req.complete(Err(Error::errno(libc::ENOTSUP)));
         }
-        later(next, self.delays.zero, req, Next::async_zero)
+        next.start_after(self.delays.zero, req, Next::async_zero)
     }
     fn async_cache(&self, next: &Next, req: RangeRequest) {
-        later(next, self.delays.cache, req, Next::async_cache)
+        next.start_after(self.delays.cache, req, Next::async_cache)
     }
     fn async_extents(&self, next: &Next, req: ExtentsRequest) {
-        later(next, self.delays.extents, req, Next::async_extents)
+        next.start_after(self.delays.extents, req, Next::async_extents)
     }
 }
 

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use nbdhost_plugin_api::{
-    callbacks, host, nbdhost_filter, Error, Filter, FilterHandle, Flags, Next, NextOpener, Result,
+    callbacks, host, nbdhost_filter, Error, Filter, FilterHandle, Flags, Next, NextOpener,
+    ReadRequest, Result, WriteRequest,
 };
 
 /// How long a rate file's last reading is trusted.
@@ -183,18 +184,21 @@ fn lock(m: &Mutex<Bucket>) -> MutexGuard<'_, Bucket> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Bring `bucket` to the rate `file` says, then take `bytes` from it and
-/// wait as long as it asks. The lock is held only for the arithmetic.
+/// Bring `bucket` to the rate `file` says, then take `bytes` from it:
+/// how long to wait. The lock is held only for the arithmetic.
+fn take(bucket: &Mutex<Bucket>, file: Option<&RateFile>, bytes: usize) -> Duration {
+    let r = file.and_then(RateFile::current);
+    let mut b = lock(bucket);
+    if let Some(r) = r {
+        b.set_rate(r);
+    }
+    // Counted in bits on the wire, without protocol overhead, as nbdkit.
+    b.take(bytes as u64 * 8, Instant::now())
+}
+
+/// Take `bytes` from `bucket` and wait as long as it asks.
 fn throttle(bucket: &Mutex<Bucket>, file: Option<&RateFile>, bytes: usize) -> Result<()> {
-    let wait = {
-        let r = file.and_then(RateFile::current);
-        let mut b = lock(bucket);
-        if let Some(r) = r {
-            b.set_rate(r);
-        }
-        // Counted in bits on the wire, without protocol overhead, as nbdkit.
-        b.take(bytes as u64 * 8, Instant::now())
-    };
+    let wait = take(bucket, file, bytes);
     if wait.is_zero() {
         return Ok(());
     }
@@ -289,6 +293,25 @@ impl FilterHandle for RateHandle {
         throttle(&s.write, s.rate_file.as_ref(), buf.len())?;
         throttle(&self.write, s.connection_rate_file.as_ref(), buf.len())?;
         next.pwrite(buf, offset, flags)
+    }
+
+    // On an asynchronous chain a request waits on a timer, holding no
+    // thread. Both buckets are charged at once and the request waits for
+    // the longer debt, where the synchronous path charges the
+    // connection's after the server's wait: either way neither rate is
+    // exceeded.
+    fn async_pread(&self, next: &Next, req: ReadRequest) {
+        let s = &*self.shared;
+        let server = take(&s.read, s.rate_file.as_ref(), req.len());
+        let conn = take(&self.read, s.connection_rate_file.as_ref(), req.len());
+        next.start_after(server.max(conn), req, Next::async_pread)
+    }
+
+    fn async_pwrite(&self, next: &Next, req: WriteRequest) {
+        let s = &*self.shared;
+        let server = take(&s.write, s.rate_file.as_ref(), req.len());
+        let conn = take(&self.write, s.connection_rate_file.as_ref(), req.len());
+        next.start_after(server.max(conn), req, Next::async_pwrite)
     }
 }
 
