@@ -375,6 +375,30 @@ while h.aio_in_flight() > 0:
     assert!(s.stop().success());
 }
 
+#[test]
+fn log_over_an_asynchronous_plugin_logs_each_end_as_it_comes_back() {
+    // 32 reads held up to 300 ms by the plugin, with one worker thread:
+    // logged as they start and as they end, none waiting for another.
+    let dir = TempDir::new("async-log");
+    let log = dir.path("requests.log");
+    let s = serve(
+        &dir,
+        &["-t", "1", &filter_arg("log")],
+        &[&format!("logfile={}", log.display()), "hold_ms=300"],
+    );
+    let reads: Vec<(u64, usize)> = (0..32).map(|i| (i * 65536, 4096)).collect();
+    let (took, _) = held_reads(&s.uri(), &reads);
+    assert!(took < 2.0, "32 reads held 300 ms took {took} s");
+    assert!(s.stop().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let starts = text.lines().filter(|l| l.contains(" Read id=")).count();
+    let ends = text
+        .lines()
+        .filter(|l| l.contains(" ...Read id=") && l.ends_with("return=0"))
+        .count();
+    assert_eq!((starts, ends), (32, 32), "{text}");
+}
+
 /// Start `reads` (offset, length) at once with libnbd, wait for all:
 /// how many seconds that took, and the data read, in hex.
 fn held_reads(uri: &str, reads: &[(u64, usize)]) -> (f64, String) {

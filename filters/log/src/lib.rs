@@ -23,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use nbdhost_plugin_api::{
     abi, callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, Result, Support,
+    NextOpener, RangeRequest, ReadRequest, Result, Support, WriteRequest,
 };
 
 /// Connections numbered in the order they first ask for the export size,
@@ -420,6 +420,27 @@ impl LogHandle {
         });
     }
 
+    /// What logs the end of request `id` once the layer below answers it
+    /// asynchronously, for the request's `then`: it runs on a worker
+    /// thread and passes the answer on unchanged.
+    fn ending(
+        &self,
+        act: &'static str,
+        id: u64,
+    ) -> impl FnOnce(Result<()>) -> Result<()> + Send + 'static {
+        let (sink, conn) = (self.sink.clone(), self.conn());
+        move |r| {
+            sink.log(&Entry {
+                conn: Some(conn),
+                kind: Kind::Leave,
+                act,
+                id: Some(id),
+                args: &outcome(&r),
+            });
+            r
+        }
+    }
+
     /// Log a request around `f`.
     fn logged<T>(
         &self,
@@ -511,6 +532,79 @@ impl FilterHandle for LogHandle {
             format_args!("offset={offset:#x} count={count:#x}"),
             || next.cache(count, offset, flags),
         )
+    }
+
+    // On an asynchronous chain a request is logged as it starts and goes
+    // down as it is; its end is logged in a continuation when the layer
+    // below answers. (Block status, whose answer is logged in full, waits
+    // on a worker thread.) When no continuation can be made the request
+    // has been answered with the error, and no end is logged.
+
+    fn async_pread(&self, next: &Next, req: ReadRequest) {
+        let (offset, count) = (req.offset(), req.len());
+        let id = self.enter("Read", format_args!("offset={offset:#x} count={count:#x}"));
+        if let Some(req) = req.then(self.ending("Read", id)) {
+            next.async_pread(req)
+        }
+    }
+
+    fn async_pwrite(&self, next: &Next, req: WriteRequest) {
+        let (offset, count, flags) = (req.offset(), req.len(), req.flags());
+        let id = self.enter(
+            "Write",
+            format_args!(
+                "offset={offset:#x} count={count:#x} fua={}",
+                bit(flags, Flags::FUA)
+            ),
+        );
+        if let Some(req) = req.then(self.ending("Write", id)) {
+            next.async_pwrite(req)
+        }
+    }
+
+    fn async_flush(&self, next: &Next, req: RangeRequest) {
+        let id = self.enter("Flush", format_args!(""));
+        if let Some(req) = req.then(self.ending("Flush", id)) {
+            next.async_flush(req)
+        }
+    }
+
+    fn async_trim(&self, next: &Next, req: RangeRequest) {
+        let (offset, count, flags) = (req.offset(), req.count(), req.flags());
+        let id = self.enter(
+            "Trim",
+            format_args!(
+                "offset={offset:#x} count={count:#x} fua={}",
+                bit(flags, Flags::FUA)
+            ),
+        );
+        if let Some(req) = req.then(self.ending("Trim", id)) {
+            next.async_trim(req)
+        }
+    }
+
+    fn async_zero(&self, next: &Next, req: RangeRequest) {
+        let (offset, count, flags) = (req.offset(), req.count(), req.flags());
+        let id = self.enter(
+            "Zero",
+            format_args!(
+                "offset={offset:#x} count={count:#x} trim={} fua={} fast={}",
+                bit(flags, Flags::MAY_TRIM),
+                bit(flags, Flags::FUA),
+                bit(flags, Flags::FAST_ZERO)
+            ),
+        );
+        if let Some(req) = req.then(self.ending("Zero", id)) {
+            next.async_zero(req)
+        }
+    }
+
+    fn async_cache(&self, next: &Next, req: RangeRequest) {
+        let (offset, count) = (req.offset(), req.count());
+        let id = self.enter("Cache", format_args!("offset={offset:#x} count={count:#x}"));
+        if let Some(req) = req.then(self.ending("Cache", id)) {
+            next.async_cache(req)
+        }
     }
 
     fn extents(
