@@ -278,10 +278,12 @@ fn ip_dn_rules_match_the_verified_client_certificate() {
     };
     let (_s, uri) = serve(&["allow=dn:*CN=good client*", "deny=all"]);
     assert_eq!(connect_one(&uri), "ok\n");
-    // The whole DN, in the order the server writes it, without regard to
-    // case, commas and all.
-    let (_s, uri) = serve(&["allow=dn:o=NBDHOST TESTS,cn=good client", "deny=all"]);
+    // The whole DN, in RFC 4514's order (most specific part first, as
+    // nbdkit 1.40 writes it), without regard to case, commas and all.
+    let (_s, uri) = serve(&["allow=dn:cn=good client,o=NBDHOST TESTS", "deny=all"]);
     assert_eq!(connect_one(&uri), "ok\n");
+    let (_s, uri) = serve(&["allow=dn:o=NBDHOST TESTS,cn=good client", "deny=all"]);
+    assert_eq!(connect_one(&uri), "refused\n");
     let (s, uri) = serve(&["allow=dn:*CN=someone else*", "deny=all"]);
     assert_eq!(connect_one(&uri), "refused\n");
     assert!(s.log_text().contains(RESTRICTED), "{}", s.log_text());

@@ -44,9 +44,36 @@ fn this_client(late: bool) -> Client {
         credentials: matches!(peer, Some(host::Peer::Unix))
             .then(|| host::peer_credentials().ok())
             .flatten(),
-        dn: late.then(host::peer_tls_dn).flatten(),
-        issuer_dn: late.then(host::peer_tls_issuer_dn).flatten(),
+        dn: late.then(host::peer_tls_dn).flatten().map(|d| rfc4514(&d)),
+        issuer_dn: late
+            .then(host::peer_tls_issuer_dn)
+            .flatten()
+            .map(|d| rfc4514(&d)),
     }
+}
+
+/// A DN as the server gives it (GnuTLS's compatible form, in the
+/// certificate's order: `O=BigCo,CN=client`) turned round into RFC 4514's
+/// order (`CN=client,O=BigCo`), the one nbdkit 1.40 matches `dn:` rules
+/// against, so that the same patterns work here. The parts are split at
+/// commas that are not escaped (`\,` stays inside its part).
+fn rfc4514(dn: &str) -> String {
+    let mut parts = Vec::new();
+    let (mut start, mut escaped) = (0, false);
+    for (i, c) in dn.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            ',' => {
+                parts.push(&dn[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&dn[start..]);
+    parts.reverse();
+    parts.join(",")
 }
 
 impl Ip {
@@ -137,3 +164,15 @@ pub struct Passed;
 impl FilterHandle for Passed {}
 
 nbdhost_filter!(Ip);
+
+#[cfg(test)]
+mod tests {
+    use super::rfc4514;
+
+    #[test]
+    fn dns_are_turned_into_rfc_4514_order() {
+        assert_eq!(rfc4514("O=BigCo,CN=client"), "CN=client,O=BigCo");
+        assert_eq!(rfc4514("C=GB,O=A\\, B,CN=x"), "CN=x,O=A\\, B,C=GB");
+        assert_eq!(rfc4514("CN=alone"), "CN=alone");
+    }
+}
