@@ -505,3 +505,23 @@ fn a_native_plugin_without_list_exports_whose_default_export_fails_lists_nothing
     let (_, log) = s.stop_with_log();
     assert!(log.contains("no default export here"), "{log}");
 }
+
+#[test]
+fn run_exits_with_128_plus_the_signal_that_killed_its_server() {
+    let dir = TempDir::new("run-server-killed");
+    let pidfile = dir.path("server.pid");
+    // The pid file holds the serving process's pid, as nbdkit's does: the
+    // command kills its server and ends well, and the exit status still
+    // says the server died (as nbdkit's test-captive.sh expects).
+    let script = format!(
+        "until test -s {p}; do sleep 0.1; done; kill -USR1 $(cat {p}); sleep 1",
+        p = pidfile.display()
+    );
+    let out = run_within(30, &["-P", pidfile.to_str().unwrap(), "null"], &script);
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGUSR1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

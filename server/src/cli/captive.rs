@@ -5,7 +5,9 @@
 //! SIGQUIT and SIGHUP end nothing (the command runs on and its status is
 //! still the exit status), and an uncaught one such as SIGUSR1 ends that
 //! process at once, as it ends nbdkit's, while the command keeps its
-//! server until it exits.
+//! server until it exits. A signal that kills the serving process (the
+//! pid file's pid) makes the exit status 128 plus its number once the
+//! command ends, as in nbdkit.
 //!
 //! The two talk over a socket pair: the server says it is ready (its
 //! layers' `after_fork` passed) before the command starts, and is told
@@ -99,9 +101,17 @@ fn run_command(
         }
     };
     // The server saw the command exit too: it finishes what is in flight
-    // and cleans up.
-    wait_server(server);
-    code
+    // and cleans up. A server that died of a signal, or failed while the
+    // command succeeded, gives the exit status, as in nbdkit, so that a
+    // killed server is not reported as success.
+    match wait_server_status(server) {
+        Ended::Killed(sig) => {
+            log::error!("--run: the server was killed by signal {sig}");
+            128 + sig
+        }
+        Ended::Exited(status) if code == 0 => status,
+        Ended::Exited(_) => code,
+    }
 }
 
 /// Catch the signals that would end a server: here they end nothing, as
@@ -125,8 +135,16 @@ fn forward_hangups(server: libc::pid_t) {
         });
 }
 
-/// Wait for the server process; its exit status.
-fn wait_server(server: libc::pid_t) -> i32 {
+/// How the server process ended.
+enum Ended {
+    /// It exited with this status (1 where it could not be waited for).
+    Exited(i32),
+    /// A signal ended it.
+    Killed(i32),
+}
+
+/// Wait for the server process; how it ended.
+fn wait_server_status(server: libc::pid_t) -> Ended {
     let mut status = 0;
     loop {
         // SAFETY: waitpid writes only to `status`, ours.
@@ -135,13 +153,22 @@ fn wait_server(server: libc::pid_t) -> i32 {
             break;
         }
         if r == -1 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return 1;
+            return Ended::Exited(1);
         }
     }
     if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
+        Ended::Exited(libc::WEXITSTATUS(status))
     } else {
-        128 + libc::WTERMSIG(status)
+        Ended::Killed(libc::WTERMSIG(status))
+    }
+}
+
+/// Wait for the server process; its exit status (128 plus the signal's
+/// number where a signal ended it).
+fn wait_server(server: libc::pid_t) -> i32 {
+    match wait_server_status(server) {
+        Ended::Exited(status) => status,
+        Ended::Killed(sig) => 128 + sig,
     }
 }
 
