@@ -91,13 +91,16 @@ fn log_script_reads_the_extents_of_a_block_status_reply_as_a_bash_array() {
 }
 
 #[test]
-fn a_debug_flag_without_a_layer_name_or_a_flag_name_is_refused() {
-    for flag in [".x=1", "p.=1"] {
+fn a_debug_flag_without_a_layer_name_a_flag_name_or_a_value_is_refused_in_nbdkits_words() {
+    for flag in [".x=1", "p.=1", "p.x=", "=", "."] {
         let out =
             run(Command::new(nbdhost_bin()).args(["-U", "-", "-D", flag, "null", "--run", "true"]));
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "-D {flag}: {err}");
-        assert!(err.contains("PLUGIN.FLAG=N"), "-D {flag}: {err}");
+        assert!(
+            err.contains("must have the format NAME.FLAG=N"),
+            "-D {flag}: {err}"
+        );
     }
 }
 
@@ -118,6 +121,28 @@ fn a_debug_flag_naming_no_loaded_layer_is_warned_about() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("-D nosuch.flag was not used"), "{err}");
     assert!(!err.contains("-D null.flag was not used"), "{err}");
+}
+
+#[test]
+fn an_unused_debug_flag_is_warned_about_as_nbdkit_does_before_the_configuration_fails() {
+    // nbdkit warns once the layers are loaded, before their parameters
+    // are checked, with its word "warning" (its test-debug-flags.sh greps
+    // for both).
+    let out = run(Command::new(nbdhost_bin()).args([
+        "-U",
+        "-",
+        "-D",
+        "nosuch.flag=1",
+        "file",
+        "--run",
+        "true",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("warning: debug flag -D nosuch.flag was not used"),
+        "{err}"
+    );
 }
 
 /// A script for nbdkit's sh plugin (through the adapter) that serves a

@@ -93,7 +93,12 @@ impl log::Log for Logger {
         if !self.filter.matches(record) {
             return;
         }
-        let level = record.level().as_str().to_lowercase();
+        // nbdkit's words, which scripts written for nbdkit grep for
+        // ("warning", not the log crate's "warn").
+        let level = match record.level() {
+            log::Level::Warn => "warning".to_owned(),
+            l => l.as_str().to_lowercase(),
+        };
         let dest = self.dest.load(Ordering::Relaxed);
         if dest == Destination::Null as u8 {
             return;

@@ -118,10 +118,10 @@ fn act(
                     .as_ref()
                     .map_or(String::new(), |d| format!(", default '{d}'"))
             );
+            debug_flags::warn_unused();
             Exports::File(built)
         }
     };
-    debug_flags::warn_unused();
     let code = start::start(settings, exports, explicit_log);
     // The key goes only once the command and the server are done with it.
     drop(captive);
@@ -168,6 +168,9 @@ fn plugin_chain(
             .chain([layers.plugin_info()])
             .map(|i| i.name.as_str()),
     );
+    // As nbdkit, as soon as the layers are loaded: a configuration that
+    // then fails (a missing parameter) still shows the misspelt flag.
+    debug_flags::warn_unused();
     // As nbdkit: loaded, so that a missing layer is an error, but not
     // configured.
     if settings.action == Action::Help {

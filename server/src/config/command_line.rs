@@ -419,7 +419,7 @@ pub enum ArgumentError {
 impl std::fmt::Display for ArgumentError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ArgumentError::DebugFlag(d) => write!(f, "-D {d}: expected PLUGIN.FLAG=N"),
+            ArgumentError::DebugFlag(d) => write!(f, "-D {d}: must have the format NAME.FLAG=N"),
             ArgumentError::DebugValue { flag, value } => {
                 write!(f, "-D {flag}: {value} is not a number")
             }
@@ -440,10 +440,12 @@ pub fn debug_flags(flags: &[String]) -> Result<BTreeMap<String, i32>, ArgumentEr
             let (k, v) = d
                 .split_once('=')
                 .filter(|(k, _)| {
-                    // nbdkit's rule: a layer's name and a flag's, neither empty.
+                    // nbdkit's rule: a layer's name, a flag's and a value,
+                    // none empty.
                     k.split_once('.')
                         .is_some_and(|(layer, flag)| !layer.is_empty() && !flag.is_empty())
                 })
+                .filter(|(_, v)| !v.is_empty())
                 .ok_or_else(|| ArgumentError::DebugFlag(d.clone()))?;
             let n = c_int(v).ok_or_else(|| ArgumentError::DebugValue {
                 flag: d.clone(),
