@@ -550,3 +550,17 @@ fn run_exits_with_128_plus_the_signal_that_killed_its_server() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn dump_plugin_with_single_is_refused_without_writing_to_stdout() {
+    // With -s, standard output is the client's: nbdkit refuses the two
+    // together rather than print the plugin's details there.
+    let out = run(Command::new(nbdhost_bin()).args(["--dump-plugin", "-s", "null"]));
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dump-plugin"));
+}

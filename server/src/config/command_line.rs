@@ -84,7 +84,7 @@ pub struct CommandLine {
         short = 's',
         long,
         visible_alias = "stdin",
-        conflicts_with_all = ["port", "ipaddr", "unix", "run", "vsock"]
+        conflicts_with_all = ["port", "ipaddr", "unix", "run", "vsock", "dump_plugin"]
     )]
     pub single: bool,
 
