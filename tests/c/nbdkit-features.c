@@ -61,17 +61,22 @@ static int in_flight, max_in_flight;
 static void
 marker (const char *name, const char *content)
 {
-  char path[4096];
+  char path[4096], tmp[4096];
   FILE *f;
 
+  /* Written aside and renamed, so that a test never reads a marker that
+   * exists but is still empty. */
   snprintf (path, sizeof path, "%s/%s", dir, name);
-  f = fopen (path, "w");
+  snprintf (tmp, sizeof tmp, "%s/.%s.tmp", dir, name);
+  f = fopen (tmp, "w");
   if (f == NULL) {
-    nbdkit_error ("%s: %m", path);
+    nbdkit_error ("%s: %m", tmp);
     return;
   }
   fputs (content, f);
   fclose (f);
+  if (rename (tmp, path) == -1)
+    nbdkit_error ("%s: %m", path);
 }
 
 static void
