@@ -564,3 +564,23 @@ fn dump_plugin_with_single_is_refused_without_writing_to_stdout() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dump-plugin"));
 }
+
+#[test]
+fn a_stdin_client_on_a_socket_pair_has_its_credentials_for_the_ip_filter() {
+    if missing("nbdsh", &["nbdsh"]) {
+        return;
+    }
+    // libnbd's connect_command serves over a socket pair, whose peer is
+    // nbdsh itself: as with nbdkit -s, pid: rules see it (nbdkit's
+    // test-ip-filter-pid.sh).
+    let script = format!(
+        "import os\n\
+         h.connect_command([{bin:?}, '-s', '{ip}', 'null', 'size=512',\n\
+         \x20   'allow=pid:' + str(os.getpid()), 'deny=all'])\n\
+         print(h.get_size())",
+        bin = nbdhost_bin().display().to_string(),
+        ip = filter_arg("ip"),
+    );
+    let out = run_ok(client("nbdsh").arg("-c").arg(script));
+    assert_eq!(out.trim(), "512");
+}

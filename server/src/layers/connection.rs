@@ -29,8 +29,10 @@ pub enum Peer {
         /// The client's port.
         port: u32,
     },
-    /// The client on stdin and stdout (`-s`).
-    Pipe,
+    /// The client on stdin and stdout (`-s`), with its credentials where
+    /// stdin is a Unix socket (the socket pair libnbd's
+    /// `nbd_connect_command` makes), as nbdkit finds them there.
+    Pipe(Option<Credentials>),
 }
 
 /// A Unix-socket peer's process, user and group, as `SO_PEERCRED` reports
@@ -52,7 +54,7 @@ impl std::fmt::Display for Peer {
             Peer::Unix(Some(c)) => write!(f, "a Unix-socket client (pid {})", c.pid),
             Peer::Unix(None) => f.write_str("a Unix-socket client"),
             Peer::Vsock { cid, port } => write!(f, "vsock {cid}:{port}"),
-            Peer::Pipe => f.write_str("the stdin client"),
+            Peer::Pipe(_) => f.write_str("the stdin client"),
         }
     }
 }
@@ -157,7 +159,7 @@ mod tests {
     fn a_renamed_connection_is_the_same_client_under_another_export() {
         let client = Arc::new(Connection::new(
             7,
-            Some(Peer::Pipe),
+            Some(Peer::Pipe(None)),
             true,
             Some(named("alice")),
             None,
@@ -166,7 +168,7 @@ mod tests {
         let b = a.renamed(named("b"));
         assert_eq!(a.export_name.to_bytes(), b"a");
         assert_eq!(b.export_name.to_bytes(), b"b");
-        assert_eq!((b.id, b.peer, b.is_tls), (7, Some(Peer::Pipe), true));
+        assert_eq!((b.id, b.peer, b.is_tls), (7, Some(Peer::Pipe(None)), true));
         assert_eq!(b.identity.as_deref(), Some(&*named("alice")));
         assert!(Arc::ptr_eq(&a.renamed(named("a")), &a));
     }

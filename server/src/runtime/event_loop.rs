@@ -16,7 +16,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use super::jobs::{reply_later, ConnLanes, Job, Lane};
-use super::listen::{Listener, Stream};
+use super::listen::{peer_credentials, Listener, Stream};
 use super::mailbox::{ConnRef, Message};
 use super::workers::STALL;
 use super::{Loops, WAKER};
@@ -188,7 +188,8 @@ impl EventLoop {
     /// Serve until shut down and every connection has finished.
     pub fn run(mut self, stdio: Option<Stream>) -> io::Result<()> {
         if let Some(s) = stdio {
-            self.adopt(s, Peer::Pipe);
+            let credentials = peer_credentials(&s);
+            self.adopt(s, Peer::Pipe(credentials));
         }
         let mut events = Events::with_capacity(1024);
         loop {
@@ -368,7 +369,7 @@ impl EventLoop {
     fn adopt(&mut self, mut stream: Stream, peer: Peer) {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        let writable = matches!(peer, Peer::Pipe);
+        let writable = matches!(peer, Peer::Pipe(_));
         let interest = if writable {
             Interest::READABLE | Interest::WRITABLE
         } else {
@@ -380,7 +381,7 @@ impl EventLoop {
                 .register(&mut stream, Token(FIRST_CONN + key), interest)
         {
             log::error!("cannot register a new connection: {e}");
-            if !matches!(peer, Peer::Pipe) {
+            if !matches!(peer, Peer::Pipe(_)) {
                 self.loops.release(self.index, true);
             }
             return;
@@ -410,7 +411,7 @@ impl EventLoop {
             edgeless,
             touched: false,
             writable,
-            handshaking: !matches!(peer, Peer::Pipe),
+            handshaking: !matches!(peer, Peer::Pipe(_)),
         });
         self.drive(key);
     }
@@ -455,7 +456,7 @@ impl EventLoop {
         }
         // Ask to hear of room in the socket only while output waits for it.
         let waiting = c.session.poll_transmit().is_some();
-        if waiting != c.writable && !matches!(c.peer, Peer::Pipe) {
+        if waiting != c.writable && !matches!(c.peer, Peer::Pipe(_)) {
             let interest = if waiting {
                 Interest::READABLE | Interest::WRITABLE
             } else {
@@ -477,7 +478,7 @@ impl EventLoop {
         let _ = self.poll.registry().deregister(&mut c.stream);
         c.stream.shutdown();
         log::debug!("connection {}: closed", c.session.id());
-        if matches!(c.peer, Peer::Pipe) {
+        if matches!(c.peer, Peer::Pipe(_)) {
             self.loops.stdio_finished();
         } else {
             self.loops.release(self.index, c.handshaking);

@@ -30,8 +30,8 @@ pub enum Listener {
 }
 
 /// The connecting process's credentials (`SO_PEERCRED`), which plugins
-/// may ask for.
-fn peer_credentials(s: &impl AsRawFd) -> Option<Credentials> {
+/// may ask for; `None` where `s` is not a Unix socket.
+pub(super) fn peer_credentials(s: &impl AsRawFd) -> Option<Credentials> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,

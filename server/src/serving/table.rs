@@ -250,7 +250,7 @@ mod tests {
     fn client(tls: TlsState) -> Client {
         Client {
             id: 1,
-            peer: Peer::Pipe,
+            peer: Peer::Pipe(None),
             tls,
         }
     }

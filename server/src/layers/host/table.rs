@@ -272,7 +272,9 @@ unsafe extern "C" fn host_peer_name(addr: *mut libc::sockaddr, len: *mut libc::s
     };
     let sa = match peer {
         Some(Peer::Inet(a)) => socket2::SockAddr::from(a),
-        Some(Peer::Unix(_)) => match socket2::SockAddr::unix("") {
+        // A stdin client on a socket pair is a Unix client, as nbdkit's
+        // getpeername on it finds.
+        Some(Peer::Unix(_) | Peer::Pipe(Some(_))) => match socket2::SockAddr::unix("") {
             Ok(a) => a,
             Err(_) => return -1,
         },
@@ -383,7 +385,7 @@ unsafe extern "C" fn host_log(level: c_int, msg: *const c_char) {
 
 unsafe extern "C" fn host_peer_credentials(pid: *mut i64, uid: *mut i64, gid: *mut i64) -> c_int {
     let creds = match current(|c| c.peer).flatten() {
-        Some(Peer::Unix(Some(c))) => c,
+        Some(Peer::Unix(Some(c)) | Peer::Pipe(Some(c))) => c,
         Some(Peer::Unix(None)) => {
             call::record(Error::new(
                 libc::ENOTSUP,
