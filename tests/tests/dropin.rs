@@ -584,3 +584,24 @@ fn a_stdin_client_on_a_socket_pair_has_its_credentials_for_the_ip_filter() {
     let out = run_ok(client("nbdsh").arg("-c").arg(script));
     assert_eq!(out.trim(), "512");
 }
+
+#[test]
+fn an_nbdkit_plugins_refused_password_fd_is_reported_in_nbdkits_words() {
+    if missing("nbdkit's curl plugin", &["nbdkit"]) {
+        return;
+    }
+    // The curl plugin fails its configuration when nbdkit_read_password
+    // does: the reason the server recorded is kept, not replaced by the
+    // plugin's errno (nbdkit's test-read-password.sh greps for it).
+    let out = run_within(
+        30,
+        &["curl", "url=http://127.0.0.1:1/", "password=-1"],
+        "true",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot use password -FD for stdin, stdout or stderr"),
+        "{err}"
+    );
+}

@@ -123,8 +123,9 @@ pub fn call<R>(
         };
         // A host service the plugin called (parse_size, read_secret, …)
         // may have recorded a better reason already; keep it unless the
-        // plugin said more.
-        if chosen != 0 || message.is_some() || host::recorded_errno() == 0 {
+        // plugin said more (a message or nbdkit_set_error: the errno a
+        // plugin preserves is then only the service's own).
+        if set != 0 || message.is_some() || host::recorded_errno() == 0 {
             host::error(
                 if chosen == 0 { libc::EIO } else { chosen },
                 message.as_deref(),

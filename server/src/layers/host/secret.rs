@@ -34,7 +34,8 @@ impl std::fmt::Display for SecretError {
                 f.write_str("secret '-FD' needs a file descriptor number")
             }
             SecretError::StandardDescriptor => {
-                f.write_str("secret '-FD' cannot use stdin, stdout or stderr")
+                // nbdkit's words, which scripts written for it look for.
+                f.write_str("cannot use password -FD for stdin, stdout or stderr")
             }
             SecretError::Prompt(e) => write!(f, "cannot read password from the terminal: {e}"),
             SecretError::File { path, source } => {
