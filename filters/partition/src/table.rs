@@ -136,15 +136,16 @@ impl fmt::Display for TableError {
                 "{scheme} partition {n} (offset {offset}, length {length}) lies outside the disk of {size} bytes"
             ),
             TableError::NotFound { scheme, n } => write!(f, "{scheme} partition {n} not found"),
+            // Each begins as nbdkit's does, which scripts look for.
             TableError::Extended(n) => write!(
                 f,
-                "MBR partition {n} is the extended partition: serve its logical \
-                 partitions (5 and up) instead"
+                "MBR partition {n} not found: it is the extended partition; serve \
+                 its logical partitions (5 and up) instead"
             ),
             TableError::NoExtended(n) => write!(
                 f,
-                "MBR partition {n} not found: logical partitions need an extended \
-                 partition, and this disk has none"
+                "MBR partition {n} not found: there is no extended partition, so \
+                 no logical partitions"
             ),
             TableError::EbrOutside(at) => write!(
                 f,
@@ -475,7 +476,7 @@ mod tests {
         assert!(find(&d, size, 3)
             .unwrap_err()
             .to_string()
-            .contains("is the extended partition"));
+            .starts_with("MBR partition 3 not found: it is the extended partition"));
     }
 
     #[test]
@@ -499,7 +500,7 @@ mod tests {
         assert!(find(&d, size, 5)
             .unwrap_err()
             .to_string()
-            .contains("has none"));
+            .starts_with("MBR partition 5 not found: there is no extended partition"));
         d[510] = 0;
         assert_eq!(
             find(&d, size, 1).unwrap_err().to_string(),
