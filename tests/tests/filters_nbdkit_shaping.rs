@@ -593,8 +593,36 @@ fn swab_extents_combine_at_word_boundaries_as_in_nbdkit() {
         let s = serve(&args);
         let got = run_ok(client("nbdsh").args(["--base-allocation", "-u", &s.uri(), "-c", script]));
         assert_eq!(got.trim(), want, "swab-bits={bits}");
+        // The same extents answered one at a time, as the second half of
+        // nbdkit's test does: a word the first answer leaves unfinished
+        // is completed by asking again.
+        let one_arg = format!("extents={ONE_AT_A_TIME}");
+        let s = serve(&[
+            "--filter=swab",
+            "eval",
+            &bits_arg,
+            "get_size=echo 48",
+            "pread=exit 1",
+            &one_arg,
+        ]);
+        let got = run_ok(client("nbdsh").args(["--base-allocation", "-u", &s.uri(), "-c", script]));
+        assert_eq!(got.trim(), want, "swab-bits={bits}, one extent at a time");
     }
 }
+
+/// An eval extents script giving, from the offset asked for, only the one
+/// extent of nbdkit's test-swab-extents.sh list that holds it.
+const ONE_AT_A_TIME: &str = "case $4 in \
+    0|1|2|3|4|5|6) echo ' 0 7' ;; \
+    7|8|9|10|11|12|13|14) echo ' 7 8' ;; \
+    15|16|17|18|19|20|21|22) echo '15 8 zero' ;; \
+    23|24|25|26|27|28|29|30) echo '23 8 zero,hole' ;; \
+    31|32) echo '31 2 hole' ;; \
+    33|34) echo '33 2 zero' ;; \
+    35|36|37|38) echo '35 4 zero,hole' ;; \
+    39|40|41|42|43|44|45|46) echo '39 8 hole' ;; \
+    47) echo '47 1' ;; \
+    esac";
 
 // ---- checkwrite -----------------------------------------------------
 

@@ -196,7 +196,23 @@ impl FilterHandle for SwabHandle {
         list: &mut ExtentList,
     ) -> Result<()> {
         self.aligned(count, offset)?;
-        let below = next.extents(count, offset, flags - Flags::REQ_ONE)?;
+        let flags = flags - Flags::REQ_ONE;
+        let mut below = next.extents(count, offset, flags)?;
+        // A layer below may answer with less than one word (one extent at
+        // a time): ask for the rest of the first word, as nbdkit does, so
+        // that its type is what all of it shares rather than a guess of
+        // data.
+        let word_end = offset + self.word;
+        while let Some(end) = below.last().map(|&(o, n, _)| o + n) {
+            if end >= word_end {
+                break;
+            }
+            let more = next.extents(word_end - end, end, flags)?;
+            if more.last().is_none_or(|&(o, n, _)| o + n <= end) {
+                break;
+            }
+            below.extend(more);
+        }
         for (o, l, t) in aligned_extents(&below, self.word) {
             let end = (o + l).min(offset + count);
             if end > o {
