@@ -339,18 +339,29 @@ unsafe extern "C" fn after_fork<P: Plugin>() -> c_int {
 
 unsafe extern "C" fn dump_plugin<P: Plugin>() {
     guard((), || {
-        use std::io::Write;
         let lines = INSTANCE.with::<P, _>(|p| Ok(p.dump_plugin()))?;
-        let mut out = std::io::stdout().lock();
-        for (key, value) in lines {
-            // stdout gone (a closed pipe) leaves nothing to report to.
-            let _ = writeln!(out, "{key}={value}");
-        }
-        // This plugin's stdout is its own buffer, not the server's: out
-        // before the server prints what follows.
-        let _ = out.flush();
+        let text: String = lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        write_stdout(text.as_bytes());
         Ok(())
     })
+}
+
+/// Write `bytes` to file descriptor 1 as they are. Not through this
+/// library's own `std::io::stdout`, whose buffer would come out after
+/// what the server prints next, and would stay allocated after the
+/// library is unloaded. A closed or full stdout leaves nothing to report
+/// to, so errors end the write.
+fn write_stdout(mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        // SAFETY: writing from a live slice to a descriptor number; the
+        // call neither keeps nor frees the buffer.
+        let n = unsafe { libc::write(1, bytes.as_ptr().cast(), bytes.len()) };
+        match n {
+            n if n > 0 => bytes = &bytes[n as usize..],
+            -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return,
+        }
+    }
 }
 
 unsafe extern "C" fn get_ready<P: Plugin>() -> c_int {
