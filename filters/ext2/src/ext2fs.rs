@@ -14,6 +14,7 @@ use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_long, c_uint, c_ulong, c_ulonglong, c_void, CStr, CString};
 use std::fmt;
 use std::ptr;
+use std::sync::{Mutex, PoisonError};
 
 use nbdhost_plugin_api::{Flags, Next};
 
@@ -138,12 +139,48 @@ extern "C" {
         nbytes: c_uint,
         written: *mut c_uint,
     ) -> Errcode;
-    fn initialize_ext2_error_table();
+    static et_ext2_error_table: ErrorTable;
+}
+
+/// `struct error_table`, only ever pointed at.
+#[repr(C)]
+struct ErrorTable {
+    _opaque: [u8; 0],
 }
 
 #[link(name = "com_err")]
 extern "C" {
     fn error_message(code: c_long) -> *const c_char;
+    fn add_error_table(table: *const ErrorTable) -> Errcode;
+    fn remove_error_table(table: *const ErrorTable) -> Errcode;
+}
+
+/// Whether libext2fs's messages are in com_err's list.
+static MESSAGES: Mutex<bool> = Mutex::new(false);
+
+/// Put libext2fs's messages in com_err's list, for `error_message`, once.
+/// Through `add_error_table` rather than `initialize_ext2_error_table`,
+/// whose list node nothing can free: this one
+/// [`forget_error_messages`] takes out again.
+fn learn_error_messages() {
+    let mut known = MESSAGES.lock().unwrap_or_else(PoisonError::into_inner);
+    if !*known {
+        // SAFETY: the address of libext2fs's own static table, which
+        // com_err keeps until it is removed.
+        *known = unsafe { add_error_table(ptr::addr_of!(et_ext2_error_table)) } == 0;
+    }
+}
+
+/// Take libext2fs's messages out of com_err's list again, before the
+/// filter and libext2fs are unloaded: the list would otherwise point
+/// into an unloaded library, through a node left allocated.
+pub fn forget_error_messages() {
+    let mut known = MESSAGES.lock().unwrap_or_else(PoisonError::into_inner);
+    if *known {
+        // SAFETY: the table added by `learn_error_messages`.
+        unsafe { remove_error_table(ptr::addr_of!(et_ext2_error_table)) };
+        *known = false;
+    }
 }
 
 /// `struct ext2_inode` (128 bytes); only its mode is read here.
@@ -410,9 +447,7 @@ impl Fs {
     /// Open the file system below `next` and the regular file at the
     /// absolute `path` in it, for writing unless `readonly`.
     pub fn open(next: &Next, readonly: bool, path: &str) -> Result<Fs, Ext2Error> {
-        // SAFETY: registering libext2fs's messages for error_message;
-        // idempotent.
-        unsafe { initialize_ext2_error_table() };
+        learn_error_messages();
         let device = Box::new(Device {
             next: Cell::new(ptr::null()),
         });

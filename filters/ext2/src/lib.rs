@@ -9,7 +9,7 @@ mod ext2fs;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use ext2fs::{Ext2Error, Fs};
+use ext2fs::{forget_error_messages, Ext2Error, Fs};
 use nbdhost_plugin_api::{
     callbacks, nbdhost_filter, Error, ExportList, Filter, FilterHandle, Flags, Next, NextExports,
     NextOpener, Result, Support, ThreadModel,
@@ -45,6 +45,10 @@ impl Filter for Ext2 {
     // as two machines mounting it would.
     const THREAD_MODEL: ThreadModel = ThreadModel::SerializeConnections;
     type Handle = Inside;
+
+    fn unload(&mut self) {
+        forget_error_messages();
+    }
 
     fn config(&mut self, key: &str, value: &str) -> Result<bool> {
         if key != "ext2file" {

@@ -160,8 +160,10 @@ mod tests {
     /// One test: shutdown is process-wide and for good.
     #[test]
     fn timers_fire_in_deadline_order_and_all_at_once_at_shutdown() {
-        // A set of its own: the server's is shut down by other tests.
-        let timers: &'static Timers = Box::leak(Box::new(Timers::new()));
+        // A set of its own: the server's is shut down by other tests. In a
+        // static, so that it outlives the test without being leaked.
+        static TIMERS: std::sync::OnceLock<Timers> = std::sync::OnceLock::new();
+        let timers: &'static Timers = TIMERS.get_or_init(Timers::new);
         let at = |when, fire| timers.at(when, fire);
         let (tx, rx) = mpsc::channel();
         let start = Instant::now();
