@@ -516,8 +516,9 @@ fn a_certificate_expiring_within_30_days_starts_with_a_warning() {
     keys_ok(&["ca", s(&p)]);
     keys_ok(&["server", s(&p), "--dns", "localhost", "--days", "10"]);
     let server = Server::start(&["--tls-certificates", s(&p.join("server")), "memory", "1M"]);
-    // Ten days from its making, less the seconds since.
-    let log = server.log_text();
+    // Ten days from its making, less the seconds since. Waited for: the
+    // log may reach its file a moment after the socket accepts.
+    let (_, log) = server.wait_log("certificate expires on", Duration::from_secs(10));
     assert!(
         log.contains("the server certificate expires on")
             && (log.contains("in 9 day(s)") || log.contains("in 10 day(s)")),
