@@ -288,6 +288,12 @@ pub trait InFlight: sealed::Sealed + Send + 'static {
     /// holds any of them: a filter that may fail a request it would
     /// otherwise pass down.
     fn complete(self, r: Result<()>);
+
+    /// The request with a continuation in front of its answer (each
+    /// type's own `then`).
+    fn then(self, f: impl FnOnce(Result<()>) -> Result<()> + Send + 'static) -> Option<Self>
+    where
+        Self: Sized;
 }
 
 macro_rules! in_flight {
@@ -297,6 +303,12 @@ macro_rules! in_flight {
             impl InFlight for $t {
                 fn complete(self, r: Result<()>) {
                     <$t>::complete(self, r)
+                }
+                fn then(
+                    self,
+                    f: impl FnOnce(Result<()>) -> Result<()> + Send + 'static,
+                ) -> Option<Self> {
+                    <$t>::then(self, f)
                 }
             }
         )*

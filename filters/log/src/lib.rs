@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nbdhost_plugin_api::{
-    abi, callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, Next,
-    NextOpener, RangeRequest, ReadRequest, Result, Support, WriteRequest,
+    abi, callbacks, host, nbdhost_filter, Error, ExtentList, Filter, FilterHandle, Flags, InFlight,
+    Next, NextOpener, RangeRequest, ReadRequest, Result, Support, WriteRequest,
 };
 
 /// Connections numbered in the order they first ask for the export size,
@@ -397,14 +397,14 @@ impl LogHandle {
     }
 
     /// Log the start of a request and return its id.
-    fn enter(&self, act: &str, args: std::fmt::Arguments) -> u64 {
+    fn enter(&self, act: &str, args: &str) -> u64 {
         let id = self.ids.fetch_add(1, Ordering::Relaxed) + 1;
         self.sink.log(&Entry {
             conn: Some(self.conn()),
             kind: Kind::Enter,
             act,
             id: Some(id),
-            args: &args.to_string(),
+            args,
         });
         id
     }
@@ -442,16 +442,29 @@ impl LogHandle {
     }
 
     /// Log a request around `f`.
-    fn logged<T>(
-        &self,
-        act: &str,
-        args: std::fmt::Arguments,
-        f: impl FnOnce() -> Result<T>,
-    ) -> Result<T> {
+    fn logged<T>(&self, act: &str, args: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let id = self.enter(act, args);
         let r = f();
         self.leave(act, id, &outcome(&r));
         r
+    }
+
+    /// Log an asynchronous request as it starts and pass it down with
+    /// `start`; its end is logged by a continuation when the layer below
+    /// answers. When no continuation can be made the request has been
+    /// answered with the error, and no end is logged.
+    fn logged_async<R: InFlight>(
+        &self,
+        next: &Next,
+        act: &'static str,
+        args: &str,
+        req: R,
+        start: fn(&Next, R),
+    ) {
+        let id = self.enter(act, args);
+        if let Some(req) = req.then(self.ending(act, id)) {
+            start(next, req)
+        }
     }
 }
 
@@ -470,6 +483,31 @@ fn bit(flags: Flags, f: Flags) -> i32 {
     i32::from(flags.contains(f))
 }
 
+// What each kind of request logs, the same on both paths.
+
+/// A read or cache request's arguments.
+fn range_args(offset: u64, count: u64) -> String {
+    format!("offset={offset:#x} count={count:#x}")
+}
+
+/// A write's or trim's arguments.
+fn fua_args(offset: u64, count: u64, flags: Flags) -> String {
+    format!(
+        "offset={offset:#x} count={count:#x} fua={}",
+        bit(flags, Flags::FUA)
+    )
+}
+
+/// A zero request's arguments.
+fn zero_args(offset: u64, count: u64, flags: Flags) -> String {
+    format!(
+        "offset={offset:#x} count={count:#x} trim={} fua={} fast={}",
+        bit(flags, Flags::MAY_TRIM),
+        bit(flags, Flags::FUA),
+        bit(flags, Flags::FAST_ZERO)
+    )
+}
+
 #[callbacks]
 impl FilterHandle for LogHandle {
     fn prepare(&self, next: &Next, _readonly: bool) -> Result<()> {
@@ -478,133 +516,66 @@ impl FilterHandle for LogHandle {
     }
 
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
-        let count = buf.len();
-        self.logged(
-            "Read",
-            format_args!("offset={offset:#x} count={count:#x}"),
-            || next.pread(buf, offset, flags),
-        )
+        let args = range_args(offset, buf.len() as u64);
+        self.logged("Read", &args, || next.pread(buf, offset, flags))
     }
 
     fn pwrite(&self, next: &Next, buf: &[u8], offset: u64, flags: Flags) -> Result<()> {
-        self.logged(
-            "Write",
-            format_args!(
-                "offset={offset:#x} count={:#x} fua={}",
-                buf.len(),
-                bit(flags, Flags::FUA)
-            ),
-            || next.pwrite(buf, offset, flags),
-        )
+        let args = fua_args(offset, buf.len() as u64, flags);
+        self.logged("Write", &args, || next.pwrite(buf, offset, flags))
     }
 
     fn flush(&self, next: &Next, flags: Flags) -> Result<()> {
-        self.logged("Flush", format_args!(""), || next.flush(flags))
+        self.logged("Flush", "", || next.flush(flags))
     }
 
     fn trim(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        self.logged(
-            "Trim",
-            format_args!(
-                "offset={offset:#x} count={count:#x} fua={}",
-                bit(flags, Flags::FUA)
-            ),
-            || next.trim(count, offset, flags),
-        )
+        let args = fua_args(offset, count, flags);
+        self.logged("Trim", &args, || next.trim(count, offset, flags))
     }
 
     fn zero(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        self.logged(
-            "Zero",
-            format_args!(
-                "offset={offset:#x} count={count:#x} trim={} fua={} fast={}",
-                bit(flags, Flags::MAY_TRIM),
-                bit(flags, Flags::FUA),
-                bit(flags, Flags::FAST_ZERO)
-            ),
-            || next.zero(count, offset, flags),
-        )
+        let args = zero_args(offset, count, flags);
+        self.logged("Zero", &args, || next.zero(count, offset, flags))
     }
 
     fn cache(&self, next: &Next, count: u64, offset: u64, flags: Flags) -> Result<()> {
-        self.logged(
-            "Cache",
-            format_args!("offset={offset:#x} count={count:#x}"),
-            || next.cache(count, offset, flags),
-        )
+        let args = range_args(offset, count);
+        self.logged("Cache", &args, || next.cache(count, offset, flags))
     }
 
     // On an asynchronous chain a request is logged as it starts and goes
-    // down as it is; its end is logged in a continuation when the layer
-    // below answers. (Block status, whose answer is logged in full, waits
-    // on a worker thread.) When no continuation can be made the request
-    // has been answered with the error, and no end is logged.
+    // down as it is; its end is logged when the layer below answers.
+    // (Block status, whose answer is logged in full, waits on a worker
+    // thread.)
 
     fn async_pread(&self, next: &Next, req: ReadRequest) {
-        let (offset, count) = (req.offset(), req.len());
-        let id = self.enter("Read", format_args!("offset={offset:#x} count={count:#x}"));
-        if let Some(req) = req.then(self.ending("Read", id)) {
-            next.async_pread(req)
-        }
+        let args = range_args(req.offset(), req.len() as u64);
+        self.logged_async(next, "Read", &args, req, Next::async_pread)
     }
 
     fn async_pwrite(&self, next: &Next, req: WriteRequest) {
-        let (offset, count, flags) = (req.offset(), req.len(), req.flags());
-        let id = self.enter(
-            "Write",
-            format_args!(
-                "offset={offset:#x} count={count:#x} fua={}",
-                bit(flags, Flags::FUA)
-            ),
-        );
-        if let Some(req) = req.then(self.ending("Write", id)) {
-            next.async_pwrite(req)
-        }
+        let args = fua_args(req.offset(), req.len() as u64, req.flags());
+        self.logged_async(next, "Write", &args, req, Next::async_pwrite)
     }
 
     fn async_flush(&self, next: &Next, req: RangeRequest) {
-        let id = self.enter("Flush", format_args!(""));
-        if let Some(req) = req.then(self.ending("Flush", id)) {
-            next.async_flush(req)
-        }
+        self.logged_async(next, "Flush", "", req, Next::async_flush)
     }
 
     fn async_trim(&self, next: &Next, req: RangeRequest) {
-        let (offset, count, flags) = (req.offset(), req.count(), req.flags());
-        let id = self.enter(
-            "Trim",
-            format_args!(
-                "offset={offset:#x} count={count:#x} fua={}",
-                bit(flags, Flags::FUA)
-            ),
-        );
-        if let Some(req) = req.then(self.ending("Trim", id)) {
-            next.async_trim(req)
-        }
+        let args = fua_args(req.offset(), req.count(), req.flags());
+        self.logged_async(next, "Trim", &args, req, Next::async_trim)
     }
 
     fn async_zero(&self, next: &Next, req: RangeRequest) {
-        let (offset, count, flags) = (req.offset(), req.count(), req.flags());
-        let id = self.enter(
-            "Zero",
-            format_args!(
-                "offset={offset:#x} count={count:#x} trim={} fua={} fast={}",
-                bit(flags, Flags::MAY_TRIM),
-                bit(flags, Flags::FUA),
-                bit(flags, Flags::FAST_ZERO)
-            ),
-        );
-        if let Some(req) = req.then(self.ending("Zero", id)) {
-            next.async_zero(req)
-        }
+        let args = zero_args(req.offset(), req.count(), req.flags());
+        self.logged_async(next, "Zero", &args, req, Next::async_zero)
     }
 
     fn async_cache(&self, next: &Next, req: RangeRequest) {
-        let (offset, count) = (req.offset(), req.count());
-        let id = self.enter("Cache", format_args!("offset={offset:#x} count={count:#x}"));
-        if let Some(req) = req.then(self.ending("Cache", id)) {
-            next.async_cache(req)
-        }
+        let args = range_args(req.offset(), req.count());
+        self.logged_async(next, "Cache", &args, req, Next::async_cache)
     }
 
     fn extents(
@@ -617,7 +588,7 @@ impl FilterHandle for LogHandle {
     ) -> Result<()> {
         let id = self.enter(
             "Extents",
-            format_args!(
+            &format!(
                 "offset={offset:#x} count={count:#x} req_one={}",
                 bit(flags, Flags::REQ_ONE)
             ),

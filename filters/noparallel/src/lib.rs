@@ -83,6 +83,10 @@ impl FilterHandle for NoParallelHandle {
     fn can_multi_conn(&self, next: &Next) -> Result<bool> {
         Ok(!self.one_connection && next.can_multi_conn()?)
     }
+    // Defined although they only pass requests down: a filter with its own
+    // synchronous calls and no asynchronous ones is served synchronously,
+    // and only then does the thread model hold requests apart, since it
+    // orders the calls that start requests, not what is in flight below.
     fn pread(&self, next: &Next, buf: &mut [u8], offset: u64, flags: Flags) -> Result<()> {
         next.pread(buf, offset, flags)
     }
